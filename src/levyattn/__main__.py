@@ -1,0 +1,5 @@
+import sys
+
+from levyattn.cli import main
+
+sys.exit(main())

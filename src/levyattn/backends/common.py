@@ -1,0 +1,122 @@
+"""What every backend shares: the validated call (``AttentionCall``), masks, safe log-sum-exp.
+
+Mask conventions (as ``scaled_dot_product_attention``):
+- a boolean ``attn_mask`` says where attention is *allowed* (True = keep);
+- a float ``attn_mask`` is added to ``log Phi`` (so ``-inf`` removes a pair);
+- ``is_causal`` and ``exclude_self`` use the *bottom-right* alignment: query ``i`` of
+  ``Nq`` sits at key position ``i + (Nk - Nq)``. With Nq == Nk this is the usual causal
+  mask (and SDPA's); with Nq < Nk it is what decoding with a key/value cache needs: the
+  last query sees every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from levyattn.kernels import Scalar, intrinsic_dim, kappa, log_phi_from_sq, squared_distances
+from levyattn.kernels import center as center_on_keys
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One validated call of ``fractional_attention`` (tensors are checked by the caller)."""
+
+    alpha: Scalar
+    bandwidth: Scalar
+    manifold: str
+    rescale: bool
+    d_intrinsic: float | None
+    sphere_radius: float
+    density_a: float
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    exclude_self: bool
+
+    def kernel_kwargs(self, head_dim: int) -> dict:
+        """Keyword arguments of :func:`levyattn.kernels.log_phi_from_sq` for this call."""
+        return dict(
+            alpha=self.alpha,
+            bandwidth=self.bandwidth,
+            d_intrinsic=intrinsic_dim(head_dim, self.manifold, self.d_intrinsic),
+            kappa=kappa(self.alpha, head_dim, self.rescale, self.manifold),
+            manifold=self.manifold,
+            sphere_radius=self.sphere_radius,
+        )
+
+    @property
+    def is_gaussian(self) -> bool:
+        return not isinstance(self.alpha, torch.Tensor) and self.alpha >= 2
+
+    @property
+    def has_mask(self) -> bool:
+        return self.attn_mask is not None or self.is_causal or self.exclude_self
+
+    def prepare(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Once per call, before tiling: centre (Euclidean) so distances are well conditioned."""
+        if self.manifold == "euclidean":
+            return center_on_keys(q, k)
+        return q, k
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int) -> torch.Tensor:
+        """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``.
+
+        q, k must have gone through :meth:`prepare`. Returns (B, H, bq, Nk).
+        """
+        logits = log_phi_from_sq(
+            squared_distances(q, k, self.manifold), **self.kernel_kwargs(q.shape[-1])
+        )
+        mask = self.mask_rows(q_start, q_start + q.shape[-2], nq, k.shape[-2], q.device)
+        return apply_mask(logits, mask)
+
+    def mask_rows(
+        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device
+    ) -> torch.Tensor | None:
+        """The mask for query rows ``q_start:q_end``: bool (True = keep), float (additive) or None."""
+        user = self.attn_mask
+        if user is not None and user.dim() >= 2 and user.shape[-2] != 1:
+            user = user[..., q_start:q_end, :]
+        if not (self.is_causal or self.exclude_self):
+            return user
+        rows = torch.arange(q_start, q_end, device=device).unsqueeze(-1) + (nk - nq)
+        cols = torch.arange(nk, device=device)
+        keep = torch.ones(q_end - q_start, nk, dtype=torch.bool, device=device)
+        if self.is_causal:
+            keep &= cols <= rows
+        if self.exclude_self:
+            keep &= cols != rows
+        if user is None:
+            return keep
+        if user.dtype == torch.bool:
+            return user & keep
+        return user.masked_fill(~keep, float("-inf"))
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return logits
+    if mask.dtype == torch.bool:
+        return logits.masked_fill(~mask, float("-inf"))
+    return logits + mask.to(logits.dtype)
+
+
+def safe_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """logsumexp that returns -inf (with zero gradient, never NaN) for all -inf slices."""
+    peak = x.amax(dim=dim, keepdim=True).detach()
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = torch.exp(x - peak).sum(dim=dim, keepdim=True)
+    empty = total == 0
+    out = torch.log(torch.where(empty, torch.ones_like(total), total)) + peak
+    out = torch.where(empty, torch.full_like(out, float("-inf")), out)
+    return out.squeeze(dim)
+
+
+def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there."""
+    lse = finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
+    return torch.exp(logits - lse)

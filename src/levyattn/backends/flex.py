@@ -1,0 +1,159 @@
+"""FNA for any alpha through FlexAttention's ``score_mod`` (FNA_SPEC §3).
+
+With ``q^ = [-2q, ||q||^2, 1]`` and ``k^ = [k, 1, ||k||^2]``, ``q^ . k^ = ||q - k||^2``; the
+score modifier turns that squared distance into ``log Phi_alpha`` inside the fused
+kernel, so the (Nq, Nk) matrix is never materialised. On the sphere the score is
+``q^.k^`` of unit vectors and the modifier uses the squared chord ``2 - 2 q^.k^``.
+In bfloat16/float16 the squared norms are split into a high and a low part so that the
+norms keep float32 accuracy through the tensor-core dot product.
+
+Training needs a GPU: PyTorch's FlexAttention has no backward on the CPU, where this
+backend serves inference and the ``tiled`` backend serves training.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from levyattn.backends.common import AttentionCall
+from levyattn.kernels import log_phi_from_sq
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported(call: AttentionCall, q: torch.Tensor, needs_grad: bool) -> str | None:
+    if not available():
+        return "FlexAttention is not available in this PyTorch build"
+    if call.density_a:
+        return "the flex backend has no density normalisation (density_a must be 0)"
+    if needs_grad and q.device.type == "cpu":
+        return (
+            "FlexAttention has no backward pass on the CPU; use backend='tiled' to train on the CPU"
+        )
+    for name in ("alpha", "bandwidth"):
+        value = getattr(call, name)
+        if isinstance(value, torch.Tensor) and value.requires_grad and needs_grad:
+            return f"the flex backend cannot differentiate a learnable {name}; use backend='tiled'"
+    return None
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x (float32) as [x] in dtype, or [hi, lo] with hi + lo == x to float32 accuracy."""
+    if dtype not in _LOW_PRECISION:
+        return [x.to(dtype)]
+    hi = x.to(dtype)
+    return [hi, (x - hi.float()).to(dtype)]
+
+
+def _pad16(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (0, (-x.shape[-1]) % 16))
+
+
+def _augment(q: torch.Tensor, k: torch.Tensor, manifold: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if manifold == "sphere":
+        return _pad16(F.normalize(q, dim=-1)), _pad16(F.normalize(k, dim=-1))
+    dtype = q.dtype
+    q32, k32 = q.float(), k.float()
+    q_sq = _split((q32 * q32).sum(-1, keepdim=True), dtype)
+    k_sq = _split((k32 * k32).sum(-1, keepdim=True), dtype)
+    ones_q = [torch.ones_like(q[..., :1])] * len(k_sq)
+    ones_k = [torch.ones_like(k[..., :1])] * len(q_sq)
+    q_aug = torch.cat([-2.0 * q, *q_sq, *ones_q], dim=-1)
+    k_aug = torch.cat([k, *ones_k, *k_sq], dim=-1)
+    return _pad16(q_aug), _pad16(k_aug)
+
+
+def _per_head(value, num_heads: int, device) -> torch.Tensor:
+    """A float or per-head tensor as a float32 (H,) tensor, indexed by head inside score_mod.
+
+    Tensors rather than Python floats: a captured float is a compile-time constant, and
+    every new value of alpha would compile the kernel again.
+    """
+    value = torch.as_tensor(value, dtype=torch.float32, device=device).detach()
+    return value.reshape(-1).expand(num_heads) if value.numel() == 1 else value.reshape(-1)
+
+
+def _indexer(mask: torch.Tensor):
+    """Index a mask broadcastable to (B, H, Nq, Nk), given as 4-D, inside score_mod/mask_mod."""
+    sizes = mask.shape
+
+    def at(b, h, qi, ki):
+        return mask[
+            b if sizes[0] > 1 else 0,
+            h if sizes[1] > 1 else 0,
+            qi if sizes[2] > 1 else 0,
+            ki if sizes[3] > 1 else 0,
+        ]
+
+    return at
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, heads, nq, head_dim = q.shape
+    nk = k.shape[-2]
+    q, k = call.prepare(q, k)
+    q_aug, k_aug = _augment(q, k, call.manifold)
+    kw = call.kernel_kwargs(head_dim)
+    gaussian = call.is_gaussian
+    # alpha stays a Python float at exactly 2 (the Gaussian branch, one compilation).
+    alpha = kw.pop("alpha") if gaussian else _per_head(kw.pop("alpha"), heads, q.device)
+    bandwidth = _per_head(kw.pop("bandwidth"), heads, q.device)
+    kap = _per_head(kw.pop("kappa"), heads, q.device)
+    sphere = call.manifold == "sphere"
+    user = call.attn_mask
+    if user is not None:
+        user = user.reshape((1,) * (4 - user.dim()) + tuple(user.shape))
+    additive = _indexer(user) if user is not None and user.dtype != torch.bool else None
+    keep = _indexer(user) if user is not None and user.dtype == torch.bool else None
+    offset = nk - nq
+
+    def score_mod(score, b, h, qi, ki):
+        sq = 2.0 - 2.0 * score if sphere else score
+        a = alpha if gaussian else alpha[h]
+        out = log_phi_from_sq(sq.float(), alpha=a, bandwidth=bandwidth[h], kappa=kap[h], **kw)
+        if additive is not None:
+            out = out + additive(b, h, qi, ki).float()
+        return out
+
+    block_mask = None
+    if keep is not None or call.is_causal or call.exclude_self:
+
+        def mask_mod(b, h, qi, ki):
+            allowed = qi >= 0  # all True, broadcast-shaped
+            if keep is not None:
+                allowed = allowed & keep(b, h, qi, ki)
+            if call.is_causal:
+                allowed = allowed & (ki <= qi + offset)
+            if call.exclude_self:
+                allowed = allowed & (ki != qi + offset)
+            return allowed
+
+        block_mask = create_block_mask(
+            mask_mod,
+            batch if keep is not None and user.shape[0] > 1 else None,
+            heads if keep is not None and user.shape[1] > 1 else None,
+            nq,
+            nk,
+            device=q.device,
+        )
+    return _compiled_flex()(q_aug, k_aug, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

@@ -1,0 +1,47 @@
+"""alpha = 2 (Euclidean) exactly through ``scaled_dot_product_attention`` (FNA_SPEC §3).
+
+``-||q - k||^2 / (kappa^2 eps) = (2 q.k - ||k||^2) / (kappa^2 eps) - ||q||^2 / (kappa^2 eps)``
+and the last term is constant along a row, so with ``q~ = [q, 1]``,
+``k~ = [k, -||k||^2 / 2]`` and scale ``2 / (kappa^2 eps)`` the Gaussian FNA is softmax
+attention with one extra dimension: PyTorch's fused kernels, their speed and memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from levyattn.backends.common import AttentionCall
+from levyattn.kernels import kappa
+
+
+def unsupported(call: AttentionCall, q: torch.Tensor) -> str | None:
+    if not call.is_gaussian:
+        return "the sdpa backend computes alpha = 2 only (float alpha == 2)"
+    if call.manifold != "euclidean":
+        return "the sdpa backend needs manifold='euclidean' (sphere distances are not a dot product)"
+    if call.density_a:
+        return "the sdpa backend has no density normalisation (density_a must be 0)"
+    return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    q, k = call.prepare(q, k)
+    nq, nk = q.shape[-2], k.shape[-2]
+    kap = kappa(2.0, q.shape[-1], call.rescale, call.manifold)
+    scale = 2.0 / (kap * kap * call.bandwidth)  # a tensor for per-head bandwidth
+    q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1) * scale
+    k_aug = torch.cat([k, -0.5 * (k * k).sum(-1, keepdim=True)], dim=-1)
+    plain_causal = call.is_causal and nq == nk and call.attn_mask is None and not call.exclude_self
+    mask = None if plain_causal else call.mask_rows(0, nq, nq, nk, q.device)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q_aug, k_aug, v, attn_mask=mask, is_causal=plain_causal, scale=1.0
+    )
+    if mask is not None:
+        # A row with no allowed key is 0 by convention; SDPA's math path may give NaN there.
+        allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
+        empty = ~allowed.expand(*q.shape[:-1], nk).any(-1, keepdim=True)
+        out = out.masked_fill(empty, 0.0)
+    return out

@@ -1,0 +1,157 @@
+"""The tiled backend: memory linear in sequence length, on the CPU and the GPU.
+
+Forward walks over blocks of queries: for each block it forms the masked ``log Phi``
+against all keys, its row log-sum-exp and the output, and keeps only the outputs and
+the (B, H, Nq) log-sum-exp. Backward walks the blocks again, recomputes each block's
+weights from the saved log-sum-exp (as FlashAttention does) and pushes the gradient of
+the logits back through the kernel with autograd, one block at a time. Peak extra
+memory is O(block * Nk) instead of O(Nq * Nk).
+
+Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
+queries: one extra pass computes them first, and backward adds their coupling term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsumexp
+
+# Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. Large
+# enough for matrix-multiply efficiency, small enough to stay in cache-friendly sizes.
+TILE_ELEMENTS = 1 << 21
+
+
+def block_size(batch_heads: int, nq: int, nk: int, tile_elements: int = TILE_ELEMENTS) -> int:
+    return max(16, min(nq, tile_elements // max(1, batch_heads * nk)))
+
+
+def _column_log_sums(q, k, call, block):
+    """log C_j = log sum_i Phi_ij over all (unmasked) queries: (B, H, Nk)."""
+    nq = q.shape[-2]
+    total = None
+    for start in range(0, nq, block):
+        part = safe_logsumexp(call.logits(q[..., start : start + block, :], k, start, nq), -2)
+        total = part if total is None else torch.logaddexp(total, part)
+    return finite_or_zero(total)
+
+
+class _TiledFNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, alpha, bandwidth, call, block):
+        call = dataclasses.replace(
+            call,
+            alpha=call.alpha if alpha is None else alpha,
+            bandwidth=call.bandwidth if bandwidth is None else bandwidth,
+        )
+        nq = q.shape[-2]
+        col_bias = None
+        log_col = None
+        if call.density_a:
+            log_col = _column_log_sums(q, k, call, block)
+            col_bias = (-call.density_a * log_col).unsqueeze(-2)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1])
+        for start in range(0, nq, block):
+            stop = min(nq, start + block)
+            logits = call.logits(q[..., start:stop, :], k, start, nq)
+            if col_bias is not None:
+                logits = logits + col_bias
+            row_lse = safe_logsumexp(logits, -1)
+            lse[..., start:stop] = row_lse
+            weights = torch.exp(logits - finite_or_zero(row_lse).unsqueeze(-1))
+            out[..., start:stop, :] = weights @ v
+        ctx.save_for_backward(q, k, v, out, lse, log_col, alpha, bandwidth)
+        ctx.call = call
+        ctx.block = block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, log_col, alpha, bandwidth = ctx.saved_tensors
+        call, block = ctx.call, ctx.block
+        nq = q.shape[-2]
+        lse = finite_or_zero(lse)
+        delta = (grad_out * out).sum(-1)  # D_i = sum_j P_ij dP_ij
+        col_bias = None if log_col is None else (-call.density_a * log_col).unsqueeze(-2)
+
+        def block_weights(logits, start, stop):
+            if col_bias is not None:
+                logits = logits + col_bias
+            return torch.exp(logits - lse[..., start:stop].unsqueeze(-1))
+
+        def block_grad_scores(weights, start, stop):
+            grad_weights = grad_out[..., start:stop, :] @ v.transpose(-1, -2)
+            return weights * (grad_weights - delta[..., start:stop].unsqueeze(-1))
+
+        coupling = None
+        if call.density_a:
+            # d loss / d log C_j = -a * sum_i dS_ij needs every query block first.
+            col_grad = torch.zeros_like(log_col)
+            with torch.no_grad():
+                for start in range(0, nq, block):
+                    stop = min(nq, start + block)
+                    logits = call.logits(q[..., start:stop, :], k, start, nq)
+                    weights = block_weights(logits, start, stop)
+                    col_grad += block_grad_scores(weights, start, stop).sum(-2)
+            coupling = (-call.density_a * col_grad).unsqueeze(-2)
+
+        need_q, need_k, need_v, need_alpha, need_bw = ctx.needs_input_grad[:5]
+        grad_q = torch.zeros_like(q) if need_q else None
+        grad_k = torch.zeros_like(k) if need_k else None
+        grad_v = torch.zeros_like(v) if need_v else None
+        grad_alpha = torch.zeros_like(alpha) if need_alpha else None
+        grad_bw = torch.zeros_like(bandwidth) if need_bw else None
+        k_leaf = k.detach().requires_grad_(need_k)
+        alpha_leaf = alpha.detach().requires_grad_(need_alpha) if alpha is not None else None
+        bw_leaf = bandwidth.detach().requires_grad_(need_bw) if bandwidth is not None else None
+        leaf_call = dataclasses.replace(
+            call,
+            alpha=call.alpha if alpha_leaf is None else alpha_leaf,
+            bandwidth=call.bandwidth if bw_leaf is None else bw_leaf,
+        )
+        inputs_wanted = [need_q, need_k, need_alpha, need_bw]
+        for start in range(0, nq, block):
+            stop = min(nq, start + block)
+            q_leaf = q[..., start:stop, :].detach().requires_grad_(need_q)
+            with torch.enable_grad():
+                logits = leaf_call.logits(q_leaf, k_leaf, start, nq)
+            raw = logits.detach()
+            weights = block_weights(raw, start, stop)
+            if need_v:
+                grad_v += weights.transpose(-1, -2) @ grad_out[..., start:stop, :]
+            grad_logits = block_grad_scores(weights, start, stop)
+            if coupling is not None:
+                grad_logits = grad_logits + torch.exp(raw - log_col.unsqueeze(-2)) * coupling
+            leaves = [q_leaf, k_leaf, alpha_leaf, bw_leaf]
+            wanted = [x for x, w in zip(leaves, inputs_wanted) if w]
+            if not wanted:
+                continue
+            grads = iter(torch.autograd.grad(logits, wanted, grad_logits))
+            if need_q:
+                grad_q[..., start:stop, :] = next(grads)
+            if need_k:
+                grad_k += next(grads)
+            if need_alpha:
+                grad_alpha += next(grads)
+            if need_bw:
+                grad_bw += next(grads)
+        return grad_q, grad_k, grad_v, grad_alpha, grad_bw, None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttentionCall,
+    block: int | None = None,
+) -> torch.Tensor:
+    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory."""
+    q, k = call.prepare(q, k)
+    batch_heads = q[..., 0, 0].numel()
+    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2])
+    alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
+    bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
+    return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)

@@ -1,0 +1,132 @@
+"""FNAConfig: one validated, frozen description of the fractional kernel.
+
+Every hyperparameter enters levyattn through the checks in this module, so a bad
+value fails once, early, with a ``ValueError`` that names the parameter, the value
+and the valid range. ``alpha`` and ``bandwidth`` may also be tensors (one value per
+head, for learnable kernels); they are checked by value here too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+MANIFOLDS = ("euclidean", "sphere")
+
+Scalar = float | torch.Tensor
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_alpha(alpha: Scalar) -> Scalar:
+    """alpha in (0, 2]: the Lévy index; 2 is the Gaussian (Brownian) kernel."""
+    if isinstance(alpha, torch.Tensor):
+        if not alpha.is_floating_point():
+            raise TypeError(f"alpha tensor must be floating point, got dtype {alpha.dtype}")
+        a = alpha.detach()
+        bad = ~(torch.isfinite(a) & (a > 0) & (a <= 2))
+        if bool(bad.any()):
+            raise ValueError(
+                f"alpha must lie in (0, 2], got {a[bad].flatten()[0].item()!r} in the alpha tensor"
+            )
+        return alpha
+    value = _as_float("alpha", alpha)
+    if not (0.0 < value <= 2.0):  # also rejects NaN
+        raise ValueError(
+            f"alpha must lie in (0, 2] (Lévy index; 2 is the Gaussian kernel), got {value!r}"
+        )
+    return value
+
+
+def check_bandwidth(bandwidth: Scalar) -> Scalar:
+    """bandwidth (epsilon) > 0 and finite."""
+    if isinstance(bandwidth, torch.Tensor):
+        if not bandwidth.is_floating_point():
+            raise TypeError(f"bandwidth tensor must be floating point, got dtype {bandwidth.dtype}")
+        b = bandwidth.detach()
+        bad = ~(torch.isfinite(b) & (b > 0))
+        if bool(bad.any()):
+            raise ValueError(
+                f"bandwidth must be > 0 and finite, got {b[bad].flatten()[0].item()!r} "
+                "in the bandwidth tensor"
+            )
+        return bandwidth
+    value = _as_float("bandwidth", bandwidth)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"bandwidth must be > 0 and finite, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any) -> float:
+    v = _as_float(name, value)
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be > 0 and finite, got {v!r}")
+    return v
+
+
+def check_density_a(density_a: Any) -> float:
+    v = _as_float("density_a", density_a)
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"density_a must lie in [0, 1] (Coifman-Lafon normalisation), got {v!r}")
+    return v
+
+
+def check_manifold(manifold: Any) -> str:
+    if manifold not in MANIFOLDS:
+        raise ValueError(f"manifold must be one of {MANIFOLDS}, got {manifold!r}")
+    return manifold
+
+
+def check_d_intrinsic(d_intrinsic: Any) -> float | None:
+    if d_intrinsic is None:
+        return None
+    return check_positive("d_intrinsic", d_intrinsic)
+
+
+@dataclass(frozen=True)
+class FNAConfig:
+    """The fractional kernel ``Phi_alpha`` and how distances enter it (FNA_SPEC §1).
+
+    alpha:        Lévy index in (0, 2]; < 2 power law ``(1 + z/eps^(1/alpha))^-(d_M+alpha)``,
+                  = 2 Gaussian ``exp(-z^2/eps)``.
+    bandwidth:    eps > 0.
+    manifold:     "euclidean" (z = ||q - k|| / kappa) or "sphere" (z = r * angle(q, k)).
+    rescale:      divide Euclidean distances by kappa (see ``levyattn.kernels.kappa``).
+    d_intrinsic:  d_M in the power-law exponent; default head_dim (Euclidean) or
+                  head_dim - 1 (sphere).
+    sphere_radius: r > 0 on the sphere.
+    density_a:    Coifman-Lafon density normalisation exponent in [0, 1].
+    exclude_self: give each query's own position weight 0 (shared query/key projections).
+    """
+
+    alpha: float = 1.2
+    bandwidth: float = 1.0
+    manifold: str = "euclidean"
+    rescale: bool = True
+    d_intrinsic: float | None = None
+    sphere_radius: float = 1.0
+    density_a: float = 0.0
+    exclude_self: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        object.__setattr__(self, "bandwidth", check_bandwidth(self.bandwidth))
+        check_manifold(self.manifold)
+        object.__setattr__(self, "d_intrinsic", check_d_intrinsic(self.d_intrinsic))
+        object.__setattr__(self, "sphere_radius", check_positive("sphere_radius", self.sphere_radius))
+        object.__setattr__(self, "density_a", check_density_a(self.density_a))
+        if not isinstance(self.rescale, bool):
+            raise TypeError(f"rescale must be a bool, got {self.rescale!r}")
+        if not isinstance(self.exclude_self, bool):
+            raise TypeError(f"exclude_self must be a bool, got {self.exclude_self!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values; also the keyword arguments of ``levyattn.fractional_attention``."""
+        return asdict(self)

@@ -1,0 +1,210 @@
+"""``fractional_attention``: the FNA operator with the calling convention of
+``torch.nn.functional.scaled_dot_product_attention``.
+
+Backends and the ``auto`` rule
+------------------------------
+- ``reference``: materialises the weights; the ground truth; the only one returning weights.
+- ``tiled``: query blocks with recomputation in backward; memory linear in Nq.
+- ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
+- ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
+
+``auto`` takes, in order: ``reference`` when weights are asked for; ``sdpa`` when it can
+compute the call exactly; ``flex`` on CUDA when it can; otherwise ``reference`` when the
+weights are small (B * H * Nq * Nk <= 2**20 elements) and ``tiled`` beyond. Naming a
+backend that cannot compute a call raises ``ValueError``: no backend silently computes
+different math.
+
+Precision: float16 and bfloat16 inputs are computed in float32 by ``reference`` and
+``tiled`` (and by every backend on the CPU), and the result is cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from levyattn.backends import flex, reference, sdpa, tiled
+from levyattn.backends.common import AttentionCall
+from levyattn.config import (
+    Scalar,
+    check_alpha,
+    check_bandwidth,
+    check_d_intrinsic,
+    check_density_a,
+    check_manifold,
+    check_positive,
+)
+
+BACKENDS = ("auto", "reference", "tiled", "sdpa", "flex")
+SMALL_WEIGHTS = 1 << 20
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must have shape (batch, heads, seq, dim), got {tuple(t.shape)} ({t.dim()}-D)"
+            )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must share a device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k need the same head dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v need the same sequence length, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
+        raise ValueError(
+            "q, k and v need the same (batch, heads), got "
+            f"{tuple(q.shape[:2])}, {tuple(k.shape[:2])}, {tuple(v.shape[:2])}"
+        )
+    if q.shape[-1] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"head dim and key length must be > 0, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+
+
+def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(
+            f"attn_mask must be bool (True = keep) or floating (added to log Phi), got {attn_mask.dtype}"
+        )
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+            f"(batch, heads, Nq, Nk) = {target}"
+        )
+    return attn_mask
+
+
+def _per_head(name: str, value: Scalar, q: torch.Tensor) -> Scalar:
+    """A tensor alpha/bandwidth: (H,) or scalar -> broadcastable (H, 1, 1), on q's device."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    heads = q.shape[1]
+    if value.dim() == 0 or value.numel() == 1:
+        return value.reshape(1, 1, 1)
+    if value.dim() == 1 and value.shape[0] == heads:
+        return value.reshape(heads, 1, 1)
+    if value.dim() == 3 and value.shape == (heads, 1, 1):
+        return value
+    raise ValueError(f"{name} tensor must be a scalar or have one value per head ({heads},), got shape {tuple(value.shape)}")
+
+
+def fractional_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    alpha: Scalar = 1.2,
+    bandwidth: Scalar = 1.0,
+    manifold: str = "euclidean",
+    rescale: bool = True,
+    d_intrinsic: float | None = None,
+    sphere_radius: float = 1.0,
+    density_a: float = 0.0,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    exclude_self: bool = False,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Fractional neural attention (FNA_SPEC §1).
+
+    Args:
+        q: (B, H, Nq, d) queries.  k: (B, H, Nk, d) keys.  v: (B, H, Nk, dv) values.
+        alpha: Lévy index in (0, 2]; a float, or a tensor with one value per head (H,).
+        bandwidth: eps > 0; a float or a per-head tensor.
+        manifold: "euclidean" or "sphere".
+        rescale: divide Euclidean distances by kappa.
+        d_intrinsic: d_M of the power-law exponent (default d, or d - 1 on the sphere).
+        sphere_radius: r > 0, the sphere's radius.
+        density_a: Coifman-Lafon density normalisation in [0, 1].
+        attn_mask: bool (True = keep) or float (added to log Phi), broadcastable to
+            (B, H, Nq, Nk).
+        is_causal: query i attends to keys j <= i + (Nk - Nq) (bottom-right aligned; equal
+            to SDPA's for Nq == Nk, and right for decoding with a key/value cache).
+        exclude_self: the pair (i, i + Nk - Nq) gets weight 0 (shared query/key projection).
+        return_weights: also return the (B, H, Nq, Nk) row-stochastic weights.
+        backend: "auto", "reference", "tiled", "sdpa" or "flex" (see the module docstring).
+
+    Returns:
+        (B, H, Nq, dv) output, or (output, weights). A query with no allowed key gets
+        output 0 and weights 0.
+    """
+    _check_tensors(q, k, v)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    call = AttentionCall(
+        alpha=_per_head("alpha", check_alpha(alpha), q),
+        bandwidth=_per_head("bandwidth", check_bandwidth(bandwidth), q),
+        manifold=check_manifold(manifold),
+        rescale=bool(rescale),
+        d_intrinsic=check_d_intrinsic(d_intrinsic),
+        sphere_radius=check_positive("sphere_radius", sphere_radius),
+        density_a=check_density_a(density_a),
+        attn_mask=_check_mask(attn_mask, q, k),
+        is_causal=bool(is_causal),
+        exclude_self=bool(exclude_self),
+    )
+    if return_weights and backend not in ("auto", "reference"):
+        raise ValueError(f"return_weights=True needs backend 'reference' or 'auto', got {backend!r}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, call.alpha, call.bandwidth) if isinstance(t, torch.Tensor)
+    )
+    chosen = backend if backend != "auto" else _auto(call, q, k, needs_grad, return_weights)
+    if chosen == "sdpa":
+        reason = sdpa.unsupported(call, q)
+    elif chosen == "flex":
+        reason = flex.unsupported(call, q, needs_grad)
+    else:
+        reason = None
+    if reason is not None:
+        raise ValueError(f"backend={chosen!r} cannot compute this call: {reason}")
+
+    dtype = q.dtype
+    upcast = dtype in _LOW_PRECISION and (
+        q.device.type == "cpu" or chosen in ("reference", "tiled") or (chosen == "sdpa" and dtype == torch.float16)
+    )
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    weights = None
+    if chosen == "reference":
+        out, weights = reference.attention(q, k, v, call, return_weights)
+    elif chosen == "tiled":
+        out = tiled.attention(q, k, v, call)
+    elif chosen == "sdpa":
+        out = sdpa.attention(q, k, v, call)
+    else:
+        out = flex.attention(q, k, v, call)
+    out = out.to(dtype)
+    if return_weights:
+        return out, weights.to(dtype)
+    return out
+
+
+def _auto(call: AttentionCall, q, k, needs_grad: bool, return_weights: bool) -> str:
+    if return_weights:
+        return "reference"
+    if sdpa.unsupported(call, q) is None:
+        return "sdpa"
+    if q.device.type == "cuda" and flex.unsupported(call, q, needs_grad) is None:
+        return "flex"
+    if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= SMALL_WEIGHTS:
+        return "reference"
+    return "tiled"

@@ -1,0 +1,150 @@
+"""The fractional kernel in the log domain: distances, kappa and ``log Phi_alpha``.
+
+Conventions (FNA_SPEC §1-2):
+- q: (..., Nq, d), k: (..., Nk, d); kernels return (..., Nq, Nk) log-weights.
+- Row normalisation of Phi is ``softmax(log Phi)``; computing ``log Phi`` directly keeps
+  every scale exact where ``Phi`` itself underflows.
+- Distances reach the kernel as a *squared* quantity ``sq`` (squared Euclidean distance,
+  or squared chord length on the unit sphere). Every backend (materialising, tiled, the
+  FlexAttention score modifier) goes through :func:`log_phi_from_sq`, so they all compute
+  the same function with the same guards.
+- ``alpha`` and ``bandwidth`` are floats, or tensors broadcastable to the log-weights
+  (one value per head: shape (H, 1, 1)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+Scalar = float | torch.Tensor
+
+
+def kappa(alpha: Scalar, head_dim: int, rescale: bool = True, manifold: str = "euclidean") -> Scalar:
+    """Distance rescaling: ``sqrt(d)/(2**(1/d) - 1)`` for alpha < 2, ``sqrt(d)`` at alpha = 2.
+
+    1 when ``rescale`` is off or on the sphere (where the radius sets the scale).
+    """
+    if not rescale or manifold == "sphere":
+        return 1.0
+    below_two = math.sqrt(head_dim) / (2.0 ** (1.0 / head_dim) - 1.0)
+    at_two = math.sqrt(head_dim)
+    if isinstance(alpha, torch.Tensor):
+        return torch.where(alpha < 2, below_two, at_two).to(alpha.dtype)
+    return below_two if alpha < 2 else at_two
+
+
+def intrinsic_dim(head_dim: int, manifold: str = "euclidean", d_intrinsic: float | None = None) -> float:
+    """d_M: head_dim on the Euclidean manifold, head_dim - 1 on the sphere, unless given."""
+    if d_intrinsic is not None:
+        return float(d_intrinsic)
+    return float(head_dim - 1 if manifold == "sphere" else head_dim)
+
+
+def log_phi(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: float) -> torch.Tensor:
+    """``log Phi_alpha(z)`` for distances z >= 0 (already divided by kappa).
+
+    alpha < 2: ``-(d_M + alpha) * log1p(z / eps**(1/alpha))``; alpha = 2: ``-z**2 / eps``.
+    """
+    if isinstance(alpha, torch.Tensor):
+        # Both branches, no data-dependent Python branch: also traceable inside score_mod.
+        power = -(d_intrinsic + alpha) * torch.log1p(z * bandwidth ** (-1.0 / alpha))
+        return torch.where(alpha >= 2, -(z * z) / bandwidth, power)
+    if alpha >= 2:
+        return -(z * z) / bandwidth
+    return -(d_intrinsic + alpha) * torch.log1p(z * (bandwidth ** (-1.0 / alpha)))
+
+
+def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
+    # sqrt has an infinite derivative at 0: below the smallest normal number the
+    # distance is treated as a constant, so zero distances get gradient 0, not NaN.
+    return sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt()
+
+
+def log_phi_from_sq(
+    sq: torch.Tensor,
+    *,
+    alpha: Scalar,
+    bandwidth: Scalar,
+    d_intrinsic: float,
+    kappa: Scalar = 1.0,
+    manifold: str = "euclidean",
+    sphere_radius: float = 1.0,
+) -> torch.Tensor:
+    """``log Phi_alpha`` of a squared distance.
+
+    Euclidean: ``sq = ||q - k||^2``, ``z = sqrt(sq) / kappa``.
+    Sphere: ``sq = ||q^ - k^||^2`` for unit vectors (the squared chord), and
+    ``z = r * 2 * asin(chord / 2)``, which is ``r * arccos(q^ . k^)`` written so that its
+    derivative stays finite at zero distance. The chord is clamped just below 2 so the
+    derivative also stays finite at exactly antipodal points.
+    """
+    sq = sq.clamp_min(0)
+    if manifold == "sphere":
+        upper = 4.0 * (1.0 - torch.finfo(sq.dtype).eps)
+        half_chord = _safe_sqrt(sq.clamp_max(upper)) * 0.5
+        z = (2.0 * sphere_radius) * torch.asin(half_chord)
+        return log_phi(z, alpha, bandwidth, d_intrinsic)
+    if not isinstance(alpha, torch.Tensor) and alpha >= 2:
+        # Gaussian: -z^2/eps needs no square root.
+        return -sq / (kappa * kappa * bandwidth)
+    return log_phi(_safe_sqrt(sq) / kappa, alpha, bandwidth, d_intrinsic)
+
+
+def center(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift q and k by the mean key: distances are unchanged, cancellation in
+    ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
+    depend on it, so gradients are unchanged)."""
+    shift = k.detach().mean(dim=-2, keepdim=True)
+    return q - shift, k - shift
+
+
+def squared_distances(q: torch.Tensor, k: torch.Tensor, manifold: str = "euclidean") -> torch.Tensor:
+    """(..., Nq, d), (..., Nk, d) -> (..., Nq, Nk) squared distances as ``log_phi_from_sq`` takes.
+
+    Euclidean inputs should already be centred (:func:`center`). On the sphere q and k
+    are L2-normalised here and the squared chord ``2 - 2 q^.k^`` is returned.
+    """
+    if manifold == "sphere":
+        qn = torch.nn.functional.normalize(q, dim=-1)
+        kn = torch.nn.functional.normalize(k, dim=-1)
+        return 2.0 - 2.0 * (qn @ kn.transpose(-1, -2))
+    q_sq = (q * q).sum(-1, keepdim=True)
+    k_sq = (k * k).sum(-1).unsqueeze(-2)
+    return q_sq + k_sq - 2.0 * (q @ k.transpose(-1, -2))
+
+
+def log_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    alpha: Scalar,
+    bandwidth: Scalar,
+    manifold: str = "euclidean",
+    rescale: bool = True,
+    d_intrinsic: float | None = None,
+    sphere_radius: float = 1.0,
+) -> torch.Tensor:
+    """``log Phi_alpha`` between every query and key: (..., Nq, d), (..., Nk, d) -> (..., Nq, Nk)."""
+    head_dim = q.shape[-1]
+    if manifold == "euclidean":
+        q, k = center(q, k)
+    sq = squared_distances(q, k, manifold)
+    return log_phi_from_sq(
+        sq,
+        alpha=alpha,
+        bandwidth=bandwidth,
+        d_intrinsic=intrinsic_dim(head_dim, manifold, d_intrinsic),
+        kappa=kappa(alpha, head_dim, rescale, manifold),
+        manifold=manifold,
+        sphere_radius=sphere_radius,
+    )
+
+
+def phi(z: torch.Tensor, alpha: float, bandwidth: float, d_intrinsic: float) -> torch.Tensor:
+    """``Phi_alpha(z)`` in the direct form of FNA_SPEC §1 (underflows for large z; for tests
+    and illustrations, never used by the attention backends)."""
+    if alpha >= 2:
+        return torch.exp(-((z / bandwidth ** (1.0 / alpha)) ** (alpha / (alpha - 1.0))))
+    return (1.0 + z / bandwidth ** (1.0 / alpha)) ** (-(d_intrinsic + alpha))
