@@ -33,15 +33,11 @@ def check_alpha(alpha: Scalar) -> Scalar:
         a = alpha.detach()
         bad = ~(torch.isfinite(a) & (a > 0) & (a <= 2))
         if bool(bad.any()):
-            raise ValueError(
-                f"alpha must lie in (0, 2], got {a[bad].flatten()[0].item()!r} in the alpha tensor"
-            )
+            raise ValueError(f"alpha must lie in (0, 2], got {a[bad].flatten()[0].item()!r} in the alpha tensor")
         return alpha
     value = _as_float("alpha", alpha)
     if not (0.0 < value <= 2.0):  # also rejects NaN
-        raise ValueError(
-            f"alpha must lie in (0, 2] (Lévy index; 2 is the Gaussian kernel), got {value!r}"
-        )
+        raise ValueError(f"alpha must lie in (0, 2] (Lévy index; 2 is the Gaussian kernel), got {value!r}")
     return value
 
 
@@ -54,8 +50,7 @@ def check_bandwidth(bandwidth: Scalar) -> Scalar:
         bad = ~(torch.isfinite(b) & (b > 0))
         if bool(bad.any()):
             raise ValueError(
-                f"bandwidth must be > 0 and finite, got {b[bad].flatten()[0].item()!r} "
-                "in the bandwidth tensor"
+                f"bandwidth must be > 0 and finite, got {b[bad].flatten()[0].item()!r} in the bandwidth tensor"
             )
         return bandwidth
     value = _as_float("bandwidth", bandwidth)

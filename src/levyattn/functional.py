@@ -46,9 +46,7 @@ def _check_tensors(q, k, v) -> None:
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
         if t.dim() != 4:
-            raise ValueError(
-                f"{name} must have shape (batch, heads, seq, dim), got {tuple(t.shape)} ({t.dim()}-D)"
-            )
+            raise ValueError(f"{name} must have shape (batch, heads, seq, dim), got {tuple(t.shape)} ({t.dim()}-D)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -56,9 +54,7 @@ def _check_tensors(q, k, v) -> None:
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k need the same head dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"k and v need the same sequence length, got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
+        raise ValueError(f"k and v need the same sequence length, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if not (q.shape[:2] == k.shape[:2] == v.shape[:2]):
         raise ValueError(
             "q, k and v need the same (batch, heads), got "
@@ -74,9 +70,7 @@ def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(
-            f"attn_mask must be bool (True = keep) or floating (added to log Phi), got {attn_mask.dtype}"
-        )
+        raise TypeError(f"attn_mask must be bool (True = keep) or floating (added to log Phi), got {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -86,8 +80,7 @@ def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
         ok = False
     if not ok:
         raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-            f"(batch, heads, Nq, Nk) = {target}"
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, Nq, Nk) = {target}"
         )
     return attn_mask
 
@@ -103,7 +96,9 @@ def _per_head(name: str, value: Scalar, q: torch.Tensor) -> Scalar:
         return value.reshape(heads, 1, 1)
     if value.dim() == 3 and value.shape == (heads, 1, 1):
         return value
-    raise ValueError(f"{name} tensor must be a scalar or have one value per head ({heads},), got shape {tuple(value.shape)}")
+    raise ValueError(
+        f"{name} tensor must be a scalar or have one value per head ({heads},), got shape {tuple(value.shape)}"
+    )
 
 
 def fractional_attention(

@@ -64,33 +64,42 @@ class AttentionCall:
 
         q, k must have gone through :meth:`prepare`. Returns (B, H, bq, Nk).
         """
-        logits = log_phi_from_sq(
-            squared_distances(q, k, self.manifold), **self.kernel_kwargs(q.shape[-1])
-        )
+        logits = log_phi_from_sq(squared_distances(q, k, self.manifold), **self.kernel_kwargs(q.shape[-1]))
         mask = self.mask_rows(q_start, q_start + q.shape[-2], nq, k.shape[-2], q.device)
         return apply_mask(logits, mask)
 
-    def mask_rows(
-        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device
-    ) -> torch.Tensor | None:
+    def mask_rows(self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
         """The mask for query rows ``q_start:q_end``: bool (True = keep), float (additive) or None."""
         user = self.attn_mask
         if user is not None and user.dim() >= 2 and user.shape[-2] != 1:
             user = user[..., q_start:q_end, :]
         if not (self.is_causal or self.exclude_self):
             return user
-        rows = torch.arange(q_start, q_end, device=device).unsqueeze(-1) + (nk - nq)
-        cols = torch.arange(nk, device=device)
-        keep = torch.ones(q_end - q_start, nk, dtype=torch.bool, device=device)
-        if self.is_causal:
-            keep &= cols <= rows
-        if self.exclude_self:
-            keep &= cols != rows
-        if user is None:
-            return keep
-        if user.dtype == torch.bool:
-            return user & keep
-        return user.masked_fill(~keep, float("-inf"))
+        keep = structural_keep(q_start, q_end, nq, nk, self.is_causal, self.exclude_self, device)
+        return combine_keep(user, keep)
+
+
+def structural_keep(
+    q_start: int, q_end: int, nq: int, nk: int, is_causal: bool, exclude_self: bool, device
+) -> torch.Tensor:
+    """(q_end - q_start, Nk) bool: causal and/or self-pair exclusion, bottom-right aligned."""
+    rows = torch.arange(q_start, q_end, device=device).unsqueeze(-1) + (nk - nq)
+    cols = torch.arange(nk, device=device)
+    keep = torch.ones(q_end - q_start, nk, dtype=torch.bool, device=device)
+    if is_causal:
+        keep &= cols <= rows
+    if exclude_self:
+        keep &= cols != rows
+    return keep
+
+
+def combine_keep(mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """Restrict a bool (True = keep) or additive mask, or None, to the pairs in ``keep``."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, float("-inf"))
 
 
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -38,9 +38,7 @@ def unsupported(call: AttentionCall, q: torch.Tensor, needs_grad: bool) -> str |
     if call.density_a:
         return "the flex backend has no density normalisation (density_a must be 0)"
     if needs_grad and q.device.type == "cpu":
-        return (
-            "FlexAttention has no backward pass on the CPU; use backend='tiled' to train on the CPU"
-        )
+        return "FlexAttention has no backward pass on the CPU; use backend='tiled' to train on the CPU"
     for name in ("alpha", "bandwidth"):
         value = getattr(call, name)
         if isinstance(value, torch.Tensor) and value.requires_grad and needs_grad:

@@ -36,9 +36,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     mask = None if plain_causal else call.mask_rows(0, nq, nq, nk, q.device)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q_aug, k_aug, v, attn_mask=mask, is_causal=plain_causal, scale=1.0
-    )
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=mask, is_causal=plain_causal, scale=1.0)
     if mask is not None:
         # A row with no allowed key is 0 by convention; SDPA's math path may give NaN there.
         allowed = mask if mask.dtype == torch.bool else mask != float("-inf")

@@ -40,8 +40,10 @@ def _cell(value: object) -> str:
 
 
 def render(title: str, sections: Sequence[Section], note: str = "") -> str:
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{_STYLE}</style><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{_STYLE}</style><h1>{html.escape(title)}</h1>",
+    ]
     if note:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     for sec in sections:

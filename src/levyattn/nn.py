@@ -1,0 +1,490 @@
+"""Modules: ``FractionalMultiheadAttention``, its softmax twin, and Transformer layers.
+
+``FractionalMultiheadAttention`` mirrors ``torch.nn.MultiheadAttention``'s call so that it
+drops into code written for it:
+
+- inputs are (B, L, E) with ``batch_first=True`` (the default here) or (L, B, E);
+- ``key_padding_mask`` (B, S): bool True = padding (ignored), or float added;
+- ``attn_mask`` (L, S) or (B * H, L, S): bool **True = not allowed** (the
+  ``nn.MultiheadAttention`` convention, the opposite of ``scaled_dot_product_attention``),
+  or float added to the log-kernel;
+- returns ``(output, weights)``; weights are (B, L, S) averaged over heads, or
+  (B, H, L, S) with ``average_attn_weights=False``, and None unless ``need_weights``.
+
+Attention dropout acts on the weights, so while training with ``dropout > 0`` the
+weights are materialised (the ``reference`` backend); set ``dropout=0`` to keep the
+memory-efficient backends during training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from levyattn.backends.common import combine_keep, structural_keep
+from levyattn.config import check_alpha, check_bandwidth, check_manifold
+from levyattn.functional import BACKENDS, fractional_attention
+
+ATTENTION_KINDS = ("fna", "softmax")
+
+
+class KVCache:
+    """Projected keys and values of past positions, (B, H, S, d), for incremental decoding.
+
+    With a cache, a module's new keys/values are appended and its queries attend to all
+    of them; causal masking is bottom-right aligned, so the last query sees every key.
+    """
+
+    def __init__(self) -> None:
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.key is None else self.key.shape[-2]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is None:
+            self.key, self.value = key, value
+        else:
+            self.key = torch.cat([self.key, key], dim=-2)
+            self.value = torch.cat([self.value, value], dim=-2)
+        return self.key, self.value
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch entries (beam search): index (B',) into the batch dimension."""
+        if self.key is not None:
+            self.key = self.key.index_select(0, index)
+            self.value = self.value.index_select(0, index)
+
+
+def _combine_masks(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    batch: int,
+    heads: int,
+    nq: int,
+    nk: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """nn.MultiheadAttention masks -> one SDPA-convention mask (bool keep or float additive)."""
+    masks = []
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if attn_mask.shape != (nq, nk):
+                raise ValueError(f"attn_mask must be (L, S) = {(nq, nk)}, got {tuple(attn_mask.shape)}")
+            attn_mask = attn_mask.view(1, 1, nq, nk)
+        elif attn_mask.dim() == 3:
+            if attn_mask.shape != (batch * heads, nq, nk):
+                raise ValueError(
+                    f"attn_mask must be (B*H, L, S) = {(batch * heads, nq, nk)}, got {tuple(attn_mask.shape)}"
+                )
+            attn_mask = attn_mask.view(batch, heads, nq, nk)
+        else:
+            raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
+        masks.append(~attn_mask if attn_mask.dtype == torch.bool else attn_mask)
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, nk):
+            raise ValueError(f"key_padding_mask must be (B, S) = {(batch, nk)}, got {tuple(key_padding_mask.shape)}")
+        kpm = key_padding_mask.view(batch, 1, 1, nk)
+        masks.append(~kpm if kpm.dtype == torch.bool else kpm)
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        out = masks[0]
+        for m in masks[1:]:
+            out = out & m
+        return out
+    out = None
+    for m in masks:
+        additive = (
+            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+            if m.dtype == torch.bool
+            else m.to(dtype)
+        )
+        out = additive if out is None else out + additive
+    return out
+
+
+class _MultiheadBase(nn.Module):
+    """Projections, mask handling and the nn.MultiheadAttention call shared by both kinds."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        query_projection: bool = True,
+        shared_qk: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if not isinstance(num_heads, int) or num_heads <= 0 or embed_dim % num_heads:
+            raise ValueError(f"num_heads must be a positive int dividing embed_dim={embed_dim}, got {num_heads!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
+        self.dropout, self.batch_first = dropout, batch_first
+        self.shared_qk = shared_qk
+        if shared_qk and self.kdim != embed_dim:
+            raise ValueError(f"qk_share needs kdim == embed_dim, got kdim={self.kdim}, embed_dim={embed_dim}")
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias) if query_projection else None
+        self.k_proj = None if shared_qk else nn.Linear(self.kdim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _project_query(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.q_proj is None else self.q_proj(x)
+
+    def _project_key(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project_query(x) if self.shared_qk else self.k_proj(x)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query (B, L, E), key (B, S, kdim), value (B, S, vdim) -> ((B, L, E), weights or None).
+
+        With ``kv_cache``, ``key``/``value`` are the new positions only; masks then cover
+        all cached plus new keys.
+        """
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        if query.dim() != 3:
+            raise ValueError(f"query must be (B, L, E), got shape {tuple(query.shape)}")
+        q = self._heads(self._project_query(query))
+        k = self._heads(self._project_key(key))
+        v = self._heads(self.v_proj(value))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        batch, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+        mask = _combine_masks(attn_mask, key_padding_mask, batch, self.num_heads, nq, nk, q.dtype)
+        out, weights = self._attend(q, k, v, mask, is_causal, need_weights)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, nq, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+
+class FractionalMultiheadAttention(_MultiheadBase):
+    """Multi-head fractional attention, a drop-in for ``torch.nn.MultiheadAttention``.
+
+    Args (beyond nn.MultiheadAttention's):
+        alpha, bandwidth, manifold, rescale: the kernel (see ``fractional_attention``).
+        orthogonal: W_Q and W_K constrained orthogonal (distance-preserving); with one head
+            the query projection is omitted, as in the reference models.
+        qk_share: one projection for queries and keys; each token's self-pair is excluded.
+        learnable_alpha: one alpha per head, kept in (0, 2) by ``2 * sigmoid``.
+        learnable_bandwidth: one bandwidth per head, kept > 0 by ``exp``.
+        backend: passed to ``fractional_attention`` ("auto", "reference", "tiled", ...).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        alpha: float = 1.2,
+        bandwidth: float = 1.0,
+        manifold: str = "euclidean",
+        rescale: bool = True,
+        orthogonal: bool = False,
+        qk_share: bool = False,
+        learnable_alpha: bool = False,
+        learnable_bandwidth: bool = False,
+        dropout: float = 0.0,
+        bias: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            query_projection=not (orthogonal and num_heads == 1),
+            shared_qk=qk_share,
+        )
+        alpha = check_alpha(alpha)
+        bandwidth = check_bandwidth(bandwidth)
+        self.manifold = check_manifold(manifold)
+        self.rescale = bool(rescale)
+        self.orthogonal, self.qk_share = orthogonal, qk_share
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        if orthogonal:
+            if self.kdim != embed_dim:
+                raise ValueError(f"orthogonal needs kdim == embed_dim, got kdim={self.kdim}")
+            for proj in (self.q_proj, self.k_proj):
+                if proj is not None:
+                    nn.utils.parametrizations.orthogonal(proj, "weight")
+        if learnable_alpha:
+            a = min(max(alpha, 1e-3), 2.0 - 1e-3) / 2.0
+            self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
+        else:
+            self.alpha_logit = None
+            self._alpha = alpha
+        if learnable_bandwidth:
+            self.log_bandwidth = nn.Parameter(torch.full((num_heads,), math.log(bandwidth)))
+        else:
+            self.log_bandwidth = None
+            self._bandwidth = bandwidth
+
+    @property
+    def alpha(self) -> float | torch.Tensor:
+        """The Lévy index: a float, or (H,) values in (0, 2) when learnable."""
+        if self.alpha_logit is None:
+            return self._alpha
+        return 2.0 * torch.sigmoid(self.alpha_logit)
+
+    @property
+    def bandwidth(self) -> float | torch.Tensor:
+        """The bandwidth eps: a float, or (H,) positive values when learnable."""
+        if self.log_bandwidth is None:
+            return self._bandwidth
+        return self.log_bandwidth.exp()
+
+    def _attend(self, q, k, v, mask, is_causal, need_weights):
+        kernel = dict(
+            alpha=self.alpha,
+            bandwidth=self.bandwidth,
+            manifold=self.manifold,
+            rescale=self.rescale,
+            attn_mask=mask,
+            is_causal=is_causal,
+            exclude_self=self.qk_share,
+        )
+        materialise = need_weights or (self.training and self.dropout > 0)
+        if not materialise:
+            return fractional_attention(q, k, v, backend=self.backend, **kernel), None
+        out, weights = fractional_attention(q, k, v, return_weights=True, **kernel)
+        if self.training and self.dropout > 0:
+            out = F.dropout(weights, self.dropout) @ v
+        return out, (weights if need_weights else None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, manifold={self.manifold!r}, "
+            f"orthogonal={self.orthogonal}, qk_share={self.qk_share}, backend={self.backend!r}"
+        )
+
+
+class SoftmaxMultiheadAttention(_MultiheadBase):
+    """Softmax attention with the same projections and call, through
+    ``scaled_dot_product_attention``: the controlled baseline for FNA."""
+
+    def __init__(self, embed_dim: int, num_heads: int, *, qk_share: bool = False, **kwargs) -> None:
+        super().__init__(embed_dim, num_heads, shared_qk=qk_share, **kwargs)
+        self.qk_share = qk_share
+
+    def _attend(self, q, k, v, mask, is_causal, need_weights):
+        if is_causal or self.qk_share:
+            nq, nk = q.shape[-2], k.shape[-2]
+            keep = structural_keep(0, nq, nq, nk, is_causal, self.qk_share, q.device)
+            mask = combine_keep(mask, keep)
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return F.dropout(weights, dropout) @ v, weights
+
+
+def make_attention(kind: str, embed_dim: int, num_heads: int, **kwargs) -> _MultiheadBase:
+    """ "fna" -> FractionalMultiheadAttention, "softmax" -> SoftmaxMultiheadAttention.
+
+    FNA-only keyword arguments are dropped for softmax, so one configuration serves both
+    sides of a controlled comparison.
+    """
+    if kind == "fna":
+        return FractionalMultiheadAttention(embed_dim, num_heads, **kwargs)
+    if kind == "softmax":
+        shared = {"dropout", "bias", "kdim", "vdim", "batch_first", "qk_share"}
+        return SoftmaxMultiheadAttention(embed_dim, num_heads, **{k: v for k, v in kwargs.items() if k in shared})
+    raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``linear2(dropout(activation(linear1(x))))``, then dropout."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        if activation not in ("relu", "gelu"):
+            raise ValueError(f"activation must be 'relu' or 'gelu', got {activation!r}")
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = F.relu if activation == "relu" else F.gelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class FractionalTransformerEncoderLayer(nn.Module):
+    """Self-attention + feed-forward, usable like ``nn.TransformerEncoderLayer`` (batch_first).
+
+    Post-LN (``norm_first=False``, the reference's, LayerNorm eps 1e-6) or pre-LN.
+    ``attention`` is "fna" or "softmax"; ``attention_kwargs`` go to ``make_attention``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-6,
+        norm_first: bool = False,
+        attention: str = "fna",
+        **attention_kwargs,
+    ) -> None:
+        super().__init__()
+        self.self_attn = make_attention(attention, d_model, nhead, batch_first=True, **attention_kwargs)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal, need_weights):
+        out, weights = self.self_attn(
+            x,
+            x,
+            x,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            need_weights=need_weights,
+            average_attn_weights=False,
+            is_causal=is_causal,
+        )
+        return self.dropout(out), weights
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        need_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """src (B, L, E) -> (B, L, E); with ``need_weights`` also the (B, H, L, L) weights."""
+        x = src
+        if self.norm_first:
+            attn, weights = self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal, need_weights)
+            x = x + attn
+            x = x + self.feed_forward(self.norm2(x))
+        else:
+            attn, weights = self._self_attention(x, src_mask, src_key_padding_mask, is_causal, need_weights)
+            x = self.norm1(x + attn)
+            x = self.norm2(x + self.feed_forward(x))
+        return (x, weights) if need_weights else x
+
+
+class FractionalTransformerDecoderLayer(nn.Module):
+    """Causal self-attention, cross-attention and feed-forward, like
+    ``nn.TransformerDecoderLayer`` (batch_first), with a key/value cache for decoding.
+
+    ``self_attention`` and ``cross_attention`` are each "fna" or "softmax".
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-6,
+        norm_first: bool = False,
+        self_attention: str = "fna",
+        cross_attention: str = "fna",
+        **attention_kwargs,
+    ) -> None:
+        super().__init__()
+        cross_kwargs = {k: v for k, v in attention_kwargs.items() if k != "qk_share"}
+        self.self_attn = make_attention(self_attention, d_model, nhead, batch_first=True, **attention_kwargs)
+        self.cross_attn = make_attention(cross_attention, d_model, nhead, batch_first=True, **cross_kwargs)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_mask: torch.Tensor | None = None,
+        memory_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        tgt_is_causal: bool = True,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """tgt (B, T, E), memory (B, S, E) -> (B, T, E).
+
+        With ``cache``, ``tgt`` holds only the new positions; the cache keeps the
+        self-attention keys/values of earlier ones (``tgt_key_padding_mask`` then covers
+        all positions so far).
+        """
+        x = tgt
+
+        def self_block(h):
+            out, _ = self.self_attn(
+                h,
+                h,
+                h,
+                key_padding_mask=tgt_key_padding_mask,
+                attn_mask=tgt_mask,
+                is_causal=tgt_is_causal,
+                kv_cache=cache,
+            )
+            return self.dropout(out)
+
+        def cross_block(h):
+            out, _ = self.cross_attn(h, memory, memory, key_padding_mask=memory_key_padding_mask, attn_mask=memory_mask)
+            return self.dropout(out)
+
+        if self.norm_first:
+            x = x + self_block(self.norm1(x))
+            x = x + cross_block(self.norm2(x))
+            x = x + self.feed_forward(self.norm3(x))
+        else:
+            x = self.norm1(x + self_block(x))
+            x = self.norm2(x + cross_block(x))
+            x = self.norm3(x + self.feed_forward(x))
+        return x
