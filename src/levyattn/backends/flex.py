@@ -86,7 +86,7 @@ def _per_head(value, num_heads: int, device) -> torch.Tensor:
     every new value of alpha would compile the kernel again.
     """
     value = torch.as_tensor(value, dtype=torch.float32, device=device).detach()
-    return value.reshape(-1).expand(num_heads) if value.numel() == 1 else value.reshape(-1)
+    return value.reshape(-1).expand(num_heads).contiguous() if value.numel() == 1 else value.reshape(-1).contiguous()
 
 
 def _indexer(mask: torch.Tensor):

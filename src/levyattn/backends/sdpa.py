@@ -36,7 +36,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     mask = None if plain_causal else call.mask_rows(0, nq, nq, nk, q.device)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v, attn_mask=mask, is_causal=plain_causal, scale=1.0)
+    # PyTorch's fused CPU kernel wants one head dim for q, k and v: pad v with zeros
+    # (their outputs are 0 and sliced away) rather than fall back to the slow path.
+    width = max(q_aug.shape[-1], v.shape[-1])
+    v_pad = F.pad(v, (0, width - v.shape[-1]))
+    q_aug, k_aug = F.pad(q_aug, (0, width - q_aug.shape[-1])), F.pad(k_aug, (0, width - k_aug.shape[-1]))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, attn_mask=mask, is_causal=plain_causal, scale=1.0)
+    out = out[..., : v.shape[-1]]
     if mask is not None:
         # A row with no allowed key is 0 by convention; SDPA's math path may give NaN there.
         allowed = mask if mask.dtype == torch.bool else mask != float("-inf")

@@ -24,8 +24,9 @@ from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsume
 TILE_ELEMENTS = 1 << 21
 
 
-def block_size(batch_heads: int, nq: int, nk: int, tile_elements: int = TILE_ELEMENTS) -> int:
-    return max(16, min(nq, tile_elements // max(1, batch_heads * nk)))
+def block_size(batch_heads: int, nq: int, nk: int) -> int:
+    """Query rows per tile so that one (B, H, block, Nk) tile holds about TILE_ELEMENTS values."""
+    return max(16, min(nq, TILE_ELEMENTS // max(1, batch_heads * nk)))
 
 
 def _column_log_sums(q, k, call, block):
@@ -141,6 +142,92 @@ class _TiledFNA(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_alpha, grad_bw, None, None
 
 
+class _EuclideanFNA(torch.autograd.Function):
+    """The hot path: Euclidean distances, float alpha and bandwidth, no density term.
+
+    Same tiling as ``_TiledFNA`` with the chain rule written out, so each tile costs a
+    few in-place passes instead of an autograd graph:
+    ``sq = q^ . k^`` with ``q^ = [-2q, ||q||^2, 1]``, ``k^ = [k, 1, ||k||^2]`` (one matmul),
+    ``log Phi = -(d_M + alpha) log1p(c sqrt(sq))`` with ``c = eps**(-1/alpha) / kappa``
+    (alpha < 2) or ``-sq / (kappa^2 eps)`` (alpha = 2), and
+    ``d loss / d q_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)`` with ``g = dS * dlogPhi/dsq``.
+    """
+
+    @staticmethod
+    def _scores(q_aug, k_aug, call, start, nq, nk, exponent, c):
+        """Masked log Phi of one tile, and what backward needs of it: (logits, r * u or None, small)."""
+        sq = q_aug @ k_aug.transpose(-1, -2)
+        if call.is_gaussian:
+            logits, ru, small = sq.clamp_min_(0).mul_(-c), None, None
+        else:
+            tiny = torch.finfo(sq.dtype).tiny
+            small = sq < tiny
+            r = sq.clamp_min_(tiny).sqrt_()
+            u = r * c + 1.0
+            ru = r.mul_(u)
+            logits = u.log_().mul_(-exponent)
+        mask = call.mask_rows(start, start + q_aug.shape[-2], nq, nk, q_aug.device)
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                logits.masked_fill_(~mask, float("-inf"))
+            else:
+                logits.add_(mask)
+        return logits, ru, small
+
+    @staticmethod
+    def forward(ctx, q, k, v, call, block):
+        nq, nk = q.shape[-2], k.shape[-2]
+        kw = call.kernel_kwargs(q.shape[-1])
+        exponent = kw["d_intrinsic"] + kw["alpha"]
+        if call.is_gaussian:
+            c = 1.0 / (kw["kappa"] ** 2 * kw["bandwidth"])
+        else:
+            c = kw["bandwidth"] ** (-1.0 / kw["alpha"]) / kw["kappa"]
+        q_sq, k_sq = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
+        q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
+        k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1])
+        for start in range(0, nq, block):
+            stop = min(nq, start + block)
+            logits, _, _ = _EuclideanFNA._scores(q_aug[..., start:stop, :], k_aug, call, start, nq, nk, exponent, c)
+            row_lse = torch.logsumexp(logits, dim=-1)
+            lse[..., start:stop] = row_lse
+            weights = logits.sub_(finite_or_zero(row_lse).unsqueeze(-1)).exp_()
+            torch.matmul(weights, v, out=out[..., start:stop, :])
+        ctx.save_for_backward(q, k, v, out, lse, q_aug, k_aug)
+        ctx.call, ctx.block, ctx.exponent, ctx.c = call, block, exponent, c
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, q_aug, k_aug = ctx.saved_tensors
+        call, block, exponent, c = ctx.call, ctx.block, ctx.exponent, ctx.c
+        nq, nk = q.shape[-2], k.shape[-2]
+        lse = finite_or_zero(lse)
+        delta = (grad_out * out).sum(-1)
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # d log Phi / d sq: -c (Gaussian) or -(d_M + alpha) c / (2 r u) (power law).
+        slope = -c if call.is_gaussian else -0.5 * exponent * c
+        for start in range(0, nq, block):
+            stop = min(nq, start + block)
+            logits, ru, small = _EuclideanFNA._scores(
+                q_aug[..., start:stop, :], k_aug, call, start, nq, nk, exponent, c
+            )
+            weights = logits.sub_(lse[..., start:stop].unsqueeze(-1)).exp_()
+            d_out = grad_out[..., start:stop, :]
+            grad_v += weights.transpose(-1, -2) @ d_out
+            grad_scores = (d_out @ v.transpose(-1, -2)).sub_(delta[..., start:stop].unsqueeze(-1)).mul_(weights)
+            grad_sq = grad_scores.mul_(slope)
+            if ru is not None:
+                # sqrt was clamped below the smallest normal: zero distance, zero gradient.
+                grad_sq.div_(ru).masked_fill_(small, 0.0)
+            q_blk = q[..., start:stop, :]
+            grad_q[..., start:stop, :] = 2.0 * (q_blk * grad_sq.sum(-1, keepdim=True) - grad_sq @ k)
+            grad_k += 2.0 * (k * grad_sq.sum(-2).unsqueeze(-1) - grad_sq.transpose(-1, -2) @ q_blk)
+        return grad_q, grad_k, grad_v, None, None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -154,4 +241,6 @@ def attention(
     block = block or block_size(batch_heads, q.shape[-2], k.shape[-2])
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
+    if call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a:
+        return _EuclideanFNA.apply(q, k, v, call, block)
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
