@@ -31,7 +31,7 @@ def kappa(alpha: Scalar, head_dim: int, rescale: bool = True, manifold: str = "e
     below_two = math.sqrt(head_dim) / (2.0 ** (1.0 / head_dim) - 1.0)
     at_two = math.sqrt(head_dim)
     if isinstance(alpha, torch.Tensor):
-        return torch.where(alpha < 2, below_two, at_two).to(alpha.dtype)
+        return torch.full_like(alpha, below_two).where(alpha < 2, at_two)
     return below_two if alpha < 2 else at_two
 
 

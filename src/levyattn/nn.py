@@ -29,6 +29,9 @@ from levyattn.config import check_alpha, check_bandwidth, check_manifold
 from levyattn.functional import BACKENDS, fractional_attention
 
 ATTENTION_KINDS = ("fna", "softmax")
+# Ranges a learnable alpha and bandwidth are kept in.
+_ALPHA_LO, _ALPHA_HI = 1e-3, 2.0 - 1e-3
+_LOG_BANDWIDTH_LIMIT = 30.0
 
 
 class KVCache:
@@ -198,8 +201,8 @@ class FractionalMultiheadAttention(_MultiheadBase):
         orthogonal: W_Q and W_K constrained orthogonal (distance-preserving); with one head
             the query projection is omitted, as in the reference models.
         qk_share: one projection for queries and keys; each token's self-pair is excluded.
-        learnable_alpha: one alpha per head, kept in (0, 2) by ``2 * sigmoid``.
-        learnable_bandwidth: one bandwidth per head, kept > 0 by ``exp``.
+        learnable_alpha: one alpha per head, kept in [0.001, 1.999] by a scaled sigmoid.
+        learnable_bandwidth: one bandwidth per head, ``exp`` of a log clamped to [-30, 30].
         backend: passed to ``fractional_attention`` ("auto", "reference", "tiled", ...).
     """
 
@@ -249,7 +252,9 @@ class FractionalMultiheadAttention(_MultiheadBase):
                 if proj is not None:
                     nn.utils.parametrizations.orthogonal(proj, "weight")
         if learnable_alpha:
-            a = min(max(alpha, 1e-3), 2.0 - 1e-3) / 2.0
+            # alpha = lo + (hi - lo) * sigmoid(logit): strictly inside (0, 2) even when the
+            # sigmoid saturates to exactly 0 or 1 in float32.
+            a = (min(max(alpha, _ALPHA_LO + 1e-3), _ALPHA_HI - 1e-3) - _ALPHA_LO) / (_ALPHA_HI - _ALPHA_LO)
             self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
         else:
             self.alpha_logit = None
@@ -265,14 +270,14 @@ class FractionalMultiheadAttention(_MultiheadBase):
         """The Lévy index: a float, or (H,) values in (0, 2) when learnable."""
         if self.alpha_logit is None:
             return self._alpha
-        return 2.0 * torch.sigmoid(self.alpha_logit)
+        return _ALPHA_LO + (_ALPHA_HI - _ALPHA_LO) * torch.sigmoid(self.alpha_logit)
 
     @property
     def bandwidth(self) -> float | torch.Tensor:
         """The bandwidth eps: a float, or (H,) positive values when learnable."""
         if self.log_bandwidth is None:
             return self._bandwidth
-        return self.log_bandwidth.exp()
+        return self.log_bandwidth.clamp(-_LOG_BANDWIDTH_LIMIT, _LOG_BANDWIDTH_LIMIT).exp()
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
         kernel = dict(

@@ -1,0 +1,190 @@
+"""Modules: the nn.MultiheadAttention call, options, layers, the key/value cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from levyattn import (
+    FractionalMultiheadAttention,
+    FractionalTransformerDecoderLayer,
+    FractionalTransformerEncoderLayer,
+    KVCache,
+    SoftmaxMultiheadAttention,
+    fractional_attention,
+    make_attention,
+)
+
+
+class TinyModel(nn.Module):
+    """A model written for nn.MultiheadAttention (positional call, need_weights default)."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.attn = attention
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, ids, padding):
+        x = self.embed(ids)
+        out, _ = self.attn(x, x, x, key_padding_mask=padding)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: nn.MultiheadAttention(16, 2, batch_first=True), lambda: FractionalMultiheadAttention(16, 2)]
+)
+def test_drop_in_for_multihead_attention_trains(make):
+    torch.manual_seed(0)
+    model = TinyModel(make())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 20, (8, 6))
+    labels = (ids[:, 0] > 10).long()
+    padding = torch.zeros(8, 6, dtype=torch.bool)
+    padding[:, -1] = True
+    losses = []
+    for _ in range(30):
+        loss = nn.functional.cross_entropy(model(ids, padding), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_module_equals_functional_with_its_projections():
+    torch.manual_seed(0)
+    m = FractionalMultiheadAttention(12, 3, alpha=1.4, bias=True)
+    x = torch.randn(2, 5, 12)
+    out, w = m(x, x, x, need_weights=True, average_attn_weights=False)
+    heads = lambda t: t.view(2, 5, 3, 4).transpose(1, 2)  # noqa: E731
+    o, w_ref = fractional_attention(
+        heads(m.q_proj(x)), heads(m.k_proj(x)), heads(m.v_proj(x)), alpha=1.4, return_weights=True
+    )
+    expected = m.out_proj(o.transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(w, w_ref)
+
+
+def test_mask_conventions_follow_multihead_attention():
+    torch.manual_seed(0)
+    m = FractionalMultiheadAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    _, w = m(x, x, x, key_padding_mask=padding, need_weights=True)
+    assert w.shape == (2, 5, 5) and (w[1, :, 3:] == 0).all()
+    blocked = torch.zeros(5, 5, dtype=torch.bool)
+    blocked[:, 0] = True  # True = not allowed, as in nn.MultiheadAttention
+    _, w = m(x, x, x, attn_mask=blocked, need_weights=True, average_attn_weights=False)
+    assert w.shape == (2, 2, 5, 5) and (w[..., 0] == 0).all()
+    additive = torch.zeros(5, 5).masked_fill(blocked, float("-inf"))
+    out_bool, _ = m(x, x, x, attn_mask=blocked)
+    out_add, _ = m(x, x, x, attn_mask=additive)
+    torch.testing.assert_close(out_bool, out_add)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        m(x, x, x, key_padding_mask=padding[:, :4])
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        m(x, x, x, attn_mask=blocked[:4])
+
+
+def test_sequence_first_layout():
+    torch.manual_seed(0)
+    first = FractionalMultiheadAttention(8, 2, batch_first=False)
+    batch = FractionalMultiheadAttention(8, 2)
+    batch.load_state_dict(first.state_dict())
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(
+        first(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1))[0].transpose(0, 1), batch(x, x, x)[0]
+    )
+
+
+def test_options_orthogonal_qk_share_learnable():
+    torch.manual_seed(0)
+    m = FractionalMultiheadAttention(
+        8, 2, orthogonal=True, learnable_alpha=True, learnable_bandwidth=True, alpha=1.9, bandwidth=0.5
+    )
+    w = m.q_proj.weight
+    torch.testing.assert_close(w @ w.T, torch.eye(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.alpha, torch.full((2,), 1.9))
+    torch.testing.assert_close(m.bandwidth, torch.full((2,), 0.5))
+    opt = torch.optim.Adam([m.alpha_logit, m.log_bandwidth], lr=5.0)  # large steps: saturate the ranges
+    x = torch.randn(3, 6, 8)
+    for _ in range(5):
+        opt.zero_grad()
+        m(x, x, x)[0].square().sum().backward()
+        opt.step()
+    assert ((m.alpha > 0) & (m.alpha < 2)).all() and (m.bandwidth > 0).all()
+    assert not torch.allclose(m.alpha, torch.full((2,), 1.9))
+
+    single = FractionalMultiheadAttention(8, 1, orthogonal=True, qk_share=True)
+    assert single.q_proj is None and single.k_proj is None  # the reference's isometric single head
+    _, w = single(x, x, x, need_weights=True)
+    assert (torch.diagonal(w, dim1=-2, dim2=-1) == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(embed_dim=10, num_heads=3), "num_heads must be a positive int dividing"),
+        (dict(embed_dim=8, num_heads=2, alpha=3.0), "alpha"),
+        (dict(embed_dim=8, num_heads=2, dropout=1.5), "dropout"),
+        (dict(embed_dim=8, num_heads=2, backend="fast"), "backend"),
+        (dict(embed_dim=8, num_heads=2, qk_share=True, kdim=4), "qk_share needs kdim"),
+    ],
+)
+def test_bad_module_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        FractionalMultiheadAttention(**kw)
+
+
+def test_make_attention_switch():
+    assert isinstance(make_attention("fna", 8, 2, alpha=1.5), FractionalMultiheadAttention)
+    soft = make_attention("softmax", 8, 2, alpha=1.5, orthogonal=True)
+    assert isinstance(soft, SoftmaxMultiheadAttention)
+    reference = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
+    with torch.no_grad():
+        soft.q_proj.weight.copy_(reference.in_proj_weight[:8])
+        soft.k_proj.weight.copy_(reference.in_proj_weight[8:16])
+        soft.v_proj.weight.copy_(reference.in_proj_weight[16:])
+        soft.out_proj.weight.copy_(reference.out_proj.weight)
+    x = torch.randn(2, 5, 8)
+    out, w = soft(x, x, x, need_weights=True)
+    out_ref, w_ref = reference(x, x, x)
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(w, w_ref)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        make_attention("linear", 8, 2)
+
+
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_encoder_layer_padding_does_not_leak(attention, norm_first):
+    torch.manual_seed(0)
+    layer = FractionalTransformerEncoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.0, attention=attention, norm_first=norm_first
+    ).eval()
+    x = torch.randn(1, 6, 8)
+    padding = torch.tensor([[False] * 4 + [True] * 2])
+    out = layer(x, src_key_padding_mask=padding)
+    x2 = x.clone()
+    x2[:, 4:] = 100.0
+    out2, w = layer(x2, src_key_padding_mask=padding, need_weights=True)
+    torch.testing.assert_close(out[:, :4], out2[:, :4])
+    assert w.shape == (1, 2, 6, 6)
+
+
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
+def test_decoder_cache_equals_full_recomputation(attention):
+    torch.manual_seed(0)
+    layer = FractionalTransformerDecoderLayer(
+        8, 2, dim_feedforward=16, dropout=0.0, self_attention=attention, cross_attention=attention
+    ).eval()
+    memory, tgt = torch.randn(2, 4, 8), torch.randn(2, 5, 8)
+    full = layer(tgt, memory)
+    cache = KVCache()
+    steps = [layer(tgt[:, i : i + 1], memory, cache=cache) for i in range(5)]
+    assert len(cache) == 5
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    cache.reorder(torch.tensor([1, 1, 0]))
+    assert cache.key.shape[0] == 3
