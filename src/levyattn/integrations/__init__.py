@@ -1,0 +1,9 @@
+"""Integrations of FNA with other libraries.
+
+- :mod:`levyattn.integrations.huggingface`: FNA as an attention implementation of
+  Hugging Face ``transformers`` models (``attn_implementation="fna"``) and
+  :func:`~levyattn.integrations.huggingface.to_fna` to convert a pretrained softmax model.
+
+Submodules are imported explicitly (``import levyattn.integrations.huggingface``) so that
+``import levyattn`` never pulls in ``transformers``.
+"""
