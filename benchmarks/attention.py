@@ -121,9 +121,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--markdown", metavar="JSON", help="print a results JSON as a markdown table and exit")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "N", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return
     if args.one:
         method, n, mode = args.one
         print(json.dumps(run_one(method, int(n), mode, args.device, args.dtype, args.repeats)))
@@ -178,6 +182,28 @@ def main() -> None:
 
     atomic_write_json(out, report)
     print(f"\nwrote {out}")
+
+
+def markdown(report: dict) -> str:
+    """The results as a markdown table: time, ratio to softmax SDPA, peak extra memory."""
+    lines = [
+        f"{report['device_name']} ({report['device']}, {report['cpu_count']} threads), torch {report['torch']}, "
+        f"{report['dtype']}, {report['shape']}",
+        "",
+        "| N | mode | method | time (ms) | x softmax SDPA | peak extra (MiB) |",
+        "|---:|---|---|---:|---:|---:|",
+    ]
+    rows = report["rows"]
+    for r in rows:
+        base = next(x for x in rows if x["method"] == "sdpa_softmax" and x["N"] == r["N"] and x["mode"] == r["mode"])
+        if "seconds" in r:
+            lines.append(
+                f"| {r['N']} | {r['mode']} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
+                f"{r['seconds'] / base['seconds']:.2f} | {r['peak_extra_bytes'] / 2**20:.1f} |"
+            )
+        else:
+            lines.append(f"| {r['N']} | {r['mode']} | {r['method']} | {r.get('skipped') or r.get('error')} | | |")
+    return "\n".join(lines)
 
 
 def _format_row(r: dict, rows: list[dict]) -> str:

@@ -19,9 +19,9 @@ import torch
 
 from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsumexp
 
-# Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. Large
+# Elements of one (B, H, block, Nk) logits tile; 2**22 float32 values = 16 MiB. Large
 # enough for matrix-multiply efficiency, small enough to stay in cache-friendly sizes.
-TILE_ELEMENTS = 1 << 21
+TILE_ELEMENTS = 1 << 22
 
 
 def block_size(batch_heads: int, nq: int, nk: int) -> int:
@@ -154,11 +154,14 @@ class _EuclideanFNA(torch.autograd.Function):
     """
 
     @staticmethod
-    def _scores(q_aug, k_aug, call, start, nq, nk, exponent, c):
+    def _scores(q_aug, k_aug, call, start, nq, nk, exponent, c, for_backward=False):
         """Masked log Phi of one tile, and what backward needs of it: (logits, r * u or None, small)."""
         sq = q_aug @ k_aug.transpose(-1, -2)
         if call.is_gaussian:
             logits, ru, small = sq.clamp_min_(0).mul_(-c), None, None
+        elif not for_backward:
+            tiny = torch.finfo(sq.dtype).tiny
+            logits, ru, small = sq.clamp_min_(tiny).sqrt_().mul_(c).log1p_().mul_(-exponent), None, None
         else:
             tiny = torch.finfo(sq.dtype).tiny
             small = sq < tiny
@@ -212,7 +215,7 @@ class _EuclideanFNA(torch.autograd.Function):
         for start in range(0, nq, block):
             stop = min(nq, start + block)
             logits, ru, small = _EuclideanFNA._scores(
-                q_aug[..., start:stop, :], k_aug, call, start, nq, nk, exponent, c
+                q_aug[..., start:stop, :], k_aug, call, start, nq, nk, exponent, c, for_backward=True
             )
             weights = logits.sub_(lse[..., start:stop].unsqueeze(-1)).exp_()
             d_out = grad_out[..., start:stop, :]
