@@ -19,8 +19,9 @@ import torch
 
 from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsumexp
 
-# Elements of one (B, H, block, Nk) logits tile; 2**22 float32 values = 16 MiB. Large
-# enough for matrix-multiply efficiency, small enough to stay in cache-friendly sizes.
+# Elements of one (B, H, block, Nk) logits tile; 2**22 float32 values = 16 MiB. It bounds
+# the extra memory; large tiles amortise the per-operation overhead of each pass (measured:
+# faster than 2**16..2**21 at N = 4096 on 2 CPU cores).
 TILE_ELEMENTS = 1 << 22
 
 
