@@ -1,0 +1,132 @@
+"""Trainer: reproducibility, exact resume, schedules, checkpoints (toy task, CPU, seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from toy import ToyTask
+
+from levyattn.training import checkpoint as ck
+from levyattn.training.trainer import TrainConfig, Trainer, global_batches, lr_at
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=8, eval_batch_size=16, lr=3e-2, seed=0, warmup_steps=2, checkpoint_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_same_metrics(tmp_path):
+    a = Trainer(ToyTask(), _cfg(), tmp_path / "a").fit()
+    b = Trainer(ToyTask(), _cfg(), tmp_path / "b").fit()
+    assert a["history"][-1]["eval_accuracy"] == b["history"][-1]["eval_accuracy"]
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    c = Trainer(ToyTask(), _cfg(seed=1), tmp_path / "c").fit()
+    assert [r["train_loss"] for r in a["history"]] != [r["train_loss"] for r in c["history"]]
+
+
+@pytest.mark.parametrize("stop_at,every", [(11, 4), (8, 8), (13, 0)])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every):
+    full_trainer = Trainer(ToyTask(), _cfg(checkpoint_every=every), tmp_path / "full")
+    full = full_trainer.fit()
+    # "Kill" the run after stop_at steps: it stops without saving, like a killed process;
+    # the last checkpoint is the one written at a multiple of `every` (or an epoch end).
+    killed = Trainer(ToyTask(), _cfg(checkpoint_every=every, max_steps=stop_at), tmp_path / "run").fit()
+    assert killed["stopped"] and killed["global_step"] == stop_at
+    saved = ck.load_checkpoint(tmp_path / "run").state["position"]
+    assert saved["global_step"] <= stop_at
+    resumed_trainer = Trainer(ToyTask(), _cfg(checkpoint_every=every), tmp_path / "run", resume=True)
+    resumed = resumed_trainer.fit()
+    assert resumed["global_step"] == full["global_step"]
+    for key in ("train_loss", "eval_accuracy", "eval_loss", "lr"):
+        assert [r[key] for r in resumed["history"]] == [r[key] for r in full["history"]], key
+    for k, v in full_trainer.model.state_dict().items():
+        assert torch.equal(v, resumed_trainer.model.state_dict()[k]), k
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and json.loads(rows[-1])["epoch"] == 3
+
+
+def test_files_written_and_atomic(tmp_path):
+    Trainer(ToyTask(), _cfg(epochs=2, checkpoint_every=3), tmp_path).fit()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "checkpoint.json" in names and "metrics.csv" in names and "config.json" in names
+    # exactly one tensors file survives, the one checkpoint.json names; no temp files left
+    tensors = [n for n in names if n.endswith(".safetensors")]
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert tensors == [state["tensors_file"]]
+    assert not [n for n in names if n.endswith(".tmp")]
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "eval_accuracy" in header and "train_loss" in header
+
+
+def test_checkpoint_roundtrip_and_no_pickle(tmp_path):
+    t = Trainer(ToyTask(), _cfg(epochs=1), tmp_path)
+    t.fit()
+    c = ck.load_checkpoint(tmp_path)
+    assert c.model_type == "toy"
+    sd = c.model_state_dict()
+    for k, v in t.model.state_dict().items():
+        assert torch.equal(sd[k], v)
+    assert any(k.startswith("optim.") for k in c.tensors)
+    assert c.tensors["rng.torch_cpu"].dtype == torch.uint8
+    # A state the JSON must round-trip exactly: the optimiser state loads back.
+    opt = torch.optim.AdamW(t.model.parameters())
+    assert opt is not None
+
+
+def test_missing_and_corrupt_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.json"):
+        ck.load_checkpoint(tmp_path / "nothing")
+    Trainer(ToyTask(), _cfg(epochs=1), tmp_path).fit()
+    state = json.loads((tmp_path / "checkpoint.json").read_text())
+    tensors = tmp_path / state["tensors_file"]
+    data = bytearray(tensors.read_bytes())
+    data[-5] ^= 0xFF
+    tensors.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=state["tensors_file"]):
+        ck.load_checkpoint(tmp_path)
+    tensors.unlink()
+    with pytest.raises(FileNotFoundError, match=state["tensors_file"]):
+        ck.load_checkpoint(tmp_path)
+    (tmp_path / "checkpoint.json").write_text("{not json")
+    with pytest.raises(ck.CheckpointError, match="checkpoint.json"):
+        ck.load_checkpoint(tmp_path)
+
+
+def test_resume_into_other_model_type_is_a_clear_error(tmp_path):
+    Trainer(ToyTask(), _cfg(epochs=1), tmp_path).fit()
+    with pytest.raises(ck.CheckpointError, match="'toy' model.*'other'"):
+        Trainer(ToyTask(model_type="other"), _cfg(epochs=2), tmp_path, resume=True).fit()
+
+
+def test_schedules():
+    cfg = TrainConfig(lr=1.0, schedule="cosine", warmup_steps=4)
+    assert lr_at(cfg, 0, 100, 10) == pytest.approx(0.25)
+    assert lr_at(cfg, 4, 100, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 99, 100, 10) < 1e-2
+    step = TrainConfig(lr=1.0, schedule="step", step_gamma=0.75)
+    assert [lr_at(step, s, 30, 10) for s in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.75, 0.5625])
+    assert math.isclose(lr_at(TrainConfig(lr=0.1, schedule="constant"), 50, 100, 10), 0.1)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(lr=0), dict(epochs=0), dict(schedule="linear"), dict(grad_clip=-1.0), dict(batch_size=2.5)]
+)
+def test_bad_config_names_the_parameter(kw):
+    name = next(iter(kw))
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**kw)
+
+
+def test_global_batches_cover_the_epoch():
+    b = global_batches(20, 6, seed=3, epoch=1)
+    assert sorted(i for x in b for i in x) == list(range(20))
+    assert b != global_batches(20, 6, seed=3, epoch=2)
+    assert len(global_batches(13, 6, 0, 0, world_size=2)) == 2  # the last batch of one is dropped

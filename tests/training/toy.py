@@ -1,0 +1,59 @@
+"""A tiny task implementing the Task protocol, independent of levyattn.models, for trainer tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyModel(nn.Module):
+    model_type = "toy"
+
+    def __init__(self, dim: int = 4, hidden: int = 8, classes: int = 3, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.config = {"dim": dim, "hidden": hidden, "classes": classes, "dropout": dropout}
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ToyTask:
+    name = "toy"
+    model_type = "toy"
+    metric = "accuracy"
+    higher_is_better = True
+
+    def __init__(self, n_train: int = 60, n_eval: int = 30, dropout: float = 0.1, model_type: str = "toy") -> None:
+        self.n_train, self.n_eval = n_train, n_eval
+        self.model_config = {"dim": 4, "hidden": 8, "classes": 3, "dropout": dropout}
+        self.model_type = model_type
+
+    def build_model(self) -> nn.Module:
+        m = ToyModel(**self.model_config)
+        m.model_type = self.model_type
+        return m
+
+    def datasets(self):
+        # Draws from the global RNG on purpose: the trainer must not let that leak into training.
+        x = torch.randn(self.n_train + self.n_eval, 4)
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+        data = list(zip(x, y))
+        return data[: self.n_train], data[self.n_train :]
+
+    def collate(self, samples):
+        return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+
+    def loss(self, model, batch):
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y), len(y)
+
+    def evaluate(self, model, loader):
+        correct = total = 0
+        loss = 0.0
+        for x, y in loader:
+            logits = model(x)
+            loss += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+            total += len(y)
+        return {"accuracy": correct / total, "loss": loss / total}
