@@ -57,3 +57,26 @@ class ToyTask:
             correct += int((logits.argmax(-1) == y).sum())
             total += len(y)
         return {"accuracy": correct / total, "loss": loss / total}
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -> None:
+    """One process of a CPU DDP run (gloo); rank 0 saves the final parameters."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from levyattn.training.distributed import cleanup, init_distributed
+    from levyattn.training.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = init_distributed(device="cpu")
+    try:
+        trainer = Trainer(ToyTask(dropout=0.0), TrainConfig(**cfg_dict), out_dir, dist_info=info)
+        trainer.fit()
+        if info.is_main:
+            state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
+            save_file(state, os.path.join(out_dir, "final.safetensors"))
+    finally:
+        cleanup()
