@@ -1,0 +1,213 @@
+"""BERT, GPT-2, Llama and ViT with attn_implementation="fna": forward, backward, masks,
+attention weights, generate, save/load and a training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_tiny import DECODERS, FAMILIES, VOCAB, tiny_config, transformers
+
+from levyattn.integrations import huggingface as hf
+
+AUTO = {
+    "bert": transformers.AutoModel,
+    "gpt2": transformers.AutoModelForCausalLM,
+    "llama": transformers.AutoModelForCausalLM,
+    "vit": transformers.AutoModel,
+}
+
+
+def build(family, attn="fna", seed=0, **extra):
+    torch.manual_seed(seed)
+    model = AUTO[family].from_config(tiny_config(family, **extra), attn_implementation=attn)
+    return model.eval()
+
+
+def inputs(family, batch=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=g)}
+
+
+def main_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_and_weights(family):
+    model = build(family, fna_alpha=[1.2, 0.8], fna_bandwidth=0.5)
+    hf.assign_layer_indices(model)  # ViT's attention modules carry no layer_idx
+    x = inputs(family)
+    out = model(**x, output_attentions=True)
+    assert torch.isfinite(main_output(out)).all()
+    assert len(out.attentions) == 2
+    for w in out.attentions:
+        rows = w.sum(-1)
+        torch.testing.assert_close(rows, torch.ones_like(rows))
+        if family in DECODERS:  # causal: nothing above the diagonal
+            assert torch.all(w.triu(1) == 0)
+    assert model(**x).attentions is None  # weights are not computed unless asked
+    model.train()
+    main_output(model(**x)).float().pow(2).mean().backward()
+    attention = [m for m in model.modules() if hf._is_attention_module(m)]
+    grads = [p.grad for m in attention for p in m.parameters()]
+    assert len(attention) == 2 and grads
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_keys_drive_the_model(family):
+    # The same weights under sdpa and under FNA with two alphas: three different functions.
+    x = inputs(family)
+    with torch.no_grad():
+        softmax = main_output(build(family, attn="sdpa")(**x))
+        # Randomly initialised q and k are close together: a small bandwidth makes the kernel matter.
+        model = build(family, fna_bandwidth=1e-3)
+        a = main_output(model(**x))
+        model.config.fna_alpha = 0.5
+        b = main_output(model(**x))
+    assert not torch.allclose(a, softmax, atol=1e-4)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_encoder_padding_mask_is_honoured():
+    model = build("bert")
+    ids = inputs("bert", batch=1, length=5)["input_ids"]
+    padded = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 3)], 1).long()
+    with torch.no_grad():
+        alone = model(ids).last_hidden_state
+        batched = model(padded, attention_mask=mask).last_hidden_state[:, :5]
+        unmasked = model(padded).last_hidden_state[:, :5]
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked, alone, atol=1e-4)  # the pads matter without the mask
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_decoder_causal_and_left_padding_masks_are_honoured(family):
+    model = build(family)
+    ids = inputs(family, batch=1, length=6)["input_ids"]
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % VOCAB
+    pad = 3
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, pad), torch.ones(1, 6)], 1).long()
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(ids).logits
+        after = model(changed).logits
+        # The future is invisible (up to rounding: FNA centres q and k on the mean key).
+        torch.testing.assert_close(after[:, :-1], logits[:, :-1], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(after[:, -1], logits[:, -1], atol=1e-3)
+        left = model(padded, attention_mask=mask, position_ids=positions).logits[:, pad:]
+    torch.testing.assert_close(left, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_generate_with_cache_matches_full_recomputation(family):
+    model = build(family, fna_alpha=[1.0, 1.6])
+    ids = inputs(family, batch=2, length=5)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding in a batch
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kwargs)
+    full = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.shape == (2, 11)
+    assert torch.equal(cached, full)
+
+
+def test_vit_per_layer_values_need_layer_indices():
+    model = build("vit", fna_alpha=[1.2, 1.8])
+    x = inputs("vit")
+    with pytest.raises(ValueError, match="assign_layer_indices"):
+        model(**x)
+    assert hf.assign_layer_indices(model) == 2
+    first = model(**x).last_hidden_state
+    model.config.fna_alpha = [1.8, 1.2]  # the layers really get different values
+    assert not torch.allclose(model(**x).last_hidden_state, first, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_load_keep_the_fna_settings(family, tmp_path):
+    heads = 4 if family == "llama" else 2
+    per_head = [0.5 + 0.25 * h for h in range(heads)]
+    model = build(family, fna_alpha=[1.2, per_head], fna_bandwidth=[1e-3, 2.0], fna_density_a=0.25)
+    hf.assign_layer_indices(model)
+    x = inputs(family)
+    model.save_pretrained(tmp_path)
+    again = AUTO[family].from_pretrained(tmp_path, attn_implementation="fna").eval()
+    hf.assign_layer_indices(again)
+    assert again.config.fna_alpha == [1.2, per_head]
+    assert again.config.fna_bandwidth == [1e-3, 2.0]
+    assert again.config.fna_density_a == 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(main_output(again(**x)), main_output(model(**x)))
+        # transformers does not save attn_implementation: loading without it gives sdpa.
+        plain = AUTO[family].from_pretrained(tmp_path).eval()
+        assert plain.config._attn_implementation != "fna"
+        assert not torch.allclose(main_output(plain(**x)), main_output(model(**x)), atol=1e-4)
+
+
+def test_set_attn_implementation_switches_a_loaded_model():
+    model = build("llama", attn="sdpa")
+    x = inputs("llama")
+    model.set_attn_implementation("fna")
+    assert model.config._attn_implementation == "fna"
+    with torch.no_grad():
+        out = model(**x).logits
+    fna = build("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(fna(**x).logits, out)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_training_steps_lower_the_loss(family):
+    model = build(family)
+    model.train()
+    ids = inputs(family, batch=4, length=8)["input_ids"]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_attention_dropout_in_training_runs_and_backpropagates():
+    model = build("bert", attention_probs_dropout_prob=0.5)
+    model.train()
+    x = inputs("bert")
+    torch.manual_seed(0)
+    a = model(**x).last_hidden_state
+    torch.manual_seed(1)
+    b = model(**x).last_hidden_state
+    assert not torch.allclose(a, b)  # dropout on the FNA weights
+    a.sum().backward()
+    assert torch.isfinite(model.encoder.layer[0].attention.self.query.weight.grad).all()
+
+
+def test_trainer_step(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    model = transformers.AutoModelForSequenceClassification.from_config(
+        tiny_config("bert", num_labels=2), attn_implementation="fna"
+    )
+    g = torch.Generator().manual_seed(0)
+    data = [
+        {"input_ids": torch.randint(3, VOCAB, (6,), generator=g), "attention_mask": torch.ones(6, dtype=torch.long),
+         "labels": torch.tensor(i % 2)}
+        for i in range(8)
+    ]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
+        save_strategy="no", logging_strategy="no",
+    )
+    result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert result.global_step == 2
+    attn = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(before[attn], model.get_parameter(attn))
