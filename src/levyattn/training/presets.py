@@ -1,0 +1,155 @@
+"""Every preset by name, and ``--set key=value`` overrides.
+
+Presets come from the task modules (``PRESETS`` in ``tasks/classification.py`` and,
+when present, ``tasks/translation.py`` and ``tasks/lm.py``); the format is described in
+:mod:`levyattn.training.tasks`.
+
+Overrides: ``key=value`` where ``key`` is a dotted path into the preset
+(``train.lr=3e-4``, ``model.alpha=1.4``, ``data.task_args.length=128``) or a bare key
+that exists in exactly one section (``data_dir=/data/aclImdb``, ``epochs=3``,
+``alpha=1.6``); ``seed`` means ``train.seed``. Values are parsed as JSON when they can
+be (``3``, ``1e-3``, ``true``, ``null``, ``[1, 2]``) and kept as strings otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from levyattn.training.tasks import PRESET_SECTIONS, check_preset
+
+TASK_MODULES = ("classification", "translation", "lm")
+ALIASES = {"seed": "train.seed"}
+
+
+def all_presets() -> dict[str, dict[str, Any]]:
+    """name -> preset, merged over the task modules that exist."""
+    merged: dict[str, dict[str, Any]] = {}
+    for name in TASK_MODULES:
+        try:
+            module = importlib.import_module(f"levyattn.training.tasks.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"levyattn.training.tasks.{name}":
+                raise
+            continue
+        for key, preset in getattr(module, "PRESETS", {}).items():
+            if key in merged:
+                raise ValueError(f"preset {key!r} is defined twice (tasks.{name} and {merged[key]['task']})")
+            merged[key] = preset
+    return merged
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A deep copy of the preset ``name`` (ValueError listing the valid names)."""
+    presets = all_presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets))}")
+    return check_preset(copy.deepcopy(presets[name]), f"preset {name!r}")
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _resolve(preset: dict[str, Any], key: str) -> list[str]:
+    if key in ALIASES:
+        return ALIASES[key].split(".")
+    if "." in key:
+        return key.split(".")
+    if key in preset and key not in PRESET_SECTIONS:
+        return [key]
+    hits = [s for s in PRESET_SECTIONS if isinstance(preset.get(s), dict) and key in preset[s]]
+    if len(hits) == 1:
+        return [hits[0], key]
+    if len(hits) > 1:
+        raise ValueError(f"--set {key}: the key is in several sections {hits}; write it as e.g. {hits[0]}.{key}")
+    # A key the preset does not list yet (a model option left at its default): route
+    # model options by name to "model", training settings to "train".
+    from dataclasses import fields
+
+    from levyattn.training.trainer import TrainConfig
+
+    if key in {f.name for f in fields(TrainConfig)}:
+        return ["train", key]
+    return ["model", key]
+
+
+def apply_overrides(preset: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``preset`` with every ``key=value`` applied."""
+    out = copy.deepcopy(preset)
+    for item in overrides:
+        if not isinstance(item, str) or "=" not in item:
+            raise ValueError(f"--set needs key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ValueError(f"--set needs key=value, got {item!r}")
+        path = _resolve(out, key)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ValueError(f"--set {key}: {part!r} is not a section")
+            node = node.setdefault(part, {})
+        node[path[-1]] = parse_value(text)
+    return check_preset(out)
+
+
+def split_overrides(values: Iterable[str] | None) -> list[str]:
+    """Flatten ``--set a=1 --set b=2`` and ``--set a=1 b=2`` forms."""
+    out: list[str] = []
+    for v in values or []:
+        out.extend(v if isinstance(v, list) else [v])
+    return out
+
+
+__all__ = [
+    "TASK_MODULES", "all_presets", "apply_overrides", "get_preset", "parse_value", "preset_from_run",
+    "split_overrides", "train_preset",
+]
+
+
+def train_preset(
+    preset: dict[str, Any],
+    out_dir: Any = None,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    dist_info: Any = None,
+    on_epoch_end: Any = None,
+) -> tuple[dict[str, Any], Any]:
+    """Build the preset's task and train it; return (the trainer's result, the trainer).
+
+    The preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can
+    rebuild the same task.
+    """
+    from levyattn.training.tasks import make_task
+    from levyattn.training.trainer import TrainConfig, Trainer
+
+    check_preset(preset)
+    task = make_task(preset)
+    config = TrainConfig.from_dict(preset["train"])
+    trainer = Trainer(task, config, out_dir, resume=resume, progress=progress, extra={"preset": preset},
+                      dist_info=dist_info, on_epoch_end=on_epoch_end)
+    return trainer.fit(), trainer
+
+
+def preset_from_run(run_dir: Any) -> dict[str, Any]:
+    """The preset a run folder was trained with (from its checkpoint, else its config.json)."""
+    from pathlib import Path
+
+    from levyattn.io import read_json
+
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoint.json"
+    source = ck if ck.is_file() else run_dir / "config.json"
+    state = read_json(source, "run state")
+    preset = state.get("extra", state).get("preset") if isinstance(state, dict) else None
+    if preset is None:
+        raise ValueError(f"{source} does not record the preset it was trained with")
+    return check_preset(preset, f"the preset in {source}")

@@ -1,0 +1,261 @@
+"""Sweeps: a preset trained over alpha x attention x seed, with resumable per-run results.
+
+Layout of a sweep folder ``OUT``::
+
+    OUT/runs/<run>/          one trainer folder per run (checkpoints, metrics.csv, ...)
+    OUT/runs/<run>/result.json   written atomically when the run has finished
+    OUT/results.json         every run, the summary per (attention, alpha), correlations
+    OUT/runs.csv  OUT/summary.csv  OUT/table.md
+
+``<run>`` is ``fna-a1.2-s0`` or ``softmax-s0`` (softmax has no alpha). A run whose
+``result.json`` exists and records the same preset is skipped when the sweep is run
+again; a run that was interrupted resumes from its last checkpoint.
+
+For every trained model the sweep measures the spectral gap ``1 - |lambda_2|`` of its
+attention matrices on test inputs (``levyattn.analysis.spectral_gap``; mean over
+layers, heads and inputs) and reports the Pearson and Spearman correlation of test
+accuracy with the gap over all runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from levyattn.io import atomic_write_json, atomic_write_text, read_json
+from levyattn.training.presets import train_preset
+from levyattn.training.tasks import check_preset
+
+ATTENTIONS = ("fna", "softmax")
+
+
+def run_name(attention: str, alpha: float | None, seed: int) -> str:
+    return f"softmax-s{seed}" if attention == "softmax" else f"fna-a{alpha:g}-s{seed}"
+
+
+def grid(alphas: Sequence[float], attentions: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """The runs of a sweep: FNA at every alpha, softmax once per seed."""
+    from levyattn.config import check_alpha
+
+    for a in attentions:
+        if a not in ATTENTIONS:
+            raise ValueError(f"attention must be among {ATTENTIONS}, got {a!r}")
+    if "fna" in attentions and not alphas:
+        raise ValueError("alphas must list at least one alpha in (0, 2] for FNA runs")
+    alphas = [check_alpha(float(a)) for a in alphas]
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must list at least one seed")
+    runs = []
+    for attention in attentions:
+        for alpha in alphas if attention == "fna" else [None]:
+            for seed in seeds:
+                runs.append({"name": run_name(attention, alpha, seed), "attention": attention, "alpha": alpha,
+                             "seed": seed})
+    return runs
+
+
+def run_preset(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    preset = copy.deepcopy(base)
+    preset["model"]["attention"] = run["attention"]
+    if run["alpha"] is not None:
+        preset["model"]["alpha"] = run["alpha"]
+    preset["train"]["seed"] = run["seed"]
+    return check_preset(preset)
+
+
+def attention_gap(task: Any, model: torch.nn.Module, eval_ds: Any, n_samples: int = 64) -> dict[str, Any]:
+    """Mean spectral gap of ``model``'s attention on the first ``n_samples`` test inputs.
+
+    Returns ``{"spectral_gap": mean, "spectral_gap_std": std, "per_layer": [...]}``; each
+    (B, H, L, L) matrix is restricted to valid (non-padding) tokens.
+    """
+    try:
+        from levyattn.analysis import spectral_gap
+    except ImportError:  # the analysis package without a re-export
+        from levyattn.analysis.spectral import spectral_gap
+
+    n = min(n_samples, len(eval_ds))
+    batch = task.collate([eval_ds[i] for i in range(n)])
+    device = next(model.parameters()).device
+    from levyattn.training.trainer import to_device
+
+    batch = to_device(batch, device)
+    was_training = model.training
+    model.eval()
+    try:
+        weights, valid = task.attention(model, batch)
+    finally:
+        model.train(was_training)
+    per_layer = []
+    allgaps = []
+    for w in weights:
+        w = w.detach().double().cpu()
+        if w.dim() == 3:  # averaged over heads
+            w = w.unsqueeze(1)
+        mask = None if valid is None else valid.cpu().unsqueeze(1).expand(w.shape[0], w.shape[1], -1)
+        gaps = np.asarray(spectral_gap(w, mask=mask), dtype=np.float64).ravel()
+        per_layer.append(float(np.nanmean(gaps)))
+        allgaps.append(gaps)
+    flat = np.concatenate(allgaps) if allgaps else np.array([np.nan])
+    return {"spectral_gap": float(np.nanmean(flat)), "spectral_gap_std": float(np.nanstd(flat)),
+            "per_layer": per_layer}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def correlations(x: list[float], y: list[float]) -> dict[str, Any]:
+    """Pearson and Spearman correlation of x and y (NaN when undefined), with n."""
+    from scipy import stats
+
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and np.isfinite(a) and np.isfinite(b)]
+    out: dict[str, Any] = {"n": len(pairs), "pearson_r": float("nan"), "pearson_p": float("nan"),
+                           "spearman_r": float("nan"), "spearman_p": float("nan")}
+    if len(pairs) < 3:
+        return out
+    a, b = np.array(pairs).T
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return out
+    pr = stats.pearsonr(a, b)
+    sr = stats.spearmanr(a, b)
+    out.update(pearson_r=float(pr[0]), pearson_p=float(pr[1]), spearman_r=float(sr[0]), spearman_p=float(sr[1]))
+    return out
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path | None
+    runs: list[dict[str, Any]]
+    summary: list[dict[str, Any]]
+    correlation: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The summary as a Markdown table (mean ± std over seeds)."""
+        header = "| attention | alpha | seeds | accuracy | spectral gap | parameters | time (s) |"
+        lines = [header, "|---|---|---|---|---|---|---|"]
+        for row in self.summary:
+            alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
+            lines.append(
+                f"| {row['attention']} | {alpha} | {row['n']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
+                f" | {row['gap_mean']:.4f} ± {row['gap_std']:.4f} | {row['params']} | {row['time_mean']:.1f} |"
+            )
+        c = self.correlation
+        lines.append("")
+        lines.append(
+            f"accuracy vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f} (p = {c['pearson_p']:.3g}),"
+            f" Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
+        )
+        return "\n".join(lines)
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["attention"], r["alpha"]), []).append(r)
+    rows = []
+    for (attention, alpha), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fna", kv[0][1] or 0)):
+        acc_m, acc_s = _mean_std([r["accuracy"] for r in rs])
+        gap_m, gap_s = _mean_std([r.get("spectral_gap") for r in rs])
+        t_m, t_s = _mean_std([r["train_time_s"] for r in rs])
+        rows.append({"attention": attention, "alpha": alpha, "n": len(rs), "accuracy_mean": acc_m,
+                     "accuracy_std": acc_s, "gap_mean": gap_m, "gap_std": gap_s, "params": rs[0]["params"],
+                     "time_mean": t_m, "time_std": t_s, "seeds": [r["seed"] for r in rs]})
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def run_sweep(
+    preset: dict[str, Any],
+    *,
+    alphas: Sequence[float],
+    attentions: Sequence[str] = ("fna",),
+    seeds: Sequence[int] = (0,),
+    out_dir: str | Path | None = None,
+    progress: bool = False,
+    gap_samples: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Train every run of the grid (skipping finished ones) and write the tables.
+
+    ``log(message)`` is called before and after each run (the CLI prints it).
+    """
+    check_preset(preset)
+    out = Path(out_dir) if out_dir is not None else None
+    runs_done: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    plan = grid(alphas, attentions, seeds)
+    for i, run in enumerate(plan):
+        rp = run_preset(preset, run)
+        run_dir = out / "runs" / run["name"] if out is not None else None
+        result_file = run_dir / "result.json" if run_dir is not None else None
+        if result_file is not None and result_file.is_file():
+            stored = read_json(result_file, "sweep run result")
+            if stored.get("preset") != rp:
+                raise ValueError(
+                    f"{result_file} was trained with different settings than this sweep asks for; "
+                    "use another output folder or delete that run"
+                )
+            runs_done.append(stored["row"])
+            skipped.append(run["name"])
+            if log:
+                log(f"[{i + 1}/{len(plan)}] {run['name']}: done before, skipped")
+            continue
+        if log:
+            log(f"[{i + 1}/{len(plan)}] {run['name']}: training")
+        t0 = time.perf_counter()
+        result, trainer = train_preset(rp, run_dir, resume=True, progress=progress)
+        _, eval_ds = trainer.task.datasets()
+        gap = attention_gap(trainer.task, trainer.model, eval_ds, gap_samples)
+        row = {**run, "accuracy": result["metrics"].get(trainer.task.metric), "loss": result["metrics"].get("loss"),
+               "spectral_gap": gap["spectral_gap"], "spectral_gap_std": gap["spectral_gap_std"],
+               "params": result["params"], "train_time_s": result["train_time_s"],
+               "samples_per_s": result["samples_per_s"], "wall_s": time.perf_counter() - t0}
+        if result_file is not None:
+            atomic_write_json(result_file, {"row": row, "gap_per_layer": gap["per_layer"], "preset": rp,
+                                            "history": result["history"]})
+        runs_done.append(row)
+        if log:
+            log(f"[{i + 1}/{len(plan)}] {run['name']}: accuracy {row['accuracy']:.4f}, "
+                f"spectral gap {row['spectral_gap']:.4f}, {row['train_time_s']:.1f}s")
+    summary = summarise(runs_done)
+    corr = correlations([r["accuracy"] for r in runs_done], [r["spectral_gap"] for r in runs_done])
+    res = SweepResult(out, runs_done, summary, corr, skipped)
+    if out is not None:
+        atomic_write_json(out / "results.json", {"preset": preset, "alphas": list(alphas),
+                                                 "attention": list(attentions), "seeds": list(seeds),
+                                                 "runs": runs_done, "summary": summary, "correlation": corr})
+        atomic_write_text(out / "runs.csv", _csv(runs_done))
+        atomic_write_text(out / "summary.csv", _csv(summary))
+        atomic_write_text(out / "table.md", res.table() + "\n")
+    return res
+
+
+__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "correlations", "grid", "run_name", "run_sweep",
+           "summarise"]
