@@ -1,0 +1,216 @@
+"""Text classifier: token + positional embeddings, L encoder layers, pooling, a linear head.
+
+    input_ids (B, L) --embed--> (B, L, E) --[encoder layer] x L--> pool --> head --> (B, num_classes)
+
+- Encoder layers are ``levyattn.nn.FractionalTransformerEncoderLayer``: post-LN as the
+  reference models (``norm_first=False``), pre-LN as an option (then a final LayerNorm).
+- ``attention`` is "fna" (fractional attention) or "softmax" (``scaled_dot_product_attention``),
+  with every FNA option of :class:`~levyattn.models.common.AttentionOptions`.
+- Pooling: "mean" over valid (non-padding) tokens, or "cls" (a learned class token
+  prepended to the sequence; its final state is classified).
+- Padding: ``key_padding_mask`` (B, L) bool, True = padding; or derived from ``pad_id``
+  when the config sets one. Padded positions are never attended to and never pooled,
+  so the logits do not depend on what the padding holds or how much of it there is.
+
+The paper's configurations: :meth:`TextClassifierConfig.single_layer` (1 layer, 1 head,
+hidden 8-64, orthogonal, qk_share) and :meth:`TextClassifierConfig.deep` (6 layers,
+8 heads, hidden 256).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from levyattn.models.common import (
+    AttentionOptions,
+    ModelOutput,
+    check_attention_kind,
+    check_bool,
+    check_choice,
+    check_float,
+    check_heads,
+    check_ids,
+    check_int,
+    check_padding_mask,
+    padding_from_attention_mask,
+    set_attention_dropout,
+    sinusoidal_positions,
+)
+from levyattn.nn import FractionalTransformerEncoderLayer
+
+
+@dataclass(kw_only=True)
+class TextClassifierConfig(AttentionOptions):
+    """Hyperparameters of :class:`TextClassifier` (the FNA options are inherited).
+
+    vocab_size, num_classes: sizes of the input vocabulary and of the label set (>= 2).
+    max_len: the longest input (positional table size).
+    d_model: hidden size E; num_heads must divide it. dim_feedforward: FFN width
+        (None = 4 * d_model).
+    dropout: on embeddings and inside/after the FFN and attention sub-blocks.
+    positional: "learned" (a table) or "sinusoidal" (fixed).
+    pooling: "mean" (over valid tokens) or "cls" (class token).
+    pad_id: when set, tokens equal to it are treated as padding if no mask is given.
+    """
+
+    vocab_size: int
+    num_classes: int = 2
+    max_len: int = 512
+    d_model: int = 64
+    num_layers: int = 1
+    num_heads: int = 1
+    dim_feedforward: int | None = None
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm_first: bool = False
+    layer_norm_eps: float = 1e-6
+    positional: str = "learned"
+    pooling: str = "mean"
+    pad_id: int | None = None
+    attention: str = "fna"
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("vocab_size", self.vocab_size, 1)
+        check_int("num_classes", self.num_classes, 2)
+        check_int("max_len", self.max_len, 1)
+        check_int("d_model", self.d_model, 1)
+        check_int("num_layers", self.num_layers, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_heads(self.d_model, self.num_heads)
+        if self.dim_feedforward is not None:
+            check_int("dim_feedforward", self.dim_feedforward, 1)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_choice("activation", self.activation, ("relu", "gelu"))
+        check_bool("norm_first", self.norm_first)
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+        check_choice("positional", self.positional, ("learned", "sinusoidal"))
+        check_choice("pooling", self.pooling, ("mean", "cls"))
+        if self.pad_id is not None:
+            check_int("pad_id", self.pad_id, 0, self.vocab_size - 1)
+        check_attention_kind("attention", self.attention)
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
+
+    @classmethod
+    def single_layer(cls, vocab_size: int, hidden: int = 32, **overrides: Any) -> TextClassifierConfig:
+        """The paper's IMDb single-layer model: 1 layer, 1 head, orthogonal, qk_share, eps 1."""
+        base = dict(
+            vocab_size=vocab_size, d_model=hidden, num_layers=1, num_heads=1, orthogonal=True, qk_share=True,
+            alpha=1.2, bandwidth=1.0, manifold="euclidean", rescale=True, max_len=512,
+        )  # fmt: skip
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def deep(cls, vocab_size: int, **overrides: Any) -> TextClassifierConfig:
+        """The paper's deep IMDb model: 6 layers, 8 heads, hidden 256."""
+        base = dict(vocab_size=vocab_size, d_model=256, num_layers=6, num_heads=8, max_len=512)
+        return cls(**{**base, **overrides})
+
+
+class TextClassifier(nn.Module):
+    """Sequence classification with FNA or softmax encoder layers (see the module docstring)."""
+
+    model_type = "text_classifier"
+
+    def __init__(self, config: TextClassifierConfig | dict[str, Any]) -> None:
+        super().__init__()
+        if isinstance(config, dict):
+            config = TextClassifierConfig.from_dict(config)
+        self.config = config
+        c = config
+        n_pos = c.max_len + (1 if c.pooling == "cls" else 0)
+        self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
+        if c.positional == "learned":
+            self.position_embedding = nn.Parameter(torch.zeros(n_pos, c.d_model))
+            nn.init.normal_(self.position_embedding, std=0.02)
+        else:
+            self.register_buffer("position_embedding", sinusoidal_positions(n_pos, c.d_model), persistent=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
+        self.dropout = nn.Dropout(c.dropout)
+        self.layers = nn.ModuleList(
+            FractionalTransformerEncoderLayer(
+                c.d_model,
+                c.num_heads,
+                c.ffn_dim,
+                c.dropout,
+                c.activation,
+                layer_norm_eps=c.layer_norm_eps,
+                norm_first=c.norm_first,
+                attention=c.attention,
+                **c.attention_kwargs(with_dropout=False),
+            )  # fmt: skip
+            for _ in range(c.num_layers)
+        )
+        # Post-LN layers end in a LayerNorm already; pre-LN stacks need one at the end.
+        set_attention_dropout(self.layers, c.attn_dropout)
+        self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
+        self.head = nn.Linear(c.d_model, c.num_classes)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = False,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        return_dict: bool | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
+        """input_ids (B, L) long -> logits (B, num_classes).
+
+        key_padding_mask: (B, L) bool, True = padding (default: ``input_ids == pad_id``
+            when the config has a ``pad_id``, else no padding).
+        need_weights: also return the per-layer attention weights, a list of (B, H, L', L')
+            with L' = L (+1 with ``pooling="cls"``: the class token is position 0).
+        attention_mask, output_attentions, return_dict: the Hugging Face convention
+            (attention_mask 1 = token, 0 = padding); with either of the last two set the
+            result is a :class:`ModelOutput` with ``.logits`` and ``.attentions``.
+        """
+        c = self.config
+        check_ids("input_ids", input_ids, c.vocab_size, c.max_len)
+        if key_padding_mask is None:
+            key_padding_mask = padding_from_attention_mask(attention_mask)
+        if key_padding_mask is None and c.pad_id is not None:
+            key_padding_mask = input_ids == c.pad_id
+        check_padding_mask("key_padding_mask", key_padding_mask, tuple(input_ids.shape))
+        want_weights = need_weights or output_attentions
+
+        x = self.token_embedding(input_ids)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            if key_padding_mask is not None:
+                key_padding_mask = nn.functional.pad(key_padding_mask, (1, 0), value=False)
+        x = self.dropout(x + self.position_embedding[: x.shape[1]])
+
+        weights = []
+        for layer in self.layers:
+            if want_weights:
+                x, w = layer(x, src_key_padding_mask=key_padding_mask, need_weights=True)
+                weights.append(w)
+            else:
+                x = layer(x, src_key_padding_mask=key_padding_mask)
+        x = self.final_norm(x)
+        logits = self.head(self.pool(x, key_padding_mask))
+
+        if output_attentions or return_dict:
+            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
+        return (logits, weights) if need_weights else logits
+
+    def pool(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, L', E) -> (B, E): the class token's state, or the mean over valid tokens."""
+        if self.cls_token is not None:
+            return x[:, 0]
+        if key_padding_mask is None:
+            return x.mean(dim=1)
+        valid = (~key_padding_mask).unsqueeze(-1).to(x.dtype)
+        # An all-padding row pools to zeros rather than NaN.
+        return (x * valid).sum(dim=1) / valid.sum(dim=1).clamp_min(1.0)

@@ -1,0 +1,241 @@
+"""What every model file shares: config validation, (de)serialisation, attention options,
+the Hugging Face-style output, and a few small tensor helpers.
+
+Each model's config is a dataclass that inherits :class:`ModelConfig` (``to_dict`` /
+``from_dict``, validation in ``__post_init__``) and usually :class:`AttentionOptions` (the
+FNA kernel and projection options, flat so that ``--set model.alpha=1.4`` reaches them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth
+from levyattn.functional import BACKENDS
+from levyattn.nn import ATTENTION_KINDS, FractionalMultiheadAttention, SoftmaxMultiheadAttention
+
+C = TypeVar("C", bound="ModelConfig")
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """An int (not a bool) in [lo, hi] (hi None = unbounded); ValueError/TypeError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int {rng}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
+    """A real number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
+        raise ValueError(f"{name} must lie in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+# --- configs -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Base of every model config: validated on construction, JSON round trip."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:  # overridden; each subclass calls super().validate()
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable values (tuples become lists); ``from_dict`` inverts it."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build from ``to_dict()`` output (missing keys take defaults; unknown keys are an error)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}")
+        return cls(**data)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class AttentionOptions(ModelConfig):
+    """The FNA kernel and projection options, shared by every model (see ``levyattn.nn``).
+
+    alpha, bandwidth, manifold, rescale: the kernel (``fractional_attention``).
+    orthogonal: W_Q, W_K orthogonal (distance preserving); one head drops W_Q.
+    qk_share: one projection for queries and keys; self-pairs excluded.
+    learnable_alpha / learnable_bandwidth: one value per head, trained.
+    backend: "auto", "reference", "tiled", "sdpa" or "flex".
+    attn_dropout: dropout on attention weights. Default 0: with FNA a positive value
+        materialises the (L, L) weights while training (the ``reference`` backend), so
+        the models put their dropout on embeddings and feed-forward blocks instead.
+    attn_bias: bias in the q/k/v/out projections (the paper's runs have none).
+    Softmax attention ignores the kernel options and keeps ``qk_share``, dropout, bias.
+    """
+
+    alpha: float = 1.2
+    bandwidth: float = 1.0
+    manifold: str = "euclidean"
+    rescale: bool = True
+    orthogonal: bool = False
+    qk_share: bool = False
+    learnable_alpha: bool = False
+    learnable_bandwidth: bool = False
+    backend: str = "auto"
+    attn_dropout: float = 0.0
+    attn_bias: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        self.alpha = check_alpha(self.alpha)
+        self.bandwidth = check_bandwidth(self.bandwidth)
+        check_choice("manifold", self.manifold, MANIFOLDS)
+        check_choice("backend", self.backend, BACKENDS)
+        for name in ("rescale", "orthogonal", "qk_share", "learnable_alpha", "learnable_bandwidth", "attn_bias"):
+            check_bool(name, getattr(self, name))
+        self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
+
+    def attention_kwargs(self, *, with_dropout: bool = True) -> dict[str, Any]:
+        """Keyword arguments of ``levyattn.nn.make_attention``; ``with_dropout=False`` for the
+        nn encoder/decoder layers, whose own ``dropout`` argument is the residual/FFN one
+        (their attention dropout is set afterwards by :func:`set_attention_dropout`)."""
+        kwargs = dict(
+            alpha=self.alpha,
+            bandwidth=self.bandwidth,
+            manifold=self.manifold,
+            rescale=self.rescale,
+            orthogonal=self.orthogonal,
+            qk_share=self.qk_share,
+            learnable_alpha=self.learnable_alpha,
+            learnable_bandwidth=self.learnable_bandwidth,
+            backend=self.backend,
+            dropout=self.attn_dropout,
+            bias=self.attn_bias,
+        )
+        if not with_dropout:
+            del kwargs["dropout"]
+        return kwargs
+
+
+def set_attention_dropout(module: nn.Module, p: float) -> None:
+    """Set the attention-weight dropout of every attention module inside ``module``."""
+    for m in module.modules():
+        if isinstance(m, (FractionalMultiheadAttention, SoftmaxMultiheadAttention)):
+            m.dropout = p
+
+
+def check_attention_kind(name: str, value: Any) -> str:
+    return check_choice(name, value, ATTENTION_KINDS)
+
+
+def check_heads(d_model: int, num_heads: int) -> None:
+    if d_model % num_heads:
+        raise ValueError(f"num_heads must divide d_model={d_model}, got num_heads={num_heads}")
+
+
+# --- outputs -----------------------------------------------------------------------------
+
+
+@dataclass
+class ModelOutput:
+    """What ``model(input_ids=..., output_attentions=True)`` returns (the Hugging Face
+    calling convention): ``logits`` and, on request, ``attentions``, a tuple with one
+    (B, H, L, L) tensor per layer. ``loss`` is unused by the models themselves."""
+
+    logits: torch.Tensor
+    attentions: tuple[torch.Tensor, ...] | None = None
+    loss: torch.Tensor | None = None
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple:
+        return tuple(v for v in (self.loss, self.logits, self.attentions) if v is not None)
+
+
+def padding_from_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Hugging Face ``attention_mask`` (1 = token, 0 = padding) -> key_padding_mask (True = padding)."""
+    if attention_mask is None:
+        return None
+    return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+
+
+def check_ids(name: str, ids: Any, vocab_size: int, max_len: int | None = None) -> torch.Tensor:
+    """(B, L) integer token ids in [0, vocab_size), L <= max_len."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dim() != 2 or ids.dtype in (torch.bool,) or ids.is_floating_point() or ids.is_complex():
+        raise ValueError(f"{name} must be a (B, L) integer tensor, got shape {tuple(ids.shape)} dtype {ids.dtype}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"{name} must hold ids in [0, {vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]"
+        )
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"{name} length must be <= max_len={max_len}, got {ids.shape[1]}")
+    return ids
+
+
+def check_padding_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A (B, L) bool padding mask (True = padding) of the given shape, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = padding), got {getattr(mask, 'dtype', type(mask))}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    return mask
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
+    """(max_len, d_model) fixed sin/cos positional encodings (Vaswani et al. 2017)."""
+    pos = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(max_len, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return pe
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; an orthogonal parametrisation counts its base weight."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
