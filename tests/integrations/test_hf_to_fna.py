@@ -1,0 +1,127 @@
+"""to_fna: convert a tiny pretrained-from-scratch softmax model, calibrate, save and reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_tiny import VOCAB, tiny_config, transformers
+
+from levyattn.integrations import huggingface as hf
+
+
+def progressions(n, length, seed):
+    """Arithmetic progressions mod VOCAB: a pattern a 2-layer model learns in a few dozen steps."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, VOCAB, (n, 1), generator=g)
+    step = torch.randint(1, 4, (n, 1), generator=g)
+    return (start + step * torch.arange(length)) % VOCAB
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A tiny GPT-2 trained from scratch with softmax attention, saved in the real format."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"), attn_implementation="sdpa")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for i in range(60):
+        ids = progressions(16, 16, seed=i)
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 2.5  # it learnt something (uniform would be log(40) = 3.7)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(path)
+    return path
+
+
+def calibration():
+    ids = progressions(8, 16, seed=1000)
+    mask = torch.ones_like(ids)
+    mask[:3, :4] = 0  # some left padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def mean_kl(softmax_logits, fna_logits, mask):
+    p = torch.log_softmax(softmax_logits, -1)
+    q = torch.log_softmax(fna_logits, -1)
+    kl = (p.exp() * (p - q)).sum(-1)
+    return float((kl * mask).sum() / mask.sum())
+
+
+def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_path):
+    softmax = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
+    batch = calibration()
+    report = hf.to_fna(model, batch, alpha=1.2)
+
+    assert model.config._attn_implementation == "fna"
+    assert report.calibrated and report.metric == "kl" and report.n_sequences == 8
+    assert isinstance(model.config.fna_bandwidth, list) and len(model.config.fna_bandwidth) == 2
+    assert report.bandwidth == model.config.fna_bandwidth
+    assert model.config.fna_bandwidth != [1.0, 1.0]
+    # eps = 1 is a grid point, so the search can only improve each layer's attention rows...
+    for before, after in zip(report.attention_kl_before, report.attention_kl_after):
+        assert after <= before + 1e-9
+    # ...and on this model it also brings the outputs closer.
+    assert report.gap_after < 0.5 * report.gap_before
+
+    # The reported gaps are what an independent computation measures.
+    with torch.no_grad():
+        ref = softmax(**batch).logits
+        assert mean_kl(ref, model(**batch).logits, batch["attention_mask"]) == pytest.approx(report.gap_after, rel=1e-4)
+        fresh = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir, attn_implementation="fna").eval()
+        hf.configure_fna(fresh, alpha=1.2, bandwidth=1.0)
+        uncalibrated = fresh(**batch).logits
+    assert mean_kl(ref, uncalibrated, batch["attention_mask"]) == pytest.approx(report.gap_before, rel=1e-4)
+
+    # The converted model saves and reloads with its calibrated settings.
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fna").eval()
+    assert again.config.fna_bandwidth == model.config.fna_bandwidth
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits)
+    text = report.format()
+    assert "kl gap" in text and "layer" in text
+
+
+def test_per_head_calibration_on_an_encoder_reports_cosine():
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(tiny_config("bert"), attn_implementation="eager").eval()
+    ids = progressions(4, 10, seed=5)
+    report = hf.to_fna(model, [{"input_ids": ids}, {"input_ids": ids[:2, :6]}], per_head=True, alpha=[1.2, 1.6])
+    assert report.metric == "cosine" and report.n_sequences == 6
+    assert all(isinstance(b, list) and len(b) == 2 for b in model.config.fna_bandwidth)
+    assert 0.9 < report.gap_before <= 1.0 + 1e-6 and report.gap_after >= report.gap_before - 1e-4
+    assert all(a <= b + 1e-9 for a, b in zip(report.attention_kl_after, report.attention_kl_before))
+
+
+def test_vit_conversion_assigns_layer_indices():
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(tiny_config("vit"), attn_implementation="sdpa").eval()
+    report = hf.to_fna(model, torch.randn(2, 3, 16, 16), alpha=2.0)
+    assert len(report.attention_kl_after) == 2
+    assert model(torch.randn(1, 3, 16, 16)).last_hidden_state.shape == (1, 5, 32)
+
+
+def test_without_calibration_inputs_it_only_switches():
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    report = hf.to_fna(model, alpha=[1.0, 1.5], bandwidth=0.5)
+    assert not report.calibrated and report.gap_before is None
+    assert model.config._attn_implementation == "fna"
+    assert model.config.fna_alpha == [1.0, 1.5] and model.config.fna_bandwidth == 0.5
+
+
+def test_bad_arguments():
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hf.to_fna(torch.nn.Linear(2, 2), None)
+    with pytest.raises(TypeError, match="calibration_inputs"):
+        hf.to_fna(model, "some text")
+    with pytest.raises(ValueError, match="search_range"):
+        hf.to_fna(model, progressions(2, 4, 0), search_range=(0.0, 0.1))
+    with pytest.raises(ValueError, match="fna_alpha"):
+        hf.to_fna(model, progressions(2, 4, 0), alpha=3.0)
+    hf.to_fna(model, progressions(2, 4, 0))
+    with pytest.raises(ValueError, match="already uses"):
+        hf.to_fna(model, progressions(2, 4, 0))
