@@ -6,7 +6,7 @@ when present, ``tasks/translation.py`` and ``tasks/lm.py``); the format is descr
 
 Overrides: ``key=value`` where ``key`` is a dotted path into the preset
 (``train.lr=3e-4``, ``model.alpha=1.4``, ``data.task_args.length=128``) or a bare key
-that exists in exactly one section (``data_dir=/data/aclImdb``, ``epochs=3``,
+that exists in exactly one of model, data, train (``data_dir=/data/aclImdb``, ``epochs=3``,
 ``alpha=1.6``); ``seed`` means ``train.seed``. Values are parsed as JSON when they can
 be (``3``, ``1e-3``, ``true``, ``null``, ``[1, 2]``) and kept as strings otherwise.
 """
@@ -23,6 +23,8 @@ from levyattn.training.tasks import PRESET_SECTIONS, check_preset
 
 TASK_MODULES = ("classification", "translation", "lm")
 ALIASES = {"seed": "train.seed"}
+# Data settings a bare --set key may name even when the preset does not list them.
+DATA_KEYS = ("dataset", "data_dir", "limit_train", "limit_test", "min_freq", "vocab_size", "task_args")
 
 
 def all_presets() -> dict[str, dict[str, Any]]:
@@ -64,7 +66,7 @@ def _resolve(preset: dict[str, Any], key: str) -> list[str]:
         return key.split(".")
     if key in preset and key not in PRESET_SECTIONS:
         return [key]
-    hits = [s for s in PRESET_SECTIONS if isinstance(preset.get(s), dict) and key in preset[s]]
+    hits = [s for s in ("model", "data", "train") if isinstance(preset.get(s), dict) and key in preset[s]]
     if len(hits) == 1:
         return [hits[0], key]
     if len(hits) > 1:
@@ -77,6 +79,8 @@ def _resolve(preset: dict[str, Any], key: str) -> list[str]:
 
     if key in {f.name for f in fields(TrainConfig)}:
         return ["train", key]
+    if key in DATA_KEYS:
+        return ["data", key]
     return ["model", key]
 
 

@@ -1,0 +1,99 @@
+"""Presets, the classification task on digits, sweeps (table/JSON/CSV, skip on re-run) and the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from levyattn.cli import main
+from levyattn.training import checkpoint as ck
+from levyattn.training.presets import all_presets, apply_overrides, get_preset, train_preset
+from levyattn.training.sweep import run_sweep
+
+TINY = ["epochs=1", "limit_train=64", "limit_test=32", "d_model=8", "batch_size=16"]
+
+
+def _digits(*extra: str) -> dict:
+    return apply_overrides(get_preset("digits-vit"), TINY + list(extra))
+
+
+def test_paper_presets_hold_the_papers_settings():
+    p = all_presets()
+    one = p["imdb-1layer-h16"]
+    assert one["model"]["num_layers"] == 1 and one["model"]["num_heads"] == 1 and one["model"]["d_model"] == 16
+    assert one["model"]["orthogonal"] and one["model"]["qk_share"] and one["model"]["rescale"]
+    assert one["sweep"]["alphas"] == [1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
+    assert (one["data"]["max_len"], one["train"]["batch_size"], one["train"]["lr"], one["train"]["epochs"]) == (
+        512, 16, 1e-3, 25)
+    deep = p["imdb-6layer"]
+    assert (deep["model"]["num_layers"], deep["model"]["num_heads"], deep["model"]["d_model"]) == (6, 8, 256)
+    assert deep["train"]["schedule"] == "step" and deep["train"]["step_gamma"] == 0.75
+    assert deep["sweep"]["seeds"] == [0, 1, 2, 3, 4] and deep["sweep"]["alphas"] == [1.2, 2.0]
+    assert p["cifar10-vit"]["sweep"]["attention"] == ["fna", "softmax"]
+
+
+def test_overrides():
+    p = apply_overrides(get_preset("imdb-1layer-h8"), ["data_dir=/x/aclImdb", "train.lr=3e-4", "alpha=1.6", "seed=4"])
+    assert p["data"]["data_dir"] == "/x/aclImdb" and p["train"]["lr"] == 3e-4
+    assert p["model"]["alpha"] == 1.6 and p["train"]["seed"] == 4
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(p, ["nonsense"])
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        get_preset("nope")
+
+
+def test_real_dataset_without_data_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="data_dir"):
+        train_preset(get_preset("imdb-1layer-h8"), tmp_path)
+
+
+def test_digits_train_and_reload(tmp_path):
+    result, trainer = train_preset(_digits(), tmp_path)
+    assert 0.0 <= result["metrics"]["accuracy"] <= 1.0
+    model = ck.load_model(tmp_path)
+    assert model.model_type == "vit"
+    with pytest.raises(ck.CheckpointError, match="'vit' model.*'text_classifier'"):
+        ck.load_model(tmp_path, model_type="text_classifier")
+
+
+def test_train_cli_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    sets = [x for s in TINY for x in ("--set", s)]
+    args = ["train", "--preset", "digits-vit", "--out", str(out), "--no-progress", *sets]
+    assert main(args) == 0
+    assert "accuracy" in capsys.readouterr().out
+    # resume a finished run with one more epoch: continues from the checkpoint
+    assert main(["train", "--resume", str(out), "--set", "epochs=2", "--no-progress"]) == 0
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+
+
+def test_sweep_tables_and_skip_on_rerun(tmp_path):
+    logs = []
+    res = run_sweep(_digits(), alphas=[1.2, 2.0], attentions=["fna", "softmax"], seeds=[0, 1], out_dir=tmp_path,
+                    gap_samples=8, log=logs.append)
+    assert len(res.runs) == 6 and not res.skipped
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert len(data["summary"]) == 3 and {r["attention"] for r in data["summary"]} == {"fna", "softmax"}
+    assert all(0.0 <= r["spectral_gap"] <= 1.0 + 1e-9 for r in data["runs"])
+    assert "pearson_r" in data["correlation"]
+    assert (tmp_path / "runs.csv").read_text().count("\n") == 7
+    assert "± " in (tmp_path / "table.md").read_text()
+    again = run_sweep(_digits(), alphas=[1.2, 2.0], attentions=["fna", "softmax"], seeds=[0, 1], out_dir=tmp_path,
+                      gap_samples=8)
+    assert sorted(again.skipped) == sorted(r["name"] for r in res.runs)
+    assert [r["accuracy"] for r in again.runs] == [r["accuracy"] for r in res.runs]
+    with pytest.raises(ValueError, match="different settings"):
+        run_sweep(_digits("lr=0.5"), alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path)
+
+
+def test_demo_quick_writes_the_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    report = tmp_path / "report.html"
+    assert str(report.resolve()) in out
+    html = report.read_text()
+    assert "data:image/png;base64" in html and "softmax" in html and "alpha=1.2" in html
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"FNA alpha=1.2", "FNA alpha=2", "softmax"}
