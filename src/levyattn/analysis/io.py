@@ -1,0 +1,73 @@
+"""Loading saved attention tensors: .npy, .npz, .pt/.pth and .safetensors.
+
+Every loader returns ``{name: float64 numpy array}``. A single tensor is named ``attention``;
+a dict of tensors keeps its keys (e.g. ``layer0``, ``layer1``); a list/tuple of tensors (a
+Hugging Face model's ``outputs.attentions`` saved with ``torch.save``) becomes ``layer0``,
+``layer1``, ... ``.pt`` files are read with ``torch.load(weights_only=True)``: tensors and
+plain containers only, never arbitrary pickled code. ``.npy``/``.npz`` with
+``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+
+
+def _from_torch_object(obj: object, path: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    def tensor(name: str, t: object) -> np.ndarray:
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    if isinstance(obj, torch.Tensor):
+        return {"attention": tensor("attention", obj)}
+    if isinstance(obj, dict):
+        return {str(k): tensor(str(k), v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return {f"layer{i}": tensor(f"layer{i}", v) for i, v in enumerate(obj) if v is not None}
+    raise ValueError(f"{path} holds a {type(obj).__name__}; expected a tensor, a dict of tensors or a list of tensors")
+
+
+def load_attention(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+    """Load attention tensors from ``path``; ``key`` keeps only that entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attention file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
+    try:
+        if suffix == ".npy":
+            tensors = {"attention": np.load(path, allow_pickle=False)}
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                tensors = {k: data[k] for k in data.files}
+        elif suffix in (".pt", ".pth"):
+            import torch
+
+            tensors = _from_torch_object(torch.load(path, map_location="cpu", weights_only=True), path)
+        else:
+            from safetensors.torch import load_file
+
+            tensors = _from_torch_object(load_file(str(path)), path)
+    except (OSError, EOFError, RuntimeError, ValueError) as err:
+        if isinstance(err, ValueError) and str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
+    except Exception as err:  # unpickling errors of all kinds from a malformed .pt
+        raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
+    tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors")
+    if key is not None:
+        if key not in tensors:
+            raise ValueError(f"{path} has no entry {key!r}; it has {sorted(tensors)}")
+        tensors = {key: tensors[key]}
+    return tensors
