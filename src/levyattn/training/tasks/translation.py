@@ -354,3 +354,76 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sweep": _SWEEP,
     },
 }
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def load_tokenizer_beside(run_dir: str | Path) -> Any:
+    """The tokeniser saved beside a checkpoint by :meth:`TranslationTask.save_artifacts`."""
+    from levyattn import data as D
+
+    path = Path(run_dir) / TOKENIZER_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path} does not exist (a translation or LM run folder keeps its "
+            "tokenizer beside checkpoint.json)"
+        )
+    return D.load_tokenizer(path)
+
+
+def load_translator(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(seq2seq model in eval mode, tokenizer) from a run folder or its checkpoint.json.
+
+    A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
+    """
+    from levyattn.models import build_model
+    from levyattn.training.checkpoint import check_model_type, load_checkpoint, load_model_state
+
+    ckpt = load_checkpoint(path)
+    check_model_type(ckpt, "seq2seq")
+    model = build_model(ckpt.model_type, ckpt.model_config)
+    load_model_state(model, ckpt, "seq2seq")
+    tokenizer = load_tokenizer_beside(ckpt.path)
+    c = model.config
+    if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) != (
+        c.tgt_vocab_size, c.pad_id, c.bos_id, c.eos_id
+    ):
+        raise ValueError(
+            f"the tokenizer in {ckpt.path} (vocab_size {tokenizer.vocab_size}) does not match the model "
+            f"(tgt_vocab_size {c.tgt_vocab_size}); it belongs to another run"
+        )
+    return model.to(device).eval(), tokenizer
+
+
+def translate_sentences(
+    model: nn.Module,
+    tokenizer: Any,
+    sentences: list[str],
+    *,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+    max_len: int | None = None,
+    batch_size: int = 32,
+) -> list[str]:
+    """Translate plain sentences -> detokenised translations (same order).
+
+    Sources longer than the model's ``max_len`` are truncated; ``max_len`` of the output
+    defaults to 2 x the source length + 10 tokens, at most the model's ``max_len`` - 1.
+    """
+    if isinstance(sentences, str):
+        raise TypeError("sentences must be a list of strings, got one str")
+    c = model.config
+    enc = [tokenizer.encode(s)[: c.max_len - 1] for s in sentences]
+    if not enc:
+        return []
+    if max_len is None:
+        max_len = min(2 * max(len(x) for x in enc) + 10, c.max_len - 1)
+    # Sort by length so that batches hold similar lengths (less padding), then restore the order.
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    ids = translate_ids(model, [enc[i] for i in order], pad_id=c.pad_id, bos_id=c.bos_id, eos_id=c.eos_id,
+                        max_len=max_len, beam_size=beam_size, length_penalty=length_penalty, batch_size=batch_size)
+    out = [""] * len(enc)
+    for pos, i in enumerate(order):
+        out[i] = tokenizer.decode(ids[pos])
+    return out
