@@ -1,0 +1,273 @@
+"""Fits of an attention-decay curve ``A(d)``: power law, exponential, bootstrap CI, model choice.
+
+Conventions
+-----------
+- ``distances`` (D,) positive token distances; ``values`` (D,) the mean attention weight
+  ``A(d)`` at those distances. Points with ``d < d_min``, non-finite or non-positive values
+  are left out of a fit (a log cannot be taken of them), exactly as the published tool does.
+- Both fits are ordinary least squares **in log space** (FRACTIONAL_LENS.md §1):
+
+  power law    ``log A = log_A - gamma  * log d``
+  exponential  ``log A = log_A - lam    * d``
+
+  ``r2`` is the coefficient of determination of that log-space regression,
+  ``1 - SS_res / SS_tot`` (0 when all log values are equal, as published). Fed a published
+  ``A(d)`` table these return the published gamma, log_A and R^2.
+- The bootstrap resamples **prompts** (rows of a (N, D) per-prompt table), recomputes the
+  mean curve and refits; the interval is the percentile interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = [
+    "D_MIN_FIT",
+    "ExponentialFit",
+    "ModelChoice",
+    "PowerLawFit",
+    "bootstrap_gamma",
+    "choose_model",
+    "fit_exponential",
+    "fit_power_law",
+]
+
+#: The published minimum distance used in fits (FRACTIONAL_LENS.md §1).
+D_MIN_FIT = 30
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """``log A = log_A - gamma * log d`` fitted on ``n_points`` distances ``>= d_min``."""
+
+    gamma: float
+    log_A: float
+    r2: float
+    n_points: int
+    rss: float
+
+    def predict(self, distances: Sequence[float] | np.ndarray) -> np.ndarray:
+        d = np.asarray(distances, dtype=np.float64)
+        return np.exp(self.log_A - self.gamma * np.log(d))
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExponentialFit:
+    """``log A = log_A - lam * d`` fitted on ``n_points`` distances ``>= d_min``."""
+
+    lam: float
+    log_A: float
+    r2: float
+    n_points: int
+    rss: float
+
+    def predict(self, distances: Sequence[float] | np.ndarray) -> np.ndarray:
+        d = np.asarray(distances, dtype=np.float64)
+        return np.exp(self.log_A - self.lam * d)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _as_1d(x: object, name: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(x).__name__}") from err
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+def _select(distances: object, values: object, d_min: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (d, log A) points a fit uses; raises if fewer than two are usable."""
+    d = _as_1d(distances, "distances")
+    v = _as_1d(values, "values")
+    if d.shape != v.shape:
+        raise ValueError(f"distances and values must have the same length, got {d.size} and {v.size}")
+    if not math.isfinite(float(d_min)) or d_min <= 0:
+        raise ValueError(f"d_min must be a positive finite number, got {d_min}")
+    if np.any(~np.isfinite(d)) or np.any(d <= 0):
+        raise ValueError(f"distances must be positive and finite, got {d.tolist()}")
+    keep = (d >= d_min) & np.isfinite(v) & (v > 0)
+    if int(keep.sum()) < 2:
+        raise ValueError(
+            f"a fit needs at least 2 distances >= d_min={d_min} with finite positive values; "
+            f"got {int(keep.sum())} (distances {d.tolist()}, values {v.tolist()})"
+        )
+    if np.unique(d[keep]).size < 2:
+        raise ValueError(f"a fit needs at least 2 different distances >= d_min={d_min}, got {np.unique(d[keep])}")
+    return d[keep], np.log(v[keep])
+
+
+def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """OLS of ``y = a - b x`` as published (``lstsq`` on the design [1, -x]) -> (a, b, r2, rss)."""
+    design = np.stack([np.ones_like(x), -x], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    a, b = float(coef[0]), float(coef[1])
+    resid = y - (a - b * x)
+    rss = float(np.sum(resid**2))
+    tss = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - rss / tss if tss > 0 else 0.0
+    return a, b, r2, rss
+
+
+def fit_power_law(
+    distances: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, d_min: float = D_MIN_FIT
+) -> PowerLawFit:
+    """OLS of ``log A`` on ``log d`` over the distances ``>= d_min`` (the published gamma fit).
+
+    Returns gamma (the decay exponent, ``A ~ d^-gamma``), log_A (intercept, natural log),
+    r2 (log space) and n_points. Raises ValueError with fewer than two usable points.
+    """
+    d, y = _select(distances, values, d_min)
+    a, b, r2, rss = _ols(np.log(d), y)
+    return PowerLawFit(gamma=b, log_A=a, r2=r2, n_points=int(d.size), rss=rss)
+
+
+def fit_exponential(
+    distances: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray, d_min: float = D_MIN_FIT
+) -> ExponentialFit:
+    """OLS of ``log A`` on ``d`` over the distances ``>= d_min`` (the published alternative).
+
+    Returns lam (decay rate per token, ``A ~ exp(-lam d)``), log_A, r2 (log space) and n_points.
+    """
+    d, y = _select(distances, values, d_min)
+    a, b, r2, rss = _ols(d, y)
+    return ExponentialFit(lam=b, log_A=a, r2=r2, n_points=int(d.size), rss=rss)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """Power law vs exponential by AICc on the log-space residuals.
+
+    Both models have two coefficients and share the data, so the AICc difference reduces to
+    ``n log(RSS_exp / RSS_pow)`` and the choice always agrees with the larger R^2; what the
+    criterion adds is a scale for the evidence: ``weight_power_law`` is the Akaike weight
+    ``1 / (1 + exp(-delta_aicc / 2))`` and ``evidence`` is "weak" (|delta| < 2), "positive"
+    (< 6), "strong" (< 10) or "very strong" (Burnham & Anderson's rule of thumb).
+    """
+
+    choice: str
+    aicc_power_law: float
+    aicc_exponential: float
+    delta_aicc: float
+    weight_power_law: float
+    evidence: str
+    delta_r2: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _aicc(rss: float, n: int, k: int = 3) -> float:
+    # Gaussian log-likelihood of the log-space residuals; k counts intercept, slope and sigma.
+    # A perfect fit (rss == 0) has AIC = -inf; floor the RSS so the difference stays finite.
+    rss = max(rss, 1e-300)
+    aic = n * math.log(rss / n) + 2 * k
+    if n - k - 1 > 0:
+        aic += 2 * k * (k + 1) / (n - k - 1)
+    return aic
+
+
+def choose_model(power: PowerLawFit, expo: ExponentialFit) -> ModelChoice:
+    """Choose power law or exponential for one curve (both fitted on the same points)."""
+    if power.n_points != expo.n_points:
+        raise ValueError(
+            f"the two fits must use the same points, got n_points {power.n_points} (power) and {expo.n_points} (exp)"
+        )
+    n = power.n_points
+    a_pow, a_exp = _aicc(power.rss, n), _aicc(expo.rss, n)
+    delta = a_exp - a_pow  # > 0 favours the power law
+    weight = 1.0 / (1.0 + math.exp(-min(max(delta / 2.0, -700.0), 700.0)))
+    mag = abs(delta)
+    evidence = "weak" if mag < 2 else "positive" if mag < 6 else "strong" if mag < 10 else "very strong"
+    return ModelChoice(
+        choice="power_law" if delta >= 0 else "exponential",
+        aicc_power_law=a_pow,
+        aicc_exponential=a_exp,
+        delta_aicc=delta,
+        weight_power_law=weight,
+        evidence=evidence,
+        delta_r2=power.r2 - expo.r2,
+    )
+
+
+def _slopes(log_d: np.ndarray, log_v: np.ndarray) -> np.ndarray:
+    """Vectorised OLS slope of rows of ``log_v`` (B, D) on ``log_d`` (D,), NaN where < 2 points."""
+    ok = np.isfinite(log_v)
+    n = ok.sum(axis=1)
+    x = np.where(ok, log_d[None, :], 0.0)
+    y = np.where(ok, log_v, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mx = x.sum(1) / n
+        my = y.sum(1) / n
+        sxy = (np.where(ok, (x - mx[:, None]) * (y - my[:, None]), 0.0)).sum(1)
+        sxx = (np.where(ok, (x - mx[:, None]) ** 2, 0.0)).sum(1)
+        slope = sxy / sxx
+    slope[(n < 2) | (sxx <= 0)] = np.nan
+    return slope
+
+
+def bootstrap_gamma(
+    prompt_values: np.ndarray,
+    distances: Sequence[float] | np.ndarray,
+    d_min: float = D_MIN_FIT,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    paired: bool = True,
+    seed: int = 0,
+) -> tuple[float, float, np.ndarray]:
+    """Percentile bootstrap interval for gamma, resampling prompts.
+
+    ``prompt_values`` (N, D): ``A(d)`` of each prompt (NaN where a prompt did not measure a
+    distance). ``paired=True`` when one prompt gave every distance (the one-pass shortcut,
+    the dense protocol): rows are resampled together so the correlation between distances is
+    kept. ``paired=False`` when each distance had its own prompts (one pass per distance with
+    independent prompts): each column is resampled on its own. Returns (lo, hi, gammas (n_boot,)).
+    """
+    pv = np.asarray(prompt_values, dtype=np.float64)
+    d = _as_1d(distances, "distances")
+    if pv.ndim != 2 or pv.shape[1] != d.size:
+        raise ValueError(f"prompt_values must have shape (N, {d.size}), got {pv.shape}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
+        raise ValueError(f"n_boot must be an integer >= 10, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    cols = np.flatnonzero(d >= d_min)
+    if cols.size < 2:
+        raise ValueError(f"the bootstrap needs at least 2 distances >= d_min={d_min}, got {d.tolist()}")
+    pv = pv[:, cols]
+    n = pv.shape[0]
+    if n < 2:
+        raise ValueError(f"the bootstrap needs at least 2 prompts, got {n}")
+    rng = np.random.default_rng(seed)
+    log_d = np.log(d[cols])
+    gammas = np.empty(n_boot)
+    chunk = max(1, min(n_boot, 2_000_000 // max(1, n * cols.size)))  # bound the (chunk, N, D) temporary
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        if paired:
+            idx = rng.integers(0, n, size=(b, n))
+            sample = pv[idx]  # (b, N, D)
+        else:
+            idx = rng.integers(0, n, size=(b, n, cols.size))
+            sample = np.take_along_axis(pv[None, :, :].repeat(b, 0), idx, axis=1)
+        with np.errstate(invalid="ignore"):
+            means = np.nanmean(sample, axis=1) if np.isnan(sample).any() else sample.mean(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_m = np.where(means > 0, np.log(np.where(means > 0, means, 1.0)), np.nan)
+        gammas[start : start + b] = -_slopes(log_d, log_m)
+    finite = gammas[np.isfinite(gammas)]
+    if finite.size < n_boot // 2:
+        raise ValueError("the bootstrap failed: most resampled curves had fewer than 2 positive points")
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(finite, [tail, 1.0 - tail])
+    return float(lo), float(hi), gammas

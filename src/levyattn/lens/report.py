@@ -1,0 +1,220 @@
+"""From a measurement to a reading: fits, bootstrap CI, per-layer/head gamma, JSON, PNGs, HTML."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from levyattn.io import atomic_write_json
+from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry
+from levyattn.lens.fit import (
+    D_MIN_FIT,
+    ExponentialFit,
+    ModelChoice,
+    PowerLawFit,
+    bootstrap_gamma,
+    choose_model,
+    fit_exponential,
+    fit_power_law,
+)
+from levyattn.lens.fractional import CAVEAT, CROSSOVER_TOL, FractionalReading, fractional_order
+from levyattn.lens.measure import DecayMeasurement, _nan_to_none
+
+__all__ = ["LensResult", "analyze_decay", "write_lens_outputs"]
+
+
+@dataclass
+class LensResult:
+    """Everything the lens says about one measurement.
+
+    ``point_ci`` (D, 2): a normal 95% interval of each aggregate A(d) over prompts (error bars);
+    ``layer_gamma`` (Ly,), ``head_gamma`` (Ly, H): power-law gamma of each layer's / head's
+    mean curve (NaN where fewer than two positive points >= d_min).
+    """
+
+    measurement: DecayMeasurement
+    d_min: float
+    power: PowerLawFit
+    expo: ExponentialFit
+    choice: ModelChoice
+    gamma_ci: tuple[float, float] | None
+    level: float
+    n_boot: int
+    reading: FractionalReading
+    point_ci: np.ndarray
+    layer_gamma: np.ndarray
+    layer_r2: np.ndarray
+    head_gamma: np.ndarray
+
+    @property
+    def ci_half_width(self) -> float:
+        return float("nan") if self.gamma_ci is None else (self.gamma_ci[1] - self.gamma_ci[0]) / 2.0
+
+    def to_dict(self) -> dict:
+        return {
+            "gamma": self.power.gamma,
+            "gamma_ci": None if self.gamma_ci is None else list(self.gamma_ci),
+            "ci_level": self.level,
+            "ci_method": f"percentile bootstrap over prompts ({self.n_boot} resamples, "
+            f"{'paired curves' if self.measurement.paired else 'per distance'})",
+            "d_min": self.d_min,
+            "fit_power_law": self.power.as_dict(),
+            "fit_exponential": self.expo.as_dict(),
+            "delta_r2_power_minus_exp": self.choice.delta_r2,
+            "model_choice": self.choice.as_dict(),
+            "fractional": self.reading.as_dict(),
+            "per_layer_gamma": _nan_to_none(self.layer_gamma.tolist()),
+            "per_layer_r2": _nan_to_none(self.layer_r2.tolist()),
+            "per_head_gamma": _nan_to_none(self.head_gamma.tolist()),
+            "aggregate_ci": _nan_to_none(self.point_ci.tolist()),
+            "measurement": self.measurement.to_dict(),
+            "caveat": CAVEAT,
+        }
+
+    def atlas_entry(self, corpus: str | None = None, notes: str = "") -> AtlasEntry:
+        """This measurement as a user-atlas entry."""
+        m = self.measurement
+        return AtlasEntry(
+            model=m.model_name,
+            corpus=corpus or str(m.info.get("corpus", "random")),
+            gamma=self.power.gamma,
+            r2=self.power.r2,
+            ci=self.gamma_ci,
+            protocol=m.protocol,
+            n_prompts=m.n_prompts,
+            seeds=m.seeds,
+            date=_dt.date.today().isoformat(),
+            source="levyattn lens",
+            notes=notes or None,
+        )
+
+
+def _safe_power(d: np.ndarray, v: np.ndarray, d_min: float) -> PowerLawFit | None:
+    try:
+        return fit_power_law(d, v, d_min)
+    except ValueError:
+        return None
+
+
+def analyze_decay(
+    measurement: DecayMeasurement,
+    d_min: float = D_MIN_FIT,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    tol: float = CROSSOVER_TOL,
+    seed: int = 0,
+) -> LensResult:
+    """Fit the aggregate curve (power law, exponential, AICc choice), bootstrap gamma over
+    prompts, fit every layer and head, and read gamma as a fractional order."""
+    if not isinstance(measurement, DecayMeasurement):
+        raise TypeError(f"measurement must be a DecayMeasurement, got {type(measurement).__name__}")
+    m = measurement
+    d = m.distances.astype(np.float64)
+    agg = m.aggregate
+    power = fit_power_law(d, agg, d_min)
+    expo = fit_exponential(d, agg, d_min)
+    choice = choose_model(power, expo)
+    flat = m.flat_prompt_values()
+    gamma_ci = None
+    if flat.shape[0] >= 2:
+        lo, hi, _ = bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
+        gamma_ci = (lo, hi)
+    reading = fractional_order(power.gamma, gamma_ci, tol=tol)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = np.isfinite(flat).sum(0)
+        sd = np.nanstd(flat, axis=0, ddof=1) if flat.shape[0] > 1 else np.full(d.shape, np.nan)
+        half = 1.959963984540054 * sd / np.sqrt(n)
+    point_ci = np.stack([agg - half, agg + half], axis=1)
+    layer_fits = [_safe_power(d, row, d_min) for row in m.layer_values]
+    layer_gamma = np.array([f.gamma if f else np.nan for f in layer_fits])
+    layer_r2 = np.array([f.r2 if f else np.nan for f in layer_fits])
+    head_gamma = np.full(m.layer_head.shape[:2], np.nan)
+    for i in range(head_gamma.shape[0]):
+        for j in range(head_gamma.shape[1]):
+            f = _safe_power(d, m.layer_head[i, j], d_min)
+            head_gamma[i, j] = f.gamma if f else np.nan
+    return LensResult(
+        measurement=m,
+        d_min=d_min,
+        power=power,
+        expo=expo,
+        choice=choice,
+        gamma_ci=gamma_ci,
+        level=level,
+        n_boot=n_boot,
+        reading=reading,
+        point_ci=point_ci,
+        layer_gamma=layer_gamma,
+        layer_r2=layer_r2,
+        head_gamma=head_gamma,
+    )
+
+
+def summary_rows(result: LensResult) -> list[tuple[str, str]]:
+    """The table the CLI prints and the report shows: (quantity, value)."""
+    r, f = result.reading, result
+    ci = f"[{f.gamma_ci[0]:.4f}, {f.gamma_ci[1]:.4f}]" if f.gamma_ci else "n/a (one prompt)"
+    sci = f"[{r.s_ci[0]:.4f}, {r.s_ci[1]:.4f}]" if r.s_ci else ""
+    m = f.measurement
+    return [
+        ("model", m.model_name),
+        ("protocol", f"{m.protocol} ({m.passes}, {'causal' if m.causal else 'bidirectional'})"),
+        ("prompts", f"{m.n_prompts} x {len(m.seeds)} seeds {list(m.seeds)}; {m.n_passes} passes"),
+        ("distances", ", ".join(str(int(x)) for x in m.distances) + f"  (fit d >= {f.d_min:g})"),
+        ("gamma", f"{f.power.gamma:.4f}"),
+        (f"gamma {int(round(f.level * 100))}% CI", ci),
+        ("R² power law", f"{f.power.r2:.4f}"),
+        ("R² exponential", f"{f.expo.r2:.4f}"),
+        ("delta R²", f"{f.choice.delta_r2:+.4f}"),
+        ("AICc choice", f"{f.choice.choice} ({f.choice.evidence}, weight {f.choice.weight_power_law:.3f})"),
+        ("alpha = gamma - 1", f"{r.alpha:+.4f}"),
+        ("s = (gamma - 1)/2", f"{r.s:+.4f} {sci}".strip()),
+        ("regime", f"{r.regime}  ({r.regime_rule})"),
+        ("Lévy analogy", ("holds: " if r.levy_valid else "does not hold: ") + r.levy_note),
+        ("time", f"{m.wall_time_s:.1f} s"),
+    ]
+
+
+def write_lens_outputs(
+    result: LensResult, out_dir: str | os.PathLike, *, plots: bool = True, title: str | None = None
+) -> dict[str, Path]:
+    """Write ``lens.json`` (all A(d) data), PNG plots and ``report.html`` into ``out_dir``."""
+    from levyattn.report import Section, write_html_report
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"json": atomic_write_json(out / "lens.json", result.to_dict())}
+    figures: dict[str, Path] = {}
+    if plots:
+        from levyattn.lens.plots import plot_decay, plot_gamma_heatmap, plot_layer_decay
+
+        figures["decay"] = plot_decay(result, out / "decay.png")
+        figures["heatmap"] = plot_gamma_heatmap(result, out / "gamma_heatmap.png")
+        figures["layers"] = plot_layer_decay(result, out / "layers.png")
+        paths.update({f"{k}_png": v for k, v in figures.items()})
+    m = result.measurement
+    rows_d: list[list[Any]] = []
+    for k, dist in enumerate(m.distances):
+        rows_d.append([int(dist), float(m.aggregate[k]), float(result.point_ci[k, 0]), float(result.point_ci[k, 1]),
+                       int(m.sample_counts[k]), int(m.pair_counts[k]), "yes" if dist >= result.d_min else "no"])
+    layer_rows = [[i, float(g), float(r2)] for i, (g, r2) in enumerate(zip(result.layer_gamma, result.layer_r2))]
+    sections = [
+        Section("Summary", text=[result.reading.caveat], header=["quantity", "value"], rows=summary_rows(result)),
+        Section("Decay", header=["d", "A(d)", "95% lo", "95% hi", "prompts", "pairs", "fitted"], rows=rows_d,
+                figures=[figures["decay"]] if "decay" in figures else []),
+        Section("Per layer and head", text=["gamma of each layer's and head's mean curve (d >= d_min)."],
+                header=["layer", "gamma", "R²"], rows=layer_rows,
+                figures=[figures[k] for k in ("heatmap", "layers") if k in figures]),
+        Section("Where the published numbers come from", text=[PUBLISHED_SOURCE,
+                "Compare with `levyattn atlas`; the published runs used 150 prompts per distance, seeds 42, 123, 7."]),
+    ]
+    paths["html"] = write_html_report(
+        out / "report.html", title or f"Fractional lens: {m.model_name}", sections,
+        note=f"levyattn lens, {m.protocol} protocol; all A(d) data in lens.json",
+    )
+    return paths
