@@ -122,7 +122,8 @@ class LMTask:
         c = self.data_cfg
         train_text, eval_text = self._texts()
         lines = [line for line in train_text.splitlines() if line.strip()]
-        self.tokenizer = D.train_tokenizer(lines, vocab_size=int(c.get("vocab_size", 1000)))
+        self.tokenizer = D.train_tokenizer(lines, c.get("tokenizer", "sentencepiece"),
+                                            vocab_size=int(c.get("vocab_size", 1000)))
         block = int(c.get("block_size", 128))
 
         def encode(text: str) -> list[int]:

@@ -45,7 +45,7 @@ from torch import nn
 from levyattn.models.seq2seq import sequence_loss
 
 DATASETS = ("multi30k", "toy")
-TOKENIZER_NAME = "tokenizer"
+TOKENIZER_NAME = "tokenizer.model"  # sentencepiece model file (load_tokenizer sniffs the format)
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -179,7 +179,8 @@ class TranslationTask:
         if not tr_src or not ev_src:
             raise ValueError(f"the {self.dataset} data has {len(tr_src)} training and {len(ev_src)} evaluation pairs; "
                              "both need at least one")
-        self.tokenizer = D.train_tokenizer(tr_src + tr_tgt, vocab_size=int(c.get("vocab_size", 8000)))
+        self.tokenizer = D.train_tokenizer(tr_src + tr_tgt, c.get("tokenizer", "sentencepiece"),
+                                            vocab_size=int(c.get("vocab_size", 8000)))
         max_len = int(c.get("max_len", 128))
         tok = self.tokenizer
         # Room for EOS (source) / BOS or EOS (target) within max_len.
