@@ -1,0 +1,111 @@
+"""Training throughput (samples/s) of FNA vs softmax at the same model size.
+
+Times full optimiser steps (forward, cross-entropy, backward, AdamW) of the same
+model with FNA (alpha 1.2 and alpha 2) and with softmax attention, on random inputs.
+The three variants are interleaved round by round and each reports its median step
+time, so background load on a shared machine hits them alike.
+
+    python benchmarks/training_throughput.py                     # text classifier, CPU
+    python benchmarks/training_throughput.py --model vit --seq 64 --batch 32
+
+Prints a table and writes JSON (default benchmarks/results/training_throughput.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from levyattn.models import build_model
+
+VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
+
+
+def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.nn.Module, tuple, dict]:
+    common = dict(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, attention=attention,
+                  dropout=0.0)
+    if alpha is not None:
+        common["alpha"] = alpha
+    g = torch.Generator().manual_seed(0)
+    if model == "text":
+        m = build_model("text_classifier", dict(vocab_size=1000, num_classes=2, max_len=args.seq, **common))
+        inputs = (torch.randint(0, 1000, (args.batch, args.seq), generator=g),)
+        kwargs = {"key_padding_mask": torch.zeros(args.batch, args.seq, dtype=torch.bool)}
+    else:
+        side = int(round(args.seq**0.5))
+        m = build_model("vit", dict(image_size=side * 2, patch_size=2, in_channels=3, num_classes=10, **common))
+        inputs = (torch.randn(args.batch, 3, side * 2, side * 2, generator=g),)
+        kwargs = {}
+    return m, inputs, kwargs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=("text", "vit"), default="text")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sample (vit: patches)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="benchmarks/results/training_throughput.json")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setups = {}
+    for attention, alpha in VARIANTS:
+        torch.manual_seed(0)
+        m, inputs, kwargs = make(args.model, attention, alpha, args)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+        labels = torch.randint(0, 2, (args.batch,))
+        setups[(attention, alpha)] = (m, inputs, kwargs, opt, labels)
+
+    def step(key) -> float:
+        m, inputs, kwargs, opt, labels = setups[key]
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(m(*inputs, **kwargs), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for key in setups:  # warm-up
+        step(key)
+        step(key)
+    times: dict = {key: [] for key in setups}
+    for _ in range(args.steps):
+        for key in setups:
+            times[key].append(step(key))
+    rows = []
+    soft = statistics.median(times[("softmax", None)])
+    for (attention, alpha), ts in times.items():
+        med = statistics.median(ts)
+        params = sum(x.numel() for x in setups[(attention, alpha)][0].parameters())
+        rows.append({"attention": attention, "alpha": alpha, "params": params, "median_step_s": med,
+                     "samples_per_s": args.batch / med, "time_vs_softmax": med / soft})
+    print(f"model {args.model}, seq {args.seq}, batch {args.batch}, d_model {args.d_model}, layers {args.layers}, "
+          f"heads {args.heads}, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    print("| attention | alpha | parameters | step (ms) | samples/s | time / softmax |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+        print(f"| {r['attention']} | {a} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
+              f"{r['samples_per_s']:.1f} | {r['time_vs_softmax']:.2f}x |")
+    out = {"args": vars(args), "torch": torch.__version__, "machine": platform.platform(),
+           "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from levyattn.io import atomic_write_json
+
+    atomic_write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
