@@ -185,7 +185,8 @@ def prepare(
                 f"{name}: valid row {i} of matrix {_index(int(m), batch_shape)} puts all its mass on masked tokens, "
                 "so it cannot be renormalised [check: rows sum to 1 on valid tokens]"
             )
-    return Prepared(P=flat, valid=valid_flat, batch_shape=batch_shape, all_valid=valid is None or bool(valid_flat.all()))
+    all_valid = valid is None or bool(valid_flat.all())
+    return Prepared(P=flat, valid=valid_flat, batch_shape=batch_shape, all_valid=all_valid)
 
 
 def finish(values: np.ndarray, batch_shape: tuple[int, ...]) -> float | np.ndarray:
@@ -200,7 +201,8 @@ def check_rows(arr: np.ndarray, name: str = "T", atol: float = ROW_SUM_ATOL) -> 
     """Validate (M, N) transition rows (finite, >= 0, each summing to 1); return them as float64."""
     arr = np.asarray(arr, dtype=np.float64)
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} has {int((~np.isfinite(arr)).sum())} non-finite entries (NaN or Inf) [check: finite]")
+        bad = int((~np.isfinite(arr)).sum())
+        raise ValueError(f"{name} has {bad} non-finite entries (NaN or Inf) [check: finite]")
     if (arr < 0).any():
         raise ValueError(f"{name} has negative entries (min {arr.min():.3g}) [check: non-negative]")
     sums = arr.sum(axis=-1)

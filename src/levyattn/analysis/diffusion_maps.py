@@ -195,8 +195,8 @@ class DiffusionMap:
             return self._fit_markov(X)
         X = self._points(X)
         n = X.shape[0]
-        if n < self.n_components + 2:
-            raise ValueError(f"need at least n_components + 2 = {self.n_components + 2} points, got {n}")
+        if n < self.n_components + 1:
+            raise ValueError(f"need at least n_components + 1 = {self.n_components + 1} points, got {n}")
         eps = self._auto_bandwidth(X) if self.bandwidth == "auto" else float(self.bandwidth)
         logK = self._log_kernel(X, X, eps)
         logK = 0.5 * (logK + logK.T)  # symmetric up to rounding; make it exactly so
@@ -234,11 +234,13 @@ class DiffusionMap:
             raise ValueError(f"kernel='precomputed' needs one (N, N) matrix, got batch shape {prep.batch_shape}")
         P = prep.P[0]
         n, m = P.shape[0], self.n_components
-        if n < m + 2:
-            raise ValueError(f"need at least n_components + 2 = {m + 2} tokens, got {n}")
+        if n < m + 1:
+            raise ValueError(f"need at least n_components + 1 = {m + 1} tokens, got {n}")
         pi = stationary(P)
         if pi is None:
-            raise ValueError("X (precomputed Markov matrix) has several closed classes: no unique stationary distribution")
+            raise ValueError(
+                "X (precomputed Markov matrix) has several closed classes: no unique stationary distribution"
+            )
         self.markov_ = P
         self.bandwidth_ = None
         flow = pi[:, None] * P
@@ -303,7 +305,9 @@ class DiffusionMap:
             arr, _ = to_numpy(X, "X")
             n = self.markov_.shape[0]
             if arr.ndim != 2 or arr.shape[1] != n or arr.shape[0] == 0:
-                raise ValueError(f"X must be (M, N = {n}) transition rows to the training nodes, got {tuple(arr.shape)}")
+                raise ValueError(
+                    f"X must be (M, N = {n}) transition rows to the training nodes, got {tuple(arr.shape)}"
+                )
             T = check_rows(arr, name="X (transition rows to the training nodes)")
         else:
             Y = self._points(X)
@@ -328,12 +332,14 @@ class DiffusionMap:
         if not exact:
             E = self.embedding_
             sq = (E * E).sum(1)[:, None] + (E * E).sum(1)[None, :] - 2 * E @ E.T
+            np.fill_diagonal(sq, 0.0)  # exact zero, not the Gram expansion's rounding
             return np.sqrt(np.maximum(sq, 0.0))
         Pt = np.linalg.matrix_power(self.markov_, self.t)
         pi = self.stationary_
         w = np.where(pi > 0, 1.0 / np.where(pi > 0, pi, 1.0), 0.0)
         G = Pt * np.sqrt(w)[None, :]
         sq = (G * G).sum(1)[:, None] + (G * G).sum(1)[None, :] - 2 * G @ G.T
+        np.fill_diagonal(sq, 0.0)
         return np.sqrt(np.maximum(sq, 0.0))
 
 

@@ -18,12 +18,13 @@ import numpy as np
 SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 
 
-def _from_torch_object(obj: object, path: Path) -> dict[str, np.ndarray]:
+def _from_torch_object(obj: object, path: Path, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     import torch
 
     def tensor(name: str, t: object) -> np.ndarray:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        dtypes[name] = str(t.dtype).removeprefix("torch.")
         return t.detach().to("cpu", torch.float64).numpy()
 
     if isinstance(obj, torch.Tensor):
@@ -36,11 +37,20 @@ def _from_torch_object(obj: object, path: Path) -> dict[str, np.ndarray]:
 
 
 def load_attention(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
-    """Load attention tensors from ``path``; ``key`` keeps only that entry."""
+    """Load attention tensors from ``path`` as float64 arrays; ``key`` keeps only that entry."""
+    return load_attention_with_dtypes(path, key)[0]
+
+
+def load_attention_with_dtypes(
+    path: str | os.PathLike, key: str | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """As :func:`load_attention`, plus each entry's stored dtype (e.g. "bfloat16"), which
+    decides the default row-sum tolerance."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"attention file not found: {path}")
     suffix = path.suffix.lower()
+    dtypes: dict[str, str] = {}
     if suffix not in SUFFIXES:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
     try:
@@ -52,17 +62,19 @@ def load_attention(path: str | os.PathLike, key: str | None = None) -> dict[str,
         elif suffix in (".pt", ".pth"):
             import torch
 
-            tensors = _from_torch_object(torch.load(path, map_location="cpu", weights_only=True), path)
+            tensors = _from_torch_object(torch.load(path, map_location="cpu", weights_only=True), path, dtypes)
         else:
             from safetensors.torch import load_file
 
-            tensors = _from_torch_object(load_file(str(path)), path)
+            tensors = _from_torch_object(load_file(str(path)), path, dtypes)
     except (OSError, EOFError, RuntimeError, ValueError) as err:
         if isinstance(err, ValueError) and str(path) in str(err):
             raise
         raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
     except Exception as err:  # unpickling errors of all kinds from a malformed .pt
         raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
+    for k, v in tensors.items():
+        dtypes.setdefault(k, str(v.dtype))
     tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
@@ -70,4 +82,4 @@ def load_attention(path: str | os.PathLike, key: str | None = None) -> dict[str,
         if key not in tensors:
             raise ValueError(f"{path} has no entry {key!r}; it has {sorted(tensors)}")
         tensors = {key: tensors[key]}
-    return tensors
+    return tensors, {k: dtypes[k] for k in tensors}

@@ -131,7 +131,8 @@ def attention_summary(
                 for key, res in (("mean_path_length", "w"), ("mean_hops", "h")):
                     obj = (weighted if res == "w" else hops) if paths else None
                     rec[key] = _json_number(obj.mean[b, h]) if obj else None
-                    rec["diameter" if res == "w" else "diameter_hops"] = _json_number(obj.diameter[b, h]) if obj else None
+                    diameter_key = "diameter" if res == "w" else "diameter_hops"
+                    rec[diameter_key] = _json_number(obj.diameter[b, h]) if obj else None
                 rec["row_entropy"] = _json_number(ent[b, h])
                 rec["row_entropy_normalised"] = _json_number(ent_n[b, h])
                 records.append(rec)
@@ -148,7 +149,7 @@ def attention_summary(
         },
         "layers": [dict(meta, **_means([r for r in records if r["layer"] == meta["name"]])) for meta in layers_meta],
         "heads": [
-            dict(layer=meta["name"], head=h, **_means([r for r in records if r["layer"] == meta["name"] and r["head"] == h]))
+            dict(layer=meta["name"], head=h, **_means(_select(records, meta["name"], h)))
             for meta in layers_meta
             for h in range(meta["shape"][1])
         ],
@@ -162,3 +163,7 @@ def _means(records: list[dict[str, Any]]) -> dict[str, float | None]:
         vals = [r[key] for r in records if r[key] is not None]
         out[key] = float(np.mean(vals)) if vals else None
     return out
+
+
+def _select(records: list[dict[str, Any]], layer: str, head: int) -> list[dict[str, Any]]:
+    return [r for r in records if r["layer"] == layer and r["head"] == head]

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer", default=None, help="layer to plot (default: the first)")
     parser.add_argument("--batch", type=int, default=0, help="batch element to plot (default 0)")
     parser.add_argument("--head", type=int, default=0, help="head to plot (default 0)")
-    parser.add_argument("--atol", type=float, default=None, help="row-sum tolerance (default 1e-3)")
+    parser.add_argument(
+        "--atol", type=float, default=None, help="row-sum tolerance (default 1e-3; 1e-2 for float16/bfloat16 files)"
+    )
     parser.add_argument("--no-mixing", action="store_true", help="skip mixing times")
     parser.add_argument("--no-paths", action="store_true", help="skip shortest paths")
 
@@ -43,14 +45,17 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from levyattn.analysis import DiffusionMap, attention_summary, spectral_gap
-    from levyattn.analysis.io import load_attention
+    from levyattn.analysis import ROW_SUM_ATOL_LOW, DiffusionMap, attention_summary, spectral_gap
+    from levyattn.analysis.io import load_attention_with_dtypes
     from levyattn.analysis.plots import plot_attention, plot_embedding, plot_spectrum
     from levyattn.analysis.summary import _as_bhnn
     from levyattn.io import atomic_write_json
     from levyattn.report import Section, write_html_report
 
-    tensors = load_attention(args.input, key=args.key)
+    tensors, dtypes = load_attention_with_dtypes(args.input, key=args.key)
+    atol = args.atol
+    if atol is None and any(d in ("float16", "bfloat16") for d in dtypes.values()):
+        atol = ROW_SUM_ATOL_LOW  # half-precision rounding alone moves row sums by ~4e-3
     tensors = {name: _as_bhnn(name, t) for name, t in tensors.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     summary: dict = {"input": str(args.input), "layers": [], "heads": [], "records": []}
     for name, P in tqdm(tensors.items(), desc="layers", disable=len(tensors) < 2):
         part = attention_summary({name: P}, mask=mask, mixing=not args.no_mixing, paths=not args.no_paths,
-                                 atol=args.atol)
+                                 atol=atol)
         summary["conventions"] = part["conventions"]
         for key in ("layers", "heads", "records"):
             summary[key].extend(part[key])
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     spectra = {}
     for h in range(H):
         head = P[args.batch, h, :n_valid, :n_valid]
-        _, spec = spectral_gap(head / head.sum(axis=1, keepdims=True), return_spectrum=True, atol=args.atol)
+        _, spec = spectral_gap(head / head.sum(axis=1, keepdims=True), return_spectrum=True, atol=atol)
         spectra[f"head {h}"] = spec
     figures = [
         plot_spectrum(spectra, out / "spectrum.png", title=f"Eigenvalues, {layer}, batch {args.batch}"),

@@ -1,0 +1,102 @@
+"""Diffusion maps: Swiss roll, noisy circle, Markov matrices, Nyström, diffusion distances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.datasets import make_swiss_roll
+from sklearn.decomposition import PCA
+
+from levyattn import fractional_attention
+from levyattn.analysis import DiffusionMap
+
+
+@pytest.fixture(scope="module")
+def roll():
+    return make_swiss_roll(1000, noise=0.0, random_state=0)
+
+
+@pytest.mark.parametrize("params", [dict(kernel="gaussian"), dict(alpha=1.2, d_intrinsic=10)])
+def test_swiss_roll_unrolls(roll, params):
+    X, angle = roll
+    first = DiffusionMap(**params).fit_transform(X)[:, 0]
+    rho = abs(spearmanr(first, angle)[0])
+    rho_pca = abs(spearmanr(PCA(1).fit_transform(X)[:, 0], angle)[0])
+    # The Lévy kernel needs a steep enough tail (d_M + alpha = 11.2) not to jump across the
+    # roll's layers; with d_M = 3 (ambient) the first coordinate does not follow the roll.
+    assert rho >= 0.95 and rho_pca < 0.5, (rho, rho_pca)
+
+
+def test_noisy_circle_angle_up_to_rotation_and_reflection():
+    rng = np.random.default_rng(0)
+    theta = rng.uniform(0, 2 * np.pi, 300)
+    X = np.c_[np.cos(theta), np.sin(theta)] + 0.03 * rng.normal(size=(300, 2))
+    E = DiffusionMap(alpha=1.2).fit_transform(torch.from_numpy(X))
+    phase = np.arctan2(E[:, 1], E[:, 0])
+    errors = [
+        np.abs(np.angle(np.exp(1j * (s * phase - theta - o))))
+        for s in (1, -1)
+        for o in np.linspace(0, 2 * np.pi, 721)
+    ]
+    best = min(errors, key=np.median)
+    assert np.median(best) < 0.05 and best.max() < 0.3
+
+
+def test_nystrom_and_distances():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 3))
+    dm = DiffusionMap(n_components=3, t=2, alpha=1.5, bandwidth=2.0).fit(X)
+    np.testing.assert_allclose(dm.transform(X[:7]), dm.embedding_[:7], atol=1e-10)
+    assert dm.transform(X[:2] + 1e-3).shape == (2, 3)
+    full = DiffusionMap(n_components=59, t=2, alpha=1.5, bandwidth=2.0).fit(X)
+    np.testing.assert_allclose(full.diffusion_distances(), dm.diffusion_distances(exact=True), atol=1e-8)
+    assert np.all(np.diff(dm.eigenvalues_) <= 1e-12) and dm.eigenvalues_[0] < 1
+
+
+def test_precomputed_reversible_matches_point_cloud():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 2))
+    cloud = DiffusionMap(alpha=1.2, bandwidth=0.5, density_a=0.0).fit(X)
+    markov = DiffusionMap(kernel="precomputed").fit(cloud.markov_)
+    assert markov.reversible_
+    np.testing.assert_allclose(markov.eigenvalues_, cloud.eigenvalues_, atol=1e-10)
+    np.testing.assert_allclose(np.abs(markov.embedding_), np.abs(cloud.embedding_), atol=1e-8)
+
+
+def test_precomputed_attention_and_directed_cycle():
+    n = 12
+    P = np.zeros((n, n))
+    P[np.arange(n), (np.arange(n) + 1) % n] = 1.0
+    P = 0.5 * np.eye(n) + 0.5 * P  # lazy directed cycle: non-reversible, complex spectrum
+    dm = DiffusionMap(kernel="precomputed").fit(P)
+    assert not dm.reversible_ and dm.embedding_.shape == (n, 2)
+    radius = np.linalg.norm(dm.embedding_, axis=1)
+    np.testing.assert_allclose(radius, radius[0], rtol=1e-8)  # a circle
+    np.testing.assert_allclose(dm.transform(P[:3]), dm.embedding_[:3], atol=1e-10)
+    q = torch.randn(1, 1, 20, 4)
+    _, w = fractional_attention(q, torch.randn(1, 1, 20, 4), q, return_weights=True)
+    assert DiffusionMap(n_components=3, kernel="precomputed").fit_transform(w[0, 0]).shape == (20, 3)
+
+
+def test_bad_parameters():
+    X = np.random.default_rng(0).normal(size=(10, 2))
+    for kwargs, match in [
+        (dict(n_components=0), "n_components"),
+        (dict(alpha=2.5), "alpha"),
+        (dict(kernel="rbf"), "kernel"),
+        (dict(bandwidth=-1.0), "bandwidth"),
+        (dict(density_a=2.0), "density_a"),
+        (dict(t=-1), "t "),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DiffusionMap(**kwargs).fit(X)
+    with pytest.raises(ValueError, match="non-finite"):
+        DiffusionMap().fit(np.full((10, 2), np.nan))
+    with pytest.raises(ValueError, match="rows sum to 1"):
+        DiffusionMap(kernel="precomputed").fit(np.ones((5, 5)))
+    with pytest.raises(RuntimeError, match="not fitted"):
+        DiffusionMap().transform(X)
+    with pytest.raises(ValueError, match="features"):
+        DiffusionMap().fit(X).transform(np.ones((2, 3)))

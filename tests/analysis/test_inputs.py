@@ -1,0 +1,111 @@
+"""Bad input gives errors that name the failed check; files load in every supported format."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from levyattn.analysis import attention_summary, mixing_time, path_lengths, row_entropy, spectral_gap
+from levyattn.analysis.io import load_attention
+from levyattn.cli import main
+
+U = np.full((4, 4), 0.25)
+
+
+@pytest.mark.parametrize(
+    "P, match",
+    [
+        (np.ones((3, 4)) / 4, r"square"),
+        (np.ones(4) / 4, r"shape"),
+        (np.zeros((0, 0)), r"empty"),
+        (np.where(np.eye(4, dtype=bool), np.nan, U), r"finite"),
+        (np.where(np.eye(4, dtype=bool), np.inf, U), r"finite"),
+        (U + np.diag([0.5, 0, 0, 0]) - np.diag([0, 0, 0, 0.5]) * 0 - np.array([[0, 0.5, 0, 0]] + [[0] * 4] * 3),
+         r"non-negative"),
+        (U * 1.01, r"rows sum to 1"),
+    ],
+)
+@pytest.mark.parametrize("fn", [spectral_gap, mixing_time, path_lengths, row_entropy])
+def test_bad_matrices(P, match, fn):
+    with pytest.raises(ValueError, match=match):
+        fn(P)
+
+
+def test_types_tolerance_and_masks():
+    with pytest.raises(TypeError, match="torch.Tensor or a numpy.ndarray"):
+        spectral_gap([[1.0]])
+    with pytest.raises(TypeError, match="real"):
+        spectral_gap(torch.eye(3, dtype=torch.complex64))
+    assert spectral_gap(U * (1 + 5e-4)) == pytest.approx(1.0)  # inside the default atol
+    with pytest.raises(ValueError, match="atol=1e-05"):
+        spectral_gap(U * (1 + 5e-4), atol=1e-5)
+    assert spectral_gap(torch.from_numpy(U * 1.004).to(torch.bfloat16)) == pytest.approx(1.0, abs=1e-2)
+    with pytest.raises(ValueError, match="mask or lengths"):
+        spectral_gap(U, np.ones(4, bool), lengths=np.array(2))
+    with pytest.raises(TypeError, match="boolean"):
+        spectral_gap(U, np.ones(4))
+    with pytest.raises(ValueError, match="no valid token"):
+        spectral_gap(U, np.zeros(4, bool))
+    with pytest.raises(ValueError, match=r"lengths must lie"):
+        spectral_gap(U, lengths=np.array(9))
+    P = np.array([[0.0, 0.0, 1.0], [0.5, 0.5, 0.0], [0.3, 0.3, 0.4]])
+    with pytest.raises(ValueError, match="all its mass on masked"):
+        spectral_gap(P, np.array([True, True, False]))
+    padded = np.vstack([np.hstack([U, np.zeros((4, 1))]), np.full((1, 5), np.nan)])
+    assert spectral_gap(padded, np.array([True] * 4 + [False])) == pytest.approx(1.0)  # padding never checked
+
+
+def attention(B=2, H=2, N=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(B, H, N, N, generator=g) * 2, -1)
+
+
+def test_summary_is_json_and_consistent():
+    w = attention()
+    mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    out = attention_summary([w, w.flip(-1)], mask=mask)
+    text = json.dumps(out, allow_nan=False)
+    assert len(out["records"]) == 2 * 2 * 2 and {r["layer"] for r in out["records"]} == {"layer0", "layer1"}
+    rec = out["records"][3]  # layer0, batch 1, head 1
+    assert (rec["layer"], rec["batch"], rec["head"], rec["n_valid"]) == ("layer0", 1, 1, 5)
+    assert rec["spectral_gap"] == pytest.approx(spectral_gap(w[1, 1, :5, :5] / w[1, 1, :5, :5].sum(-1, keepdim=True)))
+    assert len(out["heads"]) == 4 and "NaN" not in text and "Infinity" not in text
+
+
+def test_loaders_and_cli(tmp_path):
+    w = attention(seed=1)
+    torch.save({"layer0": w, "layer1": w[0]}, tmp_path / "a.pt")
+    torch.save((w, w), tmp_path / "hf.pt")
+    np.save(tmp_path / "a.npy", w.numpy())
+    from safetensors.torch import save_file
+
+    save_file({"layer0": w.to(torch.bfloat16).contiguous()}, str(tmp_path / "a.safetensors"))
+    assert set(load_attention(tmp_path / "a.pt")) == {"layer0", "layer1"}
+    assert set(load_attention(tmp_path / "hf.pt")) == {"layer0", "layer1"}
+    assert load_attention(tmp_path / "a.npy")["attention"].shape == (2, 2, 7, 7)
+    assert load_attention(tmp_path / "a.safetensors", key="layer0")["layer0"].dtype == np.float64
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_attention(tmp_path / "bad.pt")
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        load_attention(tmp_path / "missing.npy")
+    with pytest.raises(ValueError, match="unsupported"):
+        (tmp_path / "x.txt").write_text("1")
+        load_attention(tmp_path / "x.txt")
+    with pytest.raises(ValueError, match="no entry 'nope'"):
+        load_attention(tmp_path / "a.pt", key="nope")
+
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "a.pt"), "--out", str(out), "--head", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["records"]) == 2 * 2 + 1 * 2  # layer0 (B, H, N, N): 2 x 2; layer1 (H, N, N): 1 x 2
+    assert main(["analyze", str(tmp_path / "hf.pt"), "--out", str(out), "--lengths", "7,5", "--layer", "layer1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["n_valid"] for r in summary["records"][:4]] == [7, 7, 5, 5]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64") == 3 and "Per layer and head" in html
+    assert main(["analyze", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o2")]) == 0
+    assert main(["analyze", str(tmp_path / "a.npy"), "--out", str(tmp_path / "o3"), "--layer", "zz"]) == 2
