@@ -130,3 +130,14 @@ def test_global_batches_cover_the_epoch():
     assert sorted(i for x in b for i in x) == list(range(20))
     assert b != global_batches(20, 6, seed=3, epoch=2)
     assert len(global_batches(13, 6, 0, 0, world_size=2)) == 2  # the last batch of one is dropped
+
+
+def test_a_task_missing_members_is_rejected():
+    class Half:
+        name = "half"
+
+        def build_model(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="missing.*datasets"):
+        Trainer(Half(), _cfg())

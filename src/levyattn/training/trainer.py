@@ -45,7 +45,7 @@ from torch import nn
 from levyattn.io import atomic_write_json, atomic_write_text
 from levyattn.training import checkpoint as ckpt_mod
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
-from levyattn.training.tasks import Task
+from levyattn.training.tasks import Task, check_task
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -206,8 +206,7 @@ class Trainer:
         dist_info: DistInfo | None = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        if not isinstance(task, Task):
-            raise TypeError(f"task must implement the Task protocol, got {type(task).__name__}")
+        check_task(task)
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.task = task

@@ -86,6 +86,24 @@ class Task(Protocol):
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]: ...
 
 
+TASK_METHODS = ("build_model", "datasets", "collate", "loss", "evaluate")
+TASK_ATTRIBUTES = ("name", "model_type", "model_config", "metric", "higher_is_better")
+
+
+def check_task(task: Any) -> Any:
+    """TypeError unless ``task`` has the Task protocol's members.
+
+    Checked on the class where possible: ``isinstance(task, Task)`` would evaluate
+    properties such as ``model_config``, which may load a whole dataset.
+    """
+    cls = type(task)
+    missing = [m for m in TASK_METHODS if not callable(getattr(cls, m, None))]
+    missing += [a for a in TASK_ATTRIBUTES if not (hasattr(cls, a) or a in getattr(task, "__dict__", {}))]
+    if missing:
+        raise TypeError(f"task {cls.__name__} does not implement the Task protocol: missing {missing}")
+    return task
+
+
 def check_preset(preset: dict[str, Any], name: str = "preset") -> dict[str, Any]:
     """Check a preset's shape; return it. Raises ValueError naming what is wrong."""
     if not isinstance(preset, dict):
@@ -121,4 +139,4 @@ def make_task(preset: dict[str, Any]) -> Task:
     return module.make_task(preset)
 
 
-__all__ = ["PRESET_KEYS", "PRESET_SECTIONS", "Task", "check_preset", "make_task", "task_module"]
+__all__ = ["PRESET_KEYS", "PRESET_SECTIONS", "Task", "check_preset", "check_task", "make_task", "task_module"]

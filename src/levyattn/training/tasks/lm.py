@@ -117,12 +117,12 @@ class LMTask:
     def _load(self) -> None:
         if self._data is not None:
             return
-        from levyattn import data as D
+        from levyattn.data.tokenization import train_tokenizer
 
         c = self.data_cfg
         train_text, eval_text = self._texts()
         lines = [line for line in train_text.splitlines() if line.strip()]
-        self.tokenizer = D.train_tokenizer(lines, c.get("tokenizer", "sentencepiece"),
+        self.tokenizer = train_tokenizer(lines, c.get("tokenizer", "sentencepiece"),
                                             vocab_size=int(c.get("vocab_size", 1000)))
         block = int(c.get("block_size", 128))
 

@@ -168,7 +168,7 @@ class TranslationTask:
     def _load(self) -> None:
         if self._data is not None:
             return
-        from levyattn import data as D
+        from levyattn.data.tokenization import train_tokenizer
 
         c = self.data_cfg
         (tr_src, tr_tgt), (ev_src, ev_tgt) = self._raw_pairs()
@@ -179,7 +179,7 @@ class TranslationTask:
         if not tr_src or not ev_src:
             raise ValueError(f"the {self.dataset} data has {len(tr_src)} training and {len(ev_src)} evaluation pairs; "
                              "both need at least one")
-        self.tokenizer = D.train_tokenizer(tr_src + tr_tgt, c.get("tokenizer", "sentencepiece"),
+        self.tokenizer = train_tokenizer(tr_src + tr_tgt, c.get("tokenizer", "sentencepiece"),
                                             vocab_size=int(c.get("vocab_size", 8000)))
         max_len = int(c.get("max_len", 128))
         tok = self.tokenizer
@@ -362,7 +362,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def load_tokenizer_beside(run_dir: str | Path) -> Any:
     """The tokeniser saved beside a checkpoint by :meth:`TranslationTask.save_artifacts`."""
-    from levyattn import data as D
+    from levyattn.data.tokenization import load_tokenizer
 
     path = Path(run_dir) / TOKENIZER_NAME
     if not path.exists():
@@ -370,7 +370,7 @@ def load_tokenizer_beside(run_dir: str | Path) -> Any:
             f"tokenizer not found: {path} does not exist (a translation or LM run folder keeps its "
             "tokenizer beside checkpoint.json)"
         )
-    return D.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def load_translator(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
