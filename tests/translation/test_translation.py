@@ -59,7 +59,8 @@ def tiny_preset(data_dir: Path, attention: str = "fna", **train) -> dict:
         "model_type": "seq2seq",
         "model": {"d_model": 64, "num_encoder_layers": 1, "num_decoder_layers": 1, "num_heads": 4,
                   "dim_feedforward": 128, "dropout": 0.0, "label_smoothing": 0.0, "alpha": 1.2,
-                  "share_embeddings": True, **kinds},
+                  # untied: checkpoint.save_checkpoint cannot yet store shared tensors
+                  "share_embeddings": False, "tie_output": False, **kinds},
         "data": {"dataset": "multi30k", "data_dir": str(data_dir), "vocab_size": 120, "max_len": 40},
         "train": {"epochs": 25, "batch_size": 12, "eval_batch_size": 32, "lr": 3e-3, "schedule": "constant",
                   "warmup_steps": 0, "weight_decay": 0.0, "grad_clip": 1.0, "seed": 0, "device": "cpu", **train},
@@ -184,7 +185,7 @@ def test_missing_data_dir_and_bad_settings(tmp_path):
 def test_checkpoint_of_another_model_type(tmp_path, capsys):
     from levyattn.models import CausalLM
 
-    lm = CausalLM({"vocab_size": 11, "block_size": 8, "d_model": 8, "num_layers": 1, "num_heads": 2})
+    lm = CausalLM({"vocab_size": 11, "block_size": 8, "d_model": 8, "num_layers": 1, "num_heads": 2, "tie_embeddings": False})
     save_checkpoint(tmp_path / "lm", model=lm, model_type="lm", model_config=lm.config.to_dict())
     with pytest.raises(CheckpointError, match=r"'lm'.*'seq2seq'"):
         load_translator(tmp_path / "lm")
