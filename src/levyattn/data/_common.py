@@ -1,0 +1,203 @@
+"""Shared helpers of :mod:`levyattn.data`: argument checks, file errors, gzip-aware reading,
+the sequence datasets and the padding collate functions."""
+
+from __future__ import annotations
+
+import gzip
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PathLike = str | os.PathLike
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataFormatError(ValueError):
+    """A data file exists but its content is not what its format requires.
+
+    The message always names the file and what is wrong with it.
+    """
+
+
+# -- argument checks ------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi=None``: no upper bound), else ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int in {rng}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a float in the interval from ``lo`` to ``hi`` (open ends as flagged)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad_lo = value <= lo if lo_open else value < lo
+    bad_hi = value >= hi if hi_open else value > hi
+    if bad_lo or bad_hi or value != value:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def require_dir(path: PathLike, what: str) -> Path:
+    """``path`` as a Path if it is a directory, else FileNotFoundError naming it."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{what} must be a directory, but {p} is a file")
+    return p
+
+
+def read_bytes(path: PathLike, what: str = "file") -> bytes:
+    """The content of ``path``, gunzipped when it starts with the gzip magic bytes.
+
+    The gzip test looks at the bytes, not the extension, so a renamed file still
+    reads; a truncated or corrupt gzip stream raises :class:`DataFormatError`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    raw = p.read_bytes()
+    if raw[:2] == GZIP_MAGIC:
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise DataFormatError(f"{what} {p} is not a valid gzip file: {err}") from err
+    return raw
+
+
+def read_text(path: PathLike, what: str = "text file") -> str:
+    """UTF-8 text of ``path`` (gzipped or not); a decoding error names the file and the byte."""
+    data = read_bytes(path, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{what} {path} is not valid UTF-8 (byte {err.start}: {err.reason})") from err
+
+
+def read_lines(path: PathLike, what: str = "text file", *, allow_empty_lines: bool = False) -> list[str]:
+    """The lines of a UTF-8 text file (gzipped or not), without line terminators.
+
+    An empty file, or (unless ``allow_empty_lines``) an empty line, raises
+    :class:`DataFormatError` naming the file and the line number (1-based). One final
+    newline is normal and does not make an empty last line.
+    """
+    text = read_text(path, what)
+    lines = text.splitlines()
+    if not lines or not any(line.strip() for line in lines):
+        raise DataFormatError(f"{what} {path} is empty")
+    if not allow_empty_lines:
+        for i, line in enumerate(lines):
+            if not line.strip():
+                raise DataFormatError(f"{what} {path}: line {i + 1} is empty")
+    return lines
+
+
+def find_file(directory: Path, names: Sequence[str], what: str) -> Path:
+    """The first of ``names`` (each also tried with ``.gz``) that exists in ``directory``."""
+    for name in names:
+        for candidate in (name, name + ".gz"):
+            p = directory / candidate
+            if p.is_file():
+                return p
+    tried = ", ".join(f"{n}[.gz]" for n in names)
+    raise FileNotFoundError(f"{what} not found in {directory}: expected one of {tried}")
+
+
+# -- datasets and collate ---------------------------------------------------------------------
+
+
+class SequenceClassificationDataset(torch.utils.data.Dataset):
+    """Token sequences with a class label.
+
+    Items are ``(input_ids LongTensor (L_i,), label int)`` with ``1 <= L_i <= max_len``
+    and no padding inside (pad with :func:`collate_sequences`).
+
+    Attributes: ``vocab_size``, ``num_classes``, ``pad_id`` (the padding id the collate
+    uses), ``max_len`` (the longest possible item), ``class_names``.
+    """
+
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]] | Sequence[torch.Tensor],
+        labels: Sequence[int],
+        *,
+        vocab_size: int,
+        num_classes: int,
+        max_len: int,
+        pad_id: int = 0,
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        if len(sequences) != len(labels):
+            raise ValueError(f"sequences and labels differ in length: {len(sequences)} vs {len(labels)}")
+        self.vocab_size = check_int("vocab_size", vocab_size, 1)
+        self.num_classes = check_int("num_classes", num_classes, 2)
+        self.max_len = check_int("max_len", max_len, 1)
+        self.pad_id = check_int("pad_id", pad_id, 0, self.vocab_size - 1)
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self._seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
+        self._labels = [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self._seqs[i], self._labels[i]
+
+    @property
+    def labels(self) -> list[int]:
+        return list(self._labels)
+
+
+def pad_sequences(seqs: Sequence[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D id tensors: ``(ids (B, L) long, padding_mask (B, L) bool True = padding)``."""
+    if len(seqs) == 0:
+        raise ValueError("cannot pad an empty batch (no sequences)")
+    seqs = [torch.as_tensor(s, dtype=torch.long) for s in seqs]
+    length = max(int(s.shape[0]) for s in seqs)
+    ids = torch.full((len(seqs), length), int(pad_id), dtype=torch.long)
+    mask = torch.ones((len(seqs), length), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = int(s.shape[0])
+        ids[i, :n] = s
+        mask[i, :n] = False
+    return ids, mask
+
+
+def collate_sequences(
+    samples: Sequence[tuple[torch.Tensor, int]], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch ``(input_ids (L_i,), label)`` items.
+
+    Returns ``(input_ids (B, L) long, key_padding_mask (B, L) bool True = padding,
+    labels (B,) long)``, right-padded with ``pad_id`` to the longest item.
+    The mask, not the pad id, says what is padding.
+    """
+    ids, mask = pad_sequences([s[0] for s in samples], pad_id)
+    labels = torch.as_tensor([int(s[1]) for s in samples], dtype=torch.long)
+    return ids, mask, labels
+
+
+collate_text = collate_sequences
