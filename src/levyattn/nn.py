@@ -361,7 +361,8 @@ class FractionalTransformerEncoderLayer(nn.Module):
     """Self-attention + feed-forward, usable like ``nn.TransformerEncoderLayer`` (batch_first).
 
     Post-LN (``norm_first=False``, the reference's, LayerNorm eps 1e-6) or pre-LN.
-    ``attention`` is "fna" or "softmax"; ``attention_kwargs`` go to ``make_attention``.
+    ``attention`` is "fna" or "softmax"; ``attn_dropout`` is the attention modules' dropout
+    (``dropout`` is the residual/feed-forward one); ``attention_kwargs`` go to ``make_attention``.
     """
 
     def __init__(
@@ -374,10 +375,13 @@ class FractionalTransformerEncoderLayer(nn.Module):
         layer_norm_eps: float = 1e-6,
         norm_first: bool = False,
         attention: str = "fna",
+        attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
         super().__init__()
-        self.self_attn = make_attention(attention, d_model, nhead, batch_first=True, **attention_kwargs)
+        self.self_attn = make_attention(
+            attention, d_model, nhead, batch_first=True, dropout=attn_dropout, **attention_kwargs
+        )
         self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -422,7 +426,8 @@ class FractionalTransformerDecoderLayer(nn.Module):
     """Causal self-attention, cross-attention and feed-forward, like
     ``nn.TransformerDecoderLayer`` (batch_first), with a key/value cache for decoding.
 
-    ``self_attention`` and ``cross_attention`` are each "fna" or "softmax".
+    ``self_attention`` and ``cross_attention`` are each "fna" or "softmax"; ``attn_dropout`` as
+    in the encoder layer.
     """
 
     def __init__(
@@ -436,12 +441,14 @@ class FractionalTransformerDecoderLayer(nn.Module):
         norm_first: bool = False,
         self_attention: str = "fna",
         cross_attention: str = "fna",
+        attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
         super().__init__()
+        attention_kwargs = dict(attention_kwargs, batch_first=True, dropout=attn_dropout)
         cross_kwargs = {k: v for k, v in attention_kwargs.items() if k != "qk_share"}
-        self.self_attn = make_attention(self_attention, d_model, nhead, batch_first=True, **attention_kwargs)
-        self.cross_attn = make_attention(cross_attention, d_model, nhead, batch_first=True, **cross_kwargs)
+        self.self_attn = make_attention(self_attention, d_model, nhead, **attention_kwargs)
+        self.cross_attn = make_attention(cross_attention, d_model, nhead, **cross_kwargs)
         self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
@@ -459,8 +466,10 @@ class FractionalTransformerDecoderLayer(nn.Module):
         memory_key_padding_mask: torch.Tensor | None = None,
         tgt_is_causal: bool = True,
         cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """tgt (B, T, E), memory (B, S, E) -> (B, T, E).
+        need_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tgt (B, T, E), memory (B, S, E) -> (B, T, E); with ``need_weights`` also the
+        self- and cross-attention weights, (B, H, T, T) and (B, H, T, S).
 
         With ``cache``, ``tgt`` holds only the new positions; the cache keeps the
         self-attention keys/values of earlier ones (``tgt_key_padding_mask`` then covers
@@ -469,27 +478,29 @@ class FractionalTransformerDecoderLayer(nn.Module):
         x = tgt
 
         def self_block(h):
-            out, _ = self.self_attn(
-                h,
-                h,
-                h,
-                key_padding_mask=tgt_key_padding_mask,
-                attn_mask=tgt_mask,
-                is_causal=tgt_is_causal,
-                kv_cache=cache,
-            )
-            return self.dropout(out)
+            out, weights = self.self_attn(
+                h, h, h, key_padding_mask=tgt_key_padding_mask, attn_mask=tgt_mask, is_causal=tgt_is_causal,
+                kv_cache=cache, need_weights=need_weights, average_attn_weights=False,
+            )  # fmt: skip
+            return self.dropout(out), weights
 
         def cross_block(h):
-            out, _ = self.cross_attn(h, memory, memory, key_padding_mask=memory_key_padding_mask, attn_mask=memory_mask)
-            return self.dropout(out)
+            out, weights = self.cross_attn(
+                h, memory, memory, key_padding_mask=memory_key_padding_mask, attn_mask=memory_mask,
+                need_weights=need_weights, average_attn_weights=False,
+            )  # fmt: skip
+            return self.dropout(out), weights
 
         if self.norm_first:
-            x = x + self_block(self.norm1(x))
-            x = x + cross_block(self.norm2(x))
+            attn, self_weights = self_block(self.norm1(x))
+            x = x + attn
+            attn, cross_weights = cross_block(self.norm2(x))
+            x = x + attn
             x = x + self.feed_forward(self.norm3(x))
         else:
-            x = self.norm1(x + self_block(x))
-            x = self.norm2(x + cross_block(x))
+            attn, self_weights = self_block(x)
+            x = self.norm1(x + attn)
+            attn, cross_weights = cross_block(x)
+            x = self.norm2(x + attn)
             x = self.norm3(x + self.feed_forward(x))
-        return x
+        return (x, self_weights, cross_weights) if need_weights else x

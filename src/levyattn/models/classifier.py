@@ -37,7 +37,6 @@ from levyattn.models.common import (
     check_int,
     check_padding_mask,
     padding_from_attention_mask,
-    set_attention_dropout,
     sinusoidal_positions,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
@@ -146,12 +145,11 @@ class TextClassifier(nn.Module):
                 layer_norm_eps=c.layer_norm_eps,
                 norm_first=c.norm_first,
                 attention=c.attention,
-                **c.attention_kwargs(with_dropout=False),
+                **c.attention_kwargs(for_layer=True),
             )  # fmt: skip
             for _ in range(c.num_layers)
         )
         # Post-LN layers end in a LayerNorm already; pre-LN stacks need one at the end.
-        set_attention_dropout(self.layers, c.attn_dropout)
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.d_model, c.num_classes)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth
 from levyattn.functional import BACKENDS
-from levyattn.nn import ATTENTION_KINDS, FractionalMultiheadAttention, SoftmaxMultiheadAttention
+from levyattn.nn import ATTENTION_KINDS
 
 C = TypeVar("C", bound="ModelConfig")
 
@@ -133,10 +133,10 @@ class AttentionOptions(ModelConfig):
             check_bool(name, getattr(self, name))
         self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
 
-    def attention_kwargs(self, *, with_dropout: bool = True) -> dict[str, Any]:
-        """Keyword arguments of ``levyattn.nn.make_attention``; ``with_dropout=False`` for the
-        nn encoder/decoder layers, whose own ``dropout`` argument is the residual/FFN one
-        (their attention dropout is set afterwards by :func:`set_attention_dropout`)."""
+    def attention_kwargs(self, *, for_layer: bool = False) -> dict[str, Any]:
+        """Keyword arguments of ``levyattn.nn.make_attention``; with ``for_layer=True`` those of
+        the nn encoder/decoder layers, which name the attention dropout ``attn_dropout``
+        (their own ``dropout`` is the residual/feed-forward one)."""
         kwargs = dict(
             alpha=self.alpha,
             bandwidth=self.bandwidth,
@@ -147,19 +147,10 @@ class AttentionOptions(ModelConfig):
             learnable_alpha=self.learnable_alpha,
             learnable_bandwidth=self.learnable_bandwidth,
             backend=self.backend,
-            dropout=self.attn_dropout,
             bias=self.attn_bias,
         )
-        if not with_dropout:
-            del kwargs["dropout"]
+        kwargs["attn_dropout" if for_layer else "dropout"] = self.attn_dropout
         return kwargs
-
-
-def set_attention_dropout(module: nn.Module, p: float) -> None:
-    """Set the attention-weight dropout of every attention module inside ``module``."""
-    for m in module.modules():
-        if isinstance(m, (FractionalMultiheadAttention, SoftmaxMultiheadAttention)):
-            m.dropout = p
 
 
 def check_attention_kind(name: str, value: Any) -> str:

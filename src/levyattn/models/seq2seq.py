@@ -40,7 +40,6 @@ from levyattn.models.common import (
     check_ids,
     check_int,
     check_padding_mask,
-    set_attention_dropout,
     sinusoidal_positions,
 )
 from levyattn.nn import FractionalTransformerDecoderLayer, FractionalTransformerEncoderLayer, KVCache
@@ -150,7 +149,7 @@ class Seq2SeqTransformer(nn.Module):
         if isinstance(config, dict):
             config = Seq2SeqConfig.from_dict(config)
         self.config = c = config
-        fna = c.attention_kwargs(with_dropout=False)
+        fna = c.attention_kwargs(for_layer=True)
         self.src_embedding = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embedding = self.src_embedding if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, c.d_model)
         for emb in {id(e): e for e in (self.src_embedding, self.tgt_embedding)}.values():
@@ -188,7 +187,6 @@ class Seq2SeqTransformer(nn.Module):
             )  # fmt: skip
             for _ in range(c.num_decoder_layers)
         )
-        set_attention_dropout(self, c.attn_dropout)
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.generator = nn.Linear(c.d_model, c.tgt_vocab_size, bias=False)
@@ -284,7 +282,9 @@ class Seq2SeqTransformer(nn.Module):
         x = self._embed(self.tgt_embedding, tgt_in_ids)
         dec_w, cross_w = [], []
         for layer in self.decoder_layers:
-            x, w_self, w_cross = _decoder_layer_with_weights(layer, x, memory, tgt_padding_mask, mask)
+            x, w_self, w_cross = layer(
+                x, memory, tgt_key_padding_mask=tgt_padding_mask, memory_key_padding_mask=mask, need_weights=True
+            )
             dec_w.append(w_self)
             cross_w.append(w_cross)
         logits = self.generator(self.decoder_norm(x))
@@ -424,44 +424,3 @@ class Seq2SeqTransformer(nn.Module):
         for i, seq in enumerate(best_seqs):
             out[i, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=device)
         return out
-
-
-def _decoder_layer_with_weights(
-    layer: FractionalTransformerDecoderLayer,
-    x: torch.Tensor,
-    memory: torch.Tensor,
-    tgt_padding_mask: torch.Tensor | None,
-    memory_padding_mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``layer(x, memory, ...)`` that also returns its self- and cross-attention weights.
-
-    ``FractionalTransformerDecoderLayer.forward`` has no ``need_weights``; this repeats its
-    computation (same submodules, same order) asking the attention modules for weights.
-    The tests hold it equal to the layer's own forward.
-    """
-
-    def self_block(h):
-        out, w = layer.self_attn(
-            h, h, h, key_padding_mask=tgt_padding_mask, need_weights=True, average_attn_weights=False, is_causal=True
-        )
-        return layer.dropout(out), w
-
-    def cross_block(h):
-        out, w = layer.cross_attn(
-            h, memory, memory, key_padding_mask=memory_padding_mask, need_weights=True, average_attn_weights=False
-        )
-        return layer.dropout(out), w
-
-    if layer.norm_first:
-        a, w_self = self_block(layer.norm1(x))
-        x = x + a
-        a, w_cross = cross_block(layer.norm2(x))
-        x = x + a
-        x = x + layer.feed_forward(layer.norm3(x))
-    else:
-        a, w_self = self_block(x)
-        x = layer.norm1(x + a)
-        a, w_cross = cross_block(x)
-        x = layer.norm2(x + a)
-        x = layer.norm3(x + layer.feed_forward(x))
-    return x, w_self, w_cross

@@ -28,7 +28,6 @@ from levyattn.models.common import (
     check_float,
     check_heads,
     check_int,
-    set_attention_dropout,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
 
@@ -133,11 +132,10 @@ class VisionTransformer(nn.Module):
                 layer_norm_eps=c.layer_norm_eps,
                 norm_first=c.norm_first,
                 attention=c.attention,
-                **c.attention_kwargs(with_dropout=False),
+                **c.attention_kwargs(for_layer=True),
             )  # fmt: skip
             for _ in range(c.num_layers)
         )
-        set_attention_dropout(self.layers, c.attn_dropout)
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.d_model, c.num_classes)
 
