@@ -1,0 +1,127 @@
+"""`levyattn lens MODEL`: measure a model's attention decay, fit gamma, read it as a fractional order."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+HELP = "measure any transformer's attention decay A(d) ~ d^-gamma and read gamma as a fractional order"
+
+
+def parse_distances(text: str) -> list[int] | None:
+    """'published' -> None (the published grid); '10,20,30' -> list; 'log:30:2000:12' -> geometric grid."""
+    text = text.strip()
+    if text == "published":
+        return None
+    if text.startswith("log:"):
+        parts = text.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"--distances log grid must be log:START:STOP:N, got {text!r}")
+        import numpy as np
+
+        try:
+            start, stop, n = int(parts[1]), int(parts[2]), int(parts[3])
+        except ValueError as err:
+            raise ValueError(f"--distances log grid must hold integers, got {text!r}") from err
+        if not (1 <= start < stop) or n < 2:
+            raise ValueError(f"--distances log grid needs 1 <= START < STOP and N >= 2, got {text!r}")
+        return sorted({int(round(x)) for x in np.geomspace(start, stop, n)})
+    try:
+        return [int(x) for x in re.split(r"[,\s]+", text) if x]
+    except ValueError as err:
+        raise ValueError(
+            f"--distances must be 'published', a comma list of integers or log:START:STOP:N, got {text!r}"
+        ) from err
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a local model directory (save_pretrained) or a Hugging Face hub id (needs network)")
+    p.add_argument("--protocol", choices=("published", "dense"), default="published",
+                   help="published: last query, key d back, length d+50 (FRACTIONAL_LENS.md §1); dense: all pairs")
+    p.add_argument("--prompts", type=int, default=150, help="prompts per seed (published atlas: 150)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 7], help="prompt seeds (default 42 123 7)")
+    p.add_argument("--distances", default="published",
+                   help="'published' (10..2000, those that fit), '30,100,300' or log:START:STOP:N")
+    p.add_argument("--corpus", default="random", help="'random' token ids (published range) or a UTF-8 text FILE")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16", "float64"),
+                   help="load/cast the model in this dtype (default: as saved)")
+    p.add_argument("--out", default=None, help="output folder (default lens_results/<model>)")
+    p.add_argument("--passes", choices=("auto", "one", "per_distance"), default="auto",
+                   help="published protocol: one pass per prompt (causal, exact) or one per distance")
+    p.add_argument("--prompt-stream", choices=("nested", "published"), default="nested",
+                   help="nested: prefixes of one prompt; published: the published tool's exact token ids "
+                        "(needs --passes per_distance)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass")
+    p.add_argument("--d-min", type=float, default=30.0, help="fit distances >= this (published: 30)")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the gamma CI")
+    p.add_argument("--tol", type=float, default=0.05, help="crossover half-width when there is no CI")
+    p.add_argument("--token-range", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                   help="random token ids range (default 1000 .. min(vocab-1, 49000))")
+    p.add_argument("--causal", choices=("auto", "yes", "no"), default="auto", help="model causality (auto: detect)")
+    g = p.add_argument_group("dense protocol")
+    g.add_argument("--keep-sink", action="store_true", help="keep key 0 (the attention sink) in the average")
+    g.add_argument("--keep-special", action="store_true", help="keep pairs involving special tokens")
+    g.add_argument("--normalize", choices=("none", "renorm", "relative"), default="none",
+                   help="none: raw weights; renorm: rows renormalised over kept keys; relative: ratio to uniform")
+    g.add_argument("--direction", choices=("auto", "backward", "forward", "both"), default="auto",
+                   help="encoders: keys before/after the query (auto: both for encoders, backward for causal)")
+    g.add_argument("--seq-len", type=int, default=None, help="dense pass length (default max distance + 50)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--no-hub", action="store_true", help="never contact the Hugging Face hub")
+    p.add_argument("--atlas", default=None, metavar="FILE",
+                   help="append this measurement to a user atlas file (see `levyattn atlas`)")
+    p.add_argument("--corpus-name", default=None, help="corpus label stored in the atlas (default: random or file)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from levyattn.lens import DenseOptions, analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
+    from levyattn.lens.report import summary_rows
+
+    distances = parse_distances(args.distances)
+    dense = DenseOptions(
+        exclude_sink=0 if args.keep_sink else 1,
+        exclude_special=not args.keep_special,
+        normalize=args.normalize,
+        direction=args.direction,
+        seq_len=args.seq_len,
+    )
+    causal = {"auto": None, "yes": True, "no": False}[args.causal]
+    print(f"levyattn lens: measuring {args.model} ({args.protocol} protocol) ...", file=sys.stderr)
+    m = measure_decay(
+        args.model,
+        protocol=args.protocol,
+        distances=distances,
+        n_prompts=args.prompts,
+        seeds=args.seeds,
+        corpus=args.corpus,
+        token_range=tuple(args.token_range) if args.token_range else None,
+        passes=args.passes,
+        prompt_stream=args.prompt_stream,
+        causal=causal,
+        dense=dense,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        allow_hub=not args.no_hub,
+        progress=True,
+    )
+    if m.info.get("dropped_distances"):
+        print(f"note: distances {m.info['dropped_distances']} do not fit the context "
+              f"({m.info['context']} positions) and were left out", file=sys.stderr)
+    result = analyze_decay(m, d_min=args.d_min, n_boot=args.bootstrap, tol=args.tol)
+    out = Path(args.out) if args.out else Path("lens_results") / re.sub(r"[^\w.-]+", "_", str(args.model)).strip("_")
+    paths = write_lens_outputs(result, out, plots=not args.no_plots)
+    rows = summary_rows(result)
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+    print(f"\n  {result.reading.caveat}")
+    print(f"\nreport: {paths['html']}\ndata:   {paths['json']}")
+    if args.atlas:
+        append_to_atlas(args.atlas, result.atlas_entry(args.corpus_name))
+        print(f"atlas:  appended to {args.atlas}")
+    return 0

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from levyattn.cli import main
+from levyattn.lens import (
+    ATLAS_SCHEMA,
+    PUBLISHED_SOURCE,
+    AtlasEntry,
+    append_to_atlas,
+    load_published_atlas,
+    load_user_atlas,
+    select_entries,
+)
+
+
+def test_published_atlas_ships_with_citation():
+    entries = load_published_atlas()
+    # 23 entries; FRACTIONAL_LENS.md says 20 models, the file holds 19 distinct ids
+    assert len(entries) == 23 and len({e.model for e in entries}) == 19
+    byname = {(e.model, e.corpus): e for e in entries}
+    e = byname[("EleutherAI/pythia-160m", "random")]
+    assert e.gamma == 1.0171 and e.r2 == 0.9817 and e.theta == 10000 and e.origin == "published"
+    assert "T_attn" in e.extra
+    assert "karlesmarin/tafagent" in PUBLISHED_SOURCE and "Apache-2.0" in PUBLISHED_SOURCE
+
+
+def test_select_sort_filter():
+    rows = select_entries(load_published_atlas(), corpus="random", sort_by="gamma")
+    gammas = [e.gamma for e, _ in rows]
+    assert gammas == sorted(gammas) and all(e.corpus == "random" for e, _ in rows) and len(rows) == 9
+    desc = select_entries(load_published_atlas(), sort_by="s", descending=True)
+    assert desc[0][1].s >= desc[-1][1].s
+    smooth = select_entries(load_published_atlas(), regime="smoothing")
+    assert smooth and all(r.regime == "smoothing" and e.gamma < 0.95 for e, r in smooth)
+    with pytest.raises(ValueError, match="sort_by"):
+        select_entries([], sort_by="nope")
+
+
+def test_user_atlas_round_trip(tmp_path):
+    path = tmp_path / "atlas.json"
+    append_to_atlas(path, AtlasEntry(model="me/m1", corpus="random", gamma=0.9, r2=0.99, ci=(0.85, 0.95)))
+    append_to_atlas(path, {"model": "me/m2", "corpus": "wiki.txt", "gamma": 1.2})
+    entries = load_user_atlas(path)
+    assert [e.model for e in entries] == ["me/m1", "me/m2"]
+    assert entries[0].ci == (0.85, 0.95) and entries[0].reading().regime == "smoothing"
+    assert json.loads(path.read_text())["schema"] == ATLAS_SCHEMA
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"schema": "other", "entries": []}', "schema"),
+        ('{"schema": "levyattn.atlas/1", "entries": {}}', "'entries' must be a list"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "random"}]}', "entry 0.*gamma"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": "x"}]}', "'gamma'"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "gama": 2}]}',
+         "unknown field"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "ci": [2, 1]}]}',
+         "lo <= hi"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "", "corpus": "r", "gamma": 1}]}', "'model'"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "r2": 2}]}', "r2"),
+    ],
+)
+def test_malformed_atlas_file(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match) as info:
+        load_user_atlas(path)
+    assert str(path) in str(info.value)
+    with pytest.raises(ValueError):
+        append_to_atlas(path, {"model": "m", "corpus": "r", "gamma": 1.0})  # never appends to a bad file
+
+
+def test_missing_atlas_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        load_user_atlas(tmp_path / "missing.json")
+
+
+def test_atlas_cli(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LEVYATTN_ATLAS", str(tmp_path / "mine.json"))
+    assert main(["atlas", "--corpus", "mongo", "--sort", "gamma", "--desc"]) == 0
+    out = capsys.readouterr().out
+    assert "pythia-31m" in out and "karlesmarin/tafagent" in out and "random" not in out.split("Source")[0]
+    assert main(["atlas", "--add", "me/tiny", "--gamma", "1.5", "--add-corpus", "random", "--ci", "1.4", "1.6"]) == 0
+    assert main(["atlas", "--no-published", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    (entry,) = data["entries"]
+    assert entry["model"] == "me/tiny" and entry["regime"] == "differentiating" and entry["levy_valid"]
+    (tmp_path / "mine.json").write_text('{"schema": "levyattn.atlas/1", "entries": [{"model": 1}]}')
+    assert main(["atlas"]) == 2
+    assert "mine.json" in capsys.readouterr().err

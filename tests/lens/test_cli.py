@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tokenizer
+
+from levyattn.cli import main
+from levyattn.cli.lens import parse_distances
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(4)
+    path = tmp_path_factory.mktemp("llama")
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32,
+                      intermediate_size=64, max_position_embeddings=512, vocab_size=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    make_tokenizer(["the cat sat on the mat", "a dog ran far away"]).save_pretrained(path)
+    return path
+
+
+def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    atlas = tmp_path / "atlas.json"
+    rc = main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "--distances", "30,60,120",
+               "--token-range", "3", "60", "--bootstrap", "50", "--device", "cpu", "--out", str(out),
+               "--atlas", str(atlas)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for word in ("gamma 95% CI", "R² power law", "R² exponential", "alpha", "s = (gamma - 1)/2", "regime",
+                 "Lévy analogy", "report:", "feature-space"):
+        assert word in text
+    for name in ("lens.json", "report.html", "decay.png", "gamma_heatmap.png", "layers.png"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "lens.json").read_text())
+    assert data["measurement"]["distances"] == [30, 60, 120] and len(data["gamma_ci"]) == 2
+    (entry,) = json.loads(atlas.read_text())["entries"]
+    assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
+
+
+def test_lens_cli_errors(model_dir, tmp_path, capsys):
+    assert main(["lens", str(model_dir), "--distances", "30,600", "--token-range", "3", "60",
+                 "--out", str(tmp_path)]) == 2
+    assert "context of 512" in capsys.readouterr().err
+    assert main(["lens", str(tmp_path / "missing" / "x" / "y"), "--out", str(tmp_path)]) == 2
+    assert "not a valid" in capsys.readouterr().err
+
+
+def test_parse_distances():
+    assert parse_distances("published") is None
+    assert parse_distances("30, 60,120") == [30, 60, 120]
+    grid = parse_distances("log:30:2000:8")
+    assert grid[0] == 30 and grid[-1] == 2000 and len(grid) == 8
+    with pytest.raises(ValueError, match="distances"):
+        parse_distances("30,abc")
+    with pytest.raises(ValueError, match="START"):
+        parse_distances("log:100:30:4")
