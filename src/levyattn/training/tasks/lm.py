@@ -107,12 +107,13 @@ class LMTask:
         c = self.data_cfg
         if c["dataset"] == "text":
             return _read_text(c.get("train_file"), "train_file"), _read_text(c.get("eval_file"), "eval_file")
-        from levyattn import data as D
+        from levyattn.data.translation import make_toy_translation
 
-        from .translation import _as_lines
-
-        train, evals = D.make_toy_translation(**dict(c.get("toy", {})))
-        return "\n".join(_as_lines(train, "training")[1]), "\n".join(_as_lines(evals, "evaluation")[1])
+        toy = dict(c.get("toy", {}))
+        n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
+        train = make_toy_translation(n_train, seed, **toy)
+        evals = make_toy_translation(n_eval, seed + 1_000_003, **toy)
+        return "\n".join(t for _, t in train), "\n".join(t for _, t in evals)
 
     def _load(self) -> None:
         if self._data is not None:

@@ -23,7 +23,9 @@ training split together (a joint vocabulary: ``share_embeddings`` is then possib
 - ``dataset``: "multi30k" (the standard files ``train``/``val``/``test_2016_flickr``
   ``.en``/``.de``, optionally gzipped, in ``data_dir``; nothing is downloaded) or "toy"
   (``levyattn.data.make_toy_translation``, keyword arguments under ``toy``);
-- ``src_lang`` / ``tgt_lang`` ("en" / "de"), ``eval_split`` ("val" or "test_2016_flickr");
+- ``src_lang`` / ``tgt_lang`` ("en" / "de"), ``eval_split`` ("valid" or "test");
+- ``tokenizer``: "sentencepiece" (default), "bpe", "word", "byte", or "toy" (the toy
+  grammar's fixed word vocabulary); toy data: ``toy`` = {n_train, n_eval, seed, min_pp, max_pp, p_adj};
 - ``vocab_size`` (sentencepiece pieces), ``max_len`` (longest source/target in tokens,
   longer pairs are dropped from training and truncated at evaluation);
 - ``limit_train`` / ``limit_eval`` (first N pairs), ``beam_size``, ``length_penalty``,
@@ -148,7 +150,7 @@ class TranslationTask:
 
     def _raw_pairs(self) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
         """(train (src lines, tgt lines), eval (src lines, tgt lines)) as plain text."""
-        from levyattn import data as D
+        from levyattn.data.translation import make_toy_translation, read_multi30k
 
         c = self.data_cfg
         if self.dataset == "multi30k":
@@ -158,11 +160,14 @@ class TranslationTask:
                     "the multi30k presets need the Multi30K files on disk (train/val/test_2016_flickr .en/.de, "
                     "optionally .gz): pass --set data_dir=PATH; nothing is downloaded"
                 )
-            src_lang, tgt_lang = c.get("src_lang", "en"), c.get("tgt_lang", "de")
-            train = D.load_multi30k(data_dir, "train", src_lang=src_lang, tgt_lang=tgt_lang)
-            evals = D.load_multi30k(data_dir, c.get("eval_split", "val"), src_lang=src_lang, tgt_lang=tgt_lang)
-        else:
-            train, evals = D.make_toy_translation(**dict(c.get("toy", {})))
+            split = c.get("eval_split", "valid")
+            splits = read_multi30k(data_dir, c.get("src_lang", "en"), c.get("tgt_lang", "de"), splits=("train", split))
+            return splits["train"], splits[split]
+        toy = dict(c.get("toy", {}))
+        n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
+        # Held-out sentences come from another seed of the same grammar.
+        train = make_toy_translation(n_train, seed, **toy)
+        evals = make_toy_translation(n_eval, seed + 1_000_003, **toy)
         return _as_lines(train, "training"), _as_lines(evals, "evaluation")
 
     def _load(self) -> None:
@@ -179,8 +184,13 @@ class TranslationTask:
         if not tr_src or not ev_src:
             raise ValueError(f"the {self.dataset} data has {len(tr_src)} training and {len(ev_src)} evaluation pairs; "
                              "both need at least one")
-        self.tokenizer = train_tokenizer(tr_src + tr_tgt, c.get("tokenizer", "sentencepiece"),
-                                            vocab_size=int(c.get("vocab_size", 8000)))
+        if c.get("tokenizer") == "toy":
+            from levyattn.data.translation import toy_tokenizer
+
+            self.tokenizer = toy_tokenizer()  # the toy grammar's fixed word vocabulary
+        else:
+            self.tokenizer = train_tokenizer(tr_src + tr_tgt, c.get("tokenizer", "sentencepiece"),
+                                             vocab_size=int(c.get("vocab_size", 8000)))
         max_len = int(c.get("max_len", 128))
         tok = self.tokenizer
         # Room for EOS (source) / BOS or EOS (target) within max_len.
@@ -295,7 +305,7 @@ _PAPER_MODEL = {
 }
 _PAPER_TRAIN = {"epochs": 20, "batch_size": 128, "eval_batch_size": 128, "lr": 2.2e-4, "schedule": "cosine",
                 "warmup_steps": 500, "weight_decay": 0.0, "betas": [0.9, 0.98], "grad_clip": 1.0}
-_MULTI30K = {"dataset": "multi30k", "data_dir": None, "src_lang": "en", "tgt_lang": "de", "eval_split": "val",
+_MULTI30K = {"dataset": "multi30k", "data_dir": None, "src_lang": "en", "tgt_lang": "de", "eval_split": "valid",
              "vocab_size": 8000, "max_len": 128, "beam_size": 1}
 _SWEEP = {"alphas": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]}
 
@@ -311,7 +321,8 @@ _SMALL_MODEL = {
 }
 _SMALL_TRAIN = {"epochs": 12, "batch_size": 32, "eval_batch_size": 64, "lr": 3e-3, "schedule": "cosine",
                 "warmup_steps": 50, "weight_decay": 0.0, "betas": [0.9, 0.98], "grad_clip": 1.0, "device": "cpu"}
-_TOY = {"dataset": "toy", "toy": {}, "vocab_size": 64, "max_len": 64, "beam_size": 1}
+_TOY = {"dataset": "toy", "toy": {"n_train": 3000, "n_eval": 200, "seed": 0}, "tokenizer": "toy", "max_len": 64,
+        "beam_size": 1}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "multi30k-fna": {
