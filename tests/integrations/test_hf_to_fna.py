@@ -53,17 +53,13 @@ def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_
     softmax = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
     batch = calibration()
-    report = hf.to_fna(model, batch, alpha=1.2)
+    report = hf.to_fna(model, batch, alpha=1.2)  # objective="output"
 
     assert model.config._attn_implementation == "fna"
     assert report.calibrated and report.metric == "kl" and report.n_sequences == 8
     assert isinstance(model.config.fna_bandwidth, list) and len(model.config.fna_bandwidth) == 2
     assert report.bandwidth == model.config.fna_bandwidth
     assert model.config.fna_bandwidth != [1.0, 1.0]
-    # eps = 1 is a grid point, so the search can only improve each layer's attention rows...
-    for before, after in zip(report.attention_kl_before, report.attention_kl_after):
-        assert after <= before + 1e-9
-    # ...and on this model it also brings the outputs closer.
     assert report.gap_after < 0.5 * report.gap_before
 
     # The reported gaps are what an independent computation measures.
@@ -84,16 +80,31 @@ def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_
     text = report.format()
     assert "kl gap" in text and "layer" in text
 
+    # The attention-only objective: eps = 1 is a grid point, so every layer's attention rows
+    # can only get closer, and the refinement on the outputs can only do better than it.
+    quick = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
+    attention_only = hf.to_fna(quick, batch, alpha=1.2, objective="attention")
+    for before, after in zip(attention_only.attention_kl_before, attention_only.attention_kl_after):
+        assert after <= before + 1e-9
+    assert attention_only.gap_before == pytest.approx(report.gap_before)
+    assert report.gap_after <= attention_only.gap_after + 1e-9
+
 
 def test_per_head_calibration_on_an_encoder_reports_cosine():
     torch.manual_seed(0)
     model = transformers.AutoModel.from_config(tiny_config("bert"), attn_implementation="eager").eval()
     ids = progressions(4, 10, seed=5)
-    report = hf.to_fna(model, [{"input_ids": ids}, {"input_ids": ids[:2, :6]}], per_head=True, alpha=[1.2, 1.6])
+    batches = [{"input_ids": ids}, {"input_ids": ids[:2, :6]}]
+    report = hf.to_fna(model, batches, per_head=True, alpha=[1.2, 1.6], objective="attention")
     assert report.metric == "cosine" and report.n_sequences == 6
     assert all(isinstance(b, list) and len(b) == 2 for b in model.config.fna_bandwidth)
-    assert 0.9 < report.gap_before <= 1.0 + 1e-6 and report.gap_after >= report.gap_before - 1e-4
+    assert 0.0 < report.gap_before <= 1.0 + 1e-6
     assert all(a <= b + 1e-9 for a, b in zip(report.attention_kl_after, report.attention_kl_before))
+    # With the output objective the pooled embeddings never end further from softmax's.
+    model.set_attn_implementation("eager")
+    refined = hf.to_fna(model, batches, per_head=True, alpha=[1.2, 1.6], bandwidth=1.0)
+    assert all(isinstance(b, list) and len(b) == 2 for b in model.config.fna_bandwidth)
+    assert refined.gap_after >= refined.gap_before - 1e-6
 
 
 def test_vit_conversion_assigns_layer_indices():
@@ -122,6 +133,8 @@ def test_bad_arguments():
         hf.to_fna(model, progressions(2, 4, 0), search_range=(0.0, 0.1))
     with pytest.raises(ValueError, match="fna_alpha"):
         hf.to_fna(model, progressions(2, 4, 0), alpha=3.0)
-    hf.to_fna(model, progressions(2, 4, 0))
+    with pytest.raises(ValueError, match="objective"):
+        hf.to_fna(model, progressions(2, 4, 0), objective="logits")
+    hf.to_fna(model, progressions(2, 4, 0), objective="attention")
     with pytest.raises(ValueError, match="already uses"):
         hf.to_fna(model, progressions(2, 4, 0))
