@@ -14,7 +14,8 @@ and optionally ``batches.meta`` (class names). Each batch is a pickled dict with
 ``b"data"`` (uint8 array (N, 3072): 1024 red, then green, then blue values, row-major
 32x32) and ``b"labels"`` (N ints in 0..9). Unpickling runs code named by the file, so
 these files are read with a restricted unpickler that only rebuilds numpy arrays and
-plain containers (it allows numpy's array-reconstruction functions, ``numpy.ndarray``,
+plain containers (it allows numpy's array-reconstruction functions ``_reconstruct`` and
+``_frombuffer``, ``numpy.ndarray``,
 ``numpy.dtype`` and ``_codecs.encode``, which Python 3 pickles of bytes use, and refuses
 every other global): a tampered file raises :class:`DataFormatError` instead of running
 anything.
@@ -142,6 +143,8 @@ def channel_stats(images: torch.Tensor, scale: float) -> tuple[list[float], list
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles rebuild arrays from a buffer
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),  # Python 3 protocol-2 pickles spell bytes as _codecs.encode(str, "latin1")

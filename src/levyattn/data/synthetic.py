@@ -16,20 +16,25 @@ Vocabulary (``K = n_values``)::
 
 Construction of one item (label drawn first, uniform over {0, 1}):
 
-- ``kind="order"`` (default): two *different* values ``a != b``; label 1 iff the first
-  tagged token has the smaller value (with ``n_values=2``: "does T_0 come before T_1?").
-  Both labels put the same pair of tagged tokens in the sequence, only their order
-  differs, so the bag of tokens says nothing about the label, and neither does any
-  bag of windows narrower than ``d_min`` (each window sees at most one tagged token,
-  and the tagged tokens are at least ``margin`` tokens from either end, so no window
-  touches an end and a tagged token at the same time when ``margin`` is at least the
-  window width). Only a model that sees both tokens and their order can do better
-  than chance (50%).
-- ``kind="match"``: label 1 iff the two tagged values are equal (with ``n_values=2``
-  this is XOR of two bits, negated). A content-matching task: attention finds the
-  partner by similarity. Note that the bag of tokens reveals the two values, so a
-  model that combines local features non-linearly after pooling can solve it
-  without long-range attention; use "order" when that matters.
+- ``kind="match"`` (default): label 1 iff the two tagged values are equal (with
+  ``n_values=2`` this is XOR of two bits, negated). Each tagged token alone, its value
+  and its position, is independent of the label; only the pair decides. Attention can
+  solve it in one layer: a tagged token finds its partner by similarity ``d`` tokens
+  away and compares values. A model that mixes tokens only within windows narrower than
+  ``d_min``, pools them and reads the pool out linearly cannot solve it (equality is not
+  linearly separable from a sum of per-window features); the best such readouts reach
+  about 75% for ``n_values=2``, 2/3 for 4 and tend to 62.5% for many values (by flagging
+  "both values in one half of the value set"). A non-linear readout of the pooled bag
+  of tokens can detect the repeated value, so "match" is a test of attention range for
+  pooled-linear classifiers such as :class:`levyattn.models.TextClassifier`.
+- ``kind="order"``: two *different* values ``a != b``; label 1 iff the first tagged token
+  has the smaller value (with ``n_values=2``: "does T_0 come before T_1?"). Both labels
+  put the same two tagged tokens in the sequence, only their order differs, so any bag
+  of tokens or of windows narrower than ``d_min`` is at chance (when ``margin`` is at
+  least the window width, so that no window sees a tagged token and an end of the
+  sequence at once). Caveat: with *absolute* positional embeddings a local model can
+  read the order off the two positions (score ``position(T_1) - position(T_0)``), so
+  use "order" for position-free or relative-position models.
 
 Chance level is 50% for both kinds (labels are balanced in expectation).
 Determinism: item ``i`` of a split depends only on ``(seed, split, i)`` and the task
@@ -64,8 +69,8 @@ class MultiscaleTask(SequenceClassificationDataset):
         seq_len: int = 64,
         d_min: int = 16,
         d_max: int = 48,
-        kind: str = "order",
-        n_values: int = 2,
+        kind: str = "match",
+        n_values: int = 4,
         n_noise: int = 16,
         distractor_rate: float = 0.1,
         margin: int = 4,
@@ -142,8 +147,8 @@ def make_multiscale_task(
     d_min: int = 16,
     d_max: int = 48,
     *,
-    kind: str = "order",
-    n_values: int = 2,
+    kind: str = "match",
+    n_values: int = 4,
     n_noise: int = 16,
     distractor_rate: float = 0.1,
     margin: int = 4,
@@ -153,8 +158,8 @@ def make_multiscale_task(
     ``n_test`` sequences of ``seq_len`` tokens whose label depends on two tagged tokens
     ``d_min`` to ``d_max`` apart. Deterministic given the arguments; chance is 50%.
 
-    The defaults (64 tokens, distance 16-48, ``kind="order"``) take about 0.1 s to
-    generate; ``vocab_size`` is ``1 + 2 * n_values + n_noise`` (21 by default).
+    The defaults: 64 tokens, distance 16-48, ``kind="match"`` with 4 values, 10%
+    distractors; ``vocab_size`` is ``1 + 2 * n_values + n_noise`` (25 by default).
     """
     common = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
                   distractor_rate=distractor_rate, margin=margin, seed=seed)  # fmt: skip

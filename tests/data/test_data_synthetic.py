@@ -1,0 +1,137 @@
+"""The synthetic multiscale task: determinism, its construction, and that its label lives
+in tokens far apart (a bag of local windows is at chance, a wide window is not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from levyattn.data import collate_text, make_multiscale_task
+from levyattn.data.synthetic import MultiscaleTask
+
+
+def tagged(ds: MultiscaleTask) -> torch.Tensor:
+    k = ds.params["n_values"]
+    return (ds.input_ids >= 1) & (ds.input_ids <= k)
+
+
+@pytest.mark.parametrize("kind", ["order", "match"])
+def test_construction(kind):
+    train, test = make_multiscale_task(400, 200, seq_len=40, d_min=8, d_max=20, kind=kind, n_values=3, seed=5)
+    assert train.vocab_size == 1 + 2 * 3 + 16 and train.num_classes == 2 and train.max_len == 40
+    for ds in (train, test):
+        mask = tagged(ds)
+        assert (mask.sum(1) == 2).all()  # exactly two tagged tokens
+        assert (ds.input_ids > 0).all()  # no padding inside
+        pos = mask.nonzero()[:, 1].view(-1, 2)
+        assert torch.equal(pos, ds.positions)
+        d = ds.distances
+        assert d.min() >= 8 and d.max() <= 20 and len(set(d.tolist())) > 5
+        assert (pos[:, 0] >= 4).all() and (pos[:, 1] <= 40 - 1 - 4).all()  # margin
+        a = ds.input_ids.gather(1, pos[:, :1]).squeeze(1)
+        b = ds.input_ids.gather(1, pos[:, 1:]).squeeze(1)
+        labels = torch.tensor(ds.labels)
+        want = (a < b) if kind == "order" else (a == b)
+        assert torch.equal(want.long(), labels)
+        assert 0.4 < labels.float().mean() < 0.6
+    # distractors: untagged value tokens do occur
+    assert ((train.input_ids > 3) & (train.input_ids <= 6)).any()
+
+
+def test_deterministic_and_prefix_stable():
+    a_train, a_test = make_multiscale_task(50, 20, seed=1)
+    b_train, b_test = make_multiscale_task(80, 30, seed=1)
+    assert torch.equal(a_train.input_ids, b_train.input_ids[:50])
+    assert a_train.labels == b_train.labels[:50]
+    assert torch.equal(a_test.input_ids, b_test.input_ids[:20])
+    c_train, _ = make_multiscale_task(50, 20, seed=2)
+    assert not torch.equal(a_train.input_ids, c_train.input_ids)
+    assert not torch.equal(a_train.input_ids[:20], a_test.input_ids)  # train and test streams differ
+    d_train, _ = make_multiscale_task(50, 20, seed=1, d_min=20)
+    assert not torch.equal(a_train.input_ids, d_train.input_ids)
+
+
+def _pair_bag(ids: np.ndarray, vocab: int, window: int) -> np.ndarray:
+    """Counts of the tokens and of every ordered pair (x_i, x_j) with 0 < j - i < window:
+    everything a model that mixes only inside windows of that width can pool."""
+    n, length = ids.shape
+    feats = np.zeros((n, vocab + vocab * vocab), dtype=np.float32)
+    rows = np.repeat(np.arange(n), length)
+    np.add.at(feats, (rows, ids.reshape(-1)), 1.0)
+    for off in range(1, window):
+        code = vocab + ids[:, :-off] * vocab + ids[:, off:]
+        r = np.repeat(np.arange(n), length - off)
+        np.add.at(feats, (r, code.reshape(-1)), 1.0)
+    return feats
+
+
+def _baseline_accuracy(train: MultiscaleTask, test: MultiscaleTask, window: int) -> float:
+    """Test accuracy of logistic regression on :func:`_pair_bag` features. The noise tokens
+    are merged into one symbol first: they are drawn independently of the label, and
+    fewer features keep the fit fast."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    v = 2 + 2 * train.params["n_values"]  # pad, tagged values, untagged values, one noise symbol
+    xtr = _pair_bag(np.minimum(train.input_ids.numpy(), v - 1), v, window)
+    xte = _pair_bag(np.minimum(test.input_ids.numpy(), v - 1), v, window)
+    # Standardised counts: an affine map, so the readout stays linear in the pooled counts
+    # (a non-linear one such as log(1 + count) would detect a repeated value), and lbfgs
+    # converges in a few iterations instead of crawling on the large noise-pair counts.
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(C=10.0, max_iter=2000).fit(scaler.transform(xtr), train.labels)
+    return float((clf.predict(scaler.transform(xte)) == np.asarray(test.labels)).mean())
+
+
+def test_order_local_windows_are_at_chance_and_wide_windows_are_not():
+    # margin >= window: no window sees a tagged token and an end of the sequence at once
+    train, test = make_multiscale_task(1500, 2000, seq_len=56, d_min=12, d_max=24, kind="order", margin=12, seed=0)
+    local = _baseline_accuracy(train, test, window=12)
+    wide = _baseline_accuracy(train, test, window=25)
+    # chance is 0.5; 2000 test items give a standard error of 0.011
+    assert abs(local - 0.5) < 0.05, local
+    assert wide > 0.95, wide
+
+
+def test_match_needs_the_far_pair():
+    train, test = make_multiscale_task(1500, 2000, seq_len=48, d_min=12, d_max=24, kind="match", seed=0)
+    local = _baseline_accuracy(train, test, window=12)
+    wide = _baseline_accuracy(train, test, window=25)
+    # a linear readout of pooled local features cannot test equality: about 2/3 at best with 4 values
+    assert local < 0.72, local
+    assert wide > 0.95, wide
+
+
+def test_batches_for_the_classifier():
+    train, _ = make_multiscale_task(8, 4, seq_len=32, d_min=4, d_max=10)
+    ids, pad, labels = collate_text([train[i] for i in range(8)], pad_id=train.pad_id)
+    assert ids.shape == (8, 32) and not pad.any() and labels.shape == (8,)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="seq_len=20 is too short .* = 25"):
+        make_multiscale_task(10, 10, seq_len=20, d_min=16, d_max=16)
+    with pytest.raises(ValueError, match=r"d_max must be an int in \[16, 55\]"):
+        make_multiscale_task(10, 10, seq_len=64, d_min=16, d_max=60)
+    with pytest.raises(ValueError, match="kind"):
+        make_multiscale_task(10, 10, kind="xor3")
+    with pytest.raises(ValueError, match="n_values"):
+        make_multiscale_task(10, 10, n_values=1)
+    with pytest.raises(ValueError, match="distractor_rate"):
+        make_multiscale_task(10, 10, distractor_rate=1.5)
+    with pytest.raises(TypeError, match="n_train|n must be an int"):
+        make_multiscale_task(10.5, 10)
+
+
+def test_the_training_task_reads_its_sizes_from_the_data():
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    preset = {**PRESETS["multiscale-1layer"]}
+    preset["data"] = {**preset["data"], "task_args": {"n_train": 16, "n_test": 8}}
+    task = ClassificationTask(preset)
+    train, _ = task.datasets()
+    cfg = task.model_config
+    assert cfg["vocab_size"] == train.vocab_size and cfg["max_len"] == 64 and cfg["num_classes"] == 2
+    ids, pad, labels = task.collate([train[i] for i in range(4)])
+    assert ids.shape == (4, 64) and pad.dtype == torch.bool
