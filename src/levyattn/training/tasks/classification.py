@@ -80,11 +80,7 @@ class ClassificationTask:
     def _load(self) -> None:
         if self._data is not None:
             return
-        try:
-            from levyattn import data as D
-        except ImportError:  # the data package is optional for the embedded digits
-            D = None
-
+        D = _DataFunctions()
         c = self.data_cfg
         data_dir = c.get("data_dir")
         info: dict[str, Any] = {}
@@ -94,8 +90,7 @@ class ClassificationTask:
                 "(see `levyattn train --help`); nothing is downloaded"
             )
         if self.dataset == "digits":
-            loader = getattr(D, "load_digits", None) if D is not None else None
-            train, test = (loader or _sklearn_digits)(seed=c.get("seed", 0))
+            train, test = (D.get("load_digits") or _sklearn_digits)(seed=c.get("seed", 0))
         elif self.dataset == "cifar10":
             train, test = D.load_cifar10(data_dir)
         elif self.dataset in ("mnist", "fashion_mnist"):
@@ -180,6 +175,30 @@ class ClassificationTask:
         return weights, valid
 
 
+class _DataFunctions:
+    """``levyattn.data``'s loaders, found on the package or in its submodules."""
+
+    MODULES = ("images", "text", "synthetic", "_common")
+
+    def get(self, name: str):
+        import importlib
+
+        for module in ("levyattn.data",) + tuple(f"levyattn.data.{m}" for m in self.MODULES):
+            try:
+                fn = getattr(importlib.import_module(module), name, None)
+            except ImportError:
+                continue
+            if fn is not None:
+                return fn
+        return None
+
+    def __getattr__(self, name: str):
+        fn = self.get(name)
+        if fn is None:
+            raise ValueError(f"levyattn.data provides no {name}(); is the data package installed?")
+        return fn
+
+
 def _sklearn_digits(seed: int = 0, test_fraction: float = 0.2) -> tuple[list, list]:
     """scikit-learn's 1797 8x8 digits as ((1, 8, 8) float in [0, 1], label) pairs, a
     stratified train/test split fixed by ``seed``."""
@@ -221,9 +240,7 @@ def _describe(dataset: str, train: Any, test: Any) -> dict[str, Any]:
 def _collate_for(dataset: str, train: Any, test: Any):
     if dataset in IMAGE_DATASETS:
         return _collate_images
-    from levyattn import data as D
-
-    fn = getattr(D, "collate_sequences", None) or getattr(D, "collate_text", None)
+    fn = _DataFunctions().get("collate_sequences")
     base = getattr(train, "dataset", train)
     pad_id = int(getattr(base, "pad_id", 0))
     if fn is not None:
