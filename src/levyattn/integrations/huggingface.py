@@ -747,7 +747,10 @@ def to_fna(
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
     if objective not in ("attention", "output"):
         raise ValueError(f"objective must be 'attention' or 'output', got {objective!r}")
-    lo, hi = (float(v) for v in search_range)
+    try:
+        lo, hi = (float(v) for v in search_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"search_range must be a pair of numbers (log10 bandwidth), got {search_range!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and hi - lo >= 0.5):
         raise ValueError(
             f"search_range must be finite (lo, hi) with hi - lo >= 0.5 (log10 bandwidth), got {search_range!r}"
