@@ -4,7 +4,7 @@ Runs the ``multiscale-1layer`` preset as a sweep (FNA at each alpha, and softmax
 checks the issue's target: FNA with some alpha < 2 beats alpha = 2 and softmax by more
 than the seed spread (the larger of the two standard deviations).
 
-    python benchmarks/synthetic_alpha.py                       # alphas 1.2,2 and softmax; seeds 0,1,2
+    python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
     python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
 
 Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
@@ -29,7 +29,7 @@ from levyattn.training.sweep import run_sweep
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="multiscale-1layer")
-    p.add_argument("--alphas", default="1.2,2")
+    p.add_argument("--alphas", default="1,1.2,1.6,2")
     p.add_argument("--attention", default="fna,softmax")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", dest="overrides", action="append", default=[])
