@@ -10,7 +10,7 @@ HELP = "FNA (alpha 1.2, alpha 2) vs softmax, one layer and one head, on digits a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="levyattn-demo", help="output folder (default levyattn-demo/)")
     parser.add_argument("--quick", action="store_true", help="tiny models and data: seconds, for smoke tests")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; 0 with --quick)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -19,8 +19,12 @@ def run(args: argparse.Namespace) -> int:
 
     from levyattn.training.demo import run_demo
 
-    print("levyattn demo: training 6 one-layer, one-head models (embedded data only)", flush=True)
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress,
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else None
+    except ValueError as err:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from err
+    print("levyattn demo: one-layer, one-head models, FNA vs softmax (embedded data only)", flush=True)
+    result = run_demo(args.out, quick=args.quick, seeds=seeds, progress=not args.no_progress,
                       log=lambda m: print("  " + m, flush=True))
     print()
     print(result["table"])

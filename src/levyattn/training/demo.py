@@ -106,21 +106,36 @@ def _available(task_key: str) -> bool:
     return True
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
 def run_demo(
     out_dir: str | Path = "levyattn-demo",
     *,
     quick: bool = False,
-    seed: int = 0,
+    seeds: tuple[int, ...] | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the six demo models, write the report; return ``{"rows", "report", ...}``."""
-    from levyattn.report import Section, write_html_report
+    """Train the demo models (3 variants x 2 tasks x ``seeds``), write the report.
 
+    ``seeds`` defaults to (0, 1, 2), or (0,) with ``quick``. Returns ``{"rows"`` (one per
+    task and variant, mean and std over seeds), ``"runs"`` (one per model), ``"table"``
+    (Markdown), ``"report"`` (the HTML path), ``"total_s"``, ``"out_dir"``, ``"skipped"}``.
+    """
+    from levyattn.report import Section, write_html_report
+    from levyattn.training.trainer import to_device
+
+    seeds = tuple(seeds) if seeds is not None else ((0,) if quick else (0, 1, 2))
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     curves: dict[str, list[dict[str, Any]]] = {}
     maps: dict[str, list[tuple[str, Any]]] = {}
     skipped = []
@@ -133,42 +148,63 @@ def run_demo(
         curves[task_key], maps[task_key] = [], []
         for attention, alpha in VARIANTS:
             variant = variant_name(attention, alpha)
-            preset = demo_preset(task_key, attention, alpha, seed, quick)
-            if log:
-                log(f"{task_key}: training {variant} ...")
-            result, trainer = train_preset(preset, out / "runs" / f"{task_key}-{variant.replace(' ', '-')}",
-                                           progress=progress)
-            task, model = trainer.task, trainer.model
-            _, eval_ds = task.datasets()
-            gap = attention_gap(task, model, eval_ds, n_samples=32 if quick else 128)
-            first = task.collate([eval_ds[0]])
-            from levyattn.training.trainer import to_device
-
-            weights, valid = task.attention(model, to_device(first, next(model.parameters()).device))
-            w = weights[0][0, 0]
-            if valid is not None:
-                keep = valid[0]
-                w = w[keep][:, keep]
-            maps[task_key].append((variant, w.detach().float().cpu().numpy()))
-            row = {"task": task_key, "attention": attention, "alpha": alpha, "variant": variant,
-                   "params": result["params"], "accuracy": result["metrics"]["accuracy"],
-                   "spectral_gap": gap["spectral_gap"], "train_time_s": result["train_time_s"],
-                   "samples_per_s": result["samples_per_s"], "epochs": len(result["history"])}
-            rows.append(row)
-            curves[task_key].append({"variant": variant, "history": result["history"]})
-            if log:
-                log(f"{task_key}: {variant}: test accuracy {row['accuracy']:.4f}, spectral gap "
-                    f"{row['spectral_gap']:.3f}, {row['train_time_s']:.1f}s")
+            histories = []
+            for seed in seeds:
+                preset = demo_preset(task_key, attention, alpha, seed, quick)
+                if log:
+                    log(f"{task_key}: training {variant}, seed {seed} ...")
+                run_dir = out / "runs" / f"{task_key}-{variant.replace(' ', '-')}-s{seed}"
+                result, trainer = train_preset(preset, run_dir, progress=progress)
+                task, model = trainer.task, trainer.model
+                _, eval_ds = task.datasets()
+                gap = attention_gap(task, model, eval_ds, n_samples=32 if quick else 128)
+                if seed == seeds[0]:
+                    first = task.collate([eval_ds[0]])
+                    weights, valid = task.attention(model, to_device(first, next(model.parameters()).device))
+                    w = weights[0][0, 0]
+                    if valid is not None:
+                        keep = valid[0]
+                        w = w[keep][:, keep]
+                    maps[task_key].append((variant, w.detach().float().cpu().numpy()))
+                run = {"task": task_key, "attention": attention, "alpha": alpha, "variant": variant, "seed": seed,
+                       "params": result["params"], "accuracy": result["metrics"]["accuracy"],
+                       "spectral_gap": gap["spectral_gap"], "train_time_s": result["train_time_s"],
+                       "samples_per_s": result["samples_per_s"], "epochs": len(result["history"])}
+                runs.append(run)
+                histories.append(result["history"])
+                if log:
+                    log(f"{task_key}: {variant}, seed {seed}: test accuracy {run['accuracy']:.4f}, spectral gap "
+                        f"{run['spectral_gap']:.3f}, {run['train_time_s']:.1f}s")
+            # the learning curve: mean test accuracy over seeds, epoch by epoch
+            mean_curve = [
+                {"epoch": recs[0]["epoch"], "eval_accuracy": sum(r["eval_accuracy"] for r in recs) / len(recs)}
+                for recs in zip(*histories)
+            ]
+            curves[task_key].append({"variant": variant, "history": mean_curve})
+    rows = []
+    for task_key in curves:
+        for attention, alpha in VARIANTS:
+            rs = [r for r in runs if r["task"] == task_key and r["attention"] == attention and r["alpha"] == alpha]
+            acc, acc_sd = _mean_std([r["accuracy"] for r in rs])
+            gap, gap_sd = _mean_std([r["spectral_gap"] for r in rs])
+            rows.append({"task": task_key, "attention": attention, "alpha": alpha, "variant": rs[0]["variant"],
+                         "seeds": len(rs), "params": rs[0]["params"], "accuracy_mean": acc, "accuracy_std": acc_sd,
+                         "gap_mean": gap, "gap_std": gap_sd,
+                         "train_time_s": sum(r["train_time_s"] for r in rs) / len(rs),
+                         "samples_per_s": sum(r["samples_per_s"] for r in rs) / len(rs)})
     curves_png = _plot_curves(curves, out / "learning_curves.png")
     maps_png = _plot_attention(maps, out / "attention_maps.png")
     header = ["task", "attention", "params", "test accuracy", "spectral gap", "train time (s)", "samples/s"]
-    table_rows = [[r["task"], r["variant"], r["params"], round(r["accuracy"], 4), round(r["spectral_gap"], 4),
-                   round(r["train_time_s"], 1), round(r["samples_per_s"])] for r in rows]
+    table_rows = [[r["task"], r["variant"], r["params"], f"{r['accuracy_mean']:.4f} ± {r['accuracy_std']:.4f}",
+                   f"{r['gap_mean']:.3f} ± {r['gap_std']:.3f}", round(r["train_time_s"], 1),
+                   round(r["samples_per_s"])] for r in rows]
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in table_rows)
     total = time.perf_counter() - t_start
-    note = (f"levyattn demo{' --quick' if quick else ''}, seed {seed}, {torch.get_num_threads()} threads, "
-            f"{total:.0f} s in all. One layer, one head everywhere; only the attention differs.")
+    seed_text = ", ".join(map(str, seeds))
+    note = (f"levyattn demo{' --quick' if quick else ''}, seeds {seed_text} (mean ± std over seeds), "
+            f"{torch.get_num_threads()} threads, {total:.0f} s in all. One layer, one head everywhere; "
+            "only the attention differs.")
     sections = [
         Section("Comparison", text=[
             "FNA (fractional neural attention) replaces softmax's exp(q.k) by the heavy-tailed kernel "
@@ -176,15 +212,17 @@ def run_demo(
             "(local, Brownian). Spectral gap = 1 - |lambda_2| of the attention matrices on test inputs: "
             "larger means the attention graph mixes information faster.",
         ], header=header, rows=table_rows),
-        Section("Learning curves", text=["Test accuracy after each epoch."], figures=[curves_png]),
-        Section("Attention maps", text=["Layer 1, head 1, on the first test input (rows: queries)."],
+        Section("Learning curves", text=["Test accuracy after each epoch (mean over seeds)."],
+                figures=[curves_png]),
+        Section("Attention maps", text=[f"Layer 1, head 1, on the first test input (seed {seeds[0]}; rows: queries)."],
                 figures=[maps_png]),
     ]
     report = write_html_report(out / "report.html", "levyattn demo: FNA vs softmax", sections, note=note)
-    atomic_write_json(out / "results.json", {"quick": quick, "seed": seed, "total_s": total, "rows": rows,
-                                             "curves": curves, "skipped": skipped})
+    atomic_write_json(out / "results.json", {"quick": quick, "seeds": list(seeds), "total_s": total, "rows": rows,
+                                             "runs": runs, "curves": curves, "skipped": skipped})
     atomic_write_text(out / "table.md", md)
-    return {"rows": rows, "table": md, "report": report, "total_s": total, "out_dir": out, "skipped": skipped}
+    return {"rows": rows, "runs": runs, "table": md, "report": report, "total_s": total, "out_dir": out,
+            "skipped": skipped}
 
 
 __all__ = ["DEMO_TASKS", "VARIANTS", "run_demo"]
