@@ -141,3 +141,34 @@ def test_a_task_missing_members_is_rejected():
 
     with pytest.raises(TypeError, match="missing.*datasets"):
         Trainer(Half(), _cfg())
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), bs=st.integers(1, 17), world=st.integers(1, 3), seed=st.integers(0, 5),
+       epoch=st.integers(0, 3))
+def test_shards_partition_each_epoch(n, bs, world, seed, epoch):
+    if bs < world:
+        with pytest.raises(ValueError, match="batch_size"):
+            global_batches(n, bs, seed, epoch, world)
+        return
+    batches = global_batches(n, bs, seed, epoch, world)
+    seen = [i for b in batches for i in b]
+    assert len(seen) == len(set(seen)) and set(seen) <= set(range(n))
+    assert len(seen) >= n - (world - 1)  # at most a last batch smaller than the world is dropped
+    for b in batches:
+        shards = [b[r::world] for r in range(world)]
+        assert sorted(i for s in shards for i in s) == sorted(b) and all(shards)
+
+
+@settings(max_examples=40, deadline=None)
+@given(step=st.integers(0, 500), warm=st.integers(0, 50))
+def test_cosine_lr_stays_in_range(step, warm):
+    cfg = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=warm, min_lr_ratio=0.1)
+    lr = lr_at(cfg, step, 500, 50)
+    assert 0 < lr <= 1e-3 + 1e-15
+    if step >= warm:
+        assert lr >= 1e-4 - 1e-15

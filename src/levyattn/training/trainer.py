@@ -138,6 +138,10 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
     """The epoch's global batches as index lists. A last batch smaller than the number
     of processes is dropped (every process needs at least one sample per step)."""
+    if batch_size < world_size:
+        raise ValueError(
+            f"batch_size (the global batch) must be >= the number of processes {world_size}, got {batch_size}"
+        )
     order = epoch_order(n, seed, epoch).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if batches and len(batches[-1]) < world_size:
