@@ -172,3 +172,22 @@ def test_cosine_lr_stays_in_range(step, warm):
     assert 0 < lr <= 1e-3 + 1e-15
     if step >= warm:
         assert lr >= 1e-4 - 1e-15
+
+
+def test_tied_weights_round_trip(tmp_path):
+    class Tied(torch.nn.Module):
+        model_type = "tied"
+
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(5, 3)
+            self.out = torch.nn.Linear(3, 5, bias=False)
+            self.out.weight = self.emb.weight
+
+    m = Tied()
+    ck.save_checkpoint(tmp_path, model=m, model_type="tied", model_config={})
+    loaded = ck.load_checkpoint(tmp_path)
+    assert loaded.state["model_aliases"] == {"out.weight": "emb.weight"}
+    m2 = Tied()
+    ck.load_model_state(m2, loaded)
+    assert torch.equal(m2.emb.weight, m.emb.weight) and m2.out.weight is m2.emb.weight

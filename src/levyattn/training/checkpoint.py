@@ -58,7 +58,12 @@ class Checkpoint:
         return self.state["model_config"]
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        sd = {k[len("model.") :]: v for k, v in self.tensors.items() if k.startswith("model.")}
+        for alias, name in self.state.get("model_aliases", {}).items():
+            if name not in sd:
+                raise CheckpointError(f"checkpoint {self.path}: tied weight {alias!r} names a missing tensor {name!r}")
+            sd[alias] = sd[name]
+        return sd
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -150,11 +155,25 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = getattr(model, "module", model)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # Tied weights (an LM's embedding and output layer) share storage, which safetensors
+    # refuses; store each storage once and record the other names as aliases.
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in model.state_dict().items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+               v.dtype) if v.numel() else None
+        if key is not None and key in seen:
+            aliases[k] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = k
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous().clone()
     state: dict[str, Any] = {
         "format": FORMAT,
         "model_type": model_type,
         "model_config": model_config,
+        "model_aliases": aliases,
         "position": position or {},
         "history": history or [],
         "extra": extra or {},
