@@ -136,18 +136,7 @@ class TextClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
-            FractionalTransformerEncoderLayer(
-                c.d_model,
-                c.num_heads,
-                c.ffn_dim,
-                c.dropout,
-                c.activation,
-                layer_norm_eps=c.layer_norm_eps,
-                norm_first=c.norm_first,
-                attention=c.attention,
-                **c.attention_kwargs(for_layer=True),
-            )  # fmt: skip
-            for _ in range(c.num_layers)
+            FractionalTransformerEncoderLayer(**c.layer_kwargs(), attention=c.attention) for _ in range(c.num_layers)
         )
         # Post-LN layers end in a LayerNorm already; pre-LN stacks need one at the end.
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()

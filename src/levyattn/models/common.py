@@ -152,6 +152,20 @@ class AttentionOptions(ModelConfig):
         kwargs["attn_dropout" if for_layer else "dropout"] = self.attn_dropout
         return kwargs
 
+    def layer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``FractionalTransformerEncoderLayer`` / ``...DecoderLayer`` shared
+        by every model built from them (all but the attention kinds)."""
+        return dict(
+            d_model=self.d_model,
+            nhead=self.num_heads,
+            dim_feedforward=self.ffn_dim,
+            dropout=self.dropout,
+            activation=self.activation,
+            layer_norm_eps=self.layer_norm_eps,
+            norm_first=self.norm_first,
+            **self.attention_kwargs(for_layer=True),
+        )
+
 
 def check_attention_kind(name: str, value: Any) -> str:
     return check_choice(name, value, ATTENTION_KINDS)

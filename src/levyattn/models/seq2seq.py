@@ -149,7 +149,6 @@ class Seq2SeqTransformer(nn.Module):
         if isinstance(config, dict):
             config = Seq2SeqConfig.from_dict(config)
         self.config = c = config
-        fna = c.attention_kwargs(for_layer=True)
         self.src_embedding = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embedding = self.src_embedding if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, c.d_model)
         for emb in {id(e): e for e in (self.src_embedding, self.tgt_embedding)}.values():
@@ -159,32 +158,13 @@ class Seq2SeqTransformer(nn.Module):
         self.register_buffer("positions", sinusoidal_positions(c.max_len, c.d_model), persistent=False)
         self.dropout = nn.Dropout(c.dropout)
         self.encoder_layers = nn.ModuleList(
-            FractionalTransformerEncoderLayer(
-                c.d_model,
-                c.num_heads,
-                c.ffn_dim,
-                c.dropout,
-                c.activation,
-                layer_norm_eps=c.layer_norm_eps,
-                norm_first=c.norm_first,
-                attention=c.encoder_attention,
-                **fna,
-            )  # fmt: skip
+            FractionalTransformerEncoderLayer(**c.layer_kwargs(), attention=c.encoder_attention)
             for _ in range(c.num_encoder_layers)
         )
         self.decoder_layers = nn.ModuleList(
             FractionalTransformerDecoderLayer(
-                c.d_model,
-                c.num_heads,
-                c.ffn_dim,
-                c.dropout,
-                c.activation,
-                layer_norm_eps=c.layer_norm_eps,
-                norm_first=c.norm_first,
-                self_attention=c.decoder_attention,
-                cross_attention=c.cross_attention,
-                **fna,
-            )  # fmt: skip
+                **c.layer_kwargs(), self_attention=c.decoder_attention, cross_attention=c.cross_attention
+            )
             for _ in range(c.num_decoder_layers)
         )
         self.encoder_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()

@@ -123,18 +123,7 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.position_embedding, std=0.02)
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(
-            FractionalTransformerEncoderLayer(
-                c.d_model,
-                c.num_heads,
-                c.ffn_dim,
-                c.dropout,
-                c.activation,
-                layer_norm_eps=c.layer_norm_eps,
-                norm_first=c.norm_first,
-                attention=c.attention,
-                **c.attention_kwargs(for_layer=True),
-            )  # fmt: skip
-            for _ in range(c.num_layers)
+            FractionalTransformerEncoderLayer(**c.layer_kwargs(), attention=c.attention) for _ in range(c.num_layers)
         )
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.d_model, c.num_classes)
