@@ -24,8 +24,7 @@ def tiny_preset(train_file, eval_file, **train) -> dict:
     return {
         "task": "lm", "model_type": "lm",
         "model": {"d_model": 32, "num_layers": 1, "num_heads": 2, "dropout": 0.0, "attention": "fna", "alpha": 1.2,
-                  # untied: checkpoint.save_checkpoint cannot yet store shared tensors
-                  "tie_embeddings": False},
+                  "tie_embeddings": True},  # tied: the checkpoint stores the shared matrix once
         "data": {"dataset": "text", "train_file": str(train_file), "eval_file": str(eval_file), "vocab_size": 60,
                  "block_size": 16},
         "train": {"epochs": 6, "batch_size": 8, "lr": 5e-3, "schedule": "constant", "weight_decay": 0.0,
@@ -42,8 +41,7 @@ def trained(tmp_path_factory):
     preset = tiny_preset(train_file, eval_file)
     task = LMTask(preset)
     run = root / "run"
-    result = Trainer(task, TrainConfig.from_dict(preset["train"]), run).fit()
-    task.save_artifacts(run)
+    result = Trainer(task, TrainConfig.from_dict(preset["train"]), run).fit()  # writes the tokenizer too
     return {"task": task, "result": result, "run": run, "root": root}
 
 
@@ -88,7 +86,7 @@ def test_bad_inputs(tmp_path, trained, capsys):
     from levyattn.models import Seq2SeqTransformer
 
     s2s = Seq2SeqTransformer({"src_vocab_size": 9, "tgt_vocab_size": 9, "d_model": 8, "num_heads": 2,
-                              "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 8, "tie_output": False})
+                              "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 8})
     save_checkpoint(tmp_path / "s2s", model=s2s, model_type="seq2seq", model_config=s2s.config.to_dict())
     with pytest.raises(CheckpointError, match=r"'seq2seq'.*'lm'"):
         load_language_model(tmp_path / "s2s")

@@ -17,7 +17,9 @@ What it guarantees:
 
 Files written to ``out_dir`` (by the main process, atomically): ``config.json``,
 ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``checkpoint.json`` +
-``ckpt-<step>.safetensors``, and TensorBoard events if asked for.
+``ckpt-<step>.safetensors``, whatever ``task.save_artifacts(out_dir)`` writes (when the
+task has that method, e.g. a tokenizer; called once, right after ``config.json``), and
+TensorBoard events if asked for.
 
 Learning-rate schedules (``TrainConfig.schedule``), ``s`` = optimiser step:
 
@@ -311,6 +313,11 @@ class Trainer:
                 {"model_type": task.model_type, "model_config": task.model_config,
                  "train_config": cfg.to_dict(), **self.extra},
             )
+            # Files the task needs at inference (e.g. a tokenizer) go beside the checkpoint,
+            # so that a finished run folder is self-contained.
+            save_artifacts = getattr(task, "save_artifacts", None)
+            if callable(save_artifacts):
+                save_artifacts(self.out_dir)
 
         train_model: nn.Module = model
         if dist.enabled:
