@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from levyattn.data import collate_text, make_multiscale_task
 from levyattn.data.synthetic import MultiscaleTask
@@ -135,3 +137,74 @@ def test_the_training_task_reads_its_sizes_from_the_data():
     assert cfg["vocab_size"] == train.vocab_size and cfg["max_len"] == 64 and cfg["num_classes"] == 2
     ids, pad, labels = task.collate([train[i] for i in range(4)])
     assert ids.shape == (4, 64) and pad.dtype == torch.bool
+
+
+def _check_nearest(ds: MultiscaleTask) -> None:
+    p = ds.params
+    q_id = ds.vocab_size - 1
+    assert ds.token_names[q_id] == "Q"
+    ids = ds.input_ids
+    assert ((ids == q_id).sum(1) == 1).all()  # one query
+    assert (tagged(ds).sum(1) == 2).all()  # two markers
+    q = (ids == q_id).float().argmax(1)
+    assert torch.equal(q, ds.query_positions)
+    pos = tagged(ds).nonzero()[:, 1].view(-1, 2)
+    assert torch.equal(pos, ds.positions)
+    vals = ids.gather(1, pos)  # marker tokens, 1 + value
+    assert (vals[:, 0] != vals[:, 1]).all()
+    gaps = (pos - q[:, None]).abs()
+    # marker_distances is (gap of the smaller value, gap of the larger value)
+    small_first = vals[:, 0] < vals[:, 1]
+    want = torch.where(small_first[:, None], gaps, gaps.flip(1))
+    assert torch.equal(want, ds.marker_distances)
+    g = ds.marker_distances
+    assert (g[:, 0] != g[:, 1]).all() and g.min() >= p["d_min"] and g.max() <= p["d_max"]
+    labels = torch.tensor(ds.labels)
+    assert torch.equal((g[:, 0] < g[:, 1]).long(), labels)
+    lo, hi = p["margin"], p["seq_len"] - 1 - p["margin"]
+    assert (pos >= lo).all() and (pos <= hi).all() and (q >= lo).all() and (q <= hi).all()
+
+
+def test_nearest_construction_and_multiscale_gaps():
+    train, test = make_multiscale_task(600, 300, seq_len=64, d_min=1, d_max=40, kind="nearest", n_values=3, seed=3)
+    assert train.vocab_size == 1 + 2 * 3 + 16 + 1
+    for ds in (train, test):
+        _check_nearest(ds)
+        assert 0.4 < torch.tensor(ds.labels).float().mean() < 0.6
+    near = train.marker_distances.min(1).values
+    far = train.marker_distances.max(1).values
+    # log-uniform gaps: every scale occurs, small gaps most often
+    assert (near <= 2).float().mean() > 0.3 and (near >= 10).any() and (far >= 30).any()
+    # the bag of tokens is the same for both labels: one Q and two distinct markers always,
+    # and the marker values alone do not predict the label
+    ids = train.input_ids
+    labels = torch.tensor(train.labels)
+    for v in range(1, 4):
+        has = (ids == v).any(1).float()
+        assert abs(has[labels == 1].mean() - has[labels == 0].mean()) < 0.12
+
+
+@given(seq_len=st.integers(8, 40), d_min=st.integers(1, 5), span=st.integers(1, 20), margin=st.integers(0, 2),
+       seed=st.integers(0, 50))  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_nearest_invariants_hold_for_any_valid_parameters(seq_len, d_min, span, margin, seed):
+    d_max = min(d_min + span, seq_len - 1 - 2 * margin)
+    assume(d_max > d_min)
+    train, _ = make_multiscale_task(20, 1, seq_len=seq_len, d_min=d_min, d_max=d_max, kind="nearest",
+                                    margin=margin, seed=seed)  # fmt: skip
+    _check_nearest(train)
+
+
+def test_nearest_needs_two_distinct_gaps():
+    with pytest.raises(ValueError, match=r"d_max must be an int in \[5, "):
+        make_multiscale_task(10, 10, seq_len=32, d_min=4, d_max=4, kind="nearest")
+
+
+def test_the_nearest_preset_builds_its_data():
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    preset = {**PRESETS["multiscale-nearest-1layer"]}
+    preset["data"] = {**preset["data"], "task_args": {**preset["data"]["task_args"], "n_train": 16, "n_test": 8}}
+    task = ClassificationTask(preset)
+    train, _ = task.datasets()
+    assert train.kind == "nearest" and task.model_config["vocab_size"] == train.vocab_size == 1 + 4 + 1 + 1

@@ -36,7 +36,27 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   read the order off the two positions (score ``position(T_1) - position(T_0)``), so
   use "order" for position-free or relative-position models.
 
-Chance level is 50% for both kinds (labels are balanced in expectation).
+- ``kind="nearest"`` (multiscale nearest marker): one extra *query* token ``Q`` (the last
+  id of the vocabulary) and two tagged markers of different values ``a < b``, at
+  distances ``d_a != d_b`` from ``Q`` (each on a random side), each drawn
+  *log-uniformly* from ``[d_min, d_max]`` so that the two gaps range over every scale
+  from neighbours to half the sequence; label 1 iff the smaller-valued marker is the
+  nearer one. Every item holds the same tokens (``Q``, ``T_a``, ``T_b``) whatever its
+  label, so any bag of tokens is at chance; only the *comparison of two positional
+  gaps* decides, and it must work at every scale at once: 1 vs 2 tokens and 30 vs 40
+  tokens alike. Why a local kernel should struggle: with positions embedded so that
+  feature distance grows with positional gap ``z ~ s * gap``, a Gaussian kernel
+  (alpha = 2) weighs the two markers by ``exp(-s^2 * gap^2)``: one scale ``s`` cannot
+  make both ratios ``w(1)/w(2)`` and ``w(30)/w(40)`` legible (a small ``s`` flattens the
+  near pair, a large one sends the far pair to zero weight, next to the query's own
+  unit weight). A power law ``(1 + s * gap)^-(d + alpha)`` (alpha < 2) has log-ratio
+  ``(d + alpha) * log(gap_2 / gap_1)`` for gaps beyond ``1/s``: scale free, the far pair
+  stays as legible as the near one. (This is the hypothesis the task tests, see
+  ``benchmarks/synthetic_alpha.py``; it is not a proof: the embeddings are learned.)
+  ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
+  query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
+
+Chance level is 50% for all kinds (labels are balanced in expectation).
 Determinism: item ``i`` of a split depends only on ``(seed, split, i)`` and the task
 parameters (numpy's ``SeedSequence``), so the first 100 items are the same whatever
 ``n_train`` is, and train and test never share a generator stream.
@@ -49,7 +69,7 @@ import torch
 
 from levyattn.data._common import SequenceClassificationDataset, check_choice, check_float, check_int
 
-KINDS = ("order", "match")
+KINDS = ("order", "match", "nearest")
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -88,7 +108,7 @@ class MultiscaleTask(SequenceClassificationDataset):
                 f"seq_len={seq_len} is too short for d_min={d_min} with margin={margin}: "
                 f"need seq_len >= d_min + 2 * margin + 1 = {d_min + 2 * margin + 1}"
             )
-        d_max = check_int("d_max", d_max, d_min, max_d)
+        d_max = check_int("d_max", d_max, d_min + 1 if kind == "nearest" else d_min, max_d)
         n_values = check_int("n_values", n_values, 2)
         n_noise = check_int("n_noise", n_noise, 1)
         distractor_rate = check_float("distractor_rate", distractor_rate, 0.0, 1.0)
@@ -96,10 +116,13 @@ class MultiscaleTask(SequenceClassificationDataset):
         self.params = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
                            distractor_rate=distractor_rate, margin=margin, seed=seed)  # fmt: skip
         K = n_values
-        vocab_size = 1 + 2 * K + n_noise
+        vocab_size = 1 + 2 * K + n_noise + (1 if kind == "nearest" else 0)
+        query_id = 1 + 2 * K + n_noise  # only used by "nearest"
         seqs = np.empty((n, seq_len), dtype=np.int64)
         labels = np.empty(n, dtype=np.int64)
         pos = np.empty((n, 2), dtype=np.int64)
+        qpos = np.full(n, -1, dtype=np.int64)
+        gaps = np.zeros((n, 2), dtype=np.int64)
         # The task parameters enter the seed too: changing one gives new sequences, not a
         # reshuffle of old ones; the split id keeps train and test streams apart.
         words = [seed, _SPLIT_IDS[split], seq_len, d_min, d_max, KINDS.index(kind), K, n_noise,
@@ -112,6 +135,12 @@ class MultiscaleTask(SequenceClassificationDataset):
                 1 + K + rng.integers(K, size=seq_len),  # untagged value
                 1 + 2 * K + rng.integers(n_noise, size=seq_len),  # noise
             )
+            if kind == "nearest":
+                a, b = sorted(int(v) for v in rng.choice(K, size=2, replace=False))
+                q, (pa, pb), (da, db) = _place_nearest(rng, label, seq_len, d_min, d_max, margin)
+                fill[q], fill[pa], fill[pb] = query_id, 1 + a, 1 + b
+                seqs[i], labels[i], pos[i], qpos[i], gaps[i] = fill, label, sorted((pa, pb)), q, (da, db)
+                continue
             d = int(rng.integers(d_min, d_max + 1))
             p1 = int(rng.integers(margin, seq_len - margin - d))
             p2 = p1 + d
@@ -133,11 +162,45 @@ class MultiscaleTask(SequenceClassificationDataset):
         self.input_ids = torch.from_numpy(seqs)
         self.positions = torch.from_numpy(pos)
         self.distances = self.positions[:, 1] - self.positions[:, 0]
+        self.query_positions = torch.from_numpy(qpos)
+        self.marker_distances = torch.from_numpy(gaps)
         self.kind = kind
         self.chance = 0.5
         self.token_names = (
             ["<pad>"] + [f"T{v}" for v in range(K)] + [f"V{v}" for v in range(K)] + [f"N{j}" for j in range(n_noise)]
+            + (["Q"] if kind == "nearest" else [])
         )
+
+
+def _log_uniform_gap(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """An integer in [lo, hi] with log-uniform density (every scale equally likely)."""
+    return min(hi, int(np.exp(rng.uniform(np.log(lo), np.log(hi + 1)))))
+
+
+def _place_nearest(
+    rng: np.random.Generator, label: int, seq_len: int, d_min: int, d_max: int, margin: int
+) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Query position, positions of markers a and b, and their gaps for one "nearest" item.
+
+    Two distinct log-uniform gaps; the nearer goes to marker a when ``label`` is 1. Each
+    marker goes on a random side of the query among the sides that fit inside the margins;
+    a draw that does not fit (or puts both markers on one position) is redrawn, which
+    terminates because ``d_max <= seq_len - 1 - 2 * margin`` (checked by the caller).
+    """
+    lo, hi = margin, seq_len - 1 - margin
+    while True:
+        g1, g2 = _log_uniform_gap(rng, d_min, d_max), _log_uniform_gap(rng, d_min, d_max)
+        if g1 == g2:
+            continue
+        near, far = min(g1, g2), max(g1, g2)
+        da, db = (near, far) if label == 1 else (far, near)
+        q = int(rng.integers(lo, hi + 1))
+        placed = []
+        for g in (da, db):
+            sides = [s for s in (-1, 1) if lo <= q + s * g <= hi]
+            placed.append(q + int(rng.choice(sides)) * g if sides else None)
+        if None not in placed and placed[0] != placed[1]:
+            return q, (placed[0], placed[1]), (da, db)
 
 
 def make_multiscale_task(
