@@ -377,6 +377,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "weight_decay": 0.0, "eval_batch_size": 500},
         "sweep": {"alphas": [1.0, 1.2, 1.6, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
     },
+    "multiscale-nearest-1layer": {
+        "task": "classification",
+        "description": "synthetic multiscale nearest-marker task (embedded, 64 tokens, gaps 1-40 log-uniform): "
+        "one layer, one head, orthogonal, qk_share",
+        "model_type": "text_classifier",
+        # As multiscale-1layer (rescale off for the same reason) but with fixed sinusoidal
+        # positions, so the positional geometry the kernel acts on cannot be re-learned, and
+        # one filler token, no distractors (pilots: with learned positions or 16 noise
+        # tokens every model stayed at chance for 12 epochs; see benchmarks/RESULTS.md).
+        "model": {"num_layers": 1, "num_heads": 1, "d_model": 32, "attention": "fna", "alpha": 1.2,
+                  "bandwidth": 1.0, "manifold": "euclidean", "rescale": False, "orthogonal": True,
+                  "qk_share": True, "dropout": 0.0, "positional": "sinusoidal"},
+        "data": {"dataset": "multiscale", "data_dir": None,
+                 "task_args": {"n_train": 2000, "n_test": 1000, "seq_len": 64, "d_min": 1, "d_max": 40,
+                               "kind": "nearest", "n_values": 2, "n_noise": 1, "distractor_rate": 0.0}},
+        "train": {"epochs": 20, "batch_size": 32, "lr": 3e-3, "schedule": "cosine", "warmup_steps": 50,
+                  "weight_decay": 0.0, "eval_batch_size": 500},
+        "sweep": {"alphas": [1.0, 1.2, 1.6, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
+    },
 }
 
 __all__ = ["DATASETS", "PRESETS", "ClassificationTask", "make_task"]
