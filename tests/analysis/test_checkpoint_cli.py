@@ -35,6 +35,8 @@ def runs(tmp_path_factory):
         "text": _train(root / "text", "multiscale-1layer", [*MS, "rescale=true"]),
         "vit": _train(root / "vit", "digits-vit", ["limit_train=32", "limit_test=16", "model.num_layers=2",
                                                     "model.num_heads=2"]),
+        "lm": _train(root / "lm", "lm-toy-fna", ["data.limit_train=16", "data.limit_eval=4", "num_layers=1",
+                                                  "d_model=16", "num_heads=2", "data.block_size=24"]),
     }
 
 
@@ -145,3 +147,15 @@ def test_bad_inputs(runs, tmp_path):
     with pytest.raises(ValueError, match="need a checkpoint"):
         analyze_cli.run(_args([str(tmp_path / "w.npy"), "--input", "x.npy"]))
     assert main(["analyze", vit, "--out", str(tmp_path / "y")]) == 2
+
+
+def test_lm_text_string(runs, tmp_path, capsys):
+    from levyattn.training.tasks.translation import load_tokenizer_beside
+
+    out = tmp_path / "o"
+    assert main(["analyze", str(runs["lm"]), "--input", "the cat sees a dog", "--out", str(out), "--no-paths"]) == 0
+    n = len(load_tokenizer_beside(runs["lm"]).encode("the cat sees a dog"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"]["length"] == n and summary["layers"][0]["shape"] == [1, 2, n, n]
+    table = capsys.readouterr().out
+    assert "layer0  0" in table and " - " in table  # paths not computed: '-', not 'inf'

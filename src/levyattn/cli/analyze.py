@@ -452,9 +452,12 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "summary.json", summary)
 
     header = ["layer", "head", "gap", "mixing", "path -log P", "diameter", "hops", "entropy/log n"]
+    # "inf" is reserved for a measured infinity (null in JSON); analyses not run show "-".
+    no_mixing = {w.split(":", 1)[0] for w in warnings} if not args.no_mixing else set(tensors)
     rows = [
-        [h["layer"], h["head"], h["spectral_gap"], h["mixing_steps"], h["mean_path_length"], h["diameter"],
-         h["mean_hops"], h["row_entropy_normalised"]]
+        [h["layer"], h["head"], h["spectral_gap"], "-" if h["layer"] in no_mixing else h["mixing_steps"]]
+        + (["-"] * 3 if args.no_paths else [h["mean_path_length"], h["diameter"], h["mean_hops"]])
+        + [h["row_entropy_normalised"]]
         for h in summary["heads"]
     ]
     source_text = []
@@ -471,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
             Section("Per layer and head (means over the batch)", text=source_text + [
                 "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
                 "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
-                "'inf' = unreachable pairs or no mixing."], header=header,
+                "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
                 rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
             Section(f"Figures (batch {args.batch}, head {args.head})", text=warnings + notes, figures=figures),
         ],
