@@ -6,6 +6,13 @@ than the seed spread (the larger of the two standard deviations).
 
     python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
     python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
+    python benchmarks/synthetic_alpha.py --preset multiscale-nearest-1layer \
+        --runs runs/bench-synthetic-nearest --out benchmarks/results/training_synthetic_alpha_nearest.json
+
+On the ``kind="nearest"`` task (preset ``multiscale-nearest-1layer``) it also reports each
+model's test accuracy by the *scale* of the nearer gap (1-2, 3-5, 6-11, 12+ tokens) from
+the runs' final checkpoints: the task is built so that a single-scale kernel should lose
+accuracy at some scale, and the buckets show where.
 
 Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
 the per-run folders go to ``--runs`` (default runs/bench-synthetic-alpha; re-runs skip
@@ -21,9 +28,60 @@ import time
 
 import torch
 
+from levyattn.data import make_multiscale_task
 from levyattn.io import atomic_write_json
 from levyattn.training.presets import apply_overrides, get_preset
 from levyattn.training.sweep import run_sweep
+
+GAP_BUCKETS = ((1, 2), (3, 5), (6, 11), (12, 10**6))
+
+
+@torch.no_grad()
+def accuracy_by_gap(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]:
+    """Test accuracy of every finished run by the nearer gap's scale (``kind="nearest"``).
+
+    The test split is rebuilt from the preset (the task seed is the preset's, shared by all
+    runs); each run's weights come from its final checkpoint in ``runs_dir/runs/<name>``.
+    """
+    from levyattn.models import TextClassifier
+    from levyattn.training.checkpoint import load_checkpoint
+
+    args = dict(preset["data"]["task_args"])
+    args.setdefault("seed", preset["data"].get("seed", 0))
+    _, test = make_multiscale_task(**args)
+    labels = torch.tensor(test.labels)
+    near = test.marker_distances.min(1).values
+    rows = []
+    for run in runs:
+        ckpt = load_checkpoint(f"{runs_dir}/runs/{run['name']}")
+        model = TextClassifier(ckpt.model_config)
+        model.load_state_dict(ckpt.model_state_dict())
+        model.eval()
+        ok = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)]) == labels
+        row = {"name": run["name"], "attention": run["attention"], "alpha": run["alpha"], "seed": run["seed"],
+               "accuracy": float(ok.float().mean())}
+        for lo, hi in GAP_BUCKETS:
+            sel = (near >= lo) & (near <= hi)
+            row[f"near_{lo}_{hi if hi < 10**6 else 'up'}"] = float(ok[sel].float().mean())
+        rows.append(row)
+    return rows
+
+
+def summarize_by_gap(rows: list[dict]) -> list[dict]:
+    """Mean and std over seeds of every bucket, per (attention, alpha)."""
+    keys = [k for k in rows[0] if k.startswith("near_") or k == "accuracy"] if rows else []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["attention"], r["alpha"]), []).append(r)
+    out = []
+    for (att, alpha), rs in groups.items():
+        entry = {"attention": att, "alpha": alpha, "n": len(rs)}
+        for k in keys:
+            vals = torch.tensor([r[k] for r in rs], dtype=torch.float64)
+            entry[k + "_mean"] = float(vals.mean())
+            entry[k + "_std"] = float(vals.std()) if len(rs) > 1 else 0.0
+        out.append(entry)
+    return out
 
 
 def main() -> None:
@@ -58,8 +116,20 @@ def main() -> None:
                               "met": bool(margin > spread and not math.isnan(margin))}
             print(f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
                   f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}")
+    by_gap = []
+    if preset["data"].get("dataset") == "multiscale" and preset["data"].get("task_args", {}).get("kind") == "nearest":
+        gap_runs = accuracy_by_gap(preset, args.runs, res.runs)
+        by_gap = summarize_by_gap(gap_runs)
+        cols = [k[: -len("_mean")] for k in by_gap[0] if k.endswith("_mean")] if by_gap else []
+        print("\naccuracy by the nearer gap (tokens), mean ± std over seeds")
+        print("| attention | alpha | " + " | ".join(cols) + " |")
+        print("|---|---|" + "---|" * len(cols))
+        for e in by_gap:
+            alpha = "-" if e["alpha"] is None else f"{e['alpha']:g}"
+            cells = " | ".join(f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}" for c in cols)
+            print(f"| {e['attention']} | {alpha} | {cells} |")
     atomic_write_json(args.out, {"preset": preset, "runs": res.runs, "summary": res.summary,
-                                 "correlation": res.correlation, "target": verdict,
+                                 "correlation": res.correlation, "target": verdict, "by_gap": by_gap,
                                  "wall_s": time.perf_counter() - t0, "torch": torch.__version__,
                                  "machine": platform.platform(), "threads": torch.get_num_threads()})
     print(f"wrote {args.out}")
