@@ -11,12 +11,16 @@ The training loss is the label-smoothed token cross-entropy (the model's
 ``label_smoothing``; weight = number of target tokens). ``evaluate`` reports ``loss``
 (unsmoothed mean token NLL), ``ppl``, and ``bleu`` / ``chrf`` (sacrebleu, 0-100) of
 greedy (or ``data.beam_size``) translations, *detokenised* and scored against the raw
-reference lines of the evaluation split. The headline metric is ``bleu``.
+reference lines of the evaluation split. The headline metric is ``bleu``. On the toy
+grammar ``evaluate`` also reports ``agreement``: the fraction of translations whose
+sentence-final predicate adjective carries the reference's gender/number suffix
+(``levyattn.data.translation.toy_agreement_accuracy``), the long-range dependency.
 
-One subword tokeniser (sentencepiece) is trained on the source and target sides of the
-training split together (a joint vocabulary: ``share_embeddings`` is then possible);
-:meth:`TranslationTask.save_artifacts` writes it beside the checkpoint, where
-``levyattn translate`` finds it.
+Multi30K: one subword tokeniser (sentencepiece by default) is trained on the source and
+target sides of the training split together (a joint vocabulary, so ``share_embeddings``
+is possible). The toy presets use ``tokenizer="toy"``: the grammar's fixed word vocabulary,
+also joint. :meth:`TranslationTask.save_artifacts` writes the tokeniser beside the
+checkpoint (the trainer calls it when a run starts), where ``levyattn translate`` finds it.
 
 ``data`` settings of a preset:
 
@@ -25,7 +29,11 @@ training split together (a joint vocabulary: ``share_embeddings`` is then possib
   (``levyattn.data.make_toy_translation``, keyword arguments under ``toy``);
 - ``src_lang`` / ``tgt_lang`` ("en" / "de"), ``eval_split`` ("valid" or "test");
 - ``tokenizer``: "sentencepiece" (default), "bpe", "word", "byte", or "toy" (the toy
-  grammar's fixed word vocabulary); toy data: ``toy`` = {n_train, n_eval, seed, min_pp, max_pp, p_adj};
+  grammar's fixed word vocabulary);
+- toy data: ``toy`` = {``n_train`` (default 3000), ``n_eval`` (200), ``seed`` (0; the
+  evaluation pairs come from ``seed + 1_000_003``), and ``make_toy_translation``'s grammar
+  settings ``min_pp`` (1), ``max_pp`` (4) prepositional phrases between the subject and
+  its predicate adjective, ``p_adj`` (0.5)}; the toy presets train on the defaults;
 - ``vocab_size`` (sentencepiece pieces), ``max_len`` (longest source/target in tokens,
   longer pairs are dropped from training and truncated at evaluation);
 - ``limit_train`` / ``limit_eval`` (first N pairs), ``beam_size``, ``length_penalty``,
@@ -272,8 +280,13 @@ class TranslationTask:
         order = sorted(hyps)
         scores = translation_scores([hyps[i] for i in order], [evaluation.refs[i] for i in order])
         self.last_translations = [hyps[i] for i in order]
-        return {"bleu": scores.bleu, "chrf": scores.chrf, "loss": nll_sum / max(n_tokens, 1),
-                "ppl": perplexity(nll_sum, n_tokens) if n_tokens else float("inf")}
+        out = {"bleu": scores.bleu, "chrf": scores.chrf, "loss": nll_sum / max(n_tokens, 1),
+               "ppl": perplexity(nll_sum, n_tokens) if n_tokens else float("inf")}
+        if self.dataset == "toy":
+            from levyattn.data.translation import toy_agreement_accuracy
+
+            out["agreement"] = toy_agreement_accuracy(self.last_translations, [evaluation.refs[i] for i in order])
+        return out
 
 
 def _as_lines(pairs: Any, what: str) -> tuple[list[str], list[str]]:
