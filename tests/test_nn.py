@@ -183,8 +183,11 @@ def test_decoder_cache_equals_full_recomputation(attention):
     memory, tgt = torch.randn(2, 4, 8), torch.randn(2, 5, 8)
     full = layer(tgt, memory)
     cache = KVCache()
+    projections = []
+    layer.cross_attn.v_proj.register_forward_hook(lambda *_: projections.append(1))
     steps = [layer(tgt[:, i : i + 1], memory, cache=cache) for i in range(5)]
-    assert len(cache) == 5
+    assert len(cache) == 5 and len(cache.memory) == 4
+    assert len(projections) == 1  # the encoder output is projected once, not per step
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     cache.reorder(torch.tensor([1, 1, 0]))
-    assert cache.key.shape[0] == 3
+    assert cache.key.shape[0] == 3 and cache.memory.key.shape[0] == 3

@@ -39,11 +39,16 @@ class KVCache:
 
     With a cache, a module's new keys/values are appended and its queries attend to all
     of them; causal masking is bottom-right aligned, so the last query sees every key.
+    A ``static`` cache is filled once and then reused as it is: the projected encoder
+    output of cross-attention, which does not change while decoding. A decoder layer keeps
+    its cross-attention cache in ``memory`` of its self-attention cache.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, static: bool = False) -> None:
         self.key: torch.Tensor | None = None
         self.value: torch.Tensor | None = None
+        self.static = static
+        self.memory: KVCache | None = None
 
     def __len__(self) -> int:
         return 0 if self.key is None else self.key.shape[-2]
@@ -61,6 +66,8 @@ class KVCache:
         if self.key is not None:
             self.key = self.key.index_select(0, index)
             self.value = self.value.index_select(0, index)
+        if self.memory is not None:
+            self.memory.reorder(index)
 
 
 def _combine_masks(
@@ -171,17 +178,20 @@ class _MultiheadBase(nn.Module):
         """query (B, L, E), key (B, S, kdim), value (B, S, vdim) -> ((B, L, E), weights or None).
 
         With ``kv_cache``, ``key``/``value`` are the new positions only; masks then cover
-        all cached plus new keys.
+        all cached plus new keys. A filled static cache is used instead of ``key``/``value``.
         """
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         if query.dim() != 3:
             raise ValueError(f"query must be (B, L, E), got shape {tuple(query.shape)}")
         q = self._heads(self._project_query(query))
-        k = self._heads(self._project_key(key))
-        v = self._heads(self.v_proj(value))
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)
+        if kv_cache is not None and kv_cache.static and len(kv_cache):
+            k, v = kv_cache.key, kv_cache.value
+        else:
+            k = self._heads(self._project_key(key))
+            v = self._heads(self.v_proj(value))
+            if kv_cache is not None:
+                k, v = kv_cache.update(k, v)
         batch, nq, nk = q.shape[0], q.shape[2], k.shape[2]
         mask = _combine_masks(attn_mask, key_padding_mask, batch, self.num_heads, nq, nk, q.dtype)
         out, weights = self._attend(q, k, v, mask, is_causal, need_weights)
@@ -473,9 +483,15 @@ class FractionalTransformerDecoderLayer(nn.Module):
 
         With ``cache``, ``tgt`` holds only the new positions; the cache keeps the
         self-attention keys/values of earlier ones (``tgt_key_padding_mask`` then covers
-        all positions so far).
+        all positions so far) and, in ``cache.memory``, the projected ``memory``, which is
+        then projected once per sequence rather than once per step.
         """
         x = tgt
+        memory_cache = None
+        if cache is not None:
+            if cache.memory is None:
+                cache.memory = KVCache(static=True)
+            memory_cache = cache.memory
 
         def self_block(h):
             out, weights = self.self_attn(
@@ -487,7 +503,7 @@ class FractionalTransformerDecoderLayer(nn.Module):
         def cross_block(h):
             out, weights = self.cross_attn(
                 h, memory, memory, key_padding_mask=memory_key_padding_mask, attn_mask=memory_mask,
-                need_weights=need_weights, average_attn_weights=False,
+                need_weights=need_weights, average_attn_weights=False, kv_cache=memory_cache,
             )  # fmt: skip
             return self.dropout(out), weights
 
