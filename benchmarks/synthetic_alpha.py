@@ -112,10 +112,17 @@ def main() -> None:
                 continue
             margin = best["accuracy_mean"] - other["accuracy_mean"]
             spread = max(best["accuracy_std"], other["accuracy_std"])
+            # Same seed = same initialisation stream and batch order: the per-seed differences
+            # show whether a lead is consistent even where the spread over seeds swamps it.
+            acc = {(r["attention"], r["alpha"], r["seed"]): r["accuracy"] for r in res.runs}
+            paired = {s: acc[("fna", best["alpha"], s)] - acc[(other_key[0], other_key[1], s)]
+                      for s in best["seeds"] if (other_key[0], other_key[1], s) in acc}
             verdict[label] = {"best_alpha": best["alpha"], "margin": margin, "spread": spread,
-                              "met": bool(margin > spread and not math.isnan(margin))}
+                              "met": bool(margin > spread and not math.isnan(margin)),
+                              "paired_differences": paired}
             print(f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
-                  f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}")
+                  f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}; "
+                  f"per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}")
     by_gap = []
     if preset["data"].get("dataset") == "multiscale" and preset["data"].get("task_args", {}).get("kind") == "nearest":
         gap_runs = accuracy_by_gap(preset, args.runs, res.runs)
