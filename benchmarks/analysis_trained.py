@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from levyattn.cli.analyze import summarise_layer
+from levyattn.analysis import attention_summary
 from levyattn.io import atomic_write, atomic_write_json
 from levyattn.training import load_model
 from levyattn.training.presets import apply_overrides, get_preset, train_preset
@@ -59,13 +59,13 @@ def measure(run_dir: Path, task, n_examples: int) -> dict:
     batch = task.collate([test[i] for i in range(n)])
     weights, valid = task.attention(model, batch)
     mask = None if valid is None else valid.numpy()
-    records, warnings = [], []
+    records = []
     for i, w in enumerate(weights):
         w = w.detach().double()
         w = w.unsqueeze(1) if w.dim() == 3 else w
-        part = summarise_layer(f"layer{i}", w.numpy(), mask, mixing=True, paths=True, atol=None, warnings=warnings)
+        part = attention_summary({f"layer{i}": w.numpy()}, mask=mask)
         records.extend(part["records"])
-    out = {"n_examples": n, "n_matrices": len(records), "warnings": warnings}
+    out = {"n_examples": n, "n_matrices": len(records)}
     for key in METRICS:
         vals = [r[key] for r in records if r[key] is not None]
         out[key] = float(np.mean(vals)) if vals else None

@@ -118,3 +118,16 @@ def test_stationary_with_transient_states():
     P = np.array([[0.5, 0.5, 0.0], [0.0, 0.2, 0.8], [0.0, 0.6, 0.4]])
     pi = stationary(P)
     assert pi[0] == 0 and np.allclose(pi @ P, pi)
+
+
+def test_numerically_singular_walk_has_no_stationary_distribution(monkeypatch):
+    # Sharp trained attention (rows within rounding of one-hot) can make the balance
+    # equations exactly singular in floating point: no unique pi, so the walk never mixes.
+    def singular(*_):
+        raise np.linalg.LinAlgError("Singular matrix")
+
+    P = np.full((4, 4), 0.25)
+    assert stationary(P) is not None
+    monkeypatch.setattr(np.linalg, "solve", singular)
+    assert stationary(P) is None
+    assert math.isinf(mixing_time(P))

@@ -52,7 +52,12 @@ def stationary(P: np.ndarray) -> np.ndarray | None:
     A[-1, :] = 1.0  # replace one (redundant) balance equation by the normalisation
     b = np.zeros(m)
     b[-1] = 1.0
-    pi_closed = np.linalg.solve(A, b)
+    try:
+        pi_closed = np.linalg.solve(A, b)
+    except np.linalg.LinAlgError:
+        # Rows within rounding of one-hot (sharp trained attention) make the walk
+        # numerically reducible: no unique stationary distribution, so it never mixes.
+        return None
     pi_closed = np.clip(pi_closed, 0.0, None)
     pi = np.zeros(n)
     pi[closed] = pi_closed / pi_closed.sum()

@@ -347,32 +347,11 @@ def _preset_data(args: argparse.Namespace, ckpt: Any, model: Any, source: dict[s
 # ----------------------------------------------------------------------------- main
 
 
-def summarise_layer(
-    name: str, P: Any, mask: Any, *, mixing: bool, paths: bool, atol: float | None, warnings: list[str]
-) -> dict[str, Any]:
-    """``attention_summary`` of one layer. Trained models can produce nearly reducible walks
-    (rows within float32 rounding of one-hot), where solving for the stationary distribution
-    is numerically singular; then mixing times are left out (null) and a warning recorded,
-    rather than losing every other measurement of the run."""
-    import numpy as np
-
-    from levyattn.analysis import attention_summary
-
-    try:
-        return attention_summary({name: P}, mask=mask, mixing=mixing, paths=paths, atol=atol)
-    except np.linalg.LinAlgError as err:
-        if not mixing:
-            raise
-        warnings.append(f"{name}: mixing times left out: the stationary distribution is numerically "
-                        f"singular ({err}); the walk is (nearly) reducible")
-        return attention_summary({name: P}, mask=mask, mixing=False, paths=paths, atol=atol)
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from levyattn.analysis import ROW_SUM_ATOL_LOW, DiffusionMap, spectral_gap
+    from levyattn.analysis import ROW_SUM_ATOL_LOW, DiffusionMap, attention_summary, spectral_gap
     from levyattn.analysis.io import load_attention_with_dtypes
     from levyattn.analysis.plots import plot_attention, plot_embedding, plot_spectrum
     from levyattn.analysis.summary import _as_bhnn
@@ -405,10 +384,8 @@ def run(args: argparse.Namespace) -> int:
     summary: dict = {"input": str(args.input), "layers": [], "heads": [], "records": []}
     if source:
         summary["source"] = source
-    warnings: list[str] = []
     for name, P in tqdm(tensors.items(), desc="layers", disable=len(tensors) < 2):
-        part = summarise_layer(name, P, mask, mixing=not args.no_mixing, paths=not args.no_paths, atol=atol,
-                               warnings=warnings)
+        part = attention_summary({name: P}, mask=mask, mixing=not args.no_mixing, paths=not args.no_paths, atol=atol)
         summary["conventions"] = part["conventions"]
         for key in ("layers", "heads", "records"):
             summary[key].extend(part[key])
@@ -447,15 +424,12 @@ def run(args: argparse.Namespace) -> int:
                 ))
             except ValueError as err:
                 notes.append(f"{tag}: no diffusion map: {err}")
-    if warnings:
-        summary["warnings"] = warnings
     atomic_write_json(out / "summary.json", summary)
 
     header = ["layer", "head", "gap", "mixing", "path -log P", "diameter", "hops", "entropy/log n"]
     # "inf" is reserved for a measured infinity (null in JSON); analyses not run show "-".
-    no_mixing = {w.split(":", 1)[0] for w in warnings} if not args.no_mixing else set(tensors)
     rows = [
-        [h["layer"], h["head"], h["spectral_gap"], "-" if h["layer"] in no_mixing else h["mixing_steps"]]
+        [h["layer"], h["head"], h["spectral_gap"], "-" if args.no_mixing else h["mixing_steps"]]
         + (["-"] * 3 if args.no_paths else [h["mean_path_length"], h["diameter"], h["mean_hops"]])
         + [h["row_entropy_normalised"]]
         for h in summary["heads"]
@@ -476,14 +450,12 @@ def run(args: argparse.Namespace) -> int:
                 "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
                 "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
                 rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
-            Section(f"Figures (batch {args.batch}, head {args.head})", text=warnings + notes, figures=figures),
+            Section(f"Figures (batch {args.batch}, head {args.head})", text=notes, figures=figures),
         ],
         note=f"{sum(t.shape[0] * t.shape[1] for t in tensors.values())} matrices from {args.input}",
     )
     if source_text:
         print(source_text[0])
-    for w in warnings:
-        print(f"warning: {w}")
     widths = [max(len(header[i]), *(len(_fmt(r[i])) for r in rows)) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
