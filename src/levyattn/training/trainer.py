@@ -389,7 +389,7 @@ class Trainer:
                 position["step_in_epoch"] += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
                 if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0 \
                         and position["step_in_epoch"] < steps_per_epoch:
                     position["train_time_s"] += time.perf_counter() - t0
