@@ -177,7 +177,7 @@ def main() -> None:
     atomic_write_json(Path(args.out), {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seeds": seeds, "examples": args.examples, "total_time_s": total_s, "table": table, "runs": runs,
-        "table_markdown": "\n".join(lines), "figure": str(fig),
+        "table_markdown": "\n".join(lines), "figure": Path(fig).name,
     })
     print(f"wrote {args.out} and {fig}")
 
