@@ -19,10 +19,10 @@ import torch
 
 from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsumexp
 
-# Elements of one (B, H, block, Nk) logits tile; 2**22 float32 values = 16 MiB. It bounds
-# the extra memory; large tiles amortise the per-operation overhead of each pass (measured:
-# faster than 2**16..2**21 at N = 4096 on 2 CPU cores).
-TILE_ELEMENTS = 1 << 22
+# Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. It bounds
+# the extra memory; measured on 2 CPU cores (forward+backward, alpha 1.2), it was the
+# fastest of 2**18..2**22 at (8, 4, 512, 16), (16, 4, 128, 16) and (1, 4, 4096, 64).
+TILE_ELEMENTS = 1 << 21
 
 
 def block_size(batch_heads: int, nq: int, nk: int) -> int:
