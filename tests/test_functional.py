@@ -18,8 +18,13 @@ ALPHAS = [0.5, 1.0, 1.2, 1.5, 1.9, 2.0]
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
-    """Tiles of a few query rows, so every test crosses tile boundaries."""
+    """Tiles of 4 query rows, so every test crosses tile boundaries."""
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 4)
+
+
+def test_tests_cross_tile_boundaries():
+    assert tiled.block_size(batch_heads=4, nq=11, nk=11) == 4
 
 
 def make_qkv(b=2, h=2, nq=11, nk=11, d=5, dv=3, dtype=torch.float64, scale=1.0, seed=0):
