@@ -133,6 +133,18 @@ class AttentionOptions(ModelConfig):
             check_bool(name, getattr(self, name))
         self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
 
+    def check_block_sizes(self) -> None:
+        """The checks every Transformer-block config shares: heads dividing ``d_model``,
+        feed-forward width, dropout, activation, LayerNorm eps (``d_model`` itself is
+        checked by each model, whose constraints on it differ)."""
+        check_int("num_heads", self.num_heads, 1)
+        check_heads(self.d_model, self.num_heads)
+        if self.dim_feedforward is not None:
+            check_int("dim_feedforward", self.dim_feedforward, 1)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_choice("activation", self.activation, ("relu", "gelu"))
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+
     def attention_kwargs(self, *, for_layer: bool = False) -> dict[str, Any]:
         """Keyword arguments of ``levyattn.nn.make_attention``; with ``for_layer=True`` those of
         the nn encoder/decoder layers, which name the attention dropout ``attn_dropout``

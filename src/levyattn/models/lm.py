@@ -25,9 +25,7 @@ from levyattn.models.common import (
     ModelOutput,
     check_attention_kind,
     check_bool,
-    check_choice,
     check_float,
-    check_heads,
     check_ids,
     check_int,
     check_padding_mask,
@@ -63,13 +61,7 @@ class CausalLMConfig(AttentionOptions):
         check_int("block_size", self.block_size, 1)
         check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        check_int("num_heads", self.num_heads, 1)
-        check_heads(self.d_model, self.num_heads)
-        if self.dim_feedforward is not None:
-            check_int("dim_feedforward", self.dim_feedforward, 1)
-        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_choice("activation", self.activation, ("relu", "gelu"))
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+        self.check_block_sizes()
         check_bool("tie_embeddings", self.tie_embeddings)
         check_attention_kind("attention", self.attention)
 

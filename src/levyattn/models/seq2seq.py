@@ -34,9 +34,7 @@ from levyattn.models.common import (
     AttentionOptions,
     check_attention_kind,
     check_bool,
-    check_choice,
     check_float,
-    check_heads,
     check_ids,
     check_int,
     check_padding_mask,
@@ -94,14 +92,8 @@ class Seq2SeqConfig(AttentionOptions):
             raise ValueError(f"d_model must be even (sinusoidal positions), got {self.d_model}")
         check_int("num_encoder_layers", self.num_encoder_layers, 1)
         check_int("num_decoder_layers", self.num_decoder_layers, 1)
-        check_int("num_heads", self.num_heads, 1)
-        check_heads(self.d_model, self.num_heads)
-        if self.dim_feedforward is not None:
-            check_int("dim_feedforward", self.dim_feedforward, 1)
-        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_choice("activation", self.activation, ("relu", "gelu"))
+        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
         for name in ("encoder_attention", "decoder_attention", "cross_attention"):
             check_attention_kind(name, getattr(self, name))
         check_bool("tie_output", self.tie_output)

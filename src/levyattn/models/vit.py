@@ -25,8 +25,6 @@ from levyattn.models.common import (
     check_attention_kind,
     check_bool,
     check_choice,
-    check_float,
-    check_heads,
     check_int,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
@@ -67,14 +65,8 @@ class ViTConfig(AttentionOptions):
         check_int("num_classes", self.num_classes, 2)
         check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        check_int("num_heads", self.num_heads, 1)
-        check_heads(self.d_model, self.num_heads)
-        if self.dim_feedforward is not None:
-            check_int("dim_feedforward", self.dim_feedforward, 1)
-        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_choice("activation", self.activation, ("relu", "gelu"))
+        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
         check_choice("pooling", self.pooling, ("cls", "mean"))
         check_attention_kind("attention", self.attention)
 
