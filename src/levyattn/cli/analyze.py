@@ -254,8 +254,7 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
     import numpy as np
     import torch
 
-    from levyattn.models import build_model
-    from levyattn.training.checkpoint import load_checkpoint, load_model_state
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     if (args.model_input is None) == (args.preset_data is None):
         raise ValueError(
@@ -263,9 +262,7 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
             "(the inputs to run the model on)"
         )
     ckpt = load_checkpoint(args.input)
-    model = build_model(ckpt.model_type, ckpt.model_config)
-    load_model_state(model, ckpt, ckpt.model_type)
-    model.eval()
+    model = model_from_checkpoint(ckpt).eval()
     cfg = model.config
     source: dict[str, Any] = {"checkpoint": str(ckpt.path), "model_type": ckpt.model_type,
                               "global_step": ckpt.state.get("position", {}).get("global_step")}

@@ -274,14 +274,19 @@ def load_model(path: str | os.PathLike, model_type: str | None = None, map_locat
 
     ``model_type``, if given, must match the checkpoint's (CheckpointError otherwise).
     """
+    return model_from_checkpoint(load_checkpoint(path), model_type).to(map_location)
+
+
+def model_from_checkpoint(ckpt: Checkpoint, model_type: str | None = None) -> torch.nn.Module:
+    """The model a loaded checkpoint holds, rebuilt and with its weights; ``model_type``,
+    if given, must match the checkpoint's (CheckpointError otherwise)."""
     from levyattn.models import build_model
 
-    ckpt = load_checkpoint(path)
     if model_type is not None:
         check_model_type(ckpt, model_type)
     model = build_model(ckpt.model_type, ckpt.model_config)
     load_model_state(model, ckpt, ckpt.model_type)
-    return model.to(map_location)
+    return model
 
 
 __all__ = [
@@ -292,6 +297,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "load_model_state",
+    "model_from_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

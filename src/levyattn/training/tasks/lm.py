@@ -203,13 +203,10 @@ def load_language_model(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
 
     A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
     """
-    from levyattn.models import build_model
-    from levyattn.training.checkpoint import check_model_type, load_checkpoint, load_model_state
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
-    check_model_type(ckpt, "lm")
-    model = build_model(ckpt.model_type, ckpt.model_config)
-    load_model_state(model, ckpt, "lm")
+    model = model_from_checkpoint(ckpt, "lm")
     tokenizer = load_tokenizer_beside(ckpt.path)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(

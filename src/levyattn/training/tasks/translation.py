@@ -402,13 +402,10 @@ def load_translator(path: str | Path, device: str = "cpu") -> tuple[nn.Module, A
 
     A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
     """
-    from levyattn.models import build_model
-    from levyattn.training.checkpoint import check_model_type, load_checkpoint, load_model_state
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
-    check_model_type(ckpt, "seq2seq")
-    model = build_model(ckpt.model_type, ckpt.model_config)
-    load_model_state(model, ckpt, "seq2seq")
+    model = model_from_checkpoint(ckpt, "seq2seq")
     tokenizer = load_tokenizer_beside(ckpt.path)
     c = model.config
     if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) != (
