@@ -49,10 +49,6 @@ class AttentionCall:
     def is_gaussian(self) -> bool:
         return not isinstance(self.alpha, torch.Tensor) and self.alpha >= 2
 
-    @property
-    def has_mask(self) -> bool:
-        return self.attn_mask is not None or self.is_causal or self.exclude_self
-
     def prepare(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Once per call, before tiling: centre (Euclidean) so distances are well conditioned."""
         if self.manifold == "euclidean":
