@@ -208,3 +208,98 @@ def test_the_nearest_preset_builds_its_data():
     task = ClassificationTask(preset)
     train, _ = task.datasets()
     assert train.kind == "nearest" and task.model_config["vocab_size"] == train.vocab_size == 1 + 4 + 1 + 1
+
+
+def _check_majority(ds: MultiscaleTask) -> None:
+    """Every invariant of a "majority" split: one query, M markers at their recorded
+    positions and gaps, a bare majority value, and the label law."""
+    p = ds.params
+    k, m = p["n_values"], p["n_markers"]
+    q_first = 1 + 2 * k + p["n_noise"]
+    assert ds.vocab_size == q_first + k and ds.token_names[q_first] == "Q0"
+    ids = ds.input_ids
+    is_q = ids >= q_first
+    assert (is_q.sum(1) == 1).all()  # one query
+    q = is_q.float().argmax(1)
+    assert torch.equal(q, ds.query_positions)
+    assert torch.equal(ids.gather(1, q[:, None]).squeeze(1) - q_first, ds.query_values)
+    mask = tagged(ds)
+    assert (mask.sum(1) == m).all()
+    pos = mask.nonzero()[:, 1].view(-1, m)
+    assert torch.equal(pos, ds.positions)
+    assert torch.equal(ids.gather(1, pos) - 1, ds.marker_values)
+    gaps = (pos - q[:, None]).abs()
+    assert torch.equal(gaps, ds.marker_distances)
+    assert gaps.min() >= p["d_min"] and gaps.max() <= p["d_max"]
+    lo, hi = p["margin"], p["seq_len"] - 1 - p["margin"]
+    assert (pos >= lo).all() and (pos <= hi).all() and (q >= lo).all() and (q <= hi).all()
+    counts = torch.nn.functional.one_hot(ds.marker_values, k).sum(1)  # (N, K)
+    top = counts.max(1)
+    assert (top.values == (m + 1) // 2).all()  # the barest strict majority, always
+    labels = torch.tensor(ds.labels)
+    assert torch.equal((top.indices == ds.query_values).long(), labels)
+
+
+def test_majority_construction_label_law_and_scales():
+    train, test = make_multiscale_task(800, 300, seq_len=64, d_min=1, d_max=48, kind="majority", n_values=4,
+                                       n_markers=7, n_noise=1, distractor_rate=0.0, seed=3)  # fmt: skip
+    for ds in (train, test):
+        _check_majority(ds)
+        assert ds.input_ids.shape == (len(ds), 64) and ds.positions.shape == (len(ds), 7)
+        assert 0.4 < torch.tensor(ds.labels).float().mean() < 0.6
+    g = train.marker_distances
+    # log-uniform gaps: neighbours and far markers in the same sequences
+    assert (g.min(1).values <= 2).float().mean() > 0.5 and (g.max(1).values >= 24).float().mean() > 0.5
+    # the query's value alone and the majority value alone say nothing about the label
+    labels = torch.tensor(train.labels)
+    for v in range(4):
+        for values in (train.query_values, torch.mode(train.marker_values, 1).values):
+            has = (values == v).float()
+            assert abs(has[labels == 1].mean() - has[labels == 0].mean()) < 0.1
+    # the nearest marker alone is a poor guide: its value agrees with the label law far from always
+    nearest = train.marker_values.gather(1, g.argmin(1, keepdim=True)).squeeze(1)
+    assert ((nearest == train.query_values).long() == labels).float().mean() < 0.8
+
+
+def test_majority_is_deterministic_by_seed_and_leaves_other_kinds_alone():
+    kw = dict(seq_len=32, d_min=1, d_max=20, kind="majority", n_markers=5)
+    a, _ = make_multiscale_task(30, 5, seed=4, **kw)
+    b, _ = make_multiscale_task(60, 5, seed=4, **kw)
+    c, _ = make_multiscale_task(30, 5, seed=5, **kw)
+    assert torch.equal(a.input_ids, b.input_ids[:30]) and a.labels == b.labels[:30]
+    assert not torch.equal(a.input_ids, c.input_ids)
+    # n_markers enters the stream of "majority" only: the other kinds keep their sequences
+    m1, _ = make_multiscale_task(20, 5, seed=4, kind="match")
+    m2, _ = make_multiscale_task(20, 5, seed=4, kind="match", n_markers=9)
+    assert torch.equal(m1.input_ids, m2.input_ids)
+
+
+@given(seq_len=st.integers(12, 48), d_min=st.integers(1, 4), span=st.integers(4, 30), margin=st.integers(0, 3),
+       n_markers=st.sampled_from([3, 5]), n_values=st.integers(2, 5), seed=st.integers(0, 50))  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_majority_invariants_hold_for_any_valid_parameters(seq_len, d_min, span, margin, n_markers, n_values, seed):
+    d_max = min(d_min + span, seq_len - 1 - 2 * margin)
+    assume(d_max - d_min + 1 >= n_markers)
+    train, _ = make_multiscale_task(12, 1, seq_len=seq_len, d_min=d_min, d_max=d_max, kind="majority",
+                                    margin=margin, n_markers=n_markers, n_values=n_values, seed=seed)  # fmt: skip
+    _check_majority(train)
+
+
+def test_majority_bad_marker_counts_are_named():
+    with pytest.raises(ValueError, match="n_markers must be odd"):
+        make_multiscale_task(10, 10, kind="majority", n_markers=6)
+    with pytest.raises(ValueError, match=r"n_markers must be an int in \[3, 5\]"):
+        make_multiscale_task(10, 10, seq_len=32, d_min=4, d_max=8, kind="majority", n_markers=7)
+
+
+def test_the_majority_preset_builds_its_data_and_shares_the_nearest_presets_setting():
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    maj, near = PRESETS["multiscale-majority-1layer"], PRESETS["multiscale-nearest-1layer"]
+    # one model and one training setting for both position tasks (and, by the sweep, every alpha)
+    assert maj["model"] == near["model"] and maj["train"] == near["train"] and maj["sweep"] == near["sweep"]
+    preset = {**maj, "data": {**maj["data"], "task_args": {**maj["data"]["task_args"], "n_train": 16, "n_test": 8}}}
+    task = ClassificationTask(preset)
+    train, _ = task.datasets()
+    assert train.kind == "majority" and task.model_config["vocab_size"] == train.vocab_size == 1 + 8 + 1 + 4
+    _check_majority(train)

@@ -55,6 +55,23 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   ``benchmarks/synthetic_alpha.py``; it is not a proof: the embeddings are learned.)
   ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
   query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
+- ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
+  ``v`` and ``n_markers`` (odd, M) tagged markers, each at its own gap from the query drawn
+  log-uniformly from ``[d_min, d_max]`` (random side, distinct positions); one value ``w``
+  holds the barest strict majority, ``(M + 1) / 2`` markers at random places among the M,
+  and the other ``(M - 1) / 2`` take values other than ``w``. Label 1 iff ``w == v``: the
+  query's value agrees with the markers' majority. The label is a relation between the
+  query and markers at every distance at once, so evidence must be gathered over all
+  scales: a model that relates the query only to its nearest marker is right about 72% of
+  the time, one that takes the majority of the nearest three about 81% (measured, M = 7,
+  4 values). The query alone and the markers' histogram alone are independent of the
+  label (``v`` uniform, ``w`` uniform given nothing else); as for "match", a pooled-linear
+  readout of per-token (or per-narrow-window) features can still reach the "match" bound
+  (75% for ``n_values=2``, less for more values) because ``[w == v]`` is an equality test.
+  Queries are ids ``2K+n_noise+1 .. 3K+n_noise`` (``Q0 ..``); ``positions`` holds the
+  markers' positions (sorted, (N, M)), ``marker_values`` their values and
+  ``marker_distances`` their gaps from the query, both in position order,
+  ``query_positions`` the query's and ``query_values`` ``v``.
 
 Chance level is 50% for all kinds (labels are balanced in expectation).
 Determinism: item ``i`` of a split depends only on ``(seed, split, i)`` and the task
@@ -69,16 +86,18 @@ import torch
 
 from levyattn.data._common import SequenceClassificationDataset, check_choice, check_float, check_int
 
-KINDS = ("order", "match", "nearest")
+KINDS = ("order", "match", "nearest", "majority")
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
 class MultiscaleTask(SequenceClassificationDataset):
     """One split of the multiscale task (see the module docstring).
 
-    Items ``(input_ids LongTensor (seq_len,), label)``; also ``positions`` (N, 2) long
-    (the two tagged positions, first < second), ``distances`` (N,), ``chance`` (0.5),
-    ``token_names`` and ``params`` (the generator's arguments).
+    Items ``(input_ids LongTensor (seq_len,), label)``; also ``positions`` (N, M) long
+    (the tagged positions, sorted; M = 2, or ``n_markers`` for "majority"),
+    ``distances`` (N,) (last minus first tagged position), ``chance`` (0.5),
+    ``token_names`` and ``params`` (the generator's arguments). ``n_markers`` is used by
+    "majority" only.
     """
 
     def __init__(
@@ -94,6 +113,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         n_noise: int = 16,
         distractor_rate: float = 0.1,
         margin: int = 4,
+        n_markers: int = 5,
         seed: int = 0,
     ) -> None:
         n = check_int("n", n, 1)
@@ -112,21 +132,30 @@ class MultiscaleTask(SequenceClassificationDataset):
         n_values = check_int("n_values", n_values, 2)
         n_noise = check_int("n_noise", n_noise, 1)
         distractor_rate = check_float("distractor_rate", distractor_rate, 0.0, 1.0)
+        n_markers = check_int("n_markers", n_markers, 3, d_max - d_min + 1 if kind == "majority" else None)
+        if n_markers % 2 == 0:
+            raise ValueError(f"n_markers must be odd (a strict majority always exists), got {n_markers}")
         seed = check_int("seed", seed, 0)
         self.params = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
-                           distractor_rate=distractor_rate, margin=margin, seed=seed)  # fmt: skip
+                           distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, seed=seed)  # fmt: skip
         K = n_values
-        vocab_size = 1 + 2 * K + n_noise + (1 if kind == "nearest" else 0)
-        query_id = 1 + 2 * K + n_noise  # only used by "nearest"
+        n_queries = {"nearest": 1, "majority": K}.get(kind, 0)
+        vocab_size = 1 + 2 * K + n_noise + n_queries
+        query_id = 1 + 2 * K + n_noise  # the first query token ("nearest", "majority")
+        m = n_markers if kind == "majority" else 2
         seqs = np.empty((n, seq_len), dtype=np.int64)
         labels = np.empty(n, dtype=np.int64)
-        pos = np.empty((n, 2), dtype=np.int64)
+        pos = np.empty((n, m), dtype=np.int64)
         qpos = np.full(n, -1, dtype=np.int64)
-        gaps = np.zeros((n, 2), dtype=np.int64)
+        qval = np.full(n, -1, dtype=np.int64)
+        gaps = np.zeros((n, m), dtype=np.int64)
+        mval = np.zeros((n, m), dtype=np.int64)
         # The task parameters enter the seed too: changing one gives new sequences, not a
-        # reshuffle of old ones; the split id keeps train and test streams apart.
+        # reshuffle of old ones; the split id keeps train and test streams apart. (n_markers
+        # only for "majority", so that the other kinds keep their sequences.)
         words = [seed, _SPLIT_IDS[split], seq_len, d_min, d_max, KINDS.index(kind), K, n_noise,
                  int(round(distractor_rate * 1_000_000)), margin]  # fmt: skip
+        words += [n_markers] if kind == "majority" else []
         for i in range(n):
             rng = np.random.default_rng([*words, i])
             label = int(rng.integers(2))
@@ -140,6 +169,18 @@ class MultiscaleTask(SequenceClassificationDataset):
                 q, (pa, pb), (da, db) = _place_nearest(rng, label, seq_len, d_min, d_max, margin)
                 fill[q], fill[pa], fill[pb] = query_id, 1 + a, 1 + b
                 seqs[i], labels[i], pos[i], qpos[i], gaps[i] = fill, label, sorted((pa, pb)), q, (da, db)
+                continue
+            if kind == "majority":
+                v = int(rng.integers(K))
+                w = v if label == 1 else int(rng.choice([u for u in range(K) if u != v]))
+                count = (m + 1) // 2
+                others = rng.choice([u for u in range(K) if u != w], size=m - count)
+                values = rng.permutation(np.concatenate([np.full(count, w), others]).astype(np.int64))
+                q, places = _place_majority(rng, m, seq_len, d_min, d_max, margin)
+                places = np.asarray(places)
+                fill[q], fill[places] = query_id + v, 1 + values
+                seqs[i], labels[i], pos[i], qpos[i], qval[i] = fill, label, places, q, v
+                gaps[i], mval[i] = np.abs(places - q), values
                 continue
             d = int(rng.integers(d_min, d_max + 1))
             p1 = int(rng.integers(margin, seq_len - margin - d))
@@ -161,14 +202,20 @@ class MultiscaleTask(SequenceClassificationDataset):
         )  # fmt: skip
         self.input_ids = torch.from_numpy(seqs)
         self.positions = torch.from_numpy(pos)
-        self.distances = self.positions[:, 1] - self.positions[:, 0]
+        self.distances = self.positions[:, -1] - self.positions[:, 0]
         self.query_positions = torch.from_numpy(qpos)
+        self.query_values = torch.from_numpy(qval)
         self.marker_distances = torch.from_numpy(gaps)
+        self.marker_values = torch.from_numpy(mval)
         self.kind = kind
         self.chance = 0.5
+        queries = {"nearest": ["Q"], "majority": [f"Q{v}" for v in range(K)]}.get(kind, [])
         self.token_names = (
-            ["<pad>"] + [f"T{v}" for v in range(K)] + [f"V{v}" for v in range(K)] + [f"N{j}" for j in range(n_noise)]
-            + (["Q"] if kind == "nearest" else [])
+            ["<pad>"]
+            + [f"T{v}" for v in range(K)]
+            + [f"V{v}" for v in range(K)]
+            + [f"N{j}" for j in range(n_noise)]
+            + queries
         )
 
 
@@ -203,6 +250,30 @@ def _place_nearest(
             return q, (placed[0], placed[1]), (da, db)
 
 
+def _place_majority(
+    rng: np.random.Generator, m: int, seq_len: int, d_min: int, d_max: int, margin: int
+) -> tuple[int, list[int]]:
+    """Query position and ``m`` distinct marker positions for one "majority" item.
+
+    Each marker's gap is log-uniform in ``[d_min, d_max]``, its side random among the sides
+    that fit inside the margins; a gap that fits nowhere or lands on a taken position is
+    redrawn. The query is redrawn until at least ``m`` positions lie within reach, so the
+    loop ends (every gap in range has positive probability).
+    """
+    lo, hi = margin, seq_len - 1 - margin
+    while True:
+        q = int(rng.integers(lo, hi + 1))
+        if sum(d_min <= abs(p - q) <= d_max for p in range(lo, hi + 1)) >= m:
+            break
+    taken: set[int] = set()
+    while len(taken) < m:
+        g = _log_uniform_gap(rng, d_min, d_max)
+        sides = [s for s in (-1, 1) if lo <= q + s * g <= hi and q + s * g not in taken]
+        if sides:
+            taken.add(q + int(rng.choice(sides)) * g)
+    return q, sorted(taken)
+
+
 def make_multiscale_task(
     n_train: int = 2000,
     n_test: int = 1000,
@@ -215,6 +286,7 @@ def make_multiscale_task(
     n_noise: int = 16,
     distractor_rate: float = 0.1,
     margin: int = 4,
+    n_markers: int = 5,
     seed: int = 0,
 ) -> tuple[MultiscaleTask, MultiscaleTask]:
     """Train and test splits of the multiscale task (module docstring): ``n_train`` and
@@ -225,7 +297,7 @@ def make_multiscale_task(
     distractors; ``vocab_size`` is ``1 + 2 * n_values + n_noise`` (25 by default).
     """
     common = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
-                  distractor_rate=distractor_rate, margin=margin, seed=seed)  # fmt: skip
+                  distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, seed=seed)  # fmt: skip
     return MultiscaleTask(n_train, split="train", **common), MultiscaleTask(n_test, split="test", **common)
 
 
