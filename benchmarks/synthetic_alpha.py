@@ -6,13 +6,16 @@ than the seed spread (the larger of the two standard deviations).
 
     python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
     python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
-    python benchmarks/synthetic_alpha.py --preset multiscale-nearest-1layer \
-        --runs runs/bench-synthetic-nearest --out benchmarks/results/training_synthetic_alpha_nearest.json
+    python benchmarks/synthetic_alpha.py --preset multiscale-majority-1layer \
+        --runs runs/bench-synthetic-majority --out benchmarks/results/training_synthetic_alpha_majority.json
 
-On the ``kind="nearest"`` task (preset ``multiscale-nearest-1layer``) it also reports each
-model's test accuracy by the *scale* of the nearer gap (1-2, 3-5, 6-11, 12+ tokens) from
-the runs' final checkpoints: the task is built so that a single-scale kernel should lose
-accuracy at some scale, and the buckets show where.
+From the runs' final checkpoints it also breaks the test accuracy down where the task has
+a scale: on ``kind="nearest"`` (preset ``multiscale-nearest-1layer``) by the *scale* of the
+nearer gap (1-2, 3-5, 6-11, 12+ tokens), where a single-scale kernel should lose accuracy;
+on ``kind="majority"`` (preset ``multiscale-majority-1layer``) by whether the marker nearest
+to the query holds the majority value: a model that reads only the nearest markers is
+right on the first kind of item and wrong on the second, one that weighs the markers at
+every distance is right on both.
 
 Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
 the per-run folders go to ``--runs`` (default runs/bench-synthetic-alpha; re-runs skip
@@ -36,9 +39,22 @@ from levyattn.training.sweep import run_sweep
 GAP_BUCKETS = ((1, 2), (3, 5), (6, 11), (12, 10**6))
 
 
+def test_buckets(test) -> dict[str, torch.Tensor]:
+    """Column name -> (N,) bool selection of test items, for the task's kind (see the module
+    docstring); empty for kinds without a scale to break down."""
+    if test.kind == "nearest":
+        near = test.marker_distances.min(1).values
+        return {f"near_{lo}_{hi if hi < 10**6 else 'up'}": (near >= lo) & (near <= hi) for lo, hi in GAP_BUCKETS}
+    if test.kind == "majority":
+        majority = torch.mode(test.marker_values, 1).values  # (M + 1) / 2 of M markers: a unique mode
+        nearest = test.marker_values.gather(1, test.marker_distances.argmin(1, keepdim=True)).squeeze(1)
+        return {"nearest_in_majority": nearest == majority, "nearest_in_minority": nearest != majority}
+    return {}
+
+
 @torch.no_grad()
-def accuracy_by_gap(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]:
-    """Test accuracy of every finished run by the nearer gap's scale (``kind="nearest"``).
+def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]:
+    """Test accuracy of every finished run, overall and in each of :func:`test_buckets`.
 
     The test split is rebuilt from the preset (the task seed is the preset's, shared by all
     runs); each run's weights come from its final checkpoint in ``runs_dir/runs/<name>``.
@@ -50,7 +66,7 @@ def accuracy_by_gap(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]
     args.setdefault("seed", preset["data"].get("seed", 0))
     _, test = make_multiscale_task(**args)
     labels = torch.tensor(test.labels)
-    near = test.marker_distances.min(1).values
+    buckets = test_buckets(test)
     rows = []
     for run in runs:
         ckpt = load_checkpoint(f"{runs_dir}/runs/{run['name']}")
@@ -58,18 +74,22 @@ def accuracy_by_gap(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]
         model.load_state_dict(ckpt.model_state_dict())
         model.eval()
         ok = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)]) == labels
-        row = {"name": run["name"], "attention": run["attention"], "alpha": run["alpha"], "seed": run["seed"],
-               "accuracy": float(ok.float().mean())}
-        for lo, hi in GAP_BUCKETS:
-            sel = (near >= lo) & (near <= hi)
-            row[f"near_{lo}_{hi if hi < 10**6 else 'up'}"] = float(ok[sel].float().mean())
+        row = {
+            "name": run["name"],
+            "attention": run["attention"],
+            "alpha": run["alpha"],
+            "seed": run["seed"],
+            "accuracy": float(ok.float().mean()),
+        }
+        for key, sel in buckets.items():
+            row[key] = float(ok[sel].float().mean())
         rows.append(row)
     return rows
 
 
-def summarize_by_gap(rows: list[dict]) -> list[dict]:
+def summarize_by_bucket(rows: list[dict]) -> list[dict]:
     """Mean and std over seeds of every bucket, per (attention, alpha)."""
-    keys = [k for k in rows[0] if k.startswith("near_") or k == "accuracy"] if rows else []
+    keys = [k for k in rows[0] if k not in ("name", "attention", "alpha", "seed")] if rows else []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["attention"], r["alpha"]), []).append(r)
@@ -96,14 +116,23 @@ def main() -> None:
     args = p.parse_args()
     preset = apply_overrides(get_preset(args.preset), args.overrides)
     t0 = time.perf_counter()
-    res = run_sweep(preset, alphas=[float(a) for a in args.alphas.split(",")],
-                    attentions=args.attention.split(","), seeds=[int(s) for s in args.seeds.split(",")],
-                    out_dir=args.runs, gap_samples=64, log=lambda m: print(m, flush=True))
+    res = run_sweep(
+        preset,
+        alphas=[float(a) for a in args.alphas.split(",")],
+        attentions=args.attention.split(","),
+        seeds=[int(s) for s in args.seeds.split(",")],
+        out_dir=args.runs,
+        gap_samples=64,
+        log=lambda m: print(m, flush=True),
+    )
     print()
     print(res.table())
     by = {(r["attention"], r["alpha"]): r for r in res.summary}
-    best = max((r for r in res.summary if r["attention"] == "fna" and r["alpha"] < 2),
-               key=lambda r: r["accuracy_mean"], default=None)
+    best = max(
+        (r for r in res.summary if r["attention"] == "fna" and r["alpha"] < 2),
+        key=lambda r: r["accuracy_mean"],
+        default=None,
+    )
     verdict = {}
     if best is not None:
         for other_key, label in ((("fna", 2.0), "alpha=2"), (("softmax", None), "softmax")):
@@ -115,30 +144,50 @@ def main() -> None:
             # Same seed = same initialisation stream and batch order: the per-seed differences
             # show whether a lead is consistent even where the spread over seeds swamps it.
             acc = {(r["attention"], r["alpha"], r["seed"]): r["accuracy"] for r in res.runs}
-            paired = {s: acc[("fna", best["alpha"], s)] - acc[(other_key[0], other_key[1], s)]
-                      for s in best["seeds"] if (other_key[0], other_key[1], s) in acc}
-            verdict[label] = {"best_alpha": best["alpha"], "margin": margin, "spread": spread,
-                              "met": bool(margin > spread and not math.isnan(margin)),
-                              "paired_differences": paired}
-            print(f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
-                  f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}; "
-                  f"per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}")
+            paired = {
+                s: acc[("fna", best["alpha"], s)] - acc[(other_key[0], other_key[1], s)]
+                for s in best["seeds"]
+                if (other_key[0], other_key[1], s) in acc
+            }
+            verdict[label] = {
+                "best_alpha": best["alpha"],
+                "margin": margin,
+                "spread": spread,
+                "met": bool(margin > spread and not math.isnan(margin)),
+                "paired_differences": paired,
+            }
+            print(
+                f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
+                f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}; "
+                f"per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
+            )
     by_gap = []
-    if preset["data"].get("dataset") == "multiscale" and preset["data"].get("task_args", {}).get("kind") == "nearest":
-        gap_runs = accuracy_by_gap(preset, args.runs, res.runs)
-        by_gap = summarize_by_gap(gap_runs)
+    kind = preset["data"].get("task_args", {}).get("kind")
+    if preset["data"].get("dataset") == "multiscale" and kind in ("nearest", "majority"):
+        by_gap = summarize_by_bucket(accuracy_by_bucket(preset, args.runs, res.runs))
         cols = [k[: -len("_mean")] for k in by_gap[0] if k.endswith("_mean")] if by_gap else []
-        print("\naccuracy by the nearer gap (tokens), mean ± std over seeds")
+        print("\naccuracy by bucket of test items (see the module docstring), mean ± std over seeds")
         print("| attention | alpha | " + " | ".join(cols) + " |")
         print("|---|---|" + "---|" * len(cols))
         for e in by_gap:
             alpha = "-" if e["alpha"] is None else f"{e['alpha']:g}"
             cells = " | ".join(f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}" for c in cols)
             print(f"| {e['attention']} | {alpha} | {cells} |")
-    atomic_write_json(args.out, {"preset": preset, "runs": res.runs, "summary": res.summary,
-                                 "correlation": res.correlation, "target": verdict, "by_gap": by_gap,
-                                 "wall_s": time.perf_counter() - t0, "torch": torch.__version__,
-                                 "machine": platform.platform(), "threads": torch.get_num_threads()})
+    atomic_write_json(
+        args.out,
+        {
+            "preset": preset,
+            "runs": res.runs,
+            "summary": res.summary,
+            "correlation": res.correlation,
+            "target": verdict,
+            "by_gap": by_gap,
+            "wall_s": time.perf_counter() - t0,
+            "torch": torch.__version__,
+            "machine": platform.platform(),
+            "threads": torch.get_num_threads(),
+        },
+    )
     print(f"wrote {args.out}")
 
 
