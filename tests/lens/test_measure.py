@@ -59,6 +59,29 @@ def test_one_pass_equals_per_distance(name, request):
     assert model.config._attn_implementation == "sdpa"  # switched to eager for the run, then restored
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_task_head_not_run_and_weights_unchanged(name, request):
+    model = request.getfixturevalue(name)
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    kw = dict(distances=[30, 60, 120], n_prompts=2, seeds=(42,), batch_size=2, causal=True)
+    impl = model.config._attn_implementation
+    try:
+        lens = measure_decay(model, **kw)
+        assert calls == [] and lens.info["forward_module"] == type(model.base_model).__name__
+        model.set_attn_implementation("eager")
+
+        def full_model(ids):  # the whole model, head and logits included
+            return model(input_ids=ids, output_attentions=True, use_cache=False).attentions
+
+        full = measure_decay(attentions_fn=full_model, token_range=(1000, 1999), **kw)
+    finally:
+        hook.remove()
+        model.set_attn_implementation(impl)
+    assert len(calls) == 1 and full.info["forward_module"] == "attentions_fn"  # the hook does fire on the head
+    np.testing.assert_allclose(lens.prompt_layer, full.prompt_layer, rtol=1e-6)
+
+
 def test_published_prompt_stream_reproduces_published_ids():
     p = _Prompts(1000, 1999, None, "random")
     rng = random.Random(42)

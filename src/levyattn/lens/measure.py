@@ -15,7 +15,11 @@ What can be measured
 
 A Hugging Face model whose attention implementation is fused (sdpa, flash) cannot return
 weights: it is switched to ``eager`` for the measurement and switched back afterwards, or
-refused with the reason when it cannot be switched.
+refused with the reason when it cannot be switched. A Hugging Face model with a task head
+(``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``...) is run through its backbone
+(``model.base_model``): the head acts after the last layer, so the attention weights are the
+same, and its logits (L x vocabulary per prompt, the largest matmul of many small models) are
+never needed. ``info["forward_module"]`` names the module that ran.
 
 Protocols
 ---------
@@ -56,6 +60,7 @@ import os
 import random
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -387,6 +392,19 @@ def _ensure_weights(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
+def _attention_body(model: nn.Module) -> nn.Module:
+    """The module to run for attention weights: a Hugging Face model's backbone, else the model.
+
+    ``base_model`` of a Hugging Face model with a task head is the stack that returns the
+    attentions; the head only maps its last hidden state to logits. Other modules run as given.
+    """
+    hf = sys.modules.get("transformers")  # a Hugging Face model means transformers is imported already
+    if hf is None or not isinstance(model, hf.PreTrainedModel):
+        return model
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
 def _extract(out: Any, name: str) -> list[torch.Tensor]:
     att = out.get("attentions") if isinstance(out, Mapping) else getattr(out, "attentions", None)
     if att is None or len(att) == 0:
@@ -673,6 +691,7 @@ def measure_decay(
 
     if attentions_fn is not None:
         fn = attentions_fn
+        forward_module = "attentions_fn"
 
         def attn_fn(ids: torch.Tensor) -> list[torch.Tensor]:
             layers = [a for a in fn(ids) if a is not None]
@@ -681,12 +700,14 @@ def measure_decay(
             return layers
     else:
         restore = _ensure_weights(model)  # type: ignore[arg-type]
+        body = _attention_body(model)  # type: ignore[arg-type]
+        forward_module = type(body).__name__
         kwargs: dict[str, Any] = {"output_attentions": True}
-        if getattr(getattr(model, "config", None), "use_cache", None) is not None:
+        if getattr(getattr(body, "config", None), "use_cache", None) is not None:
             kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
 
         def attn_fn(ids: torch.Tensor) -> list[torch.Tensor]:
-            return _extract(model(input_ids=ids, **kwargs), name)
+            return _extract(body(input_ids=ids, **kwargs), name)
 
     try:
         context = _model_context(model, max_positions)
@@ -695,8 +716,21 @@ def measure_decay(
         with torch.inference_mode():
             is_causal = _is_causal(attn_fn, prompts, run_device) if causal is None else bool(causal)
             result = _run(
-                attn_fn, name, protocol, grid, n_prompts, seeds, prompts, passes, prompt_stream, is_causal,
-                dense, batch_size, run_device, tokenizer, progress,
+                attn_fn,
+                name,
+                protocol,
+                grid,
+                n_prompts,
+                seeds,
+                prompts,
+                passes,
+                prompt_stream,
+                is_causal,
+                dense,
+                batch_size,
+                run_device,
+                tokenizer,
+                progress,
             )
     finally:
         restore()
@@ -710,6 +744,7 @@ def measure_decay(
             "dtype": str(torch_dtype or _model_dtype(model)),
             "causal_detected": causal is None,
             "prefix": PREFIX,
+            "forward_module": forward_module,
         }
     )
     return result
