@@ -123,8 +123,14 @@ def test_gpt2_end_to_end_report(gpt2, tmp_path):
 def test_encoder_bert(bert):
     meas = measure_decay(bert, distances=[10, 30, 60, 120], n_prompts=2, seeds=(42,))
     assert not meas.causal and meas.passes == "per_distance" and meas.n_passes == 4
-    dense = measure_decay(bert, protocol="dense", distances=[10, 30, 60, 120], n_prompts=2, seeds=(42,),
-                          dense=DenseOptions(direction="forward"))
+    dense = measure_decay(
+        bert,
+        protocol="dense",
+        distances=[10, 30, 60, 120],
+        n_prompts=2,
+        seeds=(42,),
+        dense=DenseOptions(direction="forward"),
+    )
     assert np.all(dense.aggregate > 0) and dense.info["dense"]["direction_used"] == "forward"
     with pytest.raises(ValueError, match="causal"):
         measure_decay(bert, passes="one", distances=[30, 60], n_prompts=1, seeds=(42,))
@@ -184,8 +190,13 @@ def test_local_directory_and_text_corpus(tmp_path, gpt2):
 
 def test_attentions_fn_hook():
     m = PowerLawAttentionModel(gamma=0.9, max_positions=400)
-    meas = measure_decay(attentions_fn=lambda ids: m(ids, output_attentions=True).attentions,
-                         token_range=(1000, 5000), distances=[30, 60, 120, 240], n_prompts=1, seeds=(42,))
+    meas = measure_decay(
+        attentions_fn=lambda ids: m(ids, output_attentions=True).attentions,
+        token_range=(1000, 5000),
+        distances=[30, 60, 120, 240],
+        n_prompts=1,
+        seeds=(42,),
+    )
     assert abs(analyze_decay(meas, n_boot=20).power.gamma - 0.9) < 0.01
 
 
