@@ -4,7 +4,8 @@
 Backends and the ``auto`` rule
 ------------------------------
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
-- ``tiled``: query blocks with recomputation in backward; memory linear in Nq.
+- ``tiled``: query blocks with recomputation in backward; memory linear in Nq. Large CPU
+  problems run its Euclidean tiles compiled (``torch.compile``; ``LEVYATTN_COMPILE=0`` to disable).
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 

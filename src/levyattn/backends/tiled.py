@@ -7,6 +7,10 @@ weights from the saved log-sum-exp (as FlashAttention does) and pushes the gradi
 the logits back through the kernel with autograd, one block at a time. Peak extra
 memory is O(block * Nk) instead of O(Nq * Nk).
 
+The Euclidean hot path (float alpha and bandwidth, no density term) writes the chain rule
+out instead, and on the CPU runs its tiles compiled by ``torch.compile`` when the problem is
+large enough (``COMPILE_MIN_ELEMENTS``; ``LEVYATTN_COMPILE=0`` turns it off).
+
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
 """
@@ -34,10 +38,17 @@ TILE_ELEMENTS = 1 << 21
 MIN_TILE_ROWS = 64
 
 
-def block_size(batch_heads: int, nq: int, nk: int) -> int:
-    """Query rows per tile: about TILE_ELEMENTS values per (B, H, block, Nk) tile, at least
-    MIN_TILE_ROWS rows."""
-    return min(nq, max(MIN_TILE_ROWS, TILE_ELEMENTS // max(1, batch_heads * nk)))
+# Compiled tiles do their elementwise work in one or two fused passes, so larger tiles (fewer,
+# larger matmuls) pay: measured at (1, 4, 4096, 64), forward+backward, 2**22 elements was the
+# fastest of 2**21..2**23 (eager: 2**21).
+COMPILED_TILE_SCALE = 2
+
+
+def block_size(batch_heads: int, nq: int, nk: int, compiled: bool = False) -> int:
+    """Query rows per tile: about TILE_ELEMENTS values per (B, H, block, Nk) tile (times
+    COMPILED_TILE_SCALE for compiled tiles), at least MIN_TILE_ROWS rows."""
+    elements = TILE_ELEMENTS * (COMPILED_TILE_SCALE if compiled else 1)
+    return min(nq, max(MIN_TILE_ROWS, elements // max(1, batch_heads * nk)))
 
 
 def _column_log_sums(q, k, call, block):
@@ -378,9 +389,10 @@ def attention(
     """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory."""
     q, k = call.prepare(q, k)
     batch_heads = q[..., 0, 0].numel()
-    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2])
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     if call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a:
+        block = block or block_size(batch_heads, q.shape[-2], k.shape[-2], compile_wanted(q, k, call))
         return _EuclideanFNA.apply(q, k, v, call, block)
+    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2])
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
