@@ -17,13 +17,11 @@ reachable, the fraction of such pairs that are reachable, each token's eccentric
 
 Computation is all-pairs through ``scipy.sparse.csgraph`` (no Python loop over nodes):
 breadth-first distances for ``"hops"`` (dense graphs by matrix products, see
-:func:`hop_distances`); Dijkstra for ``"weighted"``, on a graph pruned
-**exactly**: with ``w_min`` the shortest edge and ``U`` an upper bound on the diameter
-(from the all-pairs distances of the subgraph of each token's 8 strongest edges, and the
-direct edges), every edge of a shortest path with two or more edges is at most
-``U - w_min`` long, so ``d = min(W, d_S)`` with ``S`` the edges of length ``<= U - w_min``.
-For near-uniform attention ``S`` is almost empty; for peaked attention it drops the long
-tail. Graphs with missing edges (zeros in P, e.g. causal masks) are solved unpruned.
+:func:`hop_distances`); Dijkstra for ``"weighted"``, on a graph pruned **exactly** (see
+:func:`weighted_distances`): most direct edges are certified shortest by a lower bound on
+every path of two or more edges, and an edge stays in the graph only if it can lie on such
+a path that beats a direct edge. Near-uniform attention (FNA on random inputs) needs no
+Dijkstra at all; random-layer softmax keeps a few percent of its edges.
 """
 
 from __future__ import annotations
@@ -35,7 +33,9 @@ import numpy as np
 from levyattn.analysis._checks import finish, prepare
 
 KINDS = ("weighted", "hops")
-_TOP_K = 8
+STRONG_EDGES = 8  # each token's strongest in- and out-edges, used for the distance bounds
+_LIMIT_GROUPS = 4  # Dijkstra calls, sources grouped by how far they must search
+_SLACK = 1e-9  # relative: keep edges at a bound despite rounding (ties are kept)
 DENSE_HOPS = 0.02
 
 
@@ -58,11 +58,18 @@ class PathLengths:
     distances: np.ndarray | None = None
 
 
-def _dense_graph(W: np.ndarray):
-    from scipy.sparse.csgraph import csgraph_from_dense
+@dataclass(frozen=True)
+class SearchWork:
+    """What one :func:`weighted_distances` call had left to search after the exact pruning.
 
-    # null_value=inf: length-0 edges (P_ij = 1) stay edges.
-    return csgraph_from_dense(W, null_value=np.inf)
+    ``certified``: ordered pairs ``i != j`` whose direct edge is certified shortest;
+    ``sources``: tokens Dijkstra ran from (those with an uncertified target);
+    ``edges``: edges of the pruned graph it ran on.
+    """
+
+    certified: int
+    sources: int
+    edges: int
 
 
 def _edges(W: np.ndarray, keep: np.ndarray):
@@ -73,32 +80,114 @@ def _edges(W: np.ndarray, keep: np.ndarray):
     return csr_matrix((W[rows, cols], (rows, cols)), shape=(n, n))
 
 
-def weighted_distances(P: np.ndarray) -> np.ndarray:
-    """All-pairs ``-log P`` shortest-path lengths of one (n, n) matrix (exact, pruned)."""
+def _strongest(W: np.ndarray, k: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (axis 1) or column (axis 0) of W: the k shortest edges' indices, (n, k), and
+    the (k + 1)-th shortest length, (n,) -- a lower bound on every edge outside the k."""
+    order = np.argpartition(W, k, axis=axis)
+    if axis == 1:
+        return order[:, :k], np.take_along_axis(W, order[:, k : k + 1], 1)[:, 0]
+    return order[:k].T, np.take_along_axis(W, order[k : k + 1], 0)[0]
+
+
+def _upper_bounds(W: np.ndarray, out_idx: np.ndarray, in_idx: np.ndarray) -> np.ndarray:
+    """Path lengths no shorter than the distances: the direct edge, then paths that start
+    with one of the source's strongest edges, then paths that end with one of the target's
+    (each pass builds on the last, so strong-first-and-last three-edge paths count too)."""
+    n = W.shape[0]
+    rows = np.arange(n)
+    upper = W.copy()
+    for j in range(out_idx.shape[1]):
+        via = out_idx[:, j]  # via[u]: u's j-th strongest out-neighbour
+        np.minimum(upper, W[rows, via][:, None] + upper[via, :], out=upper)
+    upper_t = np.ascontiguousarray(upper.T)  # row gathers instead of column gathers
+    w_t = np.ascontiguousarray(W.T)
+    for j in range(in_idx.shape[1]):
+        via = in_idx[:, j]  # via[v]: v's j-th strongest in-neighbour
+        np.minimum(upper_t, w_t[rows, via][:, None] + upper_t[via, :], out=upper_t)
+    upper = np.ascontiguousarray(upper_t.T)
+    np.fill_diagonal(upper, 0.0)
+    return upper
+
+
+def _needed_edges(W: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Edges that can lie on a shortest path of two or more edges, and distance upper bounds.
+
+    On such a path every edge ``x -> y`` has a neighbour edge on it, before (``z -> x``) or
+    after (``y -> v``), and a two-edge piece of a shortest path is a shortest path, so
+    ``w_zx + w_xy = d(z, y) <= upper(z, y)`` or ``w_xy + w_yv = d(x, v) <= upper(x, v)``.
+    An edge is kept when one of these can hold: exactly for ``z`` among ``x``'s k strongest
+    in-neighbours (``v`` among ``y``'s k strongest out-neighbours); every other ``z`` has
+    ``w_zx`` at least the (k + 1)-th shortest in-edge of ``x``, so there
+    ``w_xy <= max_z upper(z, y) - that edge`` is the test (and symmetrically for ``v``).
+    """
+    n = W.shape[0]
+    rows = np.arange(n)
+    out_idx, out_next = _strongest(W, k, axis=1)
+    in_idx, in_next = _strongest(W, k, axis=0)
+    upper = _upper_bounds(W, out_idx, in_idx)
+    with np.errstate(invalid="ignore"):  # inf - inf (unknown) gives NaN, which keeps the edge
+        before = upper.max(axis=0)[None, :] - in_next[:, None]  # (x, y): a z -> x comes first
+        after_t = upper.max(axis=1)[None, :] - out_next[:, None]  # (y, x): a y -> v comes next
+        upper_t = np.ascontiguousarray(upper.T)  # row gathers instead of column gathers
+        for j in range(k):
+            z = in_idx[:, j]  # z[x]
+            np.maximum(before, upper[z, :] - W[z, rows][:, None], out=before)
+            v = out_idx[:, j]  # v[y]
+            np.maximum(after_t, upper_t[v, :] - W[rows, v][:, None], out=after_t)
+        bound = np.maximum(before, after_t.T)
+        bound += _SLACK * np.maximum(1.0, np.abs(bound))
+    keep = np.isfinite(W) & ~(W > bound)  # the diagonal is inf: never kept
+    return keep, upper
+
+
+def weighted_distances(P: np.ndarray, *, return_work: bool = False) -> np.ndarray | tuple[np.ndarray, SearchWork]:
+    """All-pairs ``-log P`` shortest-path lengths of one (n, n) matrix, exact.
+
+    Returns the (n, n) distances (0 on the diagonal, ``inf`` where unreachable), and with
+    ``return_work`` also a :class:`SearchWork`. Steps, all vectorised:
+
+    1. Certificate: with ``w = -log P`` (self-loops ignored), a path of two or more edges
+       from ``u`` to ``v`` is at least ``out_min(u) + in_min(v)`` long (the shortest edge
+       leaving ``u`` plus the shortest entering ``v``), so where ``w_uv`` is at most that,
+       ``d(u, v) = w_uv``. The bound holds in floating point too: Dijkstra's sums of
+       non-negative lengths are rounded monotonically.
+    2. Only tokens with an uncertified target need a search; if none has one, ``d = w``.
+    3. The graph keeps only the edges that can lie on a shortest path of two or more edges
+       (see ``_needed_edges``), and Dijkstra runs from those tokens alone, each stopped at
+       the largest upper bound among its uncertified targets (sources grouped by that
+       limit): a path no longer than the bound has every node within it.
+
+    Zeros in P are missing edges; missing bounds (``inf - inf``) keep every edge they touch,
+    so such graphs are exact too, only less pruned.
+    """
     from scipy.sparse.csgraph import dijkstra
 
     n = P.shape[0]
     with np.errstate(divide="ignore"):
         W = -np.log(P)
     np.fill_diagonal(W, np.inf)
-    off = ~np.eye(n, dtype=bool)
-    if n <= 2 or not np.isfinite(W[off]).all():
-        D = dijkstra(_dense_graph(W), directed=True)
-        np.fill_diagonal(D, 0.0)
-        return D
-    w_min = float(W[off].min())
-    k = min(_TOP_K, n - 1)
-    strongest = np.argpartition(W, k - 1, axis=1)[:, :k]  # the diagonal is inf, never among them
-    keep = np.zeros((n, n), dtype=bool)
-    keep[np.arange(n)[:, None], strongest] = True
-    upper = np.minimum(W, dijkstra(_edges(W, keep), directed=True))
-    diameter_bound = float(upper[off].max())
-    tau = diameter_bound - w_min
-    tau += 1e-9 * max(1.0, abs(tau))  # ties and rounding: keep edges at the bound
-    short = (W <= tau) & off
-    D = np.minimum(W, dijkstra(_edges(W, short), directed=True)) if short.any() else W.copy()
+    out_min, in_min = W.min(axis=1), W.min(axis=0)
+    uncertified = W > out_min[:, None] + in_min[None, :]
+    np.fill_diagonal(uncertified, False)
+    sources = np.flatnonzero(uncertified.any(axis=1))
+    D = W.copy()
+    edges = 0
+    if sources.size:  # an uncertified pair needs a third token, so n >= 3 here
+        keep, upper = _needed_edges(W, min(STRONG_EDGES, n - 2))
+        edges = int(keep.sum())
+        graph = _edges(W, keep)
+        reach = np.where(uncertified[sources], upper[sources], -np.inf).max(axis=1)
+        order = np.argsort(reach)
+        for group in np.array_split(order, min(_LIMIT_GROUPS, sources.size)):
+            limit = float(reach[group].max())
+            limit += _SLACK * max(1.0, limit)
+            rows = sources[group]
+            D[rows] = np.minimum(D[rows], dijkstra(graph, directed=True, indices=rows, limit=limit))
     np.fill_diagonal(D, 0.0)
-    return D
+    if not return_work:
+        return D
+    certified = n * (n - 1) - int(uncertified.sum())
+    return D, SearchWork(certified=certified, sources=int(sources.size), edges=edges)
 
 
 def hop_distances(P: np.ndarray, threshold: float) -> np.ndarray:
