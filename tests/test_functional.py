@@ -24,7 +24,7 @@ def small_tiles(monkeypatch):
 
 
 def test_tests_cross_tile_boundaries():
-    assert tiled.block_size(batch_heads=4, nq=11, nk=11) == 4
+    assert tiled.block_size(batch_heads=4, nq=11, nk=11, head_dim=5) == 4
 
 
 def make_qkv(b=2, h=2, nq=11, nk=11, d=5, dv=3, dtype=torch.float64, scale=1.0, seed=0):

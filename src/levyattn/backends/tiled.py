@@ -44,11 +44,17 @@ MIN_TILE_ROWS = 64
 COMPILED_TILE_SCALE = 2
 
 
-def block_size(batch_heads: int, nq: int, nk: int, compiled: bool = False) -> int:
-    """Query rows per tile: about TILE_ELEMENTS values per (B, H, block, Nk) tile (times
-    COMPILED_TILE_SCALE for compiled tiles), at least MIN_TILE_ROWS rows."""
-    elements = TILE_ELEMENTS * (COMPILED_TILE_SCALE if compiled else 1)
-    return min(nq, max(MIN_TILE_ROWS, elements // max(1, batch_heads * nk)))
+def block_size(batch_heads: int, nq: int, nk: int, head_dim: int = 64, compiled: bool = False) -> int:
+    """Query rows per (B, H, block, Nk) tile, at least MIN_TILE_ROWS.
+
+    About TILE_ELEMENTS values at head dim 64, scaled with the head dim (clamped to 1/4..2x)
+    and by COMPILED_TILE_SCALE for compiled tiles. With a small head dim the matmuls are cheap
+    and the elementwise passes dominate, so tiles should stay in cache: measured at
+    (8, 4, 512, 16) and (16, 4, 128, 16), 4x smaller tiles than at head dim 64 were 1.3x / 1.05x
+    faster (forward+backward).
+    """
+    scale = min(2.0, max(0.25, head_dim / 64)) * (COMPILED_TILE_SCALE if compiled else 1)
+    return min(nq, max(MIN_TILE_ROWS, int(TILE_ELEMENTS * scale) // max(1, batch_heads * nk)))
 
 
 def _column_log_sums(q, k, call, block):
@@ -392,7 +398,7 @@ def attention(
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     if call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a:
-        block = block or block_size(batch_heads, q.shape[-2], k.shape[-2], compile_wanted(q, k, call))
+        block = block or block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compile_wanted(q, k, call))
         return _EuclideanFNA.apply(q, k, v, call, block)
-    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2])
+    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1])
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
