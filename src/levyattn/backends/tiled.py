@@ -173,8 +173,10 @@ class _TiledFNA(torch.autograd.Function):
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A tile's mask as an additive one (0 keeps, -inf removes): one form for the tile functions,
     so a compiled tile has one variant for every kind of mask."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask if mask is None else mask.to(dtype)
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
