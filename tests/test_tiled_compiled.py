@@ -59,22 +59,23 @@ def test_compiled_tiles_match_reference(compiled_tiles, dtype, tol, mask, opts):
     if mask == "additive":
         kw["attn_mask"] = kw["attn_mask"].to(dtype)
     assert_matches_reference("tiled", q, k, v, tol, **kw)
-    assert tiled.compile_wanted(q, k, tiled.AttentionCall(**_call_fields(kw)))
+    assert tiled.compile_wanted(q, k, _call(**kw))
     assert _ran_compiled(compiled_tiles)
 
 
-def _call_fields(kw):
-    return dict(
-        alpha=kw["alpha"],
-        bandwidth=kw.get("bandwidth", 1.0),
+def _call(alpha=1.2, bandwidth=1.0, attn_mask=None, is_causal=False, exclude_self=False):
+    """The validated call ``fractional_attention`` makes for these Euclidean options."""
+    return tiled.AttentionCall(
+        alpha=alpha,
+        bandwidth=bandwidth,
         manifold="euclidean",
         rescale=True,
         d_intrinsic=None,
         sphere_radius=1.0,
         density_a=0.0,
-        attn_mask=kw.get("attn_mask"),
-        is_causal=kw.get("is_causal", False),
-        exclude_self=kw.get("exclude_self", False),
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        exclude_self=exclude_self,
     )
 
 
@@ -116,16 +117,12 @@ def test_failed_compilation_warns_and_falls_back(monkeypatch):
     torch.testing.assert_close(out, ref_out)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
-    assert tiled._compile_failed and not tiled.compile_wanted(q, k, _default_call())
+    assert tiled._compile_failed and not tiled.compile_wanted(q, k, _call())
 
 
 def _run(q, k, v, backend="tiled"):
     out = fractional_attention(q, k, v, alpha=1.2, backend=backend)
     return out, torch.autograd.grad(out.sum(), (q, k, v))
-
-
-def _default_call():
-    return tiled.AttentionCall(**_call_fields(dict(alpha=1.2)))
 
 
 @pytest.mark.parametrize(
@@ -142,12 +139,12 @@ def test_compile_policy(monkeypatch, change):
     monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 2 * 2 * 11 * 11)
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
     q, k, _ = make_qkv()
-    assert tiled.compile_wanted(q, k, _default_call())
-    call = _default_call()
+    assert tiled.compile_wanted(q, k, _call())
+    call = _call()
     if "env" in change:
         monkeypatch.setenv("LEVYATTN_COMPILE", change["env"])
     if "device_size" in change:
         monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 2 * 2 * 11 * 11 + 1)
     if "alpha" in change:
-        call = tiled.AttentionCall(**_call_fields(dict(alpha=change["alpha"])))
+        call = _call(alpha=change["alpha"])
     assert not tiled.compile_wanted(q, k, call)
