@@ -288,6 +288,47 @@ def test_cross_attention_and_decoding_alignment():
     assert rel_err(out[:, :, :1], first) <= 1e-12
 
 
+@pytest.mark.parametrize("nk", [6, 12])
+def test_causal_tile_holding_only_the_last_query(nk):
+    # 9 queries in tiles of 4: the last tile holds only the last query, which sees every key.
+    q, k, v = make_qkv(nq=9, nk=nk)
+    for exclude_self in (False, True):
+        tiled_out = fractional_attention(q, k, v, is_causal=True, exclude_self=exclude_self, backend="tiled")
+        ref_out = fractional_attention(q, k, v, is_causal=True, exclude_self=exclude_self, backend="reference")
+        assert rel_err(tiled_out, ref_out) <= 1e-12
+
+
+def test_auto_rule(monkeypatch):
+    """``auto`` picks the backend its documented rule names."""
+    import levyattn.functional as functional
+
+    used = []
+    for name in ("reference", "tiled", "sdpa"):
+        module = getattr(functional, name)
+        real = module.attention
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            used.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "attention", spy)
+
+    def chosen(nq, grad=True, **kw):
+        q, k, v = make_qkv(nq=nq, nk=20)
+        used.clear()
+        with torch.set_grad_enabled(grad):
+            fractional_attention(q, k, v, **kw)
+        return used
+
+    small, large = functional.SMALL_QUERY_ROWS, functional.SMALL_QUERY_ROWS + 1
+    assert chosen(large, return_weights=True) == ["reference"]
+    assert chosen(small, grad=False, alpha=2.0) == ["sdpa"]
+    assert chosen(small, alpha=1.2) == ["tiled"]  # training: tiled's memory
+    assert chosen(small, grad=False, alpha=1.2) == ["reference"]  # decoding
+    assert chosen(large, grad=False, alpha=1.2) == ["tiled"]
+    assert chosen(1, grad=False, alpha=1.2, manifold="sphere") == ["reference"]
+
+
 def test_exclude_self_gives_zero_weight_on_the_diagonal():
     q, k, v = make_qkv()
     _, w = fractional_attention(q, k, v, exclude_self=True, return_weights=True)

@@ -69,9 +69,10 @@ class AttentionCall:
         user = self.attn_mask
         if user is not None and user.dim() >= 2 and user.shape[-2] != 1:
             user = user[..., q_start:q_end, :]
-        if not (self.is_causal or self.exclude_self):
+        causal = self.is_causal and q_start < nq - 1  # the last query sees every key (decoding)
+        if not (causal or self.exclude_self):
             return user
-        keep = structural_keep(q_start, q_end, nq, nk, self.is_causal, self.exclude_self, device)
+        keep = structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device)
         return combine_keep(user, keep)
 
 

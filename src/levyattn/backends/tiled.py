@@ -327,7 +327,7 @@ class _EuclideanFNA(torch.autograd.Function):
         q_sq, k_sq = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
         q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
         k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
-        k_aug_t = k_aug.transpose(-1, -2).contiguous()  # a contiguous right operand: faster matmuls
+        k_aug_t = k_aug.transpose(-1, -2)  # a view: as fast in the matmuls as a transposed copy
         kernel_weights, _ = tile_functions(q, k, call)
         work = q.new_empty(batch * heads * min(block, nq) * nk)
         out = q.new_empty(batch, heads, nq, v.shape[-1])
