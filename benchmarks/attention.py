@@ -8,6 +8,8 @@ after one warm-up. Ratios against softmax SDPA come from the same run.
 
     python benchmarks/attention.py                       # CPU, float32, the issue's grid
     python benchmarks/attention.py --device cuda --dtype bfloat16 --sizes 1024,4096,8192
+    python benchmarks/attention.py --queries 1 --modes fwd --methods sdpa_softmax,reference,tiled,auto \
+        --repeats 50 --out benchmarks/results/attention_cpu_decode.json   # one decoding step: 1 query, N keys
 
 Prints a table and writes JSON (default benchmarks/results/attention_<device>.json).
 """
@@ -23,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+# The default grid; "auto" (fractional_attention's own choice of backend) can be asked for too.
 METHODS = ("sdpa_softmax", "authors", "reference", "tiled", "sdpa_fna2", "flex")
 
 
@@ -56,8 +59,9 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeats: int) -> dict:
-    """Measure one configuration in this process (called in a subprocess)."""
+def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeats: int, queries: int | None) -> dict:
+    """Measure one configuration in this process (called in a subprocess): ``queries`` query rows
+    (None: N, self-attention) against N keys."""
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -66,7 +70,8 @@ def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeat
 
     def make(size):
         torch.manual_seed(0)
-        return [torch.randn(1, 4, size, 64, device=device, dtype=dtype, requires_grad=grad) for _ in range(3)]
+        rows = [min(size, queries or size), size, size]
+        return [torch.randn(1, 4, r, 64, device=device, dtype=dtype, requires_grad=grad) for r in rows]
 
     def step(q, k, v):
         if grad:
@@ -106,12 +111,12 @@ def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeat
     return {"seconds": min(times[1:]), "peak_extra_bytes": max(0, peak)}
 
 
-def skip_reason(method: str, n: int, mode: str, device: str, memory_limit: float) -> str | None:
+def skip_reason(method: str, n: int, nq: int, mode: str, device: str, memory_limit: float) -> str | None:
     if method == "flex" and device == "cpu" and mode == "fwd+bwd":
         return "no FlexAttention backward on CPU"
     if method in ("authors", "reference"):
-        # Several (4, N, N) float32 intermediates; more under autograd.
-        need = 4 * n * n * 4 * (8 if mode == "fwd+bwd" else 4)
+        # Several (4, Nq, N) float32 intermediates; more under autograd.
+        need = 4 * nq * n * 4 * (8 if mode == "fwd+bwd" else 4)
         if need > memory_limit:
             return f"needs ~{need / 2**30:.0f} GiB"
     return None
@@ -125,6 +130,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=None, help="query rows (default N: self-attention)")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", metavar="JSON", help="print a results JSON as a markdown table and exit")
@@ -136,7 +142,7 @@ def main() -> None:
         return
     if args.one:
         method, n, mode = args.one
-        print(json.dumps(run_one(method, int(n), mode, args.device, args.dtype, args.repeats)))
+        print(json.dumps(run_one(method, int(n), mode, args.device, args.dtype, args.repeats, args.queries)))
         return
 
     import torch
@@ -145,7 +151,7 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         for mode in args.modes.split(","):
             for method in args.methods.split(","):
-                reason = skip_reason(method, n, mode, args.device, args.memory_limit_gib * 2**30)
+                reason = skip_reason(method, n, args.queries or n, mode, args.device, args.memory_limit_gib * 2**30)
                 result = {"method": method, "N": n, "mode": mode}
                 if reason is None:
                     cmd = [
@@ -157,6 +163,7 @@ def main() -> None:
                         args.dtype,
                         "--repeats",
                         str(args.repeats),
+                        *(["--queries", str(args.queries)] if args.queries else []),
                         "--one",
                         method,
                         str(n),
@@ -180,7 +187,7 @@ def main() -> None:
         "cpu_count": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": args.dtype,
-        "shape": "batch 1, 4 heads, head dim 64",
+        "shape": "batch 1, 4 heads, head dim 64" + (f", {args.queries} queries against N keys" if args.queries else ""),
         "rows": rows,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"attention_{args.device}.json")

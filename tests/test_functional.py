@@ -320,13 +320,12 @@ def test_auto_rule(monkeypatch):
             fractional_attention(q, k, v, **kw)
         return used
 
-    small, large = functional.SMALL_QUERY_ROWS, functional.SMALL_QUERY_ROWS + 1
-    assert chosen(large, return_weights=True) == ["reference"]
-    assert chosen(small, grad=False, alpha=2.0) == ["sdpa"]
-    assert chosen(small, alpha=1.2) == ["tiled"]  # training: tiled's memory
-    assert chosen(small, grad=False, alpha=1.2) == ["reference"]  # decoding
-    assert chosen(large, grad=False, alpha=1.2) == ["tiled"]
-    assert chosen(1, grad=False, alpha=1.2, manifold="sphere") == ["reference"]
+    assert chosen(5, return_weights=True) == ["reference"]
+    assert chosen(5, alpha=2.0) == ["sdpa"]
+    assert chosen(1, grad=False, alpha=2.0) == ["sdpa"]
+    assert chosen(5, alpha=2.0, density_a=0.5) == ["tiled"]
+    assert chosen(5, alpha=1.2) == ["tiled"]
+    assert chosen(1, grad=False, alpha=1.2, manifold="sphere") == ["tiled"]
 
 
 def test_exclude_self_gives_zero_weight_on_the_diagonal():

@@ -10,13 +10,9 @@ Backends and the ``auto`` rule
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 
 ``auto`` takes, in order: ``reference`` when weights are asked for; ``sdpa`` when it can
-compute the call exactly; ``reference`` when no gradient is needed and there are at most
-``SMALL_QUERY_ROWS`` queries (decoding with a key/value cache: its weights are no larger than
-one ``tiled`` tile, and it skips ``tiled``'s per-call preparation of the keys; measured on 2
-CPU cores, one query against 2048 / 8192 keys, 4 heads of dim 64: 2.2x / 1.8x faster; from
-about 4 to 16 queries the two are even, beyond that ``tiled`` is faster); ``flex`` on
-CUDA when it can; otherwise ``tiled`` (measured faster than ``reference`` for
-forward+backward at every size down to 16 x 1 x 128 x 32). Naming a
+compute the call exactly; ``flex`` on CUDA when it can; otherwise ``tiled`` (measured faster
+than ``reference`` for forward+backward at every size down to 16 x 1 x 128 x 32, and for one
+decoding step, one query against 2048 or 8192 keys). Naming a
 backend that cannot compute a call raises ``ValueError``: no backend silently computes
 different math.
 
@@ -41,7 +37,6 @@ from levyattn.config import (
 )
 
 BACKENDS = ("auto", "reference", "tiled", "sdpa", "flex")
-SMALL_QUERY_ROWS = 4
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -204,8 +199,6 @@ def _auto(call: AttentionCall, q, needs_grad: bool, return_weights: bool) -> str
         return "reference"
     if sdpa.unsupported(call, q) is None:
         return "sdpa"
-    if not needs_grad and q.shape[-2] <= SMALL_QUERY_ROWS:
-        return "reference"
     if q.device.type == "cuda" and flex.unsupported(call, q, needs_grad) is None:
         return "flex"
     return "tiled"
