@@ -4,7 +4,8 @@ The :class:`~levyattn.training.trainer.Trainer` knows nothing about images, text
 translation. It asks a **task** for a model, two datasets and a loss, and calls the
 task's ``evaluate`` once per epoch. Classification lives in
 ``tasks/classification.py``; translation and language modelling plug in the same way
-(``tasks/translation.py``, ``tasks/lm.py``).
+(``tasks/translation.py``, ``tasks/lm.py``). All three start from ``tasks/base.py``
+(:class:`~levyattn.training.tasks.base.PresetTask`: the preset's copy and its checks).
 
 The Task protocol
 -----------------

@@ -23,13 +23,14 @@ The model config in a preset leaves out what the data decides (``vocab_size``,
 
 from __future__ import annotations
 
-import copy
 import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from levyattn.training.tasks.base import PresetTask
 
 DATASETS = ("imdb", "cifar10", "mnist", "fashion_mnist", "digits", "multiscale")
 IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "digits")
@@ -52,22 +53,16 @@ def _take(ds: Any, limit: int | None) -> Any:
     return torch.utils.data.Subset(ds, range(int(limit)))
 
 
-class ClassificationTask:
+class ClassificationTask(PresetTask):
     """The Task protocol for classification (see :mod:`levyattn.training.tasks`)."""
 
     name = "classification"
     metric = "accuracy"
     higher_is_better = True
+    dataset_names = DATASETS
 
     def __init__(self, preset: dict[str, Any]) -> None:
-        self.preset = copy.deepcopy(preset)
-        self.model_type: str = preset["model_type"]
-        self.data_cfg: dict[str, Any] = dict(preset["data"])
-        dataset = self.data_cfg.get("dataset")
-        if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
-        self.dataset = dataset
-        self._model_cfg: dict[str, Any] = dict(preset["model"])
+        super().__init__(preset)
         self._data: tuple[Any, Any] | None = None
         self._collate = None
 

@@ -24,7 +24,6 @@ fills them in (``block_size`` of the model = the data's).
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from levyattn.training.tasks.base import PresetTask
 from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside
 
 DATASETS = ("text", "toy")
@@ -80,26 +80,18 @@ def _read_text(path: Any, what: str) -> str:
     return text
 
 
-class LMTask:
+class LMTask(PresetTask):
     """The Task protocol for causal language modelling (see :mod:`levyattn.training.tasks`)."""
 
     name = "lm"
     metric = "ppl"
     higher_is_better = False
+    dataset_names = DATASETS
+    model_types = ("lm",)
 
     def __init__(self, preset: dict[str, Any]) -> None:
-        self.preset = copy.deepcopy(preset)
-        self.model_type: str = preset["model_type"]
-        if self.model_type != "lm":
-            raise ValueError(f"the lm task needs model_type 'lm', got {self.model_type!r}")
-        self.data_cfg: dict[str, Any] = dict(preset["data"])
-        if self.data_cfg.get("dataset") not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {self.data_cfg.get('dataset')!r}")
-        for key in ("vocab_size", "block_size"):
-            v = self.data_cfg.get(key, 1)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"data.{key} must be an integer >= 1, got {v!r}")
-        self._model_cfg = dict(preset["model"])
+        super().__init__(preset)
+        self._check_counts("vocab_size", "block_size")
         self._data: tuple[BlockDataset, BlockDataset] | None = None
         self.tokenizer: Any = None
 

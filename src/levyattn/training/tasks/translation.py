@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from levyattn.models.seq2seq import sequence_loss
+from levyattn.training.tasks.base import PresetTask
 
 DATASETS = ("multi30k", "toy")
 TOKENIZER_NAME = "tokenizer.model"  # sentencepiece model file (load_tokenizer sniffs the format)
@@ -128,29 +129,18 @@ def translate_ids(
     return out
 
 
-class TranslationTask:
+class TranslationTask(PresetTask):
     """The Task protocol for translation (see :mod:`levyattn.training.tasks`)."""
 
     name = "translation"
     metric = "bleu"
     higher_is_better = True
+    dataset_names = DATASETS
+    model_types = ("seq2seq",)
 
     def __init__(self, preset: dict[str, Any]) -> None:
-        self.preset = copy.deepcopy(preset)
-        self.model_type: str = preset["model_type"]
-        if self.model_type != "seq2seq":
-            raise ValueError(f"the translation task needs model_type 'seq2seq', got {self.model_type!r}")
-        self.data_cfg: dict[str, Any] = dict(preset["data"])
-        dataset = self.data_cfg.get("dataset")
-        if dataset not in DATASETS:
-            raise ValueError(f"data.dataset must be one of {DATASETS}, got {dataset!r}")
-        self.dataset = dataset
-        for key in ("vocab_size", "max_len", "beam_size"):
-            if key in self.data_cfg:
-                v = self.data_cfg[key]
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise ValueError(f"data.{key} must be an integer >= 1, got {v!r}")
-        self._model_cfg: dict[str, Any] = dict(preset["model"])
+        super().__init__(preset)
+        self._check_counts("vocab_size", "max_len", "beam_size")
         self._data: tuple[PairDataset, PairDataset] | None = None
         self.tokenizer: Any = None
 

@@ -1,0 +1,40 @@
+"""What every task does with its preset before anything task-specific (see :mod:`levyattn.training.tasks`)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+
+class PresetTask:
+    """Keeps a private copy of the preset and checks its model type and dataset.
+
+    Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values) and, when only some
+    model types fit, ``model_types``. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
+    (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``);
+    ``_data`` (the datasets, built on first use) is None.
+    """
+
+    name: str
+    dataset_names: tuple[str, ...] = ()
+    model_types: tuple[str, ...] | None = None  # None: any model type
+
+    def __init__(self, preset: dict[str, Any]) -> None:
+        self.preset = copy.deepcopy(preset)
+        self.model_type: str = preset["model_type"]
+        if self.model_types is not None and self.model_type not in self.model_types:
+            wanted = " or ".join(repr(t) for t in self.model_types)
+            raise ValueError(f"the {self.name} task needs model_type {wanted}, got {self.model_type!r}")
+        self.data_cfg: dict[str, Any] = dict(preset["data"])
+        self.dataset = self.data_cfg.get("dataset")
+        if self.dataset not in self.dataset_names:
+            raise ValueError(f"data.dataset must be one of {self.dataset_names}, got {self.dataset!r}")
+        self._model_cfg: dict[str, Any] = dict(preset["model"])
+        self._data: Any = None
+
+    def _check_counts(self, *keys: str) -> None:
+        """Each of ``data.<key>`` that the preset sets must be an integer >= 1."""
+        for key in keys:
+            value = self.data_cfg.get(key, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{key} must be an integer >= 1, got {value!r}")
