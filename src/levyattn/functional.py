@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from levyattn.backends import flex, reference, sdpa, tiled
-from levyattn.backends.common import AttentionCall
+from levyattn.backends.common import LOW_PRECISION, AttentionCall
 from levyattn.config import (
     Scalar,
     check_alpha,
@@ -37,7 +37,6 @@ from levyattn.config import (
 )
 
 BACKENDS = ("auto", "reference", "tiled", "sdpa", "flex")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -174,7 +173,7 @@ def fractional_attention(
         raise ValueError(f"backend={chosen!r} cannot compute this call: {reason}")
 
     dtype = q.dtype
-    upcast = dtype in _LOW_PRECISION and (
+    upcast = dtype in LOW_PRECISION and (
         q.device.type == "cpu" or chosen in ("reference", "tiled") or (chosen == "sdpa" and dtype == torch.float16)
     )
     if upcast:

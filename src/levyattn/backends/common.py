@@ -18,6 +18,9 @@ import torch
 from levyattn.kernels import Scalar, intrinsic_dim, kappa, log_phi_from_sq, squared_distances
 from levyattn.kernels import center as center_on_keys
 
+# Input dtypes that ``reference`` and ``tiled`` (and every backend on the CPU) compute in float32.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 @dataclass(frozen=True)
 class AttentionCall:

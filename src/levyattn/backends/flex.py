@@ -18,10 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from levyattn.backends.common import AttentionCall
+from levyattn.backends.common import LOW_PRECISION, AttentionCall
 from levyattn.kernels import log_phi_from_sq
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def available() -> bool:
@@ -55,7 +53,7 @@ def _compiled_flex():
 
 def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
     """x (float32) as [x] in dtype, or [hi, lo] with hi + lo == x to float32 accuracy."""
-    if dtype not in _LOW_PRECISION:
+    if dtype not in LOW_PRECISION:
         return [x.to(dtype)]
     hi = x.to(dtype)
     return [hi, (x - hi.float()).to(dtype)]
