@@ -51,6 +51,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """Read a UTF-8 text file with an error that names the file and what is wrong: missing,
+    not UTF-8, or holding nothing but whitespace."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not UTF-8 text: {err}") from err
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty")
+    return text
+
+
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     """Load JSON with an error that names the file and what is wrong with it."""
     path = Path(path)

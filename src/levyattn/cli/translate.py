@@ -33,19 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_lines(path: str, what: str) -> list[str]:
-    from pathlib import Path
+    from levyattn.io import read_text
 
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} file not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{what} file {p} is not UTF-8 text: {err}") from err
-    lines = text.splitlines()
-    if not lines or not any(line.strip() for line in lines):
-        raise ValueError(f"{what} file {p} is empty: it needs one sentence per line")
-    return lines
+    return read_text(path, f"{what} file").splitlines()
 
 
 def run(args: argparse.Namespace) -> int:

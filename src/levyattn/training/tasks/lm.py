@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from levyattn.io import read_text
 from levyattn.training.tasks.base import PresetTask
 from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside
 
@@ -68,16 +69,7 @@ def collate_blocks(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
 def _read_text(path: Any, what: str) -> str:
     if not path:
         raise ValueError(f"data.{what} is not set: the text preset needs --set data.{what}=PATH (UTF-8 text)")
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{what} {p} is not UTF-8 text: {err}") from err
-    if not text.strip():
-        raise ValueError(f"{what} {p} is empty")
-    return text
+    return read_text(path, what)
 
 
 class LMTask(PresetTask):
