@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -140,7 +142,7 @@ def test_bad_module_arguments(kw, match):
 
 def test_make_attention_switch():
     assert isinstance(make_attention("fna", 8, 2, alpha=1.5), FractionalMultiheadAttention)
-    soft = make_attention("softmax", 8, 2, alpha=1.5, orthogonal=True)
+    soft = make_attention("softmax", 8, 2, alpha=1.5, learnable_alpha=True)  # kernel options dropped
     assert isinstance(soft, SoftmaxMultiheadAttention)
     reference = nn.MultiheadAttention(8, 2, batch_first=True, bias=False)
     with torch.no_grad():
@@ -155,6 +157,32 @@ def test_make_attention_switch():
     torch.testing.assert_close(w, w_ref)
     with pytest.raises(ValueError, match="attention must be one of"):
         make_attention("linear", 8, 2)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("qk_share", [False, True])
+def test_softmax_keeps_the_projection_options(heads, qk_share):
+    """orthogonal and qk_share constrain softmax's projections as FNA's: the same parameters."""
+    torch.manual_seed(0)
+    fna = make_attention("fna", 8, heads, orthogonal=True, qk_share=qk_share)
+    soft = make_attention("softmax", 8, heads, orthogonal=True, qk_share=qk_share)
+    shapes = [{n: tuple(p.shape) for n, p in m.named_parameters()} for m in (fna, soft)]
+    assert shapes[0] == shapes[1]
+    assert (soft.q_proj is None) == (heads == 1)
+    for proj in (soft.q_proj, soft.k_proj):
+        if proj is not None:
+            torch.testing.assert_close(proj.weight @ proj.weight.T, torch.eye(8), atol=1e-5, rtol=0)
+
+
+def test_orthogonal_one_head_softmax_scores_are_plain_dot_products():
+    # One head, shared orthogonal projection: the scores are x_i . x_j / sqrt(d), self-pairs excluded.
+    torch.manual_seed(0)
+    soft = make_attention("softmax", 8, 1, orthogonal=True, qk_share=True)
+    x = torch.randn(2, 5, 8)
+    _, w = soft(x, x, x, need_weights=True)
+    logits = (x @ x.transpose(-1, -2)) / math.sqrt(8)
+    expected = torch.softmax(logits.masked_fill(torch.eye(5, dtype=torch.bool), float("-inf")), dim=-1)
+    torch.testing.assert_close(w, expected)
 
 
 @pytest.mark.parametrize("attention", ["fna", "softmax"])

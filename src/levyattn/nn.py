@@ -119,7 +119,13 @@ def _combine_masks(
 
 
 class _MultiheadBase(nn.Module):
-    """Projections, mask handling and the nn.MultiheadAttention call shared by both kinds."""
+    """Projections, mask handling and the nn.MultiheadAttention call shared by both kinds.
+
+    ``orthogonal`` constrains W_Q and W_K to orthogonal matrices (FNA_SPEC §4). With one head
+    W_Q is then omitted, as in the reference models: a rotation shared by queries and keys
+    changes neither their distances nor their dot products, so W_K alone carries W_Q^T W_K.
+    ``shared_qk`` uses one projection for queries and keys.
+    """
 
     def __init__(
         self,
@@ -131,7 +137,7 @@ class _MultiheadBase(nn.Module):
         kdim: int | None = None,
         vdim: int | None = None,
         batch_first: bool = True,
-        query_projection: bool = True,
+        orthogonal: bool = False,
         shared_qk: bool = False,
     ) -> None:
         super().__init__()
@@ -148,10 +154,18 @@ class _MultiheadBase(nn.Module):
         self.shared_qk = shared_qk
         if shared_qk and self.kdim != embed_dim:
             raise ValueError(f"qk_share needs kdim == embed_dim, got kdim={self.kdim}, embed_dim={embed_dim}")
+        if orthogonal and self.kdim != embed_dim:
+            raise ValueError(f"orthogonal needs kdim == embed_dim, got kdim={self.kdim}")
+        self.orthogonal = bool(orthogonal)
+        query_projection = not (orthogonal and num_heads == 1)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias) if query_projection else None
         self.k_proj = None if shared_qk else nn.Linear(self.kdim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        if orthogonal:
+            for proj in (self.q_proj, self.k_proj):
+                if proj is not None:
+                    nn.utils.parametrizations.orthogonal(proj, "weight")
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -244,23 +258,17 @@ class FractionalMultiheadAttention(_MultiheadBase):
             kdim=kdim,
             vdim=vdim,
             batch_first=batch_first,
-            query_projection=not (orthogonal and num_heads == 1),
+            orthogonal=orthogonal,
             shared_qk=qk_share,
         )
         alpha = check_alpha(alpha)
         bandwidth = check_bandwidth(bandwidth)
         self.manifold = check_manifold(manifold)
         self.rescale = bool(rescale)
-        self.orthogonal, self.qk_share = orthogonal, qk_share
+        self.qk_share = qk_share
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
-        if orthogonal:
-            if self.kdim != embed_dim:
-                raise ValueError(f"orthogonal needs kdim == embed_dim, got kdim={self.kdim}")
-            for proj in (self.q_proj, self.k_proj):
-                if proj is not None:
-                    nn.utils.parametrizations.orthogonal(proj, "weight")
         if learnable_alpha:
             # alpha = lo + (hi - lo) * sigmoid(logit): strictly inside (0, 2) even when the
             # sigmoid saturates to exactly 0 or 1 in float32.
@@ -316,7 +324,9 @@ class FractionalMultiheadAttention(_MultiheadBase):
 
 class SoftmaxMultiheadAttention(_MultiheadBase):
     """Softmax attention with the same projections and call, through
-    ``scaled_dot_product_attention``: the controlled baseline for FNA."""
+    ``scaled_dot_product_attention``: the controlled baseline for FNA. ``orthogonal`` and
+    ``qk_share`` constrain the projections as they do for FNA (the same parameters), and
+    ``qk_share`` excludes the self-pairs as FNA does."""
 
     def __init__(self, embed_dim: int, num_heads: int, *, qk_share: bool = False, **kwargs) -> None:
         super().__init__(embed_dim, num_heads, shared_qk=qk_share, **kwargs)
@@ -346,7 +356,7 @@ def make_attention(kind: str, embed_dim: int, num_heads: int, **kwargs) -> _Mult
     if kind == "fna":
         return FractionalMultiheadAttention(embed_dim, num_heads, **kwargs)
     if kind == "softmax":
-        shared = {"dropout", "bias", "kdim", "vdim", "batch_first", "qk_share"}
+        shared = {"dropout", "bias", "kdim", "vdim", "batch_first", "orthogonal", "qk_share"}
         return SoftmaxMultiheadAttention(embed_dim, num_heads, **{k: v for k, v in kwargs.items() if k in shared})
     raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
 

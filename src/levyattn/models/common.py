@@ -108,7 +108,8 @@ class AttentionOptions(ModelConfig):
         materialises the (L, L) weights while training (the ``reference`` backend), so
         the models put their dropout on embeddings and feed-forward blocks instead.
     attn_bias: bias in the q/k/v/out projections (the paper's runs have none).
-    Softmax attention ignores the kernel options and keeps ``qk_share``, dropout, bias.
+    Softmax attention ignores the kernel options and keeps the projection options
+    (``orthogonal``, ``qk_share``), dropout and bias: the same parameters as FNA.
     """
 
     alpha: float = 1.2
