@@ -11,8 +11,8 @@ Backends and the ``auto`` rule
 
 ``auto`` takes, in order: ``reference`` when weights are asked for; ``sdpa`` when it can
 compute the call exactly; ``flex`` on CUDA when it can; otherwise ``tiled`` (measured faster
-than ``reference`` for forward+backward at every size down to 16 x 1 x 128 x 32, and for one
-decoding step, one query against 2048 or 8192 keys). Naming a
+than ``reference`` for forward+backward at every size down to 16 x 1 x 128 x 32; for one
+decoding query the two trade places from run to run). Naming a
 backend that cannot compute a call raises ``ValueError``: no backend silently computes
 different math.
 

@@ -11,8 +11,7 @@ class PresetTask:
 
     Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values) and, when only some
     model types fit, ``model_types``. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
-    (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``);
-    ``_data`` (the datasets, built on first use) is None.
+    (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``).
     """
 
     name: str
@@ -30,7 +29,6 @@ class PresetTask:
         if self.dataset not in self.dataset_names:
             raise ValueError(f"data.dataset must be one of {self.dataset_names}, got {self.dataset!r}")
         self._model_cfg: dict[str, Any] = dict(preset["model"])
-        self._data: Any = None
 
     def _check_counts(self, *keys: str) -> None:
         """Each of ``data.<key>`` that the preset sets must be an integer >= 1."""
