@@ -124,7 +124,7 @@ class _MultiheadBase(nn.Module):
     ``orthogonal`` constrains W_Q and W_K to orthogonal matrices (FNA_SPEC §4). With one head
     W_Q is then omitted, as in the reference models: a rotation shared by queries and keys
     changes neither their distances nor their dot products, so W_K alone carries W_Q^T W_K.
-    ``shared_qk`` uses one projection for queries and keys.
+    ``qk_share`` uses one projection for queries and keys.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class _MultiheadBase(nn.Module):
         vdim: int | None = None,
         batch_first: bool = True,
         orthogonal: bool = False,
-        shared_qk: bool = False,
+        qk_share: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(embed_dim, int) or embed_dim <= 0:
@@ -151,15 +151,15 @@ class _MultiheadBase(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.kdim, self.vdim = kdim or embed_dim, vdim or embed_dim
         self.dropout, self.batch_first = dropout, batch_first
-        self.shared_qk = shared_qk
-        if shared_qk and self.kdim != embed_dim:
+        self.qk_share = bool(qk_share)
+        if qk_share and self.kdim != embed_dim:
             raise ValueError(f"qk_share needs kdim == embed_dim, got kdim={self.kdim}, embed_dim={embed_dim}")
         if orthogonal and self.kdim != embed_dim:
             raise ValueError(f"orthogonal needs kdim == embed_dim, got kdim={self.kdim}")
         self.orthogonal = bool(orthogonal)
         query_projection = not (orthogonal and num_heads == 1)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias) if query_projection else None
-        self.k_proj = None if shared_qk else nn.Linear(self.kdim, embed_dim, bias=bias)
+        self.k_proj = None if qk_share else nn.Linear(self.kdim, embed_dim, bias=bias)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         if orthogonal:
@@ -175,7 +175,7 @@ class _MultiheadBase(nn.Module):
         return x if self.q_proj is None else self.q_proj(x)
 
     def _project_key(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project_query(x) if self.shared_qk else self.k_proj(x)
+        return self._project_query(x) if self.qk_share else self.k_proj(x)
 
     def forward(
         self,
@@ -259,13 +259,12 @@ class FractionalMultiheadAttention(_MultiheadBase):
             vdim=vdim,
             batch_first=batch_first,
             orthogonal=orthogonal,
-            shared_qk=qk_share,
+            qk_share=qk_share,
         )
         alpha = check_alpha(alpha)
         bandwidth = check_bandwidth(bandwidth)
         self.manifold = check_manifold(manifold)
         self.rescale = bool(rescale)
-        self.qk_share = qk_share
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -328,9 +327,8 @@ class SoftmaxMultiheadAttention(_MultiheadBase):
     ``qk_share`` constrain the projections as they do for FNA (the same parameters), and
     ``qk_share`` excludes the self-pairs as FNA does."""
 
-    def __init__(self, embed_dim: int, num_heads: int, *, qk_share: bool = False, **kwargs) -> None:
-        super().__init__(embed_dim, num_heads, shared_qk=qk_share, **kwargs)
-        self.qk_share = qk_share
+    def __init__(self, embed_dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(embed_dim, num_heads, **kwargs)
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
         if is_causal or self.qk_share:
