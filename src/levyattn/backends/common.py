@@ -69,14 +69,23 @@ class AttentionCall:
 
     def mask_rows(self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
         """The mask for query rows ``q_start:q_end``: bool (True = keep), float (additive) or None."""
+        user, keep = self.mask_parts(q_start, q_end, nq, nk, device)
+        return user if keep is None else combine_keep(user, keep)
+
+    def mask_parts(
+        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`mask_rows` in its two parts, not combined: the user's mask for these rows (as
+        given: bool or additive, broadcastable) and the (q_end - q_start, Nk) bool causal /
+        self-pair keep, each None when absent. Combining a per-batch padding mask with the
+        per-row keep would materialise a (B, H, rows, Nk) mask; kept apart, both stay small."""
         user = self.attn_mask
         if user is not None and user.dim() >= 2 and user.shape[-2] != 1:
             user = user[..., q_start:q_end, :]
         causal = self.is_causal and q_start < nq - 1  # the last query sees every key (decoding)
         if not (causal or self.exclude_self):
-            return user
-        keep = structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device)
-        return combine_keep(user, keep)
+            return user, None
+        return user, structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device)
 
 
 def structural_keep(

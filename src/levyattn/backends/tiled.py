@@ -180,26 +180,33 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def _kernel_weights_(scores, mask, exponent, c, gaussian: bool):
+def _add_masks_(logits, user, keep):
+    for mask in (user, keep):
+        if mask is not None:
+            logits.add_(mask)
+    return logits
+
+
+def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
     """One forward tile, in place: squared distances (B, H, bq, Nk) become the unnormalised
     weights ``exp(log Phi - row max)``. Returns the row max of ``log Phi`` and the row sum of
     the weights, both (B, H, bq, 1).
 
     ``log Phi = -sq * c`` (Gaussian) or ``-(d_M + alpha) log1p(c sqrt(sq))`` (power law);
-    ``mask`` is additive (0 keeps, -inf removes) or None.
+    ``user`` (broadcastable to the tile) and ``keep`` (bq, Nk) are the two parts of the mask
+    (:meth:`AttentionCall.mask_parts`), each additive (0 keeps, -inf removes) or None.
     """
     if gaussian:
         logits = scores.clamp_min_(0).mul_(-c)
     else:
         logits = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_().mul_(c).log1p_().mul_(-exponent)
-    if mask is not None:
-        logits.add_(mask)
+    _add_masks_(logits, user, keep)
     peak = finite_or_zero(logits.amax(-1, keepdim=True))
     weights = logits.sub_(peak).exp_()
     return peak, weights.sum(-1, keepdim=True)
 
 
-def _kernel_grads_(scores, grad_weights, mask, lse, delta, exponent, c, gaussian: bool) -> torch.Tensor:
+def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, gaussian: bool) -> torch.Tensor:
     """One backward tile, in place: squared distances (B, H, bq, Nk) become the weights ``P``,
     and ``dO v^T`` becomes ``g = dL/d sq = P (dO v^T - D) * d log Phi / d sq``.
 
@@ -219,8 +226,7 @@ def _kernel_grads_(scores, grad_weights, mask, lse, delta, exponent, c, gaussian
         u = r * c + 1.0
         logits = torch.log(u).mul_(-exponent)
         slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
-    if mask is not None:
-        logits.add_(mask)
+    _add_masks_(logits, user, keep)
     weights = logits.sub_(lse).exp_()
     grad_weights.sub_(delta).mul_(weights).mul_(slope)
     scores.copy_(weights)
@@ -336,8 +342,8 @@ class _EuclideanFNA(torch.autograd.Function):
             stop = min(nq, start + block)
             scores = work[: batch * heads * (stop - start) * nk].view(batch, heads, stop - start, nk)
             torch.matmul(q_aug[..., start:stop, :], k_aug_t, out=scores)
-            mask = _additive(call.mask_rows(start, stop, nq, nk, q.device), q.dtype)
-            peak, total = kernel_weights(scores, mask, exponent, c, call.is_gaussian)
+            user, keep = (_additive(m, q.dtype) for m in call.mask_parts(start, stop, nq, nk, q.device))
+            peak, total = kernel_weights(scores, user, keep, exponent, c, call.is_gaussian)
             # A fully masked row has total 0 and weights 0: its output is 0 / tiny = 0.
             out[..., start:stop, :] = (scores @ v).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
             lse[..., start:stop] = (peak + total.log()).squeeze(-1)
@@ -367,11 +373,12 @@ class _EuclideanFNA(torch.autograd.Function):
             q_tile, d_out = q_aug[..., start:stop, :], grad_out[..., start:stop, :]
             torch.matmul(q_tile, k_aug_t, out=scores)
             torch.matmul(d_out, v_t, out=grad_scores)
-            mask = _additive(call.mask_rows(start, stop, nq, nk, q_aug.device), q_aug.dtype)
+            user, keep = (_additive(m, q_aug.dtype) for m in call.mask_parts(start, stop, nq, nk, q_aug.device))
             g_row_sums = kernel_grads(
                 scores,
                 grad_scores,
-                mask,
+                user,
+                keep,
                 lse[..., start:stop],
                 delta[..., start:stop],
                 ctx.exponent,
