@@ -7,6 +7,11 @@ time, so background load on a shared machine hits them alike.
 
     python benchmarks/training_throughput.py                     # text classifier, CPU
     python benchmarks/training_throughput.py --model vit --seq 64 --batch 32
+    python benchmarks/training_throughput.py --preset imdb-6layer --batch 8   # a preset's own model
+
+With ``--preset`` the model is the preset's (layers, heads, hidden size, dropout, FNA options)
+at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: the dataset's
+size and channels); only the attention is switched.
 
 Prints a table and writes JSON (default benchmarks/results/training_throughput.json).
 """
@@ -22,12 +27,38 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from levyattn.data.text import DEFAULT_IMDB_VOCAB
 from levyattn.models import build_model
+from levyattn.training.presets import get_preset
 
 VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
+# (channels, side) of the image datasets the ViT presets train on.
+IMAGE_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "fashion_mnist": (1, 28), "digits": (1, 8)}
+
+
+def make_from_preset(name: str, attention: str, alpha: float | None, batch: int) -> tuple[torch.nn.Module, tuple, dict]:
+    """The preset's model with its attention switched, and random inputs of its data's shapes."""
+    preset = get_preset(name)
+    cfg = {**preset["model"], "attention": attention}
+    if alpha is not None:
+        cfg["alpha"] = alpha
+    data = preset["data"]
+    g = torch.Generator().manual_seed(0)
+    if preset["model_type"] == "text_classifier" and data["dataset"] == "imdb":
+        seq, vocab = int(data.get("max_len", 512)), int(data.get("vocab_size", DEFAULT_IMDB_VOCAB))
+        m = build_model("text_classifier", dict(cfg, vocab_size=vocab, num_classes=2, max_len=seq))
+        inputs = (torch.randint(0, vocab, (batch, seq), generator=g),)
+        return m, inputs, {"key_padding_mask": torch.zeros(batch, seq, dtype=torch.bool)}
+    if preset["model_type"] == "vit" and data["dataset"] in IMAGE_SHAPES:
+        channels, side = IMAGE_SHAPES[data["dataset"]]
+        m = build_model("vit", dict(cfg, image_size=side, in_channels=channels, num_classes=10))
+        return m, (torch.randn(batch, channels, side, side, generator=g),), {}
+    raise ValueError(f"--preset {name!r}: only IMDb text-classifier and image ViT presets can be timed here")
 
 
 def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.nn.Module, tuple, dict]:
+    if args.preset:
+        return make_from_preset(args.preset, attention, alpha, args.batch)
     common = dict(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, attention=attention,
                   dropout=0.0)
     if alpha is not None:
@@ -48,6 +79,7 @@ def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.n
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("text", "vit"), default="text")
+    p.add_argument("--preset", default=None, help="time this preset's model instead (--batch still applies)")
     p.add_argument("--seq", type=int, default=256, help="tokens per sample (vit: patches)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--d-model", type=int, default=64)
@@ -90,8 +122,12 @@ def main() -> None:
         params = sum(x.numel() for x in setups[(attention, alpha)][0].parameters())
         rows.append({"attention": attention, "alpha": alpha, "params": params, "median_step_s": med,
                      "samples_per_s": args.batch / med, "time_vs_softmax": med / soft})
-    print(f"model {args.model}, seq {args.seq}, batch {args.batch}, d_model {args.d_model}, layers {args.layers}, "
-          f"heads {args.heads}, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    if args.preset:
+        setting = f"preset {args.preset}"
+    else:
+        setting = (f"model {args.model}, seq {args.seq}, d_model {args.d_model}, layers {args.layers}, "
+                   f"heads {args.heads}")
+    print(f"{setting}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps")
     print("| attention | alpha | parameters | step (ms) | samples/s | time / softmax |")
     print("|---|---|---|---|---|---|")
     for r in rows:
