@@ -10,6 +10,13 @@ after one warm-up. Ratios against softmax SDPA come from the same run.
     python benchmarks/attention.py --device cuda --dtype bfloat16 --sizes 1024,4096,8192
     python benchmarks/attention.py --queries 1 --modes fwd --methods sdpa_softmax,reference,tiled,auto \
         --repeats 50 --out benchmarks/results/attention_cpu_decode.json   # one decoding step: 1 query, N keys
+    python benchmarks/attention.py --batch 16 --heads 1 --head-dim 16 --sizes 512 --mask padding+self \
+        --methods sdpa_softmax,tiled   # a one-layer qk_share classifier's call: padding mask, no self-pairs
+
+``--mask padding`` passes every method an all-keep (B, 1, 1, N) boolean padding mask, as a padded batch
+does; ``padding+self`` also excludes the self-pairs (FNA's ``exclude_self``; for softmax SDPA the two are
+combined into one (B, 1, N, N) mask, as levyattn's softmax baseline does with ``qk_share``). The
+authors' formulation has no masks and is skipped then.
 
 Prints a table and writes JSON (default benchmarks/results/attention_<device>.json).
 """
@@ -27,6 +34,7 @@ from pathlib import Path
 
 # The default grid; "auto" (fractional_attention's own choice of backend) can be asked for too.
 METHODS = ("sdpa_softmax", "authors", "reference", "tiled", "sdpa_fna2", "flex")
+MASKS = ("none", "padding", "padding+self")
 
 
 def _authors(q, k, v, alpha=1.2):
@@ -40,18 +48,40 @@ def _authors(q, k, v, alpha=1.2):
     return (phi / phi.sum(-1, keepdim=True)) @ v
 
 
-def _call(method: str):
+def _call(method: str, mask: str):
+    import torch
     import torch.nn.functional as F
 
     from levyattn import fractional_attention
+    from levyattn.backends.common import combine_keep, structural_keep
+
+    def masks(q, k):
+        """(attn_mask, exclude_self) for this call."""
+        if mask == "none":
+            return None, False
+        padding = torch.ones(q.shape[0], 1, 1, k.shape[-2], dtype=torch.bool, device=q.device)
+        return padding, mask == "padding+self"
+
+    def softmax(q, k, v):
+        attn_mask, exclude_self = masks(q, k)
+        if exclude_self:
+            nq, nk = q.shape[-2], k.shape[-2]
+            attn_mask = combine_keep(attn_mask, structural_keep(0, nq, nq, nk, False, True, q.device))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    def fna(q, k, v, alpha=1.2, backend=method):
+        attn_mask, exclude_self = masks(q, k)
+        return fractional_attention(
+            q, k, v, alpha=alpha, attn_mask=attn_mask, exclude_self=exclude_self, backend=backend
+        )
 
     if method == "sdpa_softmax":
-        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+        return softmax
     if method == "authors":
         return _authors
     if method == "sdpa_fna2":
-        return lambda q, k, v: fractional_attention(q, k, v, alpha=2.0, backend="sdpa")
-    return lambda q, k, v: fractional_attention(q, k, v, alpha=1.2, backend=method)
+        return lambda q, k, v: fna(q, k, v, alpha=2.0, backend="sdpa")
+    return fna
 
 
 def _rss_bytes() -> int:
@@ -59,19 +89,21 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * resource.getpagesize()
 
 
-def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeats: int, queries: int | None) -> dict:
-    """Measure one configuration in this process (called in a subprocess): ``queries`` query rows
-    (None: N, self-attention) against N keys."""
+def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
+    """Measure one configuration in this process (called in a subprocess): ``args.queries`` query
+    rows (None: N, self-attention) against N keys, of shape (batch, heads, rows, head dim)."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
-    fn = _call(method)
+    device, queries = args.device, args.queries
+    dtype = getattr(torch, args.dtype)
+    fn = _call(method, args.mask)
     grad = mode == "fwd+bwd"
 
     def make(size):
         torch.manual_seed(0)
         rows = [min(size, queries or size), size, size]
-        return [torch.randn(1, 4, r, 64, device=device, dtype=dtype, requires_grad=grad) for r in rows]
+        shapes = [(args.batch, args.heads, r, args.head_dim) for r in rows]
+        return [torch.randn(*s, device=device, dtype=dtype, requires_grad=grad) for s in shapes]
 
     def step(q, k, v):
         if grad:
@@ -95,7 +127,7 @@ def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeat
     else:
         base = _rss_bytes()
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(args.repeats + 1):
         for t in (q, k, v):
             t.grad = None
         start = time.perf_counter()
@@ -111,13 +143,15 @@ def run_one(method: str, n: int, mode: str, device: str, dtype_name: str, repeat
     return {"seconds": min(times[1:]), "peak_extra_bytes": max(0, peak)}
 
 
-def skip_reason(method: str, n: int, nq: int, mode: str, device: str, memory_limit: float) -> str | None:
-    if method == "flex" and device == "cpu" and mode == "fwd+bwd":
+def skip_reason(method: str, n: int, mode: str, args: argparse.Namespace) -> str | None:
+    if method == "flex" and args.device == "cpu" and mode == "fwd+bwd":
         return "no FlexAttention backward on CPU"
+    if method == "authors" and args.mask != "none":
+        return "the authors' formulation has no masks"
     if method in ("authors", "reference"):
-        # Several (4, Nq, N) float32 intermediates; more under autograd.
-        need = 4 * nq * n * 4 * (8 if mode == "fwd+bwd" else 4)
-        if need > memory_limit:
+        # Several (B, H, Nq, N) float32 intermediates; more under autograd.
+        need = args.batch * args.heads * (args.queries or n) * n * 4 * (8 if mode == "fwd+bwd" else 4)
+        if need > args.memory_limit_gib * 2**30:
             return f"needs ~{need / 2**30:.0f} GiB"
     return None
 
@@ -131,6 +165,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--queries", type=int, default=None, help="query rows (default N: self-attention)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--mask", choices=MASKS, default="none", help="masks passed to every method (see above)")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", metavar="JSON", help="print a results JSON as a markdown table and exit")
@@ -142,7 +180,7 @@ def main() -> None:
         return
     if args.one:
         method, n, mode = args.one
-        print(json.dumps(run_one(method, int(n), mode, args.device, args.dtype, args.repeats, args.queries)))
+        print(json.dumps(run_one(method, int(n), mode, args)))
         return
 
     import torch
@@ -151,7 +189,7 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         for mode in args.modes.split(","):
             for method in args.methods.split(","):
-                reason = skip_reason(method, n, args.queries or n, mode, args.device, args.memory_limit_gib * 2**30)
+                reason = skip_reason(method, n, mode, args)
                 result = {"method": method, "N": n, "mode": mode}
                 if reason is None:
                     cmd = [
@@ -164,6 +202,8 @@ def main() -> None:
                         "--repeats",
                         str(args.repeats),
                         *(["--queries", str(args.queries)] if args.queries else []),
+                        *("--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim)),
+                        *("--mask", args.mask),
                         "--one",
                         method,
                         str(n),
@@ -187,7 +227,9 @@ def main() -> None:
         "cpu_count": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": args.dtype,
-        "shape": "batch 1, 4 heads, head dim 64" + (f", {args.queries} queries against N keys" if args.queries else ""),
+        "shape": f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}"
+        + (f", {args.queries} queries against N keys" if args.queries else "")
+        + ("" if args.mask == "none" else f", mask {args.mask}"),
         "rows": rows,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"attention_{args.device}.json")
