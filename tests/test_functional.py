@@ -251,15 +251,17 @@ def test_finite_at_every_scale(dtype, scale, alpha):
 
 @pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa"])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_fully_masked_row_gives_zero_output_and_gradient(backend, kind):
-    q, k, v = make_qkv()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fully_masked_row_gives_zero_output_and_gradient(backend, kind, dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in make_qkv())
     keep = torch.ones(11, 11, dtype=torch.bool)
     keep[3] = False
-    mask = keep if kind == "bool" else torch.zeros(11, 11, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    mask = keep if kind == "bool" else torch.zeros(11, 11, dtype=dtype).masked_fill(~keep, float("-inf"))
     out = fractional_attention(q, k, v, alpha=2.0, backend=backend, attn_mask=mask)
-    assert (out[:, :, 3] == 0).all()
-    grad_q = torch.autograd.grad(out.sum(), q)[0]
+    assert (out[:, :, 3] == 0).all() and torch.isfinite(out).all()
+    grad_q, grad_k, grad_v = torch.autograd.grad(out.sum(), (q, k, v))
     assert torch.isfinite(grad_q).all() and (grad_q[:, :, 3] == 0).all()
+    assert torch.isfinite(grad_k).all() and torch.isfinite(grad_v).all()
     if backend == "reference":
         _, weights = fractional_attention(q, k, v, attn_mask=mask, return_weights=True)
         assert (weights[:, :, 3] == 0).all()

@@ -111,6 +111,15 @@ def combine_keep(mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~keep, float("-inf"))
 
 
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool (True = keep) or additive mask as an additive one of ``dtype`` (0 keeps, -inf removes)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return logits

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from levyattn.backends.common import AttentionCall
+from levyattn.backends.common import AttentionCall, additive_mask
 from levyattn.kernels import kappa
 
 
@@ -27,25 +27,34 @@ def unsupported(call: AttentionCall, q: torch.Tensor) -> str | None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
     q, k = call.prepare(q, k)
-    nq, nk = q.shape[-2], k.shape[-2]
-    kap = kappa(2.0, q.shape[-1], call.rescale, call.manifold)
+    (nq, d), (nk, dv) = q.shape[-2:], v.shape[-2:]
+    kap = kappa(2.0, d, call.rescale, call.manifold)
     scale = 2.0 / (kap * kap * call.bandwidth)  # a tensor for per-head bandwidth
     q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1) * scale
     k_aug = torch.cat([k, -0.5 * (k * k).sum(-1, keepdim=True)], dim=-1)
     plain_causal = call.is_causal and nq == nk and call.attn_mask is None and not call.exclude_self
-    mask = None if plain_causal else call.mask_rows(0, nq, nq, nk, q.device)
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    # PyTorch's fused CPU kernel wants one head dim for q, k and v: pad v with zeros
-    # (their outputs are 0 and sliced away) rather than fall back to the slow path.
-    width = max(q_aug.shape[-1], v.shape[-1])
-    v_pad = F.pad(v, (0, width - v.shape[-1]))
-    q_aug, k_aug = F.pad(q_aug, (0, width - q_aug.shape[-1])), F.pad(k_aug, (0, width - k_aug.shape[-1]))
-    out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, attn_mask=mask, is_causal=plain_causal, scale=1.0)
-    out = out[..., : v.shape[-1]]
+    mask = None if plain_causal else _additive_sum(call.mask_parts(0, nq, nq, nk, q.device), q.dtype)
+    # PyTorch's fused CPU kernel wants one head dim for q, k and v: pad to the widest rather
+    # than fall back to the slow path. With a mask, v gets a column of ones at index dv: its
+    # output is the row sum of the weights, 1, or 0 / NaN for a row with no allowed key, which
+    # finds those rows without a pass over the (B, H, Nq, Nk) mask.
+    width = max(d + 1, dv + (mask is not None))
+    v_pad = F.pad(v, (0, width - dv))
     if mask is not None:
-        # A row with no allowed key is 0 by convention; SDPA's math path may give NaN there.
-        allowed = mask if mask.dtype == torch.bool else mask != float("-inf")
-        empty = ~allowed.expand(*q.shape[:-1], nk).any(-1, keepdim=True)
-        out = out.masked_fill(empty, 0.0)
-    return out
+        v_pad[..., dv] = 1.0
+    q_aug, k_aug = F.pad(q_aug, (0, width - d - 1)), F.pad(k_aug, (0, width - d - 1))
+    out = F.scaled_dot_product_attention(q_aug, k_aug, v_pad, attn_mask=mask, is_causal=plain_causal, scale=1.0)
+    if mask is None:
+        return out[..., :dv]
+    # A row with no allowed key is 0 by convention; SDPA may give NaN there.
+    empty = ~(out[..., dv : dv + 1] > 0.5)
+    return out[..., :dv].masked_fill(empty, 0.0)
+
+
+def _additive_sum(parts: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """The mask parts (:meth:`AttentionCall.mask_parts`) as one additive mask: SDPA takes one, and
+    a float one it uses as it is (a boolean one it converts in forward and again in backward)."""
+    masks = [additive_mask(m, dtype) for m in parts if m is not None]
+    if not masks:
+        return None
+    return masks[0] if len(masks) == 1 else masks[0] + masks[1]

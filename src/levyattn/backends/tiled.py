@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from levyattn.backends.common import AttentionCall, finite_or_zero, safe_logsumexp
+from levyattn.backends.common import AttentionCall, additive_mask, finite_or_zero, safe_logsumexp
 
 # Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. It bounds
 # the extra memory; measured on 2 CPU cores (forward+backward, alpha 1.2), it was the
@@ -168,16 +168,6 @@ class _TiledFNA(torch.autograd.Function):
             if need_bw:
                 grad_bw += next(grads)
         return grad_q, grad_k, grad_v, grad_alpha, grad_bw, None, None
-
-
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """A tile's mask as an additive one (0 keeps, -inf removes): one form for the tile functions,
-    so a compiled tile has one variant for every kind of mask."""
-    if mask is None:
-        return None
-    if mask.dtype != torch.bool:
-        return mask.to(dtype)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def _add_masks_(logits, user, keep):
@@ -342,7 +332,8 @@ class _EuclideanFNA(torch.autograd.Function):
             stop = min(nq, start + block)
             scores = work[: batch * heads * (stop - start) * nk].view(batch, heads, stop - start, nk)
             torch.matmul(q_aug[..., start:stop, :], k_aug_t, out=scores)
-            user, keep = (_additive(m, q.dtype) for m in call.mask_parts(start, stop, nq, nk, q.device))
+            # Masks reach the tiles additive: one form, so a compiled tile has one variant per mask kind.
+            user, keep = (additive_mask(m, q.dtype) for m in call.mask_parts(start, stop, nq, nk, q.device))
             peak, total = kernel_weights(scores, user, keep, exponent, c, call.is_gaussian)
             # A fully masked row has total 0 and weights 0: its output is 0 / tiny = 0.
             out[..., start:stop, :] = (scores @ v).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
@@ -373,7 +364,7 @@ class _EuclideanFNA(torch.autograd.Function):
             q_tile, d_out = q_aug[..., start:stop, :], grad_out[..., start:stop, :]
             torch.matmul(q_tile, k_aug_t, out=scores)
             torch.matmul(d_out, v_t, out=grad_scores)
-            user, keep = (_additive(m, q_aug.dtype) for m in call.mask_parts(start, stop, nq, nk, q_aug.device))
+            user, keep = (additive_mask(m, q_aug.dtype) for m in call.mask_parts(start, stop, nq, nk, q_aug.device))
             g_row_sums = kernel_grads(
                 scores,
                 grad_scores,
