@@ -185,6 +185,38 @@ def test_orthogonal_one_head_softmax_scores_are_plain_dot_products():
     torch.testing.assert_close(w, expected)
 
 
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("qk_share", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_softmax_fused_path_equals_its_explicit_weights(monkeypatch, is_causal, qk_share, padded):
+    # need_weights computes softmax(logits) @ v in the open; the fused SDPA call (SDPA's own
+    # causal path when there is no other mask, else one additive mask) must give the same output.
+    torch.manual_seed(0)
+    soft = make_attention("softmax", 8, 2, qk_share=qk_share).eval()
+    x = torch.randn(3, 6, 8)
+    padding = torch.tensor([[False] * 6, [False] * 4 + [True] * 2, [False] * 5 + [True]]) if padded else None
+    sdpa_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        sdpa_calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    fused, _ = soft(x, x, x, key_padding_mask=padding, is_causal=is_causal)
+    explicit, w = soft(
+        x, x, x, key_padding_mask=padding, is_causal=is_causal, need_weights=True, average_attn_weights=False
+    )
+    torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-5)
+    own_causal_path = is_causal and not (qk_share or padded)
+    assert sdpa_calls[0].get("is_causal", False) == own_causal_path
+    assert (sdpa_calls[0].get("attn_mask") is None) == (not (is_causal or qk_share or padded) or own_causal_path)
+    if is_causal:
+        assert (w.triu(1) == 0).all()
+    if qk_share:
+        assert (w.diagonal(dim1=-2, dim2=-1)[..., 1:] == 0).all()  # under causal, row 0 has only itself
+
+
 @pytest.mark.parametrize("attention", ["fna", "softmax"])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_padding_does_not_leak(attention, norm_first):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levyattn.backends.common import combine_keep, structural_keep
+from levyattn.backends.common import additive_sum, structural_keep
 from levyattn.config import check_alpha, check_bandwidth, check_manifold
 from levyattn.functional import BACKENDS, fractional_attention
 
@@ -331,11 +331,14 @@ class SoftmaxMultiheadAttention(_MultiheadBase):
         super().__init__(embed_dim, num_heads, **kwargs)
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
-        if is_causal or self.qk_share:
-            nq, nk = q.shape[-2], k.shape[-2]
-            keep = structural_keep(0, nq, nq, nk, is_causal, self.qk_share, q.device)
-            mask = combine_keep(mask, keep)
+        nq, nk = q.shape[-2], k.shape[-2]
         dropout = self.dropout if self.training else 0.0
+        if is_causal and nq == nk and mask is None and not self.qk_share and not need_weights:
+            # SDPA's own causal path needs no mask (its alignment is ours when Nq == Nk).
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout), None
+        if is_causal or self.qk_share:
+            keep = structural_keep(0, nq, nq, nk, is_causal, self.qk_share, q.device)
+            mask = additive_sum((mask, keep), q.dtype)
         if not need_weights:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout), None
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])

@@ -120,6 +120,19 @@ def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def additive_sum(masks: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """Several masks (None, bool or additive; broadcastable together) as one additive mask of
+    ``dtype``. For ``scaled_dot_product_attention``, which takes one mask and uses a float one as
+    it is, where it converts a boolean one in forward and again in backward."""
+    parts = [additive_mask(m, dtype) for m in masks if m is not None]
+    if not parts:
+        return None
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
 def apply_mask(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return logits

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from levyattn.backends.common import AttentionCall, additive_mask
+from levyattn.backends.common import AttentionCall, additive_sum
 from levyattn.kernels import kappa
 
 
@@ -33,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     q_aug = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1) * scale
     k_aug = torch.cat([k, -0.5 * (k * k).sum(-1, keepdim=True)], dim=-1)
     plain_causal = call.is_causal and nq == nk and call.attn_mask is None and not call.exclude_self
-    mask = None if plain_causal else _additive_sum(call.mask_parts(0, nq, nq, nk, q.device), q.dtype)
+    mask = None if plain_causal else additive_sum(call.mask_parts(0, nq, nq, nk, q.device), q.dtype)
     # PyTorch's fused CPU kernel wants one head dim for q, k and v: pad to the widest rather
     # than fall back to the slow path. With a mask, v gets a column of ones at index dv: its
     # output is the row sum of the weights, 1, or 0 / NaN for a row with no allowed key, which
@@ -49,12 +49,3 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     # A row with no allowed key is 0 by convention; SDPA may give NaN there.
     empty = ~(out[..., dv : dv + 1] > 0.5)
     return out[..., :dv].masked_fill(empty, 0.0)
-
-
-def _additive_sum(parts: tuple[torch.Tensor | None, ...], dtype: torch.dtype) -> torch.Tensor | None:
-    """The mask parts (:meth:`AttentionCall.mask_parts`) as one additive mask: SDPA takes one, and
-    a float one it uses as it is (a boolean one it converts in forward and again in backward)."""
-    masks = [additive_mask(m, dtype) for m in parts if m is not None]
-    if not masks:
-        return None
-    return masks[0] if len(masks) == 1 else masks[0] + masks[1]
