@@ -13,10 +13,11 @@ after one warm-up. Ratios against softmax SDPA come from the same run.
     python benchmarks/attention.py --batch 16 --heads 1 --head-dim 16 --sizes 512 --mask padding+self \
         --methods sdpa_softmax,tiled   # a one-layer qk_share classifier's call: padding mask, no self-pairs
 
-``--mask padding`` passes every method an all-keep (B, 1, 1, N) boolean padding mask, as a padded batch
-does; ``padding+self`` also excludes the self-pairs (FNA's ``exclude_self``; for softmax SDPA the two are
-combined into one (B, 1, N, N) mask, as levyattn's softmax baseline does with ``qk_share``). The
-authors' formulation has no masks and is skipped then.
+``--causal`` makes every call causal (softmax SDPA through its own ``is_causal`` when there is no
+other mask). ``--mask padding`` passes every method an all-keep (B, 1, 1, N) boolean padding mask,
+as a padded batch does; ``padding+self`` also excludes the self-pairs (FNA's ``exclude_self``; for
+softmax SDPA the masks are combined into one, as levyattn's softmax baseline does with ``qk_share``).
+The authors' formulation has no masks and is skipped then.
 
 Prints a table and writes JSON (default benchmarks/results/attention_<device>.json).
 """
@@ -48,7 +49,7 @@ def _authors(q, k, v, alpha=1.2):
     return (phi / phi.sum(-1, keepdim=True)) @ v
 
 
-def _call(method: str, mask: str):
+def _call(method: str, mask: str, causal: bool):
     import torch
     import torch.nn.functional as F
 
@@ -64,15 +65,17 @@ def _call(method: str, mask: str):
 
     def softmax(q, k, v):
         attn_mask, exclude_self = masks(q, k)
-        if exclude_self:
-            nq, nk = q.shape[-2], k.shape[-2]
-            attn_mask = combine_keep(attn_mask, structural_keep(0, nq, nq, nk, False, True, q.device))
+        nq, nk = q.shape[-2], k.shape[-2]
+        if causal and attn_mask is None and nq == nk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if causal or exclude_self:
+            attn_mask = combine_keep(attn_mask, structural_keep(0, nq, nq, nk, causal, exclude_self, q.device))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
     def fna(q, k, v, alpha=1.2, backend=method):
         attn_mask, exclude_self = masks(q, k)
         return fractional_attention(
-            q, k, v, alpha=alpha, attn_mask=attn_mask, exclude_self=exclude_self, backend=backend
+            q, k, v, alpha=alpha, attn_mask=attn_mask, exclude_self=exclude_self, is_causal=causal, backend=backend
         )
 
     if method == "sdpa_softmax":
@@ -96,7 +99,7 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
 
     device, queries = args.device, args.queries
     dtype = getattr(torch, args.dtype)
-    fn = _call(method, args.mask)
+    fn = _call(method, args.mask, args.causal)
     grad = mode == "fwd+bwd"
 
     def make(size):
@@ -146,7 +149,7 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
 def skip_reason(method: str, n: int, mode: str, args: argparse.Namespace) -> str | None:
     if method == "flex" and args.device == "cpu" and mode == "fwd+bwd":
         return "no FlexAttention backward on CPU"
-    if method == "authors" and args.mask != "none":
+    if method == "authors" and (args.mask != "none" or args.causal):
         return "the authors' formulation has no masks"
     if method in ("authors", "reference"):
         # Several (B, H, Nq, N) float32 intermediates; more under autograd.
@@ -169,6 +172,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--mask", choices=MASKS, default="none", help="masks passed to every method (see above)")
+    parser.add_argument("--causal", action="store_true", help="causal attention for every method")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", metavar="JSON", help="print a results JSON as a markdown table and exit")
@@ -204,6 +208,7 @@ def main() -> None:
                         *(["--queries", str(args.queries)] if args.queries else []),
                         *("--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim)),
                         *("--mask", args.mask),
+                        *(["--causal"] if args.causal else []),
                         "--one",
                         method,
                         str(n),
@@ -229,7 +234,8 @@ def main() -> None:
         "dtype": args.dtype,
         "shape": f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}"
         + (f", {args.queries} queries against N keys" if args.queries else "")
-        + ("" if args.mask == "none" else f", mask {args.mask}"),
+        + ("" if args.mask == "none" else f", mask {args.mask}")
+        + (", causal" if args.causal else ""),
         "rows": rows,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"attention_{args.device}.json")

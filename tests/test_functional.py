@@ -300,6 +300,27 @@ def test_causal_tile_holding_only_the_last_query(nk):
         assert rel_err(tiled_out, ref_out) <= 1e-12
 
 
+@pytest.mark.parametrize("nq, nk", [(12, 5), (9, 9), (5, 12)])
+@pytest.mark.parametrize("mask", ["padding", "arbitrary", "additive", None])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_causal_tiles_compute_only_the_keys_they_may_see(monkeypatch, nq, nk, mask, exclude_self):
+    # Tiles of 4 queries; with causal masking a tile stops at the last key its last query sees
+    # (at least one key, so rows that see none, when Nq > Nk, are masked as usual).
+    widths = []
+    real = tiled._kernel_weights_
+
+    def spy(scores, *args):
+        widths.append(scores.shape[-1])
+        return real(scores, *args)
+
+    monkeypatch.setattr(tiled, "_kernel_weights_", spy)
+    q, k, v = make_qkv(nq=nq, nk=nk)
+    kw = dict(alpha=1.2, is_causal=True, exclude_self=exclude_self, attn_mask=_mask(mask, 2, 2, nq, nk))
+    assert_matches_reference("tiled", q, k, v, 1e-10, **kw)
+    assert widths == [max(1, min(nk, stop + nk - nq)) for stop in range(4, nq + 4, 4)][: len(widths)]
+    assert len(widths) == -(-nq // 4) and widths[-1] == nk
+
+
 def test_auto_rule(monkeypatch):
     """``auto`` picks the backend its documented rule names."""
     import levyattn.functional as functional

@@ -73,28 +73,49 @@ class AttentionCall:
         return user if keep is None else combine_keep(user, keep)
 
     def mask_parts(
-        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device
+        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device, key_stop: int | None = None
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """:meth:`mask_rows` in its two parts, not combined: the user's mask for these rows (as
-        given: bool or additive, broadcastable) and the (q_end - q_start, Nk) bool causal /
+        given: bool or additive, broadcastable) and the (q_end - q_start, key_stop) bool causal /
         self-pair keep, each None when absent. Combining a per-batch padding mask with the
-        per-row keep would materialise a (B, H, rows, Nk) mask; kept apart, both stay small."""
+        per-row keep would materialise a (B, H, rows, Nk) mask; kept apart, both stay small.
+        ``key_stop`` (default Nk) restricts both to the keys ``0 .. key_stop``."""
+        key_stop = nk if key_stop is None else key_stop
         user = self.attn_mask
         if user is not None and user.dim() >= 2 and user.shape[-2] != 1:
             user = user[..., q_start:q_end, :]
+        if user is not None and user.dim() >= 1 and user.shape[-1] != 1 and key_stop < nk:
+            user = user[..., :key_stop]
         causal = self.is_causal and q_start < nq - 1  # the last query sees every key (decoding)
         if not (causal or self.exclude_self):
             return user, None
-        return user, structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device)
+        return user, structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device, key_stop)
+
+    def key_stop(self, q_end: int, nq: int, nk: int) -> int:
+        """Keys ``0 .. key_stop`` are all that query rows before ``q_end`` may see: with causal
+        masking the later keys are masked for every one of them, so a tile need not compute them.
+        At least 1, so a tile is never empty (rows that see no key are masked as usual)."""
+        if not self.is_causal:
+            return nk
+        return max(1, min(nk, q_end + nk - nq))
 
 
 def structural_keep(
-    q_start: int, q_end: int, nq: int, nk: int, is_causal: bool, exclude_self: bool, device
+    q_start: int,
+    q_end: int,
+    nq: int,
+    nk: int,
+    is_causal: bool,
+    exclude_self: bool,
+    device,
+    key_stop: int | None = None,
 ) -> torch.Tensor:
-    """(q_end - q_start, Nk) bool: causal and/or self-pair exclusion, bottom-right aligned."""
+    """(q_end - q_start, key_stop) bool (key_stop defaults to Nk): causal and/or self-pair
+    exclusion, bottom-right aligned."""
+    key_stop = nk if key_stop is None else key_stop
     rows = torch.arange(q_start, q_end, device=device).unsqueeze(-1) + (nk - nq)
-    cols = torch.arange(nk, device=device)
-    keep = torch.ones(q_end - q_start, nk, dtype=torch.bool, device=device)
+    cols = torch.arange(key_stop, device=device)
+    keep = torch.ones(q_end - q_start, key_stop, dtype=torch.bool, device=device)
     if is_causal:
         keep &= cols <= rows
     if exclude_self:

@@ -330,13 +330,15 @@ class _EuclideanFNA(torch.autograd.Function):
         lse = q.new_empty(batch, heads, nq)
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            scores = work[: batch * heads * (stop - start) * nk].view(batch, heads, stop - start, nk)
-            torch.matmul(q_aug[..., start:stop, :], k_aug_t, out=scores)
+            kv = call.key_stop(stop, nq, nk)  # causal: the keys after kv are masked for the whole tile
+            scores = work[: batch * heads * (stop - start) * kv].view(batch, heads, stop - start, kv)
+            torch.matmul(q_aug[..., start:stop, :], k_aug_t[..., :kv], out=scores)
             # Masks reach the tiles additive: one form, so a compiled tile has one variant per mask kind.
-            user, keep = (additive_mask(m, q.dtype) for m in call.mask_parts(start, stop, nq, nk, q.device))
+            parts = call.mask_parts(start, stop, nq, nk, q.device, kv)
+            user, keep = (additive_mask(m, q.dtype) for m in parts)
             peak, total = kernel_weights(scores, user, keep, exponent, c, call.is_gaussian)
             # A fully masked row has total 0 and weights 0: its output is 0 / tiny = 0.
-            out[..., start:stop, :] = (scores @ v).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
+            out[..., start:stop, :] = (scores @ v[..., :kv, :]).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
             lse[..., start:stop] = (peak + total.log()).squeeze(-1)
         ctx.save_for_backward(q, k, v, out, lse, q_aug, k_aug_t)
         ctx.call, ctx.block, ctx.exponent, ctx.c = call, block, exponent, c
@@ -359,12 +361,13 @@ class _EuclideanFNA(torch.autograd.Function):
         g_q_aug = k.new_zeros(batch, heads, nk, d_aug)  # sum over all tiles of g^T q^
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            rows = stop - start
-            scores, grad_scores = (w[: bh * rows * nk].view(batch, heads, rows, nk) for w in work)
+            rows, kv = stop - start, call.key_stop(stop, nq, nk)
+            scores, grad_scores = (w[: bh * rows * kv].view(batch, heads, rows, kv) for w in work)
             q_tile, d_out = q_aug[..., start:stop, :], grad_out[..., start:stop, :]
-            torch.matmul(q_tile, k_aug_t, out=scores)
-            torch.matmul(d_out, v_t, out=grad_scores)
-            user, keep = (additive_mask(m, q_aug.dtype) for m in call.mask_parts(start, stop, nq, nk, q_aug.device))
+            torch.matmul(q_tile, k_aug_t[..., :kv], out=scores)
+            torch.matmul(d_out, v_t[..., :kv], out=grad_scores)
+            parts = call.mask_parts(start, stop, nq, nk, q_aug.device, kv)
+            user, keep = (additive_mask(m, q_aug.dtype) for m in parts)
             g_row_sums = kernel_grads(
                 scores,
                 grad_scores,
@@ -376,10 +379,13 @@ class _EuclideanFNA(torch.autograd.Function):
                 ctx.c,
                 call.is_gaussian,
             )  # scores now hold P, grad_scores g
-            grad_v.view(bh, nk, dv).baddbmm_(scores.view(bh, rows, nk).transpose(1, 2), d_out.reshape(bh, rows, dv))
-            grad_q[..., start:stop, :] = (q[..., start:stop, :] * g_row_sums).sub_(grad_scores @ k).mul_(2.0)
-            g_q_aug.view(bh, nk, d_aug).baddbmm_(
-                grad_scores.view(bh, rows, nk).transpose(1, 2), q_tile.reshape(bh, rows, d_aug)
+            grad_v.view(bh, nk, dv)[:, :kv].baddbmm_(
+                scores.view(bh, rows, kv).transpose(1, 2), d_out.reshape(bh, rows, dv)
+            )
+            grad_q[..., start:stop, :] = (q[..., start:stop, :] * g_row_sums).sub_(grad_scores @ k[..., :kv, :])
+            grad_q[..., start:stop, :].mul_(2.0)
+            g_q_aug.view(bh, nk, d_aug)[:, :kv].baddbmm_(
+                grad_scores.view(bh, rows, kv).transpose(1, 2), q_tile.reshape(bh, rows, d_aug)
             )
         # g^T q^ = [-2 sum_i g_ij q_i, ., sum_i g_ij]
         grad_k = (k * g_q_aug[..., d + 1 :]).mul_(2.0).add_(g_q_aug[..., :d])
