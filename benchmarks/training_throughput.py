@@ -11,7 +11,8 @@ time, so background load on a shared machine hits them alike.
 
 With ``--preset`` the model is the preset's (layers, heads, hidden size, dropout, FNA options)
 at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: the dataset's
-size and channels); only the attention is switched.
+size and channels; language models: block_size tokens of the preset's vocabulary, a next-token
+loss at every position); only the attention is switched.
 
 Prints a table and writes JSON (default benchmarks/results/training_throughput.json).
 """
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from levyattn.data.text import DEFAULT_IMDB_VOCAB
-from levyattn.models import build_model
+from levyattn.models import CausalLM, build_model
 from levyattn.training.presets import get_preset
 
 VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
@@ -53,7 +54,11 @@ def make_from_preset(name: str, attention: str, alpha: float | None, batch: int)
         channels, side = IMAGE_SHAPES[data["dataset"]]
         m = build_model("vit", dict(cfg, image_size=side, in_channels=channels, num_classes=10))
         return m, (torch.randn(batch, channels, side, side, generator=g),), {}
-    raise ValueError(f"--preset {name!r}: only IMDb text-classifier and image ViT presets can be timed here")
+    if preset["model_type"] == "lm":
+        seq, vocab = int(data["block_size"]), int(data["vocab_size"])
+        m = build_model("lm", dict(cfg, vocab_size=vocab, block_size=seq))
+        return m, (torch.randint(0, vocab, (batch, seq), generator=g),), {}
+    raise ValueError(f"--preset {name!r}: only IMDb text-classifier, image ViT and language-model presets can be timed")
 
 
 def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.nn.Module, tuple, dict]:
@@ -96,13 +101,15 @@ def main() -> None:
         torch.manual_seed(0)
         m, inputs, kwargs = make(args.model, attention, alpha, args)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        labels = torch.randint(0, 2, (args.batch,))
+        # A class per sample, or (language models) a next token per position.
+        labels = inputs[0] if isinstance(m, CausalLM) else torch.randint(0, 2, (args.batch,))
         setups[(attention, alpha)] = (m, inputs, kwargs, opt, labels)
 
     def step(key) -> float:
         m, inputs, kwargs, opt, labels = setups[key]
         t0 = time.perf_counter()
-        loss = F.cross_entropy(m(*inputs, **kwargs), labels)
+        logits = m(*inputs, **kwargs)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -20,7 +20,12 @@ def _params(model: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize(
     ("preset", "input_shape"),
-    [("digits-vit", (2, 1, 8, 8)), ("mnist-vit", (2, 1, 28, 28)), ("imdb-1layer-h8", (2, 512))],
+    [
+        ("digits-vit", (2, 1, 8, 8)),
+        ("mnist-vit", (2, 1, 28, 28)),
+        ("imdb-1layer-h8", (2, 512)),
+        ("lm-toy-fna", (2, 64)),
+    ],
 )
 def test_preset_models_differ_only_in_attention(preset, input_shape):
     fna, fna_inputs, kwargs = bench.make_from_preset(preset, "fna", 1.2, batch=2)
