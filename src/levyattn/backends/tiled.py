@@ -176,11 +176,19 @@ class _TiledFNA(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_alpha, grad_bw, None, None
 
 
+def _tile_keys_and_masks(call: AttentionCall, start: int, stop: int, nq: int, nk: int, like: torch.Tensor):
+    """For the query rows ``start:stop``: how many keys the tile computes (all but those causal
+    masking hides from every one of its rows) and the two mask parts over those keys, additive
+    in ``like``'s dtype (one form, so a compiled tile has one variant per kind of mask)."""
+    kv = call.key_stop(stop, nq, nk)
+    user, keep = (additive_mask(m, like.dtype) for m in call.mask_parts(start, stop, nq, nk, like.device, kv))
+    return kv, user, keep
+
+
 def _add_masks_(logits, user, keep):
     for mask in (user, keep):
         if mask is not None:
             logits.add_(mask)
-    return logits
 
 
 def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
@@ -336,12 +344,9 @@ class _EuclideanFNA(torch.autograd.Function):
         lse = q.new_empty(batch, heads, nq)
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            kv = call.key_stop(stop, nq, nk)  # causal: the keys after kv are masked for the whole tile
+            kv, user, keep = _tile_keys_and_masks(call, start, stop, nq, nk, q)
             scores = work[: batch * heads * (stop - start) * kv].view(batch, heads, stop - start, kv)
             torch.matmul(q_aug[..., start:stop, :], k_aug_t[..., :kv], out=scores)
-            # Masks reach the tiles additive: one form, so a compiled tile has one variant per mask kind.
-            parts = call.mask_parts(start, stop, nq, nk, q.device, kv)
-            user, keep = (additive_mask(m, q.dtype) for m in parts)
             peak, total = kernel_weights(scores, user, keep, exponent, c, call.is_gaussian)
             # A fully masked row has total 0 and weights 0: its output is 0 / tiny = 0.
             out[..., start:stop, :] = (scores @ v[..., :kv, :]).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
@@ -367,13 +372,12 @@ class _EuclideanFNA(torch.autograd.Function):
         g_q_aug = k.new_zeros(batch, heads, nk, d_aug)  # sum over all tiles of g^T q^
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            rows, kv = stop - start, call.key_stop(stop, nq, nk)
+            rows = stop - start
+            kv, user, keep = _tile_keys_and_masks(call, start, stop, nq, nk, q_aug)
             scores, grad_scores = (w[: bh * rows * kv].view(batch, heads, rows, kv) for w in work)
             q_tile, d_out = q_aug[..., start:stop, :], grad_out[..., start:stop, :]
             torch.matmul(q_tile, k_aug_t[..., :kv], out=scores)
             torch.matmul(d_out, v_t[..., :kv], out=grad_scores)
-            parts = call.mask_parts(start, stop, nq, nk, q_aug.device, kv)
-            user, keep = (additive_mask(m, q_aug.dtype) for m in parts)
             g_row_sums = kernel_grads(
                 scores,
                 grad_scores,
