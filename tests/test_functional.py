@@ -321,6 +321,45 @@ def test_causal_tiles_compute_only_the_keys_they_may_see(monkeypatch, nq, nk, ma
     assert len(widths) == -(-nq // 4) and widths[-1] == nk
 
 
+@pytest.mark.parametrize("nq, nk", [(12, 5), (9, 9), (5, 12)])
+@pytest.mark.parametrize("kind", ["sphere", "per-head alpha and bandwidth", "density"])
+def test_generic_causal_tiles_compute_only_the_keys_they_may_see(monkeypatch, nq, nk, kind):
+    # The autograd tiles (sphere, tensor alpha/bandwidth, density) limit their keys as the
+    # Euclidean ones do, except with the density term, whose column sums span every key.
+    from levyattn.backends.common import AttentionCall
+
+    widths = []
+    real = AttentionCall.logits
+
+    def spy(self, q, k, *args):
+        widths.append(k.shape[-2])
+        return real(self, q, k, *args)
+
+    q, k, v = make_qkv(nq=nq, nk=nk)
+    alpha = torch.tensor([0.8, 1.5], dtype=torch.float64, requires_grad=True).view(2, 1, 1)
+    bandwidth = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True).view(2, 1, 1)
+    kw = {
+        "sphere": dict(alpha=1.2, manifold="sphere"),
+        "per-head alpha and bandwidth": dict(alpha=alpha, bandwidth=bandwidth),
+        "density": dict(alpha=1.2, density_a=0.5),
+    }[kind]
+    kw.update(is_causal=True, exclude_self=True, attn_mask=padding_mask(2, nk))
+    inputs = (q, k, v) + ((alpha, bandwidth) if kind.startswith("per-head") else ())
+    out_ref = fractional_attention(q, k, v, backend="reference", **kw)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), inputs)
+    monkeypatch.setattr(AttentionCall, "logits", spy)
+    out = fractional_attention(q, k, v, backend="tiled", **kw)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    assert rel_err(out, out_ref) <= 1e-10
+    assert all(rel_err(g, e) <= 1e-10 for g, e in zip(grads, grads_ref))
+    stops = [min(nq, start + 4) for start in range(0, nq, 4)]
+    limited = [max(1, min(nk, stop + nk - nq)) for stop in stops]
+    if kind == "density":
+        assert set(widths) == {nk}
+    else:
+        assert widths == limited + limited  # forward, then backward
+
+
 def test_auto_rule(monkeypatch):
     """``auto`` picks the backend its documented rule names."""
     import levyattn.functional as functional

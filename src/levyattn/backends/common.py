@@ -58,18 +58,23 @@ class AttentionCall:
             return center_on_keys(q, k)
         return q, k
 
-    def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int) -> torch.Tensor:
-        """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``.
+    def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int, nk: int | None = None) -> torch.Tensor:
+        """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``
+        against ``k``, the first ``k.shape[-2]`` of ``nk`` keys (default: all of them).
 
-        q, k must have gone through :meth:`prepare`. Returns (B, H, bq, Nk).
+        q, k must have gone through :meth:`prepare`. Returns (B, H, bq, k.shape[-2]).
         """
         logits = log_phi_from_sq(squared_distances(q, k, self.manifold), **self.kernel_kwargs(q.shape[-1]))
-        mask = self.mask_rows(q_start, q_start + q.shape[-2], nq, k.shape[-2], q.device)
+        nk = k.shape[-2] if nk is None else nk
+        mask = self.mask_rows(q_start, q_start + q.shape[-2], nq, nk, q.device, k.shape[-2])
         return apply_mask(logits, mask)
 
-    def mask_rows(self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device) -> torch.Tensor | None:
-        """The mask for query rows ``q_start:q_end``: bool (True = keep), float (additive) or None."""
-        user, keep = self.mask_parts(q_start, q_end, nq, nk, device)
+    def mask_rows(
+        self, q_start: int, q_end: int, nq: int, nk: int, device: torch.device, key_stop: int | None = None
+    ) -> torch.Tensor | None:
+        """The mask for query rows ``q_start:q_end`` (and keys ``0 .. key_stop``, default Nk):
+        bool (True = keep), float (additive) or None."""
+        user, keep = self.mask_parts(q_start, q_end, nq, nk, device, key_stop)
         return user if keep is None else combine_keep(user, keep)
 
     def mask_parts(

@@ -73,6 +73,12 @@ def _column_log_sums(q, k, call, block):
     return finite_or_zero(total)
 
 
+def _key_stop(call: AttentionCall, stop: int, nq: int, nk: int) -> int:
+    """Keys a generic tile computes: with causal masking, only those its rows may see; with the
+    density term every key (its column sums and their coupling span all keys)."""
+    return nk if call.density_a else call.key_stop(stop, nq, nk)
+
+
 class _TiledFNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, bandwidth, call, block):
@@ -81,7 +87,7 @@ class _TiledFNA(torch.autograd.Function):
             alpha=call.alpha if alpha is None else alpha,
             bandwidth=call.bandwidth if bandwidth is None else bandwidth,
         )
-        nq = q.shape[-2]
+        nq, nk = q.shape[-2], k.shape[-2]
         col_bias = None
         log_col = None
         if call.density_a:
@@ -91,13 +97,14 @@ class _TiledFNA(torch.autograd.Function):
         lse = q.new_empty(q.shape[:-1])
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            logits = call.logits(q[..., start:stop, :], k, start, nq)
+            kv = _key_stop(call, stop, nq, nk)
+            logits = call.logits(q[..., start:stop, :], k[..., :kv, :], start, nq, nk)
             if col_bias is not None:
                 logits = logits + col_bias
             row_lse = safe_logsumexp(logits, -1)
             lse[..., start:stop] = row_lse
             weights = torch.exp(logits - finite_or_zero(row_lse).unsqueeze(-1))
-            out[..., start:stop, :] = weights @ v
+            out[..., start:stop, :] = weights @ v[..., :kv, :]
         ctx.save_for_backward(q, k, v, out, lse, log_col, alpha, bandwidth)
         ctx.call = call
         ctx.block = block
@@ -107,7 +114,7 @@ class _TiledFNA(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, log_col, alpha, bandwidth = ctx.saved_tensors
         call, block = ctx.call, ctx.block
-        nq = q.shape[-2]
+        nq, nk = q.shape[-2], k.shape[-2]
         lse = finite_or_zero(lse)
         delta = (grad_out * out).sum(-1)  # D_i = sum_j P_ij dP_ij
         col_bias = None if log_col is None else (-call.density_a * log_col).unsqueeze(-2)
@@ -117,8 +124,8 @@ class _TiledFNA(torch.autograd.Function):
                 logits = logits + col_bias
             return torch.exp(logits - lse[..., start:stop].unsqueeze(-1))
 
-        def block_grad_scores(weights, start, stop):
-            grad_weights = grad_out[..., start:stop, :] @ v.transpose(-1, -2)
+        def block_grad_scores(weights, start, stop):  # weights: (B, H, rows, kv) for the first kv keys
+            grad_weights = grad_out[..., start:stop, :] @ v[..., : weights.shape[-1], :].transpose(-1, -2)
             return weights * (grad_weights - delta[..., start:stop].unsqueeze(-1))
 
         coupling = None
@@ -150,13 +157,14 @@ class _TiledFNA(torch.autograd.Function):
         inputs_wanted = [need_q, need_k, need_alpha, need_bw]
         for start in range(0, nq, block):
             stop = min(nq, start + block)
+            kv = _key_stop(call, stop, nq, nk)
             q_leaf = q[..., start:stop, :].detach().requires_grad_(need_q)
             with torch.enable_grad():
-                logits = leaf_call.logits(q_leaf, k_leaf, start, nq)
+                logits = leaf_call.logits(q_leaf, k_leaf[..., :kv, :], start, nq, nk)
             raw = logits.detach()
             weights = block_weights(raw, start, stop)
             if need_v:
-                grad_v += weights.transpose(-1, -2) @ grad_out[..., start:stop, :]
+                grad_v[..., :kv, :] += weights.transpose(-1, -2) @ grad_out[..., start:stop, :]
             grad_logits = block_grad_scores(weights, start, stop)
             if coupling is not None:
                 grad_logits = grad_logits + torch.exp(raw - log_col.unsqueeze(-2)) * coupling
