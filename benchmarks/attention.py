@@ -17,7 +17,9 @@ after one warm-up. Ratios against softmax SDPA come from the same run.
 other mask). ``--mask padding`` passes every method an all-keep (B, 1, 1, N) boolean padding mask,
 as a padded batch does; ``padding+self`` also excludes the self-pairs (FNA's ``exclude_self``; for
 softmax SDPA the masks are combined into one, as levyattn's softmax baseline does with ``qk_share``).
-The authors' formulation has no masks and is skipped then.
+The authors' formulation has no masks and is skipped then. ``--manifold sphere`` runs FNA on the
+sphere (the ``tiled`` backend's autograd tiles; ``sdpa_fna2`` and the authors' formulation are
+Euclidean and are skipped).
 
 Prints a table and writes JSON (default benchmarks/results/attention_<device>.json).
 """
@@ -49,7 +51,7 @@ def _authors(q, k, v, alpha=1.2):
     return (phi / phi.sum(-1, keepdim=True)) @ v
 
 
-def _call(method: str, mask: str, causal: bool):
+def _call(method: str, mask: str, causal: bool, manifold: str):
     import torch
     import torch.nn.functional as F
 
@@ -75,7 +77,15 @@ def _call(method: str, mask: str, causal: bool):
     def fna(q, k, v, alpha=1.2, backend=method):
         attn_mask, exclude_self = masks(q, k)
         return fractional_attention(
-            q, k, v, alpha=alpha, attn_mask=attn_mask, exclude_self=exclude_self, is_causal=causal, backend=backend
+            q,
+            k,
+            v,
+            alpha=alpha,
+            attn_mask=attn_mask,
+            exclude_self=exclude_self,
+            is_causal=causal,
+            manifold=manifold,
+            backend=backend,
         )
 
     if method == "sdpa_softmax":
@@ -99,7 +109,7 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
 
     device, queries = args.device, args.queries
     dtype = getattr(torch, args.dtype)
-    fn = _call(method, args.mask, args.causal)
+    fn = _call(method, args.mask, args.causal, args.manifold)
     grad = mode == "fwd+bwd"
 
     def make(size):
@@ -151,6 +161,8 @@ def skip_reason(method: str, n: int, mode: str, args: argparse.Namespace) -> str
         return "no FlexAttention backward on CPU"
     if method == "authors" and (args.mask != "none" or args.causal):
         return "the authors' formulation has no masks"
+    if method in ("authors", "sdpa_fna2") and args.manifold != "euclidean":
+        return "Euclidean only"
     if method in ("authors", "reference"):
         # Several (B, H, Nq, N) float32 intermediates; more under autograd.
         need = args.batch * args.heads * (args.queries or n) * n * 4 * (8 if mode == "fwd+bwd" else 4)
@@ -173,6 +185,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--mask", choices=MASKS, default="none", help="masks passed to every method (see above)")
     parser.add_argument("--causal", action="store_true", help="causal attention for every method")
+    parser.add_argument("--manifold", choices=("euclidean", "sphere"), default="euclidean")
     parser.add_argument("--memory-limit-gib", type=float, default=12.0)
     parser.add_argument("--out", default=None)
     parser.add_argument("--markdown", metavar="JSON", help="print a results JSON as a markdown table and exit")
@@ -209,6 +222,7 @@ def main() -> None:
                         *("--batch", str(args.batch), "--heads", str(args.heads), "--head-dim", str(args.head_dim)),
                         *("--mask", args.mask),
                         *(["--causal"] if args.causal else []),
+                        *("--manifold", args.manifold),
                         "--one",
                         method,
                         str(n),
@@ -235,7 +249,8 @@ def main() -> None:
         "shape": f"batch {args.batch}, {args.heads} heads, head dim {args.head_dim}"
         + (f", {args.queries} queries against N keys" if args.queries else "")
         + ("" if args.mask == "none" else f", mask {args.mask}")
-        + (", causal" if args.causal else ""),
+        + (", causal" if args.causal else "")
+        + ("" if args.manifold == "euclidean" else f", {args.manifold}"),
         "rows": rows,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"attention_{args.device}.json")

@@ -43,10 +43,10 @@ MIN_TILE_ROWS = 64
 # fastest of 2**21..2**23 (eager: 2**21).
 COMPILED_TILE_SCALE = 2
 
-# With causal masking a Euclidean tile computes only the keys its last query sees, so thinner
-# tiles skip more of the masked triangle: at most this many rows. Measured at (1, 4, N, 64),
-# forward+backward: N = 1024, 43.8 ms against 69.2 with one 1024-row tile; N = 2048, 131.9
-# against 177.2 with 512-row tiles; N = 512 and 4096 unchanged.
+# With causal masking a tile computes only the keys its last query sees, so thinner tiles skip
+# more of the masked triangle: at most this many rows. Measured on Euclidean tiles at
+# (1, 4, N, 64), forward+backward: N = 1024, 43.8 ms against 69.2 with one 1024-row tile;
+# N = 2048, 131.9 against 177.2 with 512-row tiles; N = 512 and 4096 unchanged.
 CAUSAL_TILE_ROWS = 256
 
 
@@ -422,10 +422,11 @@ def attention(
     batch_heads = q[..., 0, 0].numel()
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
-    if call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a:
-        if not block:
-            block = block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compile_wanted(q, k, call))
-            block = min(block, CAUSAL_TILE_ROWS) if call.is_causal else block
+    euclidean = call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a
+    if not block:
+        compiled = euclidean and compile_wanted(q, k, call)
+        block = block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compiled)
+        block = min(block, CAUSAL_TILE_ROWS) if call.is_causal and not call.density_a else block
+    if euclidean:
         return _EuclideanFNA.apply(q, k, v, call, block)
-    block = block or block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1])
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
