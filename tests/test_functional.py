@@ -415,6 +415,28 @@ def test_rows_sum_to_one_and_backends_agree(alpha, bandwidth, nq, nk, manifold, 
     assert rel_err(fractional_attention(q, k, v, backend="tiled", **kw), out) <= 1e-10
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    alpha=st.sampled_from([0.7, 1.2, 2.0]),
+    nq=st.integers(1, 13),
+    nk=st.integers(1, 13),
+    exclude_self=st.booleans(),
+    manifold=st.sampled_from(["euclidean", "sphere"]),
+    padded=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_causal_tiled_agrees_with_reference(alpha, nq, nk, exclude_self, manifold, padded, seed):
+    # Tiles of 4 queries, each computing only the keys its rows may see: any Nq, Nk (rows with
+    # no allowed key included), forward and gradients.
+    q, k, v = make_qkv(b=2, h=2, nq=nq, nk=nk, d=3, seed=seed)
+    mask = None
+    if padded:  # the second sequence's last nk // 2 keys are padding
+        mask = torch.ones(2, 1, 1, nk, dtype=torch.bool)
+        mask[1, ..., nk - nk // 2 :] = False
+    kw = dict(alpha=alpha, manifold=manifold, is_causal=True, exclude_self=exclude_self, attn_mask=mask)
+    assert_matches_reference("tiled", q, k, v, 1e-10, **kw)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), alpha=st.floats(0.1, 2.0), causal=st.booleans())
 def test_permutation_equivariance(seed, alpha, causal):
