@@ -1,7 +1,8 @@
 """The tiled backend: memory linear in sequence length, on the CPU and the GPU.
 
 Forward walks over blocks of queries: for each block it forms the masked ``log Phi``
-against all keys, its row log-sum-exp and the output, and keeps only the outputs and
+against the keys it may see (all of them, or with causal masking those up to its last
+query's position), its row log-sum-exp and the output, and keeps only the outputs and
 the (B, H, Nq) log-sum-exp. Backward walks the blocks again, recomputes each block's
 weights from the saved log-sum-exp (as FlashAttention does) and pushes the gradient of
 the logits back through the kernel with autograd, one block at a time. Peak extra
