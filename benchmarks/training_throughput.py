@@ -11,8 +11,8 @@ time, so background load on a shared machine hits them alike.
 
 With ``--preset`` the model is the preset's (layers, heads, hidden size, dropout, FNA options)
 at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: the dataset's
-size and channels; language models: block_size tokens of the preset's vocabulary, a next-token
-loss at every position); only the attention is switched.
+size and channels; language models: block_size tokens of the preset's vocabulary, a token loss
+at every position); only the attention is switched.
 
 Prints a table and writes JSON (default benchmarks/results/training_throughput.json).
 """
@@ -101,7 +101,8 @@ def main() -> None:
         torch.manual_seed(0)
         m, inputs, kwargs = make(args.model, attention, alpha, args)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        # A class per sample, or (language models) a next token per position.
+        # A class per sample, or (language models) a target token per position: the inputs
+        # themselves, since what is timed does not depend on which tokens are the targets.
         labels = inputs[0] if isinstance(m, CausalLM) else torch.randint(0, 2, (args.batch,))
         setups[(attention, alpha)] = (m, inputs, kwargs, opt, labels)
 
