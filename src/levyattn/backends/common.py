@@ -96,11 +96,17 @@ class AttentionCall:
             return user, None
         return user, structural_keep(q_start, q_end, nq, nk, causal, self.exclude_self, device, key_stop)
 
+    @property
+    def skips_causal_keys(self) -> bool:
+        """Whether a tile may leave out the keys causal masking hides from all of its rows: with
+        causal masking, except with the density term (its column sums span every key)."""
+        return self.is_causal and not self.density_a
+
     def key_stop(self, q_end: int, nq: int, nk: int) -> int:
-        """Keys ``0 .. key_stop`` are all that query rows before ``q_end`` may see: with causal
-        masking the later keys are masked for every one of them, so a tile need not compute them.
-        At least 1, so a tile is never empty (rows that see no key are masked as usual)."""
-        if not self.is_causal:
+        """Keys ``0 .. key_stop`` are the ones a tile of query rows before ``q_end`` computes:
+        all of them, or (:attr:`skips_causal_keys`) those its last row may see. At least 1, so
+        a tile is never empty (rows that see no key are masked as usual)."""
+        if not self.skips_causal_keys:
             return nk
         return max(1, min(nk, q_end + nk - nq))
 

@@ -74,12 +74,6 @@ def _column_log_sums(q, k, call, block):
     return finite_or_zero(total)
 
 
-def _key_stop(call: AttentionCall, stop: int, nq: int, nk: int) -> int:
-    """Keys a generic tile computes: with causal masking, only those its rows may see; with the
-    density term every key (its column sums and their coupling span all keys)."""
-    return nk if call.density_a else call.key_stop(stop, nq, nk)
-
-
 class _TiledFNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alpha, bandwidth, call, block):
@@ -98,7 +92,7 @@ class _TiledFNA(torch.autograd.Function):
         lse = q.new_empty(q.shape[:-1])
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            kv = _key_stop(call, stop, nq, nk)
+            kv = call.key_stop(stop, nq, nk)
             logits = call.logits(q[..., start:stop, :], k[..., :kv, :], start, nq, nk)
             if col_bias is not None:
                 logits = logits + col_bias
@@ -158,7 +152,7 @@ class _TiledFNA(torch.autograd.Function):
         inputs_wanted = [need_q, need_k, need_alpha, need_bw]
         for start in range(0, nq, block):
             stop = min(nq, start + block)
-            kv = _key_stop(call, stop, nq, nk)
+            kv = call.key_stop(stop, nq, nk)
             q_leaf = q[..., start:stop, :].detach().requires_grad_(need_q)
             with torch.enable_grad():
                 logits = leaf_call.logits(q_leaf, k_leaf[..., :kv, :], start, nq, nk)
@@ -401,8 +395,9 @@ class _EuclideanFNA(torch.autograd.Function):
             grad_v.view(bh, nk, dv)[:, :kv].baddbmm_(
                 scores.view(bh, rows, kv).transpose(1, 2), d_out.reshape(bh, rows, dv)
             )
-            grad_q[..., start:stop, :] = (q[..., start:stop, :] * g_row_sums).sub_(grad_scores @ k[..., :kv, :])
-            grad_q[..., start:stop, :].mul_(2.0)
+            grad_q[..., start:stop, :] = (
+                (q[..., start:stop, :] * g_row_sums).sub_(grad_scores @ k[..., :kv, :]).mul_(2.0)
+            )
             g_q_aug.view(bh, nk, d_aug)[:, :kv].baddbmm_(
                 grad_scores.view(bh, rows, kv).transpose(1, 2), q_tile.reshape(bh, rows, d_aug)
             )
@@ -427,7 +422,7 @@ def attention(
     if not block:
         compiled = euclidean and compile_wanted(q, k, call)
         block = block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compiled)
-        block = min(block, CAUSAL_TILE_ROWS) if call.is_causal and not call.density_a else block
+        block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
     if euclidean:
         return _EuclideanFNA.apply(q, k, v, call, block)
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
