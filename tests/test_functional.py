@@ -135,6 +135,36 @@ def test_sdpa_matches_reference(opts, mask, nk):
     assert_matches_reference("sdpa", q, k, v, 1e-10, **kw)
 
 
+@pytest.mark.parametrize("bandwidth", [1.0, 0.1, "per-head"])
+@pytest.mark.parametrize("opts", [{}, dict(rescale=False), dict(is_causal=True)], ids=str)
+@pytest.mark.parametrize(("nk", "dv"), [(11, 3), (16, 5), (16, 8)])
+def test_sdpa_inference_key_bias_matches_reference(monkeypatch, bandwidth, opts, nk, dv):
+    """Without masks or gradients the sdpa backend passes ``-||k||^2 / 2`` as a key bias and
+    keeps the head dim at d; causal masking keeps the extra dimension (and with Nq != Nk the
+    column of ones in v that finds rows with no key)."""
+    q, k, v = (t.detach() for t in make_qkv(nk=nk, dv=dv))
+    if bandwidth == "per-head":
+        bandwidth = torch.tensor([0.5, 2.0], dtype=torch.float64).view(2, 1, 1)
+    head_dims = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, *args, **kwargs):
+        head_dims.append(query.shape[-1])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    kw = dict(alpha=2.0, bandwidth=bandwidth, **opts)
+    with torch.no_grad():
+        out = fractional_attention(q, k, v, backend="sdpa", **kw)
+        expected = fractional_attention(q, k, v, backend="reference", **kw)
+    assert rel_err(out, expected) <= 1e-10
+    d = q.shape[-1]
+    if not opts.get("is_causal"):
+        assert head_dims == [max(d, dv)]
+    else:
+        assert head_dims == [max(d + 1, dv + (nk != q.shape[-2]))]
+
+
 @pytest.mark.parametrize("backend", ["tiled", "sdpa"])
 @pytest.mark.parametrize("mask", MASKS)
 def test_float32_matches_reference(backend, mask):
