@@ -7,8 +7,9 @@ attention with one extra dimension: PyTorch's fused kernels, their speed and mem
 
 Without masks and without gradients (inference), the ``-||k||^2 / 2`` term goes in as an
 additive (B, H, 1, Nk) key bias instead, broadcast over the queries: the head dim stays d,
-which PyTorch's CPU kernel runs about 12% faster than d + 1. Training keeps the extra
-dimension, because SDPA gives no gradient for its mask, and the bias depends on k.
+which PyTorch's fused CPU kernel runs faster than d + 1 (forward at (1, 4, 4096, 64): 1.05-1.08x
+softmax's time against 1.12-1.14x). Training keeps the extra dimension: SDPA gives no gradient
+for its mask, and the bias depends on k.
 """
 
 from __future__ import annotations
