@@ -246,10 +246,10 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
 # Inductor's on-disk cache), so smaller problems stay eager; LEVYATTN_COMPILE=0 turns it off.
 # Measured on 2 cores, forward+backward at (1, 4, 4096, 64): about 0.75-0.85x the eager time; a
 # training step of a 2-layer classifier at (16, 4, 128, 16) (2**20 pairs): 0.75x. One call,
-# forward+backward, compiled over eager: 2**16 pairs 1.10x (0.95x causal), 2**17 0.99x (0.88x),
-# 2**18 0.87-1.03x (0.67-0.90x), 2**19 0.84x (0.64x); below 2**16 the per-call cost of the
-# compiled functions dominates (1.1-1.2x).
-COMPILE_MIN_ELEMENTS = 1 << 17
+# forward+backward, compiled over eager (causal in brackets): 2**16 pairs 1.10x (0.95x), 2**17
+# 0.99-1.16x (0.73-0.88x), 2**18 0.87-1.03x (0.67-0.90x), 2**19 0.78-0.85x (0.64-0.80x); below
+# that the per-call cost of the compiled functions dominates.
+COMPILE_MIN_ELEMENTS = 1 << 18
 _compiled_tiles: dict[tuple, object] = {}
 _compile_failed: list[str] = []  # the reason, once compilation has failed in this process
 
