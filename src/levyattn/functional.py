@@ -184,7 +184,7 @@ def fractional_attention(
     elif chosen == "tiled":
         out = tiled.attention(q, k, v, call)
     elif chosen == "sdpa":
-        out = sdpa.attention(q, k, v, call)
+        out = sdpa.attention(q, k, v, call, needs_grad)
     else:
         out = flex.attention(q, k, v, call)
     out = out.to(dtype)

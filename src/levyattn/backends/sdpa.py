@@ -31,11 +31,9 @@ def unsupported(call: AttentionCall, q: torch.Tensor) -> str | None:
     return None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, needs_grad: bool) -> torch.Tensor:
+    """``needs_grad``: whether autograd will differentiate this call (any of q, k, v or a
+    bandwidth tensor requires grad, with grad mode on)."""
     q, k = call.prepare(q, k)
     (nq, d), (nk, dv) = q.shape[-2:], v.shape[-2:]
     kap = kappa(2.0, d, call.rescale, call.manifold)
@@ -45,7 +43,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     mask = None if plain_causal else additive_sum(call.mask_parts(0, nq, nq, nk, q.device), q.dtype)
     # PyTorch's fused CPU kernel wants one head dim for q, k and v: pad to the widest rather
     # than fall back to the slow path.
-    if mask is None and not plain_causal and not _needs_grad(q, k, v, scale):
+    if mask is None and not plain_causal and not needs_grad:
         width = max(d, dv)
         key_bias = -half_k_sq.transpose(-1, -2) * scale  # (B, H, 1, Nk)
         q_pad, k_pad, v_pad = (F.pad(x, (0, width - x.shape[-1])) for x in (q * scale, k, v))
