@@ -126,12 +126,14 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
                 fn(q, k, v)
 
     # Warm-up on a small problem: imports, kernels, and the tiled backend's compilation (a
-    # one-off cost per process whose memory is not the operator's; its kernels take any size).
+    # one-off cost per process whose memory is not the operator's; its kernels take any size),
+    # once in one piece and once as tiles.
     from levyattn.backends import tiled
 
-    threshold, tiled.COMPILE_MIN_ELEMENTS = tiled.COMPILE_MIN_ELEMENTS, 0
     step(*make(64))
-    tiled.COMPILE_MIN_ELEMENTS = threshold
+    threshold, tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS, -1
+    step(*make(64))
+    tiled.WHOLE_MAX_PAIRS = threshold
     q, k, v = make(n)
     if device == "cuda":
         torch.cuda.synchronize()

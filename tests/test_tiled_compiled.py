@@ -1,8 +1,9 @@
-"""The compiled tiles of the ``tiled`` backend equal ``reference``, and fall back cleanly.
+"""The compiled paths of the ``tiled`` backend equal ``reference``, and fall back cleanly.
 
-Large CPU problems run the Euclidean tiles through ``torch.compile``; here the size threshold
-is lowered so that small problems take that path, tiles are 4 rows so every case crosses tile
-boundaries, and each test checks that the compiled code really ran.
+On the CPU the Euclidean power-law path runs through ``torch.compile``: small problems in one
+piece (``_whole_forward``, ``_whole_backward``), larger ones as the tile loop with compiled tiles.
+For the tiles the one-piece threshold is lowered so that small problems take the tile loop, with
+4-row tiles so that every case crosses tile boundaries. Each test checks that the compiled code really ran.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from levyattn import fractional_attention
 
 
 @pytest.fixture
-def compiled_tiles(monkeypatch):
-    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 64)
-    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 4)
-    monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 0)
+def compiled(monkeypatch):
+    """Compilation on; yields the names of the compiled functions as they run."""
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
     calls = []
     real_compile = torch.compile
@@ -34,15 +33,30 @@ def compiled_tiles(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", counting_compile)
-    monkeypatch.setattr(tiled, "_compiled_tiles", {})
+    monkeypatch.setattr(tiled, "_compiled_variants", {})
     monkeypatch.setattr(tiled, "_compile_failed", [])
     yield calls
     assert not tiled._compile_failed, tiled._compile_failed
 
 
-def _ran_compiled(calls):
-    """Both the forward and the backward tiles ran compiled (and compilation never failed)."""
-    return {"_kernel_weights_", "_kernel_grads_"} <= set(calls) and not tiled._compile_failed
+@pytest.fixture
+def compiled_tiles(compiled, monkeypatch):
+    """Compilation on, every problem through the tile loop in 4-row tiles."""
+    monkeypatch.setattr(tiled, "TILE_ELEMENTS", 64)
+    monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 4)
+    monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", -1)
+    return compiled
+
+
+def _ran_compiled(calls, path="tiles"):
+    """The compiled code of ``path`` ran (forward and backward tiles, or the one graph), and
+    compilation never failed."""
+    names = {"_kernel_weights_", "_kernel_grads_"} if path == "tiles" else {"_whole_forward", "_whole_backward"}
+    return names <= set(calls) and not tiled._compile_failed
+
+
+def _compiled_path(request, path):
+    return request.getfixturevalue("compiled_tiles" if path == "tiles" else "compiled")
 
 
 CASES = [
@@ -52,15 +66,25 @@ CASES = [
 ] + [(torch.float32, 1e-5, mask, {}) for mask in ("padding", None)]
 
 
+@pytest.mark.parametrize("path", ["tiles", "whole"])
 @pytest.mark.parametrize("dtype, tol, mask, opts", CASES, ids=str)
-def test_compiled_tiles_match_reference(compiled_tiles, dtype, tol, mask, opts):
+def test_compiled_paths_match_reference(request, path, dtype, tol, mask, opts):
+    calls = _compiled_path(request, path)
     q, k, v = make_qkv(nq=11, nk=16 if not opts else 11, dtype=dtype)
     kw = dict(alpha=1.2, attn_mask=_mask(mask, 2, 2, q.shape[-2], k.shape[-2]), **opts)
     if mask == "additive":
         kw["attn_mask"] = kw["attn_mask"].to(dtype)
     assert_matches_reference("tiled", q, k, v, tol, **kw)
-    assert tiled.compile_wanted(q, k, _call(**kw))
-    assert _ran_compiled(compiled_tiles)
+    assert tiled.runs_whole(q, k, _call(**kw)) == (path == "whole")
+    assert _ran_compiled(calls, path)
+
+
+def test_one_piece_cross_attention_and_decoding(compiled):
+    """Nq != Nk, causal (bottom-right aligned), and one query against a key/value cache."""
+    for nq in (5, 1):
+        q, k, v = make_qkv(nq=nq, nk=9)
+        assert_matches_reference("tiled", q, k, v, 1e-10, alpha=0.7, is_causal=True)
+    assert _ran_compiled(compiled, "whole")
 
 
 def _call(alpha=1.2, bandwidth=1.0, attn_mask=None, is_causal=False, exclude_self=False):
@@ -79,27 +103,47 @@ def _call(alpha=1.2, bandwidth=1.0, attn_mask=None, is_causal=False, exclude_sel
     )
 
 
-def test_compiled_tiles_gradcheck(compiled_tiles):
+@pytest.mark.parametrize("path", ["tiles", "whole"])
+def test_compiled_gradcheck(request, path):
+    calls = _compiled_path(request, path)
     q, k, v = make_qkv(b=1, h=2, nq=6, nk=7, d=3, dv=2)
     mask = torch.rand(1, 1, 6, 7, generator=torch.Generator().manual_seed(3)) > 0.3
     assert torch.autograd.gradcheck(
         lambda q, k, v: fractional_attention(q, k, v, alpha=0.8, attn_mask=mask, backend="tiled"), (q, k, v)
     )
-    assert _ran_compiled(compiled_tiles)
+    assert _ran_compiled(calls, path)
 
 
-def test_zero_distances_compiled_give_finite_gradients(compiled_tiles):
+@pytest.mark.parametrize("path", ["tiles", "whole"])
+def test_zero_distances_compiled_give_finite_gradients(request, path):
+    calls = _compiled_path(request, path)
     q, k, v = make_qkv(nq=8, nk=8, dtype=torch.float32)
     k = q.detach().clone().requires_grad_()  # every query meets its own copy at distance 0
     out = fractional_attention(q, k, v, alpha=1.2, backend="tiled")
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
-    assert _ran_compiled(compiled_tiles)
+    assert _ran_compiled(calls, path)
 
 
-def test_failed_compilation_warns_and_falls_back(monkeypatch):
-    monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(tiled, "_compiled_tiles", {})
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_piece_fully_masked_rows_give_zero_output_and_gradient(compiled, dtype):
+    """A row with no allowed key: output 0 and gradient 0, even where the upstream gradient is
+    large (dividing by a tiny row sum would overflow the gradient into inf * 0 = NaN)."""
+    q, k, v = make_qkv(nq=6, nk=6, dtype=dtype, scale=1e3)
+    keep = torch.ones(2, 2, 6, 6, dtype=torch.bool)
+    keep[:, :, 2] = False  # query 2 sees no key
+    out = fractional_attention(q, k, v, alpha=1.2, attn_mask=keep, backend="tiled")
+    grad_q, grad_k, grad_v = torch.autograd.grad((out * 1e30).sum(), (q, k, v))
+    assert (out[:, :, 2] == 0).all() and (grad_q[:, :, 2] == 0).all()
+    assert all(torch.isfinite(g).all() for g in (out, grad_q, grad_k, grad_v))
+    assert _ran_compiled(compiled, "whole")
+
+
+@pytest.mark.parametrize("path", ["tiles", "whole"])
+def test_failed_compilation_warns_and_falls_back(monkeypatch, path):
+    if path == "tiles":
+        monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", -1)
+    monkeypatch.setattr(tiled, "_compiled_variants", {})
     monkeypatch.setattr(tiled, "_compile_failed", [])
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
 
@@ -117,7 +161,7 @@ def test_failed_compilation_warns_and_falls_back(monkeypatch):
     torch.testing.assert_close(out, ref_out)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
-    assert tiled._compile_failed and not tiled.compile_wanted(q, k, _call())
+    assert tiled._compile_failed and not tiled.compile_wanted(q, _call())
 
 
 def _run(q, k, v, backend="tiled"):
@@ -125,26 +169,50 @@ def _run(q, k, v, backend="tiled"):
     return out, torch.autograd.grad(out.sum(), (q, k, v))
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        dict(env="0"),
-        dict(device_size=-1),
-        dict(alpha=2.0),
-    ],
-    ids=["env-off", "too-small", "gaussian"],
-)
+@pytest.mark.parametrize("change", ["env-off", "too-large", "gaussian"])
 def test_compile_policy(monkeypatch, change):
     monkeypatch.setattr(tiled, "_compile_failed", [])
-    monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 2 * 2 * 11 * 11)
+    monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", 2 * 2 * 11 * 11)
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
     q, k, _ = make_qkv()
-    assert tiled.compile_wanted(q, k, _call())
     call = _call()
-    if "env" in change:
-        monkeypatch.setenv("LEVYATTN_COMPILE", change["env"])
-    if "device_size" in change:
-        monkeypatch.setattr(tiled, "COMPILE_MIN_ELEMENTS", 2 * 2 * 11 * 11 + 1)
-    if "alpha" in change:
-        call = _call(alpha=change["alpha"])
-    assert not tiled.compile_wanted(q, k, call)
+    assert tiled.compile_wanted(q, call) and tiled.runs_whole(q, k, call)
+    if change == "env-off":
+        monkeypatch.setenv("LEVYATTN_COMPILE", "0")
+    if change == "too-large":
+        monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", 2 * 2 * 11 * 11 - 1)
+        assert tiled.compile_wanted(q, call)  # the tiles still compile
+    if change == "gaussian":
+        call = _call(alpha=2.0)
+    assert not tiled.runs_whole(q, k, call)
+    assert tiled.compile_wanted(q, call) == (change == "too-large")
+
+
+def test_training_with_compiled_attention_matches_uncompiled(compiled, monkeypatch):
+    """A few optimiser steps of an FNA classifier with a padding mask and a shared, self-excluding
+    query/key projection: the compiled one-piece path gives the losses of the uncompiled one."""
+    from levyattn.models import build_model
+
+    def losses():
+        torch.manual_seed(0)
+        config = dict(vocab_size=50, num_classes=2, max_len=12, d_model=16, num_layers=1, num_heads=1, qk_share=True)
+        model = build_model("text_classifier", config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tokens = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1))
+        padding = torch.arange(12) >= torch.tensor([12, 9, 5, 12, 7, 12, 3, 10]).unsqueeze(-1)
+        labels = torch.arange(8) % 2
+        out = []
+        for _ in range(4):
+            loss = torch.nn.functional.cross_entropy(model(tokens, key_padding_mask=padding), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    monkeypatch.setenv("LEVYATTN_COMPILE", "0")
+    eager = losses()
+    assert not compiled
+    monkeypatch.delenv("LEVYATTN_COMPILE")
+    torch.testing.assert_close(losses(), eager, rtol=1e-5, atol=1e-6)
+    assert _ran_compiled(compiled, "whole")

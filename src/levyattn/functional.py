@@ -4,8 +4,9 @@
 Backends and the ``auto`` rule
 ------------------------------
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
-- ``tiled``: query blocks with recomputation in backward; memory linear in Nq. Large CPU
-  problems run its Euclidean tiles compiled (``torch.compile``; ``LEVYATTN_COMPILE=0`` to disable).
+- ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU its
+  Euclidean power-law path runs compiled (``torch.compile``; ``LEVYATTN_COMPILE=0`` to disable),
+  problems of at most ``tiled.WHOLE_MAX_PAIRS`` query-key pairs in one piece.
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 

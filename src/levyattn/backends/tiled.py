@@ -9,8 +9,10 @@ the logits back through the kernel with autograd, one block at a time. Peak extr
 memory is O(block * Nk) instead of O(Nq * Nk).
 
 The Euclidean hot path (float alpha and bandwidth, no density term) writes the chain rule
-out instead, and on the CPU runs its tiles compiled by ``torch.compile`` when the problem is
-large enough (``COMPILE_MIN_ELEMENTS``; ``LEVYATTN_COMPILE=0`` turns it off).
+out instead. On the CPU with alpha < 2 it runs compiled by ``torch.compile``
+(``LEVYATTN_COMPILE=0`` turns that off): problems of at most ``WHOLE_MAX_PAIRS`` query-key
+pairs in one piece, forward and backward each one compiled function (their weights kept, so
+memory bounded by that constant), larger ones as the tile loop with compiled tiles.
 
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
@@ -26,6 +28,7 @@ import warnings
 import torch
 
 from levyattn.backends.common import AttentionCall, additive_mask, finite_or_zero, safe_logsumexp
+from levyattn.kernels import squared_distances
 
 # Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. It bounds
 # the extra memory; measured on 2 CPU cores (forward+backward, alpha 1.2), it was the
@@ -213,6 +216,20 @@ def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
     return peak, weights.sum(-1, keepdim=True)
 
 
+def _power_law_logits_and_slope_(sq, exponent, c):
+    """Squared distances (in place) -> ``log Phi = -(d_M + alpha) log(1 + c r)`` and its slope
+    ``d log Phi / d sq = -(d_M + alpha) c / (2 r (1 + c r))``, ``r = sqrt(sq)``, both of sq's shape.
+    At zero distance (``sq`` below the smallest normal) the slope is defined as 0, since ``sqrt``
+    has an infinite slope there."""
+    tiny = torch.finfo(sq.dtype).tiny
+    small = sq < tiny
+    r = sq.clamp_min_(tiny).sqrt_()
+    u = r * c + 1.0
+    logits = torch.log(u).mul_(-exponent)
+    slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
+    return logits, slope
+
+
 def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, gaussian: bool) -> torch.Tensor:
     """One backward tile, in place: squared distances (B, H, bq, Nk) become the weights ``P``,
     and ``dO v^T`` becomes ``g = dL/d sq = P (dO v^T - D) * d log Phi / d sq``.
@@ -227,12 +244,7 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
         logits = torch.clamp_min(scores, 0).mul_(-c)
         slope = -c
     else:
-        tiny = torch.finfo(scores.dtype).tiny
-        small = scores < tiny
-        r = scores.clamp_min_(tiny).sqrt_()
-        u = r * c + 1.0
-        logits = torch.log(u).mul_(-exponent)
-        slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
+        logits, slope = _power_law_logits_and_slope_(scores, exponent, c)
     _add_masks_(logits, user, keep)
     weights = logits.sub_(lse).exp_()
     grad_weights.sub_(delta).mul_(weights).mul_(slope)
@@ -240,37 +252,90 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
     return grad_weights.sum(-1, keepdim=True)
 
 
-# Large problems on the CPU run the Euclidean tiles through torch.compile: Inductor fuses each
-# tile's elementwise chain (sqrt, log1p, exp, the row reductions) into a few C++ loops instead
-# of one memory pass per operation. Compilation costs seconds once per process (less with
-# Inductor's on-disk cache), so smaller problems stay eager; LEVYATTN_COMPILE=0 turns it off.
-# Measured on 2 cores, forward+backward at (1, 4, 4096, 64): about 0.75-0.85x the eager time; a
-# training step of a 2-layer classifier at (16, 4, 128, 16) (2**20 pairs): 0.75x. One call,
-# forward+backward, compiled over eager (causal in brackets): 2**16 pairs 1.10x (0.95x), 2**17
-# 0.99-1.16x (0.73-0.88x), 2**18 0.87-1.03x (0.67-0.90x), 2**19 0.78-0.85x (0.64-0.80x); below
-# that the per-call cost of the compiled functions dominates.
-COMPILE_MIN_ELEMENTS = 1 << 18
-_compiled_tiles: dict[tuple, object] = {}
+# On the CPU the Euclidean power-law path runs compiled by torch.compile: Inductor fuses the
+# elementwise chain (sqrt, log1p, exp, the row reductions) into a few C++ loops instead of one
+# memory pass per operation. Compilation costs seconds once per process and variant (less with
+# Inductor's on-disk cache); LEVYATTN_COMPILE=0 turns it off.
+#
+# Problems of at most WHOLE_MAX_PAIRS query-key pairs (B * H * Nq * Nk) run in one piece
+# (:class:`_WholeFNA`): one compiled function for forward, one for backward, each with its matmuls,
+# and the weights and the kernel's slope kept from forward, so backward recomputes nothing. That
+# is at most 2 * WHOLE_MAX_PAIRS values, so peak memory stays bounded by a constant there and
+# linear in N beyond. Larger problems run the tile loop with compiled tiles. Measured on 2 cores,
+# one call forward+backward, alpha 1.2, time in one piece over the tile loop's (eager tiles below
+# 2**18 pairs, compiled above): (32, 1, 5, 32) 0.60x, (128, 4, 17, 16) 0.48x, (8, 4, 128, 16)
+# causal 0.65x, (16, 4, 128, 16) 0.74x, (1, 4, 512, 64) 0.81x, (32, 8, 65, 32) 0.79x,
+# (16, 1, 256, 16) padding + self-pair masks 0.83x; at 2**21 pairs 0.62-0.76x (four shapes); at
+# 2**22 0.96-1.20x, at 2**23 1.56x.
+WHOLE_MAX_PAIRS = 1 << 21
+_compiled_variants: dict[tuple, object] = {}
 _compile_failed: list[str] = []  # the reason, once compilation has failed in this process
 
 
-def compile_wanted(q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> bool:
-    """Whether this call's tiles run compiled: CPU, a power-law kernel (alpha < 2), at least
-    COMPILE_MIN_ELEMENTS query-key pairs over all heads, compilation available and allowed."""
+def compile_wanted(q: torch.Tensor, call: AttentionCall) -> bool:
+    """Whether this call's Euclidean path runs compiled: CPU, a power-law kernel (alpha < 2),
+    compilation available and allowed, and not already inside a graph being compiled."""
     return (
         q.device.type == "cpu"
         and not call.is_gaussian
-        and q[..., 0, 0].numel() * q.shape[-2] * k.shape[-2] >= COMPILE_MIN_ELEMENTS
         and os.environ.get("LEVYATTN_COMPILE", "1") != "0"
         and not _compile_failed
         and not torch.compiler.is_compiling()
     )
 
 
+def runs_whole(q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> bool:
+    """Whether this Euclidean call runs in one piece (:class:`_WholeFNA`): compiled, and at most
+    WHOLE_MAX_PAIRS query-key pairs over all heads."""
+    return q[..., 0, 0].numel() * q.shape[-2] * k.shape[-2] <= WHOLE_MAX_PAIRS and compile_wanted(q, call)
+
+
+def _whole_forward(q, k, v, user, keep, exponent, c):
+    """A small power-law problem in one piece: centred q (B, H, Nq, d) and k (B, H, Nk, d), v
+    (B, H, Nk, dv) -> the output (B, H, Nq, dv), the weights P and ``d log Phi / d sq``
+    (B, H, Nq, Nk). ``user``, ``keep``: the masks as in :func:`_kernel_weights_`.
+
+    After subtracting the row max the largest weight is exactly 1, so a row sum is at least 1,
+    or 0 for a fully masked row, whose weights and output are then 0.
+    """
+    logits, slope = _power_law_logits_and_slope_(squared_distances(q, k), exponent, c)
+    _add_masks_(logits, user, keep)
+    weights = logits.sub_(finite_or_zero(logits.amax(-1, keepdim=True))).exp_()
+    total = weights.sum(-1, keepdim=True)
+    weights = weights.div_(torch.where(total > 0, total, 1.0))
+    return weights @ v, weights, slope
+
+
+def _whole_backward(q, k, v, out, weights, slope, grad_out):
+    """Gradients (q, k, v) of :func:`_whole_forward`, with ``g = dL/d sq = P (dO v^T - D) slope``
+    as in :class:`_EuclideanFNA`: ``dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)``, and the same
+    for k over i."""
+    delta = (grad_out * out).sum(-1, keepdim=True)
+    g = (grad_out @ v.transpose(-1, -2) - delta) * weights * slope
+    grad_q = 2.0 * (q * g.sum(-1, keepdim=True) - g @ k)
+    grad_k = 2.0 * (k * g.sum(-2).unsqueeze(-1) - g.transpose(-1, -2) @ q)
+    return grad_q, grad_k, weights.transpose(-1, -2) @ grad_out
+
+
+class _WholeFNA(torch.autograd.Function):
+    """A small Euclidean power-law problem in one piece, both passes compiled (see WHOLE_MAX_PAIRS)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, user, keep, exponent, c):
+        out, weights, slope = _compiled(_whole_forward)(q, k, v, user, keep, exponent, c)
+        ctx.save_for_backward(q, k, v, out, weights, slope)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = _compiled(_whole_backward)(*ctx.saved_tensors, grad_out.contiguous())
+        return (*grads, None, None, None, None)
+
+
 def tile_functions(q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
     """(forward, backward) elementwise tile functions for this call: compiled or eager, the same
     code either way."""
-    if not compile_wanted(q, k, call):
+    if not compile_wanted(q, call):
         return _kernel_weights_, _kernel_grads_
     return _compiled(_kernel_weights_), _compiled(_kernel_grads_)
 
@@ -297,14 +362,14 @@ def _compiled(eager):
         if _compile_failed:
             return eager(*args)
         key = (eager.__name__, _variant(args))
-        if key not in _compiled_tiles:
+        if key not in _compiled_variants:
             copy = types.FunctionType(
                 eager.__code__.replace(), eager.__globals__, eager.__name__, eager.__defaults__, eager.__closure__
             )
             copy.__kwdefaults__ = eager.__kwdefaults__
-            _compiled_tiles[key] = torch.compile(copy, dynamic=True)
+            _compiled_variants[key] = torch.compile(copy, dynamic=True)
         try:
-            return _compiled_tiles[key](*args)
+            return _compiled_variants[key](*args)
         except Exception as err:  # no working C++ compiler, say: the eager tile is the same math
             _compile_failed.append(f"{type(err).__name__}: {err}")
             warnings.warn(
@@ -316,6 +381,16 @@ def _compiled(eager):
             return eager(*args)
 
     return run
+
+
+def _kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
+    """(exponent, c) of a Euclidean call with float alpha and bandwidth: ``log Phi`` is
+    ``-exponent * log(1 + c sqrt(sq))`` (power law) or ``-c sq`` (Gaussian)."""
+    kw = call.kernel_kwargs(head_dim)
+    exponent = float(kw["d_intrinsic"] + kw["alpha"])
+    if call.is_gaussian:
+        return exponent, 1.0 / (kw["kappa"] ** 2 * kw["bandwidth"])
+    return exponent, kw["bandwidth"] ** (-1.0 / kw["alpha"]) / kw["kappa"]
 
 
 class _EuclideanFNA(torch.autograd.Function):
@@ -334,12 +409,7 @@ class _EuclideanFNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call, block):
         (batch, heads, nq, d), nk = q.shape, k.shape[-2]
-        kw = call.kernel_kwargs(d)
-        exponent = float(kw["d_intrinsic"] + kw["alpha"])
-        if call.is_gaussian:
-            c = 1.0 / (kw["kappa"] ** 2 * kw["bandwidth"])
-        else:
-            c = kw["bandwidth"] ** (-1.0 / kw["alpha"]) / kw["kappa"]
+        exponent, c = _kernel_constants(call, d)
         q_sq, k_sq = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
         q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
         k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
@@ -416,14 +486,18 @@ def attention(
     call: AttentionCall,
     block: int | None = None,
 ) -> torch.Tensor:
-    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory."""
+    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (at most WHOLE_MAX_PAIRS
+    values for a small problem run in one piece; ``block`` given: always tiled)."""
     q, k = call.prepare(q, k)
     batch_heads = q[..., 0, 0].numel()
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     euclidean = call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a
+    if euclidean and not block and runs_whole(q, k, call):
+        _, user, keep = _tile_keys_and_masks(call, 0, q.shape[-2], q.shape[-2], k.shape[-2], q)
+        return _WholeFNA.apply(q, k, v, user, keep, *_kernel_constants(call, q.shape[-1]))
     if not block:
-        compiled = euclidean and compile_wanted(q, k, call)
+        compiled = euclidean and compile_wanted(q, call)
         block = block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compiled)
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
     if euclidean:
