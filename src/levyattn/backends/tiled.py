@@ -292,24 +292,27 @@ def runs_whole(q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> bool:
 
 def _whole_forward(q, k, v, user, keep, exponent, c):
     """A small power-law problem in one piece: centred q (B, H, Nq, d) and k (B, H, Nk, d), v
-    (B, H, Nk, dv) -> the output (B, H, Nq, dv), the weights P and ``d log Phi / d sq``
-    (B, H, Nq, Nk). ``user``, ``keep``: the masks as in :func:`_kernel_weights_`.
+    (B, H, Nk, dv) -> the output (B, H, Nq, dv), the unnormalised weights ``exp(log Phi - row max)``
+    and ``d log Phi / d sq`` (B, H, Nq, Nk), and the row sums of the weights (B, H, Nq, 1).
+    ``user``, ``keep``: the masks as in :func:`_kernel_weights_`.
 
     After subtracting the row max the largest weight is exactly 1, so a row sum is at least 1,
-    or 0 for a fully masked row, whose weights and output are then 0.
+    or 0 for a fully masked row, whose weights and output are then 0; such a row's sum is
+    returned as 1, so that dividing by it is always safe.
     """
     logits, slope = _power_law_logits_and_slope_(squared_distances(q, k), exponent, c)
     _add_masks_(logits, user, keep)
     weights = logits.sub_(finite_or_zero(logits.amax(-1, keepdim=True))).exp_()
     total = weights.sum(-1, keepdim=True)
-    weights = weights.div_(torch.where(total > 0, total, 1.0))
-    return weights @ v, weights, slope
+    total = torch.where(total > 0, total, 1.0)
+    return (weights @ v) / total, weights, slope, total
 
 
-def _whole_backward(q, k, v, out, weights, slope, grad_out):
-    """Gradients (q, k, v) of :func:`_whole_forward`, with ``g = dL/d sq = P (dO v^T - D) slope``
-    as in :class:`_EuclideanFNA`: ``dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)``, and the same
-    for k over i."""
+def _whole_backward(q, k, v, out, weights, slope, total, grad_out):
+    """Gradients (q, k, v) of :func:`_whole_forward`, with ``P = weights / total`` and
+    ``g = dL/d sq = P (dO v^T - D) slope`` as in :class:`_EuclideanFNA`:
+    ``dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)``, and the same for k over i."""
+    grad_out = grad_out / total  # dO_i / total_i: P never needs forming
     delta = (grad_out * out).sum(-1, keepdim=True)
     g = (grad_out @ v.transpose(-1, -2) - delta) * weights * slope
     grad_q = 2.0 * (q * g.sum(-1, keepdim=True) - g @ k)
@@ -322,8 +325,8 @@ class _WholeFNA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, user, keep, exponent, c):
-        out, weights, slope = _compiled(_whole_forward)(q, k, v, user, keep, exponent, c)
-        ctx.save_for_backward(q, k, v, out, weights, slope)
+        out, weights, slope, total = _compiled(_whole_forward)(q, k, v, user, keep, exponent, c)
+        ctx.save_for_backward(q, k, v, out, weights, slope, total)
         return out
 
     @staticmethod
