@@ -131,9 +131,10 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
     from levyattn.backends import tiled
 
     step(*make(64))
-    threshold, tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS, -1
+    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
+    tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
     step(*make(64))
-    tiled.WHOLE_MAX_PAIRS = threshold
+    tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
     q, k, v = make(n)
     if device == "cuda":
         torch.cuda.synchronize()

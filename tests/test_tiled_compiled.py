@@ -45,6 +45,7 @@ def compiled_tiles(compiled, monkeypatch):
     monkeypatch.setattr(tiled, "TILE_ELEMENTS", 64)
     monkeypatch.setattr(tiled, "MIN_TILE_ROWS", 4)
     monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", -1)
+    monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS_INFERENCE", -1)
     return compiled
 
 
@@ -75,7 +76,7 @@ def test_compiled_paths_match_reference(request, path, dtype, tol, mask, opts):
     if mask == "additive":
         kw["attn_mask"] = kw["attn_mask"].to(dtype)
     assert_matches_reference("tiled", q, k, v, tol, **kw)
-    assert tiled.runs_whole(q, k, _call(**kw)) == (path == "whole")
+    assert tiled.runs_whole(q, k, _call(**kw), needs_grad=True) == (path == "whole")
     assert _ran_compiled(calls, path)
 
 
@@ -143,6 +144,7 @@ def test_one_piece_fully_masked_rows_give_zero_output_and_gradient(compiled, dty
 def test_failed_compilation_warns_and_falls_back(monkeypatch, path):
     if path == "tiles":
         monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", -1)
+        monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS_INFERENCE", -1)
     monkeypatch.setattr(tiled, "_compiled_variants", {})
     monkeypatch.setattr(tiled, "_compile_failed", [])
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
@@ -170,22 +172,41 @@ def _run(q, k, v, backend="tiled"):
 
 
 @pytest.mark.parametrize("change", ["env-off", "too-large", "gaussian"])
-def test_compile_policy(monkeypatch, change):
+@pytest.mark.parametrize("needs_grad", [True, False])
+def test_compile_policy(monkeypatch, change, needs_grad):
+    pairs = 2 * 2 * 11 * 11
+    limit = "WHOLE_MAX_PAIRS" if needs_grad else "WHOLE_MAX_PAIRS_INFERENCE"
+    other = "WHOLE_MAX_PAIRS_INFERENCE" if needs_grad else "WHOLE_MAX_PAIRS"
     monkeypatch.setattr(tiled, "_compile_failed", [])
-    monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", 2 * 2 * 11 * 11)
+    monkeypatch.setattr(tiled, limit, pairs)
+    monkeypatch.setattr(tiled, other, -1)  # the other limit plays no part
     monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
     q, k, _ = make_qkv()
     call = _call()
-    assert tiled.compile_wanted(q, call) and tiled.runs_whole(q, k, call)
+    assert tiled.compile_wanted(q, call) and tiled.runs_whole(q, k, call, needs_grad)
     if change == "env-off":
         monkeypatch.setenv("LEVYATTN_COMPILE", "0")
     if change == "too-large":
-        monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS", 2 * 2 * 11 * 11 - 1)
-        assert tiled.compile_wanted(q, call)  # the tiles still compile
+        monkeypatch.setattr(tiled, limit, pairs - 1)
     if change == "gaussian":
         call = _call(alpha=2.0)
-    assert not tiled.runs_whole(q, k, call)
-    assert tiled.compile_wanted(q, call) == (change == "too-large")
+    assert not tiled.runs_whole(q, k, call, needs_grad)
+    assert tiled.compile_wanted(q, call) == (change == "too-large")  # the tiles still compile
+
+
+def test_inference_runs_in_one_piece_below_its_own_limit(compiled, monkeypatch):
+    """Without gradients: one piece up to WHOLE_MAX_PAIRS_INFERENCE, compiled tiles above it."""
+    q, k, v = (t.detach() for t in make_qkv(dtype=torch.float32))
+    monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS_INFERENCE", 2 * 2 * 11 * 11)
+    with torch.no_grad():
+        out = fractional_attention(q, k, v, alpha=1.2, is_causal=True, backend="tiled")
+        assert set(compiled) == {"_whole_forward"}
+        monkeypatch.setattr(tiled, "WHOLE_MAX_PAIRS_INFERENCE", 2 * 2 * 11 * 11 - 1)
+        tiled_out = fractional_attention(q, k, v, alpha=1.2, is_causal=True, backend="tiled")
+        assert "_kernel_weights_" in compiled
+    ref = fractional_attention(q, k, v, alpha=1.2, is_causal=True, backend="reference")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(tiled_out, ref)
 
 
 def test_training_with_compiled_attention_matches_uncompiled(compiled, monkeypatch):

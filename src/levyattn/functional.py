@@ -6,7 +6,7 @@ Backends and the ``auto`` rule
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
 - ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU its
   Euclidean power-law path runs compiled (``torch.compile``; ``LEVYATTN_COMPILE=0`` to disable),
-  problems of at most ``tiled.WHOLE_MAX_PAIRS`` query-key pairs in one piece.
+  small problems (``tiled.WHOLE_MAX_PAIRS`` query-key pairs, fewer without gradients) in one piece.
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 
@@ -183,7 +183,7 @@ def fractional_attention(
     if chosen == "reference":
         out, weights = reference.attention(q, k, v, call, return_weights)
     elif chosen == "tiled":
-        out = tiled.attention(q, k, v, call)
+        out = tiled.attention(q, k, v, call, needs_grad)
     elif chosen == "sdpa":
         out = sdpa.attention(q, k, v, call, needs_grad)
     else:

@@ -11,8 +11,9 @@ memory is O(block * Nk) instead of O(Nq * Nk).
 The Euclidean hot path (float alpha and bandwidth, no density term) writes the chain rule
 out instead. On the CPU with alpha < 2 it runs compiled by ``torch.compile``
 (``LEVYATTN_COMPILE=0`` turns that off): problems of at most ``WHOLE_MAX_PAIRS`` query-key
-pairs in one piece, forward and backward each one compiled function (their weights kept, so
-memory bounded by that constant), larger ones as the tile loop with compiled tiles.
+pairs (``WHOLE_MAX_PAIRS_INFERENCE`` without gradients) in one piece, forward and backward each
+one compiled function (their weights kept, so memory bounded by that constant), larger ones as
+the tile loop with compiled tiles.
 
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
@@ -266,8 +267,14 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
 # 2**18 pairs, compiled above): (32, 1, 5, 32) 0.60x, (128, 4, 17, 16) 0.48x, (8, 4, 128, 16)
 # causal 0.65x, (16, 4, 128, 16) 0.74x, (1, 4, 512, 64) 0.81x, (32, 8, 65, 32) 0.79x,
 # (16, 1, 256, 16) padding + self-pair masks 0.83x; at 2**21 pairs 0.62-0.76x (four shapes); at
-# 2**22 0.96-1.20x, at 2**23 1.56x.
+# 2**22 0.96-1.20x, at 2**23 1.44x.
+#
+# Without gradients the limit is WHOLE_MAX_PAIRS_INFERENCE: one piece computes every pair where
+# causal tiles skip the hidden ones. Forward only, one piece over the tile loop: (32, 1, 4, 32)
+# 0.78x, (4, 4, 1, 300) 0.70x, (128, 4, 17, 16) 0.78x, (32, 4, 64, 16) causal 0.81x, at 2**20
+# pairs 0.97-1.01x, causal (1, 4, 512, 16) 1.65x.
 WHOLE_MAX_PAIRS = 1 << 21
+WHOLE_MAX_PAIRS_INFERENCE = 1 << 19
 _compiled_variants: dict[tuple, object] = {}
 _compile_failed: list[str] = []  # the reason, once compilation has failed in this process
 
@@ -284,10 +291,11 @@ def compile_wanted(q: torch.Tensor, call: AttentionCall) -> bool:
     )
 
 
-def runs_whole(q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> bool:
+def runs_whole(q: torch.Tensor, k: torch.Tensor, call: AttentionCall, needs_grad: bool) -> bool:
     """Whether this Euclidean call runs in one piece (:class:`_WholeFNA`): compiled, and at most
-    WHOLE_MAX_PAIRS query-key pairs over all heads."""
-    return q[..., 0, 0].numel() * q.shape[-2] * k.shape[-2] <= WHOLE_MAX_PAIRS and compile_wanted(q, call)
+    WHOLE_MAX_PAIRS query-key pairs over all heads (WHOLE_MAX_PAIRS_INFERENCE without gradients)."""
+    limit = WHOLE_MAX_PAIRS if needs_grad else WHOLE_MAX_PAIRS_INFERENCE
+    return q[..., 0, 0].numel() * q.shape[-2] * k.shape[-2] <= limit and compile_wanted(q, call)
 
 
 def _whole_forward(q, k, v, user, keep, exponent, c):
@@ -487,16 +495,18 @@ def attention(
     k: torch.Tensor,
     v: torch.Tensor,
     call: AttentionCall,
+    needs_grad: bool,
     block: int | None = None,
 ) -> torch.Tensor:
-    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (at most WHOLE_MAX_PAIRS
-    values for a small problem run in one piece; ``block`` given: always tiled)."""
+    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (at most 2 * WHOLE_MAX_PAIRS
+    values for a small problem run in one piece; ``block`` given: always tiled). ``needs_grad``:
+    whether autograd will differentiate the call (it picks the one-piece limit)."""
     q, k = call.prepare(q, k)
     batch_heads = q[..., 0, 0].numel()
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     euclidean = call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a
-    if euclidean and not block and runs_whole(q, k, call):
+    if euclidean and not block and runs_whole(q, k, call, needs_grad):
         _, user, keep = _tile_keys_and_masks(call, 0, q.shape[-2], q.shape[-2], k.shape[-2], q)
         return _WholeFNA.apply(q, k, v, user, keep, *_kernel_constants(call, q.shape[-1]))
     if not block:
