@@ -9,6 +9,9 @@ time, so background load on a shared machine hits them alike.
     python benchmarks/training_throughput.py --model vit --seq 64 --batch 32
     python benchmarks/training_throughput.py --preset imdb-6layer --batch 8   # a preset's own model
 
+With ``--tile-loop`` a fourth variant, FNA alpha 1.2 with the tiled backend's one-piece path
+switched off (every call through the tile loop), shows what that path buys in a whole step.
+
 With ``--preset`` the model is the preset's (layers, heads, hidden size, dropout, FNA options)
 at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: the dataset's
 size and channels; language models: block_size tokens of the preset's vocabulary, a token loss
@@ -28,11 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from levyattn.backends import tiled
 from levyattn.data.text import DEFAULT_IMDB_VOCAB
 from levyattn.models import CausalLM, build_model
 from levyattn.training.presets import get_preset
 
-VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
+# (attention, alpha, tiled path): "auto" is the backend's own choice, "tile loop" has its one-piece
+# path switched off.
+VARIANTS = (("fna", 1.2, "auto"), ("fna", 2.0, "auto"), ("softmax", None, "auto"))
+TILE_LOOP = ("fna", 1.2, "tile loop")
 # (channels, side) of the image datasets the ViT presets train on.
 IMAGE_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "fashion_mnist": (1, 28), "digits": (1, 8)}
 
@@ -92,29 +99,35 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--tile-loop", action="store_true", help="also FNA alpha 1.2 without the one-piece path")
     p.add_argument("--out", default="benchmarks/results/training_throughput.json")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     setups = {}
-    for attention, alpha in VARIANTS:
+    for attention, alpha, path in VARIANTS + ((TILE_LOOP,) if args.tile_loop else ()):
         torch.manual_seed(0)
         m, inputs, kwargs = make(args.model, attention, alpha, args)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         # A class per sample, or (language models) a target token per position: the inputs
         # themselves, since what is timed does not depend on which tokens are the targets.
         labels = inputs[0] if isinstance(m, CausalLM) else torch.randint(0, 2, (args.batch,))
-        setups[(attention, alpha)] = (m, inputs, kwargs, opt, labels)
+        setups[(attention, alpha, path)] = (m, inputs, kwargs, opt, labels)
+    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
 
     def step(key) -> float:
         m, inputs, kwargs, opt, labels = setups[key]
+        if key[2] == "tile loop":
+            tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
         t0 = time.perf_counter()
         logits = m(*inputs, **kwargs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
+        return elapsed
 
     for key in setups:  # warm-up
         step(key)
@@ -124,23 +137,23 @@ def main() -> None:
         for key in setups:
             times[key].append(step(key))
     rows = []
-    soft = statistics.median(times[("softmax", None)])
-    for (attention, alpha), ts in times.items():
+    soft = statistics.median(times[("softmax", None, "auto")])
+    for (attention, alpha, path), ts in times.items():
         med = statistics.median(ts)
-        params = sum(x.numel() for x in setups[(attention, alpha)][0].parameters())
-        rows.append({"attention": attention, "alpha": alpha, "params": params, "median_step_s": med,
-                     "samples_per_s": args.batch / med, "time_vs_softmax": med / soft})
+        params = sum(x.numel() for x in setups[(attention, alpha, path)][0].parameters())
+        rows.append({"attention": attention, "alpha": alpha, "tiled_path": path, "params": params,
+                     "median_step_s": med, "samples_per_s": args.batch / med, "time_vs_softmax": med / soft})
     if args.preset:
         setting = f"preset {args.preset}"
     else:
         setting = (f"model {args.model}, seq {args.seq}, d_model {args.d_model}, layers {args.layers}, "
                    f"heads {args.heads}")
     print(f"{setting}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    print("| attention | alpha | parameters | step (ms) | samples/s | time / softmax |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | alpha | tiled path | parameters | step (ms) | samples/s | time / softmax |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(f"| {r['attention']} | {a} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
+        print(f"| {r['attention']} | {a} | {r['tiled_path']} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
               f"{r['samples_per_s']:.1f} | {r['time_vs_softmax']:.2f}x |")
     out = {"args": vars(args), "torch": torch.__version__, "machine": platform.platform(),
            "threads": torch.get_num_threads(), "rows": rows}

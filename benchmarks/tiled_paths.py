@@ -1,0 +1,130 @@
+"""The tiled backend's CPU paths against each other: one piece, compiled tiles, eager tiles.
+
+The ``tiled`` backend runs a Euclidean power-law call on the CPU in one piece when it has at
+most ``tiled.WHOLE_MAX_PAIRS`` query-key pairs (``WHOLE_MAX_PAIRS_INFERENCE`` without
+gradients), and as the tile loop with compiled tiles above that. This script times each path
+on the same inputs, with softmax ``scaled_dot_product_attention`` beside them, to set or check
+those limits on a machine. The paths are called interleaved, round by round, in one process,
+so that background load hits them alike; each reports its median.
+
+    python benchmarks/tiled_paths.py                          # the default shapes, fwd+bwd
+    python benchmarks/tiled_paths.py --mode fwd               # without gradients
+    python benchmarks/tiled_paths.py --shapes 16x4x128x16,1x4x512x64 --causal
+
+Shapes are BxHxNxD (self-attention, N queries and keys). Prints a table and writes JSON
+(default benchmarks/results/tiled_paths.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from levyattn import fractional_attention
+from levyattn.backends import tiled
+from levyattn.io import atomic_write_json
+
+DEFAULT_SHAPES = "32x1x5x32,128x4x17x16,32x4x64x16,16x4x128x16,1x4x512x64,32x8x92x32,16x4x256x16,8x4x512x16"
+PATHS = ("one piece", "compiled tiles", "eager tiles", "sdpa softmax")
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"--shapes: each shape is BxHxNxD with positive integers, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
+def _run_path(path: str, q, k, v, args) -> float:
+    """One call (forward, or forward+backward) through ``path``; returns its seconds."""
+    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
+    env = os.environ.get("LEVYATTN_COMPILE")
+    if path != "one piece":
+        tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
+    if path == "eager tiles":
+        os.environ["LEVYATTN_COMPILE"] = "0"
+    else:
+        os.environ.pop("LEVYATTN_COMPILE", None)
+    try:
+        start = time.perf_counter()
+        with torch.set_grad_enabled(args.mode == "fwd+bwd"):
+            if path == "sdpa softmax":
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+            else:
+                out = fractional_attention(q, k, v, alpha=args.alpha, is_causal=args.causal, backend="tiled")
+            if args.mode == "fwd+bwd":
+                out.sum().backward()
+        return time.perf_counter() - start
+    finally:
+        tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
+        if env is None:
+            os.environ.pop("LEVYATTN_COMPILE", None)
+        else:
+            os.environ["LEVYATTN_COMPILE"] = env
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxHxNxD")
+    p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--alpha", type=float, default=1.2)
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default: by size, 11-100)")
+    p.add_argument("--out", default="benchmarks/results/tiled_paths.json")
+    args = p.parse_args()
+    if not 0 < args.alpha < 2:
+        raise ValueError(f"--alpha must be in (0, 2) (the power-law kernel these paths compute), got {args.alpha}")
+    shapes = [_parse_shape(s) for s in args.shapes.split(",")]
+    rows = []
+    print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
+    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | one piece / tiles |")
+    print("|---|---:|" + "---:|" * (len(PATHS) + 1))
+    for batch, heads, n, dim in shapes:
+        g = torch.Generator().manual_seed(0)
+        grad = args.mode == "fwd+bwd"
+        q, k, v = (torch.randn(batch, heads, n, dim, generator=g).requires_grad_(grad) for _ in range(3))
+        for path in PATHS:  # warm-up: compilation, allocator
+            for _ in range(3):
+                _run_path(path, q, k, v, args)
+        pairs = batch * heads * n * n
+        rounds = args.rounds or max(11, min(100, 30_000_000 // pairs))
+        times = {path: [] for path in PATHS}
+        for _ in range(rounds):
+            for path in PATHS:
+                times[path].append(_run_path(path, q, k, v, args))
+        med = {path: statistics.median(ts) for path, ts in times.items()}
+        ratio = med["one piece"] / min(med["compiled tiles"], med["eager tiles"])
+        rows.append(
+            {
+                "shape": [batch, heads, n, dim],
+                "pairs": pairs,
+                "rounds": rounds,
+                "median_s": med,
+                "one_piece_over_best_tiles": ratio,
+            }
+        )
+        cells = " | ".join(f"{1000 * med[path]:.2f}" for path in PATHS)
+        print(f"| {batch}x{heads}x{n}x{dim} | 2**{math.log2(pairs):.1f} | {cells} | {ratio:.2f}x |", flush=True)
+    out = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "whole_max_pairs": tiled.WHOLE_MAX_PAIRS,
+        "whole_max_pairs_inference": tiled.WHOLE_MAX_PAIRS_INFERENCE,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
