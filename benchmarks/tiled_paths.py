@@ -47,8 +47,8 @@ def _run_path(path: str, q, k, v, args) -> float:
     """One call (forward, or forward+backward) through ``path``; returns its seconds."""
     limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
     env = os.environ.get("LEVYATTN_COMPILE")
-    if path != "one piece":
-        tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
+    # Each path forced, whatever the limits would pick.
+    tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = 2**62 if path == "one piece" else -1
     if path == "eager tiles":
         os.environ["LEVYATTN_COMPILE"] = "0"
     else:
@@ -85,8 +85,8 @@ def main() -> None:
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
     rows = []
     print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
-    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | one piece / tiles |")
-    print("|---|---:|" + "---:|" * (len(PATHS) + 1))
+    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | one piece / tiles | the limits pick |")
+    print("|---|---:|" + "---:|" * (len(PATHS) + 1) + "---|")
     for batch, heads, n, dim in shapes:
         g = torch.Generator().manual_seed(0)
         grad = args.mode == "fwd+bwd"
@@ -102,6 +102,8 @@ def main() -> None:
                 times[path].append(_run_path(path, q, k, v, args))
         med = {path: statistics.median(ts) for path, ts in times.items()}
         ratio = med["one piece"] / min(med["compiled tiles"], med["eager tiles"])
+        limit = tiled.WHOLE_MAX_PAIRS if grad else tiled.WHOLE_MAX_PAIRS_INFERENCE
+        picked = "one piece" if pairs <= limit else "compiled tiles"
         rows.append(
             {
                 "shape": [batch, heads, n, dim],
@@ -109,10 +111,12 @@ def main() -> None:
                 "rounds": rounds,
                 "median_s": med,
                 "one_piece_over_best_tiles": ratio,
+                "picked": picked,
             }
         )
         cells = " | ".join(f"{1000 * med[path]:.2f}" for path in PATHS)
-        print(f"| {batch}x{heads}x{n}x{dim} | 2**{math.log2(pairs):.1f} | {cells} | {ratio:.2f}x |", flush=True)
+        shape = f"{batch}x{heads}x{n}x{dim}"
+        print(f"| {shape} | 2**{math.log2(pairs):.1f} | {cells} | {ratio:.2f}x | {picked} |", flush=True)
     out = {
         "args": vars(args),
         "torch": torch.__version__,
