@@ -262,17 +262,13 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
 # (:class:`_WholeFNA`): one compiled function for forward, one for backward, each with its matmuls,
 # and the weights and the kernel's slope kept from forward, so backward recomputes nothing. That
 # is at most 2 * WHOLE_MAX_PAIRS values, so peak memory stays bounded by a constant there and
-# linear in N beyond. Larger problems run the tile loop with compiled tiles. Measured on 2 cores,
-# one call forward+backward, alpha 1.2, time in one piece over the tile loop's (eager tiles below
-# 2**18 pairs, compiled above): (32, 1, 5, 32) 0.60x, (128, 4, 17, 16) 0.48x, (8, 4, 128, 16)
-# causal 0.65x, (16, 4, 128, 16) 0.74x, (1, 4, 512, 64) 0.81x, (32, 8, 65, 32) 0.79x,
-# (16, 1, 256, 16) padding + self-pair masks 0.83x; at 2**21 pairs 0.62-0.76x (four shapes); at
-# 2**22 0.96-1.20x, at 2**23 1.44x.
+# linear in N beyond. Larger problems run the tile loop with compiled tiles.
 #
 # Without gradients the limit is WHOLE_MAX_PAIRS_INFERENCE: one piece computes every pair where
-# causal tiles skip the hidden ones. Forward only, one piece over the tile loop: (32, 1, 4, 32)
-# 0.78x, (4, 4, 1, 300) 0.70x, (128, 4, 17, 16) 0.78x, (32, 4, 64, 16) causal 0.81x, at 2**20
-# pairs 0.97-1.01x, causal (1, 4, 512, 16) 1.65x.
+# causal tiles skip the hidden ones. Measured on 2 cores with benchmarks/tiled_paths.py, alpha 1.2,
+# time in one piece over the faster tile loop (compiled or eager tiles): forward+backward 0.70-0.85x
+# up to 2**21 pairs (nine shapes, three causal), 1.15x at 2**22, 1.76x at 2**23; forward
+# only 0.81-0.97x up to 2**19 pairs, 0.98-1.20x at 2**20, and causal (1, 4, 512, 16) 1.80x.
 WHOLE_MAX_PAIRS = 1 << 21
 WHOLE_MAX_PAIRS_INFERENCE = 1 << 19
 _compiled_variants: dict[tuple, object] = {}
