@@ -50,8 +50,8 @@ def compiled_tiles(compiled, monkeypatch):
 
 
 def _ran_compiled(calls, path="tiles"):
-    """The compiled code of ``path`` ran (forward and backward tiles, or the one graph), and
-    compilation never failed."""
+    """The compiled code of ``path`` ran (the forward and backward tiles, or the one piece's two
+    functions), and compilation never failed."""
     names = {"_kernel_weights_", "_kernel_grads_"} if path == "tiles" else {"_whole_forward", "_whole_backward"}
     return names <= set(calls) and not tiled._compile_failed
 
