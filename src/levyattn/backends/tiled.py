@@ -198,6 +198,16 @@ def _add_masks_(logits, user, keep):
             logits.add_(mask)
 
 
+def _masked_exp_rows_(logits, user, keep):
+    """In place: ``log Phi`` (B, H, rows, keys) plus the masks becomes ``exp(logits - row max)``.
+    Returns the row max and the row sum, both (B, H, rows, 1); a fully masked row has max 0
+    (not -inf) and sum 0."""
+    _add_masks_(logits, user, keep)
+    peak = finite_or_zero(logits.amax(-1, keepdim=True))
+    weights = logits.sub_(peak).exp_()
+    return peak, weights.sum(-1, keepdim=True)
+
+
 def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
     """One forward tile, in place: squared distances (B, H, bq, Nk) become the unnormalised
     weights ``exp(log Phi - row max)``. Returns the row max of ``log Phi`` and the row sum of
@@ -211,10 +221,7 @@ def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
         logits = scores.clamp_min_(0).mul_(-c)
     else:
         logits = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_().mul_(c).log1p_().mul_(-exponent)
-    _add_masks_(logits, user, keep)
-    peak = finite_or_zero(logits.amax(-1, keepdim=True))
-    weights = logits.sub_(peak).exp_()
-    return peak, weights.sum(-1, keepdim=True)
+    return _masked_exp_rows_(logits, user, keep)
 
 
 def _power_law_logits_and_slope_(sq, exponent, c):
@@ -304,10 +311,8 @@ def _whole_forward(q, k, v, user, keep, exponent, c):
     or 0 for a fully masked row, whose weights and output are then 0; such a row's sum is
     returned as 1, so that dividing by it is always safe.
     """
-    logits, slope = _power_law_logits_and_slope_(squared_distances(q, k), exponent, c)
-    _add_masks_(logits, user, keep)
-    weights = logits.sub_(finite_or_zero(logits.amax(-1, keepdim=True))).exp_()
-    total = weights.sum(-1, keepdim=True)
+    weights, slope = _power_law_logits_and_slope_(squared_distances(q, k), exponent, c)
+    _, total = _masked_exp_rows_(weights, user, keep)  # weights: log Phi until here
     total = torch.where(total > 0, total, 1.0)
     return (weights @ v) / total, weights, slope, total
 
