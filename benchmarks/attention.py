@@ -125,16 +125,9 @@ def run_one(method: str, n: int, mode: str, args: argparse.Namespace) -> dict:
             with torch.no_grad():
                 fn(q, k, v)
 
-    # Warm-up on a small problem: imports, kernels, and the tiled backend's compilation (a
-    # one-off cost per process whose memory is not the operator's; its kernels take any size),
-    # once in one piece and once as tiles.
-    from levyattn.backends import tiled
-
+    # Warm-up on a small problem: imports, kernels, and loading the tiled backend's fused CPU
+    # kernel (built once and cached; a one-off cost whose memory is not the operator's).
     step(*make(64))
-    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
-    tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
-    step(*make(64))
-    tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
     q, k, v = make(n)
     if device == "cuda":
         torch.cuda.synchronize()

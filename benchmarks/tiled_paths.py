@@ -1,15 +1,15 @@
-"""The tiled backend's CPU paths against each other: one piece, compiled tiles, eager tiles.
+"""The tiled backend's two CPU paths against each other and against softmax SDPA.
 
-The ``tiled`` backend runs a Euclidean power-law call on the CPU in one piece when it has at
-most ``tiled.WHOLE_MAX_PAIRS`` query-key pairs (``WHOLE_MAX_PAIRS_INFERENCE`` without
-gradients), and as the tile loop with compiled tiles above that. This script times each path
-on the same inputs, with softmax ``scaled_dot_product_attention`` beside them, to set or check
-those limits on a machine. The paths are called interleaved, round by round, in one process,
-so that background load hits them alike; each reports its median.
+On the CPU in float32 and float64 the ``tiled`` backend runs a Euclidean call (float alpha and
+bandwidth, no density term) through its fused C++ kernel (``levyattn.backends.fused_cpu``), and
+through the tile loop where the kernel is switched off (``LEVYATTN_COMPILE=0``) or could not be
+built. This script times both on the same inputs, with softmax ``scaled_dot_product_attention``
+beside them. The paths are called interleaved, round by round, in one process, so that
+background load hits them alike; each reports its median.
 
     python benchmarks/tiled_paths.py                          # the default shapes, fwd+bwd
     python benchmarks/tiled_paths.py --mode fwd               # without gradients
-    python benchmarks/tiled_paths.py --shapes 16x4x128x16,1x4x512x64 --causal
+    python benchmarks/tiled_paths.py --shapes 16x4x128x16,1x4x4096x64 --causal
 
 Shapes are BxHxNxD (self-attention, N queries and keys). Prints a table and writes JSON
 (default benchmarks/results/tiled_paths.json).
@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from levyattn import fractional_attention
-from levyattn.backends import tiled
 from levyattn.io import atomic_write_json
 
-DEFAULT_SHAPES = "32x1x5x32,128x4x17x16,32x4x64x16,16x4x128x16,1x4x512x64,32x8x92x32,16x4x256x16,8x4x512x16"
-PATHS = ("one piece", "compiled tiles", "eager tiles", "sdpa softmax")
+DEFAULT_SHAPES = (
+    "32x1x5x32,128x4x17x16,32x4x64x16,16x4x128x16,1x4x512x64,32x8x92x32,16x4x256x16,8x4x512x16,"
+    "32x8x256x16,32x16x512x4,1x4x1024x64,1x4x4096x64"
+)
+PATHS = ("fused kernel", "tile loop", "sdpa softmax")
 
 
 def _parse_shape(text: str) -> tuple[int, int, int, int]:
@@ -45,11 +47,8 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
 
 def _run_path(path: str, q, k, v, args) -> float:
     """One call (forward, or forward+backward) through ``path``; returns its seconds."""
-    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
     env = os.environ.get("LEVYATTN_COMPILE")
-    # Each path forced, whatever the limits would pick.
-    tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = 2**62 if path == "one piece" else -1
-    if path == "eager tiles":
+    if path == "tile loop":
         os.environ["LEVYATTN_COMPILE"] = "0"
     else:
         os.environ.pop("LEVYATTN_COMPILE", None)
@@ -64,7 +63,6 @@ def _run_path(path: str, q, k, v, args) -> float:
                 out.sum().backward()
         return time.perf_counter() - start
     finally:
-        tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
         if env is None:
             os.environ.pop("LEVYATTN_COMPILE", None)
         else:
@@ -80,18 +78,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per shape (default: by size, 11-100)")
     p.add_argument("--out", default="benchmarks/results/tiled_paths.json")
     args = p.parse_args()
-    if not 0 < args.alpha < 2:
-        raise ValueError(f"--alpha must be in (0, 2) (the power-law kernel these paths compute), got {args.alpha}")
+    if not 0 < args.alpha <= 2:
+        raise ValueError(f"--alpha must be in (0, 2], got {args.alpha}")
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
     rows = []
     print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
-    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | one piece / tiles | the limits pick |")
-    print("|---|---:|" + "---:|" * (len(PATHS) + 1) + "---|")
+    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | kernel / tile loop | kernel / SDPA |")
+    print("|---|---:|" + "---:|" * (len(PATHS) + 2))
     for batch, heads, n, dim in shapes:
         g = torch.Generator().manual_seed(0)
         grad = args.mode == "fwd+bwd"
         q, k, v = (torch.randn(batch, heads, n, dim, generator=g).requires_grad_(grad) for _ in range(3))
-        for path in PATHS:  # warm-up: compilation, allocator
+        for path in PATHS:  # warm-up: loading the kernel, allocator
             for _ in range(3):
                 _run_path(path, q, k, v, args)
         pairs = batch * heads * n * n
@@ -101,28 +99,26 @@ def main() -> None:
             for path in PATHS:
                 times[path].append(_run_path(path, q, k, v, args))
         med = {path: statistics.median(ts) for path, ts in times.items()}
-        ratio = med["one piece"] / min(med["compiled tiles"], med["eager tiles"])
-        limit = tiled.WHOLE_MAX_PAIRS if grad else tiled.WHOLE_MAX_PAIRS_INFERENCE
-        picked = "one piece" if pairs <= limit else "compiled tiles"
+        over_loop = med["fused kernel"] / med["tile loop"]
+        over_sdpa = med["fused kernel"] / med["sdpa softmax"]
         rows.append(
             {
                 "shape": [batch, heads, n, dim],
                 "pairs": pairs,
                 "rounds": rounds,
                 "median_s": med,
-                "one_piece_over_best_tiles": ratio,
-                "picked": picked,
+                "kernel_over_tile_loop": over_loop,
+                "kernel_over_sdpa": over_sdpa,
             }
         )
         cells = " | ".join(f"{1000 * med[path]:.2f}" for path in PATHS)
         shape = f"{batch}x{heads}x{n}x{dim}"
-        print(f"| {shape} | 2**{math.log2(pairs):.1f} | {cells} | {ratio:.2f}x | {picked} |", flush=True)
+        print(f"| {shape} | 2**{math.log2(pairs):.1f} | {cells} | {over_loop:.2f}x | {over_sdpa:.2f}x |", flush=True)
     out = {
         "args": vars(args),
         "torch": torch.__version__,
         "machine": platform.platform(),
-        "whole_max_pairs": tiled.WHOLE_MAX_PAIRS,
-        "whole_max_pairs_inference": tiled.WHOLE_MAX_PAIRS_INFERENCE,
+        "threads": torch.get_num_threads(),
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,8 +9,9 @@ time, so background load on a shared machine hits them alike.
     python benchmarks/training_throughput.py --model vit --seq 64 --batch 32
     python benchmarks/training_throughput.py --preset imdb-6layer --batch 8   # a preset's own model
 
-With ``--tile-loop`` a fourth variant, FNA alpha 1.2 with the tiled backend's one-piece path
-switched off (every call through the tile loop), shows what that path buys in a whole step.
+With ``--tile-loop`` a fourth variant, FNA alpha 1.2 with the tiled backend's fused CPU kernel
+switched off (``LEVYATTN_COMPILE=0``: every call through the tile loop), shows what the kernel
+buys in a whole step.
 
 With ``--preset`` the model is the preset's (layers, heads, hidden size, dropout, FNA options)
 at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: the dataset's
@@ -23,6 +24,7 @@ Prints a table and writes JSON (default benchmarks/results/training_throughput.j
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -31,13 +33,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from levyattn.backends import tiled
 from levyattn.data.text import DEFAULT_IMDB_VOCAB
 from levyattn.models import CausalLM, build_model
 from levyattn.training.presets import get_preset
 
-# (attention, alpha, tiled path): "auto" is the backend's own choice, "tile loop" has its one-piece
-# path switched off.
+# (attention, alpha, tiled path): "auto" is the backend's own choice, "tile loop" has its fused CPU
+# kernel switched off.
 VARIANTS = (("fna", 1.2, "auto"), ("fna", 2.0, "auto"), ("softmax", None, "auto"))
 TILE_LOOP = ("fna", 1.2, "tile loop")
 # (channels, side) of the image datasets the ViT presets train on.
@@ -99,7 +100,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--tile-loop", action="store_true", help="also FNA alpha 1.2 without the one-piece path")
+    p.add_argument("--tile-loop", action="store_true", help="also FNA alpha 1.2 without the fused CPU kernel")
     p.add_argument("--out", default="benchmarks/results/training_throughput.json")
     args = p.parse_args()
     if args.threads:
@@ -113,12 +114,12 @@ def main() -> None:
         # themselves, since what is timed does not depend on which tokens are the targets.
         labels = inputs[0] if isinstance(m, CausalLM) else torch.randint(0, 2, (args.batch,))
         setups[(attention, alpha, path)] = (m, inputs, kwargs, opt, labels)
-    limits = tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE
 
     def step(key) -> float:
         m, inputs, kwargs, opt, labels = setups[key]
+        kernel_setting = os.environ.get("LEVYATTN_COMPILE")
         if key[2] == "tile loop":
-            tiled.WHOLE_MAX_PAIRS = tiled.WHOLE_MAX_PAIRS_INFERENCE = -1
+            os.environ["LEVYATTN_COMPILE"] = "0"
         t0 = time.perf_counter()
         logits = m(*inputs, **kwargs)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
@@ -126,7 +127,10 @@ def main() -> None:
         loss.backward()
         opt.step()
         elapsed = time.perf_counter() - t0
-        tiled.WHOLE_MAX_PAIRS, tiled.WHOLE_MAX_PAIRS_INFERENCE = limits
+        if kernel_setting is None:
+            os.environ.pop("LEVYATTN_COMPILE", None)
+        else:
+            os.environ["LEVYATTN_COMPILE"] = kernel_setting
         return elapsed
 
     for key in setups:  # warm-up

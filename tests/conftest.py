@@ -1,14 +1,14 @@
 """Suite-wide settings.
 
-The tiled backend compiles its Euclidean path with ``torch.compile`` on the CPU, seconds per
-variant (dtype, masks, grad mode). The suite runs it uncompiled, so the conformance tests check
-the tile loop on small shapes and no test pays for compilation by accident; subprocesses inherit
-the setting. ``test_tiled_compiled.py`` turns compilation back on and tests the compiled paths.
+On the CPU the tiled backend runs its Euclidean path through a fused C++ kernel built on first
+use. The suite runs the tile loop instead (``LEVYATTN_COMPILE=0``), so the conformance tests
+check the tile loop on small shapes and no test pays for the build by accident; subprocesses
+inherit the setting. ``test_fused_cpu.py`` turns the kernel back on and tests it.
 """
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def _uncompiled_attention(monkeypatch):
+def _tile_loop_attention(monkeypatch):
     monkeypatch.setenv("LEVYATTN_COMPILE", "0")

@@ -4,9 +4,10 @@
 Backends and the ``auto`` rule
 ------------------------------
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
-- ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU its
-  Euclidean power-law path runs compiled (``torch.compile``; ``LEVYATTN_COMPILE=0`` to disable),
-  small problems (``tiled.WHOLE_MAX_PAIRS`` query-key pairs, fewer without gradients) in one piece.
+- ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU in
+  float32 and float64 its Euclidean path (float alpha and bandwidth, no density term) runs a fused
+  C++ kernel built on first use (:mod:`levyattn.backends.fused_cpu`; ``LEVYATTN_COMPILE=0`` to
+  disable).
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 
@@ -183,7 +184,7 @@ def fractional_attention(
     if chosen == "reference":
         out, weights = reference.attention(q, k, v, call, return_weights)
     elif chosen == "tiled":
-        out = tiled.attention(q, k, v, call, needs_grad)
+        out = tiled.attention(q, k, v, call)
     elif chosen == "sdpa":
         out = sdpa.attention(q, k, v, call, needs_grad)
     else:

@@ -9,11 +9,10 @@ the logits back through the kernel with autograd, one block at a time. Peak extr
 memory is O(block * Nk) instead of O(Nq * Nk).
 
 The Euclidean hot path (float alpha and bandwidth, no density term) writes the chain rule
-out instead. On the CPU with alpha < 2 it runs compiled by ``torch.compile``
-(``LEVYATTN_COMPILE=0`` turns that off): problems of at most ``WHOLE_MAX_PAIRS`` query-key
-pairs (``WHOLE_MAX_PAIRS_INFERENCE`` without gradients) in one piece, forward and backward each
-one compiled function (their weights kept, so memory bounded by that constant), larger ones as
-the tile loop with compiled tiles.
+out instead. On the CPU in float32 and float64 it runs the fused C++ kernel
+(:mod:`levyattn.backends.fused_cpu`: query x key blocks that stay in cache, as PyTorch's own
+CPU attention kernel does) unless ``LEVYATTN_COMPILE=0`` or its build failed; otherwise, and on
+the GPU, the tile loop below.
 
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
@@ -22,14 +21,11 @@ queries: one extra pass computes them first, and backward adds their coupling te
 from __future__ import annotations
 
 import dataclasses
-import os
-import types
-import warnings
 
 import torch
 
+from levyattn.backends import fused_cpu
 from levyattn.backends.common import AttentionCall, additive_mask, finite_or_zero, safe_logsumexp
-from levyattn.kernels import squared_distances
 
 # Elements of one (B, H, block, Nk) logits tile; 2**21 float32 values = 8 MiB. It bounds
 # the extra memory; measured on 2 CPU cores (forward+backward, alpha 1.2), it was the
@@ -43,11 +39,6 @@ TILE_ELEMENTS = 1 << 21
 MIN_TILE_ROWS = 64
 
 
-# Compiled tiles do their elementwise work in one or two fused passes, so larger tiles (fewer,
-# larger matmuls) pay: measured at (1, 4, 4096, 64), forward+backward, 2**22 elements was the
-# fastest of 2**21..2**23 (eager: 2**21).
-COMPILED_TILE_SCALE = 2
-
 # With causal masking a tile computes only the keys its last query sees, so thinner tiles skip
 # more of the masked triangle: at most this many rows. Measured on Euclidean tiles at
 # (1, 4, N, 64), forward+backward: N = 1024, 43.8 ms against 69.2 with one 1024-row tile;
@@ -55,16 +46,16 @@ COMPILED_TILE_SCALE = 2
 CAUSAL_TILE_ROWS = 256
 
 
-def block_size(batch_heads: int, nq: int, nk: int, head_dim: int = 64, compiled: bool = False) -> int:
+def block_size(batch_heads: int, nq: int, nk: int, head_dim: int = 64) -> int:
     """Query rows per (B, H, block, Nk) tile, at least MIN_TILE_ROWS.
 
-    About TILE_ELEMENTS values at head dim 64, scaled with the head dim (clamped to 1/4..2x)
-    and by COMPILED_TILE_SCALE for compiled tiles. With a small head dim the matmuls are cheap
-    and the elementwise passes dominate, so tiles should stay in cache: measured at
+    About TILE_ELEMENTS values at head dim 64, scaled with the head dim (clamped to 1/4..2x).
+    With a small head dim the matmuls are cheap and the elementwise passes dominate, so tiles
+    should stay in cache: measured at
     (8, 4, 512, 16) and (16, 4, 128, 16), 4x smaller tiles than at head dim 64 were 1.3x / 1.05x
     faster (forward+backward).
     """
-    scale = min(2.0, max(0.25, head_dim / 64)) * (COMPILED_TILE_SCALE if compiled else 1)
+    scale = min(2.0, max(0.25, head_dim / 64))
     return min(nq, max(MIN_TILE_ROWS, int(TILE_ELEMENTS * scale) // max(1, batch_heads * nk)))
 
 
@@ -186,7 +177,7 @@ class _TiledFNA(torch.autograd.Function):
 def _tile_keys_and_masks(call: AttentionCall, start: int, stop: int, nq: int, nk: int, like: torch.Tensor):
     """For the query rows ``start:stop``: how many keys the tile computes (all but those causal
     masking hides from every one of its rows) and the two mask parts over those keys, additive
-    in ``like``'s dtype (one form, so a compiled tile has one variant per kind of mask)."""
+    in ``like``'s dtype."""
     kv = call.key_stop(stop, nq, nk)
     user, keep = (additive_mask(m, like.dtype) for m in call.mask_parts(start, stop, nq, nk, like.device, kv))
     return kv, user, keep
@@ -196,16 +187,6 @@ def _add_masks_(logits, user, keep):
     for mask in (user, keep):
         if mask is not None:
             logits.add_(mask)
-
-
-def _masked_exp_rows_(logits, user, keep):
-    """In place: ``log Phi`` (B, H, rows, keys) plus the masks becomes ``exp(logits - row max)``.
-    Returns the row max and the row sum, both (B, H, rows, 1); a fully masked row has max 0
-    (not -inf) and sum 0."""
-    _add_masks_(logits, user, keep)
-    peak = finite_or_zero(logits.amax(-1, keepdim=True))
-    weights = logits.sub_(peak).exp_()
-    return peak, weights.sum(-1, keepdim=True)
 
 
 def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
@@ -221,21 +202,10 @@ def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
         logits = scores.clamp_min_(0).mul_(-c)
     else:
         logits = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_().mul_(c).log1p_().mul_(-exponent)
-    return _masked_exp_rows_(logits, user, keep)
-
-
-def _power_law_logits_and_slope_(sq, exponent, c):
-    """Squared distances (in place) -> ``log Phi = -(d_M + alpha) log(1 + c r)`` and its slope
-    ``d log Phi / d sq = -(d_M + alpha) c / (2 r (1 + c r))``, ``r = sqrt(sq)``, both of sq's shape.
-    At zero distance (``sq`` below the smallest normal) the slope is defined as 0, since ``sqrt``
-    has an infinite slope there."""
-    tiny = torch.finfo(sq.dtype).tiny
-    small = sq < tiny
-    r = sq.clamp_min_(tiny).sqrt_()
-    u = r * c + 1.0
-    logits = torch.log(u).mul_(-exponent)
-    slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
-    return logits, slope
+    _add_masks_(logits, user, keep)
+    peak = finite_or_zero(logits.amax(-1, keepdim=True))  # 0, not -inf, for a fully masked row
+    weights = logits.sub_(peak).exp_()
+    return peak, weights.sum(-1, keepdim=True)
 
 
 def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, gaussian: bool) -> torch.Tensor:
@@ -252,147 +222,16 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
         logits = torch.clamp_min(scores, 0).mul_(-c)
         slope = -c
     else:
-        logits, slope = _power_law_logits_and_slope_(scores, exponent, c)
+        small = scores < torch.finfo(scores.dtype).tiny
+        r = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_()
+        u = r * c + 1.0
+        logits = torch.log(u).mul_(-exponent)
+        slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
     _add_masks_(logits, user, keep)
     weights = logits.sub_(lse).exp_()
     grad_weights.sub_(delta).mul_(weights).mul_(slope)
     scores.copy_(weights)
     return grad_weights.sum(-1, keepdim=True)
-
-
-# On the CPU the Euclidean power-law path runs compiled by torch.compile: Inductor fuses the
-# elementwise chain (sqrt, log1p, exp, the row reductions) into a few C++ loops instead of one
-# memory pass per operation. Compilation costs seconds once per process and variant (less with
-# Inductor's on-disk cache); LEVYATTN_COMPILE=0 turns it off.
-#
-# Problems of at most WHOLE_MAX_PAIRS query-key pairs (B * H * Nq * Nk) run in one piece
-# (:class:`_WholeFNA`): one compiled function for forward, one for backward, each with its matmuls,
-# and the weights and the kernel's slope kept from forward, so backward recomputes nothing. That
-# is at most 2 * WHOLE_MAX_PAIRS values, so peak memory stays bounded by a constant there and
-# linear in N beyond. Larger problems run the tile loop with compiled tiles.
-#
-# Without gradients the limit is WHOLE_MAX_PAIRS_INFERENCE: one piece computes every pair where
-# causal tiles skip the hidden ones. Measured on 2 cores with benchmarks/tiled_paths.py, alpha 1.2,
-# time in one piece over the faster tile loop (compiled or eager tiles): forward+backward 0.70-0.85x
-# up to 2**21 pairs (nine shapes, three causal), 1.15x at 2**22, 1.76x at 2**23; forward
-# only 0.81-0.97x up to 2**19 pairs, 0.98-1.20x at 2**20, and causal (1, 4, 512, 16) 1.80x.
-WHOLE_MAX_PAIRS = 1 << 21
-WHOLE_MAX_PAIRS_INFERENCE = 1 << 19
-_compiled_variants: dict[tuple, object] = {}
-_compile_failed: list[str] = []  # the reason, once compilation has failed in this process
-
-
-def compile_wanted(q: torch.Tensor, call: AttentionCall) -> bool:
-    """Whether this call's Euclidean path runs compiled: CPU, a power-law kernel (alpha < 2),
-    compilation available and allowed, and not already inside a graph being compiled."""
-    return (
-        q.device.type == "cpu"
-        and not call.is_gaussian
-        and os.environ.get("LEVYATTN_COMPILE", "1") != "0"
-        and not _compile_failed
-        and not torch.compiler.is_compiling()
-    )
-
-
-def runs_whole(q: torch.Tensor, k: torch.Tensor, call: AttentionCall, needs_grad: bool) -> bool:
-    """Whether this Euclidean call runs in one piece (:class:`_WholeFNA`): compiled, and at most
-    WHOLE_MAX_PAIRS query-key pairs over all heads (WHOLE_MAX_PAIRS_INFERENCE without gradients)."""
-    limit = WHOLE_MAX_PAIRS if needs_grad else WHOLE_MAX_PAIRS_INFERENCE
-    return q[..., 0, 0].numel() * q.shape[-2] * k.shape[-2] <= limit and compile_wanted(q, call)
-
-
-def _whole_forward(q, k, v, user, keep, exponent, c):
-    """A small power-law problem in one piece: centred q (B, H, Nq, d) and k (B, H, Nk, d), v
-    (B, H, Nk, dv) -> the output (B, H, Nq, dv), the unnormalised weights ``exp(log Phi - row max)``
-    and ``d log Phi / d sq`` (B, H, Nq, Nk), and the row sums of the weights (B, H, Nq, 1).
-    ``user``, ``keep``: the masks as in :func:`_kernel_weights_`.
-
-    After subtracting the row max the largest weight is exactly 1, so a row sum is at least 1,
-    or 0 for a fully masked row, whose weights and output are then 0; such a row's sum is
-    returned as 1, so that dividing by it is always safe.
-    """
-    weights, slope = _power_law_logits_and_slope_(squared_distances(q, k), exponent, c)
-    _, total = _masked_exp_rows_(weights, user, keep)  # weights: log Phi until here
-    total = torch.where(total > 0, total, 1.0)
-    return (weights @ v) / total, weights, slope, total
-
-
-def _whole_backward(q, k, v, out, weights, slope, total, grad_out):
-    """Gradients (q, k, v) of :func:`_whole_forward`, with ``P = weights / total`` and
-    ``g = dL/d sq = P (dO v^T - D) slope`` as in :class:`_EuclideanFNA`:
-    ``dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)``, and the same for k over i."""
-    grad_out = grad_out / total  # dO_i / total_i: P never needs forming
-    delta = (grad_out * out).sum(-1, keepdim=True)
-    g = (grad_out @ v.transpose(-1, -2) - delta) * weights * slope
-    grad_q = 2.0 * (q * g.sum(-1, keepdim=True) - g @ k)
-    grad_k = 2.0 * (k * g.sum(-2).unsqueeze(-1) - g.transpose(-1, -2) @ q)
-    return grad_q, grad_k, weights.transpose(-1, -2) @ grad_out
-
-
-class _WholeFNA(torch.autograd.Function):
-    """A small Euclidean power-law problem in one piece, both passes compiled (see WHOLE_MAX_PAIRS)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, user, keep, exponent, c):
-        out, weights, slope, total = _compiled(_whole_forward)(q, k, v, user, keep, exponent, c)
-        ctx.save_for_backward(q, k, v, out, weights, slope, total)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grads = _compiled(_whole_backward)(*ctx.saved_tensors, grad_out.contiguous())
-        return (*grads, None, None, None, None)
-
-
-def tile_functions(q: torch.Tensor, k: torch.Tensor, call: AttentionCall):
-    """(forward, backward) elementwise tile functions for this call: compiled or eager, the same
-    code either way."""
-    if not compile_wanted(q, call):
-        return _kernel_weights_, _kernel_grads_
-    return _compiled(_kernel_weights_), _compiled(_kernel_grads_)
-
-
-def _variant(args) -> tuple:
-    """What a compiled tile specialises on: dtypes, which dims are 1 (broadcast), masks present
-    or not, the kernel's kind. Sizes stay dynamic."""
-    return tuple(
-        (a.dtype, tuple(size == 1 for size in a.shape)) if isinstance(a, torch.Tensor) else a
-        for a in args
-        if not isinstance(a, float)
-    )
-
-
-def _compiled(eager):
-    """``eager`` compiled once per :func:`_variant` of its arguments.
-
-    Each variant compiles a copy of the function with a code object of its own: TorchDynamo
-    keeps its cache and its recompilation limit per code object, so the variants (float32 and
-    float64, masked or not, ...) never evict each other or fall back silently to eager.
-    """
-
-    def run(*args):
-        if _compile_failed:
-            return eager(*args)
-        key = (eager.__name__, _variant(args))
-        if key not in _compiled_variants:
-            copy = types.FunctionType(
-                eager.__code__.replace(), eager.__globals__, eager.__name__, eager.__defaults__, eager.__closure__
-            )
-            copy.__kwdefaults__ = eager.__kwdefaults__
-            _compiled_variants[key] = torch.compile(copy, dynamic=True)
-        try:
-            return _compiled_variants[key](*args)
-        except Exception as err:  # no working C++ compiler, say: the eager tile is the same math
-            _compile_failed.append(f"{type(err).__name__}: {err}")
-            warnings.warn(
-                f"levyattn: compiling the tiled FNA kernel failed ({_compile_failed[0][:300]}); "
-                "running it uncompiled (slower, same results). Set LEVYATTN_COMPILE=0 to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return eager(*args)
-
-    return run
 
 
 def _kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
@@ -426,7 +265,6 @@ class _EuclideanFNA(torch.autograd.Function):
         q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
         k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
         k_aug_t = k_aug.transpose(-1, -2)  # a view: as fast in the matmuls as a transposed copy
-        kernel_weights, _ = tile_functions(q, k, call)
         work = q.new_empty(batch * heads * min(block, nq) * nk)
         out = q.new_empty(batch, heads, nq, v.shape[-1])
         lse = q.new_empty(batch, heads, nq)
@@ -435,7 +273,7 @@ class _EuclideanFNA(torch.autograd.Function):
             kv, user, keep = _tile_keys_and_masks(call, start, stop, nq, nk, q)
             scores = work[: batch * heads * (stop - start) * kv].view(batch, heads, stop - start, kv)
             torch.matmul(q_aug[..., start:stop, :], k_aug_t[..., :kv], out=scores)
-            peak, total = kernel_weights(scores, user, keep, exponent, c, call.is_gaussian)
+            peak, total = _kernel_weights_(scores, user, keep, exponent, c, call.is_gaussian)
             # A fully masked row has total 0 and weights 0: its output is 0 / tiny = 0.
             out[..., start:stop, :] = (scores @ v[..., :kv, :]).div_(total.clamp_min(torch.finfo(q.dtype).tiny))
             lse[..., start:stop] = (peak + total.log()).squeeze(-1)
@@ -452,7 +290,6 @@ class _EuclideanFNA(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         lse = finite_or_zero(lse)
         delta = (grad_out * out).sum(-1)
-        _, kernel_grads = tile_functions(q, k, call)
         v_t = v.transpose(-1, -2).contiguous()
         work = q_aug.new_empty(2, bh * min(block, nq) * nk)
         grad_q = q_aug.new_empty(batch, heads, nq, d)
@@ -466,7 +303,7 @@ class _EuclideanFNA(torch.autograd.Function):
             q_tile, d_out = q_aug[..., start:stop, :], grad_out[..., start:stop, :]
             torch.matmul(q_tile, k_aug_t[..., :kv], out=scores)
             torch.matmul(d_out, v_t[..., :kv], out=grad_scores)
-            g_row_sums = kernel_grads(
+            g_row_sums = _kernel_grads_(
                 scores,
                 grad_scores,
                 user,
@@ -492,27 +329,18 @@ class _EuclideanFNA(torch.autograd.Function):
 
 
 def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    call: AttentionCall,
-    needs_grad: bool,
-    block: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, block: int | None = None
 ) -> torch.Tensor:
-    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (at most 2 * WHOLE_MAX_PAIRS
-    values for a small problem run in one piece; ``block`` given: always tiled). ``needs_grad``:
-    whether autograd will differentiate the call (it picks the one-piece limit)."""
+    """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (``block`` given: always the
+    tile loop, never the fused CPU kernel)."""
     q, k = call.prepare(q, k)
-    batch_heads = q[..., 0, 0].numel()
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     euclidean = call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a
-    if euclidean and not block and runs_whole(q, k, call, needs_grad):
-        _, user, keep = _tile_keys_and_masks(call, 0, q.shape[-2], q.shape[-2], k.shape[-2], q)
-        return _WholeFNA.apply(q, k, v, user, keep, *_kernel_constants(call, q.shape[-1]))
+    if euclidean and not block and fused_cpu.applies(q, call):
+        return fused_cpu.attention(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
     if not block:
-        compiled = euclidean and compile_wanted(q, call)
-        block = block_size(batch_heads, q.shape[-2], k.shape[-2], q.shape[-1], compiled)
+        block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
     if euclidean:
         return _EuclideanFNA.apply(q, k, v, call, block)

@@ -1,0 +1,334 @@
+// The fused CPU kernel of the tiled backend: Euclidean FNA with float alpha and bandwidth, forward
+// and backward, in (query block x key block) tiles that stay in cache through the distance matmul,
+// the kernel and the second matmul, as FlashAttention does (PyTorch's own CPU kernel for
+// scaled_dot_product_attention works the same way).
+//
+// Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
+// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous, float32 or float64, q and k
+// already centred. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij (power law, alpha < 2)
+// or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij = |q_i|^2 + |k_j|^2 - 2 q_i . k_j
+// clamped below at the smallest normal number (power law) or at 0 (Gaussian).
+// mask: additive (0 keeps, -inf removes), (B, H, Nq, Nk) with any strides but the last (1), or
+// undefined. Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
+// Forward returns the output and the row log-sum-exp (B, H, Nq) (-inf for a fully masked row,
+// whose output is 0); backward recomputes each tile from it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// The BLAS that PyTorch's CPU library links (MKL in the x86 wheels) exports the Fortran API.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc);
+}
+
+namespace {
+
+// Row-major C (M x N) = op(A) op(B) + beta C, op(X) = X^T when trans_x. Column-major BLAS sees
+// the row-major C as C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
+  const float one = 1.0f;
+  sgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
+  const double one = 1.0;
+  dgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+}
+
+template <typename T>
+struct Problem {
+  int64_t B, H, Nq, Nk, D, Dv;
+  const T *q, *k, *v;
+  const T* mask;  // nullptr: no mask
+  int64_t mask_sb, mask_sh, mask_sq;
+  T exponent, c;
+  bool gaussian, causal, exclude_self;
+  int64_t query_block, key_block;  // tile size: query rows x keys
+  std::vector<T> q_sq, k_sq;  // |q_i|^2 (B*H*Nq), |k_j|^2 (B*H*Nk)
+
+  Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const std::optional<at::Tensor>& mask_,
+          double exponent_, double c_, bool gaussian_, bool causal_, bool exclude_self_, int64_t query_block_,
+          int64_t key_block_)
+      : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
+        q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()), mask(nullptr),
+        mask_sb(0), mask_sh(0), mask_sq(0), exponent(exponent_), c(c_), gaussian(gaussian_), causal(causal_),
+        exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
+    TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
+    if (mask_.has_value() && mask_->defined()) {
+      mask = mask_->const_data_ptr<T>();
+      mask_sb = mask_->stride(0);
+      mask_sh = mask_->stride(1);
+      mask_sq = mask_->stride(2);
+    }
+    q_sq = squared_norms(q, B * H * Nq);
+    k_sq = squared_norms(k, B * H * Nk);
+  }
+
+  std::vector<T> squared_norms(const T* x, int64_t rows) const {
+    std::vector<T> out(rows);
+    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        out[i] = at::vec::map_reduce_all<T>([](auto a) { return a * a; }, [](auto a, auto b) { return a + b; },
+                                            x + i * D, D);
+      }
+    });
+    return out;
+  }
+
+  // Keys 0 .. key_stop that rows up to `last_row` may see (all, or up to the causal limit).
+  int64_t key_stop(int64_t last_row) const {
+    if (!causal) return Nk;
+    return std::clamp<int64_t>(last_row + Nk - Nq + 1, 0, Nk);
+  }
+
+  using Vec = at::vec::Vectorized<T>;
+
+  // log Phi of squared distances (without masks) and, when `slope` is given, d log Phi / d sq,
+  // which is 0 at zero distance for the power law (sqrt has an infinite slope there).
+  Vec log_phi(const Vec& sq, Vec* slope = nullptr) const {
+    if (gaussian) {
+      if (slope != nullptr) *slope = Vec(-c);
+      return at::vec::maximum(sq, Vec(0)) * Vec(-c);
+    }
+    const Vec tiny(std::numeric_limits<T>::min());
+    const Vec cr = at::vec::maximum(sq, tiny).sqrt() * Vec(c);
+    if (slope != nullptr) {
+      // -(exponent / 2) c / (r (1 + c r)) = -(exponent / 2) c^2 / (cr (1 + cr))
+      *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent * c * c) / (cr * (cr + Vec(1))), sq >= tiny);
+    }
+    return cr.log1p() * Vec(-exponent);
+  }
+
+  const T* mask_row(int64_t bh, int64_t i) const {
+    return mask == nullptr ? nullptr : mask + (bh / H) * mask_sb + (bh % H) * mask_sh + i * mask_sq;
+  }
+
+  // In place over one tile row of n keys starting at key j0: the matmul's q_i . k_j become
+  // log Phi_ij with every mask applied. Returns the row max (-inf when all are masked).
+  T logits_row(T* s, int64_t n, int64_t bh, int64_t i, int64_t j0) const {
+    const Vec q_sq_i(q_sq[bh * Nq + i]), two(2);
+    const T* ks = k_sq.data() + bh * Nk + j0;
+    const T* m = mask_row(bh, i);
+    if (m != nullptr) m += j0;
+    for (int64_t j = 0; j < n; j += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+      Vec logit = log_phi(q_sq_i + Vec::loadu(ks + j, count) - Vec::loadu(s + j, count) * two);
+      if (m != nullptr) logit = logit + Vec::loadu(m + j, count);
+      logit.store(s + j, count);
+    }
+    mask_structural(s, n, i, j0, -std::numeric_limits<T>::infinity());
+    return at::vec::reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, s, n);
+  }
+
+  // Sets the causal / self-pair masked entries of a tile row (keys j0 .. j0 + n) to `value`.
+  void mask_structural(T* s, int64_t n, int64_t i, int64_t j0, T value) const {
+    const int64_t self = i + Nk - Nq;
+    if (causal) {
+      for (int64_t j = std::max<int64_t>(0, self + 1 - j0); j < n; ++j) s[j] = value;
+    }
+    if (exclude_self && self >= j0 && self < j0 + n) s[self - j0] = value;
+  }
+};
+
+template <typename T>
+void forward_kernel(const Problem<T>& p, T* out, T* lse) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t bq = p.query_block, blocks = (p.Nq + bq - 1) / bq;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, p.B * p.H * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> scores(bq * p.key_block), acc(bq * p.Dv), row_max(bq), row_sum(bq);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
+      const T* q = p.q + (bh * p.Nq + i0) * p.D;
+      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(row_max.begin(), row_max.end(), neg_inf);
+      std::fill(row_sum.begin(), row_sum.end(), T(0));
+      const int64_t stop = p.key_stop(i0 + rows - 1);
+      for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
+        const int64_t cols = std::min(p.key_block, stop - j0);
+        gemm(false, true, rows, cols, p.D, q, p.D, p.k + (bh * p.Nk + j0) * p.D, p.D, T(0), scores.data(), cols);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* s = scores.data() + r * cols;
+          const T peak = std::max(row_max[r], p.logits_row(s, cols, bh, i0 + r, j0));
+          if (peak == neg_inf) {  // nothing seen yet in this row
+            std::fill(s, s + cols, T(0));
+            continue;
+          }
+          const T rescale = std::exp(row_max[r] - peak);  // 0 for the first finite block
+          at::vec::map([peak](Vec x) { return (x - Vec(peak)).exp(); }, s, s, cols);
+          row_sum[r] = row_sum[r] * rescale +
+                       at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, s, cols);
+          row_max[r] = peak;
+          if (rescale != T(1)) {
+            T* a = acc.data() + r * p.Dv;
+            at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, a, a, p.Dv);
+          }
+        }
+        gemm(false, false, rows, p.Dv, cols, scores.data(), cols, p.v + (bh * p.Nk + j0) * p.Dv, p.Dv, T(1),
+             acc.data(), p.Dv);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = bh * p.Nq + i0 + r;
+        const T total = row_sum[r];
+        const T inv = total > T(0) ? T(1) / total : T(0);
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, out + i * p.Dv, acc.data() + r * p.Dv, p.Dv);
+        lse[i] = total > T(0) ? row_max[r] + std::log(total) : neg_inf;
+      }
+    }
+  });
+}
+
+// grad_k and grad_v must come zeroed; delta_i = sum_j dO_ij O_ij.
+template <typename T>
+void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
+                     T* grad_v) {
+  using Vec = at::vec::Vectorized<T>;
+  const int64_t bq = p.query_block;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> weights(bq * p.key_block), grads(bq * p.key_block), g_q(bq * p.D), g_row(bq), g_col(p.Nk);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const T* k = p.k + bh * p.Nk * p.D;
+      const T* v = p.v + bh * p.Nk * p.Dv;
+      T* dk = grad_k + bh * p.Nk * p.D;
+      T* dv = grad_v + bh * p.Nk * p.Dv;
+      std::fill(g_col.begin(), g_col.end(), T(0));
+      for (int64_t i0 = 0; i0 < p.Nq; i0 += bq) {
+        const int64_t rows = std::min(bq, p.Nq - i0), row0 = bh * p.Nq + i0;
+        const T* q = p.q + row0 * p.D;
+        const T* d_out = grad_out + row0 * p.Dv;
+        std::fill(g_q.begin(), g_q.end(), T(0));
+        std::fill(g_row.begin(), g_row.end(), T(0));
+        const int64_t stop = p.key_stop(i0 + rows - 1);
+        for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
+          const int64_t cols = std::min(p.key_block, stop - j0);
+          gemm(false, true, rows, cols, p.D, q, p.D, k + j0 * p.D, p.D, T(0), weights.data(), cols);
+          gemm(false, true, rows, cols, p.Dv, d_out, p.Dv, v + j0 * p.Dv, p.Dv, T(0), grads.data(), cols);
+          for (int64_t r = 0; r < rows; ++r) {
+            T* w = weights.data() + r * cols;  // q.k, then P
+            T* g = grads.data() + r * cols;    // dO v^T, then dL/d sq
+            const int64_t i = i0 + r;
+            const T row_lse = lse[row0 + r];
+            if (row_lse == neg_inf) {
+              std::fill(w, w + cols, T(0));
+              std::fill(g, g + cols, T(0));
+              continue;
+            }
+            const Vec q_sq_i(p.q_sq[row0 + r]), two(2), lse_v(row_lse), delta_v(delta[row0 + r]);
+            const T* ks = p.k_sq.data() + bh * p.Nk + j0;
+            const T* m = p.mask_row(bh, i);
+            if (m != nullptr) m += j0;
+            for (int64_t j = 0; j < cols; j += Vec::size()) {
+              const int64_t count = std::min<int64_t>(Vec::size(), cols - j);
+              Vec slope;
+              Vec logit = p.log_phi(q_sq_i + Vec::loadu(ks + j, count) - Vec::loadu(w + j, count) * two, &slope);
+              if (m != nullptr) logit = logit + Vec::loadu(m + j, count);
+              const Vec prob = (logit - lse_v).exp();
+              const Vec grad = prob * (Vec::loadu(g + j, count) - delta_v) * slope;
+              prob.store(w + j, count);
+              grad.store(g + j, count);
+            }
+            p.mask_structural(w, cols, i, j0, T(0));
+            p.mask_structural(g, cols, i, j0, T(0));
+            g_row[r] += at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, g, cols);
+            at::vec::map2([](Vec a, Vec b) { return a + b; }, g_col.data() + j0, g_col.data() + j0, g, cols);
+          }
+          gemm(true, false, cols, p.Dv, rows, weights.data(), cols, d_out, p.Dv, T(1), dv + j0 * p.Dv, p.Dv);
+          gemm(false, false, rows, p.D, cols, grads.data(), cols, k + j0 * p.D, p.D, T(1), g_q.data(), p.D);
+          gemm(true, false, cols, p.D, rows, grads.data(), cols, q, p.D, T(1), dk + j0 * p.D, p.D);
+        }
+        // dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)
+        for (int64_t r = 0; r < rows; ++r) {
+          const T total = g_row[r];
+          at::vec::map2([total](Vec x, Vec gk) { return (x * Vec(total) - gk) * Vec(2); }, grad_q + (row0 + r) * p.D,
+                        q + r * p.D, g_q.data() + r * p.D, p.D);
+        }
+      }
+      // dL/dk_j = 2 (k_j sum_i g_ij - sum_i g_ij q_i); dk holds the second sum so far.
+      for (int64_t j = 0; j < p.Nk; ++j) {
+        const T total = g_col[j];
+        at::vec::map2([total](Vec x, Vec gq) { return (x * Vec(total) - gq) * Vec(2); }, dk + j * p.D, k + j * p.D,
+                      dk + j * p.D, p.D);
+      }
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->is_contiguous(), "fna_cpu: 4-d contiguous CPU tensors");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fna_cpu: one dtype");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "fna_cpu: float32 or float64");
+}
+
+std::tuple<at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const std::optional<at::Tensor>& mask, double exponent, double c,
+                                               bool gaussian, bool causal, bool exclude_self, int64_t query_block,
+                                               int64_t key_block) {
+  check_inputs(q, k, v);
+  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
+    const Problem<scalar_t> p(q, k, v, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
+    forward_kernel<scalar_t>(p, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const at::Tensor& out, const at::Tensor& lse,
+                                                            const std::optional<at::Tensor>& mask, double exponent,
+                                                            double c, bool gaussian, bool causal, bool exclude_self,
+                                                            int64_t query_block, int64_t key_block) {
+  check_inputs(q, k, v);
+  auto d_out = grad_out.contiguous();
+  auto delta = (d_out * out).sum(-1).contiguous();
+  auto grad_q = at::empty_like(q);
+  auto grad_k = at::zeros_like(k);
+  auto grad_v = at::zeros_like(v);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
+    const Problem<scalar_t> p(q, k, v, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
+    backward_kernel<scalar_t>(p, d_out.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<scalar_t>(),
+                              delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
+                              grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_q, grad_k, grad_v};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(levyattn_fna_cpu, m) {
+  m.def(
+      "forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float exponent, float c, bool gaussian, "
+      "bool causal, bool exclude_self, int query_block, int key_block) -> (Tensor, Tensor)");
+  m.def(
+      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
+  m.impl("forward", &fna_forward);
+  m.impl("backward", &fna_backward);
+}

@@ -1,0 +1,113 @@
+"""The tiled backend's fused CPU kernel (``csrc/fna_cpu.cpp``): Euclidean FNA with float alpha and
+bandwidth and no density term, forward and backward in (query block x key block) tiles that stay
+in cache through both matmuls and the kernel, as PyTorch's own CPU kernel for
+``scaled_dot_product_attention`` does. Memory is linear in sequence length: the output, the row
+log-sum-exp and per-thread tile buffers.
+
+The C++ source is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler with
+OpenMP, about 20 s once; the build is cached, by default under ``~/.cache/torch_extensions``, and
+shared between processes). ``LEVYATTN_COMPILE=0`` turns it off; where the build fails the tiled
+backend warns once and runs its eager tile loop, the same math, slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from levyattn.backends.common import AttentionCall, additive_mask
+
+_SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
+_DTYPES = (torch.float32, torch.float64)
+# Vector instructions for ATen's Vectorized<T>, by the capability PyTorch detected at run time.
+_ARCH_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+# Tile sizes as PyTorch's CPU attention kernel (query rows by query length, 512 keys): a
+# (256 x 512) float32 tile is 512 KiB, in a core's L2 cache with the matmul operands.
+KEY_BLOCK = 512
+
+
+def query_block(nq: int) -> int:
+    """Query rows per tile for ``nq`` queries."""
+    return 256 if nq >= 768 else 64 if nq >= 192 else 32
+
+
+_state: dict[str, object] = {}  # "ops" once built and loaded, or "failed": the reason
+_log = logging.getLogger(__name__)
+
+
+def _ops():
+    """The compiled ops (``torch.ops.levyattn_fna_cpu``), built on the first call; None if the
+    build failed (warned once)."""
+    if "ops" in _state or "failed" in _state:
+        return _state.get("ops")
+    from torch.utils.cpp_extension import load
+
+    arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    _log.info("levyattn: building the fused CPU kernel %s (once; cached)", _SOURCE.name)
+    try:
+        load(
+            name="levyattn_fna_cpu",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *arch],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+        _state["ops"] = torch.ops.levyattn_fna_cpu
+    except Exception as err:  # no compiler, no OpenMP, a BLAS without sgemm_: the tile loop is the same math
+        _state["failed"] = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"levyattn: building the fused CPU kernel failed ({str(_state['failed'])[:300]}); the tiled backend "
+            "runs its tile loop instead (slower, same results). Set LEVYATTN_COMPILE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return _state.get("ops")
+
+
+def applies(q: torch.Tensor, call: AttentionCall) -> bool:
+    """Whether a Euclidean call with float alpha and bandwidth and no density term (the caller
+    checks those) runs here: CPU, float32 or float64, allowed, not inside a graph being compiled,
+    and the kernel built."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in _DTYPES
+        and os.environ.get("LEVYATTN_COMPILE", "1") != "0"
+        and not torch.compiler.is_compiling()
+        and _ops() is not None
+    )
+
+
+class _FusedFNA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, exponent, c, gaussian, is_causal, exclude_self):
+        flags = (exponent, c, gaussian, is_causal, exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
+        out, lse = _state["ops"].forward(q, k, v, mask, *flags)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.flags = flags
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        grads = _state["ops"].backward(grad_out, q, k, v, out, lse, mask, *ctx.flags)
+        return (*grads, None, None, None, None, None, None)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
+    """FNA output (B, H, Nq, dv) of centred q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
+    ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2)."""
+    batch, heads, nq, _ = q.shape
+    mask = additive_mask(call.attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.expand(batch, heads, nq, k.shape[-2])
+        if mask.stride(-1) != 1:  # the kernel reads a row of keys at a time
+            mask = mask.contiguous()
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return _FusedFNA.apply(q, k, v, mask, exponent, c, call.is_gaussian, call.is_causal, call.exclude_self)

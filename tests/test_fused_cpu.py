@@ -1,0 +1,226 @@
+"""The ``tiled`` backend's fused CPU kernel equals ``reference``, and falls back cleanly.
+
+The rest of the suite runs the tile loop (``LEVYATTN_COMPILE=0``, see conftest.py); here the
+kernel is built (once per machine, cached) and used. Tiles of 4 query rows and 8 keys make every
+case cross query-block and key-block boundaries and end blocks with partial vectors. Each test
+checks that the kernel really ran.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_functional import ALPHAS, MASKS, _mask, assert_matches_reference, make_qkv
+
+import levyattn.backends.fused_cpu as fused_cpu
+import levyattn.backends.tiled as tiled
+from levyattn import fractional_attention
+
+
+def _use_kernel(mp: pytest.MonkeyPatch, query_rows: int, keys: int) -> list:
+    """The fused kernel on, in ``query_rows`` x ``keys`` tiles; returns the list to which each
+    call through it appends its query shape."""
+    mp.delenv("LEVYATTN_COMPILE", raising=False)
+    mp.setattr(fused_cpu, "KEY_BLOCK", keys)
+    mp.setattr(fused_cpu, "query_block", lambda nq: query_rows)
+    calls = []
+    real = fused_cpu.attention
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    mp.setattr(fused_cpu, "attention", counting)
+    return calls
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The fused kernel on, in 4 x 8 tiles; yields the calls that ran through it."""
+    yield _use_kernel(monkeypatch, 4, 8)
+    assert "failed" not in fused_cpu._state, fused_cpu._state.get("failed")
+
+
+def _call(alpha=1.2) -> tiled.AttentionCall:
+    """A plain Euclidean call as ``fractional_attention`` validates it."""
+    return tiled.AttentionCall(alpha, 1.0, "euclidean", True, None, 1.0, 0.0, None, False, False)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("rescale", [True, False])
+def test_fused_matches_reference_float64(fused, alpha, rescale):
+    q, k, v = make_qkv(nq=11, nk=19)
+    assert_matches_reference("tiled", q, k, v, 1e-10, alpha=alpha, rescale=rescale)
+    assert fused
+
+
+OPTIONS = [
+    {},
+    dict(bandwidth=0.1),
+    dict(bandwidth=10.0, rescale=False),
+    dict(d_intrinsic=2.5),
+    dict(exclude_self=True),
+    dict(is_causal=True),
+    dict(is_causal=True, exclude_self=True),
+]
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.2, 2.0])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "plain")
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("nq, nk", [(11, 11), (11, 19), (19, 11)])
+def test_fused_options_match_reference(fused, alpha, opts, mask, nq, nk):
+    q, k, v = make_qkv(nq=nq, nk=nk)
+    assert_matches_reference("tiled", q, k, v, 1e-10, alpha=alpha, attn_mask=_mask(mask, 2, 2, nq, nk), **opts)
+    assert fused
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("alpha", [1.2, 2.0])
+def test_fused_float32_matches_reference(fused, mask, alpha):
+    q, k, v = (t.detach().float().requires_grad_() for t in make_qkv(nk=21, d=20))
+    m = _mask(mask, 2, 2, 11, 21)
+    m = m.float() if m is not None and m.is_floating_point() else m
+    assert_matches_reference("tiled", q, k, v, 1e-5, alpha=alpha, attn_mask=m, is_causal=True)
+    assert fused
+
+
+def test_decoding_one_query_against_a_cache(fused):
+    q, k, v = make_qkv(nq=1, nk=21)
+    assert_matches_reference("tiled", q, k, v, 1e-10, alpha=0.7, is_causal=True, exclude_self=True)
+    assert fused
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 13), st.integers(1, 21), st.integers(1, 18)),
+    alpha=st.sampled_from(ALPHAS),
+    is_causal=st.booleans(),
+    exclude_self=st.booleans(),
+    blocks=st.tuples(st.integers(1, 9), st.integers(1, 40)),
+)
+def test_fused_agrees_with_reference_at_any_shape_and_tile(shape, alpha, is_causal, exclude_self, blocks):
+    """Backends agree: any batch, heads, query and key counts, head dim and tile size."""
+    b, h, nq, nk, d = shape
+    q, k, v = make_qkv(b=b, h=h, nq=nq, nk=nk, d=d, dv=d % 5 + 1, seed=nq * nk)
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _use_kernel(mp, *blocks)
+        kw = dict(alpha=alpha, is_causal=is_causal, exclude_self=exclude_self)
+        assert_matches_reference("tiled", q, k, v, 1e-10, **kw)
+    assert calls
+
+
+def test_fused_gradcheck(fused):
+    q, k, v = make_qkv(b=1, h=2, nq=6, nk=9, d=3, dv=2)
+    mask = torch.rand(1, 1, 6, 9, generator=torch.Generator().manual_seed(3)) > 0.3
+    for alpha in (0.8, 2.0):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v, a=alpha: fractional_attention(q, k, v, alpha=a, attn_mask=mask, backend="tiled"),
+            (q, k, v),
+        )
+    assert len(fused) >= 2
+
+
+def test_zero_distances_give_finite_gradients(fused):
+    q, k, v = make_qkv(nq=8, nk=8, dtype=torch.float32)
+    k = q.detach().clone().requires_grad_()  # every query meets its own copy at distance 0
+    for alpha in (1.2, 2.0):
+        out = fractional_attention(q, k, v, alpha=alpha, backend="tiled")
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fully_masked_rows_give_zero_output_and_gradient(fused, dtype):
+    """A row with no allowed key: output 0 and gradient 0, even where the upstream gradient is
+    large; with Nq > Nk and causal masking the first rows see no key at all."""
+    q, k, v = make_qkv(nq=6, nk=6, dtype=dtype, scale=1e3)
+    keep = torch.ones(2, 2, 6, 6, dtype=torch.bool)
+    keep[:, :, 2] = False  # query 2 sees no key
+    out = fractional_attention(q, k, v, alpha=1.2, attn_mask=keep, backend="tiled")
+    grad_q, grad_k, grad_v = torch.autograd.grad((out * 1e30).sum(), (q, k, v))
+    assert (out[:, :, 2] == 0).all() and (grad_q[:, :, 2] == 0).all()
+    assert all(torch.isfinite(g).all() for g in (out, grad_q, grad_k, grad_v))
+    q, k, v = make_qkv(nq=9, nk=4, dtype=dtype)
+    out = fractional_attention(q, k, v, alpha=1.2, is_causal=True, backend="tiled")
+    assert (out[:, :, :5] == 0).all() and torch.isfinite(out).all()
+    assert len(fused) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_finite_at_every_scale(fused, dtype, scale):
+    q, k, v = make_qkv(nq=9, nk=13, dtype=dtype, scale=scale)
+    out = fractional_attention(q, k, v, alpha=1.2, backend="tiled")
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(torch.isfinite(t).all() for t in (out, *grads))
+    assert fused  # low precision runs in float32, through the kernel
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
+    monkeypatch.setattr(fused_cpu, "_state", {})
+
+    def broken_load(**kw):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", broken_load)
+    q, k, v = make_qkv()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        assert_matches_reference("tiled", q, k, v, 1e-10, alpha=1.2)
+    assert not fused_cpu.applies(q, _call())
+
+
+@pytest.mark.parametrize("change", ["env-off", "tensor alpha", "block given"])
+def test_calls_outside_the_kernel_run_the_tile_loop(fused, monkeypatch, change):
+    q, k, v = make_qkv()
+    tiled.attention(q, k, v, _call())
+    assert len(fused) == 1
+    if change == "env-off":
+        monkeypatch.setenv("LEVYATTN_COMPILE", "0")
+    alpha = torch.tensor(1.2, dtype=q.dtype) if change == "tensor alpha" else 1.2
+    out = tiled.attention(q, k, v, _call(alpha), block=4 if change == "block given" else None)
+    assert len(fused) == 1
+    torch.testing.assert_close(out, fractional_attention(q, k, v, alpha=1.2, backend="reference"))
+
+
+@pytest.mark.parametrize("device, dtype", [("meta", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)])
+def test_the_kernel_takes_cpu_float32_and_float64_only(fused, device, dtype):
+    q = torch.zeros(1, 1, 2, 2, device=device, dtype=dtype)
+    assert not fused_cpu.applies(q, _call())
+    assert fused_cpu.applies(torch.zeros(1, 1, 2, 2, dtype=torch.float64), _call())
+
+
+def test_training_with_the_kernel_matches_the_tile_loop(fused, monkeypatch):
+    """A few optimiser steps of an FNA classifier with a padding mask and a shared, self-excluding
+    query/key projection: the kernel gives the losses of the tile loop."""
+    from levyattn.models import build_model
+
+    def losses():
+        torch.manual_seed(0)
+        config = dict(vocab_size=50, num_classes=2, max_len=12, d_model=16, num_layers=1, num_heads=1, qk_share=True)
+        model = build_model("text_classifier", config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        tokens = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(1))
+        padding = torch.arange(12) >= torch.tensor([12, 9, 5, 12, 7, 12, 3, 10]).unsqueeze(-1)
+        labels = torch.arange(8) % 2
+        out = []
+        for _ in range(4):
+            loss = torch.nn.functional.cross_entropy(model(tokens, key_padding_mask=padding), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return torch.tensor(out)
+
+    monkeypatch.setenv("LEVYATTN_COMPILE", "0")
+    tile_loop = losses()
+    assert not fused
+    monkeypatch.delenv("LEVYATTN_COMPILE")
+    torch.testing.assert_close(losses(), tile_loop, rtol=1e-5, atol=1e-6)
+    assert fused
