@@ -8,6 +8,8 @@ checks that the kernel really ran.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -174,6 +176,26 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         assert_matches_reference("tiled", q, k, v, 1e-10, alpha=1.2)
     assert not fused_cpu.applies(q, _call())
+
+
+def test_the_build_runs_the_ninja_of_the_wheel(monkeypatch):
+    """torch builds with the `ninja` on PATH; the wheel's binary is put first for the build, and
+    PATH is restored after it."""
+    import torch.utils.cpp_extension
+
+    ninja = pytest.importorskip("ninja")
+    monkeypatch.setattr(fused_cpu, "_state", {})
+    seen = []
+
+    def fake_load(**kw):
+        seen.append(os.environ["PATH"].split(os.pathsep)[0])
+        raise RuntimeError("stop before building")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    path = os.environ["PATH"]
+    with pytest.warns(RuntimeWarning, match="stop before building"):
+        assert fused_cpu._ops() is None
+    assert seen == [ninja.BIN_DIR] and os.environ["PATH"] == path
 
 
 @pytest.mark.parametrize("change", ["env-off", "tensor alpha", "block given"])

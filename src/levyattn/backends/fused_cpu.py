@@ -5,9 +5,10 @@ in cache through both matmuls and the kernel, as PyTorch's own CPU kernel for
 log-sum-exp and per-thread tile buffers.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler with
-OpenMP, about 20 s once; the build is cached, by default under ``~/.cache/torch_extensions``, and
-shared between processes). ``LEVYATTN_COMPILE=0`` turns it off; where the build fails the tiled
-backend warns once and runs its eager tile loop, the same math, slower.
+OpenMP and ninja, a dependency; about 20 s once; the build is cached, by default under
+``~/.cache/torch_extensions``, and shared between processes). ``LEVYATTN_COMPILE=0`` turns it
+off; where the build fails the tiled backend warns once and runs its tile loop, the same math,
+slower.
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _ops():
 
     arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     _log.info("levyattn: building the fused CPU kernel %s (once; cached)", _SOURCE.name)
+    path = os.environ.get("PATH", "")
+    try:
+        # torch runs `ninja` from PATH; the ninja wheel (a dependency) keeps its binary in its
+        # package, which is not on PATH when the venv's python runs without the venv activated.
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:
+        pass
     try:
         load(
             name="levyattn_fna_cpu",
@@ -68,6 +78,8 @@ def _ops():
             RuntimeWarning,
             stacklevel=4,
         )
+    finally:
+        os.environ["PATH"] = path
     return _state.get("ops")
 
 
