@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The BLAS that PyTorch's CPU library links (MKL in the x86 wheels) exports the Fortran API.
@@ -38,20 +39,17 @@ namespace {
 
 // Row-major C (M x N) = op(A) op(B) + beta C, op(X) = X^T when trans_x. Column-major BLAS sees
 // the row-major C as C^T = op(B)^T op(A)^T, so the operands swap and the flags stay.
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, T beta, T* C, int64_t ldc) {
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
-  const float one = 1.0f;
-  sgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
-}
-
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-          const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int m = N, n = M, k = K, la = lda, lb = ldb, lc = ldc;
-  const double one = 1.0;
-  dgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    dgemm_(&tb, &ta, &m, &n, &k, &one, B, &lb, A, &la, &beta, C, &lc);
+  }
 }
 
 template <typename T>
