@@ -51,9 +51,8 @@ def block_size(batch_heads: int, nq: int, nk: int, head_dim: int = 64) -> int:
 
     About TILE_ELEMENTS values at head dim 64, scaled with the head dim (clamped to 1/4..2x).
     With a small head dim the matmuls are cheap and the elementwise passes dominate, so tiles
-    should stay in cache: measured at
-    (8, 4, 512, 16) and (16, 4, 128, 16), 4x smaller tiles than at head dim 64 were 1.3x / 1.05x
-    faster (forward+backward).
+    should stay in cache: measured at (8, 4, 512, 16) and (16, 4, 128, 16), 4x smaller tiles
+    than at head dim 64 were 1.3x / 1.05x faster (forward+backward).
     """
     scale = min(2.0, max(0.25, head_dim / 64))
     return min(nq, max(MIN_TILE_ROWS, int(TILE_ELEMENTS * scale) // max(1, batch_heads * nk)))
