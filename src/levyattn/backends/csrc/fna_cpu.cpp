@@ -57,7 +57,7 @@ struct Problem {
   int64_t B, H, Nq, Nk, D, Dv;
   const T *q, *k, *v;
   const T* mask;  // nullptr: no mask
-  int64_t mask_sb, mask_sh, mask_sq;
+  int64_t mask_stride_b, mask_stride_h, mask_stride_q;
   T exponent, c;
   bool gaussian, causal, exclude_self;
   int64_t query_block, key_block;  // tile size: query rows x keys
@@ -68,14 +68,14 @@ struct Problem {
           int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
         q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()), mask(nullptr),
-        mask_sb(0), mask_sh(0), mask_sq(0), exponent(exponent_), c(c_), gaussian(gaussian_), causal(causal_),
-        exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
+        mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), gaussian(gaussian_),
+        causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
     TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
     if (mask_.has_value() && mask_->defined()) {
       mask = mask_->const_data_ptr<T>();
-      mask_sb = mask_->stride(0);
-      mask_sh = mask_->stride(1);
-      mask_sq = mask_->stride(2);
+      mask_stride_b = mask_->stride(0);
+      mask_stride_h = mask_->stride(1);
+      mask_stride_q = mask_->stride(2);
     }
     q_sq = squared_norms(q, B * H * Nq);
     k_sq = squared_norms(k, B * H * Nk);
@@ -117,7 +117,8 @@ struct Problem {
   }
 
   const T* mask_row(int64_t bh, int64_t i) const {
-    return mask == nullptr ? nullptr : mask + (bh / H) * mask_sb + (bh % H) * mask_sh + i * mask_sq;
+    if (mask == nullptr) return nullptr;
+    return mask + (bh / H) * mask_stride_b + (bh % H) * mask_stride_h + i * mask_stride_q;
   }
 
   // In place over one tile row of n keys starting at key j0: the matmul's q_i . k_j become
