@@ -303,3 +303,14 @@ def test_the_majority_preset_builds_its_data_and_shares_the_nearest_presets_sett
     train, _ = task.datasets()
     assert train.kind == "majority" and task.model_config["vocab_size"] == train.vocab_size == 1 + 8 + 1 + 4
     _check_majority(train)
+
+
+def test_the_brownian_nearest_preset_differs_from_the_nearest_preset_only_in_its_positions():
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    near, brown = PRESETS["multiscale-nearest-1layer"], PRESETS["multiscale-nearest-brownian-1layer"]
+    assert brown["model"] == {**near["model"], "positional": "brownian"} and near["model"]["positional"] == "sinusoidal"
+    assert all(brown[key] == near[key] for key in ("data", "train", "sweep"))
+    preset = {**brown, "data": {**brown["data"], "task_args": {**brown["data"]["task_args"], "n_train": 16, "n_test": 8}}}
+    model = ClassificationTask(preset).build_model()
+    assert model.config.positional == "brownian"

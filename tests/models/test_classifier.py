@@ -12,6 +12,7 @@ from levyattn.models import (
     ViTConfig,
     count_parameters,
 )
+from levyattn.models.common import brownian_positions, sinusoidal_positions
 from levyattn.nn import FractionalMultiheadAttention, SoftmaxMultiheadAttention
 
 
@@ -143,6 +144,37 @@ def test_bad_inputs():
         model(torch.zeros(1, 4, dtype=torch.long), key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
         model(torch.zeros(1, 4, dtype=torch.long), key_padding_mask=torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("max_len,d_model", [(64, 32), (512, 32), (512, 256)])
+def test_brownian_positions_squared_distance_grows_like_the_gap(max_len, d_model):
+    pe = brownian_positions(max_len, d_model).double()
+    gaps = torch.arange(1, max_len)
+    for start in (0, max_len // 3):
+        ahead = gaps[gaps < max_len - start]
+        squared = ((pe[start + ahead] - pe[start]) ** 2).sum(-1)
+        ratio = squared / ahead
+        assert ratio.min() > 0.75 and ratio.max() < 1.25, (start, ratio.min(), ratio.max())
+    # The norms stay within a few percent of each other, so a dot product decays with the gap too.
+    norms = pe.norm(dim=-1)
+    assert norms.max() / norms.min() < 1.1
+    # The standard encodings are not Brownian: their squared distance grows about like
+    # log(gap), from gap 2 to gap 32 by 2.8x (d 32) or 4.5x (d 256), not 16x.
+    standard = sinusoidal_positions(max_len, d_model).double()
+    squared = ((standard[[2, 32]] - standard[0]) ** 2).sum(-1)
+    assert squared[1] / squared[0] < 8
+
+
+def test_brownian_positional_option():
+    model = TextClassifier(tiny(positional="brownian", d_model=16))
+    torch.testing.assert_close(model.position_embedding, brownian_positions(16, 16))
+    assert model(torch.randint(0, 30, (2, 7))).shape == (2, 3)
+    assert "position_embedding" not in model.state_dict()  # fixed: a buffer, not saved
+    for bad in (15, 2):
+        with pytest.raises(ValueError, match=f"brownian positions, got {bad}"):
+            tiny(positional="brownian", d_model=bad, num_heads=1)
+    with pytest.raises(ValueError, match="positional"):
+        tiny(positional="rotary")
 
 
 # --- ViT ---------------------------------------------------------------------------------

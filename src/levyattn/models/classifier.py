@@ -28,6 +28,7 @@ from torch import nn
 from levyattn.models.common import (
     AttentionOptions,
     ModelOutput,
+    brownian_positions,
     check_attention_kind,
     check_bool,
     check_choice,
@@ -49,7 +50,9 @@ class TextClassifierConfig(AttentionOptions):
     d_model: hidden size E; num_heads must divide it. dim_feedforward: FFN width
         (None = 4 * d_model).
     dropout: on embeddings and inside/after the FFN and attention sub-blocks.
-    positional: "learned" (a table) or "sinusoidal" (fixed).
+    positional: "learned" (a table), "sinusoidal" (fixed, Vaswani et al.) or "brownian"
+        (fixed, squared distance between positions ~ their gap: see
+        :func:`levyattn.models.common.brownian_positions`).
     pooling: "mean" (over valid tokens) or "cls" (class token).
     pad_id: when set, tokens equal to it are treated as padding if no mask is given.
     """
@@ -79,13 +82,15 @@ class TextClassifierConfig(AttentionOptions):
         check_int("num_layers", self.num_layers, 1)
         self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
-        check_choice("positional", self.positional, ("learned", "sinusoidal"))
+        check_choice("positional", self.positional, ("learned", "sinusoidal", "brownian"))
         check_choice("pooling", self.pooling, ("mean", "cls"))
         if self.pad_id is not None:
             check_int("pad_id", self.pad_id, 0, self.vocab_size - 1)
         check_attention_kind("attention", self.attention)
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
+        if self.positional == "brownian" and (self.d_model % 2 or self.d_model < 4):
+            raise ValueError(f"d_model must be even and >= 4 for brownian positions, got {self.d_model}")
 
     @property
     def ffn_dim(self) -> int:
@@ -124,7 +129,8 @@ class TextClassifier(nn.Module):
             self.position_embedding = nn.Parameter(torch.zeros(n_pos, c.d_model))
             nn.init.normal_(self.position_embedding, std=0.02)
         else:
-            self.register_buffer("position_embedding", sinusoidal_positions(n_pos, c.d_model), persistent=False)
+            fixed = sinusoidal_positions if c.positional == "sinusoidal" else brownian_positions
+            self.register_buffer("position_embedding", fixed(n_pos, c.d_model), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
         self.dropout = nn.Dropout(c.dropout)
         self.layers = nn.ModuleList(

@@ -254,6 +254,36 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     return pe
 
 
+def brownian_positions(max_len: int, d_model: int) -> torch.Tensor:
+    """(max_len, d_model) fixed sin/cos encodings whose geometry is a Brownian path:
+    ``||p_i - p_j||^2 ~ |i - j|`` (within about 15% for d_model >= 32, gaps 1 to max_len).
+
+    Why: a distance kernel sees the positions only through this geometry. With the standard
+    encodings (:func:`sinusoidal_positions`, equal amplitudes) ``||p_i - p_j||^2`` grows like
+    ``log |i - j|``, so even the Gaussian (alpha = 2) kernel decays as a power of the gap. Here
+    the Gaussian decays exponentially with the gap (local, Brownian) and the power law of
+    alpha < 2 as a power of it (multiscale, Levy); the norms stay near-constant, so a dot
+    product ``p_i . p_j = const - ||p_i - p_j||^2 / 2`` decays exponentially too.
+
+    How: d_model / 2 sin/cos pairs at frequencies log-spaced from pi down to pi / (4 max_len),
+    the pair at frequency w with amplitude sqrt(h / (pi w)) (h the log spacing): the sum
+    ``sum 2 a^2 (1 - cos(w g))`` is then a Riemann sum of ``integral (1 - cos(w g)) / w^2 dw
+    = pi g / 2`` scaled to ``g``.
+    """
+    if d_model < 4 or d_model % 2:
+        raise ValueError(f"d_model must be even and >= 4 for brownian positions, got {d_model}")
+    n_freq = d_model // 2
+    log_hi, log_lo = math.log(math.pi), math.log(math.pi / (4 * max_len))
+    step = (log_hi - log_lo) / (n_freq - 1)
+    freq = torch.exp(torch.linspace(log_hi, log_lo, n_freq, dtype=torch.float64))
+    amplitude = (step / (math.pi * freq)).sqrt()
+    angle = torch.arange(max_len, dtype=torch.float64).unsqueeze(1) * freq
+    pe = torch.empty(max_len, d_model, dtype=torch.float64)
+    pe[:, 0::2] = amplitude * torch.sin(angle)
+    pe[:, 1::2] = amplitude * torch.cos(angle)
+    return pe.float()
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters; an orthogonal parametrisation counts its base weight."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

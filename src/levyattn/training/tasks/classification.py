@@ -306,7 +306,7 @@ def _imdb_deep(orthogonal: bool) -> dict[str, Any]:
     }
 
 
-def _multiscale_1layer(description: str, task_args: dict[str, Any]) -> dict[str, Any]:
+def _multiscale_1layer(description: str, task_args: dict[str, Any], positional: str = "sinusoidal") -> dict[str, Any]:
     """The one shared setting of the one-layer comparisons on the multiscale position tasks
     ("nearest", "majority"): the same model, data size and training for every alpha and for
     softmax, fixed by pilots (see benchmarks/RESULTS.md). Fixed sinusoidal positions, so the
@@ -318,6 +318,11 @@ def _multiscale_1layer(description: str, task_args: dict[str, Any]) -> dict[str,
     seed-dependent plateaus (train loss 0.5 against 0.2 for the seeds that escaped) and with
     4 epochs FNA was still learning when the schedule ended. The exact ``reference``
     backend: 64 tokens need no tiling, and every FNA run then computes the same kernel.
+
+    ``positional="brownian"`` swaps the fixed positions for ones whose squared distance grows
+    like the gap (:func:`levyattn.models.common.brownian_positions`): with the standard ones it
+    grows like log(gap), so the Gaussian kernel of alpha = 2 and softmax's dot product decay as
+    a power of the gap, like alpha < 2; with Brownian ones they decay exponentially.
     """
     return {
         "task": "classification",
@@ -325,7 +330,7 @@ def _multiscale_1layer(description: str, task_args: dict[str, Any]) -> dict[str,
         "model_type": "text_classifier",
         "model": {"num_layers": 1, "num_heads": 1, "d_model": 32, "attention": "fna", "alpha": 1.2,
                   "bandwidth": 1.0, "manifold": "euclidean", "rescale": False, "orthogonal": True,
-                  "qk_share": True, "dropout": 0.0, "positional": "sinusoidal", "backend": "reference"},
+                  "qk_share": True, "dropout": 0.0, "positional": positional, "backend": "reference"},
         "data": {"dataset": "multiscale", "data_dir": None,
                  "task_args": {"n_train": 20000, "n_test": 2000, "seq_len": 64, "d_min": 1, "n_noise": 1,
                                "distractor_rate": 0.0, **task_args}},
@@ -405,6 +410,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic multiscale nearest-marker task (embedded, 64 tokens, gaps 1-40 log-uniform): one layer, one head, "
         "orthogonal, qk_share",
         {"d_max": 40, "kind": "nearest", "n_values": 2},
+    ),
+    "multiscale-nearest-brownian-1layer": _multiscale_1layer(
+        "synthetic multiscale nearest-marker task (embedded, 64 tokens, gaps 1-40 log-uniform) with Brownian "
+        "positions: one layer, one head, orthogonal, qk_share",
+        {"d_max": 40, "kind": "nearest", "n_values": 2},
+        positional="brownian",
     ),
     "multiscale-majority-1layer": _multiscale_1layer(
         "synthetic multiscale majority task (embedded, 64 tokens, 7 markers at gaps 1-48 log-uniform from a query): "
