@@ -5,11 +5,14 @@ bandwidth, no density term) through its fused C++ kernel (``levyattn.backends.fu
 through the tile loop where the kernel is switched off (``LEVYATTN_COMPILE=0``) or could not be
 built. This script times both on the same inputs, with softmax ``scaled_dot_product_attention``
 beside them. The paths are called interleaved, round by round, in one process, so that
-background load hits them alike; each reports its median.
+background load hits them alike; each reports its median. At ``--alpha 2`` the ``sdpa`` backend
+(the same Gaussian kernel through ``scaled_dot_product_attention`` with one extra dimension) is
+timed beside them.
 
     python benchmarks/tiled_paths.py                          # the default shapes, fwd+bwd
     python benchmarks/tiled_paths.py --mode fwd               # without gradients
     python benchmarks/tiled_paths.py --shapes 16x4x128x16,1x4x4096x64 --causal
+    python benchmarks/tiled_paths.py --alpha 2 --shapes 1x4x1024x64,1x4x4096x64
 
 Shapes are BxHxNxD (self-attention, N queries and keys). Prints a table and writes JSON
 (default benchmarks/results/tiled_paths.json).
@@ -58,7 +61,8 @@ def _run_path(path: str, q, k, v, args) -> float:
             if path == "sdpa softmax":
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
             else:
-                out = fractional_attention(q, k, v, alpha=args.alpha, is_causal=args.causal, backend="tiled")
+                backend = "sdpa" if path == "sdpa backend" else "tiled"
+                out = fractional_attention(q, k, v, alpha=args.alpha, is_causal=args.causal, backend=backend)
             if args.mode == "fwd+bwd":
                 out.sum().backward()
         return time.perf_counter() - start
@@ -81,26 +85,29 @@ def main() -> None:
     if not 0 < args.alpha <= 2:
         raise ValueError(f"--alpha must be in (0, 2], got {args.alpha}")
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
+    paths = PATHS + (("sdpa backend",) if args.alpha == 2 else ())
     rows = []
     print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
-    print("| B x H x N x D | pairs | " + " | ".join(PATHS) + " | kernel / tile loop | kernel / SDPA |")
-    print("|---|---:|" + "---:|" * (len(PATHS) + 2))
+    ratios = ["kernel / tile loop", "kernel / SDPA"] + (["sdpa backend / SDPA"] if args.alpha == 2 else [])
+    print("| B x H x N x D | pairs | " + " | ".join(paths + tuple(ratios)) + " |")
+    print("|---|---:|" + "---:|" * (len(paths) + len(ratios)))
     for batch, heads, n, dim in shapes:
         g = torch.Generator().manual_seed(0)
         grad = args.mode == "fwd+bwd"
         q, k, v = (torch.randn(batch, heads, n, dim, generator=g).requires_grad_(grad) for _ in range(3))
-        for path in PATHS:  # warm-up: loading the kernel, allocator
+        for path in paths:  # warm-up: loading the kernel, allocator
             for _ in range(3):
                 _run_path(path, q, k, v, args)
         pairs = batch * heads * n * n
         rounds = args.rounds or max(11, min(100, 30_000_000 // pairs))
-        times = {path: [] for path in PATHS}
+        times = {path: [] for path in paths}
         for _ in range(rounds):
-            for path in PATHS:
+            for path in paths:
                 times[path].append(_run_path(path, q, k, v, args))
         med = {path: statistics.median(ts) for path, ts in times.items()}
         over_loop = med["fused kernel"] / med["tile loop"]
         over_sdpa = med["fused kernel"] / med["sdpa softmax"]
+        cells = [over_loop, over_sdpa] + ([med["sdpa backend"] / med["sdpa softmax"]] if args.alpha == 2 else [])
         rows.append(
             {
                 "shape": [batch, heads, n, dim],
@@ -109,11 +116,13 @@ def main() -> None:
                 "median_s": med,
                 "kernel_over_tile_loop": over_loop,
                 "kernel_over_sdpa": over_sdpa,
+                **({"sdpa_backend_over_sdpa": cells[2]} if args.alpha == 2 else {}),
             }
         )
-        cells = " | ".join(f"{1000 * med[path]:.2f}" for path in PATHS)
+        times_ms = " | ".join(f"{1000 * med[path]:.2f}" for path in paths)
         shape = f"{batch}x{heads}x{n}x{dim}"
-        print(f"| {shape} | 2**{math.log2(pairs):.1f} | {cells} | {over_loop:.2f}x | {over_sdpa:.2f}x |", flush=True)
+        ratio_cells = " | ".join(f"{r:.2f}x" for r in cells)
+        print(f"| {shape} | 2**{math.log2(pairs):.1f} | {times_ms} | {ratio_cells} |", flush=True)
     out = {
         "args": vars(args),
         "torch": torch.__version__,

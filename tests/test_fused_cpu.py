@@ -180,7 +180,7 @@ def test_failed_build_warns_and_falls_back(monkeypatch):
     q, k, v = make_qkv()
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
         assert_matches_reference("tiled", q, k, v, 1e-10, alpha=1.2)
-    assert not fused_cpu.applies(q, _call())
+    assert not fused_cpu.applies(q.device, q.dtype)
 
 
 def test_the_build_runs_the_ninja_of_the_wheel(monkeypatch):
@@ -219,8 +219,34 @@ def test_calls_outside_the_kernel_run_the_tile_loop(fused, monkeypatch, change):
 @pytest.mark.parametrize("device, dtype", [("meta", torch.float32), ("cpu", torch.float16), ("cpu", torch.bfloat16)])
 def test_the_kernel_takes_cpu_float32_and_float64_only(fused, device, dtype):
     q = torch.zeros(1, 1, 2, 2, device=device, dtype=dtype)
-    assert not fused_cpu.applies(q, _call())
-    assert fused_cpu.applies(torch.zeros(1, 1, 2, 2, dtype=torch.float64), _call())
+    assert not fused_cpu.applies(q.device, q.dtype)
+    assert fused_cpu.applies(torch.device("cpu"), torch.float64)
+
+
+def test_auto_takes_the_kernel_on_the_cpu_where_it_applies_alpha_2_included(fused):
+    """With the kernel available, ``auto`` runs every call with gradients that the kernel takes
+    through it, the Gaussian too (faster than ``sdpa`` on the CPU, see the ``auto`` rule), float16
+    and bfloat16 (computed in float32) included; without gradients alpha = 2 stays with ``sdpa``;
+    calls the kernel does not take keep their backends."""
+    q, k, v = make_qkv(b=2, h=3, nq=5, nk=9, d=4, dtype=torch.float32)
+    for alpha in (1.2, 2.0):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            fused.clear()
+            fractional_attention(q.to(dtype), k.to(dtype), v.to(dtype), alpha=alpha)
+            assert fused == [(2, 3, 5, 4)], (alpha, dtype)
+    fused.clear()
+    with torch.no_grad():
+        fractional_attention(q, k, v, alpha=1.2)
+        assert len(fused) == 1
+        fractional_attention(q, k, v, alpha=2.0)
+        assert len(fused) == 1
+    fused.clear()
+    per_head = torch.tensor([1.0, 2.0, 0.5])  # a tensor bandwidth: sdpa, not the kernel
+    out = fractional_attention(q, k, v, alpha=2.0, bandwidth=per_head)
+    fractional_attention(q, k, v, alpha=2.0, density_a=0.5)
+    fractional_attention(q, k, v, alpha=1.2, manifold="sphere")
+    assert fused == []
+    torch.testing.assert_close(out, fractional_attention(q, k, v, alpha=2.0, bandwidth=per_head, backend="reference"))
 
 
 def test_training_with_the_kernel_matches_the_tile_loop(fused, monkeypatch):

@@ -11,10 +11,15 @@ Backends and the ``auto`` rule
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 
-``auto`` takes, in order: ``reference`` when weights are asked for; ``sdpa`` when it can
-compute the call exactly; ``flex`` on CUDA when it can; otherwise ``tiled`` (measured faster
-than ``reference`` for forward+backward at every size down to 16 x 1 x 128 x 32; for one
-decoding query the two trade places from run to run). Naming a
+``auto`` takes, in order: ``reference`` when weights are asked for; on the CPU, ``tiled`` when
+its fused kernel takes a call that autograd will differentiate (at alpha = 2 measured faster
+than ``sdpa``, whose extra dimension costs PyTorch's kernel 1.1-2.2x softmax's time for
+forward+backward against the fused kernel's 0.8-1.2x; without gradients ``sdpa`` adds no
+dimension and was ahead from 2**23 query-key pairs up: ``benchmarks/tiled_paths.py --alpha 2``);
+``sdpa`` when it can compute the call exactly;
+``flex`` on CUDA when it can; otherwise ``tiled`` (measured faster than ``reference`` for
+forward+backward at every size down to 16 x 1 x 128 x 32; for one decoding query the two trade
+places from run to run). Naming a
 backend that cannot compute a call raises ``ValueError``: no backend silently computes
 different math.
 
@@ -198,6 +203,10 @@ def fractional_attention(
 def _auto(call: AttentionCall, q, needs_grad: bool, return_weights: bool) -> str:
     if return_weights:
         return "reference"
+    # On the CPU float16 and bfloat16 are computed in float32 (see below).
+    computed_dtype = torch.float32 if q.dtype in LOW_PRECISION and q.device.type == "cpu" else q.dtype
+    if needs_grad and tiled.runs_fused_kernel(call, q.device, computed_dtype):
+        return "tiled"
     if sdpa.unsupported(call, q) is None:
         return "sdpa"
     if q.device.type == "cuda" and flex.unsupported(call, q, needs_grad) is None:

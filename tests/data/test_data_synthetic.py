@@ -311,6 +311,7 @@ def test_the_brownian_nearest_preset_differs_from_the_nearest_preset_only_in_its
     near, brown = PRESETS["multiscale-nearest-1layer"], PRESETS["multiscale-nearest-brownian-1layer"]
     assert brown["model"] == {**near["model"], "positional": "brownian"} and near["model"]["positional"] == "sinusoidal"
     assert all(brown[key] == near[key] for key in ("data", "train", "sweep"))
-    preset = {**brown, "data": {**brown["data"], "task_args": {**brown["data"]["task_args"], "n_train": 16, "n_test": 8}}}
+    task_args = {**brown["data"]["task_args"], "n_train": 16, "n_test": 8}
+    preset = {**brown, "data": {**brown["data"], "task_args": task_args}}
     model = ClassificationTask(preset).build_model()
     assert model.config.positional == "brownian"

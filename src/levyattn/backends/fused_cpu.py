@@ -83,13 +83,13 @@ def _ops():
     return _state.get("ops")
 
 
-def applies(q: torch.Tensor, call: AttentionCall) -> bool:
+def applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a Euclidean call with float alpha and bandwidth and no density term (the caller
-    checks those) runs here: CPU, float32 or float64, allowed, not inside a graph being compiled,
-    and the kernel built."""
+    checks those) on ``device`` in ``dtype`` runs here: CPU, float32 or float64, allowed, not
+    inside a graph being compiled, and the kernel built."""
     return (
-        q.device.type == "cpu"
-        and q.dtype in _DTYPES
+        device.type == "cpu"
+        and dtype in _DTYPES
         and os.environ.get("LEVYATTN_COMPILE", "1") != "0"
         and not torch.compiler.is_compiling()
         and _ops() is not None

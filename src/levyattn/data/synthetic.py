@@ -52,9 +52,11 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   unit weight). A power law ``(1 + s * gap)^-(d + alpha)`` (alpha < 2) has log-ratio
   ``(d + alpha) * log(gap_2 / gap_1)`` for gaps beyond ``1/s``: scale free, the far pair
   stays as legible as the near one. (This is the hypothesis the task tests, see
-  ``benchmarks/synthetic_alpha.py``; it is not a proof: the embeddings are learned. In the
-  shared one-layer setting, with fixed sinusoidal positions, alpha = 2 came out ahead:
-  see benchmarks/RESULTS.md.)
+  ``benchmarks/synthetic_alpha.py``; it is not a proof: the embeddings are learned. It needs
+  positions whose feature distance grows like a power of the gap: in the shared one-layer
+  setting with standard sinusoidal positions, whose squared distance grows like log(gap),
+  alpha = 2 came out ahead; with Brownian ones (squared distance ~ gap, preset
+  ``multiscale-nearest-brownian-1layer``) alpha < 2 did: see benchmarks/RESULTS.md.)
   ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
   query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
