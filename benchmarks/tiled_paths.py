@@ -7,7 +7,8 @@ built. This script times both on the same inputs, with softmax ``scaled_dot_prod
 beside them. The paths are called interleaved, round by round, in one process, so that
 background load hits them alike; each reports its median. At ``--alpha 2`` the ``sdpa`` backend
 (the same Gaussian kernel through ``scaled_dot_product_attention`` with one extra dimension) is
-timed beside them.
+timed beside them, and softmax SDPA with that extra dimension too (head dim D + 1: the floor of
+the ``sdpa`` backend).
 
     python benchmarks/tiled_paths.py                          # the default shapes, fwd+bwd
     python benchmarks/tiled_paths.py --mode fwd               # without gradients
@@ -60,6 +61,9 @@ def _run_path(path: str, q, k, v, args) -> float:
         with torch.set_grad_enabled(args.mode == "fwd+bwd"):
             if path == "sdpa softmax":
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
+            elif path == "sdpa softmax D+1":
+                q1, k1, v1 = (F.pad(x, (0, 1)) for x in (q, k, v))
+                out = F.scaled_dot_product_attention(q1, k1, v1, is_causal=args.causal)
             else:
                 backend = "sdpa" if path == "sdpa backend" else "tiled"
                 out = fractional_attention(q, k, v, alpha=args.alpha, is_causal=args.causal, backend=backend)
@@ -85,10 +89,11 @@ def main() -> None:
     if not 0 < args.alpha <= 2:
         raise ValueError(f"--alpha must be in (0, 2], got {args.alpha}")
     shapes = [_parse_shape(s) for s in args.shapes.split(",")]
-    paths = PATHS + (("sdpa backend",) if args.alpha == 2 else ())
+    paths = PATHS + (("sdpa backend", "sdpa softmax D+1") if args.alpha == 2 else ())
     rows = []
     print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
-    ratios = ["kernel / tile loop", "kernel / SDPA"] + (["sdpa backend / SDPA"] if args.alpha == 2 else [])
+    gaussian = ["sdpa backend / SDPA", "SDPA D+1 / SDPA"] if args.alpha == 2 else []
+    ratios = ["kernel / tile loop", "kernel / SDPA", *gaussian]
     print("| B x H x N x D | pairs | " + " | ".join(paths + tuple(ratios)) + " |")
     print("|---|---:|" + "---:|" * (len(paths) + len(ratios)))
     for batch, heads, n, dim in shapes:
@@ -107,7 +112,9 @@ def main() -> None:
         med = {path: statistics.median(ts) for path, ts in times.items()}
         over_loop = med["fused kernel"] / med["tile loop"]
         over_sdpa = med["fused kernel"] / med["sdpa softmax"]
-        cells = [over_loop, over_sdpa] + ([med["sdpa backend"] / med["sdpa softmax"]] if args.alpha == 2 else [])
+        cells = [over_loop, over_sdpa]
+        if args.alpha == 2:
+            cells += [med["sdpa backend"] / med["sdpa softmax"], med["sdpa softmax D+1"] / med["sdpa softmax"]]
         rows.append(
             {
                 "shape": [batch, heads, n, dim],
@@ -116,7 +123,7 @@ def main() -> None:
                 "median_s": med,
                 "kernel_over_tile_loop": over_loop,
                 "kernel_over_sdpa": over_sdpa,
-                **({"sdpa_backend_over_sdpa": cells[2]} if args.alpha == 2 else {}),
+                **dict(zip(("sdpa_backend_over_sdpa", "sdpa_d_plus_1_over_sdpa"), cells[2:])),
             }
         )
         times_ms = " | ".join(f"{1000 * med[path]:.2f}" for path in paths)
