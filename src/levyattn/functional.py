@@ -16,12 +16,10 @@ its fused kernel takes a call that autograd will differentiate (at alpha = 2 mea
 than ``sdpa``, whose extra dimension costs PyTorch's kernel 1.1-2.2x softmax's time for
 forward+backward against the fused kernel's 0.8-1.2x; without gradients ``sdpa`` adds no
 dimension and was ahead from 2**23 query-key pairs up: ``benchmarks/tiled_paths.py --alpha 2``);
-``sdpa`` when it can compute the call exactly;
-``flex`` on CUDA when it can; otherwise ``tiled`` (measured faster than ``reference`` for
-forward+backward at every size down to 16 x 1 x 128 x 32; for one decoding query the two trade
-places from run to run). Naming a
-backend that cannot compute a call raises ``ValueError``: no backend silently computes
-different math.
+``sdpa`` when it can compute the call exactly; ``flex`` on CUDA when it can; otherwise ``tiled``
+(measured faster than ``reference`` for forward+backward at every size down to 16 x 1 x 128 x 32;
+for one decoding query the two trade places from run to run). Naming a backend that cannot
+compute a call raises ``ValueError``: no backend silently computes different math.
 
 Precision: float16 and bfloat16 inputs are computed in float32 by ``reference`` and
 ``tiled`` (and by every backend on the CPU), and the result is cast back.

@@ -327,12 +327,17 @@ class _EuclideanFNA(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None
 
 
+def _is_hot_path(call: AttentionCall) -> bool:
+    """Euclidean, float alpha and bandwidth, no density term: the chain rule written out (the
+    fused CPU kernel, or :class:`_EuclideanFNA`)."""
+    floats = not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor)
+    return call.manifold == "euclidean" and floats and not call.density_a
+
+
 def runs_fused_kernel(call: AttentionCall, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether :func:`attention` computes ``call`` on ``device`` in ``dtype`` with the fused CPU
-    kernel: Euclidean, float alpha and bandwidth, no density term, and the kernel available."""
-    euclidean = call.manifold == "euclidean" and not call.density_a
-    floats = not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor)
-    return euclidean and floats and fused_cpu.applies(device, dtype)
+    kernel: the hot path, and the kernel available there."""
+    return _is_hot_path(call) and fused_cpu.applies(device, dtype)
 
 
 def attention(
@@ -343,12 +348,11 @@ def attention(
     q, k = call.prepare(q, k)
     if not block and runs_fused_kernel(call, q.device, q.dtype):
         return fused_cpu.attention(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
-    alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
-    bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
-    euclidean = call.manifold == "euclidean" and alpha is None and bandwidth is None and not call.density_a
     if not block:
         block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
-    if euclidean:
+    if _is_hot_path(call):
         return _EuclideanFNA.apply(q, k, v, call, block)
+    alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
+    bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
     return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
