@@ -28,6 +28,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +51,13 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def _run_path(path: str, q, k, v, args) -> float:
-    """One call (forward, or forward+backward) through ``path``; returns its seconds."""
-    env = os.environ.get("LEVYATTN_COMPILE")
-    if path == "tile loop":
-        os.environ["LEVYATTN_COMPILE"] = "0"
-    else:
-        os.environ.pop("LEVYATTN_COMPILE", None)
-    try:
+    """One call (forward, or forward+backward) through ``path``; returns its seconds. The
+    environment is restored afterwards."""
+    with mock.patch.dict(os.environ):
+        if path == "tile loop":
+            os.environ["LEVYATTN_COMPILE"] = "0"
+        else:
+            os.environ.pop("LEVYATTN_COMPILE", None)
         start = time.perf_counter()
         with torch.set_grad_enabled(args.mode == "fwd+bwd"):
             if path == "sdpa softmax":
@@ -70,11 +71,6 @@ def _run_path(path: str, q, k, v, args) -> float:
             if args.mode == "fwd+bwd":
                 out.sum().backward()
         return time.perf_counter() - start
-    finally:
-        if env is None:
-            os.environ.pop("LEVYATTN_COMPILE", None)
-        else:
-            os.environ["LEVYATTN_COMPILE"] = env
 
 
 def main() -> None:

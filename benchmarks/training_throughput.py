@@ -29,6 +29,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -117,21 +118,14 @@ def main() -> None:
 
     def step(key) -> float:
         m, inputs, kwargs, opt, labels = setups[key]
-        kernel_setting = os.environ.get("LEVYATTN_COMPILE")
-        if key[2] == "tile loop":
-            os.environ["LEVYATTN_COMPILE"] = "0"
-        t0 = time.perf_counter()
-        logits = m(*inputs, **kwargs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        elapsed = time.perf_counter() - t0
-        if kernel_setting is None:
-            os.environ.pop("LEVYATTN_COMPILE", None)
-        else:
-            os.environ["LEVYATTN_COMPILE"] = kernel_setting
-        return elapsed
+        with mock.patch.dict(os.environ, {"LEVYATTN_COMPILE": "0"} if key[2] == "tile loop" else {}):
+            t0 = time.perf_counter()
+            logits = m(*inputs, **kwargs)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - t0
 
     for key in setups:  # warm-up
         step(key)
