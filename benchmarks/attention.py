@@ -6,7 +6,7 @@ allocated and one warm-up call on a tiny problem is done; on CUDA
 ``torch.cuda.max_memory_allocated`` minus the inputs. Times are the best of ``--repeats``
 after one warm-up. Ratios against softmax SDPA come from the same run.
 
-    python benchmarks/attention.py                       # CPU, float32, the grid
+    python benchmarks/attention.py                       # CPU, float32, the default grid
     python benchmarks/attention.py --device cuda --dtype bfloat16 --sizes 1024,4096,8192
     python benchmarks/attention.py --queries 1 --modes fwd --methods sdpa_softmax,reference,tiled,auto \
         --repeats 50 --out benchmarks/results/attention_cpu_decode.json   # one decoding step: 1 query, N keys
