@@ -86,6 +86,10 @@ def test_sweep_tables_and_skip_on_rerun(tmp_path):
     assert [r["accuracy"] for r in again.runs] == [r["accuracy"] for r in res.runs]
     with pytest.raises(ValueError, match="different settings"):
         run_sweep(_digits("lr=0.5"), alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path)
+    # the description is no setting: a redescribed preset finds its runs
+    redescribed = {**_digits(), "description": "the same runs under another name"}
+    found = run_sweep(redescribed, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path)
+    assert found.skipped == ["fna-a1.2-s0"]
 
 
 def test_demo_quick_writes_the_report(tmp_path, capsys):

@@ -8,8 +8,8 @@ Layout of a sweep folder ``OUT``::
     OUT/runs.csv  OUT/summary.csv  OUT/table.md
 
 ``<run>`` is ``fna-a1.2-s0`` or ``softmax-s0`` (softmax has no alpha). A run whose
-``result.json`` exists and records the same preset is skipped when the sweep is run
-again; a run that was interrupted resumes from its last checkpoint.
+``result.json`` exists and records the same preset (its description aside) is skipped
+when the sweep is run again; a run that was interrupted resumes from its last checkpoint.
 
 For every trained model the sweep measures the spectral gap ``1 - |lambda_2|`` of its
 attention matrices on test inputs (``levyattn.analysis.spectral_gap``; mean over
@@ -72,6 +72,12 @@ def run_preset(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
         preset["model"]["alpha"] = run["alpha"]
     preset["train"]["seed"] = run["seed"]
     return check_preset(preset)
+
+
+def _settings(preset: Any) -> Any:
+    """A run preset without its description: what decides whether a stored run is this run
+    (a preset renamed or redescribed still trains the same model)."""
+    return {k: v for k, v in preset.items() if k != "description"} if isinstance(preset, dict) else preset
 
 
 def attention_gap(task: Any, model: torch.nn.Module, eval_ds: Any, n_samples: int = 64) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def run_sweep(
         result_file = run_dir / "result.json" if run_dir is not None else None
         if result_file is not None and result_file.is_file():
             stored = read_json(result_file, "sweep run result")
-            if stored.get("preset") != rp:
+            if _settings(stored.get("preset")) != _settings(rp):
                 raise ValueError(
                     f"{result_file} was trained with different settings than this sweep asks for; "
                     "use another output folder or delete that run"
