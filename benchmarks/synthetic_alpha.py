@@ -1,13 +1,16 @@
 """One-layer, one-head accuracy by alpha on the synthetic multiscale task, over seeds.
 
 Runs the ``multiscale-1layer`` preset as a sweep (FNA at each alpha, and softmax) and
-checks the issue's target: FNA with some alpha < 2 beats alpha = 2 and softmax by more
+checks the one-layer target: FNA with some alpha < 2 beats alpha = 2 and softmax by more
 than the seed spread (the larger of the two standard deviations).
 
     python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
     python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
     python benchmarks/synthetic_alpha.py --preset multiscale-majority-1layer \
         --runs runs/bench-synthetic-majority --out benchmarks/results/training_synthetic_alpha_majority.json
+    python benchmarks/synthetic_alpha.py --preset multiscale-nearest-brownian-256-1layer --alphas 1.2,2 \
+        --seeds 0,1,2,3,4 --runs runs/bench-synthetic-nearest-brownian-256 \
+        --out benchmarks/results/training_synthetic_alpha_nearest_brownian_256.json
 
 From the runs' final checkpoints it also breaks the test accuracy down where the task has
 a scale: on ``kind="nearest"`` (preset ``multiscale-nearest-1layer``) by the *scale* of the

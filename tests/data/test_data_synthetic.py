@@ -315,3 +315,14 @@ def test_the_brownian_nearest_preset_differs_from_the_nearest_preset_only_in_its
     preset = {**brown, "data": {**brown["data"], "task_args": task_args}}
     model = ClassificationTask(preset).build_model()
     assert model.config.positional == "brownian"
+
+
+def test_the_256_token_brownian_preset_is_the_brownian_preset_at_256_tokens():
+    from levyattn.training.presets import apply_overrides
+    from levyattn.training.tasks.classification import PRESETS
+
+    brown, long = PRESETS["multiscale-nearest-brownian-1layer"], PRESETS["multiscale-nearest-brownian-256-1layer"]
+    # the benchmark trains the 64-token preset with these two overrides: the same runs
+    overridden = apply_overrides(brown, ["data.task_args.seq_len=256", "data.task_args.d_max=192"])
+    assert {**overridden, "description": long["description"]} == long
+    assert long["data"]["task_args"]["seq_len"] == 256 and brown["data"]["task_args"]["seq_len"] == 64

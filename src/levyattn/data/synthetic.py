@@ -44,19 +44,19 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   nearer one. Every item holds the same tokens (``Q``, ``T_a``, ``T_b``) whatever its
   label, so any bag of tokens is at chance; only the *comparison of two positional
   gaps* decides, and it must work at every scale at once: 1 vs 2 tokens and 30 vs 40
-  tokens alike. Why a local kernel should struggle: with positions embedded so that
-  feature distance grows with positional gap ``z ~ s * gap``, a Gaussian kernel
-  (alpha = 2) weighs the two markers by ``exp(-s^2 * gap^2)``: one scale ``s`` cannot
-  make both ratios ``w(1)/w(2)`` and ``w(30)/w(40)`` legible (a small ``s`` flattens the
-  near pair, a large one sends the far pair to zero weight, next to the query's own
-  unit weight). A power law ``(1 + s * gap)^-(d + alpha)`` (alpha < 2) has log-ratio
-  ``(d + alpha) * log(gap_2 / gap_1)`` for gaps beyond ``1/s``: scale free, the far pair
-  stays as legible as the near one. (This is the hypothesis the task tests, see
-  ``benchmarks/synthetic_alpha.py``; it is not a proof: the embeddings are learned. It needs
-  positions whose feature distance grows like a power of the gap: in the shared one-layer
-  setting with standard sinusoidal positions, whose squared distance grows like log(gap),
-  alpha = 2 came out ahead; with Brownian ones (squared distance ~ gap, preset
-  ``multiscale-nearest-brownian-1layer``) alpha < 2 did: see benchmarks/RESULTS.md.)
+  tokens alike. What a kernel's shape does here: a distance kernel sees a gap through the
+  positions' geometry. With Brownian positions (squared distance ~ gap,
+  :func:`levyattn.models.common.brownian_positions`) alpha = 2 weighs a marker by
+  ``exp(-gap / eps)`` (times a learned content factor): log-ratio -1 between gaps 1 and 2,
+  -10 between 30 and 40, -40 between 150 and 190 at eps = 1, so near pairs are barely
+  told apart and far markers get vanishing weight and gradient. The power law of alpha < 2
+  weighs it by ``(1 + sqrt(gap) / eps^(1/alpha))^-(d + alpha)``: log-ratios -6.2, -4.1 and
+  -3.6 for the same pairs at d = 32, nearly the same at every scale. Any monotone kernel
+  can solve the task in principle (only the sign of the two weights' difference matters),
+  so the difference shows in training and in accuracy at the extremes, not as a hard
+  limit; with the standard sinusoidal positions (squared distance ~ log(gap)) the ranking
+  reverses. Measured in benchmarks/RESULTS.md (presets ``multiscale-nearest-1layer``,
+  ``multiscale-nearest-brownian-1layer``, ``multiscale-nearest-brownian-256-1layer``).
   ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
   query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value

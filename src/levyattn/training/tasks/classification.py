@@ -417,6 +417,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         {"d_max": 40, "kind": "nearest", "n_values": 2},
         positional="brownian",
     ),
+    "multiscale-nearest-brownian-256-1layer": _multiscale_1layer(
+        "synthetic multiscale nearest-marker task (embedded, 256 tokens, gaps 1-192 log-uniform) with Brownian "
+        "positions: one layer, one head, orthogonal, qk_share",
+        {"seq_len": 256, "d_max": 192, "kind": "nearest", "n_values": 2},
+        positional="brownian",
+    ),
     "multiscale-majority-1layer": _multiscale_1layer(
         "synthetic multiscale majority task (embedded, 64 tokens, 7 markers at gaps 1-48 log-uniform from a query): "
         "one layer, one head, orthogonal, qk_share",
