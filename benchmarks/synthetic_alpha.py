@@ -9,7 +9,7 @@ than the seed spread (the larger of the two standard deviations).
     python benchmarks/synthetic_alpha.py --preset multiscale-majority-1layer \
         --runs runs/bench-synthetic-majority --out benchmarks/results/training_synthetic_alpha_majority.json
     python benchmarks/synthetic_alpha.py --preset multiscale-nearest-brownian-256-1layer --alphas 1.2,2 \
-        --seeds 0,1,2,3,4 --runs runs/bench-synthetic-nearest-brownian-256 \
+        --seeds 0,1,2,3,4,5,6,7 --runs runs/bench-synthetic-nearest-brownian-256 \
         --out benchmarks/results/training_synthetic_alpha_nearest_brownian_256.json
 
 From the runs' final checkpoints it also breaks the test accuracy down where the task has
