@@ -178,10 +178,7 @@ def fractional_attention(
         raise ValueError(f"backend={chosen!r} cannot compute this call: {reason}")
 
     dtype = q.dtype
-    upcast = dtype in LOW_PRECISION and (
-        q.device.type == "cpu" or chosen in ("reference", "tiled") or (chosen == "sdpa" and dtype == torch.float16)
-    )
-    if upcast:
+    if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
     weights = None
     if chosen == "reference":
@@ -198,12 +195,19 @@ def fractional_attention(
     return out
 
 
+def _computed_dtype(q: torch.Tensor, backend: str) -> torch.dtype:
+    """The dtype ``backend`` computes in for inputs like ``q``: float16 and bfloat16 go to
+    float32 on the CPU, in ``reference`` and ``tiled`` everywhere, and in ``sdpa`` for float16."""
+    low = q.dtype in LOW_PRECISION and (
+        q.device.type == "cpu" or backend in ("reference", "tiled") or (backend == "sdpa" and q.dtype == torch.float16)
+    )
+    return torch.float32 if low else q.dtype
+
+
 def _auto(call: AttentionCall, q, needs_grad: bool, return_weights: bool) -> str:
     if return_weights:
         return "reference"
-    # On the CPU float16 and bfloat16 are computed in float32 (see below).
-    computed_dtype = torch.float32 if q.dtype in LOW_PRECISION and q.device.type == "cpu" else q.dtype
-    if needs_grad and tiled.runs_fused_kernel(call, q.device, computed_dtype):
+    if needs_grad and tiled.runs_fused_kernel(call, q.device, _computed_dtype(q, "tiled")):
         return "tiled"
     if sdpa.unsupported(call, q) is None:
         return "sdpa"
