@@ -18,7 +18,9 @@ nearer gap (1-2, 3-5, 6-11, 12+ tokens), where a single-scale kernel should lose
 on ``kind="majority"`` (preset ``multiscale-majority-1layer``) by whether the marker nearest
 to the query holds the majority value: a model that reads only the nearest markers is
 right on the first kind of item and wrong on the second, one that weighs the markers at
-every distance is right on both.
+every distance is right on both. For every run it reports the first epoch whose test
+accuracy reached ``--reach`` (default 0.99), from the run's metrics: whether and how fast
+each seed learned, which a mean over seeds blurs when some runs stall on a plateau.
 
 Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
 the per-run folders go to ``--runs`` (default runs/bench-synthetic-alpha; re-runs skip
@@ -28,6 +30,7 @@ finished runs).
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import platform
 import time
@@ -107,6 +110,18 @@ def summarize_by_bucket(rows: list[dict]) -> list[dict]:
     return out
 
 
+def epochs_to_reach(runs_dir: str, runs: list[dict], level: float) -> dict[str, int | None]:
+    """Run name -> the first epoch whose test accuracy is at least ``level`` (None: never
+    within the budget), from each run's ``metrics.csv``: how fast, and whether, a run
+    learns the task, which the final accuracy alone hides when some runs stall on a plateau."""
+    reached = {}
+    for run in runs:
+        with open(f"{runs_dir}/runs/{run['name']}/metrics.csv", newline="") as f:
+            epochs = [int(r["epoch"]) for r in csv.DictReader(f) if float(r["eval_accuracy"]) >= level]
+        reached[run["name"]] = min(epochs, default=None)
+    return reached
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="multiscale-1layer")
@@ -116,6 +131,7 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--runs", default="runs/bench-synthetic-alpha")
     p.add_argument("--out", default="benchmarks/results/training_synthetic_alpha.json")
+    p.add_argument("--reach", type=float, default=0.99, help="test accuracy whose first epoch is reported per run")
     args = p.parse_args()
     preset = apply_overrides(get_preset(args.preset), args.overrides)
     t0 = time.perf_counter()
@@ -158,12 +174,22 @@ def main() -> None:
                 "spread": spread,
                 "met": bool(margin > spread and not math.isnan(margin)),
                 "paired_differences": paired,
+                "seeds_ahead": sum(d > 0 for d in paired.values()),
             }
             print(
                 f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
                 f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}; "
-                f"per seed: {', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
+                f"ahead on {verdict[label]['seeds_ahead']} of {len(paired)} seeds: "
+                f"{', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
             )
+    reached = epochs_to_reach(args.runs, res.runs, args.reach)
+    epochs = preset["train"]["epochs"]
+    print(f"\nfirst epoch with test accuracy >= {args.reach:g} ('-': not within {epochs} epochs)")
+    for r in res.summary:
+        mine = [x for x in res.runs if (x["attention"], x["alpha"]) == (r["attention"], r["alpha"])]
+        label = r["attention"] if r["alpha"] is None else f"{r['attention']} alpha {r['alpha']:g}"
+        cells = ", ".join(f"seed {x['seed']}: {reached[x['name']] or '-'}" for x in mine)
+        print(f"  {label}: {cells}")
     by_gap = []
     kind = preset["data"].get("task_args", {}).get("kind")
     if preset["data"].get("dataset") == "multiscale" and kind in ("nearest", "majority"):
@@ -185,6 +211,7 @@ def main() -> None:
             "correlation": res.correlation,
             "target": verdict,
             "by_gap": by_gap,
+            "epochs_to_reach": {"level": args.reach, "epochs": reached},
             "wall_s": time.perf_counter() - t0,
             "torch": torch.__version__,
             "machine": platform.platform(),
