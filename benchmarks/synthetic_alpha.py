@@ -14,7 +14,9 @@ than the seed spread (the larger of the two standard deviations).
 
 From the runs' final checkpoints it also breaks the test accuracy down where the task has
 a scale: on ``kind="nearest"`` (preset ``multiscale-nearest-1layer``) by the *scale* of the
-nearer gap (1-2, 3-5, 6-11, 12+ tokens), where a single-scale kernel should lose accuracy;
+nearer gap (1-2, 3-5, 6-11, 12+ tokens), where a single-scale kernel should lose accuracy,
+and on ``kind="ratio"`` (preset ``multiscale-ratio-brownian-1layer``) by the octave of the
+nearer gap (d_min to 2 d_min - 1, to 4 d_min - 1, and beyond);
 on ``kind="majority"`` (preset ``multiscale-majority-1layer``) by whether the marker nearest
 to the query holds the majority value: a model that reads only the nearest markers is
 right on the first kind of item and wrong on the second, one that weighs the markers at
@@ -51,6 +53,10 @@ def test_buckets(test) -> dict[str, torch.Tensor]:
     if test.kind == "nearest":
         near = test.marker_distances.min(1).values
         return {f"near_{lo}_{hi if hi < 10**6 else 'up'}": (near >= lo) & (near <= hi) for lo, hi in GAP_BUCKETS}
+    if test.kind == "ratio":
+        near, lo = test.marker_distances[:, 0], test.params["d_min"]
+        octaves = ((lo, 2 * lo - 1), (2 * lo, 4 * lo - 1), (4 * lo, 10**6))
+        return {f"near_{a}_{b if b < 10**6 else 'up'}": (near >= a) & (near <= b) for a, b in octaves}
     if test.kind == "majority":
         majority = torch.mode(test.marker_values, 1).values  # (M + 1) / 2 of M markers: a unique mode
         nearest = test.marker_values.gather(1, test.marker_distances.argmin(1, keepdim=True)).squeeze(1)
@@ -192,7 +198,7 @@ def main() -> None:
         print(f"  {label}: {cells}")
     by_gap = []
     kind = preset["data"].get("task_args", {}).get("kind")
-    if preset["data"].get("dataset") == "multiscale" and kind in ("nearest", "majority"):
+    if preset["data"].get("dataset") == "multiscale" and kind in ("nearest", "ratio", "majority"):
         by_gap = summarize_by_bucket(accuracy_by_bucket(preset, args.runs, res.runs))
         cols = [k[: -len("_mean")] for k in by_gap[0] if k.endswith("_mean")] if by_gap else []
         print("\naccuracy by bucket of test items (see the module docstring), mean ± std over seeds")

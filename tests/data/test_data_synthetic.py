@@ -140,6 +140,22 @@ def test_the_training_task_reads_its_sizes_from_the_data():
 
 
 def _check_nearest(ds: MultiscaleTask) -> None:
+    _check_query_and_two_markers(ds)
+    g = ds.marker_distances
+    assert torch.equal((g[:, 0] < g[:, 1]).long(), torch.tensor(ds.labels))
+
+
+def _check_ratio(ds: MultiscaleTask) -> None:
+    _check_query_and_two_markers(ds)
+    g = ds.marker_distances.double()
+    r = ds.params["ratio"]
+    assert (g[:, 0] < g[:, 1]).all() and (g[:, 1] <= r * r * g[:, 0]).all()  # a nearer, b within ratio**2
+    assert torch.equal((g[:, 1] >= r * g[:, 0]).long(), torch.tensor(ds.labels))
+
+
+def _check_query_and_two_markers(ds: MultiscaleTask) -> None:
+    """One query, two markers of distinct values at their recorded positions and gaps
+    (the invariants "nearest" and "ratio" share; the label laws are the callers')."""
     p = ds.params
     q_id = ds.vocab_size - 1
     assert ds.token_names[q_id] == "Q"
@@ -159,8 +175,6 @@ def _check_nearest(ds: MultiscaleTask) -> None:
     assert torch.equal(want, ds.marker_distances)
     g = ds.marker_distances
     assert (g[:, 0] != g[:, 1]).all() and g.min() >= p["d_min"] and g.max() <= p["d_max"]
-    labels = torch.tensor(ds.labels)
-    assert torch.equal((g[:, 0] < g[:, 1]).long(), labels)
     lo, hi = p["margin"], p["seq_len"] - 1 - p["margin"]
     assert (pos >= lo).all() and (pos <= hi).all() and (q >= lo).all() and (q <= hi).all()
 
@@ -326,3 +340,78 @@ def test_the_256_token_brownian_preset_is_the_brownian_preset_at_256_tokens():
     overridden = apply_overrides(brown, ["data.task_args.seq_len=256", "data.task_args.d_max=192"])
     assert {**overridden, "description": long["description"]} == long
     assert long["data"]["task_args"]["seq_len"] == 256 and brown["data"]["task_args"]["seq_len"] == 64
+
+
+def test_ratio_construction_label_law_and_scales():
+    train, test = make_multiscale_task(1500, 500, seq_len=64, d_min=4, d_max=40, kind="ratio", ratio=1.25,
+                                       n_values=3, n_noise=1, distractor_rate=0.0, seed=3)  # fmt: skip
+    assert train.vocab_size == 1 + 2 * 3 + 1 + 1 and train.params["ratio"] == 1.25
+    for ds in (train, test):
+        _check_ratio(ds)
+        assert 0.4 < torch.tensor(ds.labels).float().mean() < 0.6
+    g = train.marker_distances.double()
+    labels = torch.tensor(train.labels)
+    # every scale on both sides of the threshold: near pairs (4 vs 5, 4 vs 6) and far ones
+    for label in (0, 1):
+        near = g[labels == label, 0]
+        assert (near <= 6).any() and (near >= 20).any()
+    # the difference of the gaps does not decide: one difference, both labels, at different scales
+    diff = (g[:, 1] - g[:, 0]).long()
+    assert any(set(labels[diff == d].tolist()) == {0, 1} for d in range(1, 10))
+    # the nearer marker's gap alone is a weak guide (the lookup reaches about 0.62 on the preset)
+    rule = {int(n): int(labels[g[:, 0] == n].float().mean() > 0.5) for n in g[:, 0].unique()}
+    assert sum(rule[int(n)] == y for n, y in zip(g[:, 0], labels.tolist())) / len(labels) < 0.7
+
+
+def test_ratio_is_deterministic_and_leaves_other_kinds_alone():
+    kw = dict(seq_len=48, d_min=3, d_max=30, kind="ratio")
+    a, _ = make_multiscale_task(30, 5, seed=4, **kw)
+    b, _ = make_multiscale_task(60, 5, seed=4, **kw)
+    c, _ = make_multiscale_task(30, 5, seed=4, ratio=1.5, **kw)
+    assert torch.equal(a.input_ids, b.input_ids[:30]) and a.labels == b.labels[:30]
+    assert not torch.equal(a.input_ids, c.input_ids)
+    _check_ratio(c)
+    # ratio enters the stream of "ratio" only
+    n1, _ = make_multiscale_task(20, 5, seed=4, kind="nearest", d_min=1, d_max=30)
+    n2, _ = make_multiscale_task(20, 5, seed=4, kind="nearest", d_min=1, d_max=30, ratio=3.0)
+    assert torch.equal(n1.input_ids, n2.input_ids)
+
+
+@given(seq_len=st.integers(16, 48), d_min=st.integers(2, 6), span=st.integers(6, 30), margin=st.integers(0, 2),
+       ratio=st.floats(1.1, 2.0), seed=st.integers(0, 50))  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_ratio_invariants_hold_for_any_valid_parameters(seq_len, d_min, span, margin, ratio, seed):
+    d_max = min(d_min + span, seq_len - 1 - 2 * margin)
+    kw = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind="ratio", margin=margin, ratio=ratio, seed=seed)
+    try:
+        train, _ = make_multiscale_task(20, 1, **kw)
+    except ValueError as err:  # only when the gaps cannot give both labels
+        assert "cannot give both labels" in str(err)
+        pairs = [(n, f) for n in range(d_min, d_max + 1) for f in range(n + 1, d_max + 1) if f <= ratio * ratio * n]
+        assert all(f >= ratio * n for n, f in pairs) or all(f < ratio * n for n, f in pairs)
+        return
+    _check_ratio(train)
+
+
+def test_ratio_bad_arguments_are_named():
+    with pytest.raises(ValueError, match=r"ratio must be in \(1.0, inf\], got 1.0"):
+        make_multiscale_task(10, 10, kind="ratio", ratio=1.0)
+    with pytest.raises(TypeError, match="ratio must be a number"):
+        make_multiscale_task(10, 10, kind="ratio", ratio="2")
+    # gaps 4-5 at ratio 2: 4 vs 5 is the only pair, always below the threshold
+    with pytest.raises(ValueError, match="ratio=2.0 with gaps d_min=4 to d_max=5 cannot give both labels"):
+        make_multiscale_task(10, 10, seq_len=32, d_min=4, d_max=5, kind="ratio", ratio=2.0)
+
+
+def test_the_ratio_preset_is_the_brownian_nearest_preset_with_the_ratio_task():
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    brown, ratio = PRESETS["multiscale-nearest-brownian-1layer"], PRESETS["multiscale-ratio-brownian-1layer"]
+    assert all(ratio[key] == brown[key] for key in ("model", "train", "sweep"))
+    want = {**brown["data"]["task_args"], "kind": "ratio", "ratio": 1.25, "d_min": 4}
+    assert ratio["data"] == {**brown["data"], "task_args": want}
+    preset = {**ratio, "data": {**ratio["data"], "task_args": {**want, "n_train": 16, "n_test": 8}}}
+    task = ClassificationTask(preset)
+    train, _ = task.datasets()
+    assert train.kind == "ratio" and task.model_config["vocab_size"] == train.vocab_size == 1 + 4 + 1 + 1
+    _check_ratio(train)

@@ -59,6 +59,28 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   ``multiscale-nearest-brownian-1layer``, ``multiscale-nearest-brownian-256-1layer``).
   ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
   query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
+- ``kind="ratio"`` (scale-free comparison): as "nearest", a query ``Q`` and two markers of
+  values ``a < b``, but ``T_a`` is always the nearer, at gap ``g_a``, and ``T_b`` at
+  ``g_a < g_b <= ratio**2 * g_a``; label 1 iff ``g_b >= ratio * g_a``: *is the farther marker
+  at least ``ratio`` times as far as the nearer?* Both gaps are log-uniform in
+  ``[d_min, d_max]`` (drawn together and redrawn until they fit the label), so the same
+  threshold on the ratio of the gaps decides at every scale, 4 vs 5 tokens and 32 vs 40
+  alike. Which marker is nearer says nothing, and every item holds the same tokens. Why
+  this separates kernel shapes, at the query: a distance kernel's weights give the query
+  ``w_a / w_b``, and with Brownian positions (squared distance ~ gap) the Gaussian of
+  alpha = 2, and softmax's dot product, make ``log(w_a / w_b)`` an affine function of the
+  *difference* ``g_b - g_a`` whatever the learned content terms (they add constants), while
+  the power law of alpha < 2 makes it ``(d + alpha) * log((1 + sqrt(g_b)) / (1 + sqrt(g_a)))``,
+  close to a function of the *ratio* (content terms shift the square roots). The label is a
+  threshold on the ratio; the difference decides it only in part (``g_b - g_a = 4`` is
+  label 1 at gaps 8, 12 and label 0 at 20, 24). Read out through one threshold on the
+  query's ``log(w_a / w_b)``, the best accuracy on the preset's test data is 0.76 for the
+  Gaussian and softmax (0.70 for any rule on the integer difference; the approximate
+  Brownian geometry adds a little) and 0.97 for the power law at alpha 1.2
+  (``benchmarks/ratio_bounds.py``). The markers' own
+  attention rows carry other evidence (each sees the query at its gap), so these are not
+  bounds on a trained model; what it reaches is measured in benchmarks/RESULTS.md
+  (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by this kind only.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
   ``v`` and ``n_markers`` (odd, M) tagged markers, each at its own gap from the query drawn
   log-uniformly from ``[d_min, d_max]`` (random side, distinct positions); one value ``w``
@@ -85,12 +107,15 @@ parameters (numpy's ``SeedSequence``), so the first 100 items are the same whate
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from levyattn.data._common import SequenceClassificationDataset, check_choice, check_float, check_int
 
-KINDS = ("order", "match", "nearest", "majority")
+KINDS = ("order", "match", "nearest", "majority", "ratio")
 _SPLIT_IDS = {"train": 0, "test": 1}
 
 
@@ -118,6 +143,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         distractor_rate: float = 0.1,
         margin: int = 4,
         n_markers: int = 5,
+        ratio: float = 1.25,
         seed: int = 0,
     ) -> None:
         n = check_int("n", n, 1)
@@ -132,18 +158,22 @@ class MultiscaleTask(SequenceClassificationDataset):
                 f"seq_len={seq_len} is too short for d_min={d_min} with margin={margin}: "
                 f"need seq_len >= d_min + 2 * margin + 1 = {d_min + 2 * margin + 1}"
             )
-        d_max = check_int("d_max", d_max, d_min + 1 if kind == "nearest" else d_min, max_d)
+        d_max = check_int("d_max", d_max, d_min + 1 if kind in ("nearest", "ratio") else d_min, max_d)
         n_values = check_int("n_values", n_values, 2)
         n_noise = check_int("n_noise", n_noise, 1)
         distractor_rate = check_float("distractor_rate", distractor_rate, 0.0, 1.0)
         n_markers = check_int("n_markers", n_markers, 3, d_max - d_min + 1 if kind == "majority" else None)
         if n_markers % 2 == 0:
             raise ValueError(f"n_markers must be odd (a strict majority always exists), got {n_markers}")
+        ratio = check_float("ratio", ratio, 1.0, math.inf, lo_open=True)
+        if kind == "ratio":
+            _check_ratio_pairs(d_min, d_max, ratio)
         seed = check_int("seed", seed, 0)
         self.params = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
-                           distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, seed=seed)  # fmt: skip
+                           distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, ratio=ratio,
+                           seed=seed)  # fmt: skip
         K = n_values
-        n_queries = {"nearest": 1, "majority": K}.get(kind, 0)
+        n_queries = {"nearest": 1, "ratio": 1, "majority": K}.get(kind, 0)
         vocab_size = 1 + 2 * K + n_noise + n_queries
         query_id = 1 + 2 * K + n_noise  # the first query token ("nearest", "majority")
         m = n_markers if kind == "majority" else 2
@@ -160,6 +190,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         words = [seed, _SPLIT_IDS[split], seq_len, d_min, d_max, KINDS.index(kind), K, n_noise,
                  int(round(distractor_rate * 1_000_000)), margin]  # fmt: skip
         words += [n_markers] if kind == "majority" else []
+        words += [int(round(ratio * 1_000_000))] if kind == "ratio" else []
         for i in range(n):
             rng = np.random.default_rng([*words, i])
             label = int(rng.integers(2))
@@ -168,9 +199,12 @@ class MultiscaleTask(SequenceClassificationDataset):
                 1 + K + rng.integers(K, size=seq_len),  # untagged value
                 1 + 2 * K + rng.integers(n_noise, size=seq_len),  # noise
             )
-            if kind == "nearest":
+            if kind in ("nearest", "ratio"):
                 a, b = sorted(int(v) for v in rng.choice(K, size=2, replace=False))
-                q, (pa, pb), (da, db) = _place_nearest(rng, label, seq_len, d_min, d_max, margin)
+                if kind == "nearest":
+                    q, (pa, pb), (da, db) = _place_nearest(rng, label, seq_len, d_min, d_max, margin)
+                else:
+                    q, (pa, pb), (da, db) = _place_ratio(rng, label, seq_len, d_min, d_max, margin, ratio)
                 fill[q], fill[pa], fill[pb] = query_id, 1 + a, 1 + b
                 seqs[i], labels[i], pos[i], qpos[i], gaps[i] = fill, label, sorted((pa, pb)), q, (da, db)
                 continue
@@ -213,7 +247,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         self.marker_values = torch.from_numpy(mval)
         self.kind = kind
         self.chance = 0.5
-        queries = {"nearest": ["Q"], "majority": [f"Q{v}" for v in range(K)]}.get(kind, [])
+        queries = {"nearest": ["Q"], "ratio": ["Q"], "majority": [f"Q{v}" for v in range(K)]}.get(kind, [])
         self.token_names = (
             ["<pad>"]
             + [f"T{v}" for v in range(K)]
@@ -233,18 +267,63 @@ def _place_nearest(
 ) -> tuple[int, tuple[int, int], tuple[int, int]]:
     """Query position, positions of markers a and b, and their gaps for one "nearest" item.
 
-    Two distinct log-uniform gaps; the nearer goes to marker a when ``label`` is 1. Each
-    marker goes on a random side of the query among the sides that fit inside the margins;
-    a draw that does not fit (or puts both markers on one position) is redrawn, which
-    terminates because ``d_max <= seq_len - 1 - 2 * margin`` (checked by the caller).
+    Two distinct log-uniform gaps; the nearer goes to marker a when ``label`` is 1.
+    """
+
+    def gaps() -> tuple[int, int]:
+        while True:
+            g1, g2 = _log_uniform_gap(rng, d_min, d_max), _log_uniform_gap(rng, d_min, d_max)
+            if g1 != g2:
+                near, far = min(g1, g2), max(g1, g2)
+                return (near, far) if label == 1 else (far, near)
+
+    return _place_two_markers(rng, gaps, seq_len, margin)
+
+
+def _place_ratio(
+    rng: np.random.Generator, label: int, seq_len: int, d_min: int, d_max: int, margin: int, ratio: float
+) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Query position, positions of markers a and b, and their gaps for one "ratio" item.
+
+    Two log-uniform gaps ``near < far <= ratio**2 * near``, redrawn until ``far >= ratio * near``
+    is ``label``; marker a takes the nearer. ``_check_ratio_pairs`` has made sure that both
+    labels have such pairs, so the loop ends.
+    """
+
+    def gaps() -> tuple[int, int]:
+        while True:
+            g1, g2 = _log_uniform_gap(rng, d_min, d_max), _log_uniform_gap(rng, d_min, d_max)
+            near, far = min(g1, g2), max(g1, g2)
+            if near < far <= ratio * ratio * near and (far >= ratio * near) == bool(label):
+                return near, far
+
+    return _place_two_markers(rng, gaps, seq_len, margin)
+
+
+def _check_ratio_pairs(d_min: int, d_max: int, ratio: float) -> None:
+    """Raise unless gaps in ``[d_min, d_max]`` give "ratio" items of both labels."""
+    pairs = [(n, f) for n in range(d_min, d_max + 1) for f in range(n + 1, min(d_max, int(ratio * ratio * n)) + 1)]
+    if not any(f >= ratio * n for n, f in pairs) or not any(f < ratio * n for n, f in pairs):
+        raise ValueError(
+            f"ratio={ratio} with gaps d_min={d_min} to d_max={d_max} cannot give both labels: need integer gaps "
+            f"near < far <= ratio**2 * near with far >= ratio * near for some and far < ratio * near for others "
+            f"(raise d_min or d_max, or move ratio towards (d_min + 1) / d_min)"
+        )
+
+
+def _place_two_markers(
+    rng: np.random.Generator, draw_gaps: Callable[[], tuple[int, int]], seq_len: int, margin: int
+) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """Query position, positions of markers a and b, and their gaps ``draw_gaps()``.
+
+    Each marker goes on a random side of the query among the sides that fit inside the
+    margins; a draw that does not fit (or puts both markers on one position) is redrawn,
+    gaps included, which terminates because ``d_max <= seq_len - 1 - 2 * margin`` (checked
+    by the caller).
     """
     lo, hi = margin, seq_len - 1 - margin
     while True:
-        g1, g2 = _log_uniform_gap(rng, d_min, d_max), _log_uniform_gap(rng, d_min, d_max)
-        if g1 == g2:
-            continue
-        near, far = min(g1, g2), max(g1, g2)
-        da, db = (near, far) if label == 1 else (far, near)
+        da, db = draw_gaps()
         q = int(rng.integers(lo, hi + 1))
         placed = []
         for g in (da, db):
@@ -291,6 +370,7 @@ def make_multiscale_task(
     distractor_rate: float = 0.1,
     margin: int = 4,
     n_markers: int = 5,
+    ratio: float = 1.25,
     seed: int = 0,
 ) -> tuple[MultiscaleTask, MultiscaleTask]:
     """Train and test splits of the multiscale task (module docstring): ``n_train`` and
@@ -301,7 +381,8 @@ def make_multiscale_task(
     distractors; ``vocab_size`` is ``1 + 2 * n_values + n_noise`` (25 by default).
     """
     common = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
-                  distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, seed=seed)  # fmt: skip
+                  distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, ratio=ratio,
+                  seed=seed)  # fmt: skip
     return MultiscaleTask(n_train, split="train", **common), MultiscaleTask(n_test, split="test", **common)
 
 

@@ -308,7 +308,7 @@ def _imdb_deep(orthogonal: bool) -> dict[str, Any]:
 
 def _multiscale_1layer(description: str, task_args: dict[str, Any], positional: str = "sinusoidal") -> dict[str, Any]:
     """The one shared setting of the one-layer comparisons on the multiscale position tasks
-    ("nearest", "majority"): the same model, data size and training for every alpha and for
+    ("nearest", "ratio", "majority"): the same model, data size and training for every alpha and for
     softmax, fixed by pilots (see benchmarks/RESULTS.md). Fixed sinusoidal positions, so the
     positional geometry the kernel acts on cannot be re-learned, and one filler token with no
     distractors (with learned positions or 16 noise tokens every model stayed at chance);
@@ -421,6 +421,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "synthetic multiscale nearest-marker task (embedded, 256 tokens, gaps 1-192 log-uniform) with Brownian "
         "positions: one layer, one head, orthogonal, qk_share",
         {"seq_len": 256, "d_max": 192, "kind": "nearest", "n_values": 2},
+        positional="brownian",
+    ),
+    "multiscale-ratio-brownian-1layer": _multiscale_1layer(
+        "synthetic multiscale ratio task (embedded, 64 tokens, gaps 4-40 log-uniform, label: is the farther marker at "
+        "least 1.25 times as far as the nearer) with Brownian positions: one layer, one head, orthogonal, qk_share",
+        {"d_min": 4, "d_max": 40, "kind": "ratio", "ratio": 1.25, "n_values": 2},
         positional="brownian",
     ),
     "multiscale-majority-1layer": _multiscale_1layer(
