@@ -15,10 +15,16 @@ fitted on the training split), either gap alone, and the log ratio of the gaps (
 construction).
 
 These are accuracies of one readout route, not bounds on a trained model: the markers'
-own attention rows and the feed-forward layer carry other evidence.
+own attention rows and the feed-forward layer carry other evidence. With ``--runs`` (a
+folder of the preset's trained runs, as ``benchmarks/synthetic_alpha.py`` writes them) the
+same one-threshold readout is measured on each trained model's own attention: on the
+query's row (``log(w_a / w_b)``) and on the markers' rows (``log w(a -> Q) - log w(b -> Q)``),
+beside the model's test accuracy, to see which route the trained models use.
 
     python benchmarks/ratio_bounds.py
     python benchmarks/ratio_bounds.py --preset multiscale-ratio-brownian-1layer --set data.task_args.ratio=1.5
+    python benchmarks/ratio_bounds.py --runs runs/bench-synthetic-ratio-brownian \
+        --out benchmarks/results/ratio_bounds_trained.json
 
 Prints a table and writes JSON (default benchmarks/results/ratio_bounds.json).
 """
@@ -30,8 +36,10 @@ import itertools
 import math
 import platform
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
+import torch
 
 from levyattn.data import make_multiscale_task
 from levyattn.io import atomic_write_json
@@ -73,21 +81,21 @@ def lookup_accuracy(key_train, y_train, key_test, y_test):
     )
 
 
+def marker_positions(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) positions of marker a and of marker b (a: the one at gap ``marker_distances[:, 0]``)."""
+    q, tagged = ds.query_positions, ds.positions  # tagged: (N, 2), sorted
+    first_is_a = (tagged[:, 0] - q).abs() == ds.marker_distances[:, 0]
+    return torch.where(first_is_a, tagged[:, 0], tagged[:, 1]), torch.where(first_is_a, tagged[:, 1], tagged[:, 0])
+
+
 def query_geometry(ds, positions: np.ndarray) -> dict[str, np.ndarray]:
     """(N,) squared distance ``sq_a``, ``sq_b`` and dot product ``dot_a``, ``dot_b`` between the
-    query's position and marker a's, b's (marker a: the one at gap ``marker_distances[:, 0]``)."""
-    q = ds.query_positions.numpy()
-    tagged = ds.positions.numpy()  # (N, 2), sorted
-    first_is_a = np.abs(tagged[:, 0] - q) == ds.marker_distances[:, 0].numpy()
-    where = {
-        "a": np.where(first_is_a, tagged[:, 0], tagged[:, 1]),
-        "b": np.where(first_is_a, tagged[:, 1], tagged[:, 0]),
-    }
-    pq = positions[q]
+    query's position and marker a's, b's."""
+    pq = positions[ds.query_positions.numpy()]
     out = {}
-    for name, pos in where.items():
-        out[f"sq_{name}"] = ((pq - positions[pos]) ** 2).sum(1)
-        out[f"dot_{name}"] = (pq * positions[pos]).sum(1)
+    for name, pos in zip(("a", "b"), marker_positions(ds)):
+        out[f"sq_{name}"] = ((pq - positions[pos.numpy()]) ** 2).sum(1)
+        out[f"dot_{name}"] = (pq * positions[pos.numpy()]).sum(1)
     return out
 
 
@@ -96,17 +104,77 @@ def power_law_log_ratio(geo: dict[str, np.ndarray], c_a: float, c_b: float, expo
     return -exponent * (np.log1p(np.sqrt(c_a + geo["sq_a"])) - np.log1p(np.sqrt(c_b + geo["sq_b"])))
 
 
+@torch.no_grad()
+def trained_log_ratios(model, ds, n: int, batch: int = 500) -> dict[str, np.ndarray]:
+    """For the first ``n`` items of ``ds``, two (n,) scores from a trained one-layer model's
+    attention: ``query``, ``log(w_a / w_b)`` in the query's row (how the query weighs the two
+    markers), and ``markers``, ``log w(a -> Q) - log w(b -> Q)`` (how strongly each marker's own
+    row weighs the query)."""
+    pos_a, pos_b = marker_positions(ds)
+    out = {"query": [], "markers": []}
+    for start in range(0, min(n, len(ds)), batch):
+        stop = min(start + batch, n, len(ds))
+        _, weights = model(ds.input_ids[start:stop], need_weights=True)
+        w = weights[0].mean(1).double()  # (B, L, L), heads averaged (the presets have one)
+        log_w = w.clamp_min(torch.finfo(torch.float64).tiny).log()
+        rows, q, a, b = torch.arange(stop - start), ds.query_positions[start:stop], pos_a[start:stop], pos_b[start:stop]
+        out["query"].append((log_w[rows, q, a] - log_w[rows, q, b]).numpy())
+        out["markers"].append((log_w[rows, a, q] - log_w[rows, b, q]).numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def trained_rows(runs_dir: str, train, test, n_fit: int) -> list[dict]:
+    """For every run under ``runs_dir/runs``: the model's test accuracy and the accuracy of one
+    threshold on each score of :func:`trained_log_ratios` (fitted on the first ``n_fit``
+    training items)."""
+    from levyattn.models import TextClassifier
+    from levyattn.training.checkpoint import load_checkpoint
+
+    y_fit, y_test = np.asarray(train.labels[:n_fit]), np.asarray(test.labels)
+    rows = []
+    for run_path in sorted(Path(runs_dir, "runs").iterdir()):
+        ckpt = load_checkpoint(run_path)
+        model = TextClassifier(ckpt.model_config)
+        model.load_state_dict(ckpt.model_state_dict())
+        model.eval()
+        c = ckpt.model_config
+        predicted = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)])
+        fit, held_out = trained_log_ratios(model, train, n_fit), trained_log_ratios(model, test, len(test))
+        row = {
+            "run": run_path.name,
+            "attention": c["attention"],
+            "alpha": c["alpha"] if c["attention"] == "fna" else None,
+            "test_accuracy": float((predicted == torch.tensor(test.labels)).float().mean()),
+        }
+        for key in fit:
+            acc = threshold_accuracy(fit[key], y_fit, held_out[key], y_test)
+            row[f"{key}_readout_train_accuracy"], row[f"{key}_readout_test_accuracy"] = acc
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="multiscale-ratio-brownian-1layer")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset override")
     parser.add_argument("--alpha", type=float, default=1.2, help="the power law's alpha (< 2)")
+    parser.add_argument(
+        "--runs",
+        help="a gathered runs folder (runs/<name>/ checkpoints) of the preset's models: "
+        "also measure the same readout on each trained model's query row",
+    )
+    parser.add_argument(
+        "--fit-items", type=int, default=5000, help="training items the trained-model readout is fitted on"
+    )
     parser.add_argument("--out", default="benchmarks/results/ratio_bounds.json")
     args = parser.parse_args()
     preset = apply_overrides(get_preset(args.preset), args.set)
     task_args = preset["data"]["task_args"]
     if task_args.get("kind") != "ratio":
         parser.error(f"--preset {args.preset} is not a ratio task (kind={task_args.get('kind')!r})")
+    if args.fit_items < 1:
+        parser.error(f"--fit-items must be at least 1, got {args.fit_items}")
     if not 0 < args.alpha < 2:
         parser.error(f"--alpha must be in (0, 2), got {args.alpha}")
     model = preset["model"]
@@ -162,9 +230,24 @@ def main() -> None:
     print("|---|---|---:|---:|")
     for r in rows:
         print(f"| {r['route']} | {r['readout']} | {r['train_accuracy']:.4f} | {r['test_accuracy']:.4f} |")
+    trained = []
+    if args.runs:
+        trained = trained_rows(args.runs, train, test, args.fit_items)
+        print(
+            f"\ntrained models in {args.runs}: one threshold on the query row's log(w_a / w_b), and on the "
+            f"markers' rows' log w(a -> Q) - log w(b -> Q), fitted on {min(args.fit_items, len(train))} training items"
+        )
+        print("| run | model test accuracy | query-row readout, test accuracy | marker-row readout, test accuracy |")
+        print("|---|---:|---:|---:|")
+        for r in trained:
+            print(
+                f"| {r['run']} | {r['test_accuracy']:.4f} | {r['query_readout_test_accuracy']:.4f} "
+                f"| {r['markers_readout_test_accuracy']:.4f} |"
+            )
     atomic_write_json(args.out, {
         "preset": args.preset, "overrides": args.set, "alpha": args.alpha, "head_dim": head_dim,
-        "task_args": task_args, "python": platform.python_version(), "rows": rows,
+        "task_args": task_args, "runs": args.runs, "trained": trained, "python": platform.python_version(),
+        "rows": rows,
     })  # fmt: skip
     print(f"\nwrote {args.out}")
 

@@ -53,3 +53,42 @@ def test_geometry_and_kernels_match_the_positions_and_the_library_kernel():
     # and the Gaussian's log ratio is sq_b - sq_a, the quantity the script thresholds
     gauss = [log_phi_from_sq(s, alpha=2.0, bandwidth=1.0, d_intrinsic=32.0) for s in (sq_a, sq_b)]
     np.testing.assert_allclose((gauss[0] - gauss[1]).numpy(), geo["sq_b"] - geo["sq_a"], rtol=1e-10)
+
+
+@torch.no_grad()
+def test_trained_readouts_read_the_models_own_attention():
+    # The preset's model (post-LN, qk_share, orthogonal, rescale off, bandwidth 1) attends with
+    # log K(i, j) = -(d + alpha) log(1 + ||x_i - x_j||) on x = token embedding + position: the
+    # orthogonal projection keeps distances. Each row is normalised over the other tokens
+    # (qk_share excludes the self-pair, FNA_SPEC).
+    from levyattn.training.tasks.classification import PRESETS, ClassificationTask
+
+    preset = PRESETS["multiscale-ratio-brownian-1layer"]
+    task_args = {**preset["data"]["task_args"], "n_train": 40, "n_test": 8}
+    task = ClassificationTask({**preset, "data": {**preset["data"], "task_args": task_args}})
+    train, _ = task.datasets()
+    model = task.build_model().eval()
+    pos_a, pos_b = (p[:30] for p in bench.marker_positions(train))
+    q, rows = train.query_positions[:30], torch.arange(30)
+
+    # without content the query's score is the untrained readout's power law with no content terms
+    model.token_embedding.weight.zero_()
+    geo = bench.query_geometry(train, brownian_positions(64, 32).double().numpy())
+    want = bench.power_law_log_ratio(geo, 0.0, 0.0, 32 + 1.2)[:30]
+    np.testing.assert_allclose(bench.trained_log_ratios(model, train, 30)["query"], want, rtol=1e-3, atol=1e-3)
+
+    # With content, and positions shrunk so that no row is its own token alone, the marker rows'
+    # normalisers differ and the two scores part: each must be the one its name says.
+    torch.nn.init.normal_(model.token_embedding.weight, std=0.003)
+    model.position_embedding.mul_(0.01)
+    scores = bench.trained_log_ratios(model, train, 30, batch=16)
+    assert scores["query"].shape == scores["markers"].shape == (30,)
+    x = model.token_embedding(train.input_ids[:30]).double() + model.position_embedding.double()  # (30, 64, 32)
+    log_k = -(32 + 1.2) * torch.log1p(torch.cdist(x, x))
+    log_k.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
+    log_w = log_k - log_k.logsumexp(-1, keepdim=True)  # (30, 64, 64)
+    want_query = (log_w[rows, q, pos_a] - log_w[rows, q, pos_b]).numpy()
+    want_markers = (log_w[rows, pos_a, q] - log_w[rows, pos_b, q]).numpy()
+    assert np.abs(want_query - want_markers).max() > 0.1
+    np.testing.assert_allclose(scores["query"], want_query, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(scores["markers"], want_markers, rtol=1e-3, atol=1e-3)

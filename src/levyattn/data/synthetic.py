@@ -65,11 +65,13 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   at least ``ratio`` times as far as the nearer?* Both gaps are log-uniform in
   ``[d_min, d_max]`` (drawn together and redrawn until they fit the label), so the same
   threshold on the ratio of the gaps decides at every scale, 4 vs 5 tokens and 32 vs 40
-  alike. Which marker is nearer says nothing, and every item holds the same tokens. Why
+  alike. Marker a is always the nearer, so which is nearer says nothing, and every item
+  holds the same tokens. Why
   this separates kernel shapes, at the query: a distance kernel's weights give the query
   ``w_a / w_b``, and with Brownian positions (squared distance ~ gap) the Gaussian of
   alpha = 2, and softmax's dot product, make ``log(w_a / w_b)`` an affine function of the
-  *difference* ``g_b - g_a`` whatever the learned content terms (they add constants), while
+  *difference* ``g_b - g_a`` (learned content terms add constants, up to their cross terms
+  with the positions), while
   the power law of alpha < 2 makes it ``(d + alpha) * log((1 + sqrt(g_b)) / (1 + sqrt(g_a)))``,
   close to a function of the *ratio* (content terms shift the square roots). The label is a
   threshold on the ratio; the difference decides it only in part (``g_b - g_a = 4`` is
@@ -77,10 +79,12 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   query's ``log(w_a / w_b)``, the best accuracy on the preset's test data is 0.76 for the
   Gaussian and softmax (0.70 for any rule on the integer difference; the approximate
   Brownian geometry adds a little) and 0.97 for the power law at alpha 1.2
-  (``benchmarks/ratio_bounds.py``). The markers' own
-  attention rows carry other evidence (each sees the query at its gap), so these are not
-  bounds on a trained model; what it reaches is measured in benchmarks/RESULTS.md
-  (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by this kind only.
+  (``benchmarks/ratio_bounds.py``). These are not bounds on a trained model: the markers'
+  own rows see the query at their gaps, the values mix vectors, the feed-forward layer is
+  non-linear, and trained models were measured to rely on no single weight ratio (the same
+  readout on their query rows: 0.51-0.68). What they reach is measured in
+  benchmarks/RESULTS.md (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by
+  this kind only.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
   ``v`` and ``n_markers`` (odd, M) tagged markers, each at its own gap from the query drawn
   log-uniformly from ``[d_min, d_max]`` (random side, distinct positions); one value ``w``
