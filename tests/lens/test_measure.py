@@ -237,3 +237,11 @@ def test_bad_inputs(gpt2, tmp_path, monkeypatch):
         measure_decay("nobody-here/no-model", n_prompts=1)
     with pytest.raises(FileNotFoundError, match="not a valid"):
         measure_decay(str(tmp_path / "a" / "b" / "c"), n_prompts=1)
+
+
+def test_progress_bar_stays_off_a_stderr_that_is_not_a_terminal(capsys):
+    # captured stderr is no terminal (as a pipe is not): progress=True must not fill it with redraws
+    m = PowerLawAttentionModel(gamma=0.73, n_layers=1, n_heads=1, max_positions=300)
+    measure_decay(m, protocol="dense", distances=[30, 60, 120], n_prompts=2, seeds=(42,), progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "pass/s" not in captured.err

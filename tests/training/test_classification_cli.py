@@ -101,3 +101,12 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert "data:image/png;base64" in html and "softmax" in html and "alpha=1.2" in html
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["variant"] for r in rows} == {"FNA alpha=1.2", "FNA alpha=2", "softmax"}
+
+
+def test_progress_bars_stay_off_a_stderr_that_is_not_a_terminal(tmp_path, capsys):
+    # pytest's captured stderr is no terminal, as a pipe or a log file is not: the bars would
+    # fill it with carriage-return redraws, so only the printed lines may come out
+    assert main(["train", "--preset", "digits-vit", "--out", str(tmp_path / "run"), "--set", "epochs=1"]) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "\r" not in captured.out
+    assert "it/s" not in captured.err

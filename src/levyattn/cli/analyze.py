@@ -381,7 +381,7 @@ def run(args: argparse.Namespace) -> int:
     summary: dict = {"input": str(args.input), "layers": [], "heads": [], "records": []}
     if source:
         summary["source"] = source
-    for name, P in tqdm(tensors.items(), desc="layers", disable=len(tensors) < 2):
+    for name, P in tqdm(tensors.items(), desc="layers", disable=True if len(tensors) < 2 else None):
         part = attention_summary({name: P}, mask=mask, mixing=not args.no_mixing, paths=not args.no_paths, atol=atol)
         summary["conventions"] = part["conventions"]
         for key in ("layers", "heads", "records"):

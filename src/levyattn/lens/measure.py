@@ -792,7 +792,9 @@ def _run(
 
     batches_per_seed = math.ceil(n_prompts / batch_size)
     total = len(seeds) * batches_per_seed * (n_d if mode == "per_distance" else 1)
-    bar = tqdm(total=total, disable=not progress, desc=f"lens {protocol} ({mode})", unit="pass", leave=False)
+    # disable=None: a bar only when stderr is a terminal, so piped logs carry no redraws
+    bar = tqdm(total=total, disable=None if progress else True, desc=f"lens {protocol} ({mode})", unit="pass",
+               leave=False)  # fmt: skip
 
     prompt_layer: np.ndarray | None = None
     lh_sum = lh_sq = lh_n = None

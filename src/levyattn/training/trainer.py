@@ -195,7 +195,7 @@ class Trainer:
     """Train ``task`` with ``config``; write logs and checkpoints to ``out_dir``.
 
     ``resume=True`` continues from ``out_dir``'s checkpoint when there is one.
-    ``progress=True`` shows tqdm bars (on the main process). ``extra`` (JSON) is stored in
+    ``progress=True`` shows tqdm bars (on the main process, when stderr is a terminal). ``extra`` (JSON) is stored in
     every checkpoint, e.g. the preset, so ``levyattn train --resume DIR`` can rebuild the task.
     ``on_epoch_end(record)`` is called with each epoch's metrics record.
     """
@@ -352,7 +352,8 @@ class Trainer:
             )
             bar = None
             if self.progress and dist.is_main and tqdm is not None:
-                bar = tqdm(total=steps_per_epoch, initial=position["step_in_epoch"],
+                # disable=None: no bar when stderr is not a terminal, so piped logs carry no redraws
+                bar = tqdm(total=steps_per_epoch, initial=position["step_in_epoch"], disable=None,
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             model.train()
             t0 = time.perf_counter()
