@@ -82,7 +82,7 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   (``benchmarks/ratio_bounds.py``). These are not bounds on a trained model: the markers'
   own rows see the query at their gaps, the values mix vectors, the feed-forward layer is
   non-linear, and trained models were measured to rely on no single weight ratio (the same
-  readout on their query rows: 0.51-0.79). What they reach is measured in
+  readout on their query rows: 0.51-0.81). What they reach is measured in
   benchmarks/RESULTS.md (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by
   this kind only.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
