@@ -7,7 +7,8 @@ real geometry (the preset's fixed positions), computes ``log(w_a / w_b)`` for ea
 on every item and reports the best accuracy of one threshold on it: the threshold (and,
 for the power law, the content terms) fitted on the training split, the accuracy measured
 on the test split. Learned content terms add a constant to ``log(w_a / w_b)`` for the
-Gaussian and for softmax, which the fitted threshold absorbs; for the power law they add
+Gaussian and for softmax (up to their cross terms with the positions, left out here), which
+the fitted threshold absorbs; for the power law they add
 ``c_a`` and ``c_b`` under the square roots, searched on a grid.
 
 Also, as references: any rule on the integer gap difference ``g_b - g_a`` (a lookup table
@@ -162,7 +163,7 @@ def main() -> None:
     parser.add_argument(
         "--runs",
         help="a gathered runs folder (runs/<name>/ checkpoints) of the preset's models: "
-        "also measure the same readout on each trained model's query row",
+        "also measure the same readout on each trained model's query row and markers' rows",
     )
     parser.add_argument(
         "--fit-items", type=int, default=5000, help="training items the trained-model readout is fitted on"

@@ -66,14 +66,13 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   ``[d_min, d_max]`` (drawn together and redrawn until they fit the label), so the same
   threshold on the ratio of the gaps decides at every scale, 4 vs 5 tokens and 32 vs 40
   alike. Marker a is always the nearer, so which is nearer says nothing, and every item
-  holds the same tokens. Why
-  this separates kernel shapes, at the query: a distance kernel's weights give the query
-  ``w_a / w_b``, and with Brownian positions (squared distance ~ gap) the Gaussian of
-  alpha = 2, and softmax's dot product, make ``log(w_a / w_b)`` an affine function of the
-  *difference* ``g_b - g_a`` (learned content terms add constants, up to their cross terms
-  with the positions), while
-  the power law of alpha < 2 makes it ``(d + alpha) * log((1 + sqrt(g_b)) / (1 + sqrt(g_a)))``,
-  close to a function of the *ratio* (content terms shift the square roots). The label is a
+  holds the same tokens. Why this separates kernel shapes, at the query: a distance
+  kernel's weights give the query ``w_a / w_b``, and with Brownian positions (squared
+  distance ~ gap) the Gaussian of alpha = 2, and softmax's dot product, make
+  ``log(w_a / w_b)`` an affine function of the *difference* ``g_b - g_a`` (learned content
+  terms add constants, up to their cross terms with the positions), while the power law of
+  alpha < 2 makes it ``(d + alpha) * log((1 + sqrt(g_b)) / (1 + sqrt(g_a)))``, close to a
+  function of the *ratio* (content terms shift the square roots). The label is a
   threshold on the ratio; the difference decides it only in part (``g_b - g_a = 4`` is
   label 1 at gaps 8, 12 and label 0 at 20, 24). Read out through one threshold on the
   query's ``log(w_a / w_b)``, the best accuracy on the preset's test data is 0.76 for the
@@ -179,7 +178,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         K = n_values
         n_queries = {"nearest": 1, "ratio": 1, "majority": K}.get(kind, 0)
         vocab_size = 1 + 2 * K + n_noise + n_queries
-        query_id = 1 + 2 * K + n_noise  # the first query token ("nearest", "majority")
+        query_id = 1 + 2 * K + n_noise  # the first query token ("nearest", "ratio", "majority")
         m = n_markers if kind == "majority" else 2
         seqs = np.empty((n, seq_len), dtype=np.int64)
         labels = np.empty(n, dtype=np.int64)
