@@ -3,6 +3,8 @@ in tokens far apart (a bag of local windows is at chance, a wide window is not).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -394,8 +396,10 @@ def test_ratio_invariants_hold_for_any_valid_parameters(seq_len, d_min, span, ma
 
 
 def test_ratio_bad_arguments_are_named():
-    with pytest.raises(ValueError, match=r"ratio must be in \(1.0, inf\], got 1.0"):
+    with pytest.raises(ValueError, match=r"ratio must be in \(1.0, inf\), got 1.0"):
         make_multiscale_task(10, 10, kind="ratio", ratio=1.0)
+    with pytest.raises(ValueError, match=r"ratio must be in \(1.0, inf\), got inf"):
+        make_multiscale_task(10, 10, kind="ratio", ratio=math.inf)
     with pytest.raises(TypeError, match="ratio must be a number"):
         make_multiscale_task(10, 10, kind="ratio", ratio="2")
     # gaps 4-5 at ratio 2: 4 vs 5 is the only pair, always below the threshold

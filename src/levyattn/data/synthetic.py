@@ -168,7 +168,7 @@ class MultiscaleTask(SequenceClassificationDataset):
         n_markers = check_int("n_markers", n_markers, 3, d_max - d_min + 1 if kind == "majority" else None)
         if n_markers % 2 == 0:
             raise ValueError(f"n_markers must be odd (a strict majority always exists), got {n_markers}")
-        ratio = check_float("ratio", ratio, 1.0, math.inf, lo_open=True)
+        ratio = check_float("ratio", ratio, 1.0, math.inf, lo_open=True, hi_open=True)
         if kind == "ratio":
             _check_ratio_pairs(d_min, d_max, ratio)
         seed = check_int("seed", seed, 0)
