@@ -106,22 +106,24 @@ def power_law_log_ratio(geo: dict[str, np.ndarray], c_a: float, c_b: float, expo
 
 
 @torch.no_grad()
-def trained_log_ratios(model, ds, n: int, batch: int = 500) -> dict[str, np.ndarray]:
+def trained_log_ratios(model, ds, n: int, batch: int = 500) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """For the first ``n`` items of ``ds``, two (n,) scores from a trained one-layer model's
     attention: ``query``, ``log(w_a / w_b)`` in the query's row (how the query weighs the two
     markers), and ``markers``, ``log w(a -> Q) - log w(b -> Q)`` (how strongly each marker's own
-    row weighs the query)."""
+    row weighs the query); and the model's (n,) predicted labels, from the same forward pass."""
     pos_a, pos_b = marker_positions(ds)
     out = {"query": [], "markers": []}
+    predicted = []
     for start in range(0, min(n, len(ds)), batch):
         stop = min(start + batch, n, len(ds))
-        _, weights = model(ds.input_ids[start:stop], need_weights=True)
+        logits, weights = model(ds.input_ids[start:stop], need_weights=True)
+        predicted.append(logits.argmax(-1).numpy())
         w = weights[0].mean(1).double()  # (B, L, L), heads averaged (the presets have one)
         log_w = w.clamp_min(torch.finfo(torch.float64).tiny).log()
         rows, q, a, b = torch.arange(stop - start), ds.query_positions[start:stop], pos_a[start:stop], pos_b[start:stop]
         out["query"].append((log_w[rows, q, a] - log_w[rows, q, b]).numpy())
         out["markers"].append((log_w[rows, a, q] - log_w[rows, b, q]).numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
+    return {k: np.concatenate(v) for k, v in out.items()}, np.concatenate(predicted)
 
 
 @torch.no_grad()
@@ -129,24 +131,21 @@ def trained_rows(runs_dir: str, train, test, n_fit: int) -> list[dict]:
     """For every run under ``runs_dir/runs``: the model's test accuracy and the accuracy of one
     threshold on each score of :func:`trained_log_ratios` (fitted on the first ``n_fit``
     training items)."""
-    from levyattn.models import TextClassifier
-    from levyattn.training.checkpoint import load_checkpoint
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     y_fit, y_test = np.asarray(train.labels[:n_fit]), np.asarray(test.labels)
     rows = []
     for run_path in sorted(Path(runs_dir, "runs").iterdir()):
         ckpt = load_checkpoint(run_path)
-        model = TextClassifier(ckpt.model_config)
-        model.load_state_dict(ckpt.model_state_dict())
-        model.eval()
+        model = model_from_checkpoint(ckpt, "text_classifier").eval()
         c = ckpt.model_config
-        predicted = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)])
-        fit, held_out = trained_log_ratios(model, train, n_fit), trained_log_ratios(model, test, len(test))
+        fit, _ = trained_log_ratios(model, train, n_fit)
+        held_out, predicted = trained_log_ratios(model, test, len(test))
         row = {
             "run": run_path.name,
             "attention": c["attention"],
             "alpha": c["alpha"] if c["attention"] == "fna" else None,
-            "test_accuracy": float((predicted == torch.tensor(test.labels)).float().mean()),
+            "test_accuracy": float(np.mean(predicted == y_test)),
         }
         for key in fit:
             acc = threshold_accuracy(fit[key], y_fit, held_out[key], y_test)

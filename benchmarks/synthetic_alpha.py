@@ -50,13 +50,11 @@ GAP_BUCKETS = ((1, 2), (3, 5), (6, 11), (12, 10**6))
 def test_buckets(test) -> dict[str, torch.Tensor]:
     """Column name -> (N,) bool selection of test items, for the task's kind (see the module
     docstring); empty for kinds without a scale to break down."""
-    if test.kind == "nearest":
+    if test.kind in ("nearest", "ratio"):
         near = test.marker_distances.min(1).values
-        return {f"near_{lo}_{hi if hi < 10**6 else 'up'}": (near >= lo) & (near <= hi) for lo, hi in GAP_BUCKETS}
-    if test.kind == "ratio":
-        near, lo = test.marker_distances[:, 0], test.params["d_min"]
-        octaves = ((lo, 2 * lo - 1), (2 * lo, 4 * lo - 1), (4 * lo, 10**6))
-        return {f"near_{a}_{b if b < 10**6 else 'up'}": (near >= a) & (near <= b) for a, b in octaves}
+        lo = test.params["d_min"]
+        buckets = GAP_BUCKETS if test.kind == "nearest" else ((lo, 2 * lo - 1), (2 * lo, 4 * lo - 1), (4 * lo, 10**6))
+        return {f"near_{a}_{b if b < 10**6 else 'up'}": (near >= a) & (near <= b) for a, b in buckets}
     if test.kind == "majority":
         majority = torch.mode(test.marker_values, 1).values  # (M + 1) / 2 of M markers: a unique mode
         nearest = test.marker_values.gather(1, test.marker_distances.argmin(1, keepdim=True)).squeeze(1)
@@ -71,8 +69,7 @@ def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[di
     The test split is rebuilt from the preset (the task seed is the preset's, shared by all
     runs); each run's weights come from its final checkpoint in ``runs_dir/runs/<name>``.
     """
-    from levyattn.models import TextClassifier
-    from levyattn.training.checkpoint import load_checkpoint
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     args = dict(preset["data"]["task_args"])
     args.setdefault("seed", preset["data"].get("seed", 0))
@@ -81,10 +78,7 @@ def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[di
     buckets = test_buckets(test)
     rows = []
     for run in runs:
-        ckpt = load_checkpoint(f"{runs_dir}/runs/{run['name']}")
-        model = TextClassifier(ckpt.model_config)
-        model.load_state_dict(ckpt.model_state_dict())
-        model.eval()
+        model = model_from_checkpoint(load_checkpoint(f"{runs_dir}/runs/{run['name']}"), "text_classifier").eval()
         ok = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)]) == labels
         row = {
             "name": run["name"],

@@ -75,14 +75,15 @@ def test_trained_readouts_read_the_models_own_attention():
     model.token_embedding.weight.zero_()
     geo = bench.query_geometry(train, brownian_positions(64, 32).double().numpy())
     want = bench.power_law_log_ratio(geo, 0.0, 0.0, 32 + 1.2)[:30]
-    np.testing.assert_allclose(bench.trained_log_ratios(model, train, 30)["query"], want, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(bench.trained_log_ratios(model, train, 30)[0]["query"], want, rtol=1e-3, atol=1e-3)
 
     # With content, and positions shrunk so that no row is its own token alone, the marker rows'
     # normalisers differ and the two scores part: each must be the one its name says.
     torch.nn.init.normal_(model.token_embedding.weight, std=0.003)
     model.position_embedding.mul_(0.01)
-    scores = bench.trained_log_ratios(model, train, 30, batch=16)
+    scores, predicted = bench.trained_log_ratios(model, train, 30, batch=16)
     assert scores["query"].shape == scores["markers"].shape == (30,)
+    np.testing.assert_array_equal(predicted, model(train.input_ids[:30]).argmax(-1).numpy())
     x = model.token_embedding(train.input_ids[:30]).double() + model.position_embedding.double()  # (30, 64, 32)
     log_k = -(32 + 1.2) * torch.log1p(torch.cdist(x, x))
     log_k.diagonal(dim1=1, dim2=2).fill_(-torch.inf)
