@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alphas", type=_floats, default=None, help="e.g. 1,1.2,1.6,2 (default: the preset's)")
     parser.add_argument("--attention", type=_names, default=None, help="fna,softmax (default: the preset's)")
     parser.add_argument("--seeds", type=_ints, default=None, help="e.g. 0,1,2 (default: the preset's)")
+    parser.add_argument("--restarts", type=int, default=None,
+                        help="trainings per seed, the lowest final training loss kept (default: the preset's, else 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a preset setting for every run; repeatable")
     parser.add_argument("--out", default=None, help="sweep folder (default runs/sweep-<preset>)")
@@ -46,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
     alphas = args.alphas if args.alphas is not None else defaults.get("alphas", [preset["model"].get("alpha", 1.2)])
     attention = args.attention if args.attention is not None else defaults.get("attention", ["fna"])
     seeds = args.seeds if args.seeds is not None else defaults.get("seeds", [0])
+    restarts = args.restarts if args.restarts is not None else defaults.get("restarts", 1)
     out = args.out or f"runs/sweep-{args.preset}"
-    result = run_sweep(preset, alphas=alphas, attentions=attention, seeds=seeds, out_dir=out,
+    result = run_sweep(preset, alphas=alphas, attentions=attention, seeds=seeds, restarts=restarts, out_dir=out,
                        progress=not args.no_progress, gap_samples=args.gap_samples,
                        log=lambda m: print(m, flush=True))
     print()

@@ -11,6 +11,16 @@ Layout of a sweep folder ``OUT``::
 ``result.json`` exists and records the same preset (its description aside) is skipped
 when the sweep is run again; a run that was interrupted resumes from its last checkpoint.
 
+Restarts (``restarts=R``, as scikit-learn's ``KMeans(n_init=R)``): small models can stop
+on a plateau that is decided by their initialisation (a one-layer, one-head model may stay
+at chance on one seed and learn on the next). With ``R > 1`` every (attention, alpha,
+seed) is trained R times on the same data, restart ``r`` from the initialisation and
+batch order of :func:`restart_seed` (restart 0 is the plain run, so ``R = 1`` is the
+ordinary sweep), and the restart with the lowest final training loss is kept: no test
+data enters the choice. Restart folders are ``<run>-r1``, ``<run>-r2``, ...; the summary
+and the correlations are over the kept runs, and ``results.json`` lists every restart
+with ``selected`` marking the kept one.
+
 For every trained model the sweep measures the spectral gap ``1 - |lambda_2|`` of its
 attention matrices on test inputs (``levyattn.analysis.spectral_gap``; mean over
 layers, heads and inputs) and reports the Pearson and Spearman correlation of test
@@ -39,13 +49,26 @@ from levyattn.training.tasks import check_preset
 ATTENTIONS = ("fna", "softmax")
 
 
-def run_name(attention: str, alpha: float | None, seed: int) -> str:
-    return f"softmax-s{seed}" if attention == "softmax" else f"fna-a{alpha:g}-s{seed}"
+def run_name(attention: str, alpha: float | None, seed: int, restart: int = 0) -> str:
+    name = f"softmax-s{seed}" if attention == "softmax" else f"fna-a{alpha:g}-s{seed}"
+    return f"{name}-r{restart}" if restart else name
 
 
-def grid(alphas: Sequence[float], attentions: Sequence[str], seeds: Sequence[int]) -> list[dict[str, Any]]:
-    """The runs of a sweep: FNA at every alpha, softmax once per seed."""
+def restart_seed(seed: int, restart: int) -> int:
+    """The training seed (initialisation and batch order) of restart ``restart`` of ``seed``:
+    ``seed`` itself for restart 0, else a 32-bit seed drawn from numpy's
+    ``SeedSequence([seed, restart])``, so restarts of different seeds do not share streams."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+
+
+def grid(
+    alphas: Sequence[float], attentions: Sequence[str], seeds: Sequence[int], restarts: int = 1
+) -> list[dict[str, Any]]:
+    """The runs of a sweep: FNA at every alpha, softmax once per seed, each ``restarts`` times."""
     from levyattn.config import check_alpha
+    from levyattn.models.common import check_int
 
     for a in attentions:
         if a not in ATTENTIONS:
@@ -56,12 +79,15 @@ def grid(alphas: Sequence[float], attentions: Sequence[str], seeds: Sequence[int
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must list at least one seed")
+    check_int("restarts", restarts, 1)
     runs = []
     for attention in attentions:
         for alpha in alphas if attention == "fna" else [None]:
             for seed in seeds:
-                runs.append({"name": run_name(attention, alpha, seed), "attention": attention, "alpha": alpha,
-                             "seed": seed})
+                for restart in range(restarts):
+                    runs.append({"name": run_name(attention, alpha, seed, restart), "attention": attention,
+                                 "alpha": alpha, "seed": seed, "restart": restart,
+                                 "train_seed": restart_seed(seed, restart)})
     return runs
 
 
@@ -70,8 +96,21 @@ def run_preset(base: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
     preset["model"]["attention"] = run["attention"]
     if run["alpha"] is not None:
         preset["model"]["alpha"] = run["alpha"]
-    preset["train"]["seed"] = run["seed"]
+    preset["train"]["seed"] = run["train_seed"]
     return check_preset(preset)
+
+
+def select_restarts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mark in each row whether it is the kept restart of its (attention, alpha, seed): the one
+    with the lowest final training loss (ties: the earlier restart). Returns the kept rows."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in runs:
+        key = (r["attention"], r["alpha"], r["seed"])
+        if key not in best or r["final_train_loss"] < best[key]["final_train_loss"]:
+            best[key] = r
+    for r in runs:
+        r["selected"] = best[(r["attention"], r["alpha"], r["seed"])] is r
+    return [r for r in runs if r["selected"]]
 
 
 def _settings(preset: Any) -> Any:
@@ -145,11 +184,17 @@ def correlations(x: list[float], y: list[float]) -> dict[str, Any]:
 
 @dataclass
 class SweepResult:
+    """``runs``: the kept run of every (attention, alpha, seed), what ``summary`` and
+    ``correlation`` are over; ``all_runs``: every restart, kept or not (the same as ``runs``
+    with one restart)."""
+
     out_dir: Path | None
     runs: list[dict[str, Any]]
     summary: list[dict[str, Any]]
     correlation: dict[str, Any]
     skipped: list[str] = field(default_factory=list)
+    restarts: int = 1
+    all_runs: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
         """The summary as a Markdown table (mean ± std over seeds)."""
@@ -163,6 +208,8 @@ class SweepResult:
             )
         c = self.correlation
         lines.append("")
+        if self.restarts > 1:
+            lines.append(f"each seed's run: the lowest final training loss of {self.restarts} restarts")
         lines.append(
             f"accuracy vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f} (p = {c['pearson_p']:.3g}),"
             f" Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
@@ -203,6 +250,7 @@ def run_sweep(
     alphas: Sequence[float],
     attentions: Sequence[str] = ("fna",),
     seeds: Sequence[int] = (0,),
+    restarts: int = 1,
     out_dir: str | Path | None = None,
     progress: bool = False,
     gap_samples: int = 64,
@@ -210,13 +258,15 @@ def run_sweep(
 ) -> SweepResult:
     """Train every run of the grid (skipping finished ones) and write the tables.
 
-    ``log(message)`` is called before and after each run (the CLI prints it).
+    ``restarts``: trainings per (attention, alpha, seed), the lowest final training loss
+    kept (see the module docstring). ``log(message)`` is called before and after each run
+    (the CLI prints it).
     """
     check_preset(preset)
     out = Path(out_dir) if out_dir is not None else None
     runs_done: list[dict[str, Any]] = []
     skipped: list[str] = []
-    plan = grid(alphas, attentions, seeds)
+    plan = grid(alphas, attentions, seeds, restarts)
     for i, run in enumerate(plan):
         rp = run_preset(preset, run)
         run_dir = out / "runs" / run["name"] if out is not None else None
@@ -228,7 +278,8 @@ def run_sweep(
                     f"{result_file} was trained with different settings than this sweep asks for; "
                     "use another output folder or delete that run"
                 )
-            runs_done.append(stored["row"])
+            # Rows stored before restarts existed lack the restart fields: the plan has them.
+            runs_done.append({**stored["row"], **run, "final_train_loss": stored["history"][-1]["train_loss"]})
             skipped.append(run["name"])
             if log:
                 log(f"[{i + 1}/{len(plan)}] {run['name']}: done before, skipped")
@@ -241,8 +292,9 @@ def run_sweep(
         gap = attention_gap(trainer.task, trainer.model, eval_ds, gap_samples)
         row = {**run, "accuracy": result["metrics"].get(trainer.task.metric), "loss": result["metrics"].get("loss"),
                "spectral_gap": gap["spectral_gap"], "spectral_gap_std": gap["spectral_gap_std"],
-               "params": result["params"], "train_time_s": result["train_time_s"],
-               "samples_per_s": result["samples_per_s"], "wall_s": time.perf_counter() - t0}
+               "final_train_loss": result["history"][-1]["train_loss"], "params": result["params"],
+               "train_time_s": result["train_time_s"], "samples_per_s": result["samples_per_s"],
+               "wall_s": time.perf_counter() - t0}
         if result_file is not None:
             atomic_write_json(result_file, {"row": row, "gap_per_layer": gap["per_layer"], "preset": rp,
                                             "history": result["history"]})
@@ -250,18 +302,20 @@ def run_sweep(
         if log:
             log(f"[{i + 1}/{len(plan)}] {run['name']}: accuracy {row['accuracy']:.4f}, "
                 f"spectral gap {row['spectral_gap']:.4f}, {row['train_time_s']:.1f}s")
-    summary = summarise(runs_done)
-    corr = correlations([r["accuracy"] for r in runs_done], [r["spectral_gap"] for r in runs_done])
-    res = SweepResult(out, runs_done, summary, corr, skipped)
+    kept = select_restarts(runs_done)
+    summary = summarise(kept)
+    corr = correlations([r["accuracy"] for r in kept], [r["spectral_gap"] for r in kept])
+    res = SweepResult(out, kept, summary, corr, skipped, restarts=restarts, all_runs=runs_done)
     if out is not None:
         atomic_write_json(out / "results.json", {"preset": preset, "alphas": list(alphas),
                                                  "attention": list(attentions), "seeds": list(seeds),
-                                                 "runs": runs_done, "summary": summary, "correlation": corr})
+                                                 "restarts": restarts, "runs": runs_done, "summary": summary,
+                                                 "correlation": corr})
         atomic_write_text(out / "runs.csv", _csv(runs_done))
         atomic_write_text(out / "summary.csv", _csv(summary))
         atomic_write_text(out / "table.md", res.table() + "\n")
     return res
 
 
-__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "correlations", "grid", "run_name", "run_sweep",
-           "summarise"]
+__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "correlations", "grid", "restart_seed", "run_name",
+           "run_sweep", "select_restarts", "summarise"]

@@ -45,7 +45,7 @@ names to presets and :mod:`levyattn.training.presets` merges them all::
       "model": {...},                      # config dict for build_model(model_type, ...)
       "data": {"dataset": "digits", "data_dir": None, ...},   # task-specific
       "train": {...},                      # TrainConfig fields (epochs, batch_size, lr, ...)
-      "sweep": {"alphas": [...], "attention": [...], "seeds": [...]},  # defaults for sweeps
+      "sweep": {"alphas": [...], "attention": [...], "seeds": [...]},  # defaults for sweeps (also "restarts")
     }
 
 Each task module provides ``PRESETS`` and ``make_task(preset) -> Task``.
