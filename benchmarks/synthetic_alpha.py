@@ -23,6 +23,9 @@ right on the first kind of item and wrong on the second, one that weighs the mar
 every distance is right on both. For every run it reports the first epoch whose test
 accuracy reached ``--reach`` (default 0.99), from the run's metrics: whether and how fast
 each seed learned, which a mean over seeds blurs when some runs stall on a plateau.
+With ``--restarts R`` every seed is trained R times and the run with the lowest final
+training loss is the seed's (``levyattn sweep --restarts``); everything above is then
+about the kept runs, and the JSON lists every restart under ``all_runs``.
 
 Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
 the per-run folders go to ``--runs`` (default runs/bench-synthetic-alpha; re-runs skip
@@ -128,6 +131,7 @@ def main() -> None:
     p.add_argument("--alphas", default="1,1.2,1.6,2")
     p.add_argument("--attention", default="fna,softmax")
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--restarts", type=int, default=1, help="trainings per seed, the lowest final training loss kept")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--runs", default="runs/bench-synthetic-alpha")
     p.add_argument("--out", default="benchmarks/results/training_synthetic_alpha.json")
@@ -140,6 +144,7 @@ def main() -> None:
         alphas=[float(a) for a in args.alphas.split(",")],
         attentions=args.attention.split(","),
         seeds=[int(s) for s in args.seeds.split(",")],
+        restarts=args.restarts,
         out_dir=args.runs,
         gap_samples=64,
         log=lambda m: print(m, flush=True),
@@ -182,6 +187,14 @@ def main() -> None:
                 f"ahead on {verdict[label]['seeds_ahead']} of {len(paired)} seeds: "
                 f"{', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
             )
+    if args.restarts > 1:
+        print(f"\nrestarts per seed (restart: final training loss; test accuracy; * = kept) of {args.restarts}")
+        for r in res.runs:
+            mine = [x for x in res.all_runs if (x["attention"], x["alpha"], x["seed"]) == (r["attention"], r["alpha"],
+                                                                                          r["seed"])]
+            cells = ", ".join(f"{x['restart']}{'*' if x['selected'] else ''}: {x['final_train_loss']:.3f}; "
+                              f"{x['accuracy']:.4f}" for x in mine)
+            print(f"  {r['name']}: {cells}")
     reached = epochs_to_reach(args.runs, res.runs, args.reach)
     epochs = preset["train"]["epochs"]
     print(f"\nfirst epoch with test accuracy >= {args.reach:g} ('-': not within {epochs} epochs)")
@@ -207,6 +220,8 @@ def main() -> None:
         {
             "preset": preset,
             "runs": res.runs,
+            "restarts": args.restarts,
+            "all_runs": res.all_runs,
             "summary": res.summary,
             "correlation": res.correlation,
             "target": verdict,

@@ -9,7 +9,7 @@ import pytest
 from levyattn.cli import main
 from levyattn.training import checkpoint as ck
 from levyattn.training.presets import all_presets, apply_overrides, get_preset, train_preset
-from levyattn.training.sweep import run_sweep
+from levyattn.training.sweep import grid, restart_seed, run_sweep, select_restarts
 
 TINY = ["epochs=1", "limit_train=64", "limit_test=32", "d_model=8", "batch_size=16"]
 
@@ -90,6 +90,53 @@ def test_sweep_tables_and_skip_on_rerun(tmp_path):
     redescribed = {**_digits(), "description": "the same runs under another name"}
     found = run_sweep(redescribed, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path)
     assert found.skipped == ["fna-a1.2-s0"]
+
+
+def test_restart_seeds_and_grid():
+    assert restart_seed(3, 0) == 3  # restart 0 is the plain run
+    seeds = {restart_seed(s, r) for s in range(4) for r in range(4)}
+    assert len(seeds) == 16
+    runs = grid([1.2], ["fna", "softmax"], [0, 1], restarts=3)
+    assert len(runs) == 12
+    assert [r["name"] for r in runs[:3]] == ["fna-a1.2-s0", "fna-a1.2-s0-r1", "fna-a1.2-s0-r2"]
+    assert runs[1]["train_seed"] == restart_seed(0, 1) and runs[1]["seed"] == 0
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"restarts must be an int >= 1, got {bad}"):
+            grid([1.2], ["fna"], [0], restarts=bad)
+
+
+def test_select_restarts_keeps_the_lowest_training_loss():
+    def row(seed, restart, loss, attention="fna"):
+        return {"attention": attention, "alpha": 1.2, "seed": seed, "restart": restart, "final_train_loss": loss}
+
+    rows = [row(0, 0, 0.6), row(0, 1, 0.2), row(0, 2, 0.4), row(1, 0, 0.3), row(1, 1, 0.3), row(0, 0, 0.9, "softmax")]
+    kept = [(r["attention"], r["seed"], r["restart"]) for r in select_restarts(rows)]
+    assert kept == [("fna", 0, 1), ("fna", 1, 0), ("softmax", 0, 0)]  # a tie keeps the earlier restart
+    assert [r["selected"] for r in rows] == [False, True, False, True, False, True]
+
+
+def test_sweep_with_restarts(tmp_path, capsys):
+    plain = run_sweep(_digits(), alphas=[1.2], attentions=["fna"], seeds=[0, 1], out_dir=tmp_path / "plain",
+                      gap_samples=8)
+    sets = [x for s in TINY for x in ("--set", s)]
+    out = tmp_path / "restarts"
+    assert main(["sweep", "--preset", "digits-vit", "--alphas", "1.2", "--attention", "fna", "--seeds", "0,1",
+                 "--restarts", "2", "--out", str(out), "--no-progress", *sets]) == 0
+    assert "lowest final training loss of 2 restarts" in capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    assert data["restarts"] == 2 and len(data["runs"]) == 4 and data["summary"][0]["n"] == 2
+    by_name = {r["name"]: r for r in data["runs"]}
+    # restart 0 is the plain run: same initialisation, same result
+    assert by_name["fna-a1.2-s0"]["accuracy"] == plain.runs[0]["accuracy"]
+    stored = json.loads((out / "runs" / "fna-a1.2-s1-r1" / "result.json").read_text())
+    assert stored["preset"]["train"]["seed"] == restart_seed(1, 1) != 1
+    for seed in (0, 1):
+        pair = [by_name[f"fna-a1.2-s{seed}"], by_name[f"fna-a1.2-s{seed}-r1"]]
+        assert sum(r["selected"] for r in pair) == 1
+        kept = next(r for r in pair if r["selected"])
+        assert kept["final_train_loss"] == min(r["final_train_loss"] for r in pair)
+    kept_mean = sum(r["accuracy"] for r in data["runs"] if r["selected"]) / 2
+    assert data["summary"][0]["accuracy_mean"] == pytest.approx(kept_mean)
 
 
 def test_demo_quick_writes_the_report(tmp_path, capsys):
