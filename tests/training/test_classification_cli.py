@@ -9,7 +9,7 @@ import pytest
 from levyattn.cli import main
 from levyattn.training import checkpoint as ck
 from levyattn.training.presets import all_presets, apply_overrides, get_preset, train_preset
-from levyattn.training.sweep import grid, restart_seed, run_sweep, select_restarts
+from levyattn.training.sweep import SweepResult, correlations, grid, restart_seed, run_sweep, select_restarts
 
 TINY = ["epochs=1", "limit_train=64", "limit_test=32", "d_model=8", "batch_size=16"]
 
@@ -113,6 +113,15 @@ def test_select_restarts_keeps_the_lowest_training_loss():
     kept = [(r["attention"], r["seed"], r["restart"]) for r in select_restarts(rows)]
     assert kept == [("fna", 0, 1), ("fna", 1, 0), ("softmax", 0, 0)]  # a tie keeps the earlier restart
     assert [r["selected"] for r in rows] == [False, True, False, True, False, True]
+
+
+def test_table_says_why_a_correlation_is_undefined():
+    summary = [{"attention": "fna", "alpha": 1.2, "n": 2, "accuracy_mean": 0.9, "accuracy_std": 0.01,
+                "gap_mean": 0.1, "gap_std": 0.0, "params": 10, "time_mean": 1.0}]
+    few = SweepResult(None, [], summary, correlations([0.9, 0.8], [0.1, 0.2]))
+    assert "over 2 runs: undefined (needs 3 or more runs" in few.table()
+    enough = SweepResult(None, [], summary, correlations([0.9, 0.8, 0.7], [0.1, 0.2, 0.4]))
+    assert "over 3 runs: Pearson r = -0.982" in enough.table() and "undefined" not in enough.table()
 
 
 def test_sweep_with_restarts(tmp_path, capsys):

@@ -210,10 +210,14 @@ class SweepResult:
         lines.append("")
         if self.restarts > 1:
             lines.append(f"each seed's run: the lowest final training loss of {self.restarts} restarts")
-        lines.append(
-            f"accuracy vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f} (p = {c['pearson_p']:.3g}),"
-            f" Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
-        )
+        if math.isnan(c["pearson_r"]):
+            lines.append(f"accuracy vs spectral gap over {c['n']} runs: undefined (needs 3 or more runs, "
+                         "and neither accuracy nor gap the same in all)")
+        else:
+            lines.append(
+                f"accuracy vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f}"
+                f" (p = {c['pearson_p']:.3g}), Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
+            )
         return "\n".join(lines)
 
 
