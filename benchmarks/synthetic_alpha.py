@@ -65,6 +65,23 @@ def test_buckets(test) -> dict[str, torch.Tensor]:
     return {}
 
 
+def paired_tests(differences: list[float]) -> dict[str, float]:
+    """One-sided p-values that the per-seed differences (best alpha minus baseline) are
+    positive: paired t-test, Wilcoxon signed-rank and sign test; NaN below 3 seeds."""
+    from scipy import stats
+
+    nan = float("nan")
+    if len(differences) < 3:
+        return {"paired_t_p": nan, "wilcoxon_p": nan, "sign_p": nan}
+    nonzero = [d for d in differences if d != 0]
+    return {
+        "paired_t_p": float(stats.ttest_1samp(differences, 0.0, alternative="greater").pvalue),
+        "wilcoxon_p": float(stats.wilcoxon(nonzero, alternative="greater").pvalue) if nonzero else nan,
+        "sign_p": float(stats.binomtest(sum(d > 0 for d in nonzero), len(nonzero), alternative="greater").pvalue)
+        if nonzero else nan,
+    }
+
+
 @torch.no_grad()
 def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[dict]:
     """Test accuracy of every finished run, overall and in each of :func:`test_buckets`.
@@ -180,12 +197,18 @@ def main() -> None:
                 "met": bool(margin > spread and not math.isnan(margin)),
                 "paired_differences": paired,
                 "seeds_ahead": sum(d > 0 for d in paired.values()),
+                **paired_tests(list(paired.values())),
             }
             print(
                 f"target vs {label}: best alpha {best['alpha']:g} leads by {margin:+.4f} "
                 f"(seed spread {spread:.4f}) -> {'met' if verdict[label]['met'] else 'NOT met'}; "
                 f"ahead on {verdict[label]['seeds_ahead']} of {len(paired)} seeds: "
                 f"{', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
+            )
+            tests = verdict[label]
+            print(
+                f"  paired by seed (not the target's rule), one-sided: t-test p = {tests['paired_t_p']:.3g}, "
+                f"Wilcoxon signed-rank p = {tests['wilcoxon_p']:.3g}, sign test p = {tests['sign_p']:.3g}"
             )
     if args.restarts > 1:
         print(f"\nrestarts per seed (restart: final training loss; test accuracy; * = kept) of {args.restarts}")

@@ -1,0 +1,30 @@
+"""benchmarks/synthetic_alpha.py: its paired tests of the per-seed differences."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "synthetic_alpha.py"
+_spec = importlib.util.spec_from_file_location("synthetic_alpha_benchmark", _PATH)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_paired_tests_on_known_differences():
+    # 6 of 7 positive, one tiny negative: the sign test is P(Binomial(7, 1/2) >= 6) = 8/128
+    diffs = [0.099, 0.0865, 0.0175, -0.0015, 0.102, 0.0485, 0.0125]
+    p = bench.paired_tests(diffs)
+    assert p["sign_p"] == pytest.approx(8 / 128)
+    assert p["paired_t_p"] == pytest.approx(0.0100, abs=5e-4)
+    assert p["wilcoxon_p"] == pytest.approx(2 / 128)  # exact: only the smallest rank is negative
+    behind = bench.paired_tests([-d for d in diffs])
+    assert behind["sign_p"] > 0.9 and behind["paired_t_p"] > 0.9 and behind["wilcoxon_p"] > 0.9
+
+
+def test_paired_tests_need_three_seeds():
+    assert all(math.isnan(v) for v in bench.paired_tests([0.1, 0.2]).values())
+    assert all(math.isnan(v) for v in bench.paired_tests([0.0, 0.0, 0.0]).values())
