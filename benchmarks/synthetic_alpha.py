@@ -2,7 +2,9 @@
 
 Runs the ``multiscale-1layer`` preset as a sweep (FNA at each alpha, and softmax) and
 checks the one-layer target: FNA with some alpha < 2 beats alpha = 2 and softmax by more
-than the seed spread (the larger of the two standard deviations).
+than the seed spread (the larger of the two standard deviations). Beside that rule it gives
+the per-seed differences (same seed: same data, initialisation and batch order) and one-sided
+paired t, Wilcoxon signed-rank and sign tests of them.
 
     python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
     python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
