@@ -207,10 +207,10 @@ def main() -> None:
                 f"ahead on {verdict[label]['seeds_ahead']} of {len(paired)} seeds: "
                 f"{', '.join(f'{s}: {d:+.4f}' for s, d in paired.items())}"
             )
-            tests = verdict[label]
+            pvals = verdict[label]
             print(
-                f"  paired by seed (not the target's rule), one-sided: t-test p = {tests['paired_t_p']:.3g}, "
-                f"Wilcoxon signed-rank p = {tests['wilcoxon_p']:.3g}, sign test p = {tests['sign_p']:.3g}"
+                f"  paired by seed (not the target's rule), one-sided: t-test p = {pvals['paired_t_p']:.3g}, "
+                f"Wilcoxon signed-rank p = {pvals['wilcoxon_p']:.3g}, sign test p = {pvals['sign_p']:.3g}"
             )
     if args.restarts > 1:
         print(f"\nrestarts per seed (restart: final training loss; test accuracy; * = kept) of {args.restarts}")
