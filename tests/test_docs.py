@@ -86,7 +86,7 @@ def test_levyattn_commands_parse(shell, capsys):
             pytest.fail(f"`{shlex.join(words)}` does not parse: {capsys.readouterr().err}")
         name = getattr(parsed, "preset", None)
         if name is not None:  # the preset exists and its model and training take the --set keys
-            preset = apply_overrides(get_preset(name), split_overrides(getattr(parsed, "set", None)))
+            preset = apply_overrides(get_preset(name), split_overrides(parsed.overrides))
             TrainConfig.from_dict(preset["train"])
             model_fields = {f.name for f in dataclasses.fields(CONFIG_TYPES[preset["model_type"]])}
             assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
