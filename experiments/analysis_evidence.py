@@ -1,4 +1,4 @@
-"""Evidence for FNA_SPEC §5's mechanistic claims, measured (nothing here is asserted).
+"""Evidence for the paper's mechanistic claims (docs/analysis.md), measured (nothing here is asserted).
 
 Part A -- FNA kernel matrices on manifolds: N points sampled uniformly from the sphere S^m
 (in R^(m+1)) and the flat torus T^m (product of unit circles, in R^(2m)), intrinsic

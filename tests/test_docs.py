@@ -136,3 +136,22 @@ def test_site_builds_strict(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+# Documents outside the repository that the code must not cite: the pages of docs/ hold them.
+EXTERNAL = re.compile(r"FNA_SPEC|FRACTIONAL_LENS|seed-[\w-]+\.md|(?<![\w/])DESIGN\.md")
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".txt", ".cpp", ".h", ".json", ".cfg", ".sh"}
+
+
+def test_nothing_cites_documents_outside_the_repository():
+    files = [ROOT / name for name in ("README.md", "pyproject.toml", "mkdocs.yml", ".ci/run")]
+    for top in ("src", "tests", "benchmarks", "experiments", "examples", "docs"):
+        files += [p for p in (ROOT / top).rglob("*") if p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts]
+    cited = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        if path.is_file() and path != Path(__file__).resolve()
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if EXTERNAL.search(line)
+    ]
+    assert not cited, "citations of documents outside the repository:\n" + "\n".join(cited)

@@ -60,7 +60,7 @@ def test_trained_readouts_read_the_models_own_attention():
     # The preset's model (post-LN, qk_share, orthogonal, rescale off, bandwidth 1) attends with
     # log K(i, j) = -(d + alpha) log(1 + ||x_i - x_j||) on x = token embedding + position: the
     # orthogonal projection keeps distances. Each row is normalised over the other tokens
-    # (qk_share excludes the self-pair, FNA_SPEC).
+    # (qk_share excludes the self-pair, docs/operator.md).
     from levyattn.training.tasks.classification import PRESETS, ClassificationTask
 
     preset = PRESETS["multiscale-ratio-brownian-1layer"]
