@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_ruff_check_passes():
     result = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "benchmarks"],
+        [sys.executable, "-m", "ruff", "check", "--no-cache", "src", "tests", "benchmarks", "experiments"],
         cwd=ROOT,
         capture_output=True,
         text=True,

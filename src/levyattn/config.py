@@ -87,7 +87,7 @@ def check_d_intrinsic(d_intrinsic: Any) -> float | None:
 
 @dataclass(frozen=True)
 class FNAConfig:
-    """The fractional kernel ``Phi_alpha`` and how distances enter it (FNA_SPEC §1).
+    """The fractional kernel ``Phi_alpha`` and how distances enter it (docs/operator.md, "The operator, per head").
 
     alpha:        Lévy index in (0, 2]; < 2 power law ``(1 + z/eps^(1/alpha))^-(d_M+alpha)``,
                   = 2 Gaussian ``exp(-z^2/eps)``.

@@ -124,7 +124,7 @@ def fractional_attention(
     return_weights: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fractional neural attention (FNA_SPEC §1).
+    """Fractional neural attention (docs/operator.md, "The operator, per head").
 
     Args:
         q: (B, H, Nq, d) queries.  k: (B, H, Nk, d) keys.  v: (B, H, Nk, dv) values.

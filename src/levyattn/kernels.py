@@ -1,6 +1,6 @@
 """The fractional kernel in the log domain: distances, kappa and ``log Phi_alpha``.
 
-Conventions (FNA_SPEC §1-2):
+Conventions (docs/operator.md, "The operator, per head" and "Numerics"):
 - q: (..., Nq, d), k: (..., Nk, d); kernels return (..., Nq, Nk) log-weights.
 - Row normalisation of Phi is ``softmax(log Phi)``; computing ``log Phi`` directly keeps
   every scale exact where ``Phi`` itself underflows.
@@ -143,7 +143,7 @@ def log_kernel(
 
 
 def phi(z: torch.Tensor, alpha: float, bandwidth: float, d_intrinsic: float) -> torch.Tensor:
-    """``Phi_alpha(z)`` in the direct form of FNA_SPEC §1 (underflows for large z; for tests
+    """``Phi_alpha(z)`` in the direct form of docs/operator.md (underflows for large z; for tests
     and illustrations, never used by the attention backends)."""
     if alpha >= 2:
         return torch.exp(-((z / bandwidth ** (1.0 / alpha)) ** (alpha / (alpha - 1.0))))

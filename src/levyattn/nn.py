@@ -121,7 +121,7 @@ def _combine_masks(
 class _MultiheadBase(nn.Module):
     """Projections, mask handling and the nn.MultiheadAttention call shared by both kinds.
 
-    ``orthogonal`` constrains W_Q and W_K to orthogonal matrices (FNA_SPEC §4). With one head
+    ``orthogonal`` constrains W_Q and W_K to orthogonal matrices (docs/modules.md). With one head
     W_Q is then omitted, as in the reference models: a rotation shared by queries and keys
     changes neither their distances nor their dot products, so W_K alone carries W_Q^T W_K.
     ``qk_share`` uses one projection for queries and keys.

@@ -65,7 +65,7 @@ class DiffusionMap:
         alpha: Lévy index of the FNA kernel in (0, 2] (2 = Gaussian). Ignored for
             ``kernel="gaussian"`` (alpha = 2) and ``"precomputed"``.
         kernel: "fna", "gaussian" or "precomputed" (``fit`` takes an (N, N) Markov matrix).
-        bandwidth: eps > 0 as in FNA_SPEC (length scale ``eps**(1/alpha)``), or "auto": the
+        bandwidth: eps > 0 as in docs/operator.md (length scale ``eps**(1/alpha)``), or "auto": the
             length scale is the median distance of a point to its ``n_neighbors``-th nearest
             neighbour and ``eps = scale**alpha``.
         density_a: Coifman-Lafon density normalisation exponent in [0, 1].

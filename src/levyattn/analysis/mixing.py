@@ -128,7 +128,8 @@ def mixing_time(
 
     Args:
         P: (..., N, N) row-stochastic torch tensor or numpy array.
-        mask / lengths: valid tokens (True = valid), as in :func:`spectral_gap`.
+        mask: bool (..., N), True = valid token, as in :func:`spectral_gap`.
+        lengths: (...,) instead of ``mask``: the first ``lengths`` tokens are valid.
         eps: total-variation threshold in (0, 1); 1/4 is the standard mixing time.
         max_steps: larger mixing times (and walks that never mix) are reported as ``inf``.
         exact_max_n: exact up to this many valid tokens, the sampled lower bound beyond.

@@ -250,7 +250,8 @@ def path_lengths(
 
     Args:
         P: (..., N, N) row-stochastic torch tensor or numpy array.
-        mask / lengths: valid tokens (True = valid), as in :func:`spectral_gap`.
+        mask: bool (..., N), True = valid token, as in :func:`spectral_gap`.
+        lengths: (...,) instead of ``mask``: the first ``lengths`` tokens are valid.
         kind: "weighted" (edge length ``-log P_ij``) or "hops" (unweighted, thresholded).
         threshold: for "hops", keep edges with ``P_ij >= threshold``; default ``1/n``.
             Must lie in (0, 1].

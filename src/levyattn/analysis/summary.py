@@ -92,7 +92,8 @@ def attention_summary(
             or a mapping ``{layer name: tensor}`` / a sequence of tensors (named ``layer0``,
             ``layer1``, ...), e.g. a Hugging Face model's ``outputs.attentions``.
         mask: bool (B, N) or (N,), True = valid token, shared by every layer and head.
-        mixing / paths: skip the costlier analyses when False.
+        mixing: False skips the mixing times (the costlier analyses).
+        paths: False skips the shortest paths.
 
     Returns a dict (JSON-serialisable; ``null`` = infinite or undefined) with
     ``"records"`` (one per layer, batch element and head: every metric of ``METRICS`` plus

@@ -1,4 +1,4 @@
-"""FNA for any alpha through FlexAttention's ``score_mod`` (FNA_SPEC §3).
+"""FNA for any alpha through FlexAttention's ``score_mod`` (docs/operator.md, "Backends").
 
 With ``q^ = [-2q, ||q||^2, 1]`` and ``k^ = [k, 1, ||k||^2]``, ``q^ . k^ = ||q - k||^2``; the
 score modifier turns that squared distance into ``log Phi_alpha`` inside the fused

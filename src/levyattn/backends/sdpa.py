@@ -1,4 +1,4 @@
-"""alpha = 2 (Euclidean) exactly through ``scaled_dot_product_attention`` (FNA_SPEC §3).
+"""alpha = 2 (Euclidean) exactly through ``scaled_dot_product_attention`` (docs/operator.md, "Backends").
 
 ``-||q - k||^2 / (kappa^2 eps) = (2 q.k - ||k||^2) / (kappa^2 eps) - ||q||^2 / (kappa^2 eps)``
 and the last term is constant along a row, so with ``q~ = [q, 1]``,

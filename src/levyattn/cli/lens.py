@@ -39,7 +39,7 @@ def parse_distances(text: str) -> list[int] | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a local model directory (save_pretrained) or a Hugging Face hub id (needs network)")
     p.add_argument("--protocol", choices=("published", "dense"), default="published",
-                   help="published: last query, key d back, length d+50 (FRACTIONAL_LENS.md §1); dense: all pairs")
+                   help="published: last query, key d back, length d+50 (docs/lens.md); dense: all pairs")
     p.add_argument("--prompts", type=int, default=150, help="prompts per seed (published atlas: 150)")
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 7], help="prompt seeds (default 42 123 7)")
     p.add_argument("--distances", default="published",

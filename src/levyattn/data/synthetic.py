@@ -55,7 +55,7 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   can solve the task in principle (only the sign of the two weights' difference matters),
   so the difference shows in training and in accuracy at the extremes, not as a hard
   limit; with the standard sinusoidal positions (squared distance ~ log(gap)) the ranking
-  reverses. Measured in benchmarks/RESULTS.md (presets ``multiscale-nearest-1layer``,
+  reverses. Measured in experiments/RESULTS.md (presets ``multiscale-nearest-1layer``,
   ``multiscale-nearest-brownian-1layer``, ``multiscale-nearest-brownian-256-1layer``).
   ``positions`` holds the two markers' positions (sorted), ``query_positions`` the
   query's and ``marker_distances`` (N, 2) the gaps of ``T_a`` and ``T_b``.
@@ -78,11 +78,11 @@ Construction of one item (label drawn first, uniform over {0, 1}):
   query's ``log(w_a / w_b)``, the best accuracy on the preset's test data is 0.76 for the
   Gaussian and softmax (0.70 for any rule on the integer difference; the approximate
   Brownian geometry adds a little) and 0.97 for the power law at alpha 1.2
-  (``benchmarks/ratio_bounds.py``). These are not bounds on a trained model: the markers'
+  (``experiments/ratio_bounds.py``). These are not bounds on a trained model: the markers'
   own rows see the query at their gaps, the values mix vectors, the feed-forward layer is
   non-linear, and trained models were measured to rely on no single weight ratio (the same
   readout on their query rows: 0.51-0.81). What they reach is measured in
-  benchmarks/RESULTS.md (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by
+  experiments/RESULTS.md (preset ``multiscale-ratio-brownian-1layer``). ``ratio`` is used by
   this kind only.
 - ``kind="majority"`` (multiscale majority vote): a *query* token ``Q_v`` carrying a value
   ``v`` and ``n_markers`` (odd, M) tagged markers, each at its own gap from the query drawn

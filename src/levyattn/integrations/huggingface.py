@@ -723,8 +723,13 @@ def to_fna(
         calibration_inputs: a tensor of the model's main input (``input_ids``,
             ``pixel_values``), a mapping of tensors (a tokenizer's output, with
             ``attention_mask`` for padding), or a list of them; None skips calibration.
-        alpha, manifold, rescale, d_intrinsic, sphere_radius, density_a, backend: as the
-            ``fna_*`` config keys (scalars or per-layer lists; alpha also per head).
+        alpha: as the ``fna_alpha`` config key (a scalar, per layer or per layer and head).
+        manifold: as ``fna_manifold`` (a scalar or per layer).
+        rescale: as ``fna_rescale`` (a scalar or per layer).
+        d_intrinsic: as ``fna_d_intrinsic`` (a scalar or per layer).
+        sphere_radius: as ``fna_sphere_radius`` (a scalar or per layer).
+        density_a: as ``fna_density_a`` (a scalar or per layer).
+        backend: as ``fna_backend`` (one for the whole model).
         bandwidth: the initial bandwidth (kept as is without calibration inputs).
         per_head: calibrate one bandwidth per head instead of per layer.
         objective: "attention" -- stop after the layer-wise attention-row calibration (one

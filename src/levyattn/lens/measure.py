@@ -23,7 +23,7 @@ never needed. ``info["forward_module"]`` names the module that ran.
 
 Protocols
 ---------
-``published`` (FRACTIONAL_LENS.md §1): for each distance ``d`` a prompt of length ``d + 50``;
+``published`` (docs/lens.md, "What is measured"): for each distance ``d`` a prompt of length ``d + 50``;
 the query is the last position ``L - 1`` and the key ``L - 1 - d``; the weight is averaged over
 heads, then layers, then prompts; ``n_prompts`` prompts per seed, seeds 42, 123, 7.
 For a causal model positions ``0 .. d + 49`` of a longer sequence are computed exactly as in a

@@ -41,7 +41,7 @@ names to presets and :mod:`levyattn.training.presets` merges them all::
     {
       "task": "classification",            # module levyattn.training.tasks.<task>
       "description": "one line",
-      "model_type": "classifier",          # key of levyattn.models.MODEL_TYPES
+      "model_type": "text_classifier",     # key of levyattn.models.MODEL_TYPES
       "model": {...},                      # config dict for build_model(model_type, ...)
       "data": {"dataset": "digits", "data_dir": None, ...},   # task-specific
       "train": {...},                      # TrainConfig fields (epochs, batch_size, lr, ...)

@@ -268,7 +268,7 @@ def make_task(preset: dict[str, Any]) -> ClassificationTask:
 
 
 # ---------------------------------------------------------------------------------------
-# Presets. The paper's settings (FNA_SPEC.md section 5) and small ones that finish on a
+# Presets. The paper's settings (docs/training.md, "The paper's experiments") and small ones that finish on a
 # laptop CPU in minutes. The text model type is "text_classifier"; images use "vit".
 
 _ONE_LAYER_TEXT = dict(
@@ -309,7 +309,7 @@ def _imdb_deep(orthogonal: bool) -> dict[str, Any]:
 def _multiscale_1layer(description: str, task_args: dict[str, Any], positional: str = "sinusoidal") -> dict[str, Any]:
     """The one shared setting of the one-layer comparisons on the multiscale position tasks
     ("nearest", "ratio", "majority"): the same model, data size and training for every alpha and for
-    softmax, fixed by pilots (see benchmarks/RESULTS.md). Fixed sinusoidal positions, so the
+    softmax, fixed by pilots (see experiments/RESULTS.md). Fixed sinusoidal positions, so the
     positional geometry the kernel acts on cannot be re-learned, and one filler token with no
     distractors (with learned positions or 16 noise tokens every model stayed at chance);
     rescale off as in multiscale-1layer (with it on, kappa = 258 for alpha < 2 at d = 32 and
@@ -396,7 +396,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model_type": "text_classifier",
         # rescale off: with kappa = sqrt(d)/(2^(1/d) - 1) (258 at d = 32) the kernel starts out
         # nearly flat and the one-layer model stays at chance on this task for 10+ epochs;
-        # with kappa = 1 it solves it in about 5 (measured; see benchmarks/RESULTS.md).
+        # with kappa = 1 it solves it in about 5 (measured; see experiments/RESULTS.md).
         "model": {"num_layers": 1, "num_heads": 1, "d_model": 32, "attention": "fna", "alpha": 1.2,
                   "bandwidth": 1.0, "manifold": "euclidean", "rescale": False, "orthogonal": True,
                   "qk_share": True, "dropout": 0.0},

@@ -299,7 +299,7 @@ def make_task(preset: dict[str, Any]) -> TranslationTask:
 
 # ----------------------------------------------------------------------------- presets
 
-# The paper's translation settings (FNA_SPEC: Multi30K En-De, alpha 1.2, bandwidth 1,
+# The paper's translation settings (docs/training.md: Multi30K En-De, alpha 1.2, bandwidth 1,
 # Euclidean, lr 2.2e-4), on the classic Transformer-base-like Multi30K configuration.
 _PAPER_MODEL = {
     "d_model": 512, "num_encoder_layers": 3, "num_decoder_layers": 3, "num_heads": 8, "dim_feedforward": 512,

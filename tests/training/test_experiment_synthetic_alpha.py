@@ -1,4 +1,4 @@
-"""benchmarks/synthetic_alpha.py: its paired tests of the per-seed differences."""
+"""experiments/synthetic_alpha.py: its paired tests of the per-seed differences."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "synthetic_alpha.py"
+_PATH = Path(__file__).resolve().parents[2] / "experiments" / "synthetic_alpha.py"
 _spec = importlib.util.spec_from_file_location("synthetic_alpha_benchmark", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)

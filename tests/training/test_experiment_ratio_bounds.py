@@ -1,4 +1,4 @@
-"""benchmarks/ratio_bounds.py: its threshold rule, its geometry and its kernels are the library's."""
+"""experiments/ratio_bounds.py: its threshold rule, its geometry and its kernels are the library's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from levyattn.data import make_multiscale_task
 from levyattn.kernels import log_phi_from_sq
 from levyattn.models.common import brownian_positions
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "ratio_bounds.py"
+_PATH = Path(__file__).resolve().parents[2] / "experiments" / "ratio_bounds.py"
 _spec = importlib.util.spec_from_file_location("ratio_bounds_benchmark", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
@@ -60,7 +60,7 @@ def test_trained_readouts_read_the_models_own_attention():
     # The preset's model (post-LN, qk_share, orthogonal, rescale off, bandwidth 1) attends with
     # log K(i, j) = -(d + alpha) log(1 + ||x_i - x_j||) on x = token embedding + position: the
     # orthogonal projection keeps distances. Each row is normalised over the other tokens
-    # (qk_share excludes the self-pair, FNA_SPEC).
+    # (qk_share excludes the self-pair, docs/operator.md).
     from levyattn.training.tasks.classification import PRESETS, ClassificationTask
 
     preset = PRESETS["multiscale-ratio-brownian-1layer"]

@@ -17,17 +17,17 @@ construction).
 
 These are accuracies of one readout route, not bounds on a trained model: the markers'
 own attention rows and the feed-forward layer carry other evidence. With ``--runs`` (a
-folder of the preset's trained runs, as ``benchmarks/synthetic_alpha.py`` writes them) the
+folder of the preset's trained runs, as ``experiments/synthetic_alpha.py`` writes them) the
 same one-threshold readout is measured on each trained model's own attention: on the
 query's row (``log(w_a / w_b)``) and on the markers' rows (``log w(a -> Q) - log w(b -> Q)``),
 beside the model's test accuracy, to see which route the trained models use.
 
-    python benchmarks/ratio_bounds.py
-    python benchmarks/ratio_bounds.py --preset multiscale-ratio-brownian-1layer --set data.task_args.ratio=1.5
-    python benchmarks/ratio_bounds.py --runs runs/bench-synthetic-ratio-brownian \
-        --out benchmarks/results/ratio_bounds_trained.json
+    python experiments/ratio_bounds.py
+    python experiments/ratio_bounds.py --preset multiscale-ratio-brownian-1layer --set data.task_args.ratio=1.5
+    python experiments/ratio_bounds.py --runs runs/bench-synthetic-ratio-brownian \
+        --out experiments/results/ratio_bounds_trained.json
 
-Prints a table and writes JSON (default benchmarks/results/ratio_bounds.json).
+Prints a table and writes JSON (default experiments/results/ratio_bounds.json).
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument(
         "--fit-items", type=int, default=5000, help="training items the trained-model readout is fitted on"
     )
-    parser.add_argument("--out", default="benchmarks/results/ratio_bounds.json")
+    parser.add_argument("--out", default="experiments/results/ratio_bounds.json")
     args = parser.parse_args()
     preset = apply_overrides(get_preset(args.preset), args.set)
     task_args = preset["data"]["task_args"]

@@ -11,10 +11,10 @@ training time and the total wall time.
 On a shared 2-core machine, ``--threads 1`` is much faster than 2 intra-op threads (which
 contend with everything else on the machine).
 
-    python benchmarks/translation_toy.py                    # both kinds, seed 0
-    python benchmarks/translation_toy.py --seeds 0,1 --set train.epochs=6
+    python experiments/translation_toy.py                    # both kinds, seed 0
+    python experiments/translation_toy.py --seeds 0,1 --set train.epochs=6
 
-Prints a markdown table and writes JSON (default benchmarks/results/translation_toy.json).
+Prints a markdown table and writes JSON (default experiments/results/translation_toy.json).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="edit both presets (e.g. train.epochs=6)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="benchmarks/results/translation_toy.json")
+    p.add_argument("--out", default="experiments/results/translation_toy.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     atomic_write_json(Path(args.out), {
         "benchmark": "translation_toy",
-        "command": "python benchmarks/translation_toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python experiments/translation_toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
         "rows": rows, "markdown": table,
     })

@@ -19,10 +19,10 @@ mixing steps (TV <= 1/4), mean shortest path with edge length ``-log P_ij`` and 
 (edges ``P_ij >= 1/n``), normalised row entropy. Reported: means over matrices per run,
 then mean ± std over seeds; test accuracy on the whole test split.
 
-    OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/analysis_trained.py [--seeds 0,1,2] [--examples 128]
+    OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/analysis_trained.py [--seeds 0,1,2] [--examples 128]
 
-Prints a table, writes benchmarks/results/analysis_trained.json and
-benchmarks/figures/analysis_trained.png (spectral gap vs test accuracy, one point per run).
+Prints a table, writes experiments/results/analysis_trained.json and
+experiments/figures/analysis_trained.png (spectral gap vs test accuracy, one point per run).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evidence for FNA_SPEC §5's mechanistic claims, measured (nothing here is asserted).
+"""Evidence for the paper's mechanistic claims (docs/analysis.md), measured (nothing here is asserted).
 
 Part A -- FNA kernel matrices on manifolds: N points sampled uniformly from the sphere S^m
 (in R^(m+1)) and the flat torus T^m (product of unit circles, in R^(2m)), intrinsic
@@ -15,10 +15,10 @@ random projections W_q, W_k ~ N(0, gain^2 / d_model), 4 heads of dim 16; FNA via
 ``fractional_attention(..., return_weights=True)`` (rescale on, as in the paper) for each
 alpha, softmax via ``softmax(q k^T / sqrt(d))``. Two weight scales (gain 1 and 4).
 
-    .venv/bin/python benchmarks/analysis_evidence.py [--n 256] [--seeds 3] [--dims 1,2,3,4,6,8]
+    .venv/bin/python experiments/analysis_evidence.py [--n 256] [--seeds 3] [--dims 1,2,3,4,6,8]
 
-Prints tables, writes benchmarks/results/analysis_evidence.json and
-benchmarks/figures/analysis_evidence_{gap,paths}.png.
+Prints tables, writes experiments/results/analysis_evidence.json and
+experiments/figures/analysis_evidence_{gap,paths}.png.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main() -> None:
     print("Part B: random-weight attention layers, same inputs (means over manifolds, dims, seeds, heads)")
     b_rows = part_b(args.n, args.seeds, dims)
     print(table(b_rows, ["gain", "attention", "gap", "mixing", "path", "hops"]))
-    figures = Path("benchmarks/figures")
+    figures = Path("experiments/figures")
     for metric, label in (("gap", "spectral gap 1 - |λ2|"), ("path", "mean shortest path (-log P)")):
         series = {}
         for manifold in ("sphere", "torus"):
@@ -146,11 +146,11 @@ def main() -> None:
                 ]
         plot_lines(dims, series, figures / f"analysis_evidence_{metric}.png", "intrinsic dimension m", label,
                    title=f"FNA kernel on S^m and T^m, N={args.n}, matched bandwidth")
-    out = Path("benchmarks/results/analysis_evidence.json")
+    out = Path("experiments/results/analysis_evidence.json")
     atomic_write_json(out, {"n": args.n, "seeds": args.seeds, "dims": dims, "alphas": list(ALPHAS),
                             "kernel_matrices": a_rows, "random_layers": b_rows,
                             "seconds": time.perf_counter() - t0})
-    print(f"wrote {out} and benchmarks/figures/analysis_evidence_{{gap,paths}}.png "
+    print(f"wrote {out} and experiments/figures/analysis_evidence_{{gap,paths}}.png "
           f"in {time.perf_counter() - t0:.0f}s")
 
 

@@ -6,13 +6,13 @@ than the seed spread (the larger of the two standard deviations). Beside that ru
 the per-seed differences (same seed: same data, initialisation and batch order) and one-sided
 paired t, Wilcoxon signed-rank and sign tests of them.
 
-    python benchmarks/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
-    python benchmarks/synthetic_alpha.py --set epochs=10 --seeds 0,1
-    python benchmarks/synthetic_alpha.py --preset multiscale-majority-1layer \
-        --runs runs/bench-synthetic-majority --out benchmarks/results/training_synthetic_alpha_majority.json
-    python benchmarks/synthetic_alpha.py --preset multiscale-nearest-brownian-256-1layer --alphas 1.2,2 \
+    python experiments/synthetic_alpha.py                       # alphas 1,1.2,1.6,2 and softmax; seeds 0,1,2
+    python experiments/synthetic_alpha.py --set epochs=10 --seeds 0,1
+    python experiments/synthetic_alpha.py --preset multiscale-majority-1layer \
+        --runs runs/bench-synthetic-majority --out experiments/results/training_synthetic_alpha_majority.json
+    python experiments/synthetic_alpha.py --preset multiscale-nearest-brownian-256-1layer --alphas 1.2,2 \
         --seeds 0,1,2,3,4,5,6,7 --runs runs/bench-synthetic-nearest-brownian-256 \
-        --out benchmarks/results/training_synthetic_alpha_nearest_brownian_256.json
+        --out experiments/results/training_synthetic_alpha_nearest_brownian_256.json
 
 From the runs' final checkpoints it also breaks the test accuracy down where the task has
 a scale: on ``kind="nearest"`` (preset ``multiscale-nearest-1layer``) by the *scale* of the
@@ -29,7 +29,7 @@ With ``--restarts R`` every seed is trained R times and the run with the lowest 
 training loss is the seed's (``levyattn sweep --restarts``); everything above is then
 about the kept runs, and the JSON lists every restart under ``all_runs``.
 
-Prints the table and writes JSON (default benchmarks/results/training_synthetic_alpha.json);
+Prints the table and writes JSON (default experiments/results/training_synthetic_alpha.json);
 the per-run folders go to ``--runs`` (default runs/bench-synthetic-alpha; re-runs skip
 finished runs).
 """
@@ -153,7 +153,7 @@ def main() -> None:
     p.add_argument("--restarts", type=int, default=1, help="trainings per seed, the lowest final training loss kept")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--runs", default="runs/bench-synthetic-alpha")
-    p.add_argument("--out", default="benchmarks/results/training_synthetic_alpha.json")
+    p.add_argument("--out", default="experiments/results/training_synthetic_alpha.json")
     p.add_argument("--reach", type=float, default=0.99, help="test accuracy whose first epoch is reported per run")
     args = p.parse_args()
     preset = apply_overrides(get_preset(args.preset), args.overrides)

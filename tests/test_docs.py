@@ -1,0 +1,157 @@
+"""The documentation holds as written: every Python block of README.md and docs/*.md runs, every
+``levyattn`` command in them parses (with its presets and settings), every benchmark or
+experiment command names a script and options that exist, and the site builds in strict mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from levyattn.cli import build_parser
+from levyattn.models import CONFIG_TYPES
+from levyattn.training import TrainConfig
+from levyattn.training.presets import apply_overrides, get_preset, split_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RESULTS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "experiments" / "RESULTS.md", ROOT / "experiments" / "README.md"]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def _blocks(language: str) -> list[tuple[str, str]]:
+    """(id, code) of every fenced block in ``language`` on the documentation pages."""
+    found = []
+    for page in PAGES:
+        blocks = [code for lang, code in FENCE.findall(page.read_text(encoding="utf-8")) if lang == language]
+        found += [(f"{page.relative_to(ROOT)}:{i + 1}", code) for i, code in enumerate(blocks)]
+    return found
+
+
+PYTHON = _blocks("python")
+SHELL = _blocks("bash")
+
+
+def _commands(shell: str) -> list[list[str]]:
+    """The commands of a shell block: continuations joined, comments dropped, ``&&`` split."""
+    text = shell.replace("\\\n", " ")
+    commands = []
+    for line in text.splitlines():
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def _levyattn_args(words: list[str]) -> list[str] | None:
+    """The arguments of a ``levyattn`` command (also ``python -m levyattn``, ``torchrun ... -m
+    levyattn``, ``.venv/bin/levyattn``), or None for another program."""
+    if Path(words[0]).name == "levyattn":
+        return words[1:]
+    if "-m" in words and words.index("-m") + 1 < len(words) and words[words.index("-m") + 1] == "levyattn":
+        return words[words.index("-m") + 2 :]
+    return None
+
+
+def test_the_pages_have_examples():
+    # a floor that fails if the block pattern stops matching, not a count of today's examples
+    assert len(PYTHON) >= 10 and len(SHELL) >= 5
+
+
+@pytest.mark.parametrize("code", [c for _, c in PYTHON], ids=[i for i, _ in PYTHON])
+def test_python_block_runs(code, tmp_path, monkeypatch):
+    if "transformers" in code and importlib.util.find_spec("transformers") is None:
+        pytest.skip("needs transformers (the hf extra)")
+    monkeypatch.chdir(tmp_path)  # whatever a block writes goes to a scratch folder
+    exec(compile(code, "<documentation block>", "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("shell", [s for _, s in SHELL], ids=[i for i, _ in SHELL])
+def test_levyattn_commands_parse(shell, capsys):
+    parser = build_parser()
+    for words in _commands(shell):
+        args = _levyattn_args(words)
+        if args is None:
+            continue
+        try:
+            parsed = parser.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"`{shlex.join(words)}` does not parse: {capsys.readouterr().err}")
+        name = getattr(parsed, "preset", None)
+        if name is not None:  # the preset exists and its model and training take the --set keys
+            preset = apply_overrides(get_preset(name), split_overrides(parsed.overrides))
+            TrainConfig.from_dict(preset["train"])
+            model_fields = {f.name for f in dataclasses.fields(CONFIG_TYPES[preset["model_type"]])}
+            assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
+
+
+def _script_commands() -> list[tuple[str, list[str]]]:
+    """(id, words) of every ``python benchmarks/X.py ...``, ``python experiments/X.py ...`` or
+    ``python examples/X.py ...`` command quoted in the pages and the results files."""
+    found = []
+    for page in PAGES + RESULTS:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for match in re.finditer(r"python3? ((?:benchmarks|experiments|examples)/\w+\.py)([^`\n]*)", text):
+            found.append((f"{page.relative_to(ROOT)}: {match.group(1)}", [match.group(1), *match.group(2).split()]))
+    return found
+
+
+SCRIPTS = _script_commands()
+
+
+@pytest.mark.parametrize("words", [w for _, w in SCRIPTS], ids=[i for i, _ in SCRIPTS])
+def test_script_commands_name_real_scripts_and_options(words):
+    script = ROOT / words[0]
+    assert script.is_file(), f"{words[0]} does not exist"
+    source = script.read_text(encoding="utf-8")
+    for option in (w.split("=")[0] for w in words[1:] if w.startswith("--")):
+        assert f'"{option}"' in source, f"{words[0]} has no option {option}"
+
+
+CITED_FILE = re.compile(r"(?:benchmarks|experiments)/(?:results|figures)/[\w./-]+\.(?:json|png)")
+
+
+def test_results_cite_existing_files():
+    for page in RESULTS:
+        for path in CITED_FILE.findall(page.read_text(encoding="utf-8")):
+            if "NAME" not in path:  # NAME: a placeholder for the preset of the command beside it
+                assert (ROOT / path).is_file(), f"{page.relative_to(ROOT)} cites {path}, which does not exist"
+
+
+def test_site_builds_strict(tmp_path):
+    pytest.importorskip("mkdocs", reason="the docs extra (mkdocs, mkdocstrings) is not installed")
+    pytest.importorskip("mkdocstrings")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+# Documents outside the repository that the code must not cite: the pages of docs/ hold them.
+EXTERNAL = re.compile(r"FNA_SPEC|FRACTIONAL_LENS|seed-[\w-]+\.md|(?<![\w/])DESIGN\.md")
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".yml", ".yaml", ".txt", ".cpp", ".h", ".json", ".cfg", ".sh"}
+
+
+def test_nothing_cites_documents_outside_the_repository():
+    files = [ROOT / name for name in ("README.md", "pyproject.toml", "mkdocs.yml", ".ci/run")]
+    for top in ("src", "tests", "benchmarks", "experiments", "examples", "docs"):
+        files += [p for p in (ROOT / top).rglob("*") if p.suffix in TEXT_SUFFIXES and "__pycache__" not in p.parts]
+    cited = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        if path.is_file() and path != Path(__file__).resolve()
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if EXTERNAL.search(line)
+    ]
+    assert not cited, "citations of documents outside the repository:\n" + "\n".join(cited)
