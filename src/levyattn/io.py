@@ -99,6 +99,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def check_writable(directory: str | os.PathLike, what: str = "folder") -> Path:
+    """Create ``directory`` if needed and make sure files can be written in it (by writing and
+    removing a temporary file), so that a long job fails at its start, not at its first save.
+
+    Raises PermissionError naming the folder.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=TMP_SUFFIX, dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PermissionError(f"{what} {directory} is not writable: {err.strerror or err}") from err
+    return directory
+
+
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
     """Delete the temporary files that killed :func:`atomic_write` calls left in ``directory``;
     return their names. Only for folders no other process is writing to."""

@@ -154,7 +154,8 @@ def run_demo(
                 if log:
                     log(f"{task_key}: training {variant}, seed {seed} ...")
                 run_dir = out / "runs" / f"{task_key}-{variant.replace(' ', '-')}-s{seed}"
-                result, trainer = train_preset(preset, run_dir, progress=progress)
+                # The demo retrains its models on every call: a re-run replaces its runs.
+                result, trainer = train_preset(preset, run_dir, overwrite=True, progress=progress)
                 task, model = trainer.task, trainer.model
                 _, eval_ds = task.datasets()
                 gap = attention_gap(task, model, eval_ds, n_samples=32 if quick else 128)
