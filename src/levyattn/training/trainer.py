@@ -446,9 +446,10 @@ class Trainer:
             num_workers=cfg.num_workers,
         )
         writer = self._tensorboard()
-        if rng_to_restore is not None:
+        if rng_to_restore is not None and position["step_in_epoch"] == 0:
             # Restored last, right before the loop, so nothing above can disturb it.
             ckpt_mod.set_rng_state(*rng_to_restore)
+            rng_to_restore = None
         stopped = False
         try:
             from tqdm.auto import tqdm
@@ -469,7 +470,13 @@ class Trainer:
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             model.train()
             t0 = time.perf_counter()
-            for batch in loader:
+            # Starting an epoch's loader draws its base seed from the global RNG. A checkpoint
+            # inside an epoch holds the RNG after that draw, so it is restored after the start.
+            batch_iter = iter(loader)
+            if rng_to_restore is not None:
+                ckpt_mod.set_rng_state(*rng_to_restore)
+                rng_to_restore = None
+            for batch in batch_iter:
                 if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
                     stopped = True
                     break
