@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -194,33 +193,6 @@ def test_bad_tensors_are_named(tmp_path, fault):
 
 
 # ----------------------------------------------------------------------------- folder
-
-
-@pytest.fixture
-def read_only(monkeypatch):
-    """Make a folder read-only; as root, where permission bits do not stop writes, also make
-    every temporary file the project creates in it fail as a read-only folder would."""
-    import tempfile
-
-    made = []
-    real_mkstemp = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kw):
-        if dir is not None and any(Path(dir).resolve() == p for p in made):
-            raise PermissionError(13, "Permission denied")
-        return real_mkstemp(*args, dir=dir, **kw)
-
-    def make(folder: Path) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        folder.chmod(0o555)
-        made.append(folder.resolve())
-        if os.geteuid() == 0:
-            monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-        return folder
-
-    yield make
-    for folder in made:
-        folder.chmod(0o755)
 
 
 def test_read_only_folder_fails_before_training(tmp_path, read_only):
