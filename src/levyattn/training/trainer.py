@@ -400,29 +400,9 @@ class Trainer:
         per epoch), ``params``, ``train_time_s``, ``samples_per_s``, ``global_step`` and
         ``stopped`` (True when ``max_steps`` ended the run before its last epoch).
         """
-        import random
-
-        import numpy as np
-
         cfg, task, dist = self.config, self.task, self.dist
         self._prepare_out_dir()
-        # Datasets first: building them may draw random numbers (synthetic tasks, splits),
-        # and the model's initialisation must not depend on how many.
-        torch.manual_seed(cfg.seed)
-        train_ds, eval_ds = task.datasets()
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        model = task.build_model().to(self.device)
-        self.model = model
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                # Biases, norms and scalar parameters (alpha, bandwidth) are not decayed.
-                (no_decay if p.ndim < 2 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
+        train_ds, eval_ds, model, optimizer = self._build()
         n_train = len(train_ds)
         if n_train < dist.world_size:
             raise ValueError(f"the training set has {n_train} samples, fewer than {dist.world_size} processes")
@@ -481,32 +461,7 @@ class Trainer:
                     stopped = True
                     break
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = to_device(batch, self.device)
-                loss, weight = task.loss(train_model, batch)
-                weight = float(weight)
-                total_weight = all_reduce_sum(weight, self.device) if dist.enabled else weight
-                if total_weight <= 0:
-                    raise ValueError("a training batch has zero loss weight (no samples or no target tokens)")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss.item()} at step {position['global_step']} (epoch {epoch + 1}); "
-                        "try a lower lr or grad_clip"
-                    )
-                # DDP averages gradients over processes; scaling by weight * world / total makes
-                # that average the gradient of the mean loss over the whole global batch.
-                objective = loss * (weight * dist.world_size / total_weight)
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                position["loss_sum"] += float(loss.detach()) * weight
-                position["weight_sum"] += weight
-                position["samples"] += _batch_len(batch)
-                position["global_step"] += 1
-                position["step_in_epoch"] += 1
+                loss = self._train_step(train_model, optimizer, batch, lr, position)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
@@ -521,27 +476,7 @@ class Trainer:
                 bar.close()
             if stopped:
                 break
-            self._reduce_running(position)
-            record = {"epoch": epoch + 1, "step": position["global_step"],
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
-            if dist.is_main:
-                model.eval()
-                with torch.no_grad():
-                    metrics = task.evaluate(model, _DeviceLoader(eval_loader, self.device))
-                record.update({f"eval_{k}": float(v) for k, v in metrics.items()})
-            record["train_time_s"] = position["train_time_s"]
-            record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
-            self.history.append(record)
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, position["global_step"])
-            position.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, weight_sum=0.0)
-            self._write_logs()
-            self._save(model, optimizer, position)
-            if self.on_epoch_end is not None and dist.is_main:
-                self.on_epoch_end(record)
+            self._end_epoch(model, optimizer, eval_loader, position, writer)
         if writer is not None:
             writer.close()
         last = self.history[-1] if self.history else {}
@@ -555,6 +490,90 @@ class Trainer:
             "global_step": position["global_step"],
             "stopped": stopped,
         }
+
+    def _build(self) -> tuple[Any, Any, nn.Module, torch.optim.Optimizer]:
+        """The datasets, the model (on the device; also ``self.model``) and its AdamW optimiser."""
+        import random
+
+        import numpy as np
+
+        cfg = self.config
+        # Datasets first: building them may draw random numbers (synthetic tasks, splits),
+        # and the model's initialisation must not depend on how many.
+        torch.manual_seed(cfg.seed)
+        train_ds, eval_ds = self.task.datasets()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = self.task.build_model().to(self.device)
+        self.model = model
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                # Biases, norms and scalar parameters (alpha, bandwidth) are not decayed.
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return train_ds, eval_ds, model, optimizer
+
+    def _train_step(self, train_model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, lr: float,
+                    position: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step on ``batch`` at learning rate ``lr``; advance ``position``; return the loss."""
+        cfg, dist = self.config, self.dist
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, self.device)
+        loss, weight = self.task.loss(train_model, batch)
+        weight = float(weight)
+        total_weight = all_reduce_sum(weight, self.device) if dist.enabled else weight
+        if total_weight <= 0:
+            raise ValueError("a training batch has zero loss weight (no samples or no target tokens)")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {position['global_step']} "
+                f"(epoch {position['epoch'] + 1}); try a lower lr or grad_clip"
+            )
+        # DDP averages gradients over processes; scaling by weight * world / total makes
+        # that average the gradient of the mean loss over the whole global batch.
+        objective = loss * (weight * dist.world_size / total_weight)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        position["loss_sum"] += float(loss.detach()) * weight
+        position["weight_sum"] += weight
+        position["samples"] += _batch_len(batch)
+        position["global_step"] += 1
+        position["step_in_epoch"] += 1
+        return loss
+
+    def _end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, eval_loader: Any,
+                   position: dict[str, Any], writer: Any) -> None:
+        """Evaluate, record the epoch in the history and the logs, checkpoint, call ``on_epoch_end``."""
+        dist = self.dist
+        epoch = position["epoch"]
+        self._reduce_running(position)
+        record = {"epoch": epoch + 1, "step": position["global_step"],
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
+        if dist.is_main:
+            model.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(model, _DeviceLoader(eval_loader, self.device))
+            record.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+        record["train_time_s"] = position["train_time_s"]
+        record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
+        self.history.append(record)
+        if writer is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, position["global_step"])
+        position.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, weight_sum=0.0)
+        self._write_logs()
+        self._save(model, optimizer, position)
+        if self.on_epoch_end is not None and dist.is_main:
+            self.on_epoch_end(record)
 
     def _reduce_running(self, position: dict[str, Any]) -> None:
         """Make the running loss sums global on the main process (zero elsewhere)."""
