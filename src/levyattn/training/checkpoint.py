@@ -309,8 +309,9 @@ def check_training_state(ckpt: Checkpoint) -> dict[str, Any]:
     """Check everything a resumed training needs beyond the weights; return the position.
 
     The position must have every field of :data:`POSITION_FIELDS` with its type, finite and
-    not negative (``seed`` aside); the optimiser state and the RNG states must be there and
-    loadable. Raises :class:`CheckpointError` naming the checkpoint and the field.
+    not negative (``seed`` and ``loss_sum`` aside: a task's loss may be negative); the
+    optimiser state and the RNG states must be there and loadable. Raises
+    :class:`CheckpointError` naming the checkpoint and the field.
     How the position fits the run (steps per epoch, epochs) is the trainer's to check.
     """
     where = f"checkpoint {ckpt.path / JSON_NAME}"
@@ -323,9 +324,10 @@ def check_training_state(ckpt: Checkpoint) -> dict[str, Any]:
             raise CheckpointError(f"{where} is missing the position field {key!r}")
         value = position[key]
         ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or (key != "seed" and value < 0):
-            raise CheckpointError(f"{where}: position field {key!r} must be a finite {kind.__name__} >= 0, "
-                                  f"got {value!r}")
+        signed = key in ("seed", "loss_sum")
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or (not signed and value < 0):
+            raise CheckpointError(f"{where}: position field {key!r} must be a finite {kind.__name__}"
+                                  f"{'' if signed else ' >= 0'}, got {value!r}")
     if not isinstance(ckpt.state["optimizer"].get("param_groups"), list):
         raise CheckpointError(f"{where}: entry 'optimizer' lacks its 'param_groups' list")
     if "rng.torch_cpu" not in ckpt.tensors:
