@@ -241,7 +241,7 @@ def test_sweep_restarts_only_a_run_without_a_checkpoint(tmp_path):
     preset = apply_overrides(get_preset("digits-vit"),
                              ["epochs=1", "limit_train=32", "limit_test=16", "d_model=8", "batch_size=16"])
 
-    def sweep(log=None):
+    def sweep(log=None, preset=preset):
         return run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4,
                          log=log)
 
@@ -255,8 +255,13 @@ def test_sweep_restarts_only_a_run_without_a_checkpoint(tmp_path):
     again = sweep(logs.append)
     assert any("starting over" in m for m in logs)
     assert again.runs[0]["accuracy"] == first.runs[0]["accuracy"]
-    # weights and metrics but no checkpoint.json: an error naming it, and nothing touched
+    # interrupted (no result.json yet): its checkpoint must hold the settings the sweep asks for
     (run / "result.json").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint\.json was trained with different settings"):
+        sweep(preset=apply_overrides(preset, ["lr=0.5"]))
+    assert snapshot(tmp_path) == before
+    # weights and metrics but no checkpoint.json: an error naming it, and nothing touched
     (run / "checkpoint.json").unlink()
     before = snapshot(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"checkpoint\.json not found"):
