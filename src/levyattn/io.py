@@ -218,11 +218,12 @@ def read_lines(path: str | os.PathLike, what: str = "text file", *, allow_empty_
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
-    """Load JSON with an error that names the file and what is wrong with it."""
+    """Load JSON (UTF-8, a byte-order mark allowed) with an error that names the file and what
+    is wrong with it: FileNotFoundError, or :class:`DataFormatError` (a ValueError)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+        raise DataFormatError(f"{what} {path} is not valid JSON: {err}") from err
