@@ -1,12 +1,26 @@
-"""Atomic writes: whole files or nothing, with ordinary permissions."""
+"""Atomic writes (whole files or nothing, durable, with ordinary permissions) and the readers
+of user data (gzip-aware, UTF-8 without BOM, lines cut at newlines only)."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import stat
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from levyattn.io import atomic_write, atomic_write_json, read_json, read_text
+from levyattn.io import (
+    DataFormatError,
+    atomic_write,
+    atomic_write_json,
+    read_json,
+    read_lines,
+    read_text,
+    remove_stale_temporaries,
+    split_lines,
+)
 
 
 def test_written_file_has_the_mode_a_plain_open_gives(tmp_path):
@@ -43,10 +57,56 @@ def test_read_text_names_the_file_and_the_fault(tmp_path):
     with pytest.raises(FileNotFoundError, match="corpus not found: .*missing.txt"):
         read_text(tmp_path / "missing.txt", "corpus")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+    with pytest.raises(DataFormatError, match="latin1.txt is not valid UTF-8 text"):
         read_text(tmp_path / "latin1.txt")
     (tmp_path / "blank.txt").write_text(" \n\n")
     with pytest.raises(ValueError, match="blank.txt is empty"):
         read_text(tmp_path / "blank.txt")
     (tmp_path / "ok.txt").write_text("één\n", encoding="utf-8")
     assert read_text(tmp_path / "ok.txt") == "één\n"
+
+
+def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
+    """Without an fsync of the folder the rename itself may be lost in a crash."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    atomic_write_json(tmp_path / "r.json", {"a": 1})
+    assert synced == [False, True]  # the file's data, then the folder's entry
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    atomic_write_json(tmp_path / "r.json", {"a": 1})
+    (tmp_path / ".r.json.abc123.tmp").write_text("{half")
+    (tmp_path / "notes.tmp").write_text("not ours: no leading dot")
+    assert remove_stale_temporaries(tmp_path) == [".r.json.abc123.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.tmp", "r.json"]
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    # U+2028, U+2029, U+0085, form feed and a lone CR are not line ends: str.splitlines() would
+    # cut there and shift every later line of a parallel corpus by one.
+    text = "\ufeffone\u2028still one\r\ntwo\x85still two\nthree\x0cstill\rthree\u2029end\n"
+    expected = ["one\u2028still one", "two\x85still two", "three\x0cstill\rthree\u2029end"]
+    (tmp_path / "a.txt").write_bytes(text.encode("utf-8"))
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode("utf-8")))
+    for name in ("a.txt", "a.txt.gz"):
+        assert read_text(tmp_path / name).startswith("one")  # the byte-order mark is dropped
+        assert read_lines(tmp_path / name) == expected
+    (tmp_path / "gap.txt").write_text("a\n\nb\n")
+    with pytest.raises(DataFormatError, match="gap.txt: line 2 is empty"):
+        read_lines(tmp_path / "gap.txt")
+    assert read_lines(tmp_path / "gap.txt", allow_empty_lines=True) == ["a", "", "b"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(lines=st.lists(st.text(st.characters(blacklist_characters="\n\r", blacklist_categories=("Cs",))), max_size=6),
+       crlf=st.booleans())
+def test_split_lines_inverts_joining_with_newlines(lines, crlf):
+    sep = "\r\n" if crlf else "\n"
+    assert split_lines("".join(line + sep for line in lines)) == lines

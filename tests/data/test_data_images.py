@@ -226,6 +226,29 @@ def test_idx_errors_name_file_and_problem(tmp_path):
         read_idx(p)
 
 
+def test_idx_payload_larger_than_its_header_is_refused_without_expanding_it(tmp_path):
+    """A small gzip file whose payload expands far past the size the header declares (a zip
+    bomb or a corrupt header) is refused after reading one byte too many, not after
+    expanding all of it in memory."""
+    import tracemalloc
+
+    p = tmp_path / "bomb-idx1-ubyte.gz"
+    zeros = bytes(1 << 20)
+    with gzip.open(p, "wb") as fh:
+        fh.write(bytes([0, 0, 8, 1, 0, 0, 0, 10]))
+        for _ in range(48):  # 48 MiB of payload, about 50 kB on disk
+            fh.write(zeros)
+    assert p.stat().st_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFormatError, match=r"bomb-idx1-ubyte\.gz: .*need 10 bytes of data, the file has more"):
+            read_idx(p)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated"
+
+
 def test_mnist_missing_or_inconsistent_files(tmp_path):
     write_mnist(tmp_path / "a", gz=False)
     (tmp_path / "a" / "t10k-labels-idx1-ubyte").unlink()

@@ -81,6 +81,12 @@ def test_save_load_dispatch(tmp_path):
     p = word.save(tmp_path / "w.json")
     assert json.loads(p.read_text())["type"] == "word"
     assert load_tokenizer(p).tokens == word.tokens
+    # a byte-order mark (an editor's) is no reason to refuse the file
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + p.read_bytes())
+    assert load_tokenizer(tmp_path / "bom.json").tokens == word.tokens
+    (tmp_path / "truncated.json").write_text(p.read_text()[:20])
+    with pytest.raises(DataFormatError, match="truncated.json is not valid JSON"):
+        load_tokenizer(tmp_path / "truncated.json")
     b = ByteTokenizer().save(tmp_path / "b.json")
     assert isinstance(load_tokenizer(b), ByteTokenizer)
     (tmp_path / "bad.json").write_text('{"type": "wordpiece"}')

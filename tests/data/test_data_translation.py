@@ -128,6 +128,18 @@ def test_bad_parallel_files(tmp_path):
         read_multi30k(root)
 
 
+def test_pairs_stay_aligned_with_unicode_line_separators_and_a_bom(tmp_path):
+    """U+2028 / U+0085 inside a sentence are no line ends (str.splitlines() cut there and
+    shifted every later pair); a UTF-8 byte-order mark is not part of the first word."""
+    en = [EN[0], "A man\u2028with a hat.", EN[2], "Dogs\x85run."]
+    root = write_multi30k(tmp_path)
+    (root / "train.en").write_bytes(("\ufeff" + "\n".join(en) + "\n").encode("utf-8"))
+    (root / "train.de").write_bytes(("\ufeff" + "\r\n".join(DE) + "\r\n").encode("utf-8"))
+    src, tgt = read_multi30k(root, splits=("train",))["train"]
+    assert src == en and tgt == DE
+    assert src[0].split()[0] == "Two"
+
+
 # -- toy grammar ------------------------------------------------------------------------------
 
 

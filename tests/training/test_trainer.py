@@ -32,7 +32,8 @@ def test_same_seed_same_metrics(tmp_path):
     assert [r["train_loss"] for r in a["history"]] != [r["train_loss"] for r in c["history"]]
 
 
-@pytest.mark.parametrize("stop_at,every", [(11, 4), (8, 8), (13, 0)])
+# (11, 5) and (13, 1) resume inside an epoch (8 steps an epoch), with dropout drawing on the RNG.
+@pytest.mark.parametrize("stop_at,every", [(11, 4), (8, 8), (13, 0), (11, 5), (13, 1)])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every):
     full_trainer = Trainer(ToyTask(), _cfg(checkpoint_every=every), tmp_path / "full")
     full = full_trainer.fit()

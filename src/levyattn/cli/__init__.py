@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError) as err:
         print(f"levyattn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

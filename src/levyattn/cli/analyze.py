@@ -171,11 +171,13 @@ def load_token_ids(
     """
     import torch
 
+    from levyattn.io import read_lines
+
     path = Path(source)
     pad = None
     if path.is_file() and path.suffix.lower() == ".txt":
         rows = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        for lineno, line in enumerate(read_lines(path, "--input file", allow_empty_lines=True), 1):
             if not line.strip():
                 continue
             try:

@@ -23,9 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="preset name (see --list)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="change a preset setting; repeatable")
-    parser.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default runs/<preset>); one that holds a run is refused (see --overwrite)")
     parser.add_argument("--resume", metavar="DIR", default=None,
                         help="continue the run in DIR from its checkpoint (its preset is read from there)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a --out folder that holds a run, deleting that run")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="default: the preset's")
     parser.add_argument("--list", action="store_true", help="list the presets and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -41,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         for name, p in sorted(all_presets().items()):
             print(f"{name:28s} {p.get('description', '')}")
         return 0
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite replaces one: give one of them")
     if args.resume:
         preset = apply_overrides(preset_from_run(args.resume), args.overrides)
         out = args.resume
@@ -57,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
                   flush=True)
 
-        result, _ = train_preset(preset, out, resume=bool(args.resume), progress=not args.no_progress,
-                                 dist_info=info, on_epoch_end=show)
+        result, _ = train_preset(preset, out, resume=bool(args.resume), overwrite=args.overwrite,
+                                 progress=not args.no_progress, dist_info=info, on_epoch_end=show)
     finally:
         cleanup()
     if info.is_main:

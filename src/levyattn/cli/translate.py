@@ -33,9 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_lines(path: str, what: str) -> list[str]:
-    from levyattn.io import read_text
+    from levyattn.io import read_lines
 
-    return read_text(path, f"{what} file").splitlines()
+    return read_lines(path, f"{what} file", allow_empty_lines=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,9 +1,9 @@
-"""Shared helpers of :mod:`levyattn.data`: argument checks, file errors, gzip-aware reading,
-the sequence datasets and the padding collate functions."""
+"""Shared helpers of :mod:`levyattn.data`: argument checks, file errors, the sequence datasets
+and the padding collate functions. Files are read with :mod:`levyattn.io`'s readers (gzip-aware,
+UTF-8 without BOM, lines cut at newlines only), re-exported here for the data modules."""
 
 from __future__ import annotations
 
-import gzip
 import numbers
 import os
 from collections.abc import Sequence
@@ -12,17 +12,9 @@ from typing import Any
 
 import torch
 
+from levyattn.io import DataFormatError, read_bytes, read_lines, read_text
+
 PathLike = str | os.PathLike
-
-GZIP_MAGIC = b"\x1f\x8b"
-
-
-class DataFormatError(ValueError):
-    """A data file exists but its content is not what its format requires.
-
-    The message always names the file and what is wrong with it.
-    """
-
 
 # -- argument checks ------------------------------------------------------------------------
 
@@ -68,51 +60,6 @@ def require_dir(path: PathLike, what: str) -> Path:
     if not p.is_dir():
         raise NotADirectoryError(f"{what} must be a directory, but {p} is a file")
     return p
-
-
-def read_bytes(path: PathLike, what: str = "file") -> bytes:
-    """The content of ``path``, gunzipped when it starts with the gzip magic bytes.
-
-    The gzip test looks at the bytes, not the extension, so a renamed file still
-    reads; a truncated or corrupt gzip stream raises :class:`DataFormatError`.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{what} not found: {p}")
-    raw = p.read_bytes()
-    if raw[:2] == GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise DataFormatError(f"{what} {p} is not a valid gzip file: {err}") from err
-    return raw
-
-
-def read_text(path: PathLike, what: str = "text file") -> str:
-    """UTF-8 text of ``path`` (gzipped or not); a decoding error names the file and the byte."""
-    data = read_bytes(path, what)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"{what} {path} is not valid UTF-8 (byte {err.start}: {err.reason})") from err
-
-
-def read_lines(path: PathLike, what: str = "text file", *, allow_empty_lines: bool = False) -> list[str]:
-    """The lines of a UTF-8 text file (gzipped or not), without line terminators.
-
-    An empty file, or (unless ``allow_empty_lines``) an empty line, raises
-    :class:`DataFormatError` naming the file and the line number (1-based). One final
-    newline is normal and does not make an empty last line.
-    """
-    text = read_text(path, what)
-    lines = text.splitlines()
-    if not lines or not any(line.strip() for line in lines):
-        raise DataFormatError(f"{what} {path} is empty")
-    if not allow_empty_lines:
-        for i, line in enumerate(lines):
-            if not line.strip():
-                raise DataFormatError(f"{what} {path}: line {i + 1} is empty")
-    return lines
 
 
 def find_file(directory: Path, names: Sequence[str], what: str) -> Path:
@@ -201,3 +148,9 @@ def collate_sequences(
 
 
 collate_text = collate_sequences
+
+__all__ = [
+    "DataFormatError", "PathLike", "SequenceClassificationDataset", "check_choice", "check_float", "check_int",
+    "collate_sequences", "collate_text", "find_file", "pad_sequences", "read_bytes", "read_lines", "read_text",
+    "require_dir",
+]

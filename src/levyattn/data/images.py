@@ -51,6 +51,7 @@ from levyattn.data._common import (
     read_bytes,
     require_dir,
 )
+from levyattn.io import open_bytes, read_at_most
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
@@ -260,30 +261,39 @@ def read_idx(path: PathLike) -> np.ndarray:
     """An IDX file (gzipped or not) as a numpy array in native byte order.
 
     Checks the magic (0, 0, type, ndim), the type code and that the payload holds
-    exactly prod(dims) values; errors name the file and what is wrong.
+    exactly prod(dims) values; errors name the file and what is wrong. The payload is
+    streamed and reading stops one byte past the size the header declares, so a small
+    gzip file that expands to far more data than its header says (a "zip bomb", or a
+    corrupt header) is refused without ever being expanded in memory.
     """
     what = "IDX file"
-    raw = read_bytes(path, what)
-    if len(raw) < 4:
-        raise DataFormatError(f"{what} {path} is too short ({len(raw)} bytes) to hold the 4-byte magic number")
-    zero1, zero2, code, ndim = raw[0], raw[1], raw[2], raw[3]
-    if zero1 != 0 or zero2 != 0:
-        raise DataFormatError(f"{what} {path}: bad magic number 0x{raw[:4].hex()} (must start with two zero bytes)")
-    if code not in _IDX_TYPES:
-        raise DataFormatError(f"{what} {path}: unknown data type code 0x{code:02x} (valid: 08, 09, 0b, 0c, 0d, 0e)")
-    if ndim == 0:
-        raise DataFormatError(f"{what} {path}: zero dimensions")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataFormatError(f"{what} {path}: truncated header ({len(raw)} bytes, {ndim} dimensions need {header})")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[code])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataFormatError(
-            f"{what} {path}: dimensions {dims} need {expected} bytes of data, the file has {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+    with open_bytes(path, what) as fh:
+        magic = read_at_most(fh, 4)
+        if len(magic) < 4:
+            raise DataFormatError(f"{what} {path} is too short ({len(magic)} bytes) to hold the 4-byte magic number")
+        zero1, zero2, code, ndim = magic
+        if zero1 != 0 or zero2 != 0:
+            raise DataFormatError(f"{what} {path}: bad magic number 0x{magic.hex()} (must start with two zero bytes)")
+        if code not in _IDX_TYPES:
+            raise DataFormatError(
+                f"{what} {path}: unknown data type code 0x{code:02x} (valid: 08, 09, 0b, 0c, 0d, 0e)"
+            )
+        if ndim == 0:
+            raise DataFormatError(f"{what} {path}: zero dimensions")
+        header = 4 + 4 * ndim
+        raw_dims = read_at_most(fh, 4 * ndim)
+        if len(raw_dims) < 4 * ndim:
+            raise DataFormatError(
+                f"{what} {path}: truncated header ({4 + len(raw_dims)} bytes, {ndim} dimensions need {header})"
+            )
+        dims = struct.unpack(f">{ndim}I", raw_dims)
+        dtype = np.dtype(_IDX_TYPES[code])
+        expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+        payload = read_at_most(fh, expected + 1)
+    if len(payload) != expected:
+        found = f"more than {expected}" if len(payload) > expected else str(len(payload))
+        raise DataFormatError(f"{what} {path}: dimensions {dims} need {expected} bytes of data, the file has {found}")
+    return np.frombuffer(payload, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
 
 
 _MNIST_FILES = {

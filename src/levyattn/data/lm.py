@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from levyattn.data._common import DataFormatError, PathLike, check_float, check_int, read_text
+from levyattn.data._common import PathLike, check_float, check_int, read_text
 from levyattn.data.tokenization import ByteTokenizer, load_tokenizer, train_tokenizer
 
 
@@ -162,10 +162,7 @@ def read_text_files(paths: Sequence[PathLike] | PathLike) -> list[str]:
         raise ValueError("no text files given")
     docs = []
     for f in files:
-        text = read_text(f, "text file")
-        if not text.strip():
-            raise DataFormatError(f"text file {f} is empty")
-        docs.append(text)
+        docs.append(read_text(f, "text file"))
     return docs
 
 

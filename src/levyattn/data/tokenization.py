@@ -18,7 +18,6 @@ tokenizer with BOS/EOS (translation, language models) is ``<pad>=0, <bos>=1, <eo
 from __future__ import annotations
 
 import io
-import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from levyattn.data._common import DataFormatError, PathLike, check_choice, check_int, require_dir
-from levyattn.io import atomic_write_bytes, atomic_write_json
+from levyattn.io import atomic_write_bytes, atomic_write_json, read_json
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 CLASSIFIER_SPECIALS = (PAD, UNK)
@@ -169,12 +168,7 @@ class WordTokenizer:
     @classmethod
     def load(cls, path: PathLike) -> WordTokenizer:
         p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"word tokenizer file not found: {p}")
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataFormatError(f"word tokenizer file {p} is not valid JSON: {err}") from err
+        data = read_json(p, "word tokenizer file")
         if not isinstance(data, dict) or data.get("type") != cls.kind or not isinstance(data.get("tokens"), list):
             raise DataFormatError(f"word tokenizer file {p} lacks type='word' and a 'tokens' list")
         try:
@@ -387,12 +381,10 @@ def load_tokenizer(path: PathLike) -> WordTokenizer | ByteTokenizer | SentencePi
         return HFTokenizer.load(p)
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {p}")
-    head = p.read_bytes()[:64].lstrip()
+    head = p.read_bytes()[:64].removeprefix(b"\xef\xbb\xbf").lstrip()
     if head.startswith(b"{"):
-        try:
-            kind = json.loads(p.read_text(encoding="utf-8")).get("type")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise DataFormatError(f"tokenizer file {p} is not valid JSON: {err}") from err
+        data = read_json(p, "tokenizer file")
+        kind = data.get("type") if isinstance(data, dict) else None
         if kind == ByteTokenizer.kind:
             return ByteTokenizer()
         if kind == WordTokenizer.kind:

@@ -71,6 +71,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from levyattn.io import read_text
+
 __all__ = [
     "PREFIX",
     "PUBLISHED_DISTANCES",
@@ -497,10 +499,7 @@ def _make_prompts(
         raise FileNotFoundError(f"corpus file not found: {path} (use corpus='random' for random tokens)")
     if tokenizer is None:
         raise ValueError(f"corpus {path} is text and needs a tokenizer; pass tokenizer= (or load the model by path)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"corpus {path} is not UTF-8 text: {err}") from err
+    text = read_text(path, "corpus")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     stream = np.asarray(ids, dtype=np.int64).reshape(-1)
     if stream.size == 0:

@@ -12,18 +12,24 @@ A checkpoint in a run folder ``DIR`` is two files:
   the metric history, free-form ``extra`` data, and the tensors file's name and
   SHA-256.
 
-Both files are written atomically (temporary file, then rename), tensors first;
-``checkpoint.json`` is the commit point. A run killed at any moment leaves the
-previous complete checkpoint (or none), never a half-written one, and the SHA-256
-catches a tensors file that does not belong to its JSON. Loading uses
-``safetensors`` and ``json`` only, so a checkpoint cannot execute code.
+Both files are written atomically (temporary file, fsync, rename, fsync of the folder),
+tensors first; ``checkpoint.json`` is the commit point. A run killed at any moment leaves
+the previous complete checkpoint (or none), never a half-written one, and the SHA-256
+catches a tensors file that does not belong to its JSON. What a killed save can leave
+behind (a temporary file, a tensors file no JSON names) is removed by the next save and by
+:func:`remove_stale_files`. Loading uses ``safetensors`` and ``json`` only, so a checkpoint
+cannot execute code, and checks every field before anything uses it: a checkpoint that is
+incomplete, inconsistent or holds non-finite numbers raises :class:`CheckpointError` naming
+the file and the field.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +37,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from levyattn.io import atomic_write_bytes, atomic_write_json, read_json
+from levyattn.io import atomic_write_bytes, atomic_write_json, fsync_dir, read_json, remove_stale_temporaries
 
 FORMAT = "levyattn-checkpoint-1"
 JSON_NAME = "checkpoint.json"
+TENSORS_GLOB = "ckpt-*.safetensors"
+_TENSORS_NAME = re.compile(r"ckpt-\d{8,}\.safetensors")
+# The trainer's position in a checkpoint: every field, and the type it must have.
+POSITION_FIELDS = {"epoch": int, "step_in_epoch": int, "global_step": int, "samples": int, "seed": int,
+                   "loss_sum": float, "weight_sum": float, "train_time_s": float}
 
 
 class CheckpointError(ValueError):
@@ -109,7 +120,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                 tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # The names of the tensors, so that loading can tell a complete state from one missing some
+    # (torch loads a partial state and fails only at the next step).
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "tensors": sorted(tensors)}
 
 
 def optimizer_from_flat(
@@ -194,19 +207,33 @@ def save_checkpoint(
     atomic_write_bytes(directory / tensors_name, data)
     state["tensors_file"] = tensors_name
     state["tensors_sha256"] = _sha256(data)
-    previous = _previous_tensors_file(directory)
     json_path = atomic_write_json(directory / JSON_NAME, state)
-    # Only now, with the new checkpoint committed, drop the old tensors file.
-    if previous and previous != tensors_name and (directory / previous).exists():
-        (directory / previous).unlink()
+    # Only now, with the new checkpoint committed, drop the old tensors file (and any a killed
+    # save left behind).
+    remove_stale_files(directory)
     return json_path
 
 
-def _previous_tensors_file(directory: Path) -> str | None:
+def remove_stale_files(directory: str | os.PathLike) -> list[str]:
+    """Delete what killed saves leave in a run folder: temporary files, and tensors files that
+    ``checkpoint.json`` does not name. Return their names.
+
+    Nothing is deleted while ``checkpoint.json`` is missing or unreadable, or does not name a
+    tensors file that exists: then the tensors files may be all that is left of the run.
+    """
+    directory = Path(directory)
     try:
-        return read_json(directory / JSON_NAME, "checkpoint").get("tensors_file")
+        current = read_json(directory / JSON_NAME, "checkpoint").get("tensors_file")
     except (FileNotFoundError, ValueError, AttributeError):
-        return None
+        return []
+    if not (isinstance(current, str) and _TENSORS_NAME.fullmatch(current) and (directory / current).is_file()):
+        return []
+    stale = [p for p in sorted(directory.glob(TENSORS_GLOB)) if p.name != current]
+    for p in stale:
+        p.unlink()
+    if stale:
+        fsync_dir(directory)
+    return [p.name for p in stale] + remove_stale_temporaries(directory)
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -232,9 +259,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         fmt = state.get("format") if isinstance(state, dict) else None
         raise CheckpointError(f"checkpoint {json_path} has format {fmt!r}, expected {FORMAT!r}")
-    for key in ("model_type", "model_config", "tensors_file", "tensors_sha256"):
-        if key not in state:
-            raise CheckpointError(f"checkpoint {json_path} is missing the entry {key!r}")
+    _check_entries(json_path, state)
     tensors_path = json_path.parent / state["tensors_file"]
     if not tensors_path.is_file():
         raise FileNotFoundError(f"checkpoint tensors file not found: {tensors_path} (named by {json_path})")
@@ -247,7 +272,98 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         tensors = st_load(data)
     except (SafetensorError, Exception) as err:  # safetensors raises several error types
         raise CheckpointError(f"checkpoint tensors file {tensors_path} cannot be read: {err}") from err
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint tensors file {tensors_path}: tensor {name!r} holds NaN or Inf values")
     return Checkpoint(path=json_path.parent, tensors=tensors, state=state)
+
+
+# The entries of checkpoint.json and their JSON types: the first four are in every checkpoint,
+# the others where the writer had them (a training checkpoint has them all).
+_ENTRIES = {"model_type": str, "model_config": dict, "tensors_file": str, "tensors_sha256": str,
+            "model_aliases": dict, "position": dict, "history": list, "extra": dict, "optimizer": dict, "rng": dict}
+_REQUIRED_ENTRIES = ("model_type", "model_config", "tensors_file", "tensors_sha256")
+TRAINING_ENTRIES = ("position", "history", "optimizer", "rng")
+
+
+def _check_entries(json_path: Path, state: dict[str, Any]) -> None:
+    for key in _REQUIRED_ENTRIES:
+        if key not in state:
+            raise CheckpointError(f"checkpoint {json_path} is missing the entry {key!r}")
+    for key, kind in _ENTRIES.items():
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(
+                f"checkpoint {json_path}: entry {key!r} must be a JSON {kind.__name__}, got {state[key]!r:.80}"
+            )
+    # A plain file name in the run folder: a path elsewhere would read (and later delete) another file.
+    if not _TENSORS_NAME.fullmatch(state["tensors_file"]):
+        raise CheckpointError(
+            f"checkpoint {json_path}: tensors_file must be a name like ckpt-00000012.safetensors, "
+            f"got {state['tensors_file']!r}"
+        )
+    if not all(isinstance(r, dict) for r in state.get("history", [])):
+        raise CheckpointError(f"checkpoint {json_path}: every entry of 'history' must be a JSON object")
+
+
+def check_training_state(ckpt: Checkpoint) -> dict[str, Any]:
+    """Check everything a resumed training needs beyond the weights; return the position.
+
+    The position must have every field of :data:`POSITION_FIELDS` with its type, finite and
+    not negative (``seed`` and ``loss_sum`` aside: a task's loss may be negative); the
+    optimiser state and the RNG states must be there and loadable. Raises
+    :class:`CheckpointError` naming the checkpoint and the field.
+    How the position fits the run (steps per epoch, epochs) is the trainer's to check.
+    """
+    where = f"checkpoint {ckpt.path / JSON_NAME}"
+    for key in TRAINING_ENTRIES:
+        if key not in ckpt.state:
+            raise CheckpointError(f"{where} is missing the entry {key!r} (a training checkpoint needs it)")
+    position = ckpt.state["position"]
+    for key, kind in POSITION_FIELDS.items():
+        if key not in position:
+            raise CheckpointError(f"{where} is missing the position field {key!r}")
+        value = position[key]
+        ok_type = isinstance(value, int | float) if kind is float else isinstance(value, int)
+        signed = key in ("seed", "loss_sum")
+        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or (not signed and value < 0):
+            raise CheckpointError(f"{where}: position field {key!r} must be a finite {kind.__name__}"
+                                  f"{'' if signed else ' >= 0'}, got {value!r}")
+    if not isinstance(ckpt.state["optimizer"].get("param_groups"), list):
+        raise CheckpointError(f"{where}: entry 'optimizer' lacks its 'param_groups' list")
+    if "rng.torch_cpu" not in ckpt.tensors:
+        raise CheckpointError(f"checkpoint tensors file of {where} lacks the tensor 'rng.torch_cpu'")
+    # Try the RNG states on the real generators, then put the current ones back: a malformed
+    # state fails here, named, rather than as a traceback in the middle of the resume.
+    current = rng_state()
+    try:
+        set_rng_state(ckpt.tensors, ckpt.state["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{where}: entry 'rng' is not a valid RNG state: {type(err).__name__}: {err}") from err
+    finally:
+        set_rng_state(*current)
+    return dict(position)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    """Load the checkpoint's optimiser state into ``optimizer`` (CheckpointError when it does not fit)."""
+    where = f"checkpoint {ckpt.path / JSON_NAME}"
+    missing = [n for n in ckpt.state["optimizer"].get("tensors", []) if n not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"{where}: the optimiser state lacks the tensors {missing} in its tensors file")
+    try:
+        optimizer_from_flat(optimizer, ckpt.tensors, ckpt.state["optimizer"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{where}: the optimiser state does not fit the optimiser: {type(err).__name__}: {err}"
+        ) from err
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                    raise CheckpointError(
+                        f"{where}: the optimiser state {name!r} has shape {tuple(value.shape)}, its parameter "
+                        f"{tuple(p.shape)}"
+                    )
 
 
 def check_model_type(ckpt: Checkpoint, model_type: str) -> None:
@@ -293,11 +409,14 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "check_model_type",
+    "check_training_state",
     "has_checkpoint",
     "load_checkpoint",
     "load_model",
     "load_model_state",
+    "load_optimizer_state",
     "model_from_checkpoint",
+    "remove_stale_files",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from levyattn.io import atomic_write_json, atomic_write_text
+from levyattn.io import atomic_write, atomic_write_json, atomic_write_text
 from levyattn.training.presets import get_preset, train_preset
 from levyattn.training.sweep import attention_gap
 
@@ -69,7 +69,7 @@ def _plot_curves(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -91,7 +91,7 @@ def _plot_attention(maps: dict, path: Path) -> Path:
             ax.set_xlabel("key")
             ax.set_ylabel("query")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path
 
@@ -154,7 +154,8 @@ def run_demo(
                 if log:
                     log(f"{task_key}: training {variant}, seed {seed} ...")
                 run_dir = out / "runs" / f"{task_key}-{variant.replace(' ', '-')}-s{seed}"
-                result, trainer = train_preset(preset, run_dir, progress=progress)
+                # The demo retrains its models on every call: a re-run replaces its runs.
+                result, trainer = train_preset(preset, run_dir, overwrite=True, progress=progress)
                 task, model = trainer.task, trainer.model
                 _, eval_ds = task.datasets()
                 gap = attention_gap(task, model, eval_ds, n_samples=32 if quick else 128)

@@ -123,14 +123,16 @@ def train_preset(
     out_dir: Any = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = False,
     dist_info: Any = None,
     on_epoch_end: Any = None,
 ) -> tuple[dict[str, Any], Any]:
     """Build the preset's task and train it; return (the trainer's result, the trainer).
 
-    The preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can
-    rebuild the same task.
+    ``resume`` and ``overwrite`` are the :class:`~levyattn.training.trainer.Trainer`'s. The
+    preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can rebuild the
+    same task.
     """
     from levyattn.training.tasks import make_task
     from levyattn.training.trainer import TrainConfig, Trainer
@@ -138,7 +140,8 @@ def train_preset(
     check_preset(preset)
     task = make_task(preset)
     config = TrainConfig.from_dict(preset["train"])
-    trainer = Trainer(task, config, out_dir, resume=resume, progress=progress, extra={"preset": preset},
+    trainer = Trainer(task, config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
+                      extra={"preset": preset},
                       dist_info=dist_info, on_epoch_end=on_epoch_end)
     return trainer.fit(), trainer
 
@@ -152,6 +155,8 @@ def preset_from_run(run_dir: Any) -> dict[str, Any]:
     run_dir = Path(run_dir)
     ck = run_dir / "checkpoint.json"
     source = ck if ck.is_file() else run_dir / "config.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no run: neither {ck} nor {source} exists")
     state = read_json(source, "run state")
     preset = state.get("extra", state).get("preset") if isinstance(state, dict) else None
     if preset is None:

@@ -9,7 +9,11 @@ Layout of a sweep folder ``OUT``::
 
 ``<run>`` is ``fna-a1.2-s0`` or ``softmax-s0`` (softmax has no alpha). A run whose
 ``result.json`` exists and records the same preset (its description aside) is skipped
-when the sweep is run again; a run that was interrupted resumes from its last checkpoint.
+when the sweep is run again; a run that was interrupted resumes from its last checkpoint
+(exactly, as ``levyattn train --resume``), and one killed before its first checkpoint,
+which has nothing to resume, starts over. A run folder whose checkpoint is missing or
+corrupt while it holds weights or metrics stops the sweep with an error naming the file:
+the sweep never trains over a run it cannot continue.
 
 Restarts (``restarts=R``, as scikit-learn's ``KMeans(n_init=R)``): small models can stop
 on a plateau that is decided by their initialisation (a one-layer, one-head model may stay
@@ -43,8 +47,9 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, read_json
-from levyattn.training.presets import train_preset
+from levyattn.training.presets import preset_from_run, train_preset
 from levyattn.training.tasks import check_preset
+from levyattn.training.trainer import existing_run_files
 
 ATTENTIONS = ("fna", "softmax")
 
@@ -288,10 +293,21 @@ def run_sweep(
             if log:
                 log(f"[{i + 1}/{len(plan)}] {run['name']}: done before, skipped")
             continue
+        # Resume what has a checkpoint (the trainer refuses a folder with weights or metrics but
+        # no checkpoint.json); start over only a run killed before its first checkpoint.
+        files = existing_run_files(run_dir) if run_dir is not None else []
+        resume = bool(files) and files != ["config.json"]
+        if resume and "checkpoint.json" in files and _settings(preset_from_run(run_dir)) != _settings(rp):
+            raise ValueError(
+                f"{run_dir / 'checkpoint.json'} was trained with different settings than this sweep asks for; "
+                "use another output folder or delete that run"
+            )
         if log:
-            log(f"[{i + 1}/{len(plan)}] {run['name']}: training")
+            doing = ("resuming" if resume else "starting over (killed before its first checkpoint)" if files
+                     else "training")
+            log(f"[{i + 1}/{len(plan)}] {run['name']}: {doing}")
         t0 = time.perf_counter()
-        result, trainer = train_preset(rp, run_dir, resume=True, progress=progress)
+        result, trainer = train_preset(rp, run_dir, resume=resume, overwrite=not resume, progress=progress)
         _, eval_ds = trainer.task.datasets()
         gap = attention_gap(trainer.task, trainer.model, eval_ds, gap_samples)
         row = {**run, "accuracy": result["metrics"].get(trainer.task.metric), "loss": result["metrics"].get("loss"),

@@ -21,6 +21,22 @@ Files written to ``out_dir`` (by the main process, atomically): ``config.json``,
 task has that method, e.g. a tokenizer; called once, right after ``config.json``), and
 TensorBoard events if asked for.
 
+No run is lost or silently restarted. Before any work the trainer checks the run folder:
+
+- a new run (``resume=False``) refuses a folder that already holds a run
+  (:data:`RUN_FILES`, ``ckpt-*.safetensors``) unless ``overwrite=True``, which deletes
+  that run first (its ``checkpoint.json`` before anything else);
+- ``resume=True`` needs ``checkpoint.json``; without it (a run killed before its first
+  checkpoint, or a file removed) it raises FileNotFoundError naming the file and changes
+  nothing. The checkpoint is checked field by field (see
+  :func:`levyattn.training.checkpoint.check_training_state`) and against this run: same
+  seed, a position that fits the steps per epoch and the history;
+- the folder must be writable, so that a read-only folder fails before the training
+  time is spent, not at the first checkpoint.
+
+What a killed save left behind (temporary files, tensors files no ``checkpoint.json``
+names) is removed when a run starts or resumes.
+
 Learning-rate schedules (``TrainConfig.schedule``), ``s`` = optimiser step:
 
 - ``"cosine"``: linear warmup over ``warmup_steps``, then cosine decay from ``lr`` to
@@ -44,12 +60,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from levyattn.io import atomic_write_json, atomic_write_text
+from levyattn.io import atomic_write_json, atomic_write_text, check_writable, fsync_dir, remove_stale_temporaries
 from levyattn.training import checkpoint as ckpt_mod
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
 from levyattn.training.tasks import Task, check_task
 
 SCHEDULES = ("cosine", "step", "constant")
+# The files that make a folder a run folder (with ckpt-*.safetensors), checkpoint.json first:
+# it is the commit point, so it goes first when a run is overwritten.
+RUN_FILES = (ckpt_mod.JSON_NAME, "config.json", "metrics.jsonl", "metrics.csv")
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked: it holds a run that would be overwritten."""
+
+
+def existing_run_files(out_dir: str | Path) -> list[str]:
+    """The names of the files in ``out_dir`` that belong to a run (empty when it has none)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    names = [n for n in RUN_FILES if (out_dir / n).is_file()]
+    return names + sorted(p.name for p in out_dir.glob(ckpt_mod.TENSORS_GLOB))
 
 
 @dataclass
@@ -194,7 +226,9 @@ class _Shards(torch.utils.data.Sampler):
 class Trainer:
     """Train ``task`` with ``config``; write logs and checkpoints to ``out_dir``.
 
-    ``resume=True`` continues from ``out_dir``'s checkpoint when there is one.
+    ``resume=True`` continues the run in ``out_dir`` from its checkpoint (FileNotFoundError
+    when there is none); ``resume=False`` starts a run, in a folder that holds none unless
+    ``overwrite=True`` (:class:`RunFolderError` otherwise). See the module docstring.
     ``progress=True`` shows tqdm bars (on the main process, when stderr is a terminal). ``extra`` (JSON) is stored in
     every checkpoint, e.g. the preset, so ``levyattn train --resume DIR`` can rebuild the task.
     ``on_epoch_end(record)`` is called with each epoch's metrics record.
@@ -207,6 +241,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         *,
         resume: bool = False,
+        overwrite: bool = False,
         progress: bool = False,
         extra: dict[str, Any] | None = None,
         dist_info: DistInfo | None = None,
@@ -215,10 +250,15 @@ class Trainer:
         check_task(task)
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True contradict each other: continue the run or replace it")
+        if resume and out_dir is None:
+            raise ValueError("resume=True needs out_dir, the folder of the run to continue")
         self.task = task
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.resume = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.extra = extra or {}
         self.dist = dist_info or current()
@@ -258,6 +298,99 @@ class Trainer:
             )
         barrier()
 
+    def _prepare_out_dir(self) -> None:
+        """Check the run folder before any work (see the module docstring); then, on the main
+        process, delete an overwritten run and what killed saves left behind in a new run's
+        folder (a resumed run's folder is cleaned once its checkpoint has passed its checks)."""
+        out = self.out_dir
+        if out is None:
+            return
+        files = existing_run_files(out)
+        if self.resume and ckpt_mod.JSON_NAME not in files:
+            found = f"it holds {', '.join(files)}" if files else "it holds no run" if out.is_dir() else "no such folder"
+            raise FileNotFoundError(
+                f"cannot resume {out}: {out / ckpt_mod.JSON_NAME} not found ({found}); nothing was changed. "
+                "A run killed before its first checkpoint can only start over (overwrite=True, levyattn train "
+                "--overwrite)"
+            )
+        if not self.resume and files and not self.overwrite:
+            raise RunFolderError(
+                f"{out} already holds a run ({', '.join(files)}); nothing was changed. Continue it with resume=True "
+                f"(levyattn train --resume {out}) or replace it with overwrite=True (levyattn train --overwrite)"
+            )
+        # Every process has checked before the main one changes anything.
+        barrier()
+        if self.dist.is_main:
+            check_writable(out, "run folder")
+            if not self.resume:
+                for name in files:  # checkpoint.json first: without it nothing can resume the old run
+                    (out / name).unlink()
+                fsync_dir(out)
+                remove_stale_temporaries(out)
+        barrier()
+
+    def _resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, position: dict[str, Any],
+                steps_per_epoch: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Load the checkpoint into ``model``, ``optimizer``, ``position`` and the history, after
+        checking that it fits this run; return the RNG states to restore before the first step."""
+        task, cfg = self.task, self.config
+        ck = ckpt_mod.load_checkpoint(self.out_dir)
+        ckpt_mod.load_model_state(model, ck, task.model_type)
+        if ck.model_config != task.model_config:
+            raise ckpt_mod.CheckpointError(
+                f"checkpoint {ck.path} was written for model config {ck.model_config}, "
+                f"the task builds {task.model_config}"
+            )
+        saved = ckpt_mod.check_training_state(ck)
+        where = f"checkpoint {ck.path / ckpt_mod.JSON_NAME}"
+        epoch, step, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
+        if saved["seed"] != cfg.seed:
+            raise ckpt_mod.CheckpointError(
+                f"{where} was trained with seed {saved['seed']}, this run has seed {cfg.seed}: the batch order "
+                "would change mid-run"
+            )
+        # The position must be one this run can reach: otherwise the resumed run would train
+        # on the wrong batches, or on none (an epoch logged with train_loss 0.0).
+        if not (step < steps_per_epoch and global_step == epoch * steps_per_epoch + step):
+            raise ckpt_mod.CheckpointError(
+                f"{where}: position (epoch {epoch}, step_in_epoch {step}, global_step {global_step}) does not fit "
+                f"this run's {steps_per_epoch} steps per epoch (corrupt, or the training set or batch_size changed)"
+            )
+        if len(ck.state["history"]) != epoch:
+            raise ckpt_mod.CheckpointError(
+                f"{where}: the history holds {len(ck.state['history'])} epochs, the position says {epoch}"
+            )
+        if (step > 0) != (saved["weight_sum"] > 0) or (step == 0 and saved["loss_sum"] != 0):
+            raise ckpt_mod.CheckpointError(
+                f"{where}: running loss sums (loss_sum {saved['loss_sum']}, weight_sum {saved['weight_sum']}) "
+                f"do not fit step_in_epoch {step}"
+            )
+        ckpt_mod.load_optimizer_state(optimizer, ck)
+        position.update(saved)
+        self.history = list(ck.state["history"])
+        if self.dist.is_main:
+            ckpt_mod.remove_stale_files(self.out_dir)
+        else:
+            # The saved running sums are global; count them once.
+            position["loss_sum"], position["weight_sum"], position["samples"] = 0.0, 0.0, 0
+        return ck.tensors, ck.state["rng"]
+
+    def _start(self) -> None:
+        """Write a new run's ``config.json`` and the task's artifacts (main process)."""
+        if self.out_dir is None or not self.dist.is_main:
+            return
+        task = self.task
+        atomic_write_json(
+            self.out_dir / "config.json",
+            {"model_type": task.model_type, "model_config": task.model_config,
+             "train_config": self.config.to_dict(), **self.extra},
+        )
+        # Files the task needs at inference (e.g. a tokenizer) go beside the checkpoint,
+        # so that a finished run folder is self-contained.
+        save_artifacts = getattr(task, "save_artifacts", None)
+        if callable(save_artifacts):
+            save_artifacts(self.out_dir)
+
     # ------------------------------------------------------------------ main loop
 
     def fit(self) -> dict[str, Any]:
@@ -267,76 +400,36 @@ class Trainer:
         per epoch), ``params``, ``train_time_s``, ``samples_per_s``, ``global_step`` and
         ``stopped`` (True when ``max_steps`` ended the run before its last epoch).
         """
-        import random
-
-        import numpy as np
-
         cfg, task, dist = self.config, self.task, self.dist
-        # Datasets first: building them may draw random numbers (synthetic tasks, splits),
-        # and the model's initialisation must not depend on how many.
-        torch.manual_seed(cfg.seed)
-        train_ds, eval_ds = task.datasets()
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % 2**32)
-        model = task.build_model().to(self.device)
-        self.model = model
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                # Biases, norms and scalar parameters (alpha, bandwidth) are not decayed.
-                (no_decay if p.ndim < 2 else decay).append(p)
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
+        self._prepare_out_dir()
+        train_ds, eval_ds, model, optimizer = self._build()
+        n_train = len(train_ds)
+        if n_train < dist.world_size:
+            raise ValueError(f"the training set has {n_train} samples, fewer than {dist.world_size} processes")
+        steps_per_epoch = len(global_batches(n_train, cfg.batch_size, cfg.seed, 0, dist.world_size))
+        total_steps = steps_per_epoch * cfg.epochs
         rng_to_restore = None
         position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "weight_sum": 0.0,
                     "train_time_s": 0.0, "samples": 0, "seed": cfg.seed}
-        if self.resume and self.out_dir is not None and ckpt_mod.has_checkpoint(self.out_dir):
-            ck = ckpt_mod.load_checkpoint(self.out_dir)
-            ckpt_mod.load_model_state(model, ck, task.model_type)
-            if ck.model_config != task.model_config:
-                raise ckpt_mod.CheckpointError(
-                    f"checkpoint {ck.path} was written for model config {ck.model_config}, "
-                    f"the task builds {task.model_config}"
-                )
-            ckpt_mod.optimizer_from_flat(optimizer, ck.tensors, ck.state["optimizer"])
-            position.update(ck.state["position"])
-            self.history = list(ck.state["history"])
-            rng_to_restore = (ck.tensors, ck.state["rng"])
-            if not dist.is_main:
-                # The saved running sums are global; count them once.
-                position["loss_sum"], position["weight_sum"], position["samples"] = 0.0, 0.0, 0
-        elif self.out_dir is not None and dist.is_main:
-            atomic_write_json(
-                self.out_dir / "config.json",
-                {"model_type": task.model_type, "model_config": task.model_config,
-                 "train_config": cfg.to_dict(), **self.extra},
-            )
-            # Files the task needs at inference (e.g. a tokenizer) go beside the checkpoint,
-            # so that a finished run folder is self-contained.
-            save_artifacts = getattr(task, "save_artifacts", None)
-            if callable(save_artifacts):
-                save_artifacts(self.out_dir)
+        if self.resume:
+            rng_to_restore = self._resume(model, optimizer, position, steps_per_epoch)
+        else:
+            self._start()
 
         train_model: nn.Module = model
         if dist.enabled:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        n_train = len(train_ds)
-        if n_train < dist.world_size:
-            raise ValueError(f"the training set has {n_train} samples, fewer than {dist.world_size} processes")
-        steps_per_epoch = len(global_batches(n_train, cfg.batch_size, cfg.seed, 0, dist.world_size))
-        total_steps = steps_per_epoch * cfg.epochs
         eval_loader = torch.utils.data.DataLoader(
             eval_ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=task.collate,
             num_workers=cfg.num_workers,
         )
         writer = self._tensorboard()
-        if rng_to_restore is not None:
+        if rng_to_restore is not None and position["step_in_epoch"] == 0:
             # Restored last, right before the loop, so nothing above can disturb it.
             ckpt_mod.set_rng_state(*rng_to_restore)
+            rng_to_restore = None
         stopped = False
         try:
             from tqdm.auto import tqdm
@@ -357,37 +450,18 @@ class Trainer:
                            desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             model.train()
             t0 = time.perf_counter()
-            for batch in loader:
+            # Starting an epoch's loader draws its base seed from the global RNG. A checkpoint
+            # inside an epoch holds the RNG after that draw, so it is restored after the start.
+            batch_iter = iter(loader)
+            if rng_to_restore is not None:
+                ckpt_mod.set_rng_state(*rng_to_restore)
+                rng_to_restore = None
+            for batch in batch_iter:
                 if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
                     stopped = True
                     break
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batch = to_device(batch, self.device)
-                loss, weight = task.loss(train_model, batch)
-                weight = float(weight)
-                total_weight = all_reduce_sum(weight, self.device) if dist.enabled else weight
-                if total_weight <= 0:
-                    raise ValueError("a training batch has zero loss weight (no samples or no target tokens)")
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss.item()} at step {position['global_step']} (epoch {epoch + 1}); "
-                        "try a lower lr or grad_clip"
-                    )
-                # DDP averages gradients over processes; scaling by weight * world / total makes
-                # that average the gradient of the mean loss over the whole global batch.
-                objective = loss * (weight * dist.world_size / total_weight)
-                optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                position["loss_sum"] += float(loss.detach()) * weight
-                position["weight_sum"] += weight
-                position["samples"] += _batch_len(batch)
-                position["global_step"] += 1
-                position["step_in_epoch"] += 1
+                loss = self._train_step(train_model, optimizer, batch, lr, position)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
@@ -402,27 +476,7 @@ class Trainer:
                 bar.close()
             if stopped:
                 break
-            self._reduce_running(position)
-            record = {"epoch": epoch + 1, "step": position["global_step"],
-                      "lr": optimizer.param_groups[0]["lr"],
-                      "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
-            if dist.is_main:
-                model.eval()
-                with torch.no_grad():
-                    metrics = task.evaluate(model, _DeviceLoader(eval_loader, self.device))
-                record.update({f"eval_{k}": float(v) for k, v in metrics.items()})
-            record["train_time_s"] = position["train_time_s"]
-            record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
-            self.history.append(record)
-            if writer is not None:
-                for k, v in record.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, position["global_step"])
-            position.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, weight_sum=0.0)
-            self._write_logs()
-            self._save(model, optimizer, position)
-            if self.on_epoch_end is not None and dist.is_main:
-                self.on_epoch_end(record)
+            self._end_epoch(model, optimizer, eval_loader, position, writer)
         if writer is not None:
             writer.close()
         last = self.history[-1] if self.history else {}
@@ -436,6 +490,90 @@ class Trainer:
             "global_step": position["global_step"],
             "stopped": stopped,
         }
+
+    def _build(self) -> tuple[Any, Any, nn.Module, torch.optim.Optimizer]:
+        """The datasets, the model (on the device; also ``self.model``) and its AdamW optimiser."""
+        import random
+
+        import numpy as np
+
+        cfg = self.config
+        # Datasets first: building them may draw random numbers (synthetic tasks, splits),
+        # and the model's initialisation must not depend on how many.
+        torch.manual_seed(cfg.seed)
+        train_ds, eval_ds = self.task.datasets()
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        model = self.task.build_model().to(self.device)
+        self.model = model
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                # Biases, norms and scalar parameters (alpha, bandwidth) are not decayed.
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return train_ds, eval_ds, model, optimizer
+
+    def _train_step(self, train_model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, lr: float,
+                    position: dict[str, Any]) -> torch.Tensor:
+        """One optimiser step on ``batch`` at learning rate ``lr``; advance ``position``; return the loss."""
+        cfg, dist = self.config, self.dist
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, self.device)
+        loss, weight = self.task.loss(train_model, batch)
+        weight = float(weight)
+        total_weight = all_reduce_sum(weight, self.device) if dist.enabled else weight
+        if total_weight <= 0:
+            raise ValueError("a training batch has zero loss weight (no samples or no target tokens)")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {position['global_step']} "
+                f"(epoch {position['epoch'] + 1}); try a lower lr or grad_clip"
+            )
+        # DDP averages gradients over processes; scaling by weight * world / total makes
+        # that average the gradient of the mean loss over the whole global batch.
+        objective = loss * (weight * dist.world_size / total_weight)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        position["loss_sum"] += float(loss.detach()) * weight
+        position["weight_sum"] += weight
+        position["samples"] += _batch_len(batch)
+        position["global_step"] += 1
+        position["step_in_epoch"] += 1
+        return loss
+
+    def _end_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, eval_loader: Any,
+                   position: dict[str, Any], writer: Any) -> None:
+        """Evaluate, record the epoch in the history and the logs, checkpoint, call ``on_epoch_end``."""
+        dist = self.dist
+        epoch = position["epoch"]
+        self._reduce_running(position)
+        record = {"epoch": epoch + 1, "step": position["global_step"],
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
+        if dist.is_main:
+            model.eval()
+            with torch.no_grad():
+                metrics = self.task.evaluate(model, _DeviceLoader(eval_loader, self.device))
+            record.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+        record["train_time_s"] = position["train_time_s"]
+        record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
+        self.history.append(record)
+        if writer is not None:
+            for k, v in record.items():
+                if k != "epoch":
+                    writer.add_scalar(k, v, position["global_step"])
+        position.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, weight_sum=0.0)
+        self._write_logs()
+        self._save(model, optimizer, position)
+        if self.on_epoch_end is not None and dist.is_main:
+            self.on_epoch_end(record)
 
     def _reduce_running(self, position: dict[str, Any]) -> None:
         """Make the running loss sums global on the main process (zero elsewhere)."""
@@ -482,4 +620,5 @@ class _DeviceLoader:
         return len(self.loader)
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "Trainer", "count_parameters", "epoch_order", "global_batches", "lr_at"]
+__all__ = ["RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "count_parameters", "epoch_order",
+           "existing_run_files", "global_batches", "lr_at"]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levyattn.io import read_text
+from levyattn.io import read_text, split_lines
 from levyattn.training.tasks.base import PresetTask
 from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside
 
@@ -106,7 +106,7 @@ class LMTask(PresetTask):
 
         c = self.data_cfg
         train_text, eval_text = self._texts()
-        lines = [line for line in train_text.splitlines() if line.strip()]
+        lines = [line for line in split_lines(train_text) if line.strip()]
         self.tokenizer = train_tokenizer(lines, c.get("tokenizer", "sentencepiece"),
                                             vocab_size=int(c.get("vocab_size", 1000)))
         block = int(c.get("block_size", 128))
@@ -114,7 +114,7 @@ class LMTask(PresetTask):
         def encode(text: str) -> list[int]:
             # Lines are sentences/paragraphs: each ends with EOS so the model learns where text ends.
             ids: list[int] = []
-            for line in text.splitlines():
+            for line in split_lines(text):
                 if line.strip():
                     ids.extend(self.tokenizer.encode(line))
                     ids.append(self.tokenizer.eos_id)

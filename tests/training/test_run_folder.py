@@ -1,0 +1,269 @@
+"""Run folders: a run is never restarted or overwritten silently, every checkpoint field is
+checked before use, a read-only folder fails before training, and what killed saves leave
+behind is cleaned up (toy task, CPU, seconds)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from toy import ToyTask
+
+from levyattn.cli import main
+from levyattn.training import checkpoint as ck
+from levyattn.training.trainer import RunFolderError, TrainConfig, Trainer
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, eval_batch_size=16, lr=3e-2, seed=0, checkpoint_every=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """name -> SHA-256 of every file below ``folder``: what "nothing was changed" compares."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rewrite_checkpoint(folder: Path, edit_state=None, edit_tensors=None) -> None:
+    """Change a saved checkpoint in place and keep its SHA-256 consistent, as a corrupting
+    tool (or a bug) that writes valid files with wrong content would."""
+    state = json.loads((folder / "checkpoint.json").read_text())
+    if edit_tensors is not None:
+        tensors_path = folder / state["tensors_file"]
+        tensors = load_file(tensors_path)
+        edit_tensors(tensors)
+        save_file(tensors, tensors_path)
+        state["tensors_sha256"] = hashlib.sha256(tensors_path.read_bytes()).hexdigest()
+    if edit_state is not None:
+        edit_state(state)
+    (folder / "checkpoint.json").write_text(json.dumps(state))
+
+
+class CountingToyTask(ToyTask):
+    """Counts dataset builds: a run folder that fails its checks must fail before them."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.builds = 0
+
+    def datasets(self):
+        self.builds += 1
+        return super().datasets()
+
+
+# ----------------------------------------------------------------------------- resume / overwrite
+
+
+def test_resume_without_checkpoint_json_changes_nothing(tmp_path):
+    Trainer(ToyTask(), _cfg(), tmp_path).fit()
+    (tmp_path / "checkpoint.json").unlink()
+    before = snapshot(tmp_path)
+    task = CountingToyTask()
+    with pytest.raises(FileNotFoundError, match=r"cannot resume .*checkpoint\.json not found .*config\.json"):
+        Trainer(task, _cfg(), tmp_path, resume=True).fit()
+    assert snapshot(tmp_path) == before and task.builds == 0
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        Trainer(ToyTask(), _cfg(), tmp_path / "never", resume=True).fit()
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_new_run_refuses_a_folder_holding_a_run(tmp_path):
+    first = Trainer(ToyTask(), _cfg(), tmp_path).fit()
+    before = snapshot(tmp_path)
+    with pytest.raises(RunFolderError, match=r"already holds a run \(checkpoint\.json.*--resume.*--overwrite"):
+        Trainer(ToyTask(), _cfg(seed=1), tmp_path).fit()
+    assert snapshot(tmp_path) == before
+    # overwrite=True replaces it: the old run's files are gone, the new run's are there
+    (tmp_path / "ckpt-99999999.safetensors").write_bytes(b"from the old run")
+    second = Trainer(ToyTask(), _cfg(seed=1, epochs=1), tmp_path, overwrite=True).fit()
+    assert second["history"] != first["history"][:1]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "ckpt-99999999.safetensors").exists()
+    with pytest.raises(ValueError, match="contradict"):
+        Trainer(ToyTask(), _cfg(), tmp_path, resume=True, overwrite=True)
+
+
+def test_cli_refuses_to_overwrite_and_to_restart(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--preset", "digits-vit", "--out", str(out), "--no-progress", "--set", "epochs=1",
+            "--set", "limit_train=32", "--set", "limit_test=16", "--set", "d_model=8", "--set", "batch_size=16"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and f"--resume {out}" in err and "--overwrite" in err
+    assert snapshot(out) == before
+    (out / "checkpoint.json").unlink()
+    before = snapshot(out)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "checkpoint.json not found" in capsys.readouterr().err
+    assert snapshot(out) == before
+    assert main([*args, "--overwrite"]) == 0
+    assert (out / "checkpoint.json").is_file()
+
+
+# ----------------------------------------------------------------------------- checkpoint fields
+
+
+def _del(*path):
+    def edit(d):
+        for key in path[:-1]:
+            d = d[key]
+        del d[path[-1]]
+
+    return edit
+
+
+def _set(value, *path):
+    def edit(d):
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    return edit
+
+
+STATE_FAULTS = {
+    "no optimizer": (_del("optimizer"), "'optimizer'"),
+    "no rng": (_del("rng"), "'rng'"),
+    "no position": (_del("position"), "'position'"),
+    "no history": (_del("history"), "'history'"),
+    "no epoch": (_del("position", "epoch"), "'epoch'"),
+    "no step_in_epoch": (_del("position", "step_in_epoch"), "'step_in_epoch'"),
+    "no global_step": (_del("position", "global_step"), "'global_step'"),
+    "no loss_sum": (_del("position", "loss_sum"), "'loss_sum'"),
+    "no seed": (_del("position", "seed"), "'seed'"),
+    "no param_groups": (_del("optimizer", "param_groups"), "param_groups"),
+    "no model_config": (_del("model_config"), "'model_config'"),
+    "step past the epoch": (_set(99, "position", "step_in_epoch"), "step_in_epoch 99"),
+    "negative step": (_set(-1, "position", "step_in_epoch"), "'step_in_epoch'"),
+    "step as text": (_set("3", "position", "step_in_epoch"), "'step_in_epoch'"),
+    "global step off": (_set(4, "position", "global_step"), "global_step 4"),
+    "NaN loss sum": (_set(math.nan, "position", "loss_sum"), "'loss_sum'"),
+    "other seed": (_set(7, "position", "seed"), "seed 7"),
+    "history too long": (_set([{"epoch": 1}], "history"), "history holds 1 epochs"),
+    "history not a list": (_set({}, "history"), "'history'"),
+    "rng garbage": (_set({"python": [3, [1, 2], None], "numpy": []}, "rng"), "'rng'"),
+    "tensors file elsewhere": (_set("../ckpt-00000003.safetensors", "tensors_file"), "tensors_file"),
+    "param groups of another optimiser": (_set([], "optimizer", "param_groups"), "optimiser state"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(STATE_FAULTS))
+def test_every_checkpoint_field_is_checked(tmp_path, fault):
+    # 60 samples / 8 = 8 steps per epoch; a checkpoint at step 3 of epoch 1 (checkpoint_every=3)
+    Trainer(ToyTask(), _cfg(max_steps=4), tmp_path).fit()
+    assert ck.load_checkpoint(tmp_path).state["position"]["step_in_epoch"] == 3
+    edit, named = STATE_FAULTS[fault]
+    rewrite_checkpoint(tmp_path, edit_state=edit)
+    before = snapshot(tmp_path)
+    with pytest.raises(ck.CheckpointError) as err:
+        Trainer(ToyTask(), _cfg(), tmp_path, resume=True).fit()
+    assert named in str(err.value) and "checkpoint" in str(err.value)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("fault", ["nan weight", "inf optimiser state", "no rng tensor", "no optimiser tensor"])
+def test_bad_tensors_are_named(tmp_path, fault):
+    Trainer(ToyTask(), _cfg(max_steps=4), tmp_path).fit()
+
+    def edit(tensors):
+        if fault == "nan weight":
+            tensors["model.net.0.weight"][0, 0] = math.nan
+        elif fault == "inf optimiser state":
+            tensors["optim.0.exp_avg"][0, 0] = math.inf
+        elif fault == "no rng tensor":
+            del tensors["rng.torch_cpu"]
+        else:
+            del tensors["optim.0.exp_avg"]
+
+    rewrite_checkpoint(tmp_path, edit_tensors=edit)
+    named = {"nan weight": "'model.net.0.weight' holds NaN", "inf optimiser state": "'optim.0.exp_avg' holds NaN",
+             "no rng tensor": "'rng.torch_cpu'", "no optimiser tensor": "optimiser state"}[fault]
+    with pytest.raises(ck.CheckpointError, match=named):
+        Trainer(ToyTask(), _cfg(), tmp_path, resume=True).fit()
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+def test_read_only_folder_fails_before_training(tmp_path, read_only):
+    task = CountingToyTask()
+    with pytest.raises(PermissionError, match="run folder .*ro is not writable"):
+        Trainer(task, _cfg(), read_only(tmp_path / "ro")).fit()
+    assert task.builds == 0
+    Trainer(ToyTask(), _cfg(max_steps=4), tmp_path / "run").fit()
+    read_only(tmp_path / "run")
+    with pytest.raises(PermissionError, match="not writable"):
+        Trainer(task, _cfg(), tmp_path / "run", resume=True).fit()
+    assert task.builds == 0
+
+
+def test_leftovers_of_killed_saves_are_removed(tmp_path):
+    Trainer(ToyTask(), _cfg(max_steps=4), tmp_path).fit()
+    named = ck.load_checkpoint(tmp_path).state["tensors_file"]
+    # a save killed after its tensors file, and one killed while writing checkpoint.json
+    (tmp_path / "ckpt-00000006.safetensors").write_bytes(b"newer tensors, never committed")
+    (tmp_path / ".checkpoint.json.x1y2.tmp").write_text('{"half')
+    Trainer(ToyTask(), _cfg(), tmp_path, resume=True).fit()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert [n for n in names if n.endswith(".safetensors")] == [ck.load_checkpoint(tmp_path).state["tensors_file"]]
+    assert named not in names
+    # without a readable checkpoint.json nothing is deleted: the tensors may be all that is left
+    (tmp_path / "checkpoint.json").unlink()
+    left = sorted(p.name for p in tmp_path.glob("ckpt-*"))
+    assert ck.remove_stale_files(tmp_path) == [] and sorted(p.name for p in tmp_path.glob("ckpt-*")) == left
+
+
+def test_resume_extends_a_finished_run_exactly(tmp_path):
+    """The checks leave the documented use alone: more epochs on a finished run."""
+    full = Trainer(ToyTask(), _cfg(epochs=3, schedule="constant"), tmp_path / "full").fit()
+    Trainer(ToyTask(), _cfg(epochs=2, schedule="constant"), tmp_path / "run").fit()
+    resumed = Trainer(ToyTask(), _cfg(epochs=3, schedule="constant"), tmp_path / "run", resume=True).fit()
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in full["history"]]
+    assert torch.equal(torch.tensor([r["eval_loss"] for r in resumed["history"]]),
+                       torch.tensor([r["eval_loss"] for r in full["history"]]))
+
+
+def test_sweep_restarts_only_a_run_without_a_checkpoint(tmp_path):
+    from levyattn.training.presets import apply_overrides, get_preset
+    from levyattn.training.sweep import run_sweep
+
+    preset = apply_overrides(get_preset("digits-vit"),
+                             ["epochs=1", "limit_train=32", "limit_test=16", "d_model=8", "batch_size=16"])
+
+    def sweep(log=None, preset=preset):
+        return run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4,
+                         log=log)
+
+    first = sweep()
+    run = tmp_path / "runs" / "fna-a1.2-s0"
+    # killed before its first checkpoint: config.json alone, nothing to resume, so it starts over
+    for p in run.iterdir():
+        if p.name != "config.json" and p.is_file():
+            p.unlink()
+    logs: list[str] = []
+    again = sweep(logs.append)
+    assert any("starting over" in m for m in logs)
+    assert again.runs[0]["accuracy"] == first.runs[0]["accuracy"]
+    # interrupted (no result.json yet): its checkpoint must hold the settings the sweep asks for
+    (run / "result.json").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint\.json was trained with different settings"):
+        sweep(preset=apply_overrides(preset, ["lr=0.5"]))
+    assert snapshot(tmp_path) == before
+    # weights and metrics but no checkpoint.json: an error naming it, and nothing touched
+    (run / "checkpoint.json").unlink()
+    before = snapshot(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint\.json not found"):
+        sweep()
+    assert snapshot(tmp_path) == before
