@@ -39,9 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
+    from levyattn._extras import MissingExtraError
+
     try:
         return int(args.handler(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as err:
         print(f"levyattn {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from levyattn._extras import require
 from levyattn.data._common import DataFormatError, PathLike, check_choice, check_int, require_dir
 from levyattn.io import atomic_write_bytes, atomic_write_json
 
@@ -237,6 +238,7 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes) -> None:
+        require("translate", "sentencepiece", purpose="a SentencePiece tokenizer")
         import sentencepiece as spm
 
         self._proto = bytes(model_proto)
@@ -270,6 +272,7 @@ class SentencePieceTokenizer:
         saying the least size that works. One thread by default: the same corpus always
         gives the same model.
         """
+        require("translate", "sentencepiece", purpose="training a SentencePiece tokenizer")
         import sentencepiece as spm
 
         vocab_size = check_int("vocab_size", vocab_size, 5)
@@ -353,12 +356,9 @@ class HFTokenizer:
     @classmethod
     def load(cls, path: PathLike) -> HFTokenizer:
         p = require_dir(path, "Hugging Face tokenizer folder")
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                f"loading the tokenizer folder {p} needs transformers: pip install 'levyattn[hf]'"
-            ) from err
+        require("hf", "transformers", purpose=f"loading the tokenizer folder {p}")
+        from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except (OSError, ValueError) as err:

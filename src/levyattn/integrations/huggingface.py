@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from levyattn._extras import MissingExtraError
 from levyattn.config import (
     check_alpha,
     check_bandwidth,
@@ -86,7 +87,7 @@ try:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
+    raise MissingExtraError(
         "levyattn.integrations.huggingface needs transformers >= 4.56 with AttentionInterface and "
         "AttentionMaskInterface (pip install 'levyattn[hf]')"
     ) from exc

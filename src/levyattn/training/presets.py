@@ -113,7 +113,8 @@ def split_overrides(values: Iterable[str] | None) -> list[str]:
 
 
 __all__ = [
-    "TASK_MODULES", "all_presets", "apply_overrides", "get_preset", "parse_value", "preset_from_run",
+    "TASK_MODULES", "all_presets", "apply_overrides", "check_requirements", "get_preset", "parse_value",
+    "preset_from_run",
     "split_overrides", "train_preset",
 ]
 
@@ -130,17 +131,27 @@ def train_preset(
     """Build the preset's task and train it; return (the trainer's result, the trainer).
 
     The preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can
-    rebuild the same task.
+    rebuild the same task. The optional dependencies it needs are checked first
+    (:class:`~levyattn._extras.MissingExtraError` before anything is written).
     """
     from levyattn.training.tasks import make_task
     from levyattn.training.trainer import TrainConfig, Trainer
 
-    check_preset(preset)
+    check_requirements(preset)
     task = make_task(preset)
     config = TrainConfig.from_dict(preset["train"])
     trainer = Trainer(task, config, out_dir, resume=resume, progress=progress, extra={"preset": preset},
                       dist_info=dist_info, on_epoch_end=on_epoch_end)
     return trainer.fit(), trainer
+
+
+def check_requirements(preset: dict[str, Any]) -> None:
+    """:class:`~levyattn._extras.MissingExtraError` naming the extra to install unless every
+    optional dependency that training ``preset`` imports is installed."""
+    from levyattn._extras import require_all
+    from levyattn.training.tasks import preset_requirements
+
+    require_all(preset_requirements(preset), purpose=f"training a {preset['task']} preset")
 
 
 def preset_from_run(run_dir: Any) -> dict[str, Any]:

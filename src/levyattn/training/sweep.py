@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, read_json
-from levyattn.training.presets import train_preset
+from levyattn.training.presets import check_requirements, train_preset
 from levyattn.training.tasks import check_preset
 
 ATTENTIONS = ("fna", "softmax")
@@ -266,7 +266,7 @@ def run_sweep(
     kept (see the module docstring). ``log(message)`` is called before and after each run
     (the CLI prints it).
     """
-    check_preset(preset)
+    check_requirements(preset)  # before the sweep folder is written
     out = Path(out_dir) if out_dir is not None else None
     runs_done: list[dict[str, Any]] = []
     skipped: list[str] = []
