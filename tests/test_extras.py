@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 def test_require_names_the_missing_module_and_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sacrebleu", None)  # as if not installed
     assert missing_modules("sacrebleu", "torch") == ["sacrebleu"]
-    with pytest.raises(MissingExtraError, match=r"BLEU needs sacrebleu, not installed: pip install 'levyattn\[translate\]'"):
+    expected = r"BLEU needs sacrebleu, not installed: pip install 'levyattn\[translate\]'"
+    with pytest.raises(MissingExtraError, match=expected):
         require("translate", "sacrebleu", purpose="BLEU")
     require("translate", "sentencepiece", purpose="a tokenizer")  # installed: nothing raised
 
