@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMANDS = ("demo", "train", "sweep", "analyze", "lens", "atlas", "translate", "generate")
@@ -28,6 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment (tests and callers may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_library_messages() -> None:
+    """The library's INFO messages on stderr as ``levyattn: ...`` lines: the one-time build of the
+    CPU kernel, progress lines when stderr is not a terminal."""
+    logger = logging.getLogger("levyattn")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("levyattn: %(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -41,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from levyattn._extras import MissingExtraError
 
+    show_library_messages()
     try:
         return int(args.handler(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, MissingExtraError) as err:
