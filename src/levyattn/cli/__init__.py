@@ -15,8 +15,21 @@ import sys
 COMMANDS = ("demo", "train", "sweep", "analyze", "lens", "atlas", "translate", "generate")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a misspelled choice or command (subparsers inherit it)."""
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        if action.choices is not None and value not in action.choices:
+            from levyattn.config import did_you_mean
+
+            choices = ", ".join(map(repr, action.choices))
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{did_you_mean(value, action.choices)} (choose from {choices})"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="levyattn", description="Fractional (Lévy) attention: models, analyses, the lens."
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from levyattn.config import did_you_mean
+
 PathLike = str | os.PathLike
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -53,7 +55,7 @@ def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}{did_you_mean(value, choices)}")
     return value
 
 

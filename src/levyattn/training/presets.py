@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from levyattn.config import did_you_mean
 from levyattn.training.tasks import PRESET_SECTIONS, check_preset
 
 TASK_MODULES = ("classification", "translation", "lm")
@@ -48,7 +49,9 @@ def get_preset(name: str) -> dict[str, Any]:
     """A deep copy of the preset ``name`` (ValueError listing the valid names)."""
     presets = all_presets()
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets))}")
+        raise ValueError(
+            f"unknown preset {name!r}{did_you_mean(name, presets)} (valid presets: {', '.join(sorted(presets))})"
+        )
     return check_preset(copy.deepcopy(presets[name]), f"preset {name!r}")
 
 
