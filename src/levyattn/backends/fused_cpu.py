@@ -5,13 +5,15 @@ in cache through both matmuls and the kernel, as PyTorch's own CPU kernel for
 log-sum-exp and per-thread tile buffers.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler with
-OpenMP and ninja, a dependency; about 20 s once, announced at INFO on the ``levyattn`` logger,
+OpenMP and ninja, a dependency; about 30 s once, announced at INFO on the ``levyattn`` logger,
 which the CLI shows). The build is cached under ``$TORCH_EXTENSIONS_DIR`` (default
-``~/.cache/torch_extensions``) in a folder named by a hash of the source and its path, the
-compiler flags and the torch and Python versions, so checkouts and versions on one machine each
-keep their own build instead of rebuilding over each other's; processes share it. :func:`ensure_built` builds
-it up front (before timing anything). ``LEVYATTN_COMPILE=0`` turns it off; where the build fails
-the tiled backend warns once and runs its tile loop, the same math, slower.
+``~/.cache/torch_extensions``) in a folder named by a hash of the source, the compiler flags and
+the torch and Python versions, compiled from a copy of the source in that folder: checkouts with
+the same source share one build, and other versions keep their own instead of rebuilding over
+each other's.
+:func:`ensure_built` builds it up front (call it before timing anything). ``LEVYATTN_COMPILE=0``
+turns it off; where the build fails the tiled backend warns once and runs its tile loop, the same
+math, slower.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from levyattn.backends.common import AttentionCall, additive_mask
+from levyattn.io import atomic_write_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -49,13 +52,12 @@ _state: dict[str, object] = {}  # "ops" once built and loaded, or "failed": the 
 _log = logging.getLogger(__name__)
 
 
-def _extension_name(cflags: list[str], ldflags: list[str]) -> str:
+def _extension_name(source: bytes, cflags: list[str], ldflags: list[str]) -> str:
     """``levyattn_fna_cpu_<hash>``: torch keys its build folder by the name alone, so the name
-    carries everything the build depends on: the source and its path (ninja rebuilds when the
-    path in its build file changes), the flags, the torch and Python versions and the compiler."""
-    digest = hashlib.sha256(_SOURCE.read_bytes())
-    for part in (str(_SOURCE.resolve()), *cflags, "|", *ldflags, "|", torch.__version__, sys.version,
-                 os.environ.get("CXX", "")):
+    carries everything the build depends on: the source, the flags, the torch and Python versions
+    and the compiler."""
+    digest = hashlib.sha256(source)
+    for part in (*cflags, "|", *ldflags, "|", torch.__version__, sys.version, os.environ.get("CXX", "")):
         digest.update(part.encode() + b"\0")
     return f"levyattn_fna_cpu_{digest.hexdigest()[:16]}"
 
@@ -69,11 +71,12 @@ def _ops():
 
     cflags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
     ldflags = ["-fopenmp"]
-    name = _extension_name(cflags, ldflags)
+    source = _SOURCE.read_bytes()
+    name = _extension_name(source, cflags, ldflags)
     build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
     built = (build_dir / f"{name}.so").is_file()
     if not built:
-        _log.info("building the CPU kernel once (about 20 s; cached in %s)", build_dir)
+        _log.info("building the CPU kernel once (about 30 s; cached in %s)", build_dir)
     started = time.perf_counter()
     path = os.environ.get("PATH", "")
     try:
@@ -85,10 +88,14 @@ def _ops():
     except ImportError:
         pass
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
+        # ninja rebuilds when the source path in its build file changes: every checkout compiles the
+        # same copy. Written once (atomically); rewriting it would bump its mtime and rebuild.
+        copy = build_dir / _SOURCE.name
+        if not copy.is_file():
+            atomic_write_bytes(copy, source)
         load(
             name=name,
-            sources=[str(_SOURCE)],
+            sources=[str(copy)],
             extra_cflags=cflags,
             extra_ldflags=ldflags,
             build_directory=str(build_dir),
@@ -111,7 +118,7 @@ def _ops():
 
 
 def ensure_built() -> bool:
-    """Build (the first time on this machine, about 20 s) and load the kernel now; whether it is
+    """Build (the first time on this machine, about 30 s) and load the kernel now; whether it is
     available. Call it before timing anything on the CPU, so the timing does not include the build.
     False without building when ``LEVYATTN_COMPILE=0``; a failed build warns once."""
     return os.environ.get("LEVYATTN_COMPILE", "1") != "0" and _ops() is not None
