@@ -31,7 +31,9 @@ class EpochProgress:
         self.epoch, self.epochs, self.steps, self.step = epoch, epochs, steps, done
         self.run_steps_left = run_steps_left
         self.started = self.last_line = time.perf_counter()
-        self.steps_here = 0  # steps taken in this process, for the rate
+        # Steps timed for the rate: from the end of this epoch's first step, which can hold one-time
+        # costs (the CPU kernel's build, the data loader's start) that would skew the rate and the ETA.
+        self.timed_steps = -1
         self.bar: Any = None
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -41,17 +43,19 @@ class EpochProgress:
     def update(self, loss: Any, lr: float) -> None:
         """One step done; ``loss`` is a number or a 0-dim tensor (read only when shown)."""
         self.step += 1
-        self.steps_here += 1
+        self.timed_steps += 1
         self.run_steps_left -= 1
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
             return
         now = time.perf_counter()
-        if now - self.last_line < EVERY_S:
+        if self.timed_steps == 0:
+            self.started = now
+        if self.timed_steps == 0 or now - self.last_line < EVERY_S:
             return
         self.last_line = now
-        rate = self.steps_here / max(now - self.started, 1e-9)
+        rate = self.timed_steps / max(now - self.started, 1e-9)
         _log.info(
             "epoch %d/%d: step %d/%d, loss %.4f, lr %.2e, %.1f steps/s, training ETA %s",
             self.epoch, self.epochs, self.step, self.steps, float(loss), lr, rate,
