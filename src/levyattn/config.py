@@ -8,6 +8,7 @@ head, for learnable kernels); they are checked by value here too.
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,6 +18,12 @@ import torch
 MANIFOLDS = ("euclidean", "sphere")
 
 Scalar = float | torch.Tensor
+
+
+def did_you_mean(value: Any, choices: Any) -> str:
+    """``"; did you mean 'x'?"`` when ``value`` is close to one of ``choices`` (a misspelling), else ""."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -75,7 +82,7 @@ def check_density_a(density_a: Any) -> float:
 
 def check_manifold(manifold: Any) -> str:
     if manifold not in MANIFOLDS:
-        raise ValueError(f"manifold must be one of {MANIFOLDS}, got {manifold!r}")
+        raise ValueError(f"manifold must be one of {MANIFOLDS}, got {manifold!r}{did_you_mean(manifold, MANIFOLDS)}")
     return manifold
 
 

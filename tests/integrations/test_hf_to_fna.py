@@ -77,8 +77,19 @@ def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_
     assert again.config.fna_bandwidth == model.config.fna_bandwidth
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits)
-    text = report.format()
-    assert "kl gap" in text and "layer" in text
+    # The summary names each number and its direction, and says what was minimised.
+    lines = report.format().splitlines()
+    assert lines[0] == (
+        "output KL(softmax model || FNA model), nats per position (lower is better, 0 = equal) on 8 sequences: "
+        f"{report.gap_before:.6g} at the initial bandwidth, {report.gap_after:.6g} calibrated"
+    )
+    assert report.objective == "output" and lines[1].startswith("objective 'output': the bandwidths were tuned on")
+    assert lines[2] == "attention-row KL(softmax || FNA) per layer, nats (lower is better):"
+    for layer, row in enumerate(lines[4:]):
+        initial, fit, final = (float(x) for x in row.split()[1:4])
+        assert (initial, fit, final) == pytest.approx((report.attention_kl_before[layer],
+                                                       report.attention_kl_fit[layer],
+                                                       report.attention_kl_after[layer]), rel=1e-3)
 
     # The attention-only objective: eps = 1 is a grid point, so every layer's attention rows
     # can only get closer, and the refinement on the outputs can only do better than it.
@@ -86,6 +97,9 @@ def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_
     attention_only = hf.to_fna(quick, batch, alpha=1.2, objective="attention")
     for before, after in zip(attention_only.attention_kl_before, attention_only.attention_kl_after):
         assert after <= before + 1e-9
+    assert attention_only.objective == "attention"
+    assert attention_only.attention_kl_fit == attention_only.attention_kl_after
+    assert report.attention_kl_fit == pytest.approx(attention_only.attention_kl_after)  # the output search's start
     assert attention_only.gap_before == pytest.approx(report.gap_before)
     assert report.gap_after <= attention_only.gap_after + 1e-9
 
@@ -97,6 +111,8 @@ def test_per_head_calibration_on_an_encoder_reports_cosine():
     batches = [{"input_ids": ids}, {"input_ids": ids[:2, :6]}]
     report = hf.to_fna(model, batches, per_head=True, alpha=[1.2, 1.6], objective="attention")
     assert report.metric == "cosine" and report.n_sequences == 6
+    assert "output cosine similarity to the softmax model" in report.format()
+    assert "(higher is better, 1 = equal)" in report.format()
     assert all(isinstance(b, list) and len(b) == 2 for b in model.config.fna_bandwidth)
     assert 0.0 < report.gap_before <= 1.0 + 1e-6
     assert all(a <= b + 1e-9 for a, b in zip(report.attention_kl_after, report.attention_kl_before))

@@ -5,22 +5,31 @@ in cache through both matmuls and the kernel, as PyTorch's own CPU kernel for
 log-sum-exp and per-thread tile buffers.
 
 The C++ source is compiled on first use with ``torch.utils.cpp_extension`` (a C++ compiler with
-OpenMP and ninja, a dependency; about 20 s once; the build is cached, by default under
-``~/.cache/torch_extensions``, and shared between processes). ``LEVYATTN_COMPILE=0`` turns it
-off; where the build fails the tiled backend warns once and runs its tile loop, the same math,
-slower.
+OpenMP and ninja, a dependency; about 30 s once, announced at INFO on the ``levyattn`` logger,
+which the CLI shows). The build is cached under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a folder named by a hash of the source, the compiler flags and
+the torch and Python versions, compiled from a copy of the source in that folder: checkouts with
+the same source share one build, and other versions keep their own instead of rebuilding over
+each other's.
+:func:`ensure_built` builds it up front (call it before timing anything). ``LEVYATTN_COMPILE=0``
+turns it off; where the build fails the tiled backend warns once and runs its tile loop, the same
+math, slower.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from levyattn.backends.common import AttentionCall, additive_mask
+from levyattn.io import atomic_write_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -43,15 +52,32 @@ _state: dict[str, object] = {}  # "ops" once built and loaded, or "failed": the 
 _log = logging.getLogger(__name__)
 
 
+def _extension_name(source: bytes, cflags: list[str], ldflags: list[str]) -> str:
+    """``levyattn_fna_cpu_<hash>``: torch keys its build folder by the name alone, so the name
+    carries everything the build depends on: the source, the flags, the torch and Python versions
+    and the compiler."""
+    digest = hashlib.sha256(source)
+    for part in (*cflags, "|", *ldflags, "|", torch.__version__, sys.version, os.environ.get("CXX", "")):
+        digest.update(part.encode() + b"\0")
+    return f"levyattn_fna_cpu_{digest.hexdigest()[:16]}"
+
+
 def _ops():
     """The compiled ops (``torch.ops.levyattn_fna_cpu``), built on the first call; None if the
     build failed (warned once)."""
     if "ops" in _state or "failed" in _state:
         return _state.get("ops")
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import get_default_build_root, load
 
-    arch = _ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
-    _log.info("levyattn: building the fused CPU kernel %s (once; cached)", _SOURCE.name)
+    cflags = ["-O3", "-fopenmp", *_ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    ldflags = ["-fopenmp"]
+    source = _SOURCE.read_bytes()
+    name = _extension_name(source, cflags, ldflags)
+    build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    built = (build_dir / f"{name}.so").is_file()
+    if not built:
+        _log.info("building the CPU kernel once (about 30 s; cached in %s)", build_dir)
+    started = time.perf_counter()
     path = os.environ.get("PATH", "")
     try:
         # torch runs `ninja` from PATH; the ninja wheel (a dependency) keeps its binary in its
@@ -62,14 +88,22 @@ def _ops():
     except ImportError:
         pass
     try:
+        # ninja rebuilds when the source path in its build file changes: every checkout compiles the
+        # same copy. Written once (atomically); rewriting it would bump its mtime and rebuild.
+        copy = build_dir / _SOURCE.name
+        if not copy.is_file():
+            atomic_write_bytes(copy, source)
         load(
-            name="levyattn_fna_cpu",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fopenmp", *arch],
-            extra_ldflags=["-fopenmp"],
+            name=name,
+            sources=[str(copy)],
+            extra_cflags=cflags,
+            extra_ldflags=ldflags,
+            build_directory=str(build_dir),
             is_python_module=False,
         )
         _state["ops"] = torch.ops.levyattn_fna_cpu
+        if not built:
+            _log.info("built the CPU kernel in %.0f s", time.perf_counter() - started)
     except Exception as err:  # no compiler, no OpenMP, a BLAS without sgemm_: the tile loop is the same math
         _state["failed"] = f"{type(err).__name__}: {err}"
         warnings.warn(
@@ -83,17 +117,18 @@ def _ops():
     return _state.get("ops")
 
 
+def ensure_built() -> bool:
+    """Build (the first time on this machine, about 30 s) and load the kernel now; whether it is
+    available. Call it before timing anything on the CPU, so the timing does not include the build.
+    False without building when ``LEVYATTN_COMPILE=0``; a failed build warns once."""
+    return os.environ.get("LEVYATTN_COMPILE", "1") != "0" and _ops() is not None
+
+
 def applies(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a Euclidean call with float alpha and bandwidth and no density term (the caller
     checks those) on ``device`` in ``dtype`` runs here: CPU, float32 or float64, allowed, not
     inside a graph being compiled, and the kernel built."""
-    return (
-        device.type == "cpu"
-        and dtype in _DTYPES
-        and os.environ.get("LEVYATTN_COMPILE", "1") != "0"
-        and not torch.compiler.is_compiling()
-        and _ops() is not None
-    )
+    return device.type == "cpu" and dtype in _DTYPES and not torch.compiler.is_compiling() and ensure_built()
 
 
 class _FusedFNA(torch.autograd.Function):

@@ -350,6 +350,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from levyattn._extras import require
+
+    require("report", purpose="levyattn analyze (its plots)")
+
     from levyattn.analysis import ROW_SUM_ATOL_LOW, DiffusionMap, attention_summary, spectral_gap
     from levyattn.analysis.io import load_attention_with_dtypes
     from levyattn.analysis.plots import plot_attention, plot_embedding, plot_spectrum

@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from levyattn._extras import require_all
+
+    require_all({"train": ("sklearn",), "report": ()}, purpose="levyattn demo")
     from levyattn.training.demo import run_demo
 
     try:

@@ -77,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from levyattn._extras import require
+
+    require("hf", "transformers", purpose="levyattn lens")
+    if not args.no_plots:
+        require("report", purpose="levyattn lens (its plots; --no-plots skips them)")
     from levyattn.lens import DenseOptions, analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
     from levyattn.lens.report import summary_rows
 

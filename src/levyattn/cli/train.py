@@ -41,8 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from levyattn.training.presets import all_presets, apply_overrides, get_preset, preset_from_run, train_preset
 
     if args.list:
-        for name, p in sorted(all_presets().items()):
-            print(f"{name:28s} {p.get('description', '')}")
+        presets = all_presets()
+        width = max(map(len, presets))
+        for name, p in sorted(presets.items()):
+            print(f"{name:<{width}}  {p.get('description', '')}")
         return 0
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces one: give one of them")

@@ -53,6 +53,9 @@ def run(args: argparse.Namespace) -> int:
     sentences = [args.sentence] if args.sentence is not None else _read_lines(args.input, "input")
     references = None
     if args.reference is not None:
+        from levyattn._extras import require
+
+        require("translate", "sacrebleu", purpose="levyattn translate --reference (BLEU and chrF)")
         references = _read_lines(args.reference, "reference")
         if len(references) != len(sentences):
             raise ValueError(

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from levyattn.config import did_you_mean
 from levyattn.io import DataFormatError, read_bytes, read_lines, read_text
 
 PathLike = str | os.PathLike
@@ -45,7 +46,7 @@ def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = 
 
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}{did_you_mean(value, choices)}")
     return value
 
 

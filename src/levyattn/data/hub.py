@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from levyattn._extras import MissingExtraError
+
 
 def load_hub_dataset(name: str, *args: Any, local_alternative: str, **kwargs: Any) -> Any:
     """``datasets.load_dataset(name, *args, **kwargs)``, with a clear error when the
@@ -12,7 +14,7 @@ def load_hub_dataset(name: str, *args: Any, local_alternative: str, **kwargs: An
     try:
         import datasets
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             f"loading {name!r} from the Hugging Face hub needs the datasets package: "
             f"install levyattn[hub] (pip install datasets), or use the local files: {local_alternative}"
         ) from err

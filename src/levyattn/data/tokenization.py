@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from levyattn._extras import require
 from levyattn.data._common import DataFormatError, PathLike, check_choice, check_int, require_dir
 from levyattn.io import atomic_write_bytes, atomic_write_json, read_json
 
@@ -231,6 +232,7 @@ class SentencePieceTokenizer:
     kind = "sentencepiece"
 
     def __init__(self, model_proto: bytes) -> None:
+        require("translate", "sentencepiece", purpose="a SentencePiece tokenizer")
         import sentencepiece as spm
 
         self._proto = bytes(model_proto)
@@ -264,6 +266,7 @@ class SentencePieceTokenizer:
         saying the least size that works. One thread by default: the same corpus always
         gives the same model.
         """
+        require("translate", "sentencepiece", purpose="training a SentencePiece tokenizer")
         import sentencepiece as spm
 
         vocab_size = check_int("vocab_size", vocab_size, 5)
@@ -347,12 +350,9 @@ class HFTokenizer:
     @classmethod
     def load(cls, path: PathLike) -> HFTokenizer:
         p = require_dir(path, "Hugging Face tokenizer folder")
-        try:
-            from transformers import AutoTokenizer
-        except ImportError as err:
-            raise ImportError(
-                f"loading the tokenizer folder {p} needs transformers: pip install 'levyattn[hf]'"
-            ) from err
+        require("hf", "transformers", purpose=f"loading the tokenizer folder {p}")
+        from transformers import AutoTokenizer
+
         try:
             tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
         except (OSError, ValueError) as err:

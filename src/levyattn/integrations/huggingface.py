@@ -70,6 +70,7 @@ from typing import Any
 
 import torch
 
+from levyattn._extras import MissingExtraError
 from levyattn.config import (
     check_alpha,
     check_bandwidth,
@@ -86,7 +87,7 @@ try:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
+    raise MissingExtraError(
         "levyattn.integrations.huggingface needs transformers >= 4.56 with AttentionInterface and "
         "AttentionMaskInterface (pip install 'levyattn[hf]')"
     ) from exc
@@ -514,18 +515,38 @@ def _capture_softmax(capture, module, query, key, value, mask, causal, scaling):
     return out, None
 
 
+# What ConversionReport.format prints for each output metric and each calibration objective.
+_METRIC_TEXT = {
+    "kl": "output KL(softmax model || FNA model), nats per position (lower is better, 0 = equal)",
+    "cosine": "output cosine similarity to the softmax model, mean-pooled last hidden states "
+    "(higher is better, 1 = equal)",
+}
+_OBJECTIVE_TEXT = {
+    "output": "objective 'output': the bandwidths were tuned on the output measure above, starting from a per-layer "
+    "fit of the attention rows; the attention-row KL below was not the quantity minimised, so it can end above "
+    "its fitted or initial value",
+    "attention": "objective 'attention': each layer's bandwidth minimises its attention-row KL below; the output "
+    "measure above was not optimised",
+}
+
+
 @dataclass
 class ConversionReport:
     """What :func:`to_fna` chose and how close the FNA model's first forward pass is to softmax.
 
-    metric: "kl" -- mean KL(softmax model || FNA model) in nats between the models' output
-        distributions (next-token distributions of a causal LM, token distributions of a
-        masked LM, class distributions of a classifier), over non-padding positions; lower
-        is closer, 0 is equal. "cosine" -- mean cosine similarity of mean-pooled last hidden
-        states (models without logits); higher is closer, 1 is equal.
-    gap_before: the metric with the initial bandwidth; gap_after: with the calibrated one.
-    attention_kl_before/after: per layer, mean KL(softmax rows || FNA rows) over heads and
-        valid query rows, for the calibration inputs' queries and keys.
+    metric: the output measure. "kl" -- mean KL(softmax model || FNA model) in nats between
+        the models' output distributions (next-token distributions of a causal LM, token
+        distributions of a masked LM, class distributions of a classifier), over non-padding
+        positions; lower is better, 0 is equal. "cosine" -- mean cosine similarity of
+        mean-pooled last hidden states (models without logits); higher is better, 1 is equal.
+    gap_before: the output measure with the initial bandwidth; gap_after: with the calibrated one.
+    objective: what the bandwidths were chosen to minimise ("output": the output measure, from a
+        start at the attention-row fit; "attention": each layer's attention-row KL).
+    attention_kl_before / attention_kl_fit / attention_kl_after: per layer, mean
+        KL(softmax rows || FNA rows) in nats over heads and valid query rows, for the
+        calibration inputs' queries and keys: at the initial bandwidth, after the attention-row
+        fit, and at the final bandwidth (the fit's with ``objective="attention"``; with
+        ``"output"`` it can be larger, as the output measure, not this KL, was minimised).
     bandwidth: the calibrated ``fna_bandwidth`` written to the config (per layer; per layer and
         head with ``per_head=True``). alpha: ``fna_alpha`` as written.
     """
@@ -539,24 +560,30 @@ class ConversionReport:
     attention_kl_after: list[float] = field(default_factory=list)
     n_sequences: int = 0
     calibrated: bool = False
+    objective: str | None = None
+    attention_kl_fit: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def format(self) -> str:
-        """A short plain-text summary (for a CLI or a log)."""
+        """A short plain-text summary (for a CLI or a log): each number named, with its direction."""
         lines = []
         if self.metric is not None:
             lines.append(
-                f"{self.metric} gap (softmax vs FNA) on {self.n_sequences} sequences: "
-                f"before {self.gap_before:.6g}, after {self.gap_after:.6g}"
+                f"{_METRIC_TEXT[self.metric]} on {self.n_sequences} sequences: "
+                f"{self.gap_before:.6g} at the initial bandwidth, {self.gap_after:.6g} calibrated"
             )
+        if self.objective is not None:
+            lines.append(_OBJECTIVE_TEXT[self.objective])
         if self.attention_kl_before:
-            lines.append("layer  attention KL before  attention KL after  bandwidth")
+            lines.append("attention-row KL(softmax || FNA) per layer, nats (lower is better):")
+            lines.append("layer     initial  attention fit        final  bandwidth")
             n = len(self.attention_kl_before)
             bw = self.bandwidth if isinstance(self.bandwidth, list) else [self.bandwidth] * n
-            for i, (b, a) in enumerate(zip(self.attention_kl_before, self.attention_kl_after)):
-                lines.append(f"{i:5d}  {b:19.4g}  {a:18.4g}  {bw[i]}")
+            fit = self.attention_kl_fit or self.attention_kl_after
+            for i, (b, f, a) in enumerate(zip(self.attention_kl_before, fit, self.attention_kl_after)):
+                lines.append(f"{i:5d}  {b:10.4g}  {f:13.4g}  {a:11.4g}  {bw[i]}")
         return "\n".join(lines)
 
 
@@ -793,10 +820,11 @@ def to_fna(
                     _CAPTURE.reset(token)
             gap_before = _gap(reference, model, batches)
             initial = model.config.fna_bandwidth
-            report = _calibrate(model, records, batches, per_head, lo, hi)
+            kl_initial, kl_fit = _calibrate(model, records, batches, per_head, lo, hi)
+            kl_final = kl_fit
             if objective == "output":
                 _refine_output(model, reference, batches, initial, gap_before, lo, hi)
-                report = (report[0], _attention_kls(model, records, batches))
+                kl_final = _attention_kls(model, records, batches)
             gap_after = _gap(reference, model, batches)
     finally:
         model.train(was_training)
@@ -807,10 +835,12 @@ def to_fna(
         gap_after=gap_after,
         alpha=model.config.fna_alpha,
         bandwidth=model.config.fna_bandwidth,
-        attention_kl_before=report[0],
-        attention_kl_after=report[1],
+        attention_kl_before=kl_initial,
+        attention_kl_after=kl_final,
         n_sequences=n_sequences,
         calibrated=True,
+        objective=objective,
+        attention_kl_fit=kl_fit,
     )
 
 

@@ -302,6 +302,9 @@ def load_model(
     ``HF_HUB_OFFLINE`` is unset and huggingface.co answers; otherwise FileNotFoundError says
     why. Encoder-decoder models are refused (pass their encoder module instead).
     """
+    from levyattn._extras import require
+
+    require("hf", "transformers", purpose="loading a Hugging Face model")
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     text = os.fspath(source)

@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from levyattn.config import did_you_mean
 from levyattn.models.classifier import TextClassifier, TextClassifierConfig
 from levyattn.models.common import AttentionOptions, ModelConfig, ModelOutput, count_parameters
 from levyattn.models.lm import CausalLM, CausalLMConfig, sample_next
@@ -53,7 +54,10 @@ def build_model(model_type: str, config: dict[str, Any] | ModelConfig) -> nn.Mod
     for unknown or invalid config fields.
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"unknown model_type {model_type!r}; valid model types are {sorted(MODEL_TYPES)}")
+        raise ValueError(
+            f"unknown model_type {model_type!r}{did_you_mean(model_type, MODEL_TYPES)} "
+            f"(valid model types are {sorted(MODEL_TYPES)})"
+        )
     config_cls = CONFIG_TYPES[model_type]
     if isinstance(config, ModelConfig):
         if not isinstance(config, config_cls):

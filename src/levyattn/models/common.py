@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth
+from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth, did_you_mean
 from levyattn.functional import BACKENDS
 from levyattn.nn import ATTENTION_KINDS
 
@@ -48,7 +48,7 @@ def check_float(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = 
 
 def check_choice(name: str, value: Any, choices: tuple) -> Any:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}{did_you_mean(value, choices)}")
     return value
 
 
@@ -87,7 +87,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields are {sorted(known)}")
+            hints = "".join(did_you_mean(name, known) for name in unknown)
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}{hints} (valid fields are {sorted(known)})")
         return cls(**data)
 
     def replace(self: C, **changes: Any) -> C:

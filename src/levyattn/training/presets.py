@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from levyattn.config import did_you_mean
 from levyattn.training.tasks import PRESET_SECTIONS, check_preset
 
 TASK_MODULES = ("classification", "translation", "lm")
@@ -48,7 +49,9 @@ def get_preset(name: str) -> dict[str, Any]:
     """A deep copy of the preset ``name`` (ValueError listing the valid names)."""
     presets = all_presets()
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(presets))}")
+        raise ValueError(
+            f"unknown preset {name!r}{did_you_mean(name, presets)} (valid presets: {', '.join(sorted(presets))})"
+        )
     return check_preset(copy.deepcopy(presets[name]), f"preset {name!r}")
 
 
@@ -113,7 +116,8 @@ def split_overrides(values: Iterable[str] | None) -> list[str]:
 
 
 __all__ = [
-    "TASK_MODULES", "all_presets", "apply_overrides", "get_preset", "parse_value", "preset_from_run",
+    "TASK_MODULES", "all_presets", "apply_overrides", "check_requirements", "get_preset", "parse_value",
+    "preset_from_run",
     "split_overrides", "train_preset",
 ]
 
@@ -132,18 +136,28 @@ def train_preset(
 
     ``resume`` and ``overwrite`` are the :class:`~levyattn.training.trainer.Trainer`'s. The
     preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can rebuild the
-    same task.
+    same task. The optional dependencies it needs are checked first
+    (:class:`~levyattn._extras.MissingExtraError` before anything is written).
     """
     from levyattn.training.tasks import make_task
     from levyattn.training.trainer import TrainConfig, Trainer
 
-    check_preset(preset)
+    check_requirements(preset)
     task = make_task(preset)
     config = TrainConfig.from_dict(preset["train"])
     trainer = Trainer(task, config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
                       extra={"preset": preset},
                       dist_info=dist_info, on_epoch_end=on_epoch_end)
     return trainer.fit(), trainer
+
+
+def check_requirements(preset: dict[str, Any]) -> None:
+    """:class:`~levyattn._extras.MissingExtraError` naming the extra to install unless every
+    optional dependency that training ``preset`` imports is installed."""
+    from levyattn._extras import require_all
+    from levyattn.training.tasks import preset_requirements
+
+    require_all(preset_requirements(preset), purpose=f"training a {preset['task']} preset")
 
 
 def preset_from_run(run_dir: Any) -> dict[str, Any]:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, read_json
-from levyattn.training.presets import preset_from_run, train_preset
+from levyattn.training.presets import check_requirements, preset_from_run, train_preset
 from levyattn.training.tasks import check_preset
 from levyattn.training.trainer import existing_run_files
 
@@ -271,7 +271,7 @@ def run_sweep(
     kept (see the module docstring). ``log(message)`` is called before and after each run
     (the CLI prints it).
     """
-    check_preset(preset)
+    check_requirements(preset)  # before the sweep folder is written
     out = Path(out_dir) if out_dir is not None else None
     runs_done: list[dict[str, Any]] = []
     skipped: list[str] = []

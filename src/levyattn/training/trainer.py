@@ -63,6 +63,7 @@ from torch import nn
 from levyattn.io import atomic_write_json, atomic_write_text, check_writable, fsync_dir, remove_stale_temporaries
 from levyattn.training import checkpoint as ckpt_mod
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
+from levyattn.training.progress import EpochProgress
 from levyattn.training.tasks import Task, check_task
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -229,7 +230,8 @@ class Trainer:
     ``resume=True`` continues the run in ``out_dir`` from its checkpoint (FileNotFoundError
     when there is none); ``resume=False`` starts a run, in a folder that holds none unless
     ``overwrite=True`` (:class:`RunFolderError` otherwise). See the module docstring.
-    ``progress=True`` shows tqdm bars (on the main process, when stderr is a terminal). ``extra`` (JSON) is stored in
+    ``progress=True`` shows progress on the main process (:mod:`~levyattn.training.progress`: tqdm bars on a
+    terminal, plain lines on the ``levyattn`` logger otherwise). ``extra`` (JSON) is stored in
     every checkpoint, e.g. the preset, so ``levyattn train --resume DIR`` can rebuild the task.
     ``on_epoch_end(record)`` is called with each epoch's metrics record.
     """
@@ -431,10 +433,6 @@ class Trainer:
             ckpt_mod.set_rng_state(*rng_to_restore)
             rng_to_restore = None
         stopped = False
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            tqdm = None
         while position["epoch"] < cfg.epochs and not stopped:
             epoch = position["epoch"]
             batches = global_batches(n_train, cfg.batch_size, cfg.seed, epoch, dist.world_size)
@@ -444,10 +442,9 @@ class Trainer:
                 collate_fn=task.collate, num_workers=cfg.num_workers,
             )
             bar = None
-            if self.progress and dist.is_main and tqdm is not None:
-                # disable=None: no bar when stderr is not a terminal, so piped logs carry no redraws
-                bar = tqdm(total=steps_per_epoch, initial=position["step_in_epoch"], disable=None,
-                           desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+            if self.progress and dist.is_main:
+                bar = EpochProgress(epoch + 1, cfg.epochs, steps_per_epoch, done=position["step_in_epoch"],
+                                    run_steps_left=total_steps - position["global_step"])
             model.train()
             t0 = time.perf_counter()
             # Starting an epoch's loader draws its base seed from the global RNG. A checkpoint
@@ -463,8 +460,7 @@ class Trainer:
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
                 loss = self._train_step(train_model, optimizer, batch, lr, position)
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
+                    bar.update(loss.detach(), lr)
                 if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0 \
                         and position["step_in_epoch"] < steps_per_epoch:
                     position["train_time_s"] += time.perf_counter() - t0

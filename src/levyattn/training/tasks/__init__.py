@@ -48,7 +48,11 @@ names to presets and :mod:`levyattn.training.presets` merges them all::
       "sweep": {"alphas": [...], "attention": [...], "seeds": [...]},  # defaults for sweeps (also "restarts")
     }
 
-Each task module provides ``PRESETS`` and ``make_task(preset) -> Task``.
+Each task module provides ``PRESETS`` and ``make_task(preset) -> Task``, and may provide
+``requirements(preset) -> {extra: modules}``: the optional dependencies (extras of
+``pyproject.toml``) that the preset needs with its settings (a SentencePiece tokenizer needs
+``sentencepiece``, a byte tokenizer does not); :func:`preset_requirements` adds what every
+training needs and :func:`levyattn.training.presets.train_preset` checks them all up front.
 ``--set key=value`` on the command line edits a preset before the task is built:
 ``key`` is a dotted path (``train.lr=3e-4``, ``model.alpha=1.4``) or a bare key found
 in exactly one section (``data_dir=/data/aclImdb``, ``epochs=3``).
@@ -133,6 +137,21 @@ def task_module(task_name: str):
         raise ValueError(f"unknown task {task_name!r}: no module levyattn.training.tasks.{task_name}") from err
 
 
+# What every training needs: safetensors writes the checkpoints.
+TRAINING_REQUIREMENTS: dict[str, tuple[str, ...]] = {"train": ("safetensors",)}
+
+
+def preset_requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """extra -> modules that training ``preset`` imports (its task module's ``requirements``
+    and :data:`TRAINING_REQUIREMENTS`), for :func:`levyattn._extras.require_all`."""
+    check_preset(preset)
+    merged = dict(TRAINING_REQUIREMENTS)
+    declared = getattr(task_module(preset["task"]), "requirements", None)
+    for extra, modules in (declared(preset) if declared else {}).items():
+        merged[extra] = tuple(dict.fromkeys(merged.get(extra, ()) + tuple(modules)))
+    return merged
+
+
 def make_task(preset: dict[str, Any]) -> Task:
     """Build the task a preset names (``preset["task"]``)."""
     check_preset(preset)
@@ -140,4 +159,7 @@ def make_task(preset: dict[str, Any]) -> Task:
     return module.make_task(preset)
 
 
-__all__ = ["PRESET_KEYS", "PRESET_SECTIONS", "Task", "check_preset", "check_task", "make_task", "task_module"]
+__all__ = [
+    "PRESET_KEYS", "PRESET_SECTIONS", "TRAINING_REQUIREMENTS", "Task", "check_preset", "check_task", "make_task",
+    "preset_requirements", "task_module",
+]

@@ -267,6 +267,11 @@ def make_task(preset: dict[str, Any]) -> ClassificationTask:
     return ClassificationTask(preset)
 
 
+def requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The extras ``preset`` needs: scikit-learn for the digits data."""
+    return {"train": ("sklearn",)} if preset["data"].get("dataset") == "digits" else {}
+
+
 # ---------------------------------------------------------------------------------------
 # Presets. The paper's settings (docs/training.md, "The paper's experiments") and small ones that finish on a
 # laptop CPU in minutes. The text model type is "text_classifier"; images use "vit".

@@ -33,7 +33,7 @@ from torch import nn
 
 from levyattn.io import read_text, split_lines
 from levyattn.training.tasks.base import PresetTask
-from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside
+from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside, tokenizer_modules
 
 DATASETS = ("text", "toy")
 
@@ -177,6 +177,12 @@ class LMTask(PresetTask):
 
 def make_task(preset: dict[str, Any]) -> LMTask:
     return LMTask(preset)
+
+
+def requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The extras ``preset`` needs: sentencepiece for the SentencePiece tokenizers (the default)."""
+    modules = tokenizer_modules(preset["data"].get("tokenizer", "sentencepiece"))
+    return {"translate": modules} if modules else {}
 
 
 # ----------------------------------------------------------------------------- inference

@@ -268,7 +268,8 @@ class TranslationTask(PresetTask):
             for idx, row in zip(batch["index"].tolist(), ids.tolist()):
                 hyps[idx] = t.decode(strip_special(row, t.pad_id, t.bos_id, t.eos_id))
         order = sorted(hyps)
-        scores = translation_scores([hyps[i] for i in order], [evaluation.refs[i] for i in order])
+        scores = translation_scores([hyps[i] for i in order], [evaluation.refs[i] for i in order],
+                                    tokenized=self.dataset == "toy")
         self.last_translations = [hyps[i] for i in order]
         out = {"bleu": scores.bleu, "chrf": scores.chrf, "loss": nll_sum / max(n_tokens, 1),
                "ppl": perplexity(nll_sum, n_tokens) if n_tokens else float("inf")}
@@ -295,6 +296,16 @@ def _as_lines(pairs: Any, what: str) -> tuple[list[str], list[str]]:
 
 def make_task(preset: dict[str, Any]) -> TranslationTask:
     return TranslationTask(preset)
+
+
+def requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The extras ``preset`` needs: sacrebleu for BLEU/chrF, sentencepiece for its tokenizers."""
+    return {"translate": ("sacrebleu", *tokenizer_modules(preset["data"].get("tokenizer", "sentencepiece")))}
+
+
+def tokenizer_modules(kind: Any) -> tuple[str, ...]:
+    """The modules a ``data.tokenizer`` of ``kind`` imports (the SentencePiece ones need sentencepiece)."""
+    return ("sentencepiece",) if kind in ("sentencepiece", "bpe") else ()
 
 
 # ----------------------------------------------------------------------------- presets
