@@ -79,7 +79,8 @@ def _combine_masks(
     nk: int,
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """nn.MultiheadAttention masks -> one SDPA-convention mask (bool keep or float additive)."""
+    """nn.MultiheadAttention masks -> one mask in the convention of ``fractional_attention``
+    and SDPA: bool (True = keep) when both are bool, else additive of ``dtype``."""
     masks = []
     if attn_mask is not None:
         if attn_mask.dim() == 2:
@@ -94,28 +95,16 @@ def _combine_masks(
             attn_mask = attn_mask.view(batch, heads, nq, nk)
         else:
             raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
-        masks.append(~attn_mask if attn_mask.dtype == torch.bool else attn_mask)
+        masks.append(attn_mask)
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, nk):
             raise ValueError(f"key_padding_mask must be (B, S) = {(batch, nk)}, got {tuple(key_padding_mask.shape)}")
-        kpm = key_padding_mask.view(batch, 1, 1, nk)
-        masks.append(~kpm if kpm.dtype == torch.bool else kpm)
-    if not masks:
-        return None
-    if all(m.dtype == torch.bool for m in masks):
-        out = masks[0]
-        for m in masks[1:]:
-            out = out & m
-        return out
-    out = None
-    for m in masks:
-        additive = (
-            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
-            if m.dtype == torch.bool
-            else m.to(dtype)
-        )
-        out = additive if out is None else out + additive
-    return out
+        masks.append(key_padding_mask.view(batch, 1, 1, nk))
+    # nn.MultiheadAttention's bool masks mark what is *not* allowed; ours mark what is kept.
+    masks = [~m if m.dtype == torch.bool else m for m in masks]
+    if masks and all(m.dtype == torch.bool for m in masks):
+        return masks[0] if len(masks) == 1 else masks[0] & masks[1]  # bool stays bool for the backends
+    return additive_sum(tuple(masks), dtype)
 
 
 class _MultiheadBase(nn.Module):
