@@ -25,15 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
     AttentionOptions,
     ModelOutput,
     brownian_positions,
     check_attention_kind,
-    check_bool,
-    check_choice,
     check_ids,
-    check_int,
     check_padding_mask,
     padding_from_attention_mask,
     sinusoidal_positions,

@@ -16,46 +16,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth
+from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth, check_bool, check_choice, check_float, check_int
 from levyattn.functional import BACKENDS
 from levyattn.nn import ATTENTION_KINDS
 
 C = TypeVar("C", bound="ModelConfig")
-
-
-# --- validation --------------------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """An int (not a bool) in [lo, hi] (hi None = unbounded); ValueError/TypeError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int {rng}, got {value!r}")
-    return value
-
-
-def check_float(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
-    """A real number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
-        raise ValueError(f"{name} must lie in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 # --- configs -----------------------------------------------------------------------------

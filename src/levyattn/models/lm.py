@@ -20,14 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
     AttentionOptions,
     ModelOutput,
     check_attention_kind,
-    check_bool,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
     padding_from_attention_mask,
 )
@@ -211,7 +209,7 @@ class CausalLM(nn.Module):
         if prompt_ids.shape[1] < 1:
             raise ValueError("prompt_ids must hold at least one token per row")
         check_int("max_new_tokens", max_new_tokens, 0)
-        temperature = check_float("temperature", temperature, 0.0, float("inf"))
+        temperature = check_float("temperature", temperature, 0.0, math.inf, hi_open=True)
         if top_k is not None:
             check_int("top_k", top_k, 1)
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):

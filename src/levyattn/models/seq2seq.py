@@ -30,13 +30,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
     AttentionOptions,
     check_attention_kind,
-    check_bool,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
     sinusoidal_positions,
 )

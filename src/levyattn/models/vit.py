@@ -19,13 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
     AttentionOptions,
     ModelOutput,
     check_attention_kind,
-    check_bool,
-    check_choice,
-    check_int,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
 
