@@ -1,7 +1,8 @@
 """Modules: ``FractionalMultiheadAttention``, its softmax twin, and Transformer layers.
 
-``FractionalMultiheadAttention`` mirrors ``torch.nn.MultiheadAttention``'s call so that it
-drops into code written for it:
+``FractionalMultiheadAttention`` takes ``torch.nn.MultiheadAttention``'s call, with other
+defaults (``batch_first=True``, ``bias=False``, ``need_weights=False``: pass
+``batch_first=False, bias=True, need_weights=True`` to get nn.MultiheadAttention's):
 
 - inputs are (B, L, E) with ``batch_first=True`` (the default here) or (L, B, E);
 - ``key_padding_mask`` (B, S): bool True = padding (ignored), or float added;
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levyattn.backends.common import additive_sum, structural_keep
-from levyattn.config import check_alpha, check_bandwidth, check_manifold
+from levyattn.config import FNAConfig
 from levyattn.functional import BACKENDS, fractional_attention
 
 ATTENTION_KINDS = ("fna", "softmax")
@@ -207,10 +208,16 @@ class _MultiheadBase(nn.Module):
 
 
 class FractionalMultiheadAttention(_MultiheadBase):
-    """Multi-head fractional attention, a drop-in for ``torch.nn.MultiheadAttention``.
+    """Multi-head fractional attention with the call of ``torch.nn.MultiheadAttention``.
+
+    Not a drop-in: the defaults differ from ``nn.MultiheadAttention``'s (``batch_first=True``,
+    ``bias=False``, and ``forward(need_weights=False)``); pass them to port code written for it.
 
     Args (beyond nn.MultiheadAttention's):
-        alpha, bandwidth, manifold, rescale: the kernel (see ``fractional_attention``).
+        alpha, bandwidth, manifold, rescale: the kernel, validated and kept as the
+            :class:`~levyattn.config.FNAConfig` ``self.kernel`` (defaults are FNAConfig's; its
+            other fields keep their defaults, and ``exclude_self`` follows ``qk_share``); with
+            ``learnable_alpha`` / ``learnable_bandwidth`` its values are the initial ones.
         orthogonal: W_Q and W_K constrained orthogonal (distance-preserving); with one head
             the query projection is omitted, as in the reference models.
         qk_share: one projection for queries and keys; each token's self-pair is excluded.
@@ -224,10 +231,10 @@ class FractionalMultiheadAttention(_MultiheadBase):
         embed_dim: int,
         num_heads: int,
         *,
-        alpha: float = 1.2,
-        bandwidth: float = 1.0,
-        manifold: str = "euclidean",
-        rescale: bool = True,
+        alpha: float = FNAConfig.alpha,
+        bandwidth: float = FNAConfig.bandwidth,
+        manifold: str = FNAConfig.manifold,
+        rescale: bool = FNAConfig.rescale,
         orthogonal: bool = False,
         qk_share: bool = False,
         learnable_alpha: bool = False,
@@ -250,10 +257,10 @@ class FractionalMultiheadAttention(_MultiheadBase):
             orthogonal=orthogonal,
             qk_share=qk_share,
         )
-        alpha = check_alpha(alpha)
-        bandwidth = check_bandwidth(bandwidth)
-        self.manifold = check_manifold(manifold)
-        self.rescale = bool(rescale)
+        self.kernel = FNAConfig(
+            alpha=alpha, bandwidth=bandwidth, manifold=manifold, rescale=rescale, exclude_self=self.qk_share
+        )
+        alpha, bandwidth = self.kernel.alpha, self.kernel.bandwidth
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -264,37 +271,28 @@ class FractionalMultiheadAttention(_MultiheadBase):
             self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
         else:
             self.alpha_logit = None
-            self._alpha = alpha
         if learnable_bandwidth:
             self.log_bandwidth = nn.Parameter(torch.full((num_heads,), math.log(bandwidth)))
         else:
             self.log_bandwidth = None
-            self._bandwidth = bandwidth
 
     @property
     def alpha(self) -> float | torch.Tensor:
         """The Lévy index: a float, or (H,) values in (0, 2) when learnable."""
         if self.alpha_logit is None:
-            return self._alpha
+            return self.kernel.alpha
         return _ALPHA_LO + (_ALPHA_HI - _ALPHA_LO) * torch.sigmoid(self.alpha_logit)
 
     @property
     def bandwidth(self) -> float | torch.Tensor:
         """The bandwidth eps: a float, or (H,) positive values when learnable."""
         if self.log_bandwidth is None:
-            return self._bandwidth
+            return self.kernel.bandwidth
         return self.log_bandwidth.clamp(-_LOG_BANDWIDTH_LIMIT, _LOG_BANDWIDTH_LIMIT).exp()
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
-        kernel = dict(
-            alpha=self.alpha,
-            bandwidth=self.bandwidth,
-            manifold=self.manifold,
-            rescale=self.rescale,
-            attn_mask=mask,
-            is_causal=is_causal,
-            exclude_self=self.qk_share,
-        )
+        kernel = dict(self.kernel.to_dict(), alpha=self.alpha, bandwidth=self.bandwidth)
+        kernel.update(attn_mask=mask, is_causal=is_causal)
         materialise = need_weights or (self.training and self.dropout > 0)
         if not materialise:
             return fractional_attention(q, k, v, backend=self.backend, **kernel), None
@@ -305,7 +303,7 @@ class FractionalMultiheadAttention(_MultiheadBase):
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, manifold={self.manifold!r}, "
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, manifold={self.kernel.manifold!r}, "
             f"orthogonal={self.orthogonal}, qk_share={self.qk_share}, backend={self.backend!r}"
         )
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth, check_bool, check_choice, check_float, check_int
+from levyattn.config import FNAConfig, check_bool, check_choice, check_float, check_int
 from levyattn.functional import BACKENDS
 from levyattn.nn import ATTENTION_KINDS
 
@@ -64,7 +64,9 @@ class ModelConfig:
 class AttentionOptions(ModelConfig):
     """The FNA kernel and projection options, shared by every model (see ``levyattn.nn``).
 
-    alpha, bandwidth, manifold, rescale: the kernel (``fractional_attention``).
+    alpha, bandwidth, manifold, rescale: the kernel, validated as a
+        :class:`~levyattn.config.FNAConfig` whose defaults they share (its other fields keep
+        their defaults; ``exclude_self`` follows ``qk_share``).
     orthogonal: W_Q, W_K orthogonal (distance preserving); one head drops W_Q.
     qk_share: one projection for queries and keys; self-pairs excluded.
     learnable_alpha / learnable_bandwidth: one value per head, trained.
@@ -77,10 +79,10 @@ class AttentionOptions(ModelConfig):
     (``orthogonal``, ``qk_share``), dropout and bias: the same parameters as FNA.
     """
 
-    alpha: float = 1.2
-    bandwidth: float = 1.0
-    manifold: str = "euclidean"
-    rescale: bool = True
+    alpha: float = FNAConfig.alpha
+    bandwidth: float = FNAConfig.bandwidth
+    manifold: str = FNAConfig.manifold
+    rescale: bool = FNAConfig.rescale
     orthogonal: bool = False
     qk_share: bool = False
     learnable_alpha: bool = False
@@ -91,11 +93,10 @@ class AttentionOptions(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.alpha = check_alpha(self.alpha)
-        self.bandwidth = check_bandwidth(self.bandwidth)
-        check_choice("manifold", self.manifold, MANIFOLDS)
+        kernel = FNAConfig(alpha=self.alpha, bandwidth=self.bandwidth, manifold=self.manifold, rescale=self.rescale)
+        self.alpha, self.bandwidth = kernel.alpha, kernel.bandwidth
         check_choice("backend", self.backend, BACKENDS)
-        for name in ("rescale", "orthogonal", "qk_share", "learnable_alpha", "learnable_bandwidth", "attn_bias"):
+        for name in ("orthogonal", "qk_share", "learnable_alpha", "learnable_bandwidth", "attn_bias"):
             check_bool(name, getattr(self, name))
         self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
 
