@@ -42,11 +42,11 @@ def timed_greedy(model: CausalLM, prompt: torch.Tensor, new_tokens: int, use_cac
     """Greedy continuation of prompt (1, P) -> (new ids (1, new_tokens), prefill s, decode s)."""
     cache = model.new_cache() if use_cache else None
     t0 = time.perf_counter()
-    logits = model(prompt, cache=cache) if use_cache else model(prompt)
+    logits = (model(prompt, cache=cache) if use_cache else model(prompt)).logits
     ids = torch.cat([prompt, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        logits = model(ids[:, -1:], cache=cache) if use_cache else model(ids)
+        logits = (model(ids[:, -1:], cache=cache) if use_cache else model(ids)).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     t2 = time.perf_counter()
     return ids[:, prompt.shape[1] :], t1 - t0, t2 - t1
@@ -116,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         for context in contexts:
             r = measure(attention, context, args.new_tokens, args.repeats, args)
             rows.append(r)
-            print(f"  {attention:8s} context {context:5d}: decode cached {r['cached_decode_tokens_per_s']:8.1f} "
-                  f"tok/s, uncached {r['uncached_decode_tokens_per_s']:8.1f} tok/s; prefill "
-                  f"{1e3 * r['cached_prefill_s']:.1f} ms", file=sys.stderr, flush=True)
+            print(
+                f"  {attention:8s} context {context:5d}: decode cached {r['cached_decode_tokens_per_s']:8.1f} "
+                f"tok/s, uncached {r['uncached_decode_tokens_per_s']:8.1f} tok/s; prefill "
+                f"{1e3 * r['cached_prefill_s']:.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    header = ("| attention | context | prefill ms (cached) | prefill ms (uncached) | decode tok/s (cached) "
-              "| decode tok/s (uncached) | decode ms/token (cached) | decode ms/token (uncached) "
-              "| decode speedup | same tokens |")
+    header = (
+        "| attention | context | prefill ms (cached) | prefill ms (uncached) | decode tok/s (cached) "
+        "| decode tok/s (uncached) | decode ms/token (cached) | decode ms/token (uncached) "
+        "| decode speedup | same tokens |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         lines.append(
@@ -138,8 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "generation_speed",
         "command": "python benchmarks/generation_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "model": {"d_model": args.d_model, "num_layers": args.num_layers, "num_heads": args.num_heads,
-                  "vocab_size": args.vocab_size, "alpha": 1.2, "batch": 1, "decoding": "greedy"},
+        "model": {
+            "d_model": args.d_model,
+            "num_layers": args.num_layers,
+            "num_heads": args.num_heads,
+            "vocab_size": args.vocab_size,
+            "alpha": 1.2,
+            "batch": 1,
+            "decoding": "greedy",
+        },
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "rows": rows,

@@ -9,7 +9,7 @@ INPUT is either
   ``ckpt-*.safetensors``) or its ``checkpoint.json`` -- together with inputs to run the model
   on, given by ``--input`` or ``--preset-data N``. The model is rebuilt and loaded with
   ``levyattn.training.checkpoint.load_checkpoint`` / ``load_model_state`` and run in eval mode
-  with ``need_weights=True``; every layer's (B, H, L, L) self-attention is analysed.
+  with ``output_attentions=True``; every layer's (B, H, L, L) self-attention is analysed.
 
 What ``--input`` accepts, per model type:
 
@@ -53,24 +53,32 @@ TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "input", metavar="INPUT",
+        "input",
+        metavar="INPUT",
         help="attention tensor file (.npy, .npz, .pt, .pth, .safetensors), or a levyattn run folder / "
         "checkpoint.json (then give --input or --preset-data)",
     )
     parser.add_argument("--out", default="analysis", help="output folder (default: ./analysis)")
     parser.add_argument("--key", default=None, help="analyse only this entry of a file with several tensors")
     parser.add_argument(
-        "--input", dest="model_input", default=None, metavar="DATA",
+        "--input",
+        dest="model_input",
+        default=None,
+        metavar="DATA",
         help="for a checkpoint: the inputs to run the model on (token ids .npy/.pt/.safetensors/.txt, an "
         "image tensor file, or a text string for LM/seq2seq runs; see `levyattn analyze --help`)",
     )
     parser.add_argument("--input-key", default=None, help="entry of a --input tensor file with several entries")
     parser.add_argument(
-        "--preset-data", type=int, default=None, metavar="N",
+        "--preset-data",
+        type=int,
+        default=None,
+        metavar="N",
         help="for a checkpoint: run the model on the first N test examples of its own preset's task",
     )
     parser.add_argument(
-        "--lengths", default=None,
+        "--lengths",
+        default=None,
         help="valid tokens per batch element, comma-separated (e.g. 12,9); the rest is padding",
     )
     parser.add_argument("--layer", default=None, help="layer to plot (default: every layer)")
@@ -238,8 +246,9 @@ def load_images(source: str, key: str | None, channels: int, size: int) -> Any:
         x = x[None]
     expected = (channels, size, size)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(f"--input {path}: images must be (B, {channels}, {size}, {size}) or (C, H, W), "
-                         f"got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"--input {path}: images must be (B, {channels}, {size}, {size}) or (C, H, W), got shape {tuple(x.shape)}"
+        )
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"--input {path}: images must be real numbers, got dtype {x.dtype}")
     return x.to(torch.float32)
@@ -264,44 +273,26 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
     ckpt = load_checkpoint(args.input)
     model = model_from_checkpoint(ckpt).eval()
     cfg = model.config
-    source: dict[str, Any] = {"checkpoint": str(ckpt.path), "model_type": ckpt.model_type,
-                              "global_step": ckpt.state.get("position", {}).get("global_step")}
+    source: dict[str, Any] = {
+        "checkpoint": str(ckpt.path),
+        "model_type": ckpt.model_type,
+        "global_step": ckpt.state.get("position", {}).get("global_step"),
+    }
     valid = None
     with torch.no_grad():
         if args.preset_data is not None:
             weights, valid = _preset_data(args, ckpt, model, source)
-        elif ckpt.model_type == "vit":
-            images = load_images(args.model_input, args.input_key, cfg.in_channels, cfg.image_size)
-            logits, weights = model(images, need_weights=True)
-            source.update(input=args.model_input, batch=int(images.shape[0]),
-                          predictions=logits.argmax(-1).tolist())
-        elif ckpt.model_type in ("text_classifier", "lm", "seq2seq"):
-            vocab = cfg.src_vocab_size if ckpt.model_type == "seq2seq" else cfg.vocab_size
-            max_len = cfg.block_size if ckpt.model_type == "lm" else cfg.max_len
-            tok_dir = ckpt.path if ckpt.model_type in ("lm", "seq2seq") else None
-            ids, pad = load_token_ids(args.model_input, vocab, max_len, args.input_key, tok_dir)
-            lengths = _parse_lengths(args.lengths, ids.shape[1])
-            if lengths is not None:
-                if len(lengths) not in (1, ids.shape[0]):
-                    raise ValueError(f"--lengths needs 1 or B = {ids.shape[0]} values, got {len(lengths)}")
-                given = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths)[:, None]
-                pad = given.expand(ids.shape[0], -1) if pad is None else pad | given
-            if pad is None and getattr(cfg, "pad_id", None) is not None:
-                pad = ids == cfg.pad_id
-                pad = pad if pad.any() else None
-            source.update(input=args.model_input, batch=int(ids.shape[0]), length=int(ids.shape[1]))
-            if ckpt.model_type == "text_classifier":
-                logits, weights = model(ids, key_padding_mask=pad, need_weights=True)
-                source["predictions"] = logits.argmax(-1).tolist()
-            elif ckpt.model_type == "lm":
-                _, weights = model(ids, need_weights=True, key_padding_mask=pad)
-            else:
-                _, _, weights = model.encode(ids, pad, need_weights=True)
-                weights = {f"encoder{i}": w for i, w in enumerate(weights)}
-            if pad is not None:
-                valid = ~pad
         else:
-            raise ValueError(f"checkpoint {ckpt.path}: model type {ckpt.model_type!r} is not supported by analyze")
+            inputs, padding_masks = _model_inputs(args, ckpt, cfg, source)
+            out = model(*inputs, output_attentions=True, **padding_masks)
+            if ckpt.model_type == "seq2seq":  # the encoder's self-attention
+                weights = {f"encoder{i}": w for i, w in enumerate(out.encoder_attentions)}
+            else:
+                weights = out.attentions
+            if ckpt.model_type in ("text_classifier", "vit"):
+                source["predictions"] = out.logits.argmax(-1).tolist()
+            if padding_masks:
+                valid = ~next(iter(padding_masks.values()))
     if not isinstance(weights, dict):
         weights = {f"layer{i}": w for i, w in enumerate(weights)}
     tensors = {}
@@ -318,6 +309,38 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
         if valid.shape[-1] == n - 1:  # a class token at position 0 is always valid
             valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=True)
     return tensors, valid, source
+
+
+def _model_inputs(args: argparse.Namespace, ckpt: Any, cfg: Any, source: dict[str, Any]) -> tuple[tuple, dict]:
+    """The ``--input`` data as the checkpoint's model takes it: (positional inputs, padding
+    masks by keyword, empty when nothing is padding); ``source`` records what was read."""
+    import torch
+
+    if ckpt.model_type == "vit":
+        images = load_images(args.model_input, args.input_key, cfg.in_channels, cfg.image_size)
+        source.update(input=args.model_input, batch=int(images.shape[0]))
+        return (images,), {}
+    if ckpt.model_type not in ("text_classifier", "lm", "seq2seq"):
+        raise ValueError(f"checkpoint {ckpt.path}: model type {ckpt.model_type!r} is not supported by analyze")
+    vocab = cfg.src_vocab_size if ckpt.model_type == "seq2seq" else cfg.vocab_size
+    max_len = cfg.block_size if ckpt.model_type == "lm" else cfg.max_len
+    tok_dir = ckpt.path if ckpt.model_type in ("lm", "seq2seq") else None
+    ids, pad = load_token_ids(args.model_input, vocab, max_len, args.input_key, tok_dir)
+    lengths = _parse_lengths(args.lengths, ids.shape[1])
+    if lengths is not None:
+        if len(lengths) not in (1, ids.shape[0]):
+            raise ValueError(f"--lengths needs 1 or B = {ids.shape[0]} values, got {len(lengths)}")
+        given = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths)[:, None]
+        pad = given.expand(ids.shape[0], -1) if pad is None else pad | given
+    if pad is None and getattr(cfg, "pad_id", None) is not None:
+        pad = ids == cfg.pad_id
+        pad = pad if pad.any() else None
+    source.update(input=args.model_input, batch=int(ids.shape[0]), length=int(ids.shape[1]))
+    if ckpt.model_type == "seq2seq":
+        # The encoder's attention does not depend on the target: a lone BOS is enough.
+        bos = torch.full((ids.shape[0], 1), cfg.bos_id, dtype=torch.long)
+        return (ids, bos), ({} if pad is None else {"src_key_padding_mask": pad})
+    return (ids,), ({} if pad is None else {"key_padding_mask": pad})
 
 
 def _preset_data(args: argparse.Namespace, ckpt: Any, model: Any, source: dict[str, Any]) -> tuple[list, Any]:
@@ -408,17 +431,22 @@ def run(args: argparse.Namespace) -> int:
             head = P[args.batch, h][np.ix_(keep, keep)]
             _, spec = spectral_gap(head / head.sum(axis=1, keepdims=True), return_spectrum=True, atol=atol)
             spectra[f"head {h}"] = spec
-        figures.append(plot_spectrum(spectra, out / f"spectrum{suffix}.png",
-                                     title=f"Eigenvalues, {layer}, batch {args.batch}"))
+        figures.append(
+            plot_spectrum(spectra, out / f"spectrum{suffix}.png", title=f"Eigenvalues, {layer}, batch {args.batch}")
+        )
         figures.append(plot_attention(one, out / f"attention{suffix}.png", title=f"Attention {tag}"))
         if n_valid >= 4:
             try:
                 dm = DiffusionMap(n_components=2, kernel="precomputed").fit(one)
-                figures.append(plot_embedding(dm.embedding_, out / f"diffusion_map{suffix}.png",
-                                              color=keep, title=f"Diffusion map {tag}"))
-                notes.append(f"{tag}: diffusion-map eigenvalues {np.round(dm.eigenvalues_, 4).tolist()}" + (
-                    "" if dm.reversible_ else " (non-reversible: complex pairs give Re/Im coordinates)"
-                ))
+                figures.append(
+                    plot_embedding(
+                        dm.embedding_, out / f"diffusion_map{suffix}.png", color=keep, title=f"Diffusion map {tag}"
+                    )
+                )
+                notes.append(
+                    f"{tag}: diffusion-map eigenvalues {np.round(dm.eigenvalues_, 4).tolist()}"
+                    + ("" if dm.reversible_ else " (non-reversible: complex pairs give Re/Im coordinates)")
+                )
             except ValueError as err:
                 notes.append(f"{tag}: no diffusion map: {err}")
     atomic_write_json(out / "summary.json", summary)
@@ -435,18 +463,27 @@ def run(args: argparse.Namespace) -> int:
     if source:
         source_text.append(
             f"Model: {source['model_type']} from {source['checkpoint']} (step {source.get('global_step')}), "
-            + (f"on the first {source['preset_data']} test examples of its preset; metrics {source['metrics']}"
-               if "preset_data" in source else f"on --input {source.get('input')}")
+            + (
+                f"on the first {source['preset_data']} test examples of its preset; metrics {source['metrics']}"
+                if "preset_data" in source
+                else f"on --input {source.get('input')}"
+            )
         )
     write_html_report(
         out / "report.html",
         f"Attention analysis: {Path(args.input).name}",
         [
-            Section("Per layer and head (means over the batch)", text=source_text + [
-                "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
-                "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
-                "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
-                rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
+            Section(
+                "Per layer and head (means over the batch)",
+                text=source_text
+                + [
+                    "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
+                    "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
+                    "'inf' = unreachable pairs or no mixing; '-' = not computed."
+                ],
+                header=header,
+                rows=[[_fmt(c) if c is None else c for c in r] for r in rows],
+            ),
             Section(f"Figures (batch {args.batch}, head {args.head})", text=notes, figures=figures),
         ],
         note=f"{sum(t.shape[0] * t.shape[1] for t in tensors.values())} matrices from {args.input}",

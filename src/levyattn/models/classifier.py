@@ -33,7 +33,7 @@ from levyattn.models.common import (
     check_attention_kind,
     check_ids,
     check_padding_mask,
-    padding_from_attention_mask,
+    run_encoder_layers,
     sinusoidal_positions,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
@@ -142,30 +142,20 @@ class TextClassifier(nn.Module):
         self,
         input_ids: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-        *,
-        attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """input_ids (B, L) long -> logits (B, num_classes).
+    ) -> ModelOutput:
+        """input_ids (B, L) long -> :class:`ModelOutput` with logits (B, num_classes).
 
         key_padding_mask: (B, L) bool, True = padding (default: ``input_ids == pad_id``
             when the config has a ``pad_id``, else no padding).
-        need_weights: also return the per-layer attention weights, a list of (B, H, L', L')
-            with L' = L (+1 with ``pooling="cls"``: the class token is position 0).
-        attention_mask, output_attentions, return_dict: the Hugging Face convention
-            (attention_mask 1 = token, 0 = padding); with either of the last two set the
-            result is a :class:`ModelOutput` with ``.logits`` and ``.attentions``.
+        output_attentions: also the per-layer attention weights, (B, H, L', L') with L' = L
+            (+1 with ``pooling="cls"``: the class token is position 0).
         """
         c = self.config
         check_ids("input_ids", input_ids, c.vocab_size, c.max_len)
-        if key_padding_mask is None:
-            key_padding_mask = padding_from_attention_mask(attention_mask)
         if key_padding_mask is None and c.pad_id is not None:
             key_padding_mask = input_ids == c.pad_id
         check_padding_mask("key_padding_mask", key_padding_mask, tuple(input_ids.shape))
-        want_weights = need_weights or output_attentions
 
         x = self.token_embedding(input_ids)
         if self.cls_token is not None:
@@ -173,20 +163,9 @@ class TextClassifier(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = nn.functional.pad(key_padding_mask, (1, 0), value=False)
         x = self.dropout(x + self.position_embedding[: x.shape[1]])
-
-        weights = []
-        for layer in self.layers:
-            if want_weights:
-                x, w = layer(x, src_key_padding_mask=key_padding_mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, src_key_padding_mask=key_padding_mask)
+        x, weights = run_encoder_layers(self.layers, x, key_padding_mask, output_attentions)
         x = self.final_norm(x)
-        logits = self.head(self.pool(x, key_padding_mask))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+        return ModelOutput(logits=self.head(self.pool(x, key_padding_mask)), attentions=weights)
 
     def pool(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, L', E) -> (B, E): the class token's state, or the mean over valid tokens."""

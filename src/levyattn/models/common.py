@@ -160,28 +160,40 @@ def check_heads(d_model: int, num_heads: int) -> None:
 
 @dataclass
 class ModelOutput:
-    """What ``model(input_ids=..., output_attentions=True)`` returns (the Hugging Face
-    calling convention): ``logits`` and, on request, ``attentions``, a tuple with one
-    (B, H, L, L) tensor per layer. ``loss`` is unused by the models themselves."""
+    """What every model's ``forward`` returns, whatever its flags (as Hugging Face's outputs).
+
+    logits: the model's output scores: (B, num_classes) for classifiers, (B, L, V) for
+        language and translation models.
+    attentions: with ``output_attentions=True`` a tuple with one tensor per layer of the
+        self-attention weights, (B, H, L, S) (a translation model's: its decoder's); else None.
+    """
 
     logits: torch.Tensor
     attentions: tuple[torch.Tensor, ...] | None = None
-    loss: torch.Tensor | None = None
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.loss, self.logits, self.attentions) if v is not None)
 
 
-def padding_from_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Hugging Face ``attention_mask`` (1 = token, 0 = padding) -> key_padding_mask (True = padding)."""
-    if attention_mask is None:
-        return None
-    return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+@dataclass
+class Seq2SeqOutput(ModelOutput):
+    """:class:`ModelOutput` of an encoder-decoder model; with ``output_attentions=True`` also
+    ``encoder_attentions`` (B, H, S, S) and ``cross_attentions`` (B, H, T, S) per layer."""
+
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def run_encoder_layers(
+    layers: nn.ModuleList, x: torch.Tensor, key_padding_mask: torch.Tensor | None, output_attentions: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """x (B, L, E) through ``FractionalTransformerEncoderLayer``s -> ((B, L, E), the layers'
+    (B, H, L, L) weights with ``output_attentions``, else None)."""
+    weights = []
+    for layer in layers:
+        if output_attentions:
+            x, w = layer(x, src_key_padding_mask=key_padding_mask, need_weights=True)
+            weights.append(w)
+        else:
+            x = layer(x, src_key_padding_mask=key_padding_mask)
+    return x, tuple(weights) if output_attentions else None
 
 
 def check_ids(name: str, ids: Any, vocab_size: int, max_len: int | None = None) -> torch.Tensor:

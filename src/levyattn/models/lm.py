@@ -27,7 +27,6 @@ from levyattn.models.common import (
     check_attention_kind,
     check_ids,
     check_padding_mask,
-    padding_from_attention_mask,
 )
 from levyattn.nn import FeedForward, KVCache, make_attention
 
@@ -140,23 +139,17 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        need_weights: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
         *,
         cache: list[KVCache] | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """input_ids (B, L) long -> logits (B, L, V).
+    ) -> ModelOutput:
+        """input_ids (B, L) long -> :class:`ModelOutput` with logits (B, L, V).
 
+        key_padding_mask: (B, S) bool, True = padding, over cached + new positions.
+        output_attentions: also the per-layer (B, H, L, S) weights.
         cache: from :meth:`new_cache`; ``input_ids`` are then the new positions only, placed
             after the cached ones (which they attend to), and the cache is extended in place.
-        key_padding_mask: (B, S) bool, True = padding, over cached + new positions; or the
-            Hugging Face ``attention_mask`` (1 = token, 0 = padding).
-        need_weights: also return per-layer (B, H, L, S) weights (a list).
-        output_attentions / return_dict: return a :class:`ModelOutput` (``.logits``,
-            ``.attentions`` a tuple) -- the Hugging Face calling convention.
         """
         c = self.config
         check_ids("input_ids", input_ids, c.vocab_size)
@@ -166,23 +159,15 @@ class CausalLM(nn.Module):
         b, t = input_ids.shape
         if past + t > c.block_size:
             raise ValueError(f"context length must be <= block_size={c.block_size}, got {past + t}")
-        if key_padding_mask is None:
-            key_padding_mask = padding_from_attention_mask(attention_mask)
         check_padding_mask("key_padding_mask", key_padding_mask, (b, past + t))
-        want_weights = need_weights or output_attentions
 
         positions = torch.arange(past, past + t, device=input_ids.device)
         x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
         weights = []
         for i, block in enumerate(self.blocks):
-            x, w = block(x, key_padding_mask, None if cache is None else cache[i], want_weights)
-            if want_weights:
-                weights.append(w)
-        logits = self.lm_head(self.ln_f(x))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+            x, w = block(x, key_padding_mask, None if cache is None else cache[i], output_attentions)
+            weights.append(w)
+        return ModelOutput(logits=self.lm_head(self.ln_f(x)), attentions=tuple(weights) if output_attentions else None)
 
     @torch.no_grad()
     def generate(
@@ -225,13 +210,13 @@ class CausalLM(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 if cache is None:
-                    logits = self(ids[:, -c.block_size :])
+                    logits = self(ids[:, -c.block_size :]).logits
                 elif len(cache[0]) == 0 or len(cache[0]) + 1 > c.block_size:
                     # First step, or the window slid: (re)build the cache from the cropped context.
                     cache = self.new_cache()
-                    logits = self(ids[:, -c.block_size :], cache=cache)
+                    logits = self(ids[:, -c.block_size :], cache=cache).logits
                 else:
-                    logits = self(ids[:, -1:], cache=cache)
+                    logits = self(ids[:, -1:], cache=cache).logits
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)

@@ -24,6 +24,7 @@ from levyattn.models.common import (
     AttentionOptions,
     ModelOutput,
     check_attention_kind,
+    run_encoder_layers,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
 
@@ -118,19 +119,11 @@ class VisionTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.d_model, c.num_classes)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        need_weights: bool = False,
-        *,
-        output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """images (B, C, H, W) float -> logits (B, num_classes).
+    def forward(self, images: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+        """images (B, C, H, W) float -> :class:`ModelOutput` with logits (B, num_classes).
 
-        need_weights: also return a list of per-layer (B, H, N', N') weights, N' = patches
-            (+1 with ``pooling="cls"``: the class token is position 0; patches row-major).
-        output_attentions / return_dict: return a :class:`ModelOutput` instead.
+        output_attentions: also the per-layer (B, H, N', N') weights, N' = patches (+1 with
+            ``pooling="cls"``: the class token is position 0; patches row-major).
         """
         c = self.config
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
@@ -138,23 +131,12 @@ class VisionTransformer(nn.Module):
         expected = (c.in_channels, c.image_size, c.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        want_weights = need_weights or output_attentions
 
         x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, N, E), patches row-major
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.dropout(x + self.position_embedding)
-
-        weights = []
-        for layer in self.layers:
-            if want_weights:
-                x, w = layer(x, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x)
+        x, weights = run_encoder_layers(self.layers, x, None, output_attentions)
         x = self.final_norm(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+        return ModelOutput(logits=logits, attentions=weights)
