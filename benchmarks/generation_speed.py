@@ -116,19 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         for context in contexts:
             r = measure(attention, context, args.new_tokens, args.repeats, args)
             rows.append(r)
-            print(
-                f"  {attention:8s} context {context:5d}: decode cached {r['cached_decode_tokens_per_s']:8.1f} "
-                f"tok/s, uncached {r['uncached_decode_tokens_per_s']:8.1f} tok/s; prefill "
-                f"{1e3 * r['cached_prefill_s']:.1f} ms",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"  {attention:8s} context {context:5d}: decode cached {r['cached_decode_tokens_per_s']:8.1f} "
+                  f"tok/s, uncached {r['uncached_decode_tokens_per_s']:8.1f} tok/s; prefill "
+                  f"{1e3 * r['cached_prefill_s']:.1f} ms", file=sys.stderr, flush=True)
 
-    header = (
-        "| attention | context | prefill ms (cached) | prefill ms (uncached) | decode tok/s (cached) "
-        "| decode tok/s (uncached) | decode ms/token (cached) | decode ms/token (uncached) "
-        "| decode speedup | same tokens |"
-    )
+    header = ("| attention | context | prefill ms (cached) | prefill ms (uncached) | decode tok/s (cached) "
+              "| decode tok/s (uncached) | decode ms/token (cached) | decode ms/token (uncached) "
+              "| decode speedup | same tokens |")
     lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|"]
     for r in rows:
         lines.append(
@@ -144,15 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "generation_speed",
         "command": "python benchmarks/generation_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": args.threads},
-        "model": {
-            "d_model": args.d_model,
-            "num_layers": args.num_layers,
-            "num_heads": args.num_heads,
-            "vocab_size": args.vocab_size,
-            "alpha": 1.2,
-            "batch": 1,
-            "decoding": "greedy",
-        },
+        "model": {"d_model": args.d_model, "num_layers": args.num_layers, "num_heads": args.num_heads,
+                  "vocab_size": args.vocab_size, "alpha": 1.2, "batch": 1, "decoding": "greedy"},
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "rows": rows,

@@ -16,13 +16,8 @@ from levyattn.cli import main
 from levyattn.training.checkpoint import load_model
 from levyattn.training.presets import apply_overrides, get_preset, train_preset
 
-MS = [
-    "data.task_args.n_train=48",
-    "data.task_args.n_test=12",
-    "data.task_args.seq_len=16",
-    "data.task_args.d_min=4",
-    "data.task_args.d_max=6",
-]
+MS = ["data.task_args.n_train=48", "data.task_args.n_test=12", "data.task_args.seq_len=16",
+      "data.task_args.d_min=4", "data.task_args.d_max=6"]
 
 
 def _train(out, preset: str, overrides: list[str]):
@@ -38,21 +33,10 @@ def runs(tmp_path_factory):
     return {
         # rescale on (kappa > 1) keeps this untrained-ish one-layer model's rows spread out
         "text": _train(root / "text", "multiscale-1layer", [*MS, "rescale=true"]),
-        "vit": _train(
-            root / "vit", "digits-vit", ["limit_train=32", "limit_test=16", "model.num_layers=2", "model.num_heads=2"]
-        ),
-        "lm": _train(
-            root / "lm",
-            "lm-toy-fna",
-            [
-                "data.limit_train=16",
-                "data.limit_eval=4",
-                "num_layers=1",
-                "d_model=16",
-                "num_heads=2",
-                "data.block_size=24",
-            ],
-        ),
+        "vit": _train(root / "vit", "digits-vit", ["limit_train=32", "limit_test=16", "model.num_layers=2",
+                                                    "model.num_heads=2"]),
+        "lm": _train(root / "lm", "lm-toy-fna", ["data.limit_train=16", "data.limit_eval=4", "num_layers=1",
+                                                  "d_model=16", "num_heads=2", "data.block_size=24"]),
     }
 
 
@@ -87,12 +71,8 @@ def test_text_classifier_token_ids(runs, tmp_path):
     # the model on the short sequence alone (padding never attended to)
     (tmp_path / "ids.txt").write_text("1 2 3 4 5 6\n7, 8, 9, 10, 11, 12, 13, 14\n\n")
     out2 = tmp_path / "o2"
-    assert (
-        main(
-            ["analyze", str(runs["text"] / "checkpoint.json"), "--input", str(tmp_path / "ids.txt"), "--out", str(out2)]
-        )
-        == 0
-    )
+    assert main(["analyze", str(runs["text"] / "checkpoint.json"), "--input", str(tmp_path / "ids.txt"),
+                 "--out", str(out2)]) == 0
     recs = json.loads((out2 / "summary.json").read_text())["records"]
     assert [r["n_valid"] for r in recs] == [6, 8]
     with torch.no_grad():
@@ -115,9 +95,8 @@ def test_preset_data_matches_task(runs, tmp_path):
 def test_vit_images_every_layer(runs, tmp_path):
     torch.save(torch.rand(1, 8, 8), tmp_path / "img.pt")  # (C, H, W): one image
     out = tmp_path / "o"
-    assert (
-        main(["analyze", str(runs["vit"]), "--input", str(tmp_path / "img.pt"), "--out", str(out), "--head", "1"]) == 0
-    )
+    assert main(["analyze", str(runs["vit"]), "--input", str(tmp_path / "img.pt"), "--out", str(out),
+                 "--head", "1"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [layer["name"] for layer in summary["layers"]] == ["layer0", "layer1"]
     assert all(layer["shape"] == [1, 2, 4, 4] for layer in summary["layers"])  # 4x4 patches of 8x8, mean pooling
@@ -152,14 +131,12 @@ def test_bad_inputs(runs, tmp_path):
         analyze_cli.run(_args([text, "--input", str(tmp_path / "bad.txt")]))
     with pytest.raises(FileNotFoundError, match="no such file"):
         analyze_cli.run(_args([text, "--input", "some words"]))
-    torch.save(
-        {"a": torch.zeros(1, 5, dtype=torch.long), "b": torch.zeros(1, 5, dtype=torch.long)}, tmp_path / "two.pt"
-    )
+    torch.save({"a": torch.zeros(1, 5, dtype=torch.long), "b": torch.zeros(1, 5, dtype=torch.long)},
+               tmp_path / "two.pt")
     with pytest.raises(ValueError, match="--input-key"):
         analyze_cli.run(_args([text, "--input", str(tmp_path / "two.pt")]))
-    analyze_cli.run(
-        _args([text, "--input", str(tmp_path / "two.pt"), "--input-key", "b", "--out", str(tmp_path / "ok")])
-    )
+    analyze_cli.run(_args([text, "--input", str(tmp_path / "two.pt"), "--input-key", "b",
+                           "--out", str(tmp_path / "ok")]))
     torch.save(torch.rand(2, 3, 8, 8), tmp_path / "rgb.pt")
     with pytest.raises(ValueError, match=r"images must be \(B, 1, 8, 8\)"):
         analyze_cli.run(_args([vit, "--input", str(tmp_path / "rgb.pt")]))

@@ -53,32 +53,24 @@ TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "input",
-        metavar="INPUT",
+        "input", metavar="INPUT",
         help="attention tensor file (.npy, .npz, .pt, .pth, .safetensors), or a levyattn run folder / "
         "checkpoint.json (then give --input or --preset-data)",
     )
     parser.add_argument("--out", default="analysis", help="output folder (default: ./analysis)")
     parser.add_argument("--key", default=None, help="analyse only this entry of a file with several tensors")
     parser.add_argument(
-        "--input",
-        dest="model_input",
-        default=None,
-        metavar="DATA",
+        "--input", dest="model_input", default=None, metavar="DATA",
         help="for a checkpoint: the inputs to run the model on (token ids .npy/.pt/.safetensors/.txt, an "
         "image tensor file, or a text string for LM/seq2seq runs; see `levyattn analyze --help`)",
     )
     parser.add_argument("--input-key", default=None, help="entry of a --input tensor file with several entries")
     parser.add_argument(
-        "--preset-data",
-        type=int,
-        default=None,
-        metavar="N",
+        "--preset-data", type=int, default=None, metavar="N",
         help="for a checkpoint: run the model on the first N test examples of its own preset's task",
     )
     parser.add_argument(
-        "--lengths",
-        default=None,
+        "--lengths", default=None,
         help="valid tokens per batch element, comma-separated (e.g. 12,9); the rest is padding",
     )
     parser.add_argument("--layer", default=None, help="layer to plot (default: every layer)")
@@ -246,9 +238,8 @@ def load_images(source: str, key: str | None, channels: int, size: int) -> Any:
         x = x[None]
     expected = (channels, size, size)
     if x.dim() != 4 or tuple(x.shape[1:]) != expected:
-        raise ValueError(
-            f"--input {path}: images must be (B, {channels}, {size}, {size}) or (C, H, W), got shape {tuple(x.shape)}"
-        )
+        raise ValueError(f"--input {path}: images must be (B, {channels}, {size}, {size}) or (C, H, W), "
+                         f"got shape {tuple(x.shape)}")
     if x.dtype == torch.bool or x.is_complex():
         raise ValueError(f"--input {path}: images must be real numbers, got dtype {x.dtype}")
     return x.to(torch.float32)
@@ -273,11 +264,8 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
     ckpt = load_checkpoint(args.input)
     model = model_from_checkpoint(ckpt).eval()
     cfg = model.config
-    source: dict[str, Any] = {
-        "checkpoint": str(ckpt.path),
-        "model_type": ckpt.model_type,
-        "global_step": ckpt.state.get("position", {}).get("global_step"),
-    }
+    source: dict[str, Any] = {"checkpoint": str(ckpt.path), "model_type": ckpt.model_type,
+                              "global_step": ckpt.state.get("position", {}).get("global_step")}
     valid = None
     with torch.no_grad():
         if args.preset_data is not None:
@@ -431,22 +419,17 @@ def run(args: argparse.Namespace) -> int:
             head = P[args.batch, h][np.ix_(keep, keep)]
             _, spec = spectral_gap(head / head.sum(axis=1, keepdims=True), return_spectrum=True, atol=atol)
             spectra[f"head {h}"] = spec
-        figures.append(
-            plot_spectrum(spectra, out / f"spectrum{suffix}.png", title=f"Eigenvalues, {layer}, batch {args.batch}")
-        )
+        figures.append(plot_spectrum(spectra, out / f"spectrum{suffix}.png",
+                                     title=f"Eigenvalues, {layer}, batch {args.batch}"))
         figures.append(plot_attention(one, out / f"attention{suffix}.png", title=f"Attention {tag}"))
         if n_valid >= 4:
             try:
                 dm = DiffusionMap(n_components=2, kernel="precomputed").fit(one)
-                figures.append(
-                    plot_embedding(
-                        dm.embedding_, out / f"diffusion_map{suffix}.png", color=keep, title=f"Diffusion map {tag}"
-                    )
-                )
-                notes.append(
-                    f"{tag}: diffusion-map eigenvalues {np.round(dm.eigenvalues_, 4).tolist()}"
-                    + ("" if dm.reversible_ else " (non-reversible: complex pairs give Re/Im coordinates)")
-                )
+                figures.append(plot_embedding(dm.embedding_, out / f"diffusion_map{suffix}.png",
+                                              color=keep, title=f"Diffusion map {tag}"))
+                notes.append(f"{tag}: diffusion-map eigenvalues {np.round(dm.eigenvalues_, 4).tolist()}" + (
+                    "" if dm.reversible_ else " (non-reversible: complex pairs give Re/Im coordinates)"
+                ))
             except ValueError as err:
                 notes.append(f"{tag}: no diffusion map: {err}")
     atomic_write_json(out / "summary.json", summary)
@@ -463,27 +446,18 @@ def run(args: argparse.Namespace) -> int:
     if source:
         source_text.append(
             f"Model: {source['model_type']} from {source['checkpoint']} (step {source.get('global_step')}), "
-            + (
-                f"on the first {source['preset_data']} test examples of its preset; metrics {source['metrics']}"
-                if "preset_data" in source
-                else f"on --input {source.get('input')}"
-            )
+            + (f"on the first {source['preset_data']} test examples of its preset; metrics {source['metrics']}"
+               if "preset_data" in source else f"on --input {source.get('input')}")
         )
     write_html_report(
         out / "report.html",
         f"Attention analysis: {Path(args.input).name}",
         [
-            Section(
-                "Per layer and head (means over the batch)",
-                text=source_text
-                + [
-                    "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
-                    "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
-                    "'inf' = unreachable pairs or no mixing; '-' = not computed."
-                ],
-                header=header,
-                rows=[[_fmt(c) if c is None else c for c in r] for r in rows],
-            ),
+            Section("Per layer and head (means over the batch)", text=source_text + [
+                "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
+                "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
+                "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
+                rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
             Section(f"Figures (batch {args.batch}, head {args.head})", text=notes, figures=figures),
         ],
         note=f"{sum(t.shape[0] * t.shape[1] for t in tensors.values())} matrices from {args.input}",
