@@ -221,14 +221,8 @@ class Trainer:
         self.dist = dist_info or current()
         self.on_epoch_end = on_epoch_end
         if config.device == "auto":
-            self.device = (
-                self.dist.device
-                if self.dist.device.type == "cuda"
-                else (
-                    torch.device("cuda", torch.cuda.current_device())
-                    if torch.cuda.is_available()
-                    else torch.device("cpu")
-                )
+            self.device = self.dist.device if self.dist.device.type == "cuda" else (
+                torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
             )
         else:
             self.device = torch.device(config.device)
@@ -293,16 +287,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
         rng_to_restore = None
-        position = {
-            "epoch": 0,
-            "step_in_epoch": 0,
-            "global_step": 0,
-            "loss_sum": 0.0,
-            "weight_sum": 0.0,
-            "train_time_s": 0.0,
-            "samples": 0,
-            "seed": cfg.seed,
-        }
+        position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "weight_sum": 0.0,
+                    "train_time_s": 0.0, "samples": 0, "seed": cfg.seed}
         if self.resume and self.out_dir is not None and ckpt_mod.has_checkpoint(self.out_dir):
             ck = ckpt_mod.load_checkpoint(self.out_dir)
             ckpt_mod.load_model_state(model, ck, task.model_type)
@@ -321,12 +307,8 @@ class Trainer:
         elif self.out_dir is not None and dist.is_main:
             atomic_write_json(
                 self.out_dir / "config.json",
-                {
-                    "model_type": task.model_type,
-                    "model_config": task.model_config,
-                    "train_config": cfg.to_dict(),
-                    **self.extra,
-                },
+                {"model_type": task.model_type, "model_config": task.model_config,
+                 "train_config": cfg.to_dict(), **self.extra},
             )
             # Files the task needs at inference (e.g. a tokenizer) go beside the checkpoint,
             # so that a finished run folder is self-contained.
@@ -345,10 +327,7 @@ class Trainer:
         steps_per_epoch = len(global_batches(n_train, cfg.batch_size, cfg.seed, 0, dist.world_size))
         total_steps = steps_per_epoch * cfg.epochs
         eval_loader = torch.utils.data.DataLoader(
-            eval_ds,
-            batch_size=cfg.eval_batch_size,
-            shuffle=False,
-            collate_fn=task.collate,
+            eval_ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=task.collate,
             num_workers=cfg.num_workers,
         )
         writer = self._tensorboard()
@@ -365,22 +344,14 @@ class Trainer:
             batches = global_batches(n_train, cfg.batch_size, cfg.seed, epoch, dist.world_size)
             batches = batches[position["step_in_epoch"] :]
             loader = torch.utils.data.DataLoader(
-                train_ds,
-                batch_sampler=_Shards(batches, dist.rank, dist.world_size),
-                collate_fn=task.collate,
-                num_workers=cfg.num_workers,
+                train_ds, batch_sampler=_Shards(batches, dist.rank, dist.world_size),
+                collate_fn=task.collate, num_workers=cfg.num_workers,
             )
             bar = None
             if self.progress and dist.is_main and tqdm is not None:
                 # disable=None: no bar when stderr is not a terminal, so piped logs carry no redraws
-                bar = tqdm(
-                    total=steps_per_epoch,
-                    initial=position["step_in_epoch"],
-                    disable=None,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    leave=False,
-                    dynamic_ncols=True,
-                )
+                bar = tqdm(total=steps_per_epoch, initial=position["step_in_epoch"], disable=None,
+                           desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
             model.train()
             t0 = time.perf_counter()
             for batch in loader:
@@ -417,11 +388,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
-                if (
-                    cfg.checkpoint_every
-                    and position["global_step"] % cfg.checkpoint_every == 0
-                    and position["step_in_epoch"] < steps_per_epoch
-                ):
+                if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0 \
+                        and position["step_in_epoch"] < steps_per_epoch:
                     position["train_time_s"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self._reduce_running(position)
@@ -432,12 +400,9 @@ class Trainer:
             if stopped:
                 break
             self._reduce_running(position)
-            record = {
-                "epoch": epoch + 1,
-                "step": position["global_step"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12),
-            }
+            record = {"epoch": epoch + 1, "step": position["global_step"],
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
             if dist.is_main:
                 model.eval()
                 with torch.no_grad():
