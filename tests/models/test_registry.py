@@ -129,3 +129,19 @@ def test_invalid_types_and_cross_field_checks():
         TINY["seq2seq"].replace(share_embeddings=True, src_vocab_size=30)
     with pytest.raises(ValueError, match="decoder_attention"):
         TINY["seq2seq"].replace(decoder_attention="none")
+
+
+def test_block_defaults_of_each_model():
+    """TransformerOptions holds the shared fields; each model keeps its own defaults."""
+    names = ("d_model", "num_heads", "dim_feedforward", "dropout", "activation", "layer_norm_eps")
+    defaults = [
+        (TextClassifierConfig(vocab_size=5), (64, 1, None, 0.1, "relu", 1e-6)),
+        (ViTConfig(), (128, 4, None, 0.1, "gelu", 1e-6)),
+        (Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=5), (256, 8, None, 0.1, "relu", 1e-6)),
+        (CausalLMConfig(vocab_size=5), (128, 4, None, 0.0, "gelu", 1e-5)),
+    ]
+    for config, expected in defaults:
+        assert tuple(getattr(config, n) for n in names) == expected, type(config).__name__
+        assert config.ffn_dim == 4 * config.d_model
+    with pytest.raises(TypeError, match="config must be a ViTConfig or a dict, got CausalLMConfig"):
+        MODEL_TYPES["vit"](CausalLMConfig(vocab_size=5))

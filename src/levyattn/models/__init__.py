@@ -31,7 +31,14 @@ from typing import Any
 from torch import nn
 
 from levyattn.models.classifier import TextClassifier, TextClassifierConfig
-from levyattn.models.common import AttentionOptions, ModelConfig, ModelOutput, Seq2SeqOutput, count_parameters
+from levyattn.models.common import (
+    AttentionOptions,
+    ModelConfig,
+    ModelOutput,
+    Seq2SeqOutput,
+    TransformerOptions,
+    count_parameters,
+)
 from levyattn.models.lm import CausalLM, CausalLMConfig, sample_next
 from levyattn.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, sequence_loss
 from levyattn.models.vit import VisionTransformer, ViTConfig
@@ -87,6 +94,7 @@ __all__ = [
     "Seq2SeqTransformer",
     "TextClassifier",
     "TextClassifierConfig",
+    "TransformerOptions",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

@@ -27,8 +27,8 @@ from torch import nn
 
 from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     brownian_positions,
     check_attention_kind,
     check_ids,
@@ -40,14 +40,11 @@ from levyattn.nn import FractionalTransformerEncoderLayer
 
 
 @dataclass(kw_only=True)
-class TextClassifierConfig(AttentionOptions):
-    """Hyperparameters of :class:`TextClassifier` (the FNA options are inherited).
+class TextClassifierConfig(TransformerOptions):
+    """Hyperparameters of :class:`TextClassifier` (the FNA options and block sizes are inherited).
 
     vocab_size, num_classes: sizes of the input vocabulary and of the label set (>= 2).
     max_len: the longest input (positional table size).
-    d_model: hidden size E; num_heads must divide it. dim_feedforward: FFN width
-        (None = 4 * d_model).
-    dropout: on embeddings and inside/after the FFN and attention sub-blocks.
     positional: "learned" (a table), "sinusoidal" (fixed, Vaswani et al.) or "brownian"
         (fixed, squared distance between positions ~ their gap: see
         :func:`levyattn.models.common.brownian_positions`).
@@ -58,14 +55,8 @@ class TextClassifierConfig(AttentionOptions):
     vocab_size: int
     num_classes: int = 2
     max_len: int = 512
-    d_model: int = 64
     num_layers: int = 1
-    num_heads: int = 1
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
-    activation: str = "relu"
     norm_first: bool = False
-    layer_norm_eps: float = 1e-6
     positional: str = "learned"
     pooling: str = "mean"
     pad_id: int | None = None
@@ -76,9 +67,7 @@ class TextClassifierConfig(AttentionOptions):
         check_int("vocab_size", self.vocab_size, 1)
         check_int("num_classes", self.num_classes, 2)
         check_int("max_len", self.max_len, 1)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         check_choice("positional", self.positional, ("learned", "sinusoidal", "brownian"))
         check_choice("pooling", self.pooling, ("mean", "cls"))
@@ -89,10 +78,6 @@ class TextClassifierConfig(AttentionOptions):
             raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
         if self.positional == "brownian" and (self.d_model % 2 or self.d_model < 4):
             raise ValueError(f"d_model must be even and >= 4 for brownian positions, got {self.d_model}")
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
     @classmethod
     def single_layer(cls, vocab_size: int, hidden: int = 32, **overrides: Any) -> TextClassifierConfig:
@@ -117,10 +102,7 @@ class TextClassifier(nn.Module):
 
     def __init__(self, config: TextClassifierConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = TextClassifierConfig.from_dict(config)
-        self.config = config
-        c = config
+        self.config = c = TextClassifierConfig.coerce(config)
         n_pos = c.max_len + (1 if c.pooling == "cls" else 0)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         if c.positional == "learned":

@@ -3,7 +3,8 @@ the Hugging Face-style output, and a few small tensor helpers.
 
 Each model's config is a dataclass that inherits :class:`ModelConfig` (``to_dict`` /
 ``from_dict``, validation in ``__post_init__``) and usually :class:`AttentionOptions` (the
-FNA kernel and projection options, flat so that ``--set model.alpha=1.4`` reaches them).
+FNA kernel and projection options, flat so that ``--set model.alpha=1.4`` reaches them) through
+:class:`TransformerOptions` (the block sizes).
 """
 
 from __future__ import annotations
@@ -43,6 +44,15 @@ class ModelConfig:
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
+
+    @classmethod
+    def coerce(cls: type[C], config: C | dict[str, Any]) -> C:
+        """``config`` if it is a ``cls``; a ``cls`` built by :meth:`from_dict` if it is a dict."""
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__} or a dict, got {type(config).__name__}")
+        return config
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
@@ -100,18 +110,6 @@ class AttentionOptions(ModelConfig):
             check_bool(name, getattr(self, name))
         self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
 
-    def check_block_sizes(self) -> None:
-        """The checks every Transformer-block config shares: heads dividing ``d_model``,
-        feed-forward width, dropout, activation, LayerNorm eps (``d_model`` itself is
-        checked by each model, whose constraints on it differ)."""
-        check_int("num_heads", self.num_heads, 1)
-        check_heads(self.d_model, self.num_heads)
-        if self.dim_feedforward is not None:
-            check_int("dim_feedforward", self.dim_feedforward, 1)
-        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_choice("activation", self.activation, ("relu", "gelu"))
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
-
     def attention_kwargs(self, *, for_layer: bool = False) -> dict[str, Any]:
         """Keyword arguments of ``levyattn.nn.make_attention``; with ``for_layer=True`` those of
         the nn encoder/decoder layers, which name the attention dropout ``attn_dropout``
@@ -131,9 +129,43 @@ class AttentionOptions(ModelConfig):
         kwargs["attn_dropout" if for_layer else "dropout"] = self.attn_dropout
         return kwargs
 
+
+@dataclass(kw_only=True)
+class TransformerOptions(AttentionOptions):
+    """:class:`AttentionOptions` and the sizes of the Transformer blocks every model stacks
+    (each model's config sets its own defaults).
+
+    d_model: hidden size E; num_heads must divide it.
+    dim_feedforward: feed-forward width (None = 4 * d_model).
+    dropout: on embeddings, residual branches and the feed-forward block.
+    activation: "relu" or "gelu"; layer_norm_eps: the LayerNorms' eps.
+    """
+
+    d_model: int = 64
+    num_heads: int = 1
+    dim_feedforward: int | None = None
+    dropout: float = 0.1
+    activation: str = "relu"
+    layer_norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("d_model", self.d_model, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_heads(self.d_model, self.num_heads)
+        if self.dim_feedforward is not None:
+            check_int("dim_feedforward", self.dim_feedforward, 1)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_choice("activation", self.activation, ("relu", "gelu"))
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
+
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``FractionalTransformerEncoderLayer`` / ``...DecoderLayer`` shared
-        by every model built from them (all but the attention kinds)."""
+        by every model built from them (all but the attention kinds; those configs have ``norm_first``)."""
         return dict(
             d_model=self.d_model,
             nhead=self.num_heads,

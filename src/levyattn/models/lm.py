@@ -22,8 +22,8 @@ from torch import nn
 
 from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     check_attention_kind,
     check_ids,
     check_padding_mask,
@@ -32,11 +32,10 @@ from levyattn.nn import FeedForward, KVCache, make_attention
 
 
 @dataclass(kw_only=True)
-class CausalLMConfig(AttentionOptions):
-    """Hyperparameters of :class:`CausalLM` (the FNA options are inherited).
+class CausalLMConfig(TransformerOptions):
+    """Hyperparameters of :class:`CausalLM` (the FNA options and block sizes are inherited).
 
-    vocab_size; block_size: the longest context; d_model, num_layers, num_heads,
-    dim_feedforward (None = 4 * d_model); dropout on embeddings, residual branches and FFN;
+    vocab_size; block_size: the longest context; num_layers;
     tie_embeddings: the output projection shares the token embedding's weight.
     """
 
@@ -45,7 +44,6 @@ class CausalLMConfig(AttentionOptions):
     d_model: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    dim_feedforward: int | None = None
     dropout: float = 0.0
     activation: str = "gelu"
     layer_norm_eps: float = 1e-5
@@ -56,15 +54,9 @@ class CausalLMConfig(AttentionOptions):
         super().validate()
         check_int("vocab_size", self.vocab_size, 1)
         check_int("block_size", self.block_size, 1)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("tie_embeddings", self.tie_embeddings)
         check_attention_kind("attention", self.attention)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
 
 class Block(nn.Module):
@@ -103,9 +95,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: CausalLMConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = CausalLMConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = CausalLMConfig.coerce(config)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         self.position_embedding = nn.Embedding(c.block_size, c.d_model)
         self.dropout = nn.Dropout(c.dropout)

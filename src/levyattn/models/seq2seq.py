@@ -33,8 +33,8 @@ from torch.nn import functional as F
 
 from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     Seq2SeqOutput,
+    TransformerOptions,
     check_attention_kind,
     check_ids,
     check_padding_mask,
@@ -45,13 +45,13 @@ from levyattn.nn import FractionalTransformerDecoderLayer, FractionalTransformer
 
 
 @dataclass(kw_only=True)
-class Seq2SeqConfig(AttentionOptions):
-    """Hyperparameters of :class:`Seq2SeqTransformer` (the FNA options are inherited).
+class Seq2SeqConfig(TransformerOptions):
+    """Hyperparameters of :class:`Seq2SeqTransformer` (the FNA options and block sizes are
+    inherited; d_model must be even, for the sinusoidal positions).
 
     src_vocab_size, tgt_vocab_size; pad_id, bos_id, eos_id (target vocabulary; pad_id also
     marks source padding); max_len: the longest source or target sequence.
-    d_model, num_encoder_layers, num_decoder_layers, num_heads, dim_feedforward (None =
-    4 * d_model), dropout (embeddings, residual branches, FFN).
+    num_encoder_layers, num_decoder_layers; norm_first: post-LN (the default) or pre-LN.
     encoder_attention, decoder_attention, cross_attention: "fna" or "softmax" each.
     tie_output, share_embeddings: weight tying (see the module docstring).
     label_smoothing: used by :meth:`Seq2SeqTransformer.loss`.
@@ -67,11 +67,7 @@ class Seq2SeqConfig(AttentionOptions):
     num_encoder_layers: int = 3
     num_decoder_layers: int = 3
     num_heads: int = 8
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
-    activation: str = "relu"
     norm_first: bool = False
-    layer_norm_eps: float = 1e-6
     encoder_attention: str = "fna"
     decoder_attention: str = "fna"
     cross_attention: str = "fna"
@@ -88,12 +84,10 @@ class Seq2SeqConfig(AttentionOptions):
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
             raise ValueError(f"pad_id, bos_id, eos_id must differ, got {self.pad_id}, {self.bos_id}, {self.eos_id}")
         check_int("max_len", self.max_len, 1)
-        check_int("d_model", self.d_model, 2)
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (sinusoidal positions), got {self.d_model}")
         check_int("num_encoder_layers", self.num_encoder_layers, 1)
         check_int("num_decoder_layers", self.num_decoder_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         for name in ("encoder_attention", "decoder_attention", "cross_attention"):
             check_attention_kind(name, getattr(self, name))
@@ -105,10 +99,6 @@ class Seq2SeqConfig(AttentionOptions):
                 f"and {self.tgt_vocab_size}"
             )
         self.label_smoothing = check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
 
 def sequence_loss(
@@ -139,9 +129,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def __init__(self, config: Seq2SeqConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = Seq2SeqConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = Seq2SeqConfig.coerce(config)
         self.src_embedding = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embedding = self.src_embedding if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, c.d_model)
         for emb in {id(e): e for e in (self.src_embedding, self.tgt_embedding)}.values():

@@ -21,8 +21,8 @@ from torch import nn
 
 from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     check_attention_kind,
     run_encoder_layers,
 )
@@ -30,12 +30,12 @@ from levyattn.nn import FractionalTransformerEncoderLayer
 
 
 @dataclass(kw_only=True)
-class ViTConfig(AttentionOptions):
-    """Hyperparameters of :class:`VisionTransformer` (the FNA options are inherited).
+class ViTConfig(TransformerOptions):
+    """Hyperparameters of :class:`VisionTransformer` (the FNA options and block sizes are inherited).
 
     image_size: side of the (square) input; patch_size must divide it.
     in_channels: 3 for colour, 1 for grey images.
-    d_model, num_layers, num_heads, dim_feedforward (None = 4 * d_model), dropout.
+    num_layers; norm_first: pre-LN (the default, as ViT) or post-LN.
     pooling: "cls" (class token) or "mean" (over patches).
     """
 
@@ -46,11 +46,8 @@ class ViTConfig(AttentionOptions):
     d_model: int = 128
     num_layers: int = 6
     num_heads: int = 4
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
     activation: str = "gelu"
     norm_first: bool = True
-    layer_norm_eps: float = 1e-6
     pooling: str = "cls"
     attention: str = "fna"
 
@@ -62,16 +59,10 @@ class ViTConfig(AttentionOptions):
             raise ValueError(f"patch_size must divide image_size={self.image_size}, got {self.patch_size}")
         check_int("in_channels", self.in_channels, 1)
         check_int("num_classes", self.num_classes, 2)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         check_choice("pooling", self.pooling, ("cls", "mean"))
         check_attention_kind("attention", self.attention)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
     @property
     def num_patches(self) -> int:
@@ -103,9 +94,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = ViTConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = ViTConfig.coerce(config)
         # A strided convolution is the linear map of each flattened patch, applied to all.
         self.patch_embedding = nn.Conv2d(c.in_channels, c.d_model, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
