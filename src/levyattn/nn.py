@@ -365,7 +365,48 @@ class FeedForward(nn.Module):
         return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-class FractionalTransformerEncoderLayer(nn.Module):
+class _ResidualLayer(nn.Module):
+    """What the encoder and decoder layers share: their attention modules, a feed-forward
+    block, one LayerNorm per sub-block (``norm1``, ``norm2``, ...), the residual dropout, and
+    the residual wiring, post-LN (``norm_first=False``) or pre-LN.
+
+    The attention modules are registered first, so parameters keep the order saved
+    optimiser states were written in.
+    """
+
+    def __init__(
+        self,
+        attentions: dict[str, nn.Module],
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: str,
+        layer_norm_eps: float,
+        norm_first: bool,
+    ) -> None:
+        super().__init__()
+        for name, module in attentions.items():
+            self.add_module(name, module)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
+        for i in range(1, len(attentions) + 2):
+            self.add_module(f"norm{i}", nn.LayerNorm(d_model, eps=layer_norm_eps))
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x + sublayer(norm(x))`` (pre-LN) or ``norm(x + sublayer(x))`` (post-LN); ``sublayer``
+        returns (output, attention weights or None)."""
+        if self.norm_first:
+            out, weights = sublayer(norm(x))
+            return x + out, weights
+        out, weights = sublayer(x)
+        return norm(x + out), weights
+
+    def _feed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.feed_forward(x), None
+
+
+class FractionalTransformerEncoderLayer(_ResidualLayer):
     """Self-attention + feed-forward, usable like ``nn.TransformerEncoderLayer`` (batch_first).
 
     Post-LN (``norm_first=False``, the reference's, LayerNorm eps 1e-6) or pre-LN.
@@ -386,28 +427,12 @@ class FractionalTransformerEncoderLayer(nn.Module):
         attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
-        super().__init__()
-        self.self_attn = make_attention(
+        self_attn = make_attention(
             attention, d_model, nhead, batch_first=True, dropout=attn_dropout, **attention_kwargs
         )
-        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
-
-    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal, need_weights):
-        out, weights = self.self_attn(
-            x,
-            x,
-            x,
-            key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask,
-            need_weights=need_weights,
-            average_attn_weights=False,
-            is_causal=is_causal,
+        super().__init__(
+            {"self_attn": self_attn}, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first
         )
-        return self.dropout(out), weights
 
     def forward(
         self,
@@ -418,19 +443,20 @@ class FractionalTransformerEncoderLayer(nn.Module):
         need_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """src (B, L, E) -> (B, L, E); with ``need_weights`` also the (B, H, L, L) weights."""
-        x = src
-        if self.norm_first:
-            attn, weights = self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal, need_weights)
-            x = x + attn
-            x = x + self.feed_forward(self.norm2(x))
-        else:
-            attn, weights = self._self_attention(x, src_mask, src_key_padding_mask, is_causal, need_weights)
-            x = self.norm1(x + attn)
-            x = self.norm2(x + self.feed_forward(x))
+
+        def self_block(h):
+            out, weights = self.self_attn(
+                h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask, need_weights=need_weights,
+                average_attn_weights=False, is_causal=is_causal,
+            )  # fmt: skip
+            return self.dropout(out), weights
+
+        x, weights = self._residual(src, self.norm1, self_block)
+        x, _ = self._residual(x, self.norm2, self._feed_forward)
         return (x, weights) if need_weights else x
 
 
-class FractionalTransformerDecoderLayer(nn.Module):
+class FractionalTransformerDecoderLayer(_ResidualLayer):
     """Causal self-attention, cross-attention and feed-forward, like
     ``nn.TransformerDecoderLayer`` (batch_first), with a key/value cache for decoding.
 
@@ -452,17 +478,13 @@ class FractionalTransformerDecoderLayer(nn.Module):
         attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
-        super().__init__()
         attention_kwargs = dict(attention_kwargs, batch_first=True, dropout=attn_dropout)
         cross_kwargs = {k: v for k, v in attention_kwargs.items() if k != "qk_share"}
-        self.self_attn = make_attention(self_attention, d_model, nhead, **attention_kwargs)
-        self.cross_attn = make_attention(cross_attention, d_model, nhead, **cross_kwargs)
-        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
+        attentions = {
+            "self_attn": make_attention(self_attention, d_model, nhead, **attention_kwargs),
+            "cross_attn": make_attention(cross_attention, d_model, nhead, **cross_kwargs),
+        }
+        super().__init__(attentions, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first)
 
     def forward(
         self,
@@ -505,16 +527,7 @@ class FractionalTransformerDecoderLayer(nn.Module):
             )  # fmt: skip
             return self.dropout(out), weights
 
-        if self.norm_first:
-            attn, self_weights = self_block(self.norm1(x))
-            x = x + attn
-            attn, cross_weights = cross_block(self.norm2(x))
-            x = x + attn
-            x = x + self.feed_forward(self.norm3(x))
-        else:
-            attn, self_weights = self_block(x)
-            x = self.norm1(x + attn)
-            attn, cross_weights = cross_block(x)
-            x = self.norm2(x + attn)
-            x = self.norm3(x + self.feed_forward(x))
+        x, self_weights = self._residual(x, self.norm1, self_block)
+        x, cross_weights = self._residual(x, self.norm2, cross_block)
+        x, _ = self._residual(x, self.norm3, self._feed_forward)
         return (x, self_weights, cross_weights) if need_weights else x
