@@ -42,11 +42,11 @@ def timed_greedy(model: CausalLM, prompt: torch.Tensor, new_tokens: int, use_cac
     """Greedy continuation of prompt (1, P) -> (new ids (1, new_tokens), prefill s, decode s)."""
     cache = model.new_cache() if use_cache else None
     t0 = time.perf_counter()
-    logits = model(prompt, cache=cache) if use_cache else model(prompt)
+    logits = (model(prompt, cache=cache) if use_cache else model(prompt)).logits
     ids = torch.cat([prompt, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
-        logits = model(ids[:, -1:], cache=cache) if use_cache else model(ids)
+        logits = (model(ids[:, -1:], cache=cache) if use_cache else model(ids)).logits
         ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     t2 = time.perf_counter()
     return ids[:, prompt.shape[1] :], t1 - t0, t2 - t1

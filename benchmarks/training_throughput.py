@@ -120,7 +120,7 @@ def main() -> None:
         m, inputs, kwargs, opt, labels = setups[key]
         with mock.patch.dict(os.environ, {"LEVYATTN_COMPILE": "0"} if key[2] == "tile loop" else {}):
             t0 = time.perf_counter()
-            logits = m(*inputs, **kwargs)
+            logits = m(*inputs, **kwargs).logits
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -116,9 +116,9 @@ def trained_log_ratios(model, ds, n: int, batch: int = 500) -> tuple[dict[str, n
     predicted = []
     for start in range(0, min(n, len(ds)), batch):
         stop = min(start + batch, n, len(ds))
-        logits, weights = model(ds.input_ids[start:stop], need_weights=True)
-        predicted.append(logits.argmax(-1).numpy())
-        w = weights[0].mean(1).double()  # (B, L, L), heads averaged (the presets have one)
+        output = model(ds.input_ids[start:stop], output_attentions=True)
+        predicted.append(output.logits.argmax(-1).numpy())
+        w = output.attentions[0].mean(1).double()  # (B, L, L), heads averaged (the presets have one)
         log_w = w.clamp_min(torch.finfo(torch.float64).tiny).log()
         rows, q, a, b = torch.arange(stop - start), ds.query_positions[start:stop], pos_a[start:stop], pos_b[start:stop]
         out["query"].append((log_w[rows, q, a] - log_w[rows, q, b]).numpy())

@@ -101,7 +101,7 @@ def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[di
     rows = []
     for run in runs:
         model = model_from_checkpoint(load_checkpoint(f"{runs_dir}/runs/{run['name']}"), "text_classifier").eval()
-        ok = torch.cat([model(chunk).argmax(-1) for chunk in test.input_ids.split(500)]) == labels
+        ok = torch.cat([model(chunk).logits.argmax(-1) for chunk in test.input_ids.split(500)]) == labels
         row = {
             "name": run["name"],
             "attention": run["attention"],

@@ -37,7 +37,7 @@ class TinyModel(nn.Module):
 @pytest.mark.parametrize(
     "make", [lambda: nn.MultiheadAttention(16, 2, batch_first=True), lambda: FractionalMultiheadAttention(16, 2)]
 )
-def test_drop_in_for_multihead_attention_trains(make):
+def test_same_call_as_multihead_attention_trains(make):
     torch.manual_seed(0)
     model = TinyModel(make())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -251,3 +251,85 @@ def test_decoder_cache_equals_full_recomputation(attention):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     cache.reorder(torch.tensor([1, 1, 0]))
     assert cache.key.shape[0] == 3 and cache.memory.key.shape[0] == 3
+
+
+def _torch_twin(embed_dim: int, num_heads: int, batch_first: bool) -> tuple[nn.Module, nn.Module]:
+    """torch.nn.MultiheadAttention and the softmax module with the same (float64) weights."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(embed_dim, num_heads, bias=True, batch_first=batch_first).double().eval()
+    nn.init.normal_(ref.in_proj_bias)
+    nn.init.normal_(ref.out_proj.bias)
+    ours = make_attention("softmax", embed_dim, num_heads, bias=True, batch_first=batch_first).double().eval()
+    with torch.no_grad():
+        for proj, weight, bias in zip(
+            (ours.q_proj, ours.k_proj, ours.v_proj), ref.in_proj_weight.chunk(3), ref.in_proj_bias.chunk(3)
+        ):
+            proj.weight.copy_(weight)
+            proj.bias.copy_(bias)
+        ours.out_proj.weight.copy_(ref.out_proj.weight)
+        ours.out_proj.bias.copy_(ref.out_proj.bias)
+    return ref, ours
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", ["none", "padding", "bool", "float", "per_head", "causal", "all"])
+@pytest.mark.parametrize("average", [True, False])
+def test_softmax_twin_equals_torch_multihead_attention(batch_first, mask, average):
+    b, heads, nk, e = 3, 2, 7, 8
+    nq = nk if mask == "causal" else 5  # causal: self-attention, where torch's hint applies
+    ref, ours = _torch_twin(e, heads, batch_first)
+    gen = torch.Generator().manual_seed(1)
+    shape_q, shape_k = ((b, nq, e), (b, nk, e)) if batch_first else ((nq, b, e), (nk, b, e))
+    query = torch.randn(shape_q, generator=gen, dtype=torch.float64)
+    key = torch.randn(shape_k, generator=gen, dtype=torch.float64)
+    value = torch.randn(shape_k, generator=gen, dtype=torch.float64)
+    padding = torch.zeros(b, nk, dtype=torch.bool)
+    padding[0, -2:] = True
+    padding[2, -1] = True
+    blocked = torch.rand(nq, nk, generator=gen) < 0.3
+    blocked[:, 0] = False  # every row keeps a key: torch gives NaN rows otherwise
+    causal = torch.ones(nq, nk, dtype=torch.bool).triu(1)
+    kwargs = {
+        "none": {},
+        "padding": {"key_padding_mask": padding},
+        "bool": {"attn_mask": blocked},
+        "float": {"attn_mask": torch.randn(nq, nk, generator=gen, dtype=torch.float64)},
+        "per_head": {"attn_mask": torch.randn(b * heads, nq, nk, generator=gen, dtype=torch.float64)},
+        # torch takes is_causal as a hint that attn_mask is the causal mask.
+        "causal": {"attn_mask": causal, "is_causal": True},
+        "all": {"attn_mask": blocked, "key_padding_mask": padding},
+    }[mask]
+    expected, expected_w = ref(query, key, value, need_weights=True, average_attn_weights=average, **kwargs)
+    got, got_w = ours(query, key, value, need_weights=True, average_attn_weights=average, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_w, expected_w, rtol=1e-12, atol=1e-12)
+    fused, no_w = ours(query, key, value, need_weights=False, **kwargs)
+    assert no_w is None
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_defaults_that_differ_from_torch_multihead_attention_are_documented():
+    """Same call, other defaults: batch_first=True, bias=False, need_weights=False."""
+    m = FractionalMultiheadAttention(8, 2)
+    assert m.batch_first and m.out_proj.bias is None
+    x = torch.randn(2, 3, 8)
+    assert m(x, x, x)[1] is None
+    doc = FractionalMultiheadAttention.__doc__
+    assert "Not a drop-in" in doc and "batch_first=True" in doc and "bias=False" in doc
+
+
+def test_kernel_options_are_one_fnaconfig():
+    from levyattn import FNAConfig
+    from levyattn.models import TextClassifierConfig
+
+    assert FractionalMultiheadAttention(8, 2).kernel == FNAConfig()
+    assert FractionalMultiheadAttention(8, 2, qk_share=True, alpha=1.5).kernel == FNAConfig(
+        alpha=1.5, exclude_self=True
+    )
+    config = TextClassifierConfig(vocab_size=5)
+    for name in ("alpha", "bandwidth", "manifold", "rescale"):
+        assert getattr(config, name) == getattr(FNAConfig(), name)
+    with pytest.raises(TypeError, match="rescale must be a bool"):
+        FractionalMultiheadAttention(8, 2, rescale=1)
+    with pytest.raises(ValueError, match="manifold must be one of"):
+        TextClassifierConfig(vocab_size=5, manifold="torus")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,38 +34,71 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    """``value`` as an int in ``[lo, hi]`` (``hi=None``: no upper bound), else ValueError/TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an int {rng}, got {value}")
+    return value
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``value`` as a float in the interval from ``lo`` to ``hi`` (open ends as flagged); NaN fails."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    bad_lo = value <= lo if lo_open else value < lo
+    bad_hi = value >= hi if hi_open else value > hi
+    if bad_lo or bad_hi or value != value:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}{did_you_mean(value, choices)}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_values(name: str, value: Scalar, valid: Callable[[Any], Any], requirement: str) -> Scalar:
+    """``value``, a real number or a floating-point tensor (checked element by element), if
+    ``valid`` (written to work on both) holds for it; else a ValueError "{name} must
+    {requirement}, got ..." naming the first bad value."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} tensor must be floating point, got dtype {value.dtype}")
+        values = value.detach()
+        bad = ~valid(values)
+        if bool(bad.any()):
+            raise ValueError(f"{name} must {requirement}, got {values[bad].flatten()[0].item()!r} in the {name} tensor")
+        return value
+    number = _as_float(name, value)
+    if not valid(number):
+        raise ValueError(f"{name} must {requirement}, got {number!r}")
+    return number
+
+
 def check_alpha(alpha: Scalar) -> Scalar:
     """alpha in (0, 2]: the Lévy index; 2 is the Gaussian (Brownian) kernel."""
-    if isinstance(alpha, torch.Tensor):
-        if not alpha.is_floating_point():
-            raise TypeError(f"alpha tensor must be floating point, got dtype {alpha.dtype}")
-        a = alpha.detach()
-        bad = ~(torch.isfinite(a) & (a > 0) & (a <= 2))
-        if bool(bad.any()):
-            raise ValueError(f"alpha must lie in (0, 2], got {a[bad].flatten()[0].item()!r} in the alpha tensor")
-        return alpha
-    value = _as_float("alpha", alpha)
-    if not (0.0 < value <= 2.0):  # also rejects NaN
-        raise ValueError(f"alpha must lie in (0, 2] (Lévy index; 2 is the Gaussian kernel), got {value!r}")
-    return value
+    # Comparisons reject NaN as well.
+    return _check_values(
+        "alpha", alpha, lambda a: (a > 0) & (a <= 2), "lie in (0, 2] (Lévy index; 2 is the Gaussian kernel)"
+    )
 
 
 def check_bandwidth(bandwidth: Scalar) -> Scalar:
     """bandwidth (epsilon) > 0 and finite."""
-    if isinstance(bandwidth, torch.Tensor):
-        if not bandwidth.is_floating_point():
-            raise TypeError(f"bandwidth tensor must be floating point, got dtype {bandwidth.dtype}")
-        b = bandwidth.detach()
-        bad = ~(torch.isfinite(b) & (b > 0))
-        if bool(bad.any()):
-            raise ValueError(
-                f"bandwidth must be > 0 and finite, got {b[bad].flatten()[0].item()!r} in the bandwidth tensor"
-            )
-        return bandwidth
-    value = _as_float("bandwidth", bandwidth)
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"bandwidth must be > 0 and finite, got {value!r}")
-    return value
+    return _check_values("bandwidth", bandwidth, lambda b: (b > 0) & (b < math.inf), "be > 0 and finite")
 
 
 def check_positive(name: str, value: Any) -> float:

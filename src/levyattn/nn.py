@@ -1,7 +1,8 @@
 """Modules: ``FractionalMultiheadAttention``, its softmax twin, and Transformer layers.
 
-``FractionalMultiheadAttention`` mirrors ``torch.nn.MultiheadAttention``'s call so that it
-drops into code written for it:
+``FractionalMultiheadAttention`` takes ``torch.nn.MultiheadAttention``'s call, with other
+defaults (``batch_first=True``, ``bias=False``, ``need_weights=False``: pass
+``batch_first=False, bias=True, need_weights=True`` to get nn.MultiheadAttention's):
 
 - inputs are (B, L, E) with ``batch_first=True`` (the default here) or (L, B, E);
 - ``key_padding_mask`` (B, S): bool True = padding (ignored), or float added;
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levyattn.backends.common import additive_sum, structural_keep
-from levyattn.config import check_alpha, check_bandwidth, check_manifold
+from levyattn.config import FNAConfig
 from levyattn.functional import BACKENDS, fractional_attention
 
 ATTENTION_KINDS = ("fna", "softmax")
@@ -79,7 +80,8 @@ def _combine_masks(
     nk: int,
     dtype: torch.dtype,
 ) -> torch.Tensor | None:
-    """nn.MultiheadAttention masks -> one SDPA-convention mask (bool keep or float additive)."""
+    """nn.MultiheadAttention masks -> one mask in the convention of ``fractional_attention``
+    and SDPA: bool (True = keep) when both are bool, else additive of ``dtype``."""
     masks = []
     if attn_mask is not None:
         if attn_mask.dim() == 2:
@@ -94,28 +96,16 @@ def _combine_masks(
             attn_mask = attn_mask.view(batch, heads, nq, nk)
         else:
             raise ValueError(f"attn_mask must be 2-D or 3-D, got shape {tuple(attn_mask.shape)}")
-        masks.append(~attn_mask if attn_mask.dtype == torch.bool else attn_mask)
+        masks.append(attn_mask)
     if key_padding_mask is not None:
         if key_padding_mask.shape != (batch, nk):
             raise ValueError(f"key_padding_mask must be (B, S) = {(batch, nk)}, got {tuple(key_padding_mask.shape)}")
-        kpm = key_padding_mask.view(batch, 1, 1, nk)
-        masks.append(~kpm if kpm.dtype == torch.bool else kpm)
-    if not masks:
-        return None
-    if all(m.dtype == torch.bool for m in masks):
-        out = masks[0]
-        for m in masks[1:]:
-            out = out & m
-        return out
-    out = None
-    for m in masks:
-        additive = (
-            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
-            if m.dtype == torch.bool
-            else m.to(dtype)
-        )
-        out = additive if out is None else out + additive
-    return out
+        masks.append(key_padding_mask.view(batch, 1, 1, nk))
+    # nn.MultiheadAttention's bool masks mark what is *not* allowed; ours mark what is kept.
+    masks = [~m if m.dtype == torch.bool else m for m in masks]
+    if masks and all(m.dtype == torch.bool for m in masks):
+        return masks[0] if len(masks) == 1 else masks[0] & masks[1]  # bool stays bool for the backends
+    return additive_sum(tuple(masks), dtype)
 
 
 class _MultiheadBase(nn.Module):
@@ -218,10 +208,16 @@ class _MultiheadBase(nn.Module):
 
 
 class FractionalMultiheadAttention(_MultiheadBase):
-    """Multi-head fractional attention, a drop-in for ``torch.nn.MultiheadAttention``.
+    """Multi-head fractional attention with the call of ``torch.nn.MultiheadAttention``.
+
+    Not a drop-in: the defaults differ from ``nn.MultiheadAttention``'s (``batch_first=True``,
+    ``bias=False``, and ``forward(need_weights=False)``); pass them to port code written for it.
 
     Args (beyond nn.MultiheadAttention's):
-        alpha, bandwidth, manifold, rescale: the kernel (see ``fractional_attention``).
+        alpha, bandwidth, manifold, rescale: the kernel, validated and kept as the
+            :class:`~levyattn.config.FNAConfig` ``self.kernel`` (defaults are FNAConfig's; its
+            other fields keep their defaults, and ``exclude_self`` follows ``qk_share``); with
+            ``learnable_alpha`` / ``learnable_bandwidth`` its values are the initial ones.
         orthogonal: W_Q and W_K constrained orthogonal (distance-preserving); with one head
             the query projection is omitted, as in the reference models.
         qk_share: one projection for queries and keys; each token's self-pair is excluded.
@@ -235,10 +231,10 @@ class FractionalMultiheadAttention(_MultiheadBase):
         embed_dim: int,
         num_heads: int,
         *,
-        alpha: float = 1.2,
-        bandwidth: float = 1.0,
-        manifold: str = "euclidean",
-        rescale: bool = True,
+        alpha: float = FNAConfig.alpha,
+        bandwidth: float = FNAConfig.bandwidth,
+        manifold: str = FNAConfig.manifold,
+        rescale: bool = FNAConfig.rescale,
         orthogonal: bool = False,
         qk_share: bool = False,
         learnable_alpha: bool = False,
@@ -261,10 +257,10 @@ class FractionalMultiheadAttention(_MultiheadBase):
             orthogonal=orthogonal,
             qk_share=qk_share,
         )
-        alpha = check_alpha(alpha)
-        bandwidth = check_bandwidth(bandwidth)
-        self.manifold = check_manifold(manifold)
-        self.rescale = bool(rescale)
+        self.kernel = FNAConfig(
+            alpha=alpha, bandwidth=bandwidth, manifold=manifold, rescale=rescale, exclude_self=self.qk_share
+        )
+        alpha, bandwidth = self.kernel.alpha, self.kernel.bandwidth
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -275,37 +271,28 @@ class FractionalMultiheadAttention(_MultiheadBase):
             self.alpha_logit = nn.Parameter(torch.full((num_heads,), math.log(a / (1 - a))))
         else:
             self.alpha_logit = None
-            self._alpha = alpha
         if learnable_bandwidth:
             self.log_bandwidth = nn.Parameter(torch.full((num_heads,), math.log(bandwidth)))
         else:
             self.log_bandwidth = None
-            self._bandwidth = bandwidth
 
     @property
     def alpha(self) -> float | torch.Tensor:
         """The Lévy index: a float, or (H,) values in (0, 2) when learnable."""
         if self.alpha_logit is None:
-            return self._alpha
+            return self.kernel.alpha
         return _ALPHA_LO + (_ALPHA_HI - _ALPHA_LO) * torch.sigmoid(self.alpha_logit)
 
     @property
     def bandwidth(self) -> float | torch.Tensor:
         """The bandwidth eps: a float, or (H,) positive values when learnable."""
         if self.log_bandwidth is None:
-            return self._bandwidth
+            return self.kernel.bandwidth
         return self.log_bandwidth.clamp(-_LOG_BANDWIDTH_LIMIT, _LOG_BANDWIDTH_LIMIT).exp()
 
     def _attend(self, q, k, v, mask, is_causal, need_weights):
-        kernel = dict(
-            alpha=self.alpha,
-            bandwidth=self.bandwidth,
-            manifold=self.manifold,
-            rescale=self.rescale,
-            attn_mask=mask,
-            is_causal=is_causal,
-            exclude_self=self.qk_share,
-        )
+        kernel = dict(self.kernel.to_dict(), alpha=self.alpha, bandwidth=self.bandwidth)
+        kernel.update(attn_mask=mask, is_causal=is_causal)
         materialise = need_weights or (self.training and self.dropout > 0)
         if not materialise:
             return fractional_attention(q, k, v, backend=self.backend, **kernel), None
@@ -316,7 +303,7 @@ class FractionalMultiheadAttention(_MultiheadBase):
 
     def extra_repr(self) -> str:
         return (
-            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, manifold={self.manifold!r}, "
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, manifold={self.kernel.manifold!r}, "
             f"orthogonal={self.orthogonal}, qk_share={self.qk_share}, backend={self.backend!r}"
         )
 
@@ -378,7 +365,48 @@ class FeedForward(nn.Module):
         return self.dropout(self.linear2(self.dropout(self.activation(self.linear1(x)))))
 
 
-class FractionalTransformerEncoderLayer(nn.Module):
+class _ResidualLayer(nn.Module):
+    """What the encoder and decoder layers share: their attention modules, a feed-forward
+    block, one LayerNorm per sub-block (``norm1``, ``norm2``, ...), the residual dropout, and
+    the residual wiring, post-LN (``norm_first=False``) or pre-LN.
+
+    The attention modules are registered first, so parameters keep the order saved
+    optimiser states were written in.
+    """
+
+    def __init__(
+        self,
+        attentions: dict[str, nn.Module],
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float,
+        activation: str,
+        layer_norm_eps: float,
+        norm_first: bool,
+    ) -> None:
+        super().__init__()
+        for name, module in attentions.items():
+            self.add_module(name, module)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
+        for i in range(1, len(attentions) + 2):
+            self.add_module(f"norm{i}", nn.LayerNorm(d_model, eps=layer_norm_eps))
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x + sublayer(norm(x))`` (pre-LN) or ``norm(x + sublayer(x))`` (post-LN); ``sublayer``
+        returns (output, attention weights or None)."""
+        if self.norm_first:
+            out, weights = sublayer(norm(x))
+            return x + out, weights
+        out, weights = sublayer(x)
+        return norm(x + out), weights
+
+    def _feed_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.feed_forward(x), None
+
+
+class FractionalTransformerEncoderLayer(_ResidualLayer):
     """Self-attention + feed-forward, usable like ``nn.TransformerEncoderLayer`` (batch_first).
 
     Post-LN (``norm_first=False``, the reference's, LayerNorm eps 1e-6) or pre-LN.
@@ -399,28 +427,12 @@ class FractionalTransformerEncoderLayer(nn.Module):
         attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
-        super().__init__()
-        self.self_attn = make_attention(
+        self_attn = make_attention(
             attention, d_model, nhead, batch_first=True, dropout=attn_dropout, **attention_kwargs
         )
-        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
-
-    def _self_attention(self, x, attn_mask, key_padding_mask, is_causal, need_weights):
-        out, weights = self.self_attn(
-            x,
-            x,
-            x,
-            key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask,
-            need_weights=need_weights,
-            average_attn_weights=False,
-            is_causal=is_causal,
+        super().__init__(
+            {"self_attn": self_attn}, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first
         )
-        return self.dropout(out), weights
 
     def forward(
         self,
@@ -431,19 +443,20 @@ class FractionalTransformerEncoderLayer(nn.Module):
         need_weights: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """src (B, L, E) -> (B, L, E); with ``need_weights`` also the (B, H, L, L) weights."""
-        x = src
-        if self.norm_first:
-            attn, weights = self._self_attention(self.norm1(x), src_mask, src_key_padding_mask, is_causal, need_weights)
-            x = x + attn
-            x = x + self.feed_forward(self.norm2(x))
-        else:
-            attn, weights = self._self_attention(x, src_mask, src_key_padding_mask, is_causal, need_weights)
-            x = self.norm1(x + attn)
-            x = self.norm2(x + self.feed_forward(x))
+
+        def self_block(h):
+            out, weights = self.self_attn(
+                h, h, h, key_padding_mask=src_key_padding_mask, attn_mask=src_mask, need_weights=need_weights,
+                average_attn_weights=False, is_causal=is_causal,
+            )  # fmt: skip
+            return self.dropout(out), weights
+
+        x, weights = self._residual(src, self.norm1, self_block)
+        x, _ = self._residual(x, self.norm2, self._feed_forward)
         return (x, weights) if need_weights else x
 
 
-class FractionalTransformerDecoderLayer(nn.Module):
+class FractionalTransformerDecoderLayer(_ResidualLayer):
     """Causal self-attention, cross-attention and feed-forward, like
     ``nn.TransformerDecoderLayer`` (batch_first), with a key/value cache for decoding.
 
@@ -465,17 +478,13 @@ class FractionalTransformerDecoderLayer(nn.Module):
         attn_dropout: float = 0.0,
         **attention_kwargs,
     ) -> None:
-        super().__init__()
         attention_kwargs = dict(attention_kwargs, batch_first=True, dropout=attn_dropout)
         cross_kwargs = {k: v for k, v in attention_kwargs.items() if k != "qk_share"}
-        self.self_attn = make_attention(self_attention, d_model, nhead, **attention_kwargs)
-        self.cross_attn = make_attention(cross_attention, d_model, nhead, **cross_kwargs)
-        self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.norm_first = norm_first
+        attentions = {
+            "self_attn": make_attention(self_attention, d_model, nhead, **attention_kwargs),
+            "cross_attn": make_attention(cross_attention, d_model, nhead, **cross_kwargs),
+        }
+        super().__init__(attentions, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first)
 
     def forward(
         self,
@@ -518,16 +527,7 @@ class FractionalTransformerDecoderLayer(nn.Module):
             )  # fmt: skip
             return self.dropout(out), weights
 
-        if self.norm_first:
-            attn, self_weights = self_block(self.norm1(x))
-            x = x + attn
-            attn, cross_weights = cross_block(self.norm2(x))
-            x = x + attn
-            x = x + self.feed_forward(self.norm3(x))
-        else:
-            attn, self_weights = self_block(x)
-            x = self.norm1(x + attn)
-            attn, cross_weights = cross_block(x)
-            x = self.norm2(x + attn)
-            x = self.norm3(x + self.feed_forward(x))
+        x, self_weights = self._residual(x, self.norm1, self_block)
+        x, cross_weights = self._residual(x, self.norm2, cross_block)
+        x, _ = self._residual(x, self.norm3, self._feed_forward)
         return (x, self_weights, cross_weights) if need_weights else x

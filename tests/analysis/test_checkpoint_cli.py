@@ -56,7 +56,8 @@ def test_text_classifier_token_ids(runs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["source"]["model_type"] == "text_classifier" and summary["source"]["batch"] == 3
     with torch.no_grad():
-        logits, weights = model(ids, need_weights=True)
+        output = model(ids, output_attentions=True)
+    logits, weights = output.logits, output.attentions
     assert summary["source"]["predictions"] == logits.argmax(-1).tolist()
     assert len(summary["records"]) == 3 * model.config.num_heads * model.config.num_layers
     expect = spectral_gap(weights[0].double())
@@ -75,7 +76,7 @@ def test_text_classifier_token_ids(runs, tmp_path):
     recs = json.loads((out2 / "summary.json").read_text())["records"]
     assert [r["n_valid"] for r in recs] == [6, 8]
     with torch.no_grad():
-        _, w_short = model(torch.tensor([[1, 2, 3, 4, 5, 6]]), need_weights=True)
+        w_short = model(torch.tensor([[1, 2, 3, 4, 5, 6]]), output_attentions=True).attentions
     assert recs[0]["spectral_gap"] == pytest.approx(float(spectral_gap(w_short[0][0, 0].double())), abs=1e-6)
 
 

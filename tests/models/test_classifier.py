@@ -30,16 +30,14 @@ def test_shapes_and_weights(attention, pooling, norm_first):
     kind = FractionalMultiheadAttention if attention == "fna" else SoftmaxMultiheadAttention
     assert all(isinstance(layer.self_attn, kind) for layer in model.layers)
     ids = torch.randint(0, 30, (3, 9))
-    logits, weights = model(ids, need_weights=True)
-    n = 9 + (pooling == "cls")
-    assert logits.shape == (3, 3) and len(weights) == 2
-    assert all(w.shape == (3, 2, n, n) for w in weights)
-    torch.testing.assert_close(weights[0].sum(-1), torch.ones(3, 2, n))
-    torch.testing.assert_close(model(ids), logits)
     out = model(input_ids=ids, output_attentions=True)
-    assert isinstance(out.attentions, tuple) and len(out.attentions) == 2
-    torch.testing.assert_close(out.logits, logits)
-    torch.testing.assert_close(out.attentions[1], weights[1])
+    n = 9 + (pooling == "cls")
+    assert out.logits.shape == (3, 3) and isinstance(out.attentions, tuple) and len(out.attentions) == 2
+    assert all(w.shape == (3, 2, n, n) for w in out.attentions)
+    torch.testing.assert_close(out.attentions[0].sum(-1), torch.ones(3, 2, n))
+    plain = model(ids)
+    assert plain.attentions is None
+    torch.testing.assert_close(plain.logits, out.logits)
 
 
 @pytest.mark.parametrize("attention", ["fna", "softmax"])
@@ -48,25 +46,22 @@ def test_padding_does_not_change_logits(attention, pooling):
     torch.manual_seed(0)
     model = TextClassifier(tiny(attention=attention, pooling=pooling)).eval()
     short = torch.randint(1, 30, (1, 5))
-    alone = model(short)
+    alone = model(short).logits
     for n_pad in (1, 6):
         padded = torch.cat([short, torch.randint(0, 30, (1, n_pad))], dim=1)  # padding holds junk
         mask = torch.zeros(1, 5 + n_pad, dtype=torch.bool)
         mask[:, 5:] = True
-        torch.testing.assert_close(model(padded, key_padding_mask=mask), alone, atol=1e-5, rtol=1e-5)
-        # Hugging Face attention_mask (1 = token) says the same.
-        torch.testing.assert_close(model(padded, attention_mask=(~mask).long(), return_dict=True).logits, alone,
-                                   atol=1e-5, rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(model(padded, key_padding_mask=mask).logits, alone, atol=1e-5, rtol=1e-5)
     # Without the mask the junk is attended to and pooled: the test can fail.
-    assert not torch.allclose(model(padded), alone, atol=1e-4)
+    assert not torch.allclose(model(padded).logits, alone, atol=1e-4)
 
 
 def test_pad_id_gives_the_mask():
     torch.manual_seed(0)
     model = TextClassifier(tiny(pad_id=0)).eval()
     ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
-    torch.testing.assert_close(model(ids), model(ids, key_padding_mask=ids == 0))
-    torch.testing.assert_close(model(ids[:1, :3]), model(ids)[:1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids).logits, model(ids, key_padding_mask=ids == 0).logits)
+    torch.testing.assert_close(model(ids[:1, :3]).logits, model(ids).logits[:1], atol=1e-5, rtol=1e-5)
 
 
 FNA_OPTIONS = [
@@ -93,7 +88,7 @@ def test_every_fna_option_constructs_and_backprops(options):
     model = TextClassifier(tiny(pad_id=0, **options)).train()
     ids = torch.randint(1, 30, (4, 8))
     ids[0, 5:] = 0
-    loss = torch.nn.functional.cross_entropy(model(ids), torch.tensor([0, 1, 2, 0]))
+    loss = torch.nn.functional.cross_entropy(model(ids).logits, torch.tensor([0, 1, 2, 0]))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     missing = [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
@@ -129,7 +124,7 @@ def test_paper_configurations():
     attn = one.layers[0].self_attn
     assert (one.config.num_layers, one.config.num_heads, one.config.d_model) == (1, 1, 8)
     assert attn.qk_share and attn.orthogonal and attn.q_proj is None and attn.k_proj is None
-    assert one(torch.randint(0, 100, (2, 12))).shape == (2, 2)
+    assert one(torch.randint(0, 100, (2, 12))).logits.shape == (2, 2)
     deep = TextClassifierConfig.deep(vocab_size=100)
     assert (deep.num_layers, deep.num_heads, deep.d_model) == (6, 8, 256)
 
@@ -168,7 +163,7 @@ def test_brownian_positions_squared_distance_grows_like_the_gap(max_len, d_model
 def test_brownian_positional_option():
     model = TextClassifier(tiny(positional="brownian", d_model=16))
     torch.testing.assert_close(model.position_embedding, brownian_positions(16, 16))
-    assert model(torch.randint(0, 30, (2, 7))).shape == (2, 3)
+    assert model(torch.randint(0, 30, (2, 7))).logits.shape == (2, 3)
     assert "position_embedding" not in model.state_dict()  # fixed: a buffer, not saved
     for bad in (15, 2):
         with pytest.raises(ValueError, match=f"brownian positions, got {bad}"):
@@ -194,13 +189,12 @@ def test_vit_shapes(config, patches, attention):
     torch.manual_seed(0)
     model = VisionTransformer(config.replace(attention=attention))
     images = torch.randn(2, config.in_channels, config.image_size, config.image_size)
-    logits, weights = model(images, need_weights=True)
-    n = patches + (config.pooling == "cls")
-    assert logits.shape == (2, 10) and weights[0].shape == (2, config.num_heads, n, n)
-    logits.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
     out = model(images, output_attentions=True)
+    n = patches + (config.pooling == "cls")
+    assert out.logits.shape == (2, 10) and out.attentions[0].shape == (2, config.num_heads, n, n)
     assert len(out.attentions) == config.num_layers
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_vit_same_size_and_bad_input():

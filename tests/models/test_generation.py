@@ -35,20 +35,25 @@ def test_seq2seq_forward_weights_masks(kw):
     torch.manual_seed(0)
     model = s2s(**kw)
     src, tgt = torch.randint(3, 20, (2, 6)), torch.randint(3, 20, (2, 5))
-    logits = model(src, tgt)
+    plain = model(src, tgt)
+    logits = plain.logits
     assert logits.shape == (2, 5, 20)
-    again, weights = model(src, tgt, need_weights=True)
-    torch.testing.assert_close(again, logits)  # the weights path computes the same function
-    assert [w.shape for w in (weights["encoder"][0], weights["decoder"][1], weights["cross"][0])] == [
+    assert (plain.attentions, plain.encoder_attentions, plain.cross_attentions) == (None, None, None)
+    out = model(src, tgt, output_attentions=True)
+    torch.testing.assert_close(out.logits, logits)  # the weights path computes the same function
+    assert [w.shape for w in (out.encoder_attentions[0], out.attentions[1], out.cross_attentions[0])] == [
         (2, 2, 6, 6), (2, 2, 5, 5), (2, 2, 5, 6)]  # fmt: skip
-    assert torch.all(weights["decoder"][0].triu(1) == 0)  # causal
+    assert torch.all(out.attentions[0].triu(1) == 0)  # causal
     # Source padding (pad_id by default) changes nothing; future target tokens change nothing earlier.
     padded = torch.cat([src, torch.zeros(2, 3, dtype=torch.long)], dim=1)
-    torch.testing.assert_close(model(padded, tgt), logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(padded, tgt).logits, logits, atol=1e-5, rtol=1e-5)
+    pad_mask = torch.zeros(2, 9, dtype=torch.bool)
+    pad_mask[:, 6:] = True
+    torch.testing.assert_close(model(padded, tgt, src_key_padding_mask=pad_mask).logits, logits, atol=1e-5, rtol=1e-5)
     changed = tgt.clone()
     changed[:, 3:] = 4
-    torch.testing.assert_close(model(src, changed)[:, :3], logits[:, :3], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(model(src, changed)[:, 3:], logits[:, 3:])
+    torch.testing.assert_close(model(src, changed).logits[:, :3], logits[:, :3], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(src, changed).logits[:, 3:], logits[:, 3:])
     if kw.get("share_embeddings"):
         assert model.src_embedding is model.tgt_embedding and model.generator.weight is not model.tgt_embedding.weight
     elif model.config.tie_output:
@@ -114,7 +119,7 @@ def test_seq2seq_overfits_a_few_pairs():
     model.train()
     for _ in range(60):
         opt.zero_grad()
-        loss, _ = model.loss(model(src, tgt_in), targets)
+        loss, _ = model.loss(model(src, tgt_in).logits, targets)
         loss.backward()
         opt.step()
     model.eval()
@@ -132,18 +137,18 @@ def test_lm_shapes_causality_and_hf_output(attention):
     torch.manual_seed(0)
     model = lm(attention=attention)
     ids = torch.randint(0, 25, (2, 8))
-    logits = model(ids)
+    logits = model(ids).logits
     assert logits.shape == (2, 8, 25)
     changed = ids.clone()
     changed[:, 5:] = (changed[:, 5:] + 1) % 25
-    torch.testing.assert_close(model(changed)[:, :5], logits[:, :5])
+    torch.testing.assert_close(model(changed).logits[:, :5], logits[:, :5])
     out = model(input_ids=ids, output_attentions=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 2, 8, 8)
     assert torch.all(out.attentions[1].triu(1) == 0)
     torch.testing.assert_close(out.logits, logits)
     # Cached step-by-step logits equal the full forward.
     cache = model.new_cache()
-    steps = torch.cat([model(ids[:, t : t + 1], cache=cache) for t in range(8)], dim=1)
+    steps = torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(8)], dim=1)
     torch.testing.assert_close(steps, logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="block_size=12"):
         model(torch.zeros(1, 13, dtype=torch.long))

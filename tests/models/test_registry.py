@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -11,7 +12,9 @@ from levyattn.models import (
     CONFIG_TYPES,
     MODEL_TYPES,
     CausalLMConfig,
+    ModelOutput,
     Seq2SeqConfig,
+    Seq2SeqOutput,
     TextClassifierConfig,
     ViTConfig,
     build_model,
@@ -53,7 +56,32 @@ def test_config_json_round_trip_and_rebuild(model_type):
     twin = build_model(model_type, model.config.to_dict()).eval()
     twin.load_state_dict(model.state_dict(), strict=True)
     args = _example_input(model_type)
-    torch.testing.assert_close(twin(*args), model(*args))
+    torch.testing.assert_close(twin(*args).logits, model(*args).logits)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY))
+def test_one_calling_convention(model_type):
+    """Every model returns a ModelOutput, attentions only on request; padding masks are
+    named ``*key_padding_mask`` (True = padding) everywhere."""
+    torch.manual_seed(0)
+    model = build_model(model_type, TINY[model_type]).eval()
+    args = _example_input(model_type)
+    plain = model(*args)
+    assert isinstance(plain, ModelOutput) and plain.attentions is None
+    out = model(*args, output_attentions=True)
+    assert isinstance(out, Seq2SeqOutput if model_type == "seq2seq" else ModelOutput)
+    torch.testing.assert_close(out.logits, plain.logits)
+    layers = TINY[model_type].num_decoder_layers if model_type == "seq2seq" else TINY[model_type].num_layers
+    assert isinstance(out.attentions, tuple) and len(out.attentions) == layers
+    for w in out.attentions:
+        assert w.dim() == 4
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+    masks = [name for name in inspect.signature(model.forward).parameters if "mask" in name]
+    assert masks == {"vit": [], "seq2seq": ["src_key_padding_mask", "tgt_key_padding_mask"]}.get(
+        model_type, ["key_padding_mask"]
+    )
+    with pytest.raises(TypeError, match="need_weights"):
+        model(*args, need_weights=True)
 
 
 def test_build_model_rejects_unknown_type_and_foreign_config():
@@ -101,3 +129,19 @@ def test_invalid_types_and_cross_field_checks():
         TINY["seq2seq"].replace(share_embeddings=True, src_vocab_size=30)
     with pytest.raises(ValueError, match="decoder_attention"):
         TINY["seq2seq"].replace(decoder_attention="none")
+
+
+def test_block_defaults_of_each_model():
+    """TransformerOptions holds the shared fields; each model keeps its own defaults."""
+    names = ("d_model", "num_heads", "dim_feedforward", "dropout", "activation", "layer_norm_eps")
+    defaults = [
+        (TextClassifierConfig(vocab_size=5), (64, 1, None, 0.1, "relu", 1e-6)),
+        (ViTConfig(), (128, 4, None, 0.1, "gelu", 1e-6)),
+        (Seq2SeqConfig(src_vocab_size=5, tgt_vocab_size=5), (256, 8, None, 0.1, "relu", 1e-6)),
+        (CausalLMConfig(vocab_size=5), (128, 4, None, 0.0, "gelu", 1e-5)),
+    ]
+    for config, expected in defaults:
+        assert tuple(getattr(config, n) for n in names) == expected, type(config).__name__
+        assert config.ffn_dim == 4 * config.d_model
+    with pytest.raises(TypeError, match="config must be a ViTConfig or a dict, got CausalLMConfig"):
+        MODEL_TYPES["vit"](CausalLMConfig(vocab_size=5))

@@ -33,7 +33,7 @@ def test_preset_models_differ_only_in_attention(preset, input_shape):
     assert tuple(fna_inputs[0].shape) == input_shape
     assert _params(fna) == _params(soft)
     assert [n for n, _ in fna.named_parameters()] == [n for n, _ in soft.named_parameters()]
-    assert fna(*fna_inputs, **kwargs).shape[0] == 2
+    assert fna(*fna_inputs, **kwargs).logits.shape[0] == 2
 
 
 def test_preset_alpha_reaches_the_attention():

@@ -83,7 +83,7 @@ def test_trained_readouts_read_the_models_own_attention():
     model.position_embedding.mul_(0.01)
     scores, predicted = bench.trained_log_ratios(model, train, 30, batch=16)
     assert scores["query"].shape == scores["markers"].shape == (30,)
-    np.testing.assert_array_equal(predicted, model(train.input_ids[:30]).argmax(-1).numpy())
+    np.testing.assert_array_equal(predicted, model(train.input_ids[:30]).logits.argmax(-1).numpy())
     x = model.token_embedding(train.input_ids[:30]).double() + model.position_embedding.double()  # (30, 64, 32)
     log_k = -(32 + 1.2) * torch.log1p(torch.cdist(x, x))
     log_k.diagonal(dim1=1, dim2=2).fill_(-torch.inf)

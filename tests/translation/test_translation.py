@@ -115,7 +115,7 @@ def _greedy_by_full_forward(model, src: torch.Tensor, max_len: int) -> list[list
     for row in src:
         ids = [c.bos_id]
         for _ in range(max_len):
-            logits = model(row[None], torch.tensor([ids]))
+            logits = model(row[None], torch.tensor([ids])).logits
             nxt = int(logits[0, -1].argmax())
             ids.append(nxt)
             if nxt == c.eos_id:

@@ -9,7 +9,7 @@ INPUT is either
   ``ckpt-*.safetensors``) or its ``checkpoint.json`` -- together with inputs to run the model
   on, given by ``--input`` or ``--preset-data N``. The model is rebuilt and loaded with
   ``levyattn.training.checkpoint.load_checkpoint`` / ``load_model_state`` and run in eval mode
-  with ``need_weights=True``; every layer's (B, H, L, L) self-attention is analysed.
+  with ``output_attentions=True``; every layer's (B, H, L, L) self-attention is analysed.
 
 What ``--input`` accepts, per model type:
 
@@ -272,38 +272,17 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
     with torch.no_grad():
         if args.preset_data is not None:
             weights, valid = _preset_data(args, ckpt, model, source)
-        elif ckpt.model_type == "vit":
-            images = load_images(args.model_input, args.input_key, cfg.in_channels, cfg.image_size)
-            logits, weights = model(images, need_weights=True)
-            source.update(input=args.model_input, batch=int(images.shape[0]),
-                          predictions=logits.argmax(-1).tolist())
-        elif ckpt.model_type in ("text_classifier", "lm", "seq2seq"):
-            vocab = cfg.src_vocab_size if ckpt.model_type == "seq2seq" else cfg.vocab_size
-            max_len = cfg.block_size if ckpt.model_type == "lm" else cfg.max_len
-            tok_dir = ckpt.path if ckpt.model_type in ("lm", "seq2seq") else None
-            ids, pad = load_token_ids(args.model_input, vocab, max_len, args.input_key, tok_dir)
-            lengths = _parse_lengths(args.lengths, ids.shape[1])
-            if lengths is not None:
-                if len(lengths) not in (1, ids.shape[0]):
-                    raise ValueError(f"--lengths needs 1 or B = {ids.shape[0]} values, got {len(lengths)}")
-                given = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths)[:, None]
-                pad = given.expand(ids.shape[0], -1) if pad is None else pad | given
-            if pad is None and getattr(cfg, "pad_id", None) is not None:
-                pad = ids == cfg.pad_id
-                pad = pad if pad.any() else None
-            source.update(input=args.model_input, batch=int(ids.shape[0]), length=int(ids.shape[1]))
-            if ckpt.model_type == "text_classifier":
-                logits, weights = model(ids, key_padding_mask=pad, need_weights=True)
-                source["predictions"] = logits.argmax(-1).tolist()
-            elif ckpt.model_type == "lm":
-                _, weights = model(ids, need_weights=True, key_padding_mask=pad)
-            else:
-                _, _, weights = model.encode(ids, pad, need_weights=True)
-                weights = {f"encoder{i}": w for i, w in enumerate(weights)}
-            if pad is not None:
-                valid = ~pad
         else:
-            raise ValueError(f"checkpoint {ckpt.path}: model type {ckpt.model_type!r} is not supported by analyze")
+            inputs, padding_masks = _model_inputs(args, ckpt, cfg, source)
+            out = model(*inputs, output_attentions=True, **padding_masks)
+            if ckpt.model_type == "seq2seq":  # the encoder's self-attention
+                weights = {f"encoder{i}": w for i, w in enumerate(out.encoder_attentions)}
+            else:
+                weights = out.attentions
+            if ckpt.model_type in ("text_classifier", "vit"):
+                source["predictions"] = out.logits.argmax(-1).tolist()
+            if padding_masks:
+                valid = ~next(iter(padding_masks.values()))
     if not isinstance(weights, dict):
         weights = {f"layer{i}": w for i, w in enumerate(weights)}
     tensors = {}
@@ -320,6 +299,38 @@ def attention_from_checkpoint(args: argparse.Namespace) -> tuple[dict, Any, dict
         if valid.shape[-1] == n - 1:  # a class token at position 0 is always valid
             valid = np.pad(valid, ((0, 0), (1, 0)), constant_values=True)
     return tensors, valid, source
+
+
+def _model_inputs(args: argparse.Namespace, ckpt: Any, cfg: Any, source: dict[str, Any]) -> tuple[tuple, dict]:
+    """The ``--input`` data as the checkpoint's model takes it: (positional inputs, padding
+    masks by keyword, empty when nothing is padding); ``source`` records what was read."""
+    import torch
+
+    if ckpt.model_type == "vit":
+        images = load_images(args.model_input, args.input_key, cfg.in_channels, cfg.image_size)
+        source.update(input=args.model_input, batch=int(images.shape[0]))
+        return (images,), {}
+    if ckpt.model_type not in ("text_classifier", "lm", "seq2seq"):
+        raise ValueError(f"checkpoint {ckpt.path}: model type {ckpt.model_type!r} is not supported by analyze")
+    vocab = cfg.src_vocab_size if ckpt.model_type == "seq2seq" else cfg.vocab_size
+    max_len = cfg.block_size if ckpt.model_type == "lm" else cfg.max_len
+    tok_dir = ckpt.path if ckpt.model_type in ("lm", "seq2seq") else None
+    ids, pad = load_token_ids(args.model_input, vocab, max_len, args.input_key, tok_dir)
+    lengths = _parse_lengths(args.lengths, ids.shape[1])
+    if lengths is not None:
+        if len(lengths) not in (1, ids.shape[0]):
+            raise ValueError(f"--lengths needs 1 or B = {ids.shape[0]} values, got {len(lengths)}")
+        given = torch.arange(ids.shape[1])[None, :] >= torch.as_tensor(lengths)[:, None]
+        pad = given.expand(ids.shape[0], -1) if pad is None else pad | given
+    if pad is None and getattr(cfg, "pad_id", None) is not None:
+        pad = ids == cfg.pad_id
+        pad = pad if pad.any() else None
+    source.update(input=args.model_input, batch=int(ids.shape[0]), length=int(ids.shape[1]))
+    if ckpt.model_type == "seq2seq":
+        # The encoder's attention does not depend on the target: a lone BOS is enough.
+        bos = torch.full((ids.shape[0], 1), cfg.bos_id, dtype=torch.long)
+        return (ids, bos), ({} if pad is None else {"src_key_padding_mask": pad})
+    return (ids,), ({} if pad is None else {"key_padding_mask": pad})
 
 
 def _preset_data(args: argparse.Namespace, ckpt: Any, model: Any, source: dict[str, Any]) -> tuple[list, Any]:

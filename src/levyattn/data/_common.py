@@ -4,50 +4,19 @@ UTF-8 without BOM, lines cut at newlines only), re-exported here for the data mo
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from levyattn.config import did_you_mean
+# The argument checks every data module uses (re-exported: they import them from here).
+from levyattn.config import check_choice as check_choice
+from levyattn.config import check_float as check_float
+from levyattn.config import check_int as check_int
 from levyattn.io import DataFormatError, read_bytes, read_lines, read_text
 
 PathLike = str | os.PathLike
-
-# -- argument checks ------------------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """``value`` as an int in ``[lo, hi]`` (``hi=None``: no upper bound), else ValueError/TypeError."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int in {rng}, got {value}")
-    return value
-
-
-def check_float(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
-    """``value`` as a float in the interval from ``lo`` to ``hi`` (open ends as flagged)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    bad_lo = value <= lo if lo_open else value < lo
-    bad_hi = value >= hi if hi_open else value > hi
-    if bad_lo or bad_hi or value != value:
-        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be in {rng}, got {value}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}{did_you_mean(value, choices)}")
-    return value
 
 
 # -- files ------------------------------------------------------------------------------------

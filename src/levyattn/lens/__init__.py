@@ -37,7 +37,7 @@ from levyattn.lens.measure import (
     PUBLISHED_SEEDS,
     DecayMeasurement,
     DenseOptions,
-    load_model,
+    load_hf_model,
     measure_decay,
 )
 from levyattn.lens.report import LensResult, analyze_decay, write_lens_outputs
@@ -67,7 +67,7 @@ __all__ = [
     "fit_exponential",
     "fit_power_law",
     "fractional_order",
-    "load_model",
+    "load_hf_model",
     "load_published_atlas",
     "load_user_atlas",
     "measure_decay",

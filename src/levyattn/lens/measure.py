@@ -6,7 +6,7 @@ What can be measured
 
 - any Hugging Face model that can return attention weights (causal LMs with RoPE, ALiBi or
   absolute positions; encoders such as BERT), in memory, as a local directory, or as a hub
-  id (only when the network answers; see :func:`load_model`);
+  id (only when the network answers; see :func:`load_hf_model`);
 - any ``torch.nn.Module`` following the same calling convention:
   ``model(input_ids=ids, output_attentions=True)`` returns an object (or a mapping) whose
   ``attentions`` is a sequence, one per layer, of (B, H, L, L) weights, row ``i`` being query
@@ -80,7 +80,7 @@ __all__ = [
     "PUBLISHED_SEEDS",
     "DecayMeasurement",
     "DenseOptions",
-    "load_model",
+    "load_hf_model",
     "measure_decay",
 ]
 
@@ -288,7 +288,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     return dev
 
 
-def load_model(
+def load_hf_model(
     source: str | os.PathLike,
     *,
     device: str | torch.device | None = None,
@@ -672,7 +672,7 @@ def measure_decay(
         raise TypeError("give a model (nn.Module, directory or hub id) or attentions_fn")
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
-        model, loaded_tok = load_model(model, device=dev, dtype=torch_dtype, allow_hub=allow_hub)
+        model, loaded_tok = load_hf_model(model, device=dev, dtype=torch_dtype, allow_hub=allow_hub)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     elif model is not None:
         if not isinstance(model, nn.Module):

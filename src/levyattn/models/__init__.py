@@ -1,21 +1,27 @@
 """Models built on FNA (or softmax, for controlled comparisons): one readable file each.
 
-=================  =========================  ===========================================
-model_type         class (config)             call
-=================  =========================  ===========================================
+=================  =========================  ==================================================
+model_type         class (config)             call -> ``ModelOutput.logits``
+=================  =========================  ==================================================
 "text_classifier"  TextClassifier             input_ids (B, L), key_padding_mask -> (B, C)
                    (TextClassifierConfig)
 "vit"              VisionTransformer          images (B, C, H, W) -> (B, num_classes)
                    (ViTConfig)
-"seq2seq"          Seq2SeqTransformer         src_ids, tgt_in_ids -> (B, T, V); generate
-                   (Seq2SeqConfig)
-"lm"               CausalLM (CausalLMConfig)  input_ids (B, L) -> (B, L, V); generate
-=================  =========================  ===========================================
+"seq2seq"          Seq2SeqTransformer         src_ids, tgt_in_ids, src_key_padding_mask,
+                   (Seq2SeqConfig)            tgt_key_padding_mask -> (B, T, V); generate
+"lm"               CausalLM (CausalLMConfig)  input_ids (B, L), key_padding_mask -> (B, L, V);
+                                              generate
+=================  =========================  ==================================================
 
 Every model has a class attribute ``model_type`` and an instance attribute ``config``
 (a validated dataclass with ``to_dict()`` / ``from_dict()``); a checkpoint stores both,
-and :func:`build_model` rebuilds the model from them. Every ``forward`` takes
-``need_weights=False``; when True it also returns the per-layer attention weights.
+and :func:`build_model` rebuilds the model from them.
+
+One calling convention: every ``forward`` returns a :class:`ModelOutput` (``.logits``, and
+``.attentions``, one (B, H, L, S) tensor per layer, when called with
+``output_attentions=True``; a :class:`Seq2SeqOutput` adds the encoder and cross-attention
+weights). Padding masks are (B, L) bool, True = padding, named as ``nn.Transformer`` names
+them: ``key_padding_mask``, or ``src_key_padding_mask`` / ``tgt_key_padding_mask``.
 """
 
 from __future__ import annotations
@@ -26,7 +32,14 @@ from torch import nn
 
 from levyattn.config import did_you_mean
 from levyattn.models.classifier import TextClassifier, TextClassifierConfig
-from levyattn.models.common import AttentionOptions, ModelConfig, ModelOutput, count_parameters
+from levyattn.models.common import (
+    AttentionOptions,
+    ModelConfig,
+    ModelOutput,
+    Seq2SeqOutput,
+    TransformerOptions,
+    count_parameters,
+)
 from levyattn.models.lm import CausalLM, CausalLMConfig, sample_next
 from levyattn.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, sequence_loss
 from levyattn.models.vit import VisionTransformer, ViTConfig
@@ -81,9 +94,11 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "Seq2SeqConfig",
+    "Seq2SeqOutput",
     "Seq2SeqTransformer",
     "TextClassifier",
     "TextClassifierConfig",
+    "TransformerOptions",
     "ViTConfig",
     "VisionTransformer",
     "build_model",

@@ -25,31 +25,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     brownian_positions,
     check_attention_kind,
-    check_bool,
-    check_choice,
     check_ids,
-    check_int,
     check_padding_mask,
-    padding_from_attention_mask,
+    run_encoder_layers,
     sinusoidal_positions,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
 
 
 @dataclass(kw_only=True)
-class TextClassifierConfig(AttentionOptions):
-    """Hyperparameters of :class:`TextClassifier` (the FNA options are inherited).
+class TextClassifierConfig(TransformerOptions):
+    """Hyperparameters of :class:`TextClassifier` (the FNA options and block sizes are inherited).
 
     vocab_size, num_classes: sizes of the input vocabulary and of the label set (>= 2).
     max_len: the longest input (positional table size).
-    d_model: hidden size E; num_heads must divide it. dim_feedforward: FFN width
-        (None = 4 * d_model).
-    dropout: on embeddings and inside/after the FFN and attention sub-blocks.
     positional: "learned" (a table), "sinusoidal" (fixed, Vaswani et al.) or "brownian"
         (fixed, squared distance between positions ~ their gap: see
         :func:`levyattn.models.common.brownian_positions`).
@@ -60,14 +55,8 @@ class TextClassifierConfig(AttentionOptions):
     vocab_size: int
     num_classes: int = 2
     max_len: int = 512
-    d_model: int = 64
     num_layers: int = 1
-    num_heads: int = 1
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
-    activation: str = "relu"
     norm_first: bool = False
-    layer_norm_eps: float = 1e-6
     positional: str = "learned"
     pooling: str = "mean"
     pad_id: int | None = None
@@ -78,9 +67,7 @@ class TextClassifierConfig(AttentionOptions):
         check_int("vocab_size", self.vocab_size, 1)
         check_int("num_classes", self.num_classes, 2)
         check_int("max_len", self.max_len, 1)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         check_choice("positional", self.positional, ("learned", "sinusoidal", "brownian"))
         check_choice("pooling", self.pooling, ("mean", "cls"))
@@ -91,10 +78,6 @@ class TextClassifierConfig(AttentionOptions):
             raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
         if self.positional == "brownian" and (self.d_model % 2 or self.d_model < 4):
             raise ValueError(f"d_model must be even and >= 4 for brownian positions, got {self.d_model}")
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
     @classmethod
     def single_layer(cls, vocab_size: int, hidden: int = 32, **overrides: Any) -> TextClassifierConfig:
@@ -119,10 +102,7 @@ class TextClassifier(nn.Module):
 
     def __init__(self, config: TextClassifierConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = TextClassifierConfig.from_dict(config)
-        self.config = config
-        c = config
+        self.config = c = TextClassifierConfig.coerce(config)
         n_pos = c.max_len + (1 if c.pooling == "cls" else 0)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         if c.positional == "learned":
@@ -144,30 +124,20 @@ class TextClassifier(nn.Module):
         self,
         input_ids: torch.Tensor,
         key_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-        *,
-        attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """input_ids (B, L) long -> logits (B, num_classes).
+    ) -> ModelOutput:
+        """input_ids (B, L) long -> :class:`ModelOutput` with logits (B, num_classes).
 
         key_padding_mask: (B, L) bool, True = padding (default: ``input_ids == pad_id``
             when the config has a ``pad_id``, else no padding).
-        need_weights: also return the per-layer attention weights, a list of (B, H, L', L')
-            with L' = L (+1 with ``pooling="cls"``: the class token is position 0).
-        attention_mask, output_attentions, return_dict: the Hugging Face convention
-            (attention_mask 1 = token, 0 = padding); with either of the last two set the
-            result is a :class:`ModelOutput` with ``.logits`` and ``.attentions``.
+        output_attentions: also the per-layer attention weights, (B, H, L', L') with L' = L
+            (+1 with ``pooling="cls"``: the class token is position 0).
         """
         c = self.config
         check_ids("input_ids", input_ids, c.vocab_size, c.max_len)
-        if key_padding_mask is None:
-            key_padding_mask = padding_from_attention_mask(attention_mask)
         if key_padding_mask is None and c.pad_id is not None:
             key_padding_mask = input_ids == c.pad_id
         check_padding_mask("key_padding_mask", key_padding_mask, tuple(input_ids.shape))
-        want_weights = need_weights or output_attentions
 
         x = self.token_embedding(input_ids)
         if self.cls_token is not None:
@@ -175,20 +145,9 @@ class TextClassifier(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = nn.functional.pad(key_padding_mask, (1, 0), value=False)
         x = self.dropout(x + self.position_embedding[: x.shape[1]])
-
-        weights = []
-        for layer in self.layers:
-            if want_weights:
-                x, w = layer(x, src_key_padding_mask=key_padding_mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, src_key_padding_mask=key_padding_mask)
+        x, weights = run_encoder_layers(self.layers, x, key_padding_mask, output_attentions)
         x = self.final_norm(x)
-        logits = self.head(self.pool(x, key_padding_mask))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+        return ModelOutput(logits=self.head(self.pool(x, key_padding_mask)), attentions=weights)
 
     def pool(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """(B, L', E) -> (B, E): the class token's state, or the mean over valid tokens."""

@@ -3,7 +3,8 @@ the Hugging Face-style output, and a few small tensor helpers.
 
 Each model's config is a dataclass that inherits :class:`ModelConfig` (``to_dict`` /
 ``from_dict``, validation in ``__post_init__``) and usually :class:`AttentionOptions` (the
-FNA kernel and projection options, flat so that ``--set model.alpha=1.4`` reaches them).
+FNA kernel and projection options, flat so that ``--set model.alpha=1.4`` reaches them) through
+:class:`TransformerOptions` (the block sizes).
 """
 
 from __future__ import annotations
@@ -16,46 +17,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from levyattn.config import MANIFOLDS, check_alpha, check_bandwidth, did_you_mean
+from levyattn.config import FNAConfig, check_bool, check_choice, check_float, check_int, did_you_mean
 from levyattn.functional import BACKENDS
 from levyattn.nn import ATTENTION_KINDS
 
 C = TypeVar("C", bound="ModelConfig")
-
-
-# --- validation --------------------------------------------------------------------------
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """An int (not a bool) in [lo, hi] (hi None = unbounded); ValueError/TypeError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an int {rng}, got {value!r}")
-    return value
-
-
-def check_float(name: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> float:
-    """A real number in [lo, hi] (or [lo, hi) with ``hi_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not (math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
-        raise ValueError(f"{name} must lie in [{lo}, {hi}{')' if hi_open else ']'}, got {value!r}")
-    return v
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> Any:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}{did_you_mean(value, choices)}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 # --- configs -----------------------------------------------------------------------------
@@ -80,6 +46,15 @@ class ModelConfig:
         return out
 
     @classmethod
+    def coerce(cls: type[C], config: C | dict[str, Any]) -> C:
+        """``config`` if it is a ``cls``; a ``cls`` built by :meth:`from_dict` if it is a dict."""
+        if isinstance(config, dict):
+            return cls.from_dict(config)
+        if not isinstance(config, cls):
+            raise TypeError(f"config must be a {cls.__name__} or a dict, got {type(config).__name__}")
+        return config
+
+    @classmethod
     def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         """Build from ``to_dict()`` output (missing keys take defaults; unknown keys are an error)."""
         if not isinstance(data, dict):
@@ -100,7 +75,9 @@ class ModelConfig:
 class AttentionOptions(ModelConfig):
     """The FNA kernel and projection options, shared by every model (see ``levyattn.nn``).
 
-    alpha, bandwidth, manifold, rescale: the kernel (``fractional_attention``).
+    alpha, bandwidth, manifold, rescale: the kernel, validated as a
+        :class:`~levyattn.config.FNAConfig` whose defaults they share (its other fields keep
+        their defaults; ``exclude_self`` follows ``qk_share``).
     orthogonal: W_Q, W_K orthogonal (distance preserving); one head drops W_Q.
     qk_share: one projection for queries and keys; self-pairs excluded.
     learnable_alpha / learnable_bandwidth: one value per head, trained.
@@ -113,10 +90,10 @@ class AttentionOptions(ModelConfig):
     (``orthogonal``, ``qk_share``), dropout and bias: the same parameters as FNA.
     """
 
-    alpha: float = 1.2
-    bandwidth: float = 1.0
-    manifold: str = "euclidean"
-    rescale: bool = True
+    alpha: float = FNAConfig.alpha
+    bandwidth: float = FNAConfig.bandwidth
+    manifold: str = FNAConfig.manifold
+    rescale: bool = FNAConfig.rescale
     orthogonal: bool = False
     qk_share: bool = False
     learnable_alpha: bool = False
@@ -127,25 +104,12 @@ class AttentionOptions(ModelConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.alpha = check_alpha(self.alpha)
-        self.bandwidth = check_bandwidth(self.bandwidth)
-        check_choice("manifold", self.manifold, MANIFOLDS)
+        kernel = FNAConfig(alpha=self.alpha, bandwidth=self.bandwidth, manifold=self.manifold, rescale=self.rescale)
+        self.alpha, self.bandwidth = kernel.alpha, kernel.bandwidth
         check_choice("backend", self.backend, BACKENDS)
-        for name in ("rescale", "orthogonal", "qk_share", "learnable_alpha", "learnable_bandwidth", "attn_bias"):
+        for name in ("orthogonal", "qk_share", "learnable_alpha", "learnable_bandwidth", "attn_bias"):
             check_bool(name, getattr(self, name))
         self.attn_dropout = check_float("attn_dropout", self.attn_dropout, 0.0, 1.0, hi_open=True)
-
-    def check_block_sizes(self) -> None:
-        """The checks every Transformer-block config shares: heads dividing ``d_model``,
-        feed-forward width, dropout, activation, LayerNorm eps (``d_model`` itself is
-        checked by each model, whose constraints on it differ)."""
-        check_int("num_heads", self.num_heads, 1)
-        check_heads(self.d_model, self.num_heads)
-        if self.dim_feedforward is not None:
-            check_int("dim_feedforward", self.dim_feedforward, 1)
-        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
-        check_choice("activation", self.activation, ("relu", "gelu"))
-        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
 
     def attention_kwargs(self, *, for_layer: bool = False) -> dict[str, Any]:
         """Keyword arguments of ``levyattn.nn.make_attention``; with ``for_layer=True`` those of
@@ -166,9 +130,43 @@ class AttentionOptions(ModelConfig):
         kwargs["attn_dropout" if for_layer else "dropout"] = self.attn_dropout
         return kwargs
 
+
+@dataclass(kw_only=True)
+class TransformerOptions(AttentionOptions):
+    """:class:`AttentionOptions` and the sizes of the Transformer blocks every model stacks
+    (each model's config sets its own defaults).
+
+    d_model: hidden size E; num_heads must divide it.
+    dim_feedforward: feed-forward width (None = 4 * d_model).
+    dropout: on embeddings, residual branches and the feed-forward block.
+    activation: "relu" or "gelu"; layer_norm_eps: the LayerNorms' eps.
+    """
+
+    d_model: int = 64
+    num_heads: int = 1
+    dim_feedforward: int | None = None
+    dropout: float = 0.1
+    activation: str = "relu"
+    layer_norm_eps: float = 1e-6
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("d_model", self.d_model, 1)
+        check_int("num_heads", self.num_heads, 1)
+        check_heads(self.d_model, self.num_heads)
+        if self.dim_feedforward is not None:
+            check_int("dim_feedforward", self.dim_feedforward, 1)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_choice("activation", self.activation, ("relu", "gelu"))
+        self.layer_norm_eps = check_float("layer_norm_eps", self.layer_norm_eps, 0.0, 1.0)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
+
     def layer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``FractionalTransformerEncoderLayer`` / ``...DecoderLayer`` shared
-        by every model built from them (all but the attention kinds)."""
+        by every model built from them (all but the attention kinds; those configs have ``norm_first``)."""
         return dict(
             d_model=self.d_model,
             nhead=self.num_heads,
@@ -195,28 +193,40 @@ def check_heads(d_model: int, num_heads: int) -> None:
 
 @dataclass
 class ModelOutput:
-    """What ``model(input_ids=..., output_attentions=True)`` returns (the Hugging Face
-    calling convention): ``logits`` and, on request, ``attentions``, a tuple with one
-    (B, H, L, L) tensor per layer. ``loss`` is unused by the models themselves."""
+    """What every model's ``forward`` returns, whatever its flags (as Hugging Face's outputs).
+
+    logits: the model's output scores: (B, num_classes) for classifiers, (B, L, V) for
+        language and translation models.
+    attentions: with ``output_attentions=True`` a tuple with one tensor per layer of the
+        self-attention weights, (B, H, L, S) (a translation model's: its decoder's); else None.
+    """
 
     logits: torch.Tensor
     attentions: tuple[torch.Tensor, ...] | None = None
-    loss: torch.Tensor | None = None
-
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def to_tuple(self) -> tuple:
-        return tuple(v for v in (self.loss, self.logits, self.attentions) if v is not None)
 
 
-def padding_from_attention_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Hugging Face ``attention_mask`` (1 = token, 0 = padding) -> key_padding_mask (True = padding)."""
-    if attention_mask is None:
-        return None
-    return attention_mask == 0 if attention_mask.dtype != torch.bool else ~attention_mask
+@dataclass
+class Seq2SeqOutput(ModelOutput):
+    """:class:`ModelOutput` of an encoder-decoder model; with ``output_attentions=True`` also
+    ``encoder_attentions`` (B, H, S, S) and ``cross_attentions`` (B, H, T, S) per layer."""
+
+    encoder_attentions: tuple[torch.Tensor, ...] | None = None
+    cross_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def run_encoder_layers(
+    layers: nn.ModuleList, x: torch.Tensor, key_padding_mask: torch.Tensor | None, output_attentions: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """x (B, L, E) through ``FractionalTransformerEncoderLayer``s -> ((B, L, E), the layers'
+    (B, H, L, L) weights with ``output_attentions``, else None)."""
+    weights = []
+    for layer in layers:
+        if output_attentions:
+            x, w = layer(x, src_key_padding_mask=key_padding_mask, need_weights=True)
+            weights.append(w)
+        else:
+            x = layer(x, src_key_padding_mask=key_padding_mask)
+    return x, tuple(weights) if output_attentions else None
 
 
 def check_ids(name: str, ids: Any, vocab_size: int, max_len: int | None = None) -> torch.Tensor:

@@ -20,26 +20,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     check_attention_kind,
-    check_bool,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
-    padding_from_attention_mask,
 )
 from levyattn.nn import FeedForward, KVCache, make_attention
 
 
 @dataclass(kw_only=True)
-class CausalLMConfig(AttentionOptions):
-    """Hyperparameters of :class:`CausalLM` (the FNA options are inherited).
+class CausalLMConfig(TransformerOptions):
+    """Hyperparameters of :class:`CausalLM` (the FNA options and block sizes are inherited).
 
-    vocab_size; block_size: the longest context; d_model, num_layers, num_heads,
-    dim_feedforward (None = 4 * d_model); dropout on embeddings, residual branches and FFN;
+    vocab_size; block_size: the longest context; num_layers;
     tie_embeddings: the output projection shares the token embedding's weight.
     """
 
@@ -48,7 +44,6 @@ class CausalLMConfig(AttentionOptions):
     d_model: int = 128
     num_layers: int = 4
     num_heads: int = 4
-    dim_feedforward: int | None = None
     dropout: float = 0.0
     activation: str = "gelu"
     layer_norm_eps: float = 1e-5
@@ -59,15 +54,9 @@ class CausalLMConfig(AttentionOptions):
         super().validate()
         check_int("vocab_size", self.vocab_size, 1)
         check_int("block_size", self.block_size, 1)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("tie_embeddings", self.tie_embeddings)
         check_attention_kind("attention", self.attention)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
 
 class Block(nn.Module):
@@ -106,9 +95,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, config: CausalLMConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = CausalLMConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = CausalLMConfig.coerce(config)
         self.token_embedding = nn.Embedding(c.vocab_size, c.d_model)
         self.position_embedding = nn.Embedding(c.block_size, c.d_model)
         self.dropout = nn.Dropout(c.dropout)
@@ -142,23 +129,17 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        need_weights: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
         *,
         cache: list[KVCache] | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """input_ids (B, L) long -> logits (B, L, V).
+    ) -> ModelOutput:
+        """input_ids (B, L) long -> :class:`ModelOutput` with logits (B, L, V).
 
+        key_padding_mask: (B, S) bool, True = padding, over cached + new positions.
+        output_attentions: also the per-layer (B, H, L, S) weights.
         cache: from :meth:`new_cache`; ``input_ids`` are then the new positions only, placed
             after the cached ones (which they attend to), and the cache is extended in place.
-        key_padding_mask: (B, S) bool, True = padding, over cached + new positions; or the
-            Hugging Face ``attention_mask`` (1 = token, 0 = padding).
-        need_weights: also return per-layer (B, H, L, S) weights (a list).
-        output_attentions / return_dict: return a :class:`ModelOutput` (``.logits``,
-            ``.attentions`` a tuple) -- the Hugging Face calling convention.
         """
         c = self.config
         check_ids("input_ids", input_ids, c.vocab_size)
@@ -168,23 +149,15 @@ class CausalLM(nn.Module):
         b, t = input_ids.shape
         if past + t > c.block_size:
             raise ValueError(f"context length must be <= block_size={c.block_size}, got {past + t}")
-        if key_padding_mask is None:
-            key_padding_mask = padding_from_attention_mask(attention_mask)
         check_padding_mask("key_padding_mask", key_padding_mask, (b, past + t))
-        want_weights = need_weights or output_attentions
 
         positions = torch.arange(past, past + t, device=input_ids.device)
         x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
         weights = []
         for i, block in enumerate(self.blocks):
-            x, w = block(x, key_padding_mask, None if cache is None else cache[i], want_weights)
-            if want_weights:
-                weights.append(w)
-        logits = self.lm_head(self.ln_f(x))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+            x, w = block(x, key_padding_mask, None if cache is None else cache[i], output_attentions)
+            weights.append(w)
+        return ModelOutput(logits=self.lm_head(self.ln_f(x)), attentions=tuple(weights) if output_attentions else None)
 
     @torch.no_grad()
     def generate(
@@ -211,7 +184,7 @@ class CausalLM(nn.Module):
         if prompt_ids.shape[1] < 1:
             raise ValueError("prompt_ids must hold at least one token per row")
         check_int("max_new_tokens", max_new_tokens, 0)
-        temperature = check_float("temperature", temperature, 0.0, float("inf"))
+        temperature = check_float("temperature", temperature, 0.0, math.inf, hi_open=True)
         if top_k is not None:
             check_int("top_k", top_k, 1)
         if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
@@ -227,13 +200,13 @@ class CausalLM(nn.Module):
         try:
             for _ in range(max_new_tokens):
                 if cache is None:
-                    logits = self(ids[:, -c.block_size :])
+                    logits = self(ids[:, -c.block_size :]).logits
                 elif len(cache[0]) == 0 or len(cache[0]) + 1 > c.block_size:
                     # First step, or the window slid: (re)build the cache from the cropped context.
                     cache = self.new_cache()
-                    logits = self(ids[:, -c.block_size :], cache=cache)
+                    logits = self(ids[:, -c.block_size :], cache=cache).logits
                 else:
-                    logits = self(ids[:, -1:], cache=cache)
+                    logits = self(ids[:, -1:], cache=cache).logits
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 if eos_id is not None:
                     next_id = torch.where(done, torch.full_like(next_id, eos_id), next_id)

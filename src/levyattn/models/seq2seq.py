@@ -15,8 +15,9 @@
   penalty, both incremental with a key/value cache per decoder layer (the cache changes
   the cost, not the result: each new token costs O(context) instead of O(context^2)).
 
-Conventions: padding masks are (B, L) bool, True = padding (derived from ``pad_id`` when
-not given). Decoder inputs start with ``bos_id``; targets are the inputs shifted left,
+Conventions: padding masks (``src_key_padding_mask``, ``tgt_key_padding_mask``,
+``memory_key_padding_mask``, as ``nn.Transformer`` names them) are (B, L) bool, True = padding
+(derived from ``pad_id`` when not given). Decoder inputs start with ``bos_id``; targets are the inputs shifted left,
 ending with ``eos_id``.
 """
 
@@ -30,27 +31,27 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from levyattn.config import check_bool, check_float, check_int
 from levyattn.models.common import (
-    AttentionOptions,
+    Seq2SeqOutput,
+    TransformerOptions,
     check_attention_kind,
-    check_bool,
-    check_float,
     check_ids,
-    check_int,
     check_padding_mask,
+    run_encoder_layers,
     sinusoidal_positions,
 )
 from levyattn.nn import FractionalTransformerDecoderLayer, FractionalTransformerEncoderLayer, KVCache
 
 
 @dataclass(kw_only=True)
-class Seq2SeqConfig(AttentionOptions):
-    """Hyperparameters of :class:`Seq2SeqTransformer` (the FNA options are inherited).
+class Seq2SeqConfig(TransformerOptions):
+    """Hyperparameters of :class:`Seq2SeqTransformer` (the FNA options and block sizes are
+    inherited; d_model must be even, for the sinusoidal positions).
 
     src_vocab_size, tgt_vocab_size; pad_id, bos_id, eos_id (target vocabulary; pad_id also
     marks source padding); max_len: the longest source or target sequence.
-    d_model, num_encoder_layers, num_decoder_layers, num_heads, dim_feedforward (None =
-    4 * d_model), dropout (embeddings, residual branches, FFN).
+    num_encoder_layers, num_decoder_layers; norm_first: post-LN (the default) or pre-LN.
     encoder_attention, decoder_attention, cross_attention: "fna" or "softmax" each.
     tie_output, share_embeddings: weight tying (see the module docstring).
     label_smoothing: used by :meth:`Seq2SeqTransformer.loss`.
@@ -66,11 +67,7 @@ class Seq2SeqConfig(AttentionOptions):
     num_encoder_layers: int = 3
     num_decoder_layers: int = 3
     num_heads: int = 8
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
-    activation: str = "relu"
     norm_first: bool = False
-    layer_norm_eps: float = 1e-6
     encoder_attention: str = "fna"
     decoder_attention: str = "fna"
     cross_attention: str = "fna"
@@ -87,12 +84,10 @@ class Seq2SeqConfig(AttentionOptions):
         if len({self.pad_id, self.bos_id, self.eos_id}) != 3:
             raise ValueError(f"pad_id, bos_id, eos_id must differ, got {self.pad_id}, {self.bos_id}, {self.eos_id}")
         check_int("max_len", self.max_len, 1)
-        check_int("d_model", self.d_model, 2)
         if self.d_model % 2:
             raise ValueError(f"d_model must be even (sinusoidal positions), got {self.d_model}")
         check_int("num_encoder_layers", self.num_encoder_layers, 1)
         check_int("num_decoder_layers", self.num_decoder_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         for name in ("encoder_attention", "decoder_attention", "cross_attention"):
             check_attention_kind(name, getattr(self, name))
@@ -104,10 +99,6 @@ class Seq2SeqConfig(AttentionOptions):
                 f"and {self.tgt_vocab_size}"
             )
         self.label_smoothing = check_float("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
 
 def sequence_loss(
@@ -138,9 +129,7 @@ class Seq2SeqTransformer(nn.Module):
 
     def __init__(self, config: Seq2SeqConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = Seq2SeqConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = Seq2SeqConfig.coerce(config)
         self.src_embedding = nn.Embedding(c.src_vocab_size, c.d_model)
         self.tgt_embedding = self.src_embedding if c.share_embeddings else nn.Embedding(c.tgt_vocab_size, c.d_model)
         for emb in {id(e): e for e in (self.src_embedding, self.tgt_embedding)}.values():
@@ -171,54 +160,72 @@ class Seq2SeqTransformer(nn.Module):
         x = emb(ids) * math.sqrt(self.config.d_model)
         return self.dropout(x + self.positions[start : start + ids.shape[1]])
 
-    def _src_padding(self, src_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if mask is None:
-            return src_ids == self.config.pad_id
-        return check_padding_mask("src_padding_mask", mask, tuple(src_ids.shape))
-
-    def encode(
-        self, src_ids: torch.Tensor, src_padding_mask: torch.Tensor | None = None, need_weights: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """src_ids (B, S) -> (memory (B, S, E), src_padding_mask (B, S) bool True = padding)
-        [, list of per-layer (B, H, S, S) weights with ``need_weights``]."""
+    def _encode(
+        self, src_ids: torch.Tensor, src_key_padding_mask: torch.Tensor | None, output_attentions: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """:meth:`encode`, and with ``output_attentions`` the encoder's per-layer weights."""
         c = self.config
         check_ids("src_ids", src_ids, c.src_vocab_size, c.max_len)
-        mask = self._src_padding(src_ids, src_padding_mask)
+        if src_key_padding_mask is None:
+            src_key_padding_mask = src_ids == c.pad_id
+        check_padding_mask("src_key_padding_mask", src_key_padding_mask, tuple(src_ids.shape))
         x = self._embed(self.src_embedding, src_ids)
-        weights = []
-        for layer in self.encoder_layers:
-            if need_weights:
-                x, w = layer(x, src_key_padding_mask=mask, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x, src_key_padding_mask=mask)
-        x = self.encoder_norm(x)
-        return (x, mask, weights) if need_weights else (x, mask)
+        x, weights = run_encoder_layers(self.encoder_layers, x, src_key_padding_mask, output_attentions)
+        return self.encoder_norm(x), src_key_padding_mask, weights
+
+    def encode(
+        self, src_ids: torch.Tensor, src_key_padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """src_ids (B, S) -> (memory (B, S, E), src_key_padding_mask (B, S) bool True = padding,
+        by default ``src_ids == pad_id``)."""
+        memory, mask, _ = self._encode(src_ids, src_key_padding_mask, False)
+        return memory, mask
+
+    def _decode(
+        self,
+        tgt_ids: torch.Tensor,
+        memory: torch.Tensor,
+        memory_key_padding_mask: torch.Tensor | None,
+        tgt_key_padding_mask: torch.Tensor | None,
+        cache: list[KVCache] | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+        """:meth:`decode`, and with ``output_attentions`` the decoder's per-layer self- and
+        cross-attention weights."""
+        c = self.config
+        past = 0 if cache is None else len(cache[0])
+        check_ids("tgt_ids", tgt_ids, c.tgt_vocab_size, c.max_len - past)
+        x = self._embed(self.tgt_embedding, tgt_ids, start=past)
+        self_weights, cross_weights = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(
+                x, memory, tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                tgt_is_causal=True, cache=None if cache is None else cache[i], need_weights=output_attentions,
+            )  # fmt: skip
+            if output_attentions:
+                x, w_self, w_cross = x
+                self_weights.append(w_self)
+                cross_weights.append(w_cross)
+        logits = self.generator(self.decoder_norm(x))
+        if not output_attentions:
+            return logits, None, None
+        return logits, tuple(self_weights), tuple(cross_weights)
 
     def decode(
         self,
         tgt_ids: torch.Tensor,
         memory: torch.Tensor,
-        memory_padding_mask: torch.Tensor | None = None,
-        tgt_padding_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """tgt_ids (B, T) -> logits (B, T, V_tgt), attending causally to themselves (and to
         the positions in ``cache``, which they then extend) and to ``memory`` (B, S, E).
 
-        tgt_padding_mask: (B, T) bool True = padding, or None (no padding); with a cache it
-        covers cached + new positions.
+        tgt_key_padding_mask: (B, T) bool True = padding, or None (no padding); with a cache
+        it covers cached + new positions.
         """
-        c = self.config
-        past = 0 if cache is None else len(cache[0])
-        check_ids("tgt_ids", tgt_ids, c.tgt_vocab_size, c.max_len - past)
-        x = self._embed(self.tgt_embedding, tgt_ids, start=past)
-        for i, layer in enumerate(self.decoder_layers):
-            x = layer(
-                x, memory, tgt_key_padding_mask=tgt_padding_mask, memory_key_padding_mask=memory_padding_mask,
-                tgt_is_causal=True, cache=None if cache is None else cache[i],
-            )  # fmt: skip
-        return self.generator(self.decoder_norm(x))
+        return self._decode(tgt_ids, memory, memory_key_padding_mask, tgt_key_padding_mask, cache, False)[0]
 
     def new_cache(self) -> list[KVCache]:
         """One empty :class:`KVCache` per decoder layer."""
@@ -230,37 +237,30 @@ class Seq2SeqTransformer(nn.Module):
         self,
         src_ids: torch.Tensor,
         tgt_in_ids: torch.Tensor,
-        src_padding_mask: torch.Tensor | None = None,
-        tgt_padding_mask: torch.Tensor | None = None,
-        need_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """src_ids (B, S), tgt_in_ids (B, T) (starting with bos_id) -> logits (B, T, V_tgt).
+        src_key_padding_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> Seq2SeqOutput:
+        """src_ids (B, S), tgt_in_ids (B, T) (starting with bos_id) -> :class:`Seq2SeqOutput`
+        with logits (B, T, V_tgt).
 
         Padding masks: (B, S) / (B, T) bool True = padding; default ``ids == pad_id``.
-        need_weights: also return {"encoder": [...], "decoder": [...], "cross": [...]},
-        per-layer weights (B, H, S, S), (B, H, T, T) and (B, H, T, S).
+        output_attentions: also the per-layer weights: ``encoder_attentions`` (B, H, S, S),
+        ``attentions`` (the decoder's self-attention, (B, H, T, T)) and ``cross_attentions``
+        (B, H, T, S).
         """
         c = self.config
-        if tgt_padding_mask is None:
-            check_ids("tgt_in_ids", tgt_in_ids, c.tgt_vocab_size, c.max_len)
-            tgt_padding_mask = tgt_in_ids == c.pad_id
-        else:
-            check_padding_mask("tgt_padding_mask", tgt_padding_mask, tuple(tgt_in_ids.shape))
-        if not need_weights:
-            memory, mask = self.encode(src_ids, src_padding_mask)
-            return self.decode(tgt_in_ids, memory, mask, tgt_padding_mask)
-        memory, mask, enc_w = self.encode(src_ids, src_padding_mask, need_weights=True)
         check_ids("tgt_in_ids", tgt_in_ids, c.tgt_vocab_size, c.max_len)
-        x = self._embed(self.tgt_embedding, tgt_in_ids)
-        dec_w, cross_w = [], []
-        for layer in self.decoder_layers:
-            x, w_self, w_cross = layer(
-                x, memory, tgt_key_padding_mask=tgt_padding_mask, memory_key_padding_mask=mask, need_weights=True
-            )
-            dec_w.append(w_self)
-            cross_w.append(w_cross)
-        logits = self.generator(self.decoder_norm(x))
-        return logits, {"encoder": enc_w, "decoder": dec_w, "cross": cross_w}
+        if tgt_key_padding_mask is None:
+            tgt_key_padding_mask = tgt_in_ids == c.pad_id
+        check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, tuple(tgt_in_ids.shape))
+        memory, mask, encoder_weights = self._encode(src_ids, src_key_padding_mask, output_attentions)
+        logits, self_weights, cross_weights = self._decode(
+            tgt_in_ids, memory, mask, tgt_key_padding_mask, None, output_attentions
+        )
+        return Seq2SeqOutput(
+            logits=logits, attentions=self_weights, encoder_attentions=encoder_weights, cross_attentions=cross_weights
+        )
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
         """:func:`sequence_loss` with this model's ``pad_id`` and ``label_smoothing``."""
@@ -275,7 +275,7 @@ class Seq2SeqTransformer(nn.Module):
         max_len: int,
         beam_size: int = 1,
         length_penalty: float = 1.0,
-        src_padding_mask: torch.Tensor | None = None,
+        src_key_padding_mask: torch.Tensor | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Translate src_ids (B, S) -> token ids (B, T), T <= max_len, without the leading BOS.
@@ -292,7 +292,7 @@ class Seq2SeqTransformer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            memory, mask = self.encode(src_ids, src_padding_mask)
+            memory, mask = self.encode(src_ids, src_key_padding_mask)
             if beam_size == 1:
                 return self._greedy(memory, mask, max_len, use_cache)
             return self._beam(memory, mask, max_len, beam_size, length_penalty, use_cache)

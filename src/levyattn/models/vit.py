@@ -19,24 +19,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.config import check_bool, check_choice, check_int
 from levyattn.models.common import (
-    AttentionOptions,
     ModelOutput,
+    TransformerOptions,
     check_attention_kind,
-    check_bool,
-    check_choice,
-    check_int,
+    run_encoder_layers,
 )
 from levyattn.nn import FractionalTransformerEncoderLayer
 
 
 @dataclass(kw_only=True)
-class ViTConfig(AttentionOptions):
-    """Hyperparameters of :class:`VisionTransformer` (the FNA options are inherited).
+class ViTConfig(TransformerOptions):
+    """Hyperparameters of :class:`VisionTransformer` (the FNA options and block sizes are inherited).
 
     image_size: side of the (square) input; patch_size must divide it.
     in_channels: 3 for colour, 1 for grey images.
-    d_model, num_layers, num_heads, dim_feedforward (None = 4 * d_model), dropout.
+    num_layers; norm_first: pre-LN (the default, as ViT) or post-LN.
     pooling: "cls" (class token) or "mean" (over patches).
     """
 
@@ -47,11 +46,8 @@ class ViTConfig(AttentionOptions):
     d_model: int = 128
     num_layers: int = 6
     num_heads: int = 4
-    dim_feedforward: int | None = None
-    dropout: float = 0.1
     activation: str = "gelu"
     norm_first: bool = True
-    layer_norm_eps: float = 1e-6
     pooling: str = "cls"
     attention: str = "fna"
 
@@ -63,16 +59,10 @@ class ViTConfig(AttentionOptions):
             raise ValueError(f"patch_size must divide image_size={self.image_size}, got {self.patch_size}")
         check_int("in_channels", self.in_channels, 1)
         check_int("num_classes", self.num_classes, 2)
-        check_int("d_model", self.d_model, 1)
         check_int("num_layers", self.num_layers, 1)
-        self.check_block_sizes()
         check_bool("norm_first", self.norm_first)
         check_choice("pooling", self.pooling, ("cls", "mean"))
         check_attention_kind("attention", self.attention)
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.dim_feedforward if self.dim_feedforward is not None else 4 * self.d_model
 
     @property
     def num_patches(self) -> int:
@@ -104,9 +94,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, config: ViTConfig | dict[str, Any]) -> None:
         super().__init__()
-        if isinstance(config, dict):
-            config = ViTConfig.from_dict(config)
-        self.config = c = config
+        self.config = c = ViTConfig.coerce(config)
         # A strided convolution is the linear map of each flattened patch, applied to all.
         self.patch_embedding = nn.Conv2d(c.in_channels, c.d_model, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
@@ -120,19 +108,11 @@ class VisionTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps) if c.norm_first else nn.Identity()
         self.head = nn.Linear(c.d_model, c.num_classes)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        need_weights: bool = False,
-        *,
-        output_attentions: bool = False,
-        return_dict: bool | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]] | ModelOutput:
-        """images (B, C, H, W) float -> logits (B, num_classes).
+    def forward(self, images: torch.Tensor, output_attentions: bool = False) -> ModelOutput:
+        """images (B, C, H, W) float -> :class:`ModelOutput` with logits (B, num_classes).
 
-        need_weights: also return a list of per-layer (B, H, N', N') weights, N' = patches
-            (+1 with ``pooling="cls"``: the class token is position 0; patches row-major).
-        output_attentions / return_dict: return a :class:`ModelOutput` instead.
+        output_attentions: also the per-layer (B, H, N', N') weights, N' = patches (+1 with
+            ``pooling="cls"``: the class token is position 0; patches row-major).
         """
         c = self.config
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
@@ -140,23 +120,12 @@ class VisionTransformer(nn.Module):
         expected = (c.in_channels, c.image_size, c.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"images must be (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-        want_weights = need_weights or output_attentions
 
         x = self.patch_embedding(images).flatten(2).transpose(1, 2)  # (B, N, E), patches row-major
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.dropout(x + self.position_embedding)
-
-        weights = []
-        for layer in self.layers:
-            if want_weights:
-                x, w = layer(x, need_weights=True)
-                weights.append(w)
-            else:
-                x = layer(x)
+        x, weights = run_encoder_layers(self.layers, x, None, output_attentions)
         x = self.final_norm(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
-
-        if output_attentions or return_dict:
-            return ModelOutput(logits=logits, attentions=tuple(weights) if output_attentions else None)
-        return (logits, weights) if need_weights else logits
+        return ModelOutput(logits=logits, attentions=weights)

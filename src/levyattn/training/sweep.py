@@ -72,8 +72,7 @@ def grid(
     alphas: Sequence[float], attentions: Sequence[str], seeds: Sequence[int], restarts: int = 1
 ) -> list[dict[str, Any]]:
     """The runs of a sweep: FNA at every alpha, softmax once per seed, each ``restarts`` times."""
-    from levyattn.config import check_alpha
-    from levyattn.models.common import check_int
+    from levyattn.config import check_alpha, check_int
 
     for a in attentions:
         if a not in ATTENTIONS:

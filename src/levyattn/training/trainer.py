@@ -61,6 +61,7 @@ import torch
 from torch import nn
 
 from levyattn.io import atomic_write_json, atomic_write_text, check_writable, fsync_dir, remove_stale_temporaries
+from levyattn.models import count_parameters
 from levyattn.training import checkpoint as ckpt_mod
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
 from levyattn.training.progress import EpochProgress
@@ -194,10 +195,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, list | tuple):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in getattr(model, "module", model).parameters() if p.requires_grad)
 
 
 def _rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -616,5 +613,5 @@ class _DeviceLoader:
         return len(self.loader)
 
 
-__all__ = ["RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "count_parameters", "epoch_order",
-           "existing_run_files", "global_batches", "lr_at"]
+__all__ = ["RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "epoch_order", "existing_run_files",
+           "global_batches", "lr_at"]

@@ -131,11 +131,9 @@ class ClassificationTask(PresetTask):
     def forward(self, model: nn.Module, batch: Any, need_weights: bool = False) -> Any:
         if self.is_image:
             images = batch[0]
-            return model(images, need_weights=True) if need_weights else model(images)
+            return model(images, output_attentions=need_weights)
         ids, pad = batch[0], batch[1]
-        if need_weights:
-            return model(ids, key_padding_mask=pad, need_weights=True)
-        return model(ids, key_padding_mask=pad)
+        return model(ids, key_padding_mask=pad, output_attentions=need_weights)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, float]:
         labels = batch[-1]

@@ -158,7 +158,7 @@ class LMTask(PresetTask):
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
         x, y = batch
-        logits = model(x)
+        logits = model(x).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         return loss, float(y.numel())
 
@@ -167,7 +167,7 @@ class LMTask(PresetTask):
 
         nll, n = 0.0, 0
         for x, y in loader:
-            logits = model(x)
+            logits = model(x).logits
             nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum"))
             n += y.numel()
         if n == 0:

@@ -241,7 +241,7 @@ class TranslationTask(PresetTask):
     # -- loss and metrics -------------------------------------------------------------
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        logits = model(batch["src"], batch["tgt_in"])
+        logits = model(batch["src"], batch["tgt_in"]).logits
         smoothing = getattr(getattr(model, "module", model).config, "label_smoothing", 0.0)
         return sequence_loss(logits, batch["tgt_out"], self.tokenizer.pad_id, smoothing)
 
@@ -259,7 +259,7 @@ class TranslationTask(PresetTask):
         longest = max(len(y) for y in evaluation.tgt)
         decode_len = int(c.get("max_decode_len", min(longest + 10, max_len - 1)))
         for batch in loader:
-            logits = inner(batch["src"], batch["tgt_in"])
+            logits = inner(batch["src"], batch["tgt_in"]).logits
             loss, n = sequence_loss(logits, batch["tgt_out"], t.pad_id, 0.0)
             nll_sum += float(loss) * n
             n_tokens += n
