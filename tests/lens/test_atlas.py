@@ -18,7 +18,7 @@ from levyattn.lens import (
 
 def test_published_atlas_ships_with_citation():
     entries = load_published_atlas()
-    # 23 entries; FRACTIONAL_LENS.md says 20 models, the file holds 19 distinct ids
+    # 23 entries; the published chapter says 20 models, the file holds 19 distinct ids
     assert len(entries) == 23 and len({e.model for e in entries}) == 19
     byname = {(e.model, e.corpus): e for e in entries}
     e = byname[("EleutherAI/pythia-160m", "random")]

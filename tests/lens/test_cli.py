@@ -43,6 +43,39 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
 
 
+def test_lens_cli_piped_output(model_dir, tmp_path, capfd):
+    """A pipe, not a terminal: plain progress lines, the attention path said, no LOAD REPORT of the unused head."""
+    rc = main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "7", "--distances", "30,60",
+               "--bootstrap", "20", "--device", "cpu", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "lens: prompt 6/6, elapsed" in err and "ETA" in err and "\r" not in err
+    assert "attention: only the rows read" in err
+    assert "LOAD REPORT" not in err and "lm_head" not in err and "Loading weights" not in err
+
+
+def test_lens_cli_small_vocabulary_without_tokenizer(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=256, vocab_size=500)).save_pretrained(
+        tmp_path / "gpt2"
+    )  # no tokenizer saved: transformers makes an empty one (vocab_size 0)
+    rc = main(["lens", str(tmp_path / "gpt2"), "--prompts", "2", "--seeds", "42", "--distances", "30,60,120",
+               "--bootstrap", "20", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "lens.json").read_text())
+    assert data["measurement"]["info"]["token_range"] == [10, 499]
+    assert data["measurement"]["info"]["from"] == "config.vocab_size (small vocabulary: range scaled)"
+
+
+def test_lens_help_cites_the_docs(capsys):
+    with pytest.raises(SystemExit):
+        main(["lens", "--help"])
+    text = capsys.readouterr().out
+    assert "docs/lens.md" in text and "FRACTIONAL_LENS" not in text
+
+
 def test_lens_cli_errors(model_dir, tmp_path, capsys):
     assert main(["lens", str(model_dir), "--distances", "30,600", "--token-range", "3", "60",
                  "--out", str(tmp_path)]) == 2

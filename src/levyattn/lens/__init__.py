@@ -1,5 +1,5 @@
 """The fractional lens: measure any transformer's attention decay A(d) ~ d^-gamma and read gamma
-as a fractional order (FRACTIONAL_LENS.md).
+as a fractional order (docs/lens.md).
 
     from levyattn.lens import measure_decay, analyze_decay, fractional_order
     m = measure_decay(model_or_dir, protocol="published", n_prompts=20)

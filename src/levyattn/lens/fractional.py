@@ -1,4 +1,4 @@
-"""The fractional reading of a decay exponent gamma (FRACTIONAL_LENS.md §2).
+"""The fractional reading of a decay exponent gamma (docs/lens.md §2).
 
 Matching the power-law attention kernel ``d^-gamma`` with the Lévy jump density
 ``l^-(1 + alpha)`` gives
