@@ -87,7 +87,8 @@ def load_model(
 ) -> tuple[nn.Module, Any]:
     """Load a Hugging Face backbone (its default attention, SDPA for most) and its tokenizer (None if it has none).
 
-    An existing directory is loaded with ``local_files_only``; any other string must be a hub
+    An existing directory (or a ``.gguf`` file, de-quantized to float32 by transformers, which
+    needs the ``gguf`` package) is loaded with ``local_files_only``; any other string must be a hub
     id, looked up in the local cache first and downloaded only when ``allow_hub`` and the hub is
     not offline (``HF_HUB_OFFLINE``); otherwise FileNotFoundError says why. Encoder-decoder
     models are refused (pass their encoder module instead). A tokenizer saved without a
@@ -100,30 +101,34 @@ def load_model(
     text = os.fspath(source)
     path = Path(text)
     torch_dtype = resolve_dtype(dtype)
-    if path.is_dir():
+    file_kwargs: dict[str, Any] = {}
+    if path.is_file() and path.suffix == ".gguf":  # llama.cpp weights, de-quantized by transformers
+        text, file_kwargs = str(path.parent), {"gguf_file": path.name}
+        local = True
+    elif path.is_dir():
         local = True
     elif path.exists():
-        raise ValueError(f"model {text!r} is a file; give a model directory or a hub id")
+        raise ValueError(f"model {text!r} is a file; give a model directory, a .gguf file or a hub id")
     elif not _HUB_ID.match(text) or text.count("/") > 1:
         raise FileNotFoundError(f"model {text!r}: no such directory, and not a valid Hugging Face hub id")
     else:
         local = False
 
     def _load(local_only: bool) -> tuple[Any, Any]:
-        config = AutoConfig.from_pretrained(text, local_files_only=local_only)
+        config = AutoConfig.from_pretrained(text, local_files_only=local_only, **file_kwargs)
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(
                 f"model {text!r} is an encoder-decoder ({type(config).__name__}); the lens measures one stack: "
                 "load it yourself and pass model.get_encoder() (or the decoder) to measure_decay"
             )
         # the model's default attention (sdpa where it has it); the lens switches it for the measurement
-        kwargs: dict[str, Any] = {"local_files_only": local_only}
+        kwargs: dict[str, Any] = {"local_files_only": local_only, **file_kwargs}
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         with _quiet_transformers():
             model, loading = AutoModel.from_pretrained(text, output_loading_info=True, **kwargs)
             try:
-                tok = AutoTokenizer.from_pretrained(text, local_files_only=local_only)
+                tok = AutoTokenizer.from_pretrained(text, local_files_only=local_only, **file_kwargs)
             except (OSError, ValueError, TypeError, KeyError):
                 tok = None  # no tokenizer saved: random-token prompts still work
         if tok is not None and not getattr(tok, "vocab_size", 0):
