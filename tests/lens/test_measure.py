@@ -249,3 +249,30 @@ def test_progress_bar_stays_off_a_stderr_that_is_not_a_terminal(capsys):
     measure_decay(m, protocol="dense", distances=[30, 60, 120], n_prompts=2, seeds=(42,), progress=True)
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "pass/s" not in captured.err
+
+
+def test_dense_encoder_special_token_frame(bert, tmp_path):
+    """frame_special wraps each prompt as [CLS] ... [SEP]; exclude_special leaves their rows and columns out."""
+    from transformers import BertTokenizerFast
+
+    words = [f"w{i}" for i in range(1995)]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    kw = dict(protocol="dense", distances=[10, 30], n_prompts=2, seeds=(42,), tokenizer=tok, token_range=(5, 1999))
+    framed = measure_decay(bert, dense=DenseOptions(frame_special=True, exclude_sink=0), **kw)
+    kept = measure_decay(bert, dense=DenseOptions(frame_special=True, exclude_sink=0, exclude_special=False), **kw)
+    plain = measure_decay(bert, dense=DenseOptions(exclude_sink=0), **kw)
+    n = 30 + 50  # the drawn tokens; framed passes have n + 2
+    assert framed.n_tokens == 2 * (n + 2) and plain.n_tokens == 2 * n
+    # both directions: n - d pairs each way among the drawn tokens; the frame adds 2 (n + 2 - d) - 2 (n - d) = 4 pairs
+    assert framed.pair_counts.tolist() == [2 * 2 * (n - d) for d in (10, 30)]
+    assert kept.pair_counts.tolist() == [2 * 2 * (n + 2 - d) for d in (10, 30)]
+    assert not np.allclose(framed.aggregate, kept.aggregate) and not np.allclose(framed.aggregate, plain.aggregate)
+    assert framed.info["dense"]["frame_special"] is True
+    rows = measure_decay(bert, dense=DenseOptions(query_rows=8), **kw)
+    assert rows.pair_counts.sum() < plain.pair_counts.sum() and np.all(np.isfinite(rows.aggregate))
+    with pytest.raises(ValueError, match="frame_special=True needs the model.s tokenizer"):
+        measure_decay(bert, protocol="dense", distances=[10], n_prompts=1, seeds=(42,),
+                      dense=DenseOptions(frame_special=True))
+    with pytest.raises(ValueError, match="query_rows"):
+        DenseOptions(query_rows=1)

@@ -74,6 +74,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--direction", choices=("auto", "backward", "forward", "both"), default="auto",
                    help="encoders: keys before/after the query (auto: both for encoders, backward for causal)")
     g.add_argument("--seq-len", type=int, default=None, help="dense pass length (default max distance + 50)")
+    g.add_argument("--frame-special", action="store_true",
+                   help="wrap every prompt in the tokenizer's special tokens ([CLS] ... [SEP] for BERT encoders)")
+    g.add_argument("--query-rows", type=int, default=None, metavar="N",
+                   help="read N queries evenly spaced over each pass instead of all (less memory and time)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-hub", action="store_true", help="never contact the Hugging Face hub")
     p.add_argument("--atlas", default=None, metavar="FILE",
@@ -115,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         direction=args.direction,
         seq_len=args.seq_len,
+        frame_special=args.frame_special,
+        query_rows=args.query_rows,
     )
     causal = {"auto": None, "yes": True, "no": False}[args.causal]
     print(f"levyattn lens: measuring {args.model} ({args.protocol} protocol) ...", file=sys.stderr)

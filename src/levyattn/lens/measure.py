@@ -84,7 +84,7 @@ from levyattn.lens.loading import (
     resolve_dtype,
     switch_to_rows,
 )
-from levyattn.lens.prompts import PREFIX, Prompts, make_prompts
+from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
 from levyattn.lens.reductions import dense_values, published_values
 
 __all__ = [
@@ -120,6 +120,14 @@ class DenseOptions:
     - ``direction``: "backward" (key before the query), "forward" (key after; encoders only),
       "both" (|i - j| = d) or "auto" (backward for causal models, both for encoders).
     - ``seq_len``: the pass length (default ``max(distances) + 50``).
+    - ``frame_special``: wrap every prompt in the tokenizer's special tokens, as the model saw
+      its inputs in training (``[CLS] ... [SEP]`` for BERT; needs a tokenizer); the pass is then
+      that many tokens longer. With ``exclude_special`` the [CLS]/[SEP] rows and columns are
+      left out of the average (their weights still shape every row's softmax; ``normalize=
+      "renorm"`` takes their mass out); without it they count like any token.
+    - ``query_rows``: None reads every query of the pass; n reads n queries evenly spaced over
+      the pass (the first and the last included), which bounds the weights computed per layer
+      to (B, H, n, L).
     """
 
     exclude_sink: int = 1
@@ -127,6 +135,8 @@ class DenseOptions:
     normalize: str = "none"
     direction: str = "auto"
     seq_len: int | None = None
+    frame_special: bool = False
+    query_rows: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude_sink, bool) or not isinstance(self.exclude_sink, int) or self.exclude_sink < 0:
@@ -137,6 +147,12 @@ class DenseOptions:
             raise ValueError(f"direction must be 'auto', 'backward', 'forward' or 'both', got {self.direction!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
             raise ValueError(f"seq_len must be an integer >= 2 or None, got {self.seq_len!r}")
+        if not isinstance(self.frame_special, bool):
+            raise ValueError(f"frame_special must be True or False, got {self.frame_special!r}")
+        if self.query_rows is not None and (
+            isinstance(self.query_rows, bool) or not isinstance(self.query_rows, int) or self.query_rows < 2
+        ):
+            raise ValueError(f"query_rows must be an integer >= 2 or None, got {self.query_rows!r}")
 
 
 @dataclass
@@ -506,6 +522,7 @@ def measure_decay(
                 batch_size=batch_size,
                 device=run_device,
                 tokenizer=tokenizer,
+                context=context,
             )
             result = _run(attention, plan, progress, on_progress)
     finally:
@@ -546,6 +563,7 @@ class _Plan:
     batch_size: int
     device: Any
     tokenizer: Any
+    context: int | None
 
     def mode(self) -> str:
         """The pass mode: one, per_distance or dense; refuses combinations that are not exact."""
@@ -565,6 +583,26 @@ class _Plan:
         if self.causal and d != "backward":
             raise ValueError(f"direction={self.dense.direction!r} reads keys after the query; this model is causal")
         return d
+
+    def frame(self, ids: np.ndarray) -> np.ndarray:
+        """(n, L) dense prompts -> (n, L + k) wrapped in the tokenizer's special tokens when asked."""
+        if not self.dense.frame_special:
+            return ids
+        before, after = special_frame(self.tokenizer)
+        n = ids.shape[0]
+        framed = np.concatenate([np.tile(before, (n, 1)), ids, np.tile(after, (n, 1))], axis=1).astype(np.int64)
+        if self.context is not None and framed.shape[1] > self.context:
+            raise ValueError(
+                f"a dense pass of {ids.shape[1]} tokens framed in special tokens has {framed.shape[1]}, beyond the "
+                f"model's context of {self.context} positions; lower seq_len or the distances"
+            )
+        return framed
+
+    def dense_rows(self, length: int) -> torch.Tensor:
+        """The query positions a dense pass reads: all, or ``query_rows`` evenly spaced."""
+        if self.dense.query_rows is None or self.dense.query_rows >= length:
+            return torch.arange(length)
+        return torch.linspace(0, length - 1, self.dense.query_rows).round().long().unique()
 
     def special_ids(self) -> list[int]:
         if self.protocol != "dense" or not self.dense.exclude_special or self.tokenizer is None:
@@ -633,6 +671,8 @@ def _run(
             if mode in ("one", "dense"):
                 length = (plan.dense.seq_len or max(grid) + PREFIX) if mode == "dense" else max(grid) + PREFIX
                 all_ids = plan.prompts.draw(int(seed), plan.n_prompts, length)
+                if mode == "dense":
+                    all_ids = plan.frame(all_ids)
                 for p0 in range(0, plan.n_prompts, plan.batch_size):
                     ids = all_ids[p0 : p0 + plan.batch_size]
                     if mode == "one":
@@ -647,7 +687,7 @@ def _run(
                             query_ok &= ~torch.isin(ids_t, torch.as_tensor(special, device=ids_t.device))
                         key_ok = query_ok.clone()
                         key_ok[:, : plan.dense.exclude_sink] = False
-                        rows = torch.arange(length)
+                        rows = plan.dense_rows(ids.shape[1])
                         counts: list[torch.Tensor] = []
 
                         def reduce(a: torch.Tensor, rows=rows, q=query_ok, k=key_ok, counts=counts) -> torch.Tensor:

@@ -72,6 +72,21 @@ def random_token_range(tokenizer: Any, model: Any) -> tuple[int, int, str]:
     return low, high, f"{source} (small vocabulary: range scaled)"
 
 
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special-token ids the tokenizer puts before and after a single text ([CLS], [SEP] for BERT).
+
+    Read off the tokenizer itself: the encoding of a one-word text with and without special tokens.
+    """
+    if tokenizer is None or not callable(getattr(tokenizer, "encode", None)):
+        raise ValueError("frame_special=True needs the model's tokenizer (none was given or saved with the model)")
+    plain = list(tokenizer.encode("a", add_special_tokens=False))
+    full = list(tokenizer.encode("a", add_special_tokens=True))
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return full[:start], full[start + len(plain) :]
+    raise ValueError(f"cannot tell where {type(tokenizer).__name__} puts its special tokens: {full} around {plain}")
+
+
 def make_prompts(
     corpus: str | os.PathLike, tokenizer: Any, model: Any, token_range: tuple[int, int] | None
 ) -> tuple[Prompts, dict]:
