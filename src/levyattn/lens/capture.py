@@ -15,7 +15,7 @@ module registers ``"levyattn_lens_rows"`` in transformers' attention registry
   (B, H, R, Lk) rows to a callback (one call per attention layer, in the order the layers run).
 
 Models that do not dispatch through transformers' attention registry (e.g. BLOOM) never call
-the function: :func:`rows_hooked` tells, and the lens then keeps the eager path.
+the function (``RowCapture.calls`` stays 0), and the lens then keeps the eager path.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("levyattn.lens.capture needs transformers >= 4.56 (pip install 'levyattn[hf]')") from exc
 
-__all__ = ["ROWS_IMPLEMENTATION", "RowCapture", "capture_rows", "row_weights", "rows_attention_forward"]
+__all__ = ["ROWS_IMPLEMENTATION", "RowCapture", "capture_rows", "register", "row_weights", "rows_attention_forward"]
 
 ROWS_IMPLEMENTATION = "levyattn_lens_rows"
 #: Queries per block when the output itself is computed here (softcapped models): bounds the
@@ -47,7 +47,8 @@ OUTPUT_BLOCK = 256
 
 @dataclass
 class RowCapture:
-    """What to record during a pass: query positions ``rows`` (R,) and the per-layer callback."""
+    """What to record during a pass: query positions ``rows`` (R,), the per-layer callback, and how
+    many attention calls went through the registered function (``calls``)."""
 
     rows: torch.Tensor
     consume: Callable[[torch.Tensor], None]
@@ -165,8 +166,3 @@ def register(name: str = ROWS_IMPLEMENTATION) -> None:
 
 
 register()
-
-
-def rows_hooked(capture: RowCapture) -> bool:
-    """True when a pass inside ``capture`` went through the registered function."""
-    return capture.calls > 0

@@ -5,8 +5,8 @@ What can be measured
 ``measure_decay(model, ...)`` takes
 
 - any Hugging Face model that can return attention weights (causal LMs with RoPE, ALiBi or
-  absolute positions; encoders such as BERT), in memory, as a local directory, or as a hub
-  id (only when the network answers; see :func:`load_model`);
+  absolute positions; encoders such as BERT), in memory, as a local directory or ``.gguf``
+  file, or as a hub id (downloaded only when the hub is not offline; see :func:`load_model`);
 - any ``torch.nn.Module`` following the same calling convention:
   ``model(input_ids=ids, output_attentions=True)`` returns an object (or a mapping) whose
   ``attentions`` is a sequence, one per layer, of (B, H, L, L) weights, row ``i`` being query
@@ -390,9 +390,12 @@ def _row_attention(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[_A
         if capture.calls == 0:
             raise ValueError(f"{name}: no attention layer went through the row-capturing attention")
 
-    calls: list[torch.Tensor] = []
-    with capture_rows(torch.arange(1), calls.append) as capture:
-        body(input_ids=probe, **kwargs)
+    try:
+        with capture_rows(torch.arange(1), lambda a: None) as capture:
+            body(input_ids=probe, **kwargs)
+    except BaseException:
+        restore()
+        raise
     if capture.calls == 0:
         restore()
         return _eager_attention(model, name, f"{type(body).__name__} does not dispatch through transformers' "
