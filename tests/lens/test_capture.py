@@ -154,3 +154,20 @@ def test_dense_encoder_both_directions_rows_equal_eager():
     rows = measure_decay(model, protocol="dense", dense=opts, **KW)
     eager = measure_decay(model, protocol="dense", dense=opts, capture="eager", **KW)
     _close(rows, eager)
+
+
+def test_a_failing_probe_falls_back_to_eager(monkeypatch):
+    import contextlib
+
+    import levyattn.lens.capture as capture_module
+
+    @contextlib.contextmanager
+    def broken(rows, consume):
+        raise RuntimeError("no rows today")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(capture_module, "capture_rows", broken)
+    model = _model("llama")
+    meas = measure_decay(model, distances=[10, 30], n_prompts=1, seeds=(42,))
+    assert meas.info["attention_path"] == "eager" and "no rows today" in meas.info["attention_path_note"]
+    assert model.config._attn_implementation == "sdpa"

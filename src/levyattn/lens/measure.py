@@ -393,9 +393,9 @@ def _row_attention(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[_A
     try:
         with capture_rows(torch.arange(1), lambda a: None) as capture:
             body(input_ids=probe, **kwargs)
-    except BaseException:
+    except Exception as err:  # noqa: BLE001 - any failure means: keep the eager path, and say why
         restore()
-        raise
+        return _eager_attention(model, name, f"the row-capturing attention failed on a probe pass: {err}")
     if capture.calls == 0:
         restore()
         return _eager_attention(model, name, f"{type(body).__name__} does not dispatch through transformers' "
