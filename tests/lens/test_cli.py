@@ -93,3 +93,23 @@ def test_parse_distances():
         parse_distances("30,abc")
     with pytest.raises(ValueError, match="START"):
         parse_distances("log:100:30:4")
+
+
+def test_lens_cli_warns_of_weights_missing_from_the_checkpoint(model_dir, tmp_path, capfd):
+    """The LOAD REPORT is silenced, but a backbone weight the checkpoint lacks is still said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    rc = main(["lens", str(broken), "--prompts", "1", "--seeds", "42", "--distances", "30,60", "--bootstrap", "10",
+               "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "warning: the checkpoint lacks 1 weight(s)" in err and "layers.0.self_attn.q_proj.weight" in err
+    data = json.loads((tmp_path / "out" / "lens.json").read_text())
+    assert data["measurement"]["info"]["load"]["missing_keys"] == ["layers.0.self_attn.q_proj.weight"]
