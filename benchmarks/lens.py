@@ -55,7 +55,7 @@ import torch
 
 from levyattn.io import atomic_write_json
 from levyattn.lens import bootstrap_gamma, fit_power_law, measure_decay
-from levyattn.lens.measure import PREFIX
+from levyattn.lens.prompts import PREFIX
 
 warnings.filterwarnings("ignore")
 

@@ -18,7 +18,7 @@ from levyattn.lens import (
 
 def test_published_atlas_ships_with_citation():
     entries = load_published_atlas()
-    # 23 entries; the published description says 20 models, the file holds 19 distinct ids
+    # 23 entries; the published chapter says 20 models, the file holds 19 distinct ids
     assert len(entries) == 23 and len({e.model for e in entries}) == 19
     byname = {(e.model, e.corpus): e for e in entries}
     e = byname[("EleutherAI/pythia-160m", "random")]
@@ -93,3 +93,30 @@ def test_atlas_cli(tmp_path, capsys, monkeypatch):
     (tmp_path / "mine.json").write_text('{"schema": "levyattn.atlas/1", "entries": [{"model": 1}]}')
     assert main(["atlas"]) == 2
     assert "mine.json" in capsys.readouterr().err
+
+
+def test_atlas_add_lens_json(tmp_path, capsys, monkeypatch):
+    """`levyattn atlas --add lens.json`: the measurement with its protocol and provenance, shown as local."""
+    from levyattn.lens import analyze_decay, measure_decay, write_lens_outputs
+    from levyattn.lens.synthetic import PowerLawAttentionModel
+
+    meas = measure_decay(PowerLawAttentionModel(gamma=1.3, max_positions=400), distances=[30, 60, 120, 240],
+                         n_prompts=2, seeds=(42,))
+    lens_json = write_lens_outputs(analyze_decay(meas, n_boot=20), tmp_path / "out", plots=False)["json"]
+    mine = tmp_path / "data" / "atlas.json"
+    monkeypatch.setenv("LEVYATTN_ATLAS", str(mine))
+    assert main(["atlas", "--add", str(lens_json)]) == 0
+    assert "(local)" in capsys.readouterr().out
+    (entry,) = json.loads(mine.read_text())["entries"]
+    assert entry["gamma"] == pytest.approx(1.3, abs=0.01) and entry["protocol"] == "published"
+    assert entry["source"] == "levyattn lens" and entry["seeds"] == [42] and entry["n_prompts"] == 2
+    assert entry["extra"]["distances"] == [30, 60, 120, 240] and len(entry["extra"]["aggregate"]) == 4
+    assert main(["atlas", "--model", "PowerLaw"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if "PowerLaw" in line)
+    assert row.rstrip().endswith("local") and "published" in row  # the protocol column, then the origin
+    assert "pythia" not in table.split("Source")[0] and "karlesmarin/tafagent" in table
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"gamma": 1.0}')
+    assert main(["atlas", "--add", str(bad)]) == 2
+    assert "bad.json" in capsys.readouterr().err and not (tmp_path / "data" / "atlas.json.tmp").exists()

@@ -43,6 +43,39 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
 
 
+def test_lens_cli_piped_output(model_dir, tmp_path, capfd):
+    """A pipe, not a terminal: plain progress lines, the attention path said, no LOAD REPORT of the unused head."""
+    rc = main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "7", "--distances", "30,60",
+               "--bootstrap", "20", "--device", "cpu", "--out", str(tmp_path), "--no-plots"])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "lens: prompt 6/6, elapsed" in err and "ETA" in err and "\r" not in err
+    assert "attention: only the rows read" in err
+    assert "LOAD REPORT" not in err and "lm_head" not in err and "Loading weights" not in err
+
+
+def test_lens_cli_small_vocabulary_without_tokenizer(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=256, vocab_size=500)).save_pretrained(
+        tmp_path / "gpt2"
+    )  # no tokenizer saved: transformers makes an empty one (vocab_size 0)
+    rc = main(["lens", str(tmp_path / "gpt2"), "--prompts", "2", "--seeds", "42", "--distances", "30,60,120",
+               "--bootstrap", "20", "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "lens.json").read_text())
+    assert data["measurement"]["info"]["token_range"] == [10, 499]
+    assert data["measurement"]["info"]["from"] == "config.vocab_size (small vocabulary: range scaled)"
+
+
+def test_lens_help_cites_the_docs(capsys):
+    with pytest.raises(SystemExit):
+        main(["lens", "--help"])
+    text = capsys.readouterr().out
+    assert "docs/lens.md" in text and "docs/lens.md" not in text
+
+
 def test_lens_cli_errors(model_dir, tmp_path, capsys):
     assert main(["lens", str(model_dir), "--distances", "30,600", "--token-range", "3", "60",
                  "--out", str(tmp_path)]) == 2
@@ -60,3 +93,23 @@ def test_parse_distances():
         parse_distances("30,abc")
     with pytest.raises(ValueError, match="START"):
         parse_distances("log:100:30:4")
+
+
+def test_lens_cli_warns_of_weights_missing_from_the_checkpoint(model_dir, tmp_path, capfd):
+    """The LOAD REPORT is silenced, but a backbone weight the checkpoint lacks is still said."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    rc = main(["lens", str(broken), "--prompts", "1", "--seeds", "42", "--distances", "30,60", "--bootstrap", "10",
+               "--device", "cpu", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert rc == 0
+    err = capfd.readouterr().err
+    assert "warning: the checkpoint lacks 1 weight(s)" in err and "layers.0.self_attn.q_proj.weight" in err
+    data = json.loads((tmp_path / "out" / "lens.json").read_text())
+    assert data["measurement"]["info"]["load"]["missing_keys"] == ["layers.0.self_attn.q_proj.weight"]

@@ -11,7 +11,7 @@ import torch
 from conftest import DIST, make_tokenizer
 
 from levyattn.lens import DenseOptions, analyze_decay, measure_decay
-from levyattn.lens.measure import _Prompts
+from levyattn.lens.prompts import Prompts
 from levyattn.lens.synthetic import PowerLawAttentionModel
 
 
@@ -67,7 +67,7 @@ def test_task_head_not_run_and_weights_unchanged(name, request):
     kw = dict(distances=[30, 60, 120], n_prompts=2, seeds=(42,), batch_size=2, causal=True)
     impl = model.config._attn_implementation
     try:
-        lens = measure_decay(model, **kw)
+        lens = measure_decay(model, capture="eager", **kw)  # the same eager weights as the whole model's
         assert calls == [] and lens.info["forward_module"] == type(model.base_model).__name__
         model.set_attn_implementation("eager")
 
@@ -83,7 +83,7 @@ def test_task_head_not_run_and_weights_unchanged(name, request):
 
 
 def test_published_prompt_stream_reproduces_published_ids():
-    p = _Prompts(1000, 1999, None, "random")
+    p = Prompts(1000, 1999, None, "random")
     rng = random.Random(42)
     expected = [[rng.randint(1000, 1999) for _ in range(60)] for _ in range(2)]
     assert p.draw(42, 2, 60).tolist() == expected
@@ -174,8 +174,10 @@ def test_local_directory_and_text_corpus(tmp_path, gpt2):
     meas = measure_decay(str(tmp_path / "model"), corpus=corpus, distances=[30, 60, 120], n_prompts=2, seeds=(42,))
     assert meas.info["corpus"] == str(corpus) and meas.info["corpus_tokens"] > 800
     assert np.all(np.isfinite(meas.aggregate))
-    with pytest.raises(ValueError, match="token_range"):  # the published range starts at 1000 > this vocabulary
-        measure_decay(str(tmp_path / "model"), distances=[30, 60], n_prompts=1, seeds=(42,))
+    # the published range starts at 1000, beyond this vocabulary: a range after its special tokens is taken
+    small = measure_decay(str(tmp_path / "model"), distances=[30, 60], n_prompts=1, seeds=(42,))
+    low, high = small.info["token_range"]
+    assert low == 3 and high == tok.vocab_size - 1 and "small vocabulary" in small.info["from"]
     rnd = measure_decay(str(tmp_path / "model"), distances=[30, 60], n_prompts=1, seeds=(42,), token_range=(3, 40))
     assert rnd.info["token_range"] == [3, 40] and np.all(rnd.aggregate > 0)
     short = tmp_path / "short.txt"
@@ -229,8 +231,10 @@ def test_bad_inputs(gpt2, tmp_path, monkeypatch):
         measure_decay(gpt2, n_prompts=0)
     with pytest.raises(ValueError, match="distances must be integers"):
         measure_decay(gpt2, distances=[30, 0.5])
-    with pytest.raises(ValueError, match="token range"):
-        measure_decay(PowerLawAttentionModel(vocab_size=500, max_positions=200), distances=[30], n_prompts=1)
+    with pytest.raises(ValueError, match="vocabulary of 1 tokens.*--token-range LOW HIGH"):
+        measure_decay(PowerLawAttentionModel(vocab_size=1, max_positions=200), distances=[30], n_prompts=1)
+    with pytest.raises(ValueError, match=r"token_range \(5, 3\).*--token-range"):
+        measure_decay(gpt2, token_range=(5, 3), distances=[30], n_prompts=1)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="nobody-here/no-model.*HF_HUB_OFFLINE"):
@@ -245,3 +249,30 @@ def test_progress_bar_stays_off_a_stderr_that_is_not_a_terminal(capsys):
     measure_decay(m, protocol="dense", distances=[30, 60, 120], n_prompts=2, seeds=(42,), progress=True)
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "pass/s" not in captured.err
+
+
+def test_dense_encoder_special_token_frame(bert, tmp_path):
+    """frame_special wraps each prompt as [CLS] ... [SEP]; exclude_special leaves their rows and columns out."""
+    from transformers import BertTokenizerFast
+
+    words = [f"w{i}" for i in range(1995)]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    kw = dict(protocol="dense", distances=[10, 30], n_prompts=2, seeds=(42,), tokenizer=tok, token_range=(5, 1999))
+    framed = measure_decay(bert, dense=DenseOptions(frame_special=True, exclude_sink=0), **kw)
+    kept = measure_decay(bert, dense=DenseOptions(frame_special=True, exclude_sink=0, exclude_special=False), **kw)
+    plain = measure_decay(bert, dense=DenseOptions(exclude_sink=0), **kw)
+    n = 30 + 50  # the drawn tokens; framed passes have n + 2
+    assert framed.n_tokens == 2 * (n + 2) and plain.n_tokens == 2 * n
+    # both directions: n - d pairs each way among the drawn tokens; the frame adds 2 (n + 2 - d) - 2 (n - d) = 4 pairs
+    assert framed.pair_counts.tolist() == [2 * 2 * (n - d) for d in (10, 30)]
+    assert kept.pair_counts.tolist() == [2 * 2 * (n + 2 - d) for d in (10, 30)]
+    assert not np.allclose(framed.aggregate, kept.aggregate) and not np.allclose(framed.aggregate, plain.aggregate)
+    assert framed.info["dense"]["frame_special"] is True
+    rows = measure_decay(bert, dense=DenseOptions(query_rows=8), **kw)
+    assert rows.pair_counts.sum() < plain.pair_counts.sum() and np.all(np.isfinite(rows.aggregate))
+    with pytest.raises(ValueError, match="frame_special=True needs the model.s tokenizer"):
+        measure_decay(bert, protocol="dense", distances=[10], n_prompts=1, seeds=(42,),
+                      dense=DenseOptions(frame_special=True))
+    with pytest.raises(ValueError, match="query_rows"):
+        DenseOptions(query_rows=1)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 HELP = "measure any transformer's attention decay A(d) ~ d^-gamma and read gamma as a fractional order"
@@ -61,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-range", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="random token ids range (default 1000 .. min(vocab-1, 49000))")
     p.add_argument("--causal", choices=("auto", "yes", "no"), default="auto", help="model causality (auto: detect)")
+    p.add_argument("--capture", choices=("auto", "eager"), default="auto",
+                   help="auto: compute only the attention rows read, inside the model's fused attention (falls back "
+                        "to eager for models that cannot be hooked); eager: every layer's full attention matrix")
     g = p.add_argument_group("dense protocol")
     g.add_argument("--keep-sink", action="store_true", help="keep key 0 (the attention sink) in the average")
     g.add_argument("--keep-special", action="store_true", help="keep pairs involving special tokens")
@@ -69,11 +74,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--direction", choices=("auto", "backward", "forward", "both"), default="auto",
                    help="encoders: keys before/after the query (auto: both for encoders, backward for causal)")
     g.add_argument("--seq-len", type=int, default=None, help="dense pass length (default max distance + 50)")
+    g.add_argument("--frame-special", action="store_true",
+                   help="wrap every prompt in the tokenizer's special tokens ([CLS] ... [SEP] for BERT encoders)")
+    g.add_argument("--query-rows", type=int, default=None, metavar="N",
+                   help="read N queries evenly spaced over each pass instead of all (less memory and time)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-hub", action="store_true", help="never contact the Hugging Face hub")
     p.add_argument("--atlas", default=None, metavar="FILE",
                    help="append this measurement to a user atlas file (see `levyattn atlas`)")
     p.add_argument("--corpus-name", default=None, help="corpus label stored in the atlas (default: random or file)")
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def plain_progress(every_s: float = 15.0, stream=None) -> Callable[[int, int], None]:
+    """``on_progress`` for a stderr that is not a terminal: a plain line at most every ``every_s`` seconds."""
+    start = time.monotonic()
+    last = [-float("inf")]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - last[0] < every_s:
+            return
+        last[0] = now
+        elapsed = now - start
+        eta = elapsed / done * (total - done)
+        print(f"lens: prompt {done}/{total}, elapsed {_fmt_seconds(elapsed)}, ETA {_fmt_seconds(eta)}",
+              file=stream or sys.stderr, flush=True)  # fmt: skip
+
+    return report
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,9 +124,12 @@ def run(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         direction=args.direction,
         seq_len=args.seq_len,
+        frame_special=args.frame_special,
+        query_rows=args.query_rows,
     )
     causal = {"auto": None, "yes": True, "no": False}[args.causal]
     print(f"levyattn lens: measuring {args.model} ({args.protocol} protocol) ...", file=sys.stderr)
+    on_terminal = sys.stderr.isatty()
     m = measure_decay(
         args.model,
         protocol=args.protocol,
@@ -111,8 +146,19 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         allow_hub=not args.no_hub,
-        progress=True,
+        capture=args.capture,
+        progress=on_terminal,
+        on_progress=None if on_terminal else plain_progress(),
     )
+    path, note = m.info.get("attention_path"), m.info.get("attention_path_note")
+    if path == "rows":
+        print("attention: only the rows read, inside the model's fused attention", file=sys.stderr)
+    else:
+        print(f"attention: eager, every layer's full attention matrix ({note})", file=sys.stderr)
+    missing = m.info.get("load", {}).get("missing_keys")
+    if missing:
+        print(f"warning: the checkpoint lacks {len(missing)} weight(s) of the model, left at their initial values: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
     if m.info.get("dropped_distances"):
         print(f"note: distances {m.info['dropped_distances']} do not fit the context "
               f"({m.info['context']} positions) and were left out", file=sys.stderr)

@@ -32,6 +32,7 @@ load; an error names the file, the entry and the field.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "AtlasEntry",
     "append_to_atlas",
     "default_user_atlas_path",
+    "entry_from_lens_result",
     "load_published_atlas",
     "load_user_atlas",
     "select_entries",
@@ -218,6 +220,46 @@ def load_published_atlas() -> list[AtlasEntry]:
             )
         )
     return entries
+
+
+def entry_from_lens_result(
+    result: Mapping, *, corpus: str | None = None, notes: str | None = None, where: str = "lens result"
+) -> AtlasEntry:
+    """A user-atlas entry from a lens result (the content of a ``lens.json``), with its protocol and provenance.
+
+    Kept: model, corpus, gamma, R², 95% CI, protocol, prompts per seed, seeds, today's date,
+    ``source`` "levyattn lens" and, in ``extra``, how it was measured (passes, distances,
+    ``d_min``, attention path, token range, dtype) and the per-distance ``A(d)``. An error
+    names ``where`` (the file) and the missing field.
+    """
+    try:
+        m = result["measurement"]
+        info = m.get("info", {})
+        entry = {
+            "model": m["model"],
+            "corpus": corpus or str(info.get("corpus", "random")),
+            "gamma": result["gamma"],
+            "r2": result["fit_power_law"]["r2"],
+            "ci": result.get("gamma_ci"),
+            "protocol": m["protocol"],
+            "n_prompts": m["n_prompts_per_seed"],
+            "seeds": list(m["seeds"]),
+            "date": _dt.date.today().isoformat(),
+            "source": "levyattn lens",
+            "notes": notes,
+            "extra": {
+                "passes": m.get("passes"),
+                "distances": m["distances"],
+                "aggregate": m["aggregate"],
+                "d_min": result.get("d_min"),
+                "attention_path": info.get("attention_path"),
+                "token_range": info.get("token_range"),
+                "dtype": info.get("dtype"),
+            },
+        }
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{where}: not a lens result, it lacks the field {err}") from err
+    return _entry_from_user({k: v for k, v in entry.items() if v is not None}, where, "new")
 
 
 def default_user_atlas_path() -> Path:

@@ -5,7 +5,7 @@ Conventions
 - ``distances`` (D,) positive token distances; ``values`` (D,) the mean attention weight
   ``A(d)`` at those distances. Points with ``d < d_min``, non-finite or non-positive values
   are left out of a fit (a log cannot be taken of them), exactly as the published tool does.
-- Both fits are ordinary least squares **in log space** (docs/lens.md, "The fits"):
+- Both fits are ordinary least squares **in log space** (docs/lens.md §1):
 
   power law    ``log A = log_A - gamma  * log d``
   exponential  ``log A = log_A - lam    * d``
@@ -36,7 +36,7 @@ __all__ = [
     "fit_power_law",
 ]
 
-#: The published minimum distance used in fits (docs/lens.md, "The fits").
+#: The published minimum distance used in fits (docs/lens.md §1).
 D_MIN_FIT = 30
 
 

@@ -1,4 +1,4 @@
-"""The fractional reading of a decay exponent gamma (docs/lens.md, "The fractional reading").
+"""The fractional reading of a decay exponent gamma (docs/lens.md §2).
 
 Matching the power-law attention kernel ``d^-gamma`` with the Lévy jump density
 ``l^-(1 + alpha)`` gives

@@ -5,25 +5,34 @@ What can be measured
 ``measure_decay(model, ...)`` takes
 
 - any Hugging Face model that can return attention weights (causal LMs with RoPE, ALiBi or
-  absolute positions; encoders such as BERT), in memory, as a local directory, or as a hub
-  id (only when the network answers; see :func:`load_hf_model`);
+  absolute positions; encoders such as BERT), in memory, as a local directory or ``.gguf``
+  file, or as a hub id (downloaded only when the hub is not offline; see :func:`load_hf_model`);
 - any ``torch.nn.Module`` following the same calling convention:
   ``model(input_ids=ids, output_attentions=True)`` returns an object (or a mapping) whose
   ``attentions`` is a sequence, one per layer, of (B, H, L, L) weights, row ``i`` being query
   ``i``'s distribution over keys (this is how levyattn's own models plug in);
 - or a callable ``attentions_fn(input_ids) -> sequence of (B, H, L, L)`` (``model=None``).
 
-A Hugging Face model whose attention implementation is fused (sdpa, flash) cannot return
-weights: it is switched to ``eager`` for the measurement and switched back afterwards, or
-refused with the reason when it cannot be switched. A Hugging Face model with a task head
-(``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``...) is run through its backbone
-(``model.base_model``): the head acts after the last layer, so the attention weights are the
-same, and its logits (L x vocabulary per prompt, the largest matmul of many small models) are
-never needed. ``info["forward_module"]`` names the module that ran.
+How the weights are read
+------------------------
+A Hugging Face model that dispatches through transformers' attention functions (Llama,
+GPT-2, GPT-NeoX, BERT, Gemma, Mistral and most current architectures) is switched for the
+measurement to the registered row-capturing attention (:mod:`levyattn.lens.capture`): its
+forward pass keeps fused SDPA for the outputs and only the query rows the protocol reads are
+computed as weights (in the log domain, with the model's own masks, scaling, GQA, sliding
+window and softcapping), one layer at a time. Peak memory stays near the model's own inference
+peak. Other models (e.g. BLOOM, or ``capture="eager"``) run on the eager implementation with
+``output_attentions``, every layer's (B, H, L, L) weights materialised; ``info["attention_path"]``
+says which path ran ("rows", "eager" or "attentions_fn") and ``info["attention_path_note"]`` why
+a Hugging Face model was not on "rows". The model's attention implementation is restored
+afterwards. A Hugging Face model with a task head (``*ForCausalLM``, ``*LMHeadModel``,
+``*ForMaskedLM``...) is run through its backbone (``model.base_model``): the head acts after the
+last layer, so the attention weights are the same, and its logits are never needed.
+``info["forward_module"]`` names the module that ran.
 
 Protocols
 ---------
-``published`` (docs/lens.md, "What is measured"): for each distance ``d`` a prompt of length ``d + 50``;
+``published`` (docs/lens.md): for each distance ``d`` a prompt of length ``d + 50``;
 the query is the last position ``L - 1`` and the key ``L - 1 - d``; the weight is averaged over
 heads, then layers, then prompts; ``n_prompts`` prompts per seed, seeds 42, 123, 7.
 For a causal model positions ``0 .. d + 49`` of a longer sequence are computed exactly as in a
@@ -40,38 +49,43 @@ directions (key before or after the query), causal models backward.
 
 Prompts
 -------
-``corpus="random"``: token ids drawn uniformly from ``[1000, min(V - 1, 49000)]`` (V the
-tokenizer's ``vocab_size`` as published, else the config's) with Python's
-``random.Random(seed).randint``, as the published tool does. ``prompt_stream="nested"``
+``corpus="random"`` (random token ids as the published tool draws them) or a text file; see
+:mod:`levyattn.lens.prompts`. ``prompt_stream="nested"``
 (default) draws each prompt once at the longest length and uses its prefix for shorter
 distances, so one-pass and per-distance read identical computations; ``"published"`` (per
 distance only) restarts the generator at every distance exactly as the published tool,
-reproducing its token ids. ``corpus=PATH``: a UTF-8 text file tokenised with the model's
-tokenizer (no special tokens added); each prompt is a window of consecutive tokens at an
-offset drawn with ``random.Random(seed)``.
+reproducing its token ids.
 
 The result keeps the value of every prompt so confidence intervals can resample prompts.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import random
-import re
-import socket
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from levyattn.io import read_text
+from levyattn.lens.loading import (
+    attention_body,
+    ensure_eager,
+    extract_attentions,
+    load_hf_model,
+    model_context,
+    model_dtype,
+    resolve_device,
+    resolve_dtype,
+    switch_to_rows,
+)
+from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
+from levyattn.lens.reductions import dense_values, published_values
 
 __all__ = [
     "PREFIX",
@@ -87,14 +101,6 @@ __all__ = [
 PUBLISHED_DISTANCES: tuple[int, ...] = (10, 20, 30, 50, 100, 200, 500, 1000, 2000)
 PUBLISHED_SEEDS: tuple[int, ...] = (42, 123, 7)
 PUBLISHED_N_PROMPTS = 150
-#: Tokens before the key in the published protocol: the sequence for distance d has d + PREFIX tokens.
-PREFIX = 50
-TOKEN_LOW = 1000
-TOKEN_HIGH_CAP = 49_000
-
-_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,14 @@ class DenseOptions:
     - ``direction``: "backward" (key before the query), "forward" (key after; encoders only),
       "both" (|i - j| = d) or "auto" (backward for causal models, both for encoders).
     - ``seq_len``: the pass length (default ``max(distances) + 50``).
+    - ``frame_special``: wrap every prompt in the tokenizer's special tokens, as the model saw
+      its inputs in training (``[CLS] ... [SEP]`` for BERT; needs a tokenizer); the pass is then
+      that many tokens longer. With ``exclude_special`` the [CLS]/[SEP] rows and columns are
+      left out of the average (their weights still shape every row's softmax; ``normalize=
+      "renorm"`` takes their mass out); without it they count like any token.
+    - ``query_rows``: None reads every query of the pass; n reads n queries evenly spaced over
+      the pass (the first and the last included), which bounds the weights computed per layer
+      to (B, H, n, L).
     """
 
     exclude_sink: int = 1
@@ -121,6 +135,8 @@ class DenseOptions:
     normalize: str = "none"
     direction: str = "auto"
     seq_len: int | None = None
+    frame_special: bool = False
+    query_rows: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude_sink, bool) or not isinstance(self.exclude_sink, int) or self.exclude_sink < 0:
@@ -131,6 +147,12 @@ class DenseOptions:
             raise ValueError(f"direction must be 'auto', 'backward', 'forward' or 'both', got {self.direction!r}")
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
             raise ValueError(f"seq_len must be an integer >= 2 or None, got {self.seq_len!r}")
+        if not isinstance(self.frame_special, bool):
+            raise ValueError(f"frame_special must be True or False, got {self.frame_special!r}")
+        if self.query_rows is not None and (
+            isinstance(self.query_rows, bool) or not isinstance(self.query_rows, int) or self.query_rows < 2
+        ):
+            raise ValueError(f"query_rows must be an integer >= 2 or None, got {self.query_rows!r}")
 
 
 @dataclass
@@ -255,312 +277,6 @@ def _nan_to_none(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-# --------------------------------------------------------------------------- model loading
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {list(_DTYPES)} or a torch.dtype, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device | None:
-    if device is None:
-        return None
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto', got {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-def load_hf_model(
-    source: str | os.PathLike,
-    *,
-    device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None,
-    allow_hub: bool = True,
-) -> tuple[nn.Module, Any]:
-    """Load a Hugging Face model (eager attention) and its tokenizer (None if it has none).
-
-    Offline first: an existing directory is loaded with ``local_files_only``; any other string
-    must be a hub id, looked up in the local cache first and fetched only when ``allow_hub``,
-    ``HF_HUB_OFFLINE`` is unset and huggingface.co answers; otherwise FileNotFoundError says
-    why. Encoder-decoder models are refused (pass their encoder module instead).
-    """
-    from levyattn._extras import require
-
-    require("hf", "transformers", purpose="loading a Hugging Face model")
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
-    text = os.fspath(source)
-    path = Path(text)
-    torch_dtype = _resolve_dtype(dtype)
-    if path.is_dir():
-        local = True
-    elif path.exists():
-        raise ValueError(f"model {text!r} is a file; give a model directory or a hub id")
-    elif not _HUB_ID.match(text) or text.count("/") > 1:
-        raise FileNotFoundError(f"model {text!r}: no such directory, and not a valid Hugging Face hub id")
-    else:
-        local = False
-
-    def _load(local_only: bool) -> tuple[Any, Any]:
-        config = AutoConfig.from_pretrained(text, local_files_only=local_only)
-        if getattr(config, "is_encoder_decoder", False):
-            raise ValueError(
-                f"model {text!r} is an encoder-decoder ({type(config).__name__}); the lens measures one stack: "
-                "load it yourself and pass model.get_encoder() (or the decoder) to measure_decay"
-            )
-        kwargs: dict[str, Any] = {"attn_implementation": "eager", "local_files_only": local_only}
-        if torch_dtype is not None:
-            kwargs["dtype"] = torch_dtype
-        model = AutoModel.from_pretrained(text, **kwargs)
-        try:
-            tok = AutoTokenizer.from_pretrained(text, local_files_only=local_only)
-        except (OSError, ValueError, TypeError, KeyError):
-            tok = None  # no tokenizer saved: random-token prompts still work
-        return model, tok
-
-    if local:
-        model, tok = _load(True)
-    else:
-        try:
-            model, tok = _load(True)  # the local Hugging Face cache
-        except OSError:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-            if not allow_hub or offline:
-                why = "hub access is disabled" if not allow_hub else "HF_HUB_OFFLINE is set"
-                raise FileNotFoundError(
-                    f"model {text!r} is not a local directory nor in the Hugging Face cache, and {why}"
-                ) from None
-            if not _hub_reachable():
-                raise FileNotFoundError(
-                    f"model {text!r} is not a local directory nor in the Hugging Face cache, and the hub "
-                    "(huggingface.co) does not answer; give a local directory saved with save_pretrained"
-                ) from None
-            model, tok = _load(False)
-    dev = _resolve_device(device)
-    if dev is not None:
-        model = model.to(dev)
-    return model.eval(), tok
-
-
-# --------------------------------------------------------------------------- attention access
-
-
-def _ensure_weights(model: nn.Module) -> Callable[[], None]:
-    """Switch a fused-attention HF model to eager; return a function restoring the original."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    if impl is None or impl == "eager":
-        return lambda: None
-    setter = getattr(model, "set_attn_implementation", None)
-    if setter is None:
-        raise ValueError(
-            f"{type(model).__name__} uses attn_implementation={impl!r}, which cannot return attention weights, "
-            "and has no set_attn_implementation(); load it with attn_implementation='eager'"
-        )
-    try:
-        setter("eager")
-    except Exception as err:  # noqa: BLE001 - any failure is a refusal with its reason
-        raise ValueError(
-            f"{type(model).__name__} uses attn_implementation={impl!r}, which cannot return attention weights, "
-            f"and switching it to 'eager' failed: {err}"
-        ) from err
-    if config._attn_implementation != "eager":
-        raise ValueError(
-            f"{type(model).__name__} stayed on attn_implementation={config._attn_implementation!r} after asking for "
-            "'eager'; it cannot return attention weights"
-        )
-
-    def restore() -> None:
-        try:
-            setter(impl)
-        except Exception:  # noqa: BLE001 - restoring is best effort; the measurement is done
-            pass
-
-    return restore
-
-
-def _attention_body(model: nn.Module) -> nn.Module:
-    """The module to run for attention weights: a Hugging Face model's backbone, else the model.
-
-    ``base_model`` of a Hugging Face model with a task head is the stack that returns the
-    attentions; the head only maps its last hidden state to logits. Other modules run as given.
-    """
-    hf = sys.modules.get("transformers")  # a Hugging Face model means transformers is imported already
-    if hf is None or not isinstance(model, hf.PreTrainedModel):
-        return model
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
-def _extract(out: Any, name: str) -> list[torch.Tensor]:
-    att = out.get("attentions") if isinstance(out, Mapping) else getattr(out, "attentions", None)
-    if att is None or len(att) == 0:
-        raise ValueError(
-            f"{name} returned no attention weights for output_attentions=True; it needs an attention "
-            "implementation that materialises them (eager) or an attentions_fn"
-        )
-    layers = [a for a in att if a is not None]
-    if not layers:
-        raise ValueError(f"{name} returned only None attention weights")
-    return layers
-
-
-def _model_dtype(model: Any) -> Any:
-    if model is None:
-        return "n/a"
-    param = next(iter(model.parameters()), None)
-    return param.dtype if param is not None else "n/a"
-
-
-def _model_context(model: Any, max_positions: int | None) -> int | None:
-    if max_positions is not None:
-        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 2:
-            raise ValueError(f"max_positions must be an integer >= 2, got {max_positions!r}")
-        return max_positions
-    if model is None:
-        return None
-    own = getattr(model, "max_positions", None)
-    if isinstance(own, int):
-        return own
-    config = getattr(model, "config", None)
-    for key in _CONTEXT_KEYS:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-# --------------------------------------------------------------------------- prompts
-
-
-class _Prompts:
-    """Token-id prompts for a seed: random ids (published) or windows of a tokenised text."""
-
-    def __init__(self, low: int, high: int, stream: np.ndarray | None, source: str) -> None:
-        self.low, self.high, self.stream, self.source = low, high, stream, source
-
-    def draw(self, seed: int, n: int, length: int) -> np.ndarray:
-        rng = random.Random(seed)
-        if self.stream is None:
-            # Exactly the published generator: randint per token, prompt after prompt.
-            toks = [[rng.randint(self.low, self.high) for _ in range(length)] for _ in range(n)]
-            return np.asarray(toks, dtype=np.int64).reshape(n, length)
-        avail = self.stream.size - length + 1
-        if avail < 1:
-            raise ValueError(
-                f"corpus {self.source} has {self.stream.size} tokens; a prompt needs {length} (distance + {PREFIX})"
-            )
-        starts = [rng.randrange(avail) for _ in range(n)]
-        return np.stack([self.stream[s : s + length] for s in starts]).astype(np.int64)
-
-
-def _make_prompts(
-    corpus: str | os.PathLike, tokenizer: Any, model: Any, token_range: tuple[int, int] | None
-) -> tuple[_Prompts, dict]:
-    if isinstance(corpus, str) and corpus == "random":
-        if token_range is not None:
-            if len(token_range) != 2 or not all(isinstance(t, int) for t in token_range):
-                raise ValueError(f"token_range must be (low, high) integers, got {token_range!r}")
-            low, high = token_range
-            vocab_from = "token_range"
-        else:
-            vocab = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
-            vocab_from = "tokenizer.vocab_size"
-            if vocab is None:
-                config = getattr(model, "config", None)
-                vocab = getattr(config, "vocab_size", None) or getattr(model, "vocab_size", None)
-                vocab_from = "config.vocab_size"
-            if vocab is None:
-                raise ValueError("cannot tell the vocabulary size for random prompts; pass token_range=(low, high)")
-            low, high = TOKEN_LOW, min(int(vocab) - 1, TOKEN_HIGH_CAP)
-        if low < 0 or high < low:
-            raise ValueError(
-                f"random-token range [{low}, {high}] is empty or negative (the published range starts at {TOKEN_LOW}); "
-                "pass token_range=(low, high) for a small vocabulary"
-            )
-        return _Prompts(low, high, None, "random"), {"corpus": "random", "token_range": [low, high], "from": vocab_from}
-    path = Path(corpus)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path} (use corpus='random' for random tokens)")
-    if tokenizer is None:
-        raise ValueError(f"corpus {path} is text and needs a tokenizer; pass tokenizer= (or load the model by path)")
-    text = read_text(path, "corpus")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    stream = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if stream.size == 0:
-        raise ValueError(f"corpus {path} tokenises to no tokens")
-    return _Prompts(0, 0, stream, str(path)), {"corpus": str(path), "corpus_tokens": int(stream.size)}
-
-
-# --------------------------------------------------------------------------- reductions
-
-
-def _published_values(att: torch.Tensor, queries: Sequence[int], keys: Sequence[int]) -> torch.Tensor:
-    """(B, H, L, L) -> (B, H, D): the weights of query ``queries[k]`` on key ``keys[k]``."""
-    q = torch.as_tensor(queries, device=att.device)
-    k = torch.as_tensor(keys, device=att.device)
-    return att[:, :, q, k].to(torch.float64)
-
-
-def _dense_values(
-    att: torch.Tensor,
-    distances: Sequence[int],
-    query_ok: torch.Tensor,
-    key_ok: torch.Tensor,
-    causal: bool,
-    normalize: str,
-    direction: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, H, L, L) -> per-head mean over kept pairs (B, H, D) and the pair counts (B, D)."""
-    a = att.to(torch.float64)
-    b, h, n, _ = a.shape
-    if normalize == "renorm":
-        mass = (a * key_ok[:, None, None, :]).sum(-1)  # (B, H, L)
-        factor = torch.where(mass > 0, 1.0 / mass.clamp(min=1e-300), torch.zeros(()))
-    elif normalize == "relative":
-        allowed = key_ok[:, None, :].expand(b, n, n)
-        if causal:
-            allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
-        factor = allowed.sum(-1).to(a.dtype)[:, None, :].expand(b, h, n)
-    else:
-        factor = None
-    sums = torch.zeros(b, h, len(distances), dtype=torch.float64, device=a.device)
-    counts = torch.zeros(b, len(distances), dtype=torch.float64, device=a.device)
-    sides = {"backward": (-1,), "forward": (1,), "both": (-1, 1)}[direction]
-    for col, d in enumerate(distances):
-        for side in sides:
-            diag = a.diagonal(offset=side * d, dim1=-2, dim2=-1)  # (B, H, L - d)
-            if side < 0:  # query i = d .. L-1, key i - d
-                ok = query_ok[:, d:] & key_ok[:, : n - d]
-                f = None if factor is None else factor[..., d:]
-            else:  # query i = 0 .. L-1-d, key i + d
-                ok = query_ok[:, : n - d] & key_ok[:, d:]
-                f = None if factor is None else factor[..., : n - d]
-            vals = diag if f is None else diag * f
-            sums[:, :, col] += (vals * ok[:, None, :]).sum(-1)
-            counts[:, col] += ok.sum(-1)
-    means = sums / counts[:, None, :]  # NaN where no pair was kept
-    return means, counts
-
-
 # --------------------------------------------------------------------------- the measurement
 
 
@@ -607,9 +323,89 @@ def _check_distances(
     return grid, dropped
 
 
-def _is_causal(attn_fn: Callable[[torch.Tensor], list[torch.Tensor]], prompts: _Prompts, device: Any) -> bool:
-    probe = torch.as_tensor(prompts.draw(0, 1, 16), device=device)
-    layers = attn_fn(probe)
+@dataclass
+class _Attention:
+    """How a pass yields attention rows: ``run(ids (B, L), rows (R,), consume)`` calls
+    ``consume`` with each layer's (B, H, R, L) weights, in layer order.
+
+    ``path``: "rows" (the registered row-capturing attention, fused outputs), "eager"
+    (``output_attentions`` of the eager implementation) or "attentions_fn"; ``note`` says why
+    a Hugging Face model is not on "rows".
+    """
+
+    run: Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], None]
+    path: str
+    forward_module: str
+    note: str = ""
+
+
+def _full_matrix_attention(attn_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], name: str) -> Callable:
+    """A ``run`` reading rows from whole (B, H, L, L) matrices (eager weights or an attentions_fn)."""
+
+    def run(ids: torch.Tensor, rows: torch.Tensor, consume: Callable[[torch.Tensor], None]) -> None:
+        layers = [a for a in attn_fn(ids) if a is not None]
+        if not layers:
+            raise ValueError(f"{name} returned no attention weights")
+        b, n = ids.shape
+        for i, a in enumerate(layers):
+            if a.ndim != 4 or a.shape[0] != b or a.shape[-1] != n or a.shape[-2] != n:
+                raise ValueError(
+                    f"{name}: attention of layer {i} has shape {tuple(a.shape)}, expected (B={b}, H, L={n}, L={n})"
+                )
+            consume(a[:, :, rows.to(a.device)])
+
+    return run
+
+
+def _eager_attention(model: nn.Module, name: str, note: str = "") -> tuple[_Attention, Callable[[], None]]:
+    restore = ensure_eager(model)
+    body = attention_body(model)
+    kwargs: dict[str, Any] = {"output_attentions": True}
+    if getattr(getattr(body, "config", None), "use_cache", None) is not None:
+        kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
+    run = _full_matrix_attention(lambda ids: extract_attentions(body(input_ids=ids, **kwargs), name), name)
+    return _Attention(run, "eager", type(body).__name__, note), restore
+
+
+def _row_attention(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[_Attention, Callable[[], None]]:
+    """The row-capturing path when the model takes it (checked on ``probe``), else the eager path."""
+    restore, why = switch_to_rows(model)
+    if restore is None:
+        return _eager_attention(model, name, why)
+    from levyattn.lens.capture import capture_rows
+
+    body = attention_body(model)
+    kwargs = {"use_cache": False} if getattr(body.config, "use_cache", None) is not None else {}
+
+    def run(ids: torch.Tensor, rows: torch.Tensor, consume: Callable[[torch.Tensor], None]) -> None:
+        b, n = ids.shape
+
+        def check(a: torch.Tensor) -> None:
+            if a.shape[0] != b or a.shape[-1] != n:
+                raise ValueError(f"{name}: attention rows of shape {tuple(a.shape)}, expected (B={b}, H, R, L={n})")
+            consume(a)
+
+        with capture_rows(rows, check) as capture:
+            body(input_ids=ids, **kwargs)
+        if capture.calls == 0:
+            raise ValueError(f"{name}: no attention layer went through the row-capturing attention")
+
+    try:
+        with capture_rows(torch.arange(1), lambda a: None) as capture:
+            body(input_ids=probe, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any failure means: keep the eager path, and say why
+        restore()
+        return _eager_attention(model, name, f"the row-capturing attention failed on a probe pass: {err}")
+    if capture.calls == 0:
+        restore()
+        return _eager_attention(model, name, f"{type(body).__name__} does not dispatch through transformers' "
+                                             "attention functions")  # fmt: skip
+    return _Attention(run, "rows", type(body).__name__), restore
+
+
+def _is_causal(attention: _Attention, probe: torch.Tensor) -> bool:
+    layers: list[torch.Tensor] = []
+    attention.run(probe, torch.arange(probe.shape[1]), layers.append)
     upper = max(float(torch.triu(a.float(), diagonal=1).abs().max()) for a in layers)
     return upper <= 1e-6
 
@@ -634,7 +430,9 @@ def measure_decay(
     attentions_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None,
     max_positions: int | None = None,
     allow_hub: bool = True,
+    capture: str = "auto",
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> DecayMeasurement:
     """Measure ``A(d)`` per layer, per head and in aggregate (see the module docstring).
 
@@ -643,9 +441,14 @@ def measure_decay(
     error. ``passes``: "auto" (one pass per prompt for causal models, per distance otherwise),
     "one" or "per_distance" (published protocol only). ``causal=None`` detects causality from
     the weights of a short probe pass (all weights above the diagonal zero). ``batch_size``
-    prompts go through the model together; peak memory is about
-    ``batch_size * layers * heads * L^2`` attention weights. ``device``/``dtype`` move (and
-    cast) the model. ``progress`` shows a tqdm bar on stderr.
+    prompts go through the model together. ``capture``: "auto" computes only the attention
+    rows the protocol reads, inside the model's fused attention ("rows", Hugging Face models
+    that dispatch through transformers' attention functions), else the eager path; "eager"
+    forces the eager path (every layer's (B, H, L, L) weights; peak memory about
+    ``batch_size * layers * heads * L^2`` weights). ``device``/``dtype`` move (and cast) the
+    model. ``progress`` shows a tqdm bar when stderr is a terminal; ``on_progress(done, total)``
+    is called after every pass with the prompts done so far (a prompt counts once per
+    distance in per-distance mode).
     """
     if protocol not in ("published", "dense"):
         raise ValueError(f"protocol must be 'published' or 'dense', got {protocol!r}")
@@ -653,6 +456,8 @@ def measure_decay(
         raise ValueError(f"passes must be 'auto', 'one' or 'per_distance', got {passes!r}")
     if prompt_stream not in ("nested", "published"):
         raise ValueError(f"prompt_stream must be 'nested' or 'published', got {prompt_stream!r}")
+    if capture not in ("auto", "eager"):
+        raise ValueError(f"capture must be 'auto' or 'eager', got {capture!r}")
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
         raise ValueError(f"n_prompts must be a positive integer, got {n_prompts!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -665,15 +470,16 @@ def measure_decay(
         raise TypeError(f"dense must be a DenseOptions, got {type(dense).__name__}")
 
     t_start = time.perf_counter()
-    torch_dtype = _resolve_dtype(dtype)
-    dev = _resolve_device(device)
-    restore: Callable[[], None] = lambda: None  # noqa: E731
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
     if model is None and attentions_fn is None:
         raise TypeError("give a model (nn.Module, directory or hub id) or attentions_fn")
+    load_info: dict[str, Any] = {}
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         model, loaded_tok = load_hf_model(model, device=dev, dtype=torch_dtype, allow_hub=allow_hub)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        load_info = {"load": model.lens_load_info}
     elif model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, a directory or a hub id, got {type(model).__name__}")
@@ -691,213 +497,247 @@ def measure_decay(
     else:
         run_device = dev or torch.device("cpu")
 
-    if attentions_fn is not None:
-        fn = attentions_fn
-        forward_module = "attentions_fn"
-
-        def attn_fn(ids: torch.Tensor) -> list[torch.Tensor]:
-            layers = [a for a in fn(ids) if a is not None]
-            if not layers:
-                raise ValueError("attentions_fn returned no attention weights")
-            return layers
-    else:
-        restore = _ensure_weights(model)  # type: ignore[arg-type]
-        body = _attention_body(model)  # type: ignore[arg-type]
-        forward_module = type(body).__name__
-        kwargs: dict[str, Any] = {"output_attentions": True}
-        if getattr(getattr(body, "config", None), "use_cache", None) is not None:
-            kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
-
-        def attn_fn(ids: torch.Tensor) -> list[torch.Tensor]:
-            return _extract(body(input_ids=ids, **kwargs), name)
-
+    context = model_context(model, max_positions)
+    grid, dropped = _check_distances(distances, context, protocol, dense)
+    prompts, corpus_info = make_prompts(corpus, tokenizer, model, token_range)
+    probe = torch.as_tensor(prompts.draw(0, 1, 16), device=run_device)
+    restore: Callable[[], None] = lambda: None  # noqa: E731
     try:
-        context = _model_context(model, max_positions)
-        grid, dropped = _check_distances(distances, context, protocol, dense)
-        prompts, corpus_info = _make_prompts(corpus, tokenizer, model, token_range)
         with torch.inference_mode():
-            is_causal = _is_causal(attn_fn, prompts, run_device) if causal is None else bool(causal)
-            result = _run(
-                attn_fn,
-                name,
-                protocol,
-                grid,
-                n_prompts,
-                seeds,
-                prompts,
-                passes,
-                prompt_stream,
-                is_causal,
-                dense,
-                batch_size,
-                run_device,
-                tokenizer,
-                progress,
+            if attentions_fn is not None:
+                attention = _Attention(_full_matrix_attention(attentions_fn, name), "attentions_fn", "attentions_fn")
+            elif capture == "eager":
+                attention, restore = _eager_attention(model, name, "capture='eager' was asked for")  # type: ignore[arg-type]
+            else:
+                attention, restore = _row_attention(model, name, probe)  # type: ignore[arg-type]
+            is_causal = _is_causal(attention, probe) if causal is None else bool(causal)
+            plan = _Plan(
+                name=name,
+                protocol=protocol,
+                grid=grid,
+                n_prompts=n_prompts,
+                seeds=seeds,
+                prompts=prompts,
+                passes=passes,
+                prompt_stream=prompt_stream,
+                causal=is_causal,
+                dense=dense,
+                batch_size=batch_size,
+                device=run_device,
+                tokenizer=tokenizer,
+                context=context,
             )
+            result = _run(attention, plan, progress, on_progress)
     finally:
         restore()
     result.wall_time_s = time.perf_counter() - t_start
     result.info.update(corpus_info)
+    result.info.update(load_info)
     result.info.update(
         {
             "context": context,
             "dropped_distances": dropped,
             "device": str(run_device),
-            "dtype": str(torch_dtype or _model_dtype(model)),
+            "dtype": str(torch_dtype or model_dtype(model)),
             "causal_detected": causal is None,
             "prefix": PREFIX,
-            "forward_module": forward_module,
+            "forward_module": attention.forward_module,
+            "attention_path": attention.path,
+            "attention_path_note": attention.note,
         }
     )
     return result
 
 
+@dataclass
+class _Plan:
+    """What one measurement runs: the checked arguments of :func:`measure_decay`."""
+
+    name: str
+    protocol: str
+    grid: list[int]
+    n_prompts: int
+    seeds: tuple[int, ...]
+    prompts: Prompts
+    passes: str
+    prompt_stream: str
+    causal: bool
+    dense: DenseOptions
+    batch_size: int
+    device: Any
+    tokenizer: Any
+    context: int | None
+
+    def mode(self) -> str:
+        """The pass mode: one, per_distance or dense; refuses combinations that are not exact."""
+        if self.protocol == "dense":
+            if self.prompt_stream == "published":
+                raise ValueError("prompt_stream='published' applies to the published protocol only")
+            return "dense"
+        passes = self.passes if self.passes != "auto" else ("one" if self.causal else "per_distance")
+        if passes == "one" and not self.causal:
+            raise ValueError("passes='one' is exact only for causal models; this model is bidirectional")
+        if self.prompt_stream == "published" and passes == "one":
+            raise ValueError("prompt_stream='published' restarts the generator per distance; use passes='per_distance'")
+        return passes
+
+    def direction(self) -> str:
+        d = self.dense.direction if self.dense.direction != "auto" else ("backward" if self.causal else "both")
+        if self.causal and d != "backward":
+            raise ValueError(f"direction={self.dense.direction!r} reads keys after the query; this model is causal")
+        return d
+
+    def frame(self, ids: np.ndarray) -> np.ndarray:
+        """(n, L) dense prompts -> (n, L + k) wrapped in the tokenizer's special tokens when asked."""
+        if not self.dense.frame_special:
+            return ids
+        before, after = special_frame(self.tokenizer)
+        n = ids.shape[0]
+        framed = np.concatenate([np.tile(before, (n, 1)), ids, np.tile(after, (n, 1))], axis=1).astype(np.int64)
+        if self.context is not None and framed.shape[1] > self.context:
+            raise ValueError(
+                f"a dense pass of {ids.shape[1]} tokens framed in special tokens has {framed.shape[1]}, beyond the "
+                f"model's context of {self.context} positions; lower seq_len or the distances"
+            )
+        return framed
+
+    def dense_rows(self, length: int) -> torch.Tensor:
+        """The query positions a dense pass reads: all, or ``query_rows`` evenly spaced."""
+        if self.dense.query_rows is None or self.dense.query_rows >= length:
+            return torch.arange(length)
+        return torch.linspace(0, length - 1, self.dense.query_rows).round().long().unique()
+
+    def special_ids(self) -> list[int]:
+        if self.protocol != "dense" or not self.dense.exclude_special or self.tokenizer is None:
+            return []
+        return sorted({int(t) for t in getattr(self.tokenizer, "all_special_ids", []) or []})
+
+
+class _Accumulator:
+    """Per-prompt layer means and running per-head sums of the values of every pass."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+        self.prompt_layer: np.ndarray | None = None
+        self.lh_sum = self.lh_sq = self.lh_n = np.zeros(0)
+
+    def store(self, s: int, p0: int, vals: np.ndarray, cols: slice) -> None:
+        """vals (B, Ly, H, len(cols)) of prompts p0 .. p0 + B - 1 of seed number s."""
+        b, ly, h = vals.shape[:3]
+        n_d = len(self.plan.grid)
+        if self.prompt_layer is None:
+            self.prompt_layer = np.full((len(self.plan.seeds), self.plan.n_prompts, ly, n_d), np.nan)
+            self.lh_sum, self.lh_sq, self.lh_n = (np.zeros((ly, h, n_d)) for _ in range(3))
+        if self.prompt_layer.shape[2] != ly or self.lh_sum.shape[1] != h:
+            raise ValueError(f"{self.plan.name} changed its number of layers/heads between passes: {ly}x{h}")
+        with _quiet_nanmean():
+            self.prompt_layer[s, p0 : p0 + b, :, cols] = np.nanmean(vals, axis=2)
+        ok = np.isfinite(vals)
+        v0 = np.where(ok, vals, 0.0)
+        self.lh_sum[:, :, cols] += v0.sum(0)
+        self.lh_sq[:, :, cols] += (v0**2).sum(0)
+        self.lh_n[:, :, cols] += ok.sum(0)
+
+
 def _run(
-    attn_fn: Callable[[torch.Tensor], list[torch.Tensor]],
-    name: str,
-    protocol: str,
-    grid: list[int],
-    n_prompts: int,
-    seeds: tuple[int, ...],
-    prompts: _Prompts,
-    passes: str,
-    prompt_stream: str,
-    causal: bool,
-    dense: DenseOptions,
-    batch_size: int,
-    device: Any,
-    tokenizer: Any,
-    progress: bool,
+    attention: _Attention, plan: _Plan, progress: bool, on_progress: Callable[[int, int], None] | None
 ) -> DecayMeasurement:
     from tqdm.auto import tqdm
 
-    n_d = len(grid)
-    if protocol == "published":
-        if passes == "auto":
-            passes = "one" if causal else "per_distance"
-        if passes == "one" and not causal:
-            raise ValueError("passes='one' is exact only for causal models; this model is bidirectional")
-        if prompt_stream == "published" and passes == "one":
-            raise ValueError("prompt_stream='published' restarts the generator per distance; use passes='per_distance'")
-        mode = passes
-    else:
-        if prompt_stream == "published":
-            raise ValueError("prompt_stream='published' applies to the published protocol only")
-        mode = "dense"
-        direction = dense.direction if dense.direction != "auto" else ("backward" if causal else "both")
-        if causal and direction != "backward":
-            raise ValueError(f"direction={dense.direction!r} reads keys after the query; this model is causal")
-
-    special = set()
-    if protocol == "dense" and dense.exclude_special and tokenizer is not None:
-        special = {int(t) for t in getattr(tokenizer, "all_special_ids", []) or []}
-
-    batches_per_seed = math.ceil(n_prompts / batch_size)
-    total = len(seeds) * batches_per_seed * (n_d if mode == "per_distance" else 1)
+    grid, n_d = plan.grid, len(plan.grid)
+    mode = plan.mode()
+    direction = plan.direction() if mode == "dense" else None
+    special = plan.special_ids()
+    total = len(plan.seeds) * plan.n_prompts * (n_d if mode == "per_distance" else 1)
     # disable=None: a bar only when stderr is a terminal, so piped logs carry no redraws
-    bar = tqdm(total=total, disable=None if progress else True, desc=f"lens {protocol} ({mode})", unit="pass",
-               leave=False)  # fmt: skip
-
-    prompt_layer: np.ndarray | None = None
-    lh_sum = lh_sq = lh_n = None
+    bar = tqdm(total=total, disable=None if progress else True, desc=f"lens {plan.protocol} ({mode})",
+               unit="prompt", leave=False)  # fmt: skip
+    acc = _Accumulator(plan)
     pair_counts = np.zeros(n_d)
-    n_passes = n_tokens = 0
+    n_passes = n_tokens = done = 0
 
-    def store(s: int, p0: int, vals: np.ndarray, cols: Any) -> None:
-        # vals (B, Ly, H, len(cols)) -> per-prompt layer means and running per-head sums
-        nonlocal prompt_layer, lh_sum, lh_sq, lh_n
-        b, ly, h = vals.shape[:3]
-        if prompt_layer is None:
-            prompt_layer = np.full((len(seeds), n_prompts, ly, n_d), np.nan)
-            lh_sum, lh_sq, lh_n = (np.zeros((ly, h, n_d)) for _ in range(3))
-        if prompt_layer.shape[2] != ly or lh_sum.shape[1] != h:
-            raise ValueError(f"{name} changed its number of layers/heads between passes: {ly}x{h}")
-        with _quiet_nanmean():
-            prompt_layer[s, p0 : p0 + b, :, cols] = np.nanmean(vals, axis=2)
-        ok = np.isfinite(vals)
-        v0 = np.where(ok, vals, 0.0)
-        lh_sum[:, :, cols] += v0.sum(0)
-        lh_sq[:, :, cols] += (v0**2).sum(0)
-        lh_n[:, :, cols] += ok.sum(0)
-
-    def forward(ids: np.ndarray) -> list[torch.Tensor]:
-        nonlocal n_passes, n_tokens
-        x = torch.as_tensor(ids, device=device)
-        layers = attn_fn(x)
-        b, n = ids.shape
-        for i, a in enumerate(layers):
-            if a.ndim != 4 or a.shape[0] != b or a.shape[-1] != n or a.shape[-2] != n:
-                raise ValueError(
-                    f"{name}: attention of layer {i} has shape {tuple(a.shape)}, expected (B={b}, H, L={n}, L={n})"
-                )
+    def forward(ids: np.ndarray, rows: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """One pass; (B, Ly, H, D') of ``reduce`` applied to each layer's rows."""
+        nonlocal n_passes, n_tokens, done
+        per_layer: list[torch.Tensor] = []
+        attention.run(torch.as_tensor(ids, device=plan.device), rows, lambda a: per_layer.append(reduce(a)))
         n_passes += 1
-        n_tokens += b * n
-        bar.update(1)
-        return layers
+        n_tokens += ids.size
+        done += ids.shape[0]
+        bar.update(ids.shape[0])
+        if on_progress is not None:
+            on_progress(done, total)
+        return torch.stack(per_layer, 1).cpu().numpy()
 
     try:
-        for s, seed in enumerate(seeds):
-            if mode == "one" or mode == "dense":
-                length = (dense.seq_len or max(grid) + PREFIX) if mode == "dense" else max(grid) + PREFIX
-                all_ids = prompts.draw(int(seed), n_prompts, length)
-                for p0 in range(0, n_prompts, batch_size):
-                    ids = all_ids[p0 : p0 + batch_size]
-                    layers = forward(ids)
+        for s, seed in enumerate(plan.seeds):
+            if mode in ("one", "dense"):
+                length = (plan.dense.seq_len or max(grid) + PREFIX) if mode == "dense" else max(grid) + PREFIX
+                all_ids = plan.prompts.draw(int(seed), plan.n_prompts, length)
+                if mode == "dense":
+                    all_ids = plan.frame(all_ids)
+                for p0 in range(0, plan.n_prompts, plan.batch_size):
+                    ids = all_ids[p0 : p0 + plan.batch_size]
                     if mode == "one":
                         # query d + PREFIX - 1, key PREFIX - 1: the last query of the length-(d + PREFIX) prefix
-                        qs = [d + PREFIX - 1 for d in grid]
-                        ks = [PREFIX - 1] * n_d
-                        vals = torch.stack([_published_values(a, qs, ks) for a in layers], 1)
+                        rows = torch.as_tensor([d + PREFIX - 1 for d in grid])
+                        vals = forward(ids, rows, lambda a: published_values(a, [PREFIX - 1] * n_d))
                         pair_counts += ids.shape[0]
                     else:
-                        ids_t = torch.as_tensor(ids, device=layers[0].device)
-                        ok = torch.ones_like(ids_t, dtype=torch.bool)
+                        ids_t = torch.as_tensor(ids, device=plan.device)
+                        query_ok = torch.ones_like(ids_t, dtype=torch.bool)
                         if special:
-                            ok &= ~torch.isin(ids_t, torch.as_tensor(sorted(special), device=ids_t.device))
-                        key_ok = ok.clone()
-                        key_ok[:, : dense.exclude_sink] = False
-                        outs = [_dense_values(a, grid, ok, key_ok, causal, dense.normalize, direction) for a in layers]
-                        vals = torch.stack([m for m, _ in outs], 1)
-                        pair_counts += outs[0][1].sum(0).cpu().numpy()
-                    store(s, p0, vals.cpu().numpy(), slice(None))
-                    del layers
+                            query_ok &= ~torch.isin(ids_t, torch.as_tensor(special, device=ids_t.device))
+                        key_ok = query_ok.clone()
+                        key_ok[:, : plan.dense.exclude_sink] = False
+                        rows = plan.dense_rows(ids.shape[1])
+                        counts: list[torch.Tensor] = []
+
+                        def reduce(a: torch.Tensor, rows=rows, q=query_ok, k=key_ok, counts=counts) -> torch.Tensor:
+                            means, n = dense_values(a, rows, grid, q, k, plan.causal, plan.dense.normalize, direction)
+                            counts.append(n)
+                            return means
+
+                        vals = forward(ids, rows, reduce)
+                        pair_counts += counts[0].sum(0).cpu().numpy()
+                    acc.store(s, p0, vals, slice(None))
             else:  # one pass per distance
-                nested = prompts.draw(int(seed), n_prompts, max(grid) + PREFIX) if prompt_stream == "nested" else None
+                draw = functools.partial(plan.prompts.draw, int(seed), plan.n_prompts)
+                nested = draw(max(grid) + PREFIX) if plan.prompt_stream == "nested" else None
                 for col, d in enumerate(grid):
                     length = d + PREFIX
-                    ids_d = nested[:, :length] if nested is not None else prompts.draw(int(seed), n_prompts, length)
-                    for p0 in range(0, n_prompts, batch_size):
-                        ids = ids_d[p0 : p0 + batch_size]
-                        layers = forward(np.ascontiguousarray(ids))
-                        vals = torch.stack([_published_values(a, [length - 1], [length - 1 - d]) for a in layers], 1)
+                    ids_d = nested[:, :length] if nested is not None else draw(length)
+                    last = torch.as_tensor([length - 1])
+                    for p0 in range(0, plan.n_prompts, plan.batch_size):
+                        ids = np.ascontiguousarray(ids_d[p0 : p0 + plan.batch_size])
+                        vals = forward(ids, last, lambda a, key=length - 1 - d: published_values(a, [key]))
                         pair_counts[col] += ids.shape[0]
-                        store(s, p0, vals.cpu().numpy(), slice(col, col + 1))
-                        del layers
+                        acc.store(s, p0, vals, slice(col, col + 1))
     finally:
         bar.close()
 
-    assert prompt_layer is not None and lh_sum is not None and lh_sq is not None and lh_n is not None
+    assert acc.prompt_layer is not None
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = lh_sum / lh_n
-        var = np.maximum(lh_sq / lh_n - mean**2, 0.0) * lh_n / np.maximum(lh_n - 1, 1)
-    sample_counts = np.isfinite(prompt_layer).any(axis=2).sum(axis=(0, 1)).astype(np.int64)
-    info: dict[str, Any] = {"prompt_stream": prompt_stream if protocol == "published" else "nested"}
-    if protocol == "dense":
-        info["dense"] = {**asdict(dense), "direction_used": direction, "n_special_ids": len(special)}
+        mean = acc.lh_sum / acc.lh_n
+        var = np.maximum(acc.lh_sq / acc.lh_n - mean**2, 0.0) * acc.lh_n / np.maximum(acc.lh_n - 1, 1)
+    sample_counts = np.isfinite(acc.prompt_layer).any(axis=2).sum(axis=(0, 1)).astype(np.int64)
+    info: dict[str, Any] = {"prompt_stream": plan.prompt_stream if plan.protocol == "published" else "nested"}
+    if plan.protocol == "dense":
+        info["dense"] = {**asdict(plan.dense), "direction_used": direction, "n_special_ids": len(special)}
     return DecayMeasurement(
-        model_name=name,
-        protocol=protocol,
+        model_name=plan.name,
+        protocol=plan.protocol,
         passes=mode,
-        causal=causal,
+        causal=plan.causal,
         distances=np.asarray(grid, dtype=np.int64),
-        seeds=tuple(int(s) for s in seeds),
-        n_prompts=n_prompts,
-        prompt_layer=prompt_layer,
+        seeds=tuple(int(s) for s in plan.seeds),
+        n_prompts=plan.n_prompts,
+        prompt_layer=acc.prompt_layer,
         layer_head=mean,
         layer_head_sd=np.sqrt(var),
         sample_counts=sample_counts,
         pair_counts=pair_counts,
-        paired=mode in ("one", "dense") or prompt_stream == "nested",
+        paired=mode in ("one", "dense") or plan.prompt_stream == "nested",
         n_passes=n_passes,
         n_tokens=n_tokens,
         wall_time_s=0.0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from levyattn.io import atomic_write_json
-from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry
+from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry, entry_from_lens_result
 from levyattn.lens.fit import (
     D_MIN_FIT,
     ExponentialFit,
@@ -77,21 +76,8 @@ class LensResult:
         }
 
     def atlas_entry(self, corpus: str | None = None, notes: str = "") -> AtlasEntry:
-        """This measurement as a user-atlas entry."""
-        m = self.measurement
-        return AtlasEntry(
-            model=m.model_name,
-            corpus=corpus or str(m.info.get("corpus", "random")),
-            gamma=self.power.gamma,
-            r2=self.power.r2,
-            ci=self.gamma_ci,
-            protocol=m.protocol,
-            n_prompts=m.n_prompts,
-            seeds=m.seeds,
-            date=_dt.date.today().isoformat(),
-            source="levyattn lens",
-            notes=notes or None,
-        )
+        """This measurement as a user-atlas entry (see :func:`entry_from_lens_result`)."""
+        return entry_from_lens_result(self.to_dict(), corpus=corpus, notes=notes or None)
 
 
 def _safe_power(d: np.ndarray, v: np.ndarray, d_min: float) -> PowerLawFit | None:

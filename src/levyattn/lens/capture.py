@@ -1,0 +1,168 @@
+"""Attention rows without materialising attention: a transformers attention function for the lens.
+
+The lens reads a handful of query rows per pass (the published protocol: one row per distance).
+Running a model with ``attn_implementation="eager"`` and ``output_attentions=True`` builds every
+layer's full (B, H, L, L) weights and keeps them all until the pass ends. Instead, importing this
+module registers ``"levyattn_lens_rows"`` in transformers' attention registry
+(``AttentionInterface``, with ``sdpa``'s boolean masks). The registered function
+
+- returns the model's attention output from fused ``scaled_dot_product_attention`` (or, for a
+  model with logit softcapping, which SDPA cannot apply, from the same softmax computed one block
+  of queries at a time), so the pass costs what inference costs;
+- and, while :func:`capture_rows` is active, computes the softmax weights of the requested query
+  rows only, in the log domain, with the model's own mask (causal, padding, sliding window),
+  ``scaling``, grouped-query heads, position bias and softcapping, and hands each layer's
+  (B, H, R, Lk) rows to a callback (one call per attention layer, in the order the layers run).
+
+Models that do not dispatch through transformers' attention registry (e.g. BLOOM) never call
+the function (``RowCapture.calls`` stays 0), and the lens then keeps the eager path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from levyattn.integrations.huggingface import _log_softmax_rows, _masked, _repeat_kv
+
+try:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("levyattn.lens.capture needs transformers >= 4.56 (pip install 'levyattn[hf]')") from exc
+
+__all__ = ["ROWS_IMPLEMENTATION", "RowCapture", "capture_rows", "register", "row_weights", "rows_attention_forward"]
+
+ROWS_IMPLEMENTATION = "levyattn_lens_rows"
+#: Queries per block when the output itself is computed here (softcapped models): bounds the
+#: temporary logits to (B, H, block, Lk).
+OUTPUT_BLOCK = 256
+
+
+@dataclass
+class RowCapture:
+    """What to record during a pass: query positions ``rows`` (R,), the per-layer callback, and how
+    many attention calls went through the registered function (``calls``)."""
+
+    rows: torch.Tensor
+    consume: Callable[[torch.Tensor], None]
+    calls: int = 0
+
+
+_ACTIVE: contextvars.ContextVar[RowCapture | None] = contextvars.ContextVar("levyattn_lens_rows", default=None)
+
+
+@contextlib.contextmanager
+def capture_rows(rows: torch.Tensor, consume: Callable[[torch.Tensor], None]) -> Iterator[RowCapture]:
+    """Within the block, every call of :func:`rows_attention_forward` passes its (B, H, R, Lk) rows to ``consume``."""
+    capture = RowCapture(rows=rows, consume=consume)
+    token = _ACTIVE.set(capture)
+    try:
+        yield capture
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _causal(module: torch.nn.Module, mask: Any, is_causal: bool | None, q_len: int) -> bool:
+    # As transformers' sdpa integration: causality by flag only without a mask and with more than one query.
+    flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(flag) and mask is None and q_len > 1
+
+
+def row_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    *,
+    causal: bool,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    position_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax weights of the query positions ``rows``: (B, H, R, Lk), in float32 (float64 for float64 inputs).
+
+    query (B, H, Lq, d); key (B, Hkv, Lk, d) with H % Hkv == 0 (kv heads repeated as ``repeat_kv``);
+    attention_mask None, bool (True = keep) or additive float, broadcastable to (B, H, Lq, Lk);
+    ``causal`` (only without a mask) keeps keys ``j <= i``. Logits ``q k^T * scaling`` (default
+    ``d^-0.5``), then ``softcap * tanh(logits / softcap)``, then the bias and the mask, then a
+    log-softmax; a row with no key left is all zeros.
+    """
+    heads = query.shape[1]
+    if key.shape[1] != heads:
+        key = _repeat_kv(key, heads // key.shape[1])
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    logits = (query[:, :, rows].to(dtype) @ key.to(dtype).transpose(-1, -2)) * scale
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    if position_bias is not None:
+        logits = logits + _select_rows(position_bias, rows).to(dtype)
+    if attention_mask is not None:
+        logits = _masked(logits, _select_rows(attention_mask, rows))
+    elif causal:
+        keys = torch.arange(key.shape[2], device=logits.device)
+        logits = logits.masked_fill(keys[None, :] > rows.to(logits.device)[:, None], float("-inf"))
+    return torch.exp(_log_softmax_rows(logits))
+
+
+def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A (..., Lq, Lk) mask or bias at the query positions ``rows``; a broadcast query axis stays."""
+    return t if t.shape[-2] == 1 else t[..., rows.to(t.device), :]
+
+
+def rows_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: (attn_output (B, Lq, H, dv), None).
+
+    query (B, H, Lq, d), key/value (B, Hkv, Lk, d). ``softcap`` and ``position_bias`` (kwargs)
+    are applied; everything else is ``sdpa``'s behaviour.
+    """
+    softcap = kwargs.get("softcap")
+    bias = kwargs.get("position_bias")
+    q_len = query.shape[2]
+    causal = _causal(module, attention_mask, is_causal, q_len)
+    if causal and key.shape[2] > q_len:  # an empty static cache's future slots, as sdpa cuts them
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        bias = bias[..., :q_len] if bias is not None else None
+    common = dict(causal=causal, scaling=scaling, softcap=softcap, position_bias=bias)
+    capture = _ACTIVE.get()
+    if capture is not None:
+        capture.calls += 1
+        capture.consume(row_weights(query, key, attention_mask, capture.rows.to(query.device), **common))
+    if softcap is None:
+        kwargs.pop("output_attentions", None)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    # SDPA has no softcapping: the same softmax, one block of queries at a time.
+    value_full = _repeat_kv(value, query.shape[1] // value.shape[1])
+    blocks = []
+    for start in range(0, q_len, OUTPUT_BLOCK):
+        rows = torch.arange(start, min(start + OUTPUT_BLOCK, q_len), device=query.device)
+        blocks.append(row_weights(query, key, attention_mask, rows, **common).to(value.dtype) @ value_full)
+    return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register(name: str = ROWS_IMPLEMENTATION) -> None:
+    """Register the row-capturing attention as ``attn_implementation=name`` (done on import)."""
+    AttentionInterface.register(name, rows_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+register()
