@@ -67,9 +67,7 @@ def test_noisy_circle_angle_up_to_rotation_and_reflection(params, median_bound, 
     E = DiffusionMap(**params).fit_transform(torch.from_numpy(X))
     phase = np.arctan2(E[:, 1], E[:, 0])
     errors = [
-        np.abs(np.angle(np.exp(1j * (s * phase - theta - o))))
-        for s in (1, -1)
-        for o in np.linspace(0, 2 * np.pi, 721)
+        np.abs(np.angle(np.exp(1j * (s * phase - theta - o)))) for s in (1, -1) for o in np.linspace(0, 2 * np.pi, 721)
     ]
     best = min(errors, key=np.median)
     assert np.median(best) < median_bound and best.max() < max_bound
