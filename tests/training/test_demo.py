@@ -46,7 +46,7 @@ def test_one_seed_gives_no_verdict_and_no_spread():
     assert one["verdict"] == "one seed" and one["ci"] is None
     assert "n = 1" in verdict_sentence("A", "B", one)
     assert _spread([0.96]) == "0.9600" and "±" not in _spread([0.96])
-    assert _spread([0.9, 1.0]) == "0.9500 ± 0.0707"
+    assert _spread([0.9, 1.0]) == "0.9500 ± 0.0707" and _spread([2e-5, 4e-5], ".2g") == "3e-05 ± 1.4e-05"
 
 
 def test_paired_comparison_rejects_unpaired_values():
@@ -109,7 +109,7 @@ def test_demo_presets_are_one_layer_one_head_and_differ_only_in_attention():
 
 
 def test_demo_quick_writes_the_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0,1"]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0,1", "--workers", "2"]) == 0
     out = capsys.readouterr().out
     report = tmp_path / "report.html"
     assert str(report.resolve()) in out and "Verdict" in out and "s CPU" in out
@@ -125,7 +125,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
 
 
 def test_demo_with_one_seed_shows_values_without_a_spread(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     html = (tmp_path / "report.html").read_text()
     assert "±" not in (tmp_path / "table.md").read_text() and "± 0.0000" not in html

@@ -16,10 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "only with 6 or more")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads while training (default 1: these models are too small to gain from more)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="models trained at a time, one process each (default: CPU cores, up to 2)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (bars show with --workers 1; else one line per model)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from levyattn.training.demo import run_demo
@@ -31,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     print("levyattn demo: one-layer, one-head models that differ only in their attention (embedded data only)",
           flush=True)
     result = run_demo(args.out, quick=args.quick, seeds=seeds, progress=not args.no_progress,
-                      log=lambda m: print("  " + m, flush=True), threads=args.threads)
+                      log=lambda m: print("  " + m, flush=True), threads=args.threads,
+                      workers=args.workers if args.workers is not None else min(2, os.cpu_count() or 1))
     print()
     print(result["table"])
     print("Verdict (paired by seed, test accuracy):")
