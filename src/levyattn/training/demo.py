@@ -429,16 +429,17 @@ def _run_demo(
               "train time (s)", "samples/s"]
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in table_rows)
-    comp_header = ["task", "comparison", "seeds", "mean difference", "95% bootstrap interval", "ahead / behind / level",
-                   "sign test p", "verdict"]
-    comp_rows = [[c["task"], f"{c['a']} - {c['b']}", c["n"], f"{c['mean_diff']:+.4f}",
+    comp_header = ["task", "comparison", "seeds", "mean difference (first - second)", "95% bootstrap interval",
+                   "ahead / behind / level", "sign test p", "verdict"]
+    comp_rows = [[c["task"], f"{c['a']} vs {c['b']}", c["n"], f"{c['mean_diff']:+.4f}",
                   "-" if c["ci"] is None else f"{c['ci'][0]:+.4f} to {c['ci'][1]:+.4f}",
                   f"{c['wins']} / {c['losses']} / {c['ties']}", "-" if c["sign_p"] is None else f"{c['sign_p']:.3g}",
                   c["verdict"]] for c in comparisons]
     total, cpu = time.perf_counter() - t_start, _cpu_seconds() - cpu_start
-    seed_text = ", ".join(map(str, seeds))
+    seed_text, threads = ", ".join(map(str, seeds)), torch.get_num_threads()
     note = (f"levyattn demo{' --quick' if quick else ''}, seeds {seed_text} ({spread_note}), "
-            f"{torch.get_num_threads()} threads, {total:.0f} s wall, {cpu:.0f} s CPU in all.")
+            f"{workers} model{'s' if workers > 1 else ''} at a time with {threads} torch "
+            f"thread{'s' if threads > 1 else ''} each, {total:.0f} s wall, {cpu:.0f} s CPU in all.")
     compared = (
         "What was compared: one-layer, one-head models that differ only in their attention: FNA (fractional "
         "neural attention) at alpha = 1.2, whose weights fall off as a power of the query-key distance "
