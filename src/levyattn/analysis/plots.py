@@ -67,7 +67,7 @@ def draw_attention(fig, ax, P: np.ndarray, title: str = "Attention", floor: floa
 
 
 def plot_attention(P: np.ndarray, path: str | os.PathLike, title: str = "Attention") -> Path:
-    """Heatmap of one (N, N) matrix on a log scale, with its colour bar."""
+    """Heatmap of one (N, N) matrix with its colour bar (scales as in :func:`draw_attention`)."""
     fig = _figure(5, 4.2)
     draw_attention(fig, fig.add_subplot(), P, title)
     return _save(fig, path)
