@@ -22,8 +22,8 @@ says "no clear difference".
 Writes into ``out_dir``: ``report.html`` (verdicts, tables, learning curves, the attention-
 distance profile and attention maps; self-contained), ``results.json``, ``table.md``, the
 PNG figures and one run folder per model under ``runs/``. The default seeds 0-5 (36 models)
-took 503 s of CPU time in all, trained two at a time: about 4-5 minutes on 2 idle CPU cores
-(estimated from the CPU time; measured on a busy machine).
+took 410 and 503 s of CPU time in all in two runs on a busy 2-core machine, trained two at a
+time: about 4 minutes on 2 idle cores (estimated from the CPU time).
 ``quick=True`` trains tiny models on a sliver of the data in seconds (for tests and smoke runs).
 """
 
