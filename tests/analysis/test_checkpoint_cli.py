@@ -86,6 +86,8 @@ def test_preset_data_matches_task(runs, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     src = summary["source"]
     assert src["preset_data"] == 5 and 0.0 <= src["metrics"]["accuracy"] <= 1.0
+    html = (out / "report.html").read_text()  # the metrics as a table, not a Python dict
+    assert "<td>accuracy</td>" in html and "{&#x27;accuracy&#x27;" not in html and "{'accuracy'" not in html
     assert len(summary["records"]) == 5 and all(r["mean_path_length"] is None for r in summary["records"])
     # more examples than the test split has: all of them
     assert main(["analyze", str(runs["text"]), "--preset-data", "1000", "--out", str(out)]) == 0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
-from sklearn.datasets import make_swiss_roll
+from sklearn.datasets import make_s_curve, make_swiss_roll
 from sklearn.decomposition import PCA
 
 from levyattn import fractional_attention
@@ -18,30 +18,59 @@ def roll():
     return make_swiss_roll(1000, noise=0.0, random_state=0)
 
 
+def _first_rho(params, X, t):
+    """|Spearman| of the embedding's first coordinate against the manifold's parameter t."""
+    return abs(spearmanr(DiffusionMap(**params).fit_transform(X)[:, 0], t)[0])
+
+
+SHAPES = {
+    "swiss roll": lambda: make_swiss_roll(1000, noise=0.0, random_state=0),
+    "noisy swiss roll": lambda: make_swiss_roll(1000, noise=0.5, random_state=0),
+    "swiss roll with a hole": lambda: make_swiss_roll(1000, noise=0.0, random_state=0, hole=True),
+    "S-curve": lambda: make_s_curve(1000, noise=0.1, random_state=0),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_defaults_follow_the_manifold(shape):
+    # Measured |Spearman| with the defaults (Gaussian member, alpha = 2): 1.000, 0.969, 0.999,
+    # 0.999; PCA's first component: 0.20, 0.19, 0.23, 0.91.
+    X, t = SHAPES[shape]()
+    assert _first_rho({}, X, t) >= 0.95
+
+
 @pytest.mark.parametrize("params", [dict(kernel="gaussian"), dict(alpha=1.2, d_intrinsic=10)])
 def test_swiss_roll_unrolls(roll, params):
     X, angle = roll
-    first = DiffusionMap(**params).fit_transform(X)[:, 0]
-    rho = abs(spearmanr(first, angle)[0])
+    rho = _first_rho(params, X, angle)
     rho_pca = abs(spearmanr(PCA(1).fit_transform(X)[:, 0], angle)[0])
     # The Lévy kernel needs a steep enough tail (d_M + alpha = 11.2) not to jump across the
-    # roll's layers; with d_M = 3 (ambient) the first coordinate does not follow the roll.
+    # roll's layers.
     assert rho >= 0.95 and rho_pca < 0.5, (rho, rho_pca)
 
 
-def test_noisy_circle_angle_up_to_rotation_and_reflection():
+@pytest.mark.parametrize("d_intrinsic", [None, 2])
+def test_heavy_tail_does_not_unroll(roll, d_intrinsic):
+    # With d_M = 3 (ambient) or 2 (intrinsic) the power law jumps between the roll's layers:
+    # measured 0.19, no better than PCA (0.20). This is why alpha = 2 is the default.
+    X, angle = roll
+    assert _first_rho(dict(alpha=1.2, d_intrinsic=d_intrinsic), X, angle) < 0.5
+
+
+# Measured median / largest angle error (radians): 0.082 / 0.48 with the defaults (the local
+# Gaussian sees the gaps of 300 random points; 0.028 / 0.14 at 1000 points), 0.023 / 0.11 at alpha 1.2.
+@pytest.mark.parametrize(("params", "median_bound", "max_bound"), [({}, 0.1, 0.6), (dict(alpha=1.2), 0.05, 0.3)])
+def test_noisy_circle_angle_up_to_rotation_and_reflection(params, median_bound, max_bound):
     rng = np.random.default_rng(0)
     theta = rng.uniform(0, 2 * np.pi, 300)
     X = np.c_[np.cos(theta), np.sin(theta)] + 0.03 * rng.normal(size=(300, 2))
-    E = DiffusionMap(alpha=1.2).fit_transform(torch.from_numpy(X))
+    E = DiffusionMap(**params).fit_transform(torch.from_numpy(X))
     phase = np.arctan2(E[:, 1], E[:, 0])
     errors = [
-        np.abs(np.angle(np.exp(1j * (s * phase - theta - o))))
-        for s in (1, -1)
-        for o in np.linspace(0, 2 * np.pi, 721)
+        np.abs(np.angle(np.exp(1j * (s * phase - theta - o)))) for s in (1, -1) for o in np.linspace(0, 2 * np.pi, 721)
     ]
     best = min(errors, key=np.median)
-    assert np.median(best) < 0.05 and best.max() < 0.3
+    assert np.median(best) < median_bound and best.max() < max_bound
 
 
 def test_nystrom_and_distances():

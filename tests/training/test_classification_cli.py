@@ -1,4 +1,4 @@
-"""Presets, the classification task on digits, sweeps (table/JSON/CSV, skip on re-run) and the demo."""
+"""Presets, the classification task on digits and sweeps (table/JSON/CSV, skip on re-run)."""
 
 from __future__ import annotations
 
@@ -146,17 +146,6 @@ def test_sweep_with_restarts(tmp_path, capsys):
         assert kept["final_train_loss"] == min(r["final_train_loss"] for r in pair)
     kept_mean = sum(r["accuracy"] for r in data["runs"] if r["selected"]) / 2
     assert data["summary"][0]["accuracy_mean"] == pytest.approx(kept_mean)
-
-
-def test_demo_quick_writes_the_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    report = tmp_path / "report.html"
-    assert str(report.resolve()) in out
-    html = report.read_text()
-    assert "data:image/png;base64" in html and "softmax" in html and "alpha=1.2" in html
-    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
-    assert {r["variant"] for r in rows} == {"FNA alpha=1.2", "FNA alpha=2", "softmax"}
 
 
 def test_progress_bars_stay_off_a_stderr_that_is_not_a_terminal(tmp_path, capsys):

@@ -3,8 +3,8 @@
 From a point cloud ``X`` (N, d):
 
 1. ``log K_ij = log Phi_alpha(dist(x_i, x_j))`` through :func:`levyattn.kernels.log_kernel`
-   (``rescale=False``: distances in the data's units; ``kernel="gaussian"`` is the alpha = 2
-   kernel ``exp(-|x - y|^2 / eps)``).
+   (``rescale=False``: distances in the data's units). The default alpha = 2 is the Gaussian
+   kernel ``exp(-|x - y|^2 / eps)`` (also ``kernel="gaussian"``); ``alpha < 2`` the power law.
 2. Density normalisation with exponent ``density_a`` (1: the Laplace-Beltrami normalisation,
    which makes the embedding reflect the manifold's geometry and not the sampling density;
    FNA attention itself uses 0): ``log K~_ij = log K_ij - a log q_i - a log q_j`` with
@@ -62,30 +62,45 @@ class DiffusionMap:
     Args:
         n_components: embedding dimension m >= 1.
         t: diffusion time (number of steps) >= 0; coordinates are scaled by ``lambda^t``.
-        alpha: Lévy index of the FNA kernel in (0, 2] (2 = Gaussian). Ignored for
-            ``kernel="gaussian"`` (alpha = 2) and ``"precomputed"``.
-        kernel: "fna", "gaussian" or "precomputed" (``fit`` takes an (N, N) Markov matrix).
+        alpha: Lévy index of the FNA kernel in (0, 2]. The default 2 is its Gaussian member
+            ``exp(-|x - y|^2 / eps)``, the classic diffusion map, which follows the data's
+            manifold; ``alpha < 2`` (e.g. 1.2, the FNA default elsewhere) gives the power-law
+            kernel, whose heavy tail jumps across the ambient gaps between nearby sheets of a
+            manifold (see the note below). Ignored for ``kernel="gaussian"`` (alpha = 2) and
+            ``"precomputed"``.
+        kernel: "fna", "gaussian" (the same as "fna" at alpha = 2) or "precomputed" (``fit``
+            takes an (N, N) Markov matrix).
         bandwidth: eps > 0 as in docs/operator.md (length scale ``eps**(1/alpha)``), or "auto": the
             length scale is the median distance of a point to its ``n_neighbors``-th nearest
             neighbour and ``eps = scale**alpha``.
         density_a: Coifman-Lafon density normalisation exponent in [0, 1].
         manifold: "euclidean" or "sphere" (geodesic distances on the sphere of
             ``sphere_radius``; points are projected onto it).
-        d_intrinsic: d_M in the FNA exponent ``-(d_M + alpha)``; default the ambient
-            dimension d (d - 1 on the sphere). Set it to the data's intrinsic dimension.
+        d_intrinsic: d_M in the FNA exponent ``-(d_M + alpha)`` for alpha < 2; default the
+            ambient dimension d (d - 1 on the sphere). Larger values steepen the tail. No effect
+            at alpha = 2.
         n_neighbors: for ``bandwidth="auto"``.
 
     Attributes after ``fit``: ``eigenvalues_`` (m,) (complex for a non-reversible matrix),
     ``eigenvectors_`` (N, m) right eigenvectors psi (complex when non-reversible),
     ``embedding_`` (N, m) real coordinates, ``stationary_`` (N,), ``markov_`` (N, N),
     ``reversible_``, ``bandwidth_`` (eps used, None when precomputed).
+
+    The power-law kernel and the manifold: with ``alpha < 2`` every point keeps a weight
+    ``~ r^-(d_M + alpha)`` for points an ambient distance r away, across the gap between two
+    sheets as well as along the manifold, so the walk takes shortcuts and the embedding
+    follows the ambient shape. On scikit-learn's Swiss roll (1000 points, no noise) the first
+    coordinate's |Spearman| with the roll's parameter is 1.00 at the default alpha = 2, 0.19
+    at alpha 1.2 with d_M = 3 (PCA: 0.20), 0.19 with d_M = 2 (the roll's intrinsic dimension,
+    what an intrinsic-dimension estimator would give), 0.997 with d_M = 10 (a tail steep
+    enough to act locally). Use alpha < 2 for its multiscale walk, not to unroll a manifold.
     """
 
     def __init__(
         self,
         n_components: int = 2,
         t: int = 1,
-        alpha: float = 1.2,
+        alpha: float = 2.0,
         kernel: str = "fna",
         bandwidth: float | str = "auto",
         density_a: float = 1.0,

@@ -44,19 +44,32 @@ def plot_spectrum(spectra: Mapping[str, np.ndarray], path: str | os.PathLike, ti
     return _save(fig, path)
 
 
-def plot_attention(P: np.ndarray, path: str | os.PathLike, title: str = "Attention") -> Path:
-    """Heatmap of one (N, N) matrix on a log scale (attention spans orders of magnitude)."""
-    from matplotlib.colors import LogNorm
+def draw_attention(fig, ax, P: np.ndarray, title: str = "Attention", floor: float = 1e-12) -> None:
+    """One (N, N) matrix as a heatmap on ``ax`` with its colour bar and integer ticks: on a log
+    scale when the weights span two decades or more (weights below ``floor`` show as ``floor``),
+    else on a linear scale from 0."""
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.ticker import MaxNLocator
 
-    fig = _figure(5, 4.2)
-    ax = fig.add_subplot()
     positive = P[P > 0]
-    low = max(float(positive.min()) if positive.size else 1e-12, 1e-12)
-    image = ax.imshow(np.clip(P, low, None), norm=LogNorm(vmin=low, vmax=max(float(P.max()), low * 10)), cmap="viridis")
+    low = max(float(positive.min()) if positive.size else floor, floor)
+    high = max(float(P.max()), low)
+    if high >= 100 * low:
+        image = ax.imshow(np.clip(P, low, None), norm=LogNorm(vmin=low, vmax=high), cmap="viridis")
+    else:
+        image = ax.imshow(P, norm=Normalize(vmin=0.0, vmax=high if high > 0 else 1.0), cmap="viridis")
     fig.colorbar(image, ax=ax, label="P_ij")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=6, integer=True))
     ax.set_xlabel("key j")
     ax.set_ylabel("query i")
     ax.set_title(title)
+
+
+def plot_attention(P: np.ndarray, path: str | os.PathLike, title: str = "Attention") -> Path:
+    """Heatmap of one (N, N) matrix with its colour bar (scales as in :func:`draw_attention`)."""
+    fig = _figure(5, 4.2)
+    draw_attention(fig, fig.add_subplot(), P, title)
     return _save(fig, path)
 
 

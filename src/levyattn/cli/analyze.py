@@ -449,10 +449,11 @@ def run(args: argparse.Namespace) -> int:
         for h in summary["heads"]
     ]
     source_text = []
+    metrics = source.get("metrics", {}) if "preset_data" in source else {}
     if source:
         source_text.append(
             f"Model: {source['model_type']} from {source['checkpoint']} (step {source.get('global_step')}), "
-            + (f"on the first {source['preset_data']} test examples of its preset; metrics {source['metrics']}"
+            + (f"on the first {source['preset_data']} test examples of its preset"
                if "preset_data" in source else f"on --input {source.get('input')}")
         )
     write_html_report(
@@ -464,12 +465,14 @@ def run(args: argparse.Namespace) -> int:
                 "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
                 "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
                 rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
+            *([Section("Model metrics on these examples", header=["metric", "value"],
+                       rows=[[k, v] for k, v in metrics.items()])] if metrics else []),
             Section(f"Figures (batch {args.batch}, head {args.head})", text=notes, figures=figures),
         ],
         note=f"{sum(t.shape[0] * t.shape[1] for t in tensors.values())} matrices from {args.input}",
     )
     if source_text:
-        print(source_text[0])
+        print(source_text[0] + "".join(f"; {k} {_fmt(v)}" for k, v in metrics.items()))
     widths = [max(len(header[i]), *(len(_fmt(r[i])) for r in rows)) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,8 @@ from levyattn.io import atomic_write_text
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3}td.num{text-align:right;white-space:nowrap}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}.note{color:#555;font-size:.9em}
 """
 
@@ -33,10 +34,17 @@ class Section:
     figures: Sequence[str | os.PathLike] = field(default_factory=list)
 
 
+# A number, possibly signed, with a spread or an interval ("0.9657 ± 0.0058", "+0.01 to +0.20").
+_NUMERIC = re.compile(r"^[+\-]?(\d+\.?\d*|\.\d+)(e[+\-]?\d+)?(\s*(±|to)\s*[+\-]?(\d+\.?\d*|\.\d+)(e[+\-]?\d+)?)?$")
+
+
 def _cell(value: object) -> str:
+    """One ``<td>``: numbers right-aligned (floats to 4 significant digits), text left."""
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return html.escape(str(value))
+        return f"<td class='num'>{value:.4g}</td>"
+    text = str(value)
+    numeric = isinstance(value, int) or _NUMERIC.match(text.strip()) is not None
+    return f"<td class='num'>{html.escape(text)}</td>" if numeric else f"<td>{html.escape(text)}</td>"
 
 
 def render(title: str, sections: Sequence[Section], note: str = "") -> str:
@@ -51,7 +59,7 @@ def render(title: str, sections: Sequence[Section], note: str = "") -> str:
         parts.extend(f"<p>{html.escape(t)}</p>" for t in sec.text)
         if sec.rows:
             head = "".join(f"<th>{html.escape(str(h))}</th>" for h in sec.header)
-            body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in sec.rows)
+            body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in sec.rows)
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         for fig in sec.figures:
             data = base64.b64encode(Path(fig).read_bytes()).decode("ascii")
