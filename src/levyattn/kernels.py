@@ -92,11 +92,22 @@ def log_phi_from_sq(
     return log_phi(_safe_sqrt(sq) / kappa, alpha, bandwidth, d_intrinsic)
 
 
-def center(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def center(
+    q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift q and k by the mean key: distances are unchanged, cancellation in
     ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
-    depend on it, so gradients are unchanged)."""
-    shift = k.detach().mean(dim=-2, keepdim=True)
+    depend on it, so gradients are unchanged).
+
+    ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean (a key
+    that no query sees, e.g. padding, could be far away and spoil the conditioning of the
+    others). Non-finite keys never enter it. With no key left, the shift is 0."""
+    keys = k.detach()
+    used = torch.isfinite(keys).all(-1, keepdim=True)  # (..., Nk, 1)
+    if key_used is not None:
+        used = used & key_used.unsqueeze(-1)
+    count = used.sum(-2, keepdim=True).clamp_min(1)
+    shift = torch.where(used, keys, 0).sum(-2, keepdim=True) / count
     return q - shift, k - shift
 
 

@@ -41,6 +41,8 @@ def unsupported(call: AttentionCall, q: torch.Tensor, needs_grad: bool) -> str |
         value = getattr(call, name)
         if isinstance(value, torch.Tensor) and value.requires_grad and needs_grad:
             return f"the flex backend cannot differentiate a learnable {name}; use backend='tiled'"
+    if call.attn_mask is not None and call.attn_mask.requires_grad and needs_grad:
+        return "the flex backend cannot differentiate a float attn_mask (a learnable bias); use backend='tiled'"
     return None
 
 
