@@ -92,9 +92,7 @@ def log_phi_from_sq(
     return log_phi(_safe_sqrt(sq) / kappa, alpha, bandwidth, d_intrinsic)
 
 
-def center(
-    q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def center(q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift q and k by the mean key: distances are unchanged, cancellation in
     ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
     depend on it, so gradients are unchanged).
