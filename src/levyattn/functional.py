@@ -5,9 +5,9 @@ Backends and the ``auto`` rule
 ------------------------------
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
 - ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU in
-  float32 and float64 its Euclidean path (float alpha and bandwidth, no density term) runs a fused
-  C++ kernel built on first use (:mod:`levyattn.backends.fused_cpu`; ``LEVYATTN_COMPILE=0`` to
-  disable).
+  float32 and float64 its Euclidean path (float alpha and bandwidth, no density term, no float
+  mask that requires grad) runs a fused C++ kernel built on first use
+  (:mod:`levyattn.backends.fused_cpu`; ``LEVYATTN_COMPILE=0`` to disable).
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 
@@ -22,7 +22,13 @@ for one decoding query the two trade places from run to run). Naming a backend t
 compute a call raises ``ValueError``: no backend silently computes different math.
 
 Precision: float16 and bfloat16 inputs are computed in float32 by ``reference`` and
-``tiled`` (and by every backend on the CPU), and the result is cast back.
+``tiled`` (and by every backend on the CPU), and the result is cast back. Tensor alpha and
+bandwidth are computed in that dtype too (their gradients come back in their own).
+
+Every backend computes the same function, on every input: non-finite values, empty
+dimensions and every gradient included (see :func:`fractional_attention`); the non-finite
+rule is applied here, once, around whichever backend runs. ``tests/backends`` holds them to
+``reference``.
 """
 
 from __future__ import annotations

@@ -97,15 +97,16 @@ def center(q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = Non
     ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
     depend on it, so gradients are unchanged).
 
-    ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean (a key
-    that no query sees, e.g. padding, could be far away and spoil the conditioning of the
-    others). Non-finite keys never enter it. With no key left, the shift is 0."""
+    ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean, so a key
+    that no query sees (padding: far away, or garbage) cannot spoil the conditioning of the
+    others. With none left, the shift is 0. k must be finite (``fractional_attention`` replaces
+    non-finite entries before it gets here)."""
     keys = k.detach()
-    used = torch.isfinite(keys).all(-1, keepdim=True)  # (..., Nk, 1)
-    if key_used is not None:
-        used = used & key_used.unsqueeze(-1)
-    count = used.sum(-2, keepdim=True).clamp_min(1)
-    shift = torch.where(used, keys, 0).sum(-2, keepdim=True) / count
+    if key_used is None:
+        shift = keys.mean(dim=-2, keepdim=True)
+    else:
+        weights = key_used.expand(keys.shape[:-1]).to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
+        shift = (weights @ keys) / weights.sum(-1, keepdim=True).clamp_min(1)
     return q - shift, k - shift
 
 

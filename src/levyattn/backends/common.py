@@ -166,11 +166,14 @@ def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Atte
     also on the column sums C_j of those keys, which depend on every query that sees key j and
     on its mask entries. Computed in blocks of rows: memory O(block * Nk), like ``tiled``.
     """
-    bad_mask = nonfinite_mask_entries(call.attn_mask)
-    flags = [torch.isfinite(x).all() for x in (q, k, v)]
-    if bad_mask is not None:
-        flags.append(~bad_mask.any())
-    if bool(torch.stack(flags).all()):
+    # One fast pass over each first: a sum is finite when every term is (a sum of finite values
+    # that overflows only sends the call on to the exact check below); amax propagates NaN, so
+    # an additive mask without NaN and +inf has amax < inf.
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = [x.detach().sum(dtype=wide) for x in (q, k, v)]
+    if call.attn_mask is not None and call.attn_mask.is_floating_point() and call.attn_mask.numel():
+        sums.append(call.attn_mask.detach().amax().clamp_min(0).to(wide))
+    if bool(torch.isfinite(torch.stack(sums)).all()):
         return None
     (batch, heads, nq, _), nk = q.shape, k.shape[-2]
     bad_q = ~torch.isfinite(q.detach()).all(-1)  # (B, H, Nq)
