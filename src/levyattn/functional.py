@@ -5,9 +5,9 @@ Backends and the ``auto`` rule
 ------------------------------
 - ``reference``: materialises the weights; the ground truth; the only one returning weights.
 - ``tiled``: query blocks with recomputation in backward; memory linear in Nq. On the CPU in
-  float32 and float64 its Euclidean path (float alpha and bandwidth, no density term, no float
-  mask that requires grad) runs a fused C++ kernel built on first use
-  (:mod:`levyattn.backends.fused_cpu`; ``LEVYATTN_COMPILE=0`` to disable).
+  float32 and float64 its Euclidean path (float alpha and bandwidth, no density term) runs a fused
+  C++ kernel built on first use (:mod:`levyattn.backends.fused_cpu`; ``LEVYATTN_COMPILE=0`` to
+  disable).
 - ``sdpa``: alpha == 2 on the Euclidean manifold, through PyTorch's fused softmax attention.
 - ``flex``: FlexAttention ``score_mod``, any alpha; training on GPU, inference on CPU.
 

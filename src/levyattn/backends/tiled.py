@@ -12,7 +12,9 @@ The Euclidean hot path (float alpha and bandwidth, no density term) writes the c
 out instead. On the CPU in float32 and float64 it runs the fused C++ kernel
 (:mod:`levyattn.backends.fused_cpu`: query x key blocks that stay in cache, as PyTorch's own
 CPU attention kernel does) unless ``LEVYATTN_COMPILE=0`` or its build failed; otherwise, and on
-the GPU, the tile loop below.
+the GPU, the tile loop below. A float mask that requires grad (a learnable bias) gets its
+gradient from the fused kernel, or from the generic tile loop (``_TiledFNA``), whose backward
+differentiates the mask with the rest of the logits.
 
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
@@ -344,10 +346,10 @@ class _EuclideanFNA(torch.autograd.Function):
 
 
 def _is_hot_path(call: AttentionCall) -> bool:
-    """Euclidean, float alpha and bandwidth, no density term, no mask to differentiate: the
-    chain rule written out (the fused CPU kernel, or :class:`_EuclideanFNA`)."""
+    """Euclidean, float alpha and bandwidth, no density term: the chain rule written out (the
+    fused CPU kernel, or :class:`_EuclideanFNA` when no mask is to be differentiated)."""
     floats = not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor)
-    return call.manifold == "euclidean" and floats and not call.density_a and not _mask_needs_grad(call)
+    return call.manifold == "euclidean" and floats and not call.density_a
 
 
 def _mask_needs_grad(call: AttentionCall) -> bool:
@@ -371,7 +373,7 @@ def attention(
     if not block:
         block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
-    if _is_hot_path(call):
+    if _is_hot_path(call) and not _mask_needs_grad(call):
         return _EuclideanFNA.apply(q, k, v, call, block)
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
