@@ -204,8 +204,7 @@ def fractional_attention(
         raise ValueError(f"backend={chosen!r} cannot compute this call: {reason}")
 
     dtype = q.dtype
-    computed = _computed_dtype(q, chosen)
-    if computed != dtype:
+    if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
     call = _parameters_as(call, q)
     poisoned = nonfinite_rows(q, k, v, call)

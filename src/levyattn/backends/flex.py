@@ -152,9 +152,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     bandwidth = _per_head(kw.pop("bandwidth"), heads, q.device, wide)
     kap = _per_head(kw.pop("kappa"), heads, q.device, wide)
     sphere = call.manifold == "sphere"
-    user = call.attn_mask
-    if user is not None:
-        user = user.reshape((1,) * (4 - user.dim()) + tuple(user.shape))
+    user = call.attn_mask  # 4-D (fractional_attention gives it its leading 1s)
     additive = _indexer(user) if user is not None and user.dtype != torch.bool else None
     keep = _indexer(user) if user is not None and user.dtype == torch.bool else None
     offset = nk - nq
