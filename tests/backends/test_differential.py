@@ -47,8 +47,8 @@ PROFILE = os.environ.get("LEVYATTN_HYPOTHESIS_PROFILE", "ci")
 TOLERANCE = {
     torch.float64: (1e-9, 1e-9),
     torch.float32: (2e-5, 2e-4),
-    torch.float16: (4e-3, None),
-    torch.bfloat16: (2e-2, None),
+    torch.float16: (4e-3, 2e-2),
+    torch.bfloat16: (2e-2, 1e-1),
 }
 COUNTS: collections.Counter = collections.Counter()
 
@@ -73,7 +73,7 @@ def calls(draw):
         exclude_self=draw(st.booleans()),
         density_a=draw(st.sampled_from([0.0, 0.0, 0.0, 0.5, 1.0])),
     )
-    alpha_kind = draw(st.sampled_from(["float", "float", "gaussian", "tensor", "learnable"]))
+    alpha_kind = draw(st.sampled_from(["float", "gaussian", "gaussian", "tensor", "learnable"]))
     alpha_value = draw(st.floats(0.3, 2.0))
     bandwidth_kind = draw(st.sampled_from(["float", "float", "tensor", "learnable"]))
     bandwidth_value = draw(st.floats(0.2, 3.0))
@@ -234,10 +234,9 @@ def test_every_backend_computes_the_reference_function(case):
             problems.append(f"{path}: {type(err).__name__}: {err}")
             continue
         found = [_agree("output", out, ref_out, out_tol)]
-        if finite_inputs and not torch.isfinite(out).all():
-            found.append("output: NaN/Inf from finite inputs")
-        if grad_tol is not None:
-            found += [_agree(f"grad {n}", grads.get(n), g, grad_tol) for n, g in ref_grads.items()]
+        if finite_inputs and not all(torch.isfinite(x).all() for x in (out, *grads.values()) if x is not None):
+            found.append("NaN/Inf from finite inputs")
+        found += [_agree(f"grad {n}", grads.get(n), g, grad_tol) for n, g in ref_grads.items()]
         found = [f"{path}: {f}" for f in found if f]
         if found:
             COUNTS["silent wrong results"] += 1
