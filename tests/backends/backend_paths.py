@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from unittest import mock
 
 import levyattn.backends.fused_cpu as fused_cpu
@@ -32,6 +33,7 @@ def on_path(path: str):
     ``backend=`` value to pass."""
     env = {"LEVYATTN_COMPILE": "0" if path in ("tile loop", "reference") else "1"}
     with (
+        warnings.catch_warnings(),
         mock.patch.dict(os.environ, env),
         mock.patch.object(tiled, "block_size", lambda *a, **k: 3),
         mock.patch.object(tiled, "CAUSAL_TILE_ROWS", 3),
@@ -39,4 +41,6 @@ def on_path(path: str):
         mock.patch.object(fused_cpu, "query_block", lambda nq: 3),
         mock.patch.object(flex, "_compiled_flex", _eager_flex),
     ):
+        # Uncompiled on purpose (see above): PyTorch's advice to compile is not news here.
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
         yield {"reference": "reference", "tile loop": "tiled", "fused kernel": "tiled"}.get(path, path)
