@@ -38,9 +38,9 @@ from hypothesis import strategies as st
 from levyattn import fractional_attention
 
 settings.register_profile(
-    "ci", max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "ci", max_examples=500, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("thorough", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=10000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("LEVYATTN_HYPOTHESIS_PROFILE", "ci")
 
 # Output tolerance relative to the largest reference value, and the gradients'.
