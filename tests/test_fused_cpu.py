@@ -277,3 +277,18 @@ def test_training_with_the_kernel_matches_the_tile_loop(fused, monkeypatch):
     monkeypatch.delenv("LEVYATTN_COMPILE")
     torch.testing.assert_close(losses(), tile_loop, rtol=1e-5, atol=1e-6)
     assert fused
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 11, 19), (2, 1, 1, 19), (19,)])
+def test_the_kernel_differentiates_a_learnable_mask(fused, shape):
+    """The gradient of a float mask is dS summed over the dimensions it was broadcast along."""
+    q, k, v = make_qkv(nq=11, nk=19)
+    g = torch.Generator().manual_seed(3)
+    grads = []
+    for backend in ("reference", "tiled"):
+        bias = torch.randn(shape, generator=g.manual_seed(3), dtype=torch.float64, requires_grad=True)
+        out = fractional_attention(q, k, v, attn_mask=bias, is_causal=True, exclude_self=True, backend=backend)
+        out.pow(2).sum().backward()
+        grads.append(bias.grad)
+    assert fused, "the kernel did not run"
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)

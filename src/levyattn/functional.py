@@ -22,15 +22,29 @@ for one decoding query the two trade places from run to run). Naming a backend t
 compute a call raises ``ValueError``: no backend silently computes different math.
 
 Precision: float16 and bfloat16 inputs are computed in float32 by ``reference`` and
-``tiled`` (and by every backend on the CPU), and the result is cast back.
+``tiled`` (and by every backend on the CPU), and the result is cast back. Tensor alpha and
+bandwidth are computed in that dtype too (their gradients come back in their own).
+
+Every backend computes the same function, on every input: non-finite values, empty
+dimensions and every gradient included (see :func:`fractional_attention`); the non-finite
+rule is applied here, once, around whichever backend runs. ``tests/backends`` holds them to
+``reference``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from levyattn.backends import flex, reference, sdpa, tiled
-from levyattn.backends.common import LOW_PRECISION, AttentionCall
+from levyattn.backends.common import (
+    LOW_PRECISION,
+    AttentionCall,
+    finite_or_zero,
+    mask_without_nonfinite,
+    nonfinite_rows,
+)
 from levyattn.config import (
     Scalar,
     check_alpha,
@@ -65,8 +79,8 @@ def _check_tensors(q, k, v) -> None:
             "q, k and v need the same (batch, heads), got "
             f"{tuple(q.shape[:2])}, {tuple(k.shape[:2])}, {tuple(v.shape[:2])}"
         )
-    if q.shape[-1] == 0 or k.shape[-2] == 0:
-        raise ValueError(f"head dim and key length must be > 0, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"head dim must be > 0, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
@@ -87,7 +101,8 @@ def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, Nq, Nk) = {target}"
         )
-    return attn_mask
+    # Backends index the mask by (batch, head, query, key): give it its leading 1s (a view).
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
 def _per_head(name: str, value: Scalar, q: torch.Tensor) -> Scalar:
@@ -145,7 +160,18 @@ def fractional_attention(
 
     Returns:
         (B, H, Nq, dv) output, or (output, weights). A query with no allowed key gets
-        output 0 and weights 0.
+        output 0 and weights 0; so does every query when Nk = 0. An empty batch, head,
+        query or value dimension gives an empty output; gradients there are 0.
+
+    Non-finite inputs (every backend, as ``reference``):
+        Output row i depends on q_i and, for every key j that the masks let through (bool
+        True, additive not -inf, causal, self-pair), on k_j, v_j and the mask entry (i, j);
+        with ``density_a`` also on every query and mask entry that reaches such a key's
+        column sum. Masked-out pairs never influence anything. A row (output and weights,
+        every column) is NaN exactly when a value it depends on is NaN or +-Inf, or is a NaN
+        or +inf additive mask entry (+inf is no weight: ``Phi * e**inf`` has no row
+        normalisation). Non-finite inputs get gradient 0, and NaN rows pass no gradient
+        back, so the other rows' gradients stay those of the finite inputs.
     """
     _check_tensors(q, k, v)
     if backend not in BACKENDS:
@@ -165,7 +191,7 @@ def fractional_attention(
     if return_weights and backend not in ("auto", "reference"):
         raise ValueError(f"return_weights=True needs backend 'reference' or 'auto', got {backend!r}")
     needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, call.alpha, call.bandwidth) if isinstance(t, torch.Tensor)
+        t.requires_grad for t in (q, k, v, call.alpha, call.bandwidth, call.attn_mask) if isinstance(t, torch.Tensor)
     )
     chosen = backend if backend != "auto" else _auto(call, q, needs_grad, return_weights)
     if chosen == "sdpa":
@@ -180,8 +206,16 @@ def fractional_attention(
     dtype = q.dtype
     if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
+    call = _parameters_as(call, q)
+    poisoned = nonfinite_rows(q, k, v, call)
+    if poisoned is not None:
+        # Computed on the finite values; the rows that depend on the others become NaN below.
+        q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+        call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
     weights = None
-    if chosen == "reference":
+    if 0 in (*q.shape[:3], k.shape[-2], v.shape[-1]):
+        out, weights = _empty_result(q, k, v, call)
+    elif chosen == "reference":
         out, weights = reference.attention(q, k, v, call, return_weights)
     elif chosen == "tiled":
         out = tiled.attention(q, k, v, call)
@@ -189,10 +223,34 @@ def fractional_attention(
         out = sdpa.attention(q, k, v, call, needs_grad)
     else:
         out = flex.attention(q, k, v, call)
+    if poisoned is not None:
+        out = out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
     out = out.to(dtype)
     if return_weights:
+        if poisoned is not None:
+            weights = weights.masked_fill(poisoned.unsqueeze(-1), float("nan"))
         return out, weights.to(dtype)
     return out
+
+
+def _parameters_as(call: AttentionCall, q: torch.Tensor) -> AttentionCall:
+    """The call with tensor alpha and bandwidth on q's device and in q's dtype (differentiably:
+    a float64 parameter of a float32 model gets its gradient as float64)."""
+    alpha, bandwidth = (
+        x.to(device=q.device, dtype=q.dtype) if isinstance(x, torch.Tensor) else x for x in (call.alpha, call.bandwidth)
+    )
+    return dataclasses.replace(call, alpha=alpha, bandwidth=bandwidth)
+
+
+def _empty_result(q, k, v, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, H, Nq, dv) and weights (B, H, Nq, Nk) of a call with an empty dimension: zeros
+    (no key: output 0), differentiable with gradient 0 for every input."""
+    inputs = (q, k, v, call.alpha, call.bandwidth, call.attn_mask)
+    # The sum of no elements of each input: 0, in the graph of every input that requires grad.
+    zero = sum(x.reshape(-1)[:0].sum() for x in inputs if isinstance(x, torch.Tensor) and x.is_floating_point())
+    out = q.new_zeros(*q.shape[:3], v.shape[-1]) + zero.to(q.dtype)
+    weights = q.new_zeros(*q.shape[:3], k.shape[-2]) + zero.to(q.dtype)
+    return out, weights
 
 
 def _computed_dtype(q: torch.Tensor, backend: str) -> torch.dtype:

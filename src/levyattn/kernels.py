@@ -92,11 +92,21 @@ def log_phi_from_sq(
     return log_phi(_safe_sqrt(sq) / kappa, alpha, bandwidth, d_intrinsic)
 
 
-def center(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def center(q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Shift q and k by the mean key: distances are unchanged, cancellation in
     ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
-    depend on it, so gradients are unchanged)."""
-    shift = k.detach().mean(dim=-2, keepdim=True)
+    depend on it, so gradients are unchanged).
+
+    ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean, so a key
+    that no query sees (padding: far away, or garbage) cannot spoil the conditioning of the
+    others. With none left, the shift is 0. k must be finite (``fractional_attention`` replaces
+    non-finite entries before it gets here)."""
+    keys = k.detach()
+    if key_used is None:
+        shift = keys.mean(dim=-2, keepdim=True)
+    else:
+        weights = key_used.expand(keys.shape[:-1]).to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
+        shift = (weights @ keys) / weights.sum(-1, keepdim=True).clamp_min(1)
     return q - shift, k - shift
 
 

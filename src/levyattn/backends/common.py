@@ -53,10 +53,19 @@ class AttentionCall:
         return not isinstance(self.alpha, torch.Tensor) and self.alpha >= 2
 
     def prepare(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Once per call, before tiling: centre (Euclidean) so distances are well conditioned."""
+        """Once per call, before tiling: centre (Euclidean) so distances are well conditioned,
+        on the keys that the user's mask leaves to some query."""
         if self.manifold == "euclidean":
-            return center_on_keys(q, k)
+            return center_on_keys(q, k, self.keys_in_use())
         return q, k
+
+    def keys_in_use(self) -> torch.Tensor | None:
+        """Bool, broadcastable to (B, H, Nk): the keys the user's mask keeps for at least one
+        query; None without a mask."""
+        if self.attn_mask is None:
+            return None
+        allowed = allowed_pairs(self.attn_mask.detach())
+        return allowed.any(-2) if allowed.dim() >= 2 else allowed
 
     def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int, nk: int | None = None) -> torch.Tensor:
         """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``
@@ -132,6 +141,72 @@ def structural_keep(
     if exclude_self:
         keep &= cols != rows
     return keep
+
+
+def allowed_pairs(mask: torch.Tensor) -> torch.Tensor:
+    """The pairs a bool (True = keep) or additive mask lets through, as bool: an additive entry
+    removes its pair only when it is -inf (NaN lets it through, and poisons it)."""
+    return mask if mask.dtype == torch.bool else mask != float("-inf")
+
+
+def nonfinite_mask_entries(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Bool of the mask's shape: the NaN and +inf entries of an additive mask (-inf removes a
+    pair); None for a bool mask or none."""
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    return ~(mask.detach() < float("inf"))
+
+
+def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor | None:
+    """The output rows that depend on a non-finite value: (B, H, Nq) bool, or None when every
+    value of q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) and the additive mask is finite.
+
+    Row i depends on q_i and, for every key j that its masks let through (bool True, additive
+    not -inf, causal, self-pair), on k_j, v_j and the mask entry (i, j); with the density term
+    also on the column sums C_j of those keys, which depend on every query that sees key j and
+    on its mask entries. Computed in blocks of rows: memory O(block * Nk), like ``tiled``.
+    """
+    # One fast pass over each first: a sum is finite when every term is (a sum of finite values
+    # that overflows only sends the call on to the exact check below); amax propagates NaN, so
+    # an additive mask without NaN and +inf has amax < inf.
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sums = [x.detach().sum(dtype=wide) for x in (q, k, v)]
+    if call.attn_mask is not None and call.attn_mask.is_floating_point() and call.attn_mask.numel():
+        sums.append(call.attn_mask.detach().amax().clamp_min(0).to(wide))
+    if bool(torch.isfinite(torch.stack(sums)).all()):
+        return None
+    (batch, heads, nq, _), nk = q.shape, k.shape[-2]
+    bad_q = ~torch.isfinite(q.detach()).all(-1)  # (B, H, Nq)
+    bad_k = ~torch.isfinite(k.detach()).all(-1)  # (B, H, Nk)
+    bad_key = bad_k | ~torch.isfinite(v.detach()).all(-1)
+    block = max(1, (1 << 22) // max(1, batch * heads * nk))
+
+    def row_blocks():
+        """(start, stop, allowed (B|1, H|1, rows, Nk), bad mask entries there or None)."""
+        for start in range(0, nq, block):
+            stop = min(nq, start + block)
+            mask = call.mask_rows(start, stop, nq, nk, q.device)
+            allowed = torch.ones((), dtype=torch.bool, device=q.device) if mask is None else allowed_pairs(mask)
+            bad = nonfinite_mask_entries(mask)
+            yield start, stop, allowed.expand(batch, heads, stop - start, nk), bad
+
+    if call.density_a:
+        bad_col = bad_k.clone()
+        for start, stop, allowed, bad in row_blocks():
+            hits = bad_q[..., start:stop, None] if bad is None else bad_q[..., start:stop, None] | bad
+            bad_col |= (allowed & hits).any(-2)
+        bad_key = bad_key | bad_col
+    rows = bad_q.clone()
+    for start, stop, allowed, bad in row_blocks():
+        hits = bad_key[..., None, :] if bad is None else bad_key[..., None, :] | bad
+        rows[..., start:stop] |= (allowed & hits).any(-1)
+    return rows
+
+
+def mask_without_nonfinite(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An additive mask with its NaN and +inf entries set to 0 (gradient 0 there); -inf stays."""
+    bad = nonfinite_mask_entries(mask)
+    return mask if bad is None else torch.where(bad, 0.0, mask)
 
 
 def combine_keep(mask: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ backend serves inference and the ``tiled`` backend serves training.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,15 @@ def unsupported(call: AttentionCall, q: torch.Tensor, needs_grad: bool) -> str |
         value = getattr(call, name)
         if isinstance(value, torch.Tensor) and value.requires_grad and needs_grad:
             return f"the flex backend cannot differentiate a learnable {name}; use backend='tiled'"
+    if call.attn_mask is not None and call.attn_mask.requires_grad and needs_grad:
+        return "the flex backend cannot differentiate a float attn_mask (a learnable bias); use backend='tiled'"
     return None
+
+
+# Compiled variants of the kernel kept at once: one per static option tuple (manifold, Gaussian or
+# power law, mask kinds, d_M, ...) and shape. Past dynamo's default of 8 it would silently run
+# FlexAttention uncompiled, which materialises the (Nq, Nk) scores; past this many it warns.
+COMPILED_VARIANTS = 64
 
 
 @functools.cache
@@ -51,8 +60,34 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+def _run_compiled(*args, **kwargs) -> torch.Tensor:
+    """The compiled FlexAttention; uncompiled, with a warning, once :data:`COMPILED_VARIANTS`
+    variants exist."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS, fail_on_recompile_limit_hit=True):
+            return _compiled_flex()(*args, **kwargs)
+    except FailOnRecompileLimitHit:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        warnings.warn(
+            f"levyattn: the flex backend has reached its limit of {COMPILED_VARIANTS} compiled variants (one "
+            "per combination of options and shapes); this call runs FlexAttention uncompiled, which materialises "
+            "the (Nq, Nk) scores. Fewer distinct shapes (padding to a few lengths) or backend='tiled' avoid it.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return flex_attention(*args, **kwargs)
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernel's arithmetic for inputs of ``dtype``: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _split(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """x (float32) as [x] in dtype, or [hi, lo] with hi + lo == x to float32 accuracy."""
+    """x (float32 or float64) as [x] in dtype, or [hi, lo] with hi + lo == x to float32 accuracy."""
     if dtype not in LOW_PRECISION:
         return [x.to(dtype)]
     hi = x.to(dtype)
@@ -67,7 +102,7 @@ def _augment(q: torch.Tensor, k: torch.Tensor, manifold: str) -> tuple[torch.Ten
     if manifold == "sphere":
         return _pad16(F.normalize(q, dim=-1)), _pad16(F.normalize(k, dim=-1))
     dtype = q.dtype
-    q32, k32 = q.float(), k.float()
+    q32, k32 = q.to(_score_dtype(dtype)), k.to(_score_dtype(dtype))
     q_sq = _split((q32 * q32).sum(-1, keepdim=True), dtype)
     k_sq = _split((k32 * k32).sum(-1, keepdim=True), dtype)
     ones_q = [torch.ones_like(q[..., :1])] * len(k_sq)
@@ -77,13 +112,13 @@ def _augment(q: torch.Tensor, k: torch.Tensor, manifold: str) -> tuple[torch.Ten
     return _pad16(q_aug), _pad16(k_aug)
 
 
-def _per_head(value, num_heads: int, device) -> torch.Tensor:
-    """A float or per-head tensor as a float32 (H,) tensor, indexed by head inside score_mod.
+def _per_head(value, num_heads: int, device, dtype: torch.dtype) -> torch.Tensor:
+    """A float or per-head tensor as a (H,) tensor of ``dtype``, indexed by head inside score_mod.
 
     Tensors rather than Python floats: a captured float is a compile-time constant, and
     every new value of alpha would compile the kernel again.
     """
-    value = torch.as_tensor(value, dtype=torch.float32, device=device).detach()
+    value = torch.as_tensor(value, dtype=dtype, device=device).detach()
     return value.reshape(-1).expand(num_heads).contiguous() if value.numel() == 1 else value.reshape(-1).contiguous()
 
 
@@ -111,14 +146,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     q_aug, k_aug = _augment(q, k, call.manifold)
     kw = call.kernel_kwargs(head_dim)
     gaussian = call.is_gaussian
+    wide = _score_dtype(q.dtype)
     # alpha stays a Python float at exactly 2 (the Gaussian branch, one compilation).
-    alpha = kw.pop("alpha") if gaussian else _per_head(kw.pop("alpha"), heads, q.device)
-    bandwidth = _per_head(kw.pop("bandwidth"), heads, q.device)
-    kap = _per_head(kw.pop("kappa"), heads, q.device)
+    alpha = kw.pop("alpha") if gaussian else _per_head(kw.pop("alpha"), heads, q.device, wide)
+    bandwidth = _per_head(kw.pop("bandwidth"), heads, q.device, wide)
+    kap = _per_head(kw.pop("kappa"), heads, q.device, wide)
     sphere = call.manifold == "sphere"
-    user = call.attn_mask
-    if user is not None:
-        user = user.reshape((1,) * (4 - user.dim()) + tuple(user.shape))
+    user = call.attn_mask  # 4-D (fractional_attention gives it its leading 1s)
     additive = _indexer(user) if user is not None and user.dtype != torch.bool else None
     keep = _indexer(user) if user is not None and user.dtype == torch.bool else None
     offset = nk - nq
@@ -126,9 +160,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     def score_mod(score, b, h, qi, ki):
         sq = 2.0 - 2.0 * score if sphere else score
         a = alpha if gaussian else alpha[h]
-        out = log_phi_from_sq(sq.float(), alpha=a, bandwidth=bandwidth[h], kappa=kap[h], **kw)
+        out = log_phi_from_sq(sq.to(wide), alpha=a, bandwidth=bandwidth[h], kappa=kap[h], **kw)
         if additive is not None:
-            out = out + additive(b, h, qi, ki).float()
+            out = out + additive(b, h, qi, ki).to(wide)
         return out
 
     block_mask = None
@@ -152,4 +186,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
             nk,
             device=q.device,
         )
-    return _compiled_flex()(q_aug, k_aug, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+    return _run_compiled(q_aug, k_aug, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)

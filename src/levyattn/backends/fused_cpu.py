@@ -143,13 +143,19 @@ class _FusedFNA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        grads = _state["ops"].backward(grad_out, q, k, v, out, lse, mask, *ctx.flags)
-        return (*grads, None, None, None, None, None, None)
+        mask_grad = ctx.needs_input_grad[3]
+        grad_q, grad_k, grad_v, grad_mask = _state["ops"].backward(
+            grad_out, q, k, v, out, lse, mask, *ctx.flags, mask_grad
+        )
+        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
     """FNA output (B, H, Nq, dv) of centred q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
-    ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2)."""
+    ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
+
+    A float mask that requires grad gets it: the kernel returns dS (B, H, Nq, Nk), and autograd
+    sums it over the dimensions the mask was broadcast along."""
     batch, heads, nq, _ = q.shape
     mask = additive_mask(call.attn_mask, q.dtype)
     if mask is not None:

@@ -12,7 +12,9 @@ The Euclidean hot path (float alpha and bandwidth, no density term) writes the c
 out instead. On the CPU in float32 and float64 it runs the fused C++ kernel
 (:mod:`levyattn.backends.fused_cpu`: query x key blocks that stay in cache, as PyTorch's own
 CPU attention kernel does) unless ``LEVYATTN_COMPILE=0`` or its build failed; otherwise, and on
-the GPU, the tile loop below.
+the GPU, the tile loop below. A float mask that requires grad (a learnable bias) gets its
+gradient from the fused kernel, or from the generic tile loop (``_TiledFNA``), whose backward
+differentiates the mask with the rest of the logits.
 
 Density normalisation (``density_a > 0``) needs the column sums ``C_j`` over all
 queries: one extra pass computes them first, and backward adds their coupling term.
@@ -69,12 +71,16 @@ def _column_log_sums(q, k, call, block):
 
 
 class _TiledFNA(torch.autograd.Function):
+    """Any call; ``alpha``, ``bandwidth`` and ``mask`` (the call's own tensors, or None for a
+    float / no mask) are inputs so that they get gradients."""
+
     @staticmethod
-    def forward(ctx, q, k, v, alpha, bandwidth, call, block):
+    def forward(ctx, q, k, v, alpha, bandwidth, mask, call, block):
         call = dataclasses.replace(
             call,
             alpha=call.alpha if alpha is None else alpha,
             bandwidth=call.bandwidth if bandwidth is None else bandwidth,
+            attn_mask=call.attn_mask if mask is None else mask,
         )
         nq, nk = q.shape[-2], k.shape[-2]
         col_bias = None
@@ -94,14 +100,14 @@ class _TiledFNA(torch.autograd.Function):
             lse[..., start:stop] = row_lse
             weights = torch.exp(logits - finite_or_zero(row_lse).unsqueeze(-1))
             out[..., start:stop, :] = weights @ v[..., :kv, :]
-        ctx.save_for_backward(q, k, v, out, lse, log_col, alpha, bandwidth)
+        ctx.save_for_backward(q, k, v, out, lse, log_col, alpha, bandwidth, mask)
         ctx.call = call
         ctx.block = block
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, log_col, alpha, bandwidth = ctx.saved_tensors
+        q, k, v, out, lse, log_col, alpha, bandwidth, mask = ctx.saved_tensors
         call, block = ctx.call, ctx.block
         nq, nk = q.shape[-2], k.shape[-2]
         lse = finite_or_zero(lse)
@@ -115,7 +121,14 @@ class _TiledFNA(torch.autograd.Function):
 
         def block_grad_scores(weights, start, stop):  # weights: (B, H, rows, kv) for the first kv keys
             grad_weights = grad_out[..., start:stop, :] @ v[..., : weights.shape[-1], :].transpose(-1, -2)
-            return weights * (grad_weights - delta[..., start:stop].unsqueeze(-1))
+            grad_scores = weights * (grad_weights - delta[..., start:stop].unsqueeze(-1))
+            # Each row of dS sums to 0 exactly; in float32 it does not (D_i comes from the saved
+            # output), and d logit / d alpha (or bandwidth) is nearly constant along a row, so the
+            # rounding error was summed with that large constant: the gradients of alpha and
+            # bandwidth were 10-50x less accurate than ``reference``'s
+            # (benchmarks/parameter_gradients.py). Removing the row sum along P, a term with zero
+            # exact value, keeps them as accurate.
+            return grad_scores - weights * grad_scores.sum(-1, keepdim=True)
 
         coupling = None
         if call.density_a:
@@ -129,21 +142,24 @@ class _TiledFNA(torch.autograd.Function):
                     col_grad += block_grad_scores(weights, start, stop).sum(-2)
             coupling = (-call.density_a * col_grad).unsqueeze(-2)
 
-        need_q, need_k, need_v, need_alpha, need_bw = ctx.needs_input_grad[:5]
+        need_q, need_k, need_v, need_alpha, need_bw, need_mask = ctx.needs_input_grad[:6]
         grad_q = torch.zeros_like(q) if need_q else None
         grad_k = torch.zeros_like(k) if need_k else None
         grad_v = torch.zeros_like(v) if need_v else None
         grad_alpha = torch.zeros_like(alpha) if need_alpha else None
         grad_bw = torch.zeros_like(bandwidth) if need_bw else None
+        grad_mask = torch.zeros_like(mask) if need_mask else None
         k_leaf = k.detach().requires_grad_(need_k)
         alpha_leaf = alpha.detach().requires_grad_(need_alpha) if alpha is not None else None
         bw_leaf = bandwidth.detach().requires_grad_(need_bw) if bandwidth is not None else None
+        mask_leaf = mask.detach().requires_grad_(need_mask) if mask is not None else None
         leaf_call = dataclasses.replace(
             call,
             alpha=call.alpha if alpha_leaf is None else alpha_leaf,
             bandwidth=call.bandwidth if bw_leaf is None else bw_leaf,
+            attn_mask=call.attn_mask if mask_leaf is None else mask_leaf,
         )
-        inputs_wanted = [need_q, need_k, need_alpha, need_bw]
+        inputs_wanted = [need_q, need_k, need_alpha, need_bw, need_mask]
         for start in range(0, nq, block):
             stop = min(nq, start + block)
             kv = call.key_stop(stop, nq, nk)
@@ -157,7 +173,7 @@ class _TiledFNA(torch.autograd.Function):
             grad_logits = block_grad_scores(weights, start, stop)
             if coupling is not None:
                 grad_logits = grad_logits + torch.exp(raw - log_col.unsqueeze(-2)) * coupling
-            leaves = [q_leaf, k_leaf, alpha_leaf, bw_leaf]
+            leaves = [q_leaf, k_leaf, alpha_leaf, bw_leaf, mask_leaf]
             wanted = [x for x, w in zip(leaves, inputs_wanted) if w]
             if not wanted:
                 continue
@@ -170,7 +186,9 @@ class _TiledFNA(torch.autograd.Function):
                 grad_alpha += next(grads)
             if need_bw:
                 grad_bw += next(grads)
-        return grad_q, grad_k, grad_v, grad_alpha, grad_bw, None, None
+            if need_mask:
+                grad_mask += next(grads)
+        return grad_q, grad_k, grad_v, grad_alpha, grad_bw, grad_mask, None, None
 
 
 def _tile_keys_and_masks(call: AttentionCall, start: int, stop: int, nq: int, nk: int, like: torch.Tensor):
@@ -329,9 +347,13 @@ class _EuclideanFNA(torch.autograd.Function):
 
 def _is_hot_path(call: AttentionCall) -> bool:
     """Euclidean, float alpha and bandwidth, no density term: the chain rule written out (the
-    fused CPU kernel, or :class:`_EuclideanFNA`)."""
+    fused CPU kernel, or :class:`_EuclideanFNA` when no mask is to be differentiated)."""
     floats = not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor)
     return call.manifold == "euclidean" and floats and not call.density_a
+
+
+def _mask_needs_grad(call: AttentionCall) -> bool:
+    return call.attn_mask is not None and call.attn_mask.requires_grad and torch.is_grad_enabled()
 
 
 def runs_fused_kernel(call: AttentionCall, device: torch.device, dtype: torch.dtype) -> bool:
@@ -351,8 +373,9 @@ def attention(
     if not block:
         block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block
-    if _is_hot_path(call):
+    if _is_hot_path(call) and not _mask_needs_grad(call):
         return _EuclideanFNA.apply(q, k, v, call, block)
     alpha = call.alpha if isinstance(call.alpha, torch.Tensor) else None
     bandwidth = call.bandwidth if isinstance(call.bandwidth, torch.Tensor) else None
-    return _TiledFNA.apply(q, k, v, alpha, bandwidth, call, block)
+    mask = call.attn_mask if call.attn_mask is not None and call.attn_mask.is_floating_point() else None
+    return _TiledFNA.apply(q, k, v, alpha, bandwidth, mask, call, block)

@@ -11,7 +11,8 @@
 // mask: additive (0 keeps, -inf removes), (B, H, Nq, Nk) with any strides but the last (1), or
 // undefined. Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
 // Forward returns the output and the row log-sum-exp (B, H, Nq) (-inf for a fully masked row,
-// whose output is 0); backward recomputes each tile from it.
+// whose output is 0); backward recomputes each tile from it, and on request also returns the
+// gradient of the mask, dS = P (dO v^T - D), as a contiguous (B, H, Nq, Nk) tensor.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -196,10 +197,10 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   });
 }
 
-// grad_k and grad_v must come zeroed; delta_i = sum_j dO_ij O_ij.
+// grad_k, grad_v and grad_mask (nullptr: not wanted) must come zeroed; delta_i = sum_j dO_ij O_ij.
 template <typename T>
 void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
-                     T* grad_v) {
+                     T* grad_v, T* grad_mask) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t bq = p.query_block;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -236,16 +237,19 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
             const T* ks = p.k_sq.data() + bh * p.Nk + j0;
             const T* m = p.mask_row(bh, i);
             if (m != nullptr) m += j0;
+            T* dm = grad_mask == nullptr ? nullptr : grad_mask + (row0 + r) * p.Nk + j0;
             for (int64_t j = 0; j < cols; j += Vec::size()) {
               const int64_t count = std::min<int64_t>(Vec::size(), cols - j);
               Vec slope;
               Vec logit = p.log_phi(q_sq_i + Vec::loadu(ks + j, count) - Vec::loadu(w + j, count) * two, &slope);
               if (m != nullptr) logit = logit + Vec::loadu(m + j, count);
               const Vec prob = (logit - lse_v).exp();
-              const Vec grad = prob * (Vec::loadu(g + j, count) - delta_v) * slope;
+              const Vec grad_score = prob * (Vec::loadu(g + j, count) - delta_v);  // dS = dL / d logit
+              if (dm != nullptr) grad_score.store(dm + j, count);
               prob.store(w + j, count);
-              grad.store(g + j, count);
+              (grad_score * slope).store(g + j, count);
             }
+            if (dm != nullptr) p.mask_structural(dm, cols, i, j0, T(0));
             p.mask_structural(w, cols, i, j0, T(0));
             p.mask_structural(g, cols, i, j0, T(0));
             g_row[r] += at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, g, cols);
@@ -294,25 +298,27 @@ std::tuple<at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, const at::Te
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_backward(const at::Tensor& grad_out, const at::Tensor& q,
-                                                            const at::Tensor& k, const at::Tensor& v,
-                                                            const at::Tensor& out, const at::Tensor& lse,
-                                                            const std::optional<at::Tensor>& mask, double exponent,
-                                                            double c, bool gaussian, bool causal, bool exclude_self,
-                                                            int64_t query_block, int64_t key_block) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, double exponent, double c, bool gaussian,
+    bool causal, bool exclude_self, int64_t query_block, int64_t key_block, bool mask_grad) {
   check_inputs(q, k, v);
   auto d_out = grad_out.contiguous();
   auto delta = (d_out * out).sum(-1).contiguous();
   auto grad_q = at::empty_like(q);
   auto grad_k = at::zeros_like(k);
   auto grad_v = at::zeros_like(v);
+  // Empty when not wanted (an op returns defined tensors).
+  auto grad_mask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
+                             : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
     const Problem<scalar_t> p(q, k, v, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
     backward_kernel<scalar_t>(p, d_out.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
-                              grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>());
+                              grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
+                              mask_grad ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
   });
-  return {grad_q, grad_k, grad_v};
+  return {grad_q, grad_k, grad_v, grad_mask};
 }
 
 }  // namespace
@@ -323,8 +329,8 @@ TORCH_LIBRARY(levyattn_fna_cpu, m) {
       "bool causal, bool exclude_self, int query_block, int key_block) -> (Tensor, Tensor)");
   m.def(
       "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
-      "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
+      "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {

@@ -1,0 +1,173 @@
+"""What every backend does at the edges, as ``reference``: non-finite inputs, masked-out keys,
+learnable masks, empty dimensions, mixed dtypes; each backend either computes it or refuses it
+with a clear error. ``test_differential.py`` draws such calls at random; these are the named
+cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from backend_paths import PATHS, on_path
+
+import levyattn.backends.flex as flex
+from levyattn import fractional_attention
+from levyattn.backends.common import AttentionCall
+
+NAN, INF = float("nan"), float("inf")
+
+
+def qkv(b=2, h=2, nq=5, nk=6, d=4, dv=3, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, n, w, generator=g, dtype=dtype) for n, w in ((nq, d), (nk, d), (nk, dv)))
+
+
+def run(path, q, k, v, **kw):
+    """The output through ``path``, without gradients."""
+    with on_path(path) as backend, torch.no_grad():
+        return fractional_attention(q, k, v, backend=backend, **kw)
+
+
+def gaussian_where_needed(path, kw):
+    """sdpa computes alpha = 2 only: give it that."""
+    return dict(kw, alpha=2.0) if path == "sdpa" else kw
+
+
+ALL_PATHS = ("reference", *PATHS)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+def test_a_nonfinite_input_gives_nan_in_the_rows_that_depend_on_it(path, where, value):
+    q, k, v = qkv()
+    kw = gaussian_where_needed(path, dict(alpha=1.2, is_causal=True))
+    clean = run(path, q, k, v, **kw)
+    inputs = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    # Query 3 of (0, 1); key 3 of (1, 0), which causal masking shows to queries 2.. (Nk - Nq = 1).
+    index = (0, 1, 3, 2) if where == "q" else (1, 0, 3, 1)
+    inputs[where][index] = value
+    out = run(path, inputs["q"], inputs["k"], inputs["v"], **kw)
+    poisoned = torch.zeros(2, 2, 5, dtype=torch.bool)
+    if where == "q":
+        poisoned[0, 1, 3] = True
+    else:
+        poisoned[1, 0, 2:] = True
+    assert torch.isnan(out).all(-1).equal(poisoned) and torch.isnan(out).any(-1).equal(poisoned)
+    torch.testing.assert_close(out[~poisoned], clean[~poisoned], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("value", [NAN, INF, 1e8])
+def test_a_masked_out_key_influences_nothing(path, value):
+    """Neither its value nor its distance: the output is that of the other keys alone (a key
+    far away, or NaN, once spoiled the centring of the whole (batch, head))."""
+    q, k, v = qkv(dtype=torch.float32)
+    keep = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    keep[0, 0, 0, 4] = False
+    k[0, :, 4], v[0, :, 4] = value, value
+    kw = gaussian_where_needed(path, dict(alpha=1.2))
+    out = run(path, q, k, v, attn_mask=keep, **kw)
+    others = [0, 1, 2, 3, 5]
+    alone = run("reference", q[:1].double(), k[:1, :, others].double(), v[:1, :, others].double(), **kw)
+    torch.testing.assert_close(out[:1].double(), alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("value", [NAN, INF])
+def test_a_nan_or_plus_inf_mask_entry_gives_nan_in_its_row(path, value):
+    q, k, v = qkv()
+    mask = torch.zeros(2, 2, 5, 6, dtype=torch.float64)
+    mask[1, 1, 2, 4] = value
+    mask[0, 0, 1, 3] = -INF  # removes a pair, as always
+    out = run(path, q, k, v, attn_mask=mask, **gaussian_where_needed(path, dict(alpha=1.2)))
+    poisoned = torch.zeros(2, 2, 5, dtype=torch.bool)
+    poisoned[1, 1, 2] = True
+    assert torch.isnan(out).any(-1).equal(poisoned) and torch.isnan(out[1, 1, 2]).all()
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_gradients_of_the_finite_rows_survive_a_nan_row(path):
+    """A NaN row passes no gradient back; the other rows' gradients are those of the finite inputs."""
+    q, k, v = qkv()
+    q[0, 0, 2] = NAN
+    kw = gaussian_where_needed(path, dict(alpha=1.2))
+    grads = {}
+    for p in ("reference", path):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with on_path(p) as backend:
+            out = fractional_attention(*leaves, backend="tiled" if p == "flex" else backend, **kw)
+        out.nan_to_num(0.0).sum().backward()
+        grads[p] = [x.grad for x in leaves]
+    for got, want in zip(grads[path], grads["reference"]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("path", ["tile loop", "fused kernel", "auto", "sdpa"])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 6), (5, 6), (6,)])
+def test_a_learnable_float_mask_gets_the_reference_gradient(path, shape):
+    q, k, v = qkv()
+    g = torch.Generator().manual_seed(1)
+    bias = torch.randn(shape, generator=g, dtype=torch.float64)
+    kw = gaussian_where_needed(path, dict(alpha=1.2, is_causal=True))
+    grads = []
+    for p in ("reference", path):
+        leaf = bias.clone().requires_grad_()
+        with on_path(p) as backend:
+            fractional_attention(q, k, v, attn_mask=leaf, backend=backend, **kw).pow(2).sum().backward()
+        grads.append(leaf.grad)
+    assert grads[1] is not None
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+def test_flex_refuses_a_learnable_mask():
+    """On a GPU (here: any device but the CPU, whose flex has no backward at all)."""
+    bias = torch.zeros(5, 6, requires_grad=True)
+    call = AttentionCall(1.2, 1.0, "euclidean", True, None, 1.0, 0.0, bias, False, False)
+    reason = flex.unsupported(call, torch.empty(2, 2, 5, 4, device="meta"), needs_grad=True)
+    assert "cannot differentiate a float attn_mask" in reason
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("empty", ["batch", "heads", "queries", "keys", "value dim"])
+def test_empty_dimensions_give_zeros_and_zero_gradients(path, empty):
+    sizes = dict(b=2, h=2, nq=5, nk=6, dv=3)
+    sizes[{"batch": "b", "heads": "h", "queries": "nq", "keys": "nk", "value dim": "dv"}[empty]] = 0
+    leaves = [x.requires_grad_(path != "flex") for x in qkv(**sizes)]
+    with on_path(path) as backend:
+        out = fractional_attention(*leaves, backend=backend, **gaussian_where_needed(path, dict(alpha=1.2)))
+    assert out.shape == (sizes["b"], sizes["h"], sizes["nq"], sizes["dv"])
+    assert not out.any()  # no key: output 0
+    if path != "flex":
+        out.sum().backward()
+        assert all(x.grad is not None and not x.grad.any() for x in leaves)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_a_one_dimensional_key_mask(path):
+    q, k, v = qkv()
+    keep = torch.tensor([True, False, True, True, False, True])
+    kw = gaussian_where_needed(path, dict(alpha=2.0))
+    out = run(path, q, k, v, attn_mask=keep, **kw)
+    torch.testing.assert_close(out, run("reference", q, k, v, attn_mask=keep.expand(2, 2, 5, 6), **kw))
+
+
+@pytest.mark.parametrize("path", ["reference", "tile loop", "auto"])
+def test_float64_parameters_with_float32_inputs(path):
+    q, k, v = qkv(dtype=torch.float32)
+    alpha = torch.tensor([1.2, 1.6], dtype=torch.float64, requires_grad=True)
+    bandwidth = torch.tensor([0.7, 1.3], dtype=torch.float64, requires_grad=True)
+    with on_path(path) as backend:
+        out = fractional_attention(q, k, v, alpha=alpha, bandwidth=bandwidth, backend=backend)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert alpha.grad.dtype == bandwidth.grad.dtype == torch.float64
+
+
+def test_flex_warns_when_it_runs_out_of_compiled_variants(monkeypatch):
+    """Past its variant limit dynamo would run FlexAttention uncompiled without a word."""
+    monkeypatch.setattr(flex, "COMPILED_VARIANTS", 0)
+    q, k, v = qkv(dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="limit of 0 compiled variants"), torch.no_grad():
+        out = fractional_attention(q, k, v, backend="flex")
+    torch.testing.assert_close(out, run("reference", q, k, v))
