@@ -263,7 +263,11 @@ def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Row log-softmax whose fully masked rows stay -inf (never NaN), with zero gradient there."""
+    return logits - finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
+
+
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there."""
-    lse = finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
-    return torch.exp(logits - lse)
+    return torch.exp(log_softmax_rows(logits))
