@@ -8,16 +8,16 @@ Registration
 ------------
 Importing this module registers ``"fna"`` in transformers' attention registry
 (``AttentionInterface``) and in its mask registry (``AttentionMaskInterface``).
-:func:`register` does the same explicitly (idempotent) and returns the name, for code that
-prefers a call to an import side effect or wants another name::
+:func:`register` does the same explicitly and returns the name (idempotent; ``register(name)``
+registers FNA under another name too), for code that would rather not rely on an import's side
+effect::
 
     from levyattn.integrations.huggingface import register
-    name = register()  # "fna"
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="fna")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=register())  # "fna"
     model = AutoModel.from_pretrained(path, attn_implementation="fna")
     model.set_attn_implementation("fna")
 
-work for every model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (BERT-style
+Either way these work for every model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (BERT-style
 encoders, GPT-2- and Llama-style decoders, ViT, and most other v5 architectures).
 Trainer, ``generate`` (with its key/value cache) and ``save_pretrained`` keep working.
 
@@ -365,7 +365,8 @@ def _weights_requested(kwargs: Mapping[str, Any]) -> bool:
     # Weights are costly (the reference backend, (B, H, Lq, Lk) memory), so they are computed only
     # when recorded. transformers offers no public way to ask whether a pass records them (4.56 to
     # 5.x), and the attention function never sees the model to hook it: this reads the collector
-    # that transformers' ``capture_outputs`` sets for the pass, where it exists.
+    # that transformers' ``capture_outputs`` sets for the pass, where it exists (GPT-2's weights
+    # in tests/integrations/test_hf_models.py fail if it moves).
     collector = _active_collector.get() if _active_collector is not None else None
     return isinstance(collector, dict) and ("attentions" in collector or "cross_attentions" in collector)
 

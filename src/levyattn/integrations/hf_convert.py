@@ -23,6 +23,7 @@ from levyattn.config import FNAConfig
 from levyattn.integrations.hf_attention import (
     ATTN_IMPLEMENTATION,
     CONFIG_KEYS,
+    AttentionSubstitute,
     _num_layers,
     assign_layer_indices,
     configure_fna,
@@ -41,14 +42,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["ConversionReport", "to_fna"]
 
 
-def _softmax_recorder(records: list[dict], batch: int) -> Callable[..., tuple[torch.Tensor, None]]:
+def _softmax_recorder(records: list[dict], batch: int) -> AttentionSubstitute:
     """An attention substitute: softmax attention that appends (layer, batch, q, k, mask, log P) to ``records``."""
 
     def softmax_attention(layer, query, key, value, mask, causal, scaling):
         nq, nk = query.shape[2], key.shape[2]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # One mask for the softmax rows here and the FNA rows of the calibration.
-        full = combine_keep(mask, structural_keep(0, nq, nq, nk, True, False, query.device)) if causal else mask
+        full = mask
+        if causal:
+            keep = structural_keep(0, nq, nq, nk, is_causal=True, exclude_self=False, device=query.device)
+            full = combine_keep(mask, keep)
         q, k = query.float(), key.float()
         log_p = log_softmax_rows(apply_mask((q @ k.transpose(-1, -2)) * scale, full))
         out = (torch.exp(log_p).to(value.dtype) @ value).transpose(1, 2).contiguous()
