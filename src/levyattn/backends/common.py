@@ -264,10 +264,13 @@ def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Row log-softmax whose fully masked rows stay -inf (never NaN), with zero gradient there."""
-    return logits - finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
+    """Row log-softmax over the last dim whose fully masked (all -inf) rows stay -inf, never NaN."""
+    peak = finite_or_zero(logits.amax(-1, keepdim=True))
+    total = torch.exp(logits - peak).sum(-1, keepdim=True)
+    return logits - peak - torch.log(total.clamp_min(torch.finfo(total.dtype).tiny))
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there."""
-    return torch.exp(log_softmax_rows(logits))
+    lse = finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
+    return torch.exp(logits - lse)

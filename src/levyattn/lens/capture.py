@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from levyattn.backends.common import apply_mask, softmax_rows
+from levyattn.backends.common import apply_mask, log_softmax_rows
 from levyattn.integrations.hf_attention import repeat_kv
 
 try:
@@ -110,7 +110,7 @@ def row_weights(
     elif causal:
         keys = torch.arange(key.shape[2], device=logits.device)
         logits = logits.masked_fill(keys[None, :] > rows.to(logits.device)[:, None], float("-inf"))
-    return softmax_rows(logits)
+    return torch.exp(log_softmax_rows(logits))
 
 
 def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
