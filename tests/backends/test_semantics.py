@@ -8,10 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from backend_paths import PATHS, on_path
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import levyattn.backends.flex as flex
 from levyattn import fractional_attention
-from levyattn.backends.common import AttentionCall
+from levyattn.backends.common import AttentionCall, log_softmax_rows, softmax_rows
 
 NAN, INF = float("nan"), float("inf")
 
@@ -171,3 +173,18 @@ def test_flex_warns_when_it_runs_out_of_compiled_variants(monkeypatch):
     with pytest.warns(RuntimeWarning, match="limit of 0 compiled variants"), torch.no_grad():
         out = fractional_attention(q, k, v, backend="flex")
     torch.testing.assert_close(out, run("reference", q, k, v))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 4), keys=st.integers(1, 6), seed=st.integers(0, 100))
+def test_log_softmax_rows_is_log_softmax_and_keeps_fully_masked_rows_at_minus_inf(rows, keys, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, keys, generator=g, dtype=torch.float64) * 30
+    logits[0] = float("-inf")  # a row with no key left
+    logits.requires_grad_(True)
+    out = log_softmax_rows(logits)
+    assert torch.all(out[0] == float("-inf"))
+    torch.testing.assert_close(out[1:], torch.log_softmax(logits[1:], -1))
+    torch.testing.assert_close(softmax_rows(logits), torch.exp(out))
+    torch.exp(out).sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[0] == 0)

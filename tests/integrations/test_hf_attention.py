@@ -8,7 +8,7 @@ from hf_tiny import tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from levyattn import fractional_attention
+from levyattn import FNAConfig, fractional_attention
 from levyattn.integrations import huggingface as hf
 
 
@@ -203,6 +203,40 @@ def test_validate_reads_defaults_and_catches_bad_values_from_disk():
     cfg.fna_alpha = "1.2"  # e.g. a hand-edited config.json
     with pytest.raises(TypeError, match="fna_alpha"):
         hf.validate_fna_config(cfg)
+
+
+def test_config_defaults_are_fnaconfigs_and_fractional_attentions():
+    assert hf.CONFIG_KEYS == {
+        "fna_alpha": 1.2,
+        "fna_bandwidth": 1.0,
+        "fna_manifold": "euclidean",
+        "fna_rescale": True,
+        "fna_d_intrinsic": None,
+        "fna_sphere_radius": 1.0,
+        "fna_density_a": 0.0,
+        "fna_backend": "auto",
+    }
+    kernel = FNAConfig().to_dict()
+    assert {k: v for k, v in hf.CONFIG_KEYS.items() if k != "fna_backend"} == {
+        f"fna_{name}": value for name, value in kernel.items() if name != "exclude_self"
+    }
+
+
+def test_register_returns_the_name_and_the_model_runs_under_it():
+    transformers = pytest.importorskip("transformers")
+    assert hf.register() == hf.ATTN_IMPLEMENTATION == "fna"
+    name = hf.register("fna_renamed")
+    assert name == "fna_renamed"
+    torch.manual_seed(0)
+    config = _config(bandwidth=1e-3)
+    ids = torch.randint(3, 40, (1, 6))
+    with torch.no_grad():
+        renamed = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=name).eval()
+        fna = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="fna").eval()
+        fna.load_state_dict(renamed.state_dict())
+        torch.testing.assert_close(renamed(ids).logits, fna(ids).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="name"):
+        hf.register("")
 
 
 def test_per_layer_values_need_a_layer_index():

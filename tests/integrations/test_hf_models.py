@@ -7,6 +7,7 @@ import pytest
 import torch
 from hf_tiny import DECODERS, FAMILIES, VOCAB, tiny_config, transformers
 
+from levyattn.integrations import hf_attention
 from levyattn.integrations import huggingface as hf
 
 AUTO = {
@@ -50,7 +51,7 @@ def test_forward_backward_and_weights(family):
     assert model(**x).attentions is None  # weights are not computed unless asked
     model.train()
     main_output(model(**x)).float().pow(2).mean().backward()
-    attention = [m for m in model.modules() if hf._is_attention_module(m)]
+    attention = [m for m in model.modules() if hf_attention._is_attention_module(m)]
     grads = [p.grad for m in attention for p in m.parameters()]
     assert len(attention) == 2 and grads
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -263,6 +263,13 @@ def finite_or_zero(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
 
 
+def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Row log-softmax over the last dim whose fully masked (all -inf) rows stay -inf, never NaN."""
+    peak = finite_or_zero(logits.amax(-1, keepdim=True))
+    total = torch.exp(logits - peak).sum(-1, keepdim=True)
+    return logits - peak - torch.log(total.clamp_min(torch.finfo(total.dtype).tiny))
+
+
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there."""
     lse = finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)

@@ -3,6 +3,9 @@
 - :mod:`levyattn.integrations.huggingface`: FNA as an attention implementation of
   Hugging Face ``transformers`` models (``attn_implementation="fna"``) and
   :func:`~levyattn.integrations.huggingface.to_fna` to convert a pretrained softmax model.
+  It re-exports :mod:`~levyattn.integrations.hf_attention` (the registered function, the
+  ``fna_*`` config keys, ``register``) and :mod:`~levyattn.integrations.hf_convert`
+  (``to_fna`` and its report).
 
 Submodules are imported explicitly (``import levyattn.integrations.huggingface``) so that
 ``import levyattn`` never pulls in ``transformers``.

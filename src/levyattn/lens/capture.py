@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from levyattn.integrations.huggingface import _log_softmax_rows, _masked, _repeat_kv
+from levyattn.backends.common import apply_mask, log_softmax_rows
+from levyattn.integrations.hf_attention import repeat_kv
 
 try:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -96,7 +97,7 @@ def row_weights(
     """
     heads = query.shape[1]
     if key.shape[1] != heads:
-        key = _repeat_kv(key, heads // key.shape[1])
+        key = repeat_kv(key, heads // key.shape[1])
     dtype = torch.promote_types(query.dtype, torch.float32)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     logits = (query[:, :, rows].to(dtype) @ key.to(dtype).transpose(-1, -2)) * scale
@@ -105,11 +106,11 @@ def row_weights(
     if position_bias is not None:
         logits = logits + _select_rows(position_bias, rows).to(dtype)
     if attention_mask is not None:
-        logits = _masked(logits, _select_rows(attention_mask, rows))
+        logits = apply_mask(logits, _select_rows(attention_mask, rows))
     elif causal:
         keys = torch.arange(key.shape[2], device=logits.device)
         logits = logits.masked_fill(keys[None, :] > rows.to(logits.device)[:, None], float("-inf"))
-    return torch.exp(_log_softmax_rows(logits))
+    return torch.exp(log_softmax_rows(logits))
 
 
 def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ def rows_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     # SDPA has no softcapping: the same softmax, one block of queries at a time.
-    value_full = _repeat_kv(value, query.shape[1] // value.shape[1])
+    value_full = repeat_kv(value, query.shape[1] // value.shape[1])
     blocks = []
     for start in range(0, q_len, OUTPUT_BLOCK):
         rows = torch.arange(start, min(start + OUTPUT_BLOCK, q_len), device=query.device)

@@ -1,0 +1,492 @@
+"""The attention implementation ``attn_implementation="fna"`` of Hugging Face ``transformers``.
+
+The attention function transformers calls, its ``fna_*`` config keys and their validation, and
+its registration. ``levyattn.integrations.huggingface`` re-exports the public names (with
+:func:`~levyattn.integrations.hf_convert.to_fna`); import either.
+
+Registration
+------------
+Importing this module registers ``"fna"`` in transformers' attention registry
+(``AttentionInterface``) and in its mask registry (``AttentionMaskInterface``).
+:func:`register` does the same explicitly and returns the name (idempotent; ``register(name)``
+registers FNA under another name too), for code that would rather not rely on an import's side
+effect::
+
+    from levyattn.integrations.huggingface import register
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=register())  # "fna"
+    model = AutoModel.from_pretrained(path, attn_implementation="fna")
+    model.set_attn_implementation("fna")
+
+Either way these work for every model that dispatches through ``ALL_ATTENTION_FUNCTIONS`` (BERT-style
+encoders, GPT-2- and Llama-style decoders, ViT, and most other v5 architectures).
+Trainer, ``generate`` (with its key/value cache) and ``save_pretrained`` keep working.
+
+Hyperparameters: config keys
+----------------------------
+FNA reads its hyperparameters from the model config; they are plain JSON values, so
+``save_pretrained`` / ``from_pretrained`` keep them. ``attn_implementation`` itself is not
+saved by transformers: pass ``attn_implementation="fna"`` again when loading.
+
+================  ===========  ==========================================================
+key               default      meaning (see ``levyattn.fractional_attention``)
+================  ===========  ==========================================================
+fna_alpha         1.2          Lévy index in (0, 2]; per layer / per head
+fna_bandwidth     1.0          eps > 0; per layer / per head
+fna_manifold      "euclidean"  "euclidean" or "sphere"; per layer
+fna_rescale       true         divide Euclidean distances by kappa; per layer
+fna_d_intrinsic   null         d_M of the power law (null: head_dim, sphere head_dim - 1)
+fna_sphere_radius 1.0          r > 0 on the sphere; per layer
+fna_density_a     0.0          Coifman-Lafon density normalisation in [0, 1]; per layer
+fna_backend       "auto"       "auto", "reference", "tiled", "sdpa" or "flex"; whole model
+================  ===========  ==========================================================
+
+Each per-layer key takes a scalar (every layer), or a list with one entry per layer
+(``config.num_hidden_layers``). ``fna_alpha`` and ``fna_bandwidth`` entries may
+themselves be lists with one value per attention head (``config.num_attention_heads``).
+:func:`configure_fna` validates and writes them; :func:`validate_fna_config` checks a
+config read from disk.
+
+The layer index comes from the attention module's ``layer_idx`` (BERT, GPT-2, Llama).
+Modules without one (ViT) need :func:`assign_layer_indices` once after loading when a
+key is given per layer (``to_fna`` does it); scalars need nothing.
+
+Semantics of the registered function
+------------------------------------
+- ``scaling`` is ignored: FNA has its own distance scale (kappa and the bandwidth).
+- Masks: the ``"fna"`` mask registration produces the boolean masks of ``sdpa``
+  (True = keep) for causal, padding and sliding-window patterns; custom additive 4-D
+  float masks are added to ``log Phi`` (values at or below half of ``finfo.min`` -- HF's
+  stand-in for -inf -- are treated as -inf). With no mask, ``is_causal`` (the argument,
+  else ``module.is_causal``) applies as in transformers' ``sdpa`` integration.
+- Grouped-query attention: keys and values with fewer heads are repeated (``repeat_kv``).
+- Attention weights are computed (with ``backend="reference"``) only when the caller
+  asks for them (``output_attentions=True``); otherwise ``None`` is returned and the
+  configured backend runs (``auto`` picks ``tiled`` for long sequences, memory linear in
+  sequence length).
+- Attention dropout (``module.training`` and ``dropout > 0``) is applied to the FNA
+  weights, as eager attention does; that needs the materialised weights, so training with
+  attention dropout uses the reference backend. Set the model's attention dropout to 0
+  for long-sequence training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from levyattn._extras import MissingExtraError
+from levyattn.config import (
+    FNAConfig,
+    check_alpha,
+    check_bandwidth,
+    check_bool,
+    check_choice,
+    check_d_intrinsic,
+    check_density_a,
+    check_manifold,
+    check_positive,
+)
+from levyattn.functional import BACKENDS, fractional_attention
+
+try:
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise MissingExtraError(
+        "levyattn.integrations.huggingface needs transformers >= 4.56 with AttentionInterface and "
+        "AttentionMaskInterface (pip install 'levyattn[hf]')"
+    ) from exc
+
+try:  # how v5 models collect attention weights (hooks on the attention modules); see _weights_requested
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers pass output_attentions instead
+    _active_collector = None
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CONFIG_KEYS",
+    "assign_layer_indices",
+    "configure_fna",
+    "fna_attention_forward",
+    "layer_settings",
+    "register",
+    "repeat_kv",
+    "substitute_attention",
+    "validate_fna_config",
+]
+
+ATTN_IMPLEMENTATION = "fna"
+
+# Config key -> default: FNAConfig's kernel settings (its exclude_self has no key: causal and
+# padding masks come from the model) and fractional_attention's backend.
+CONFIG_KEYS: dict[str, Any] = {
+    **{f"fna_{f.name}": f.default for f in dataclasses.fields(FNAConfig) if f.name != "exclude_self"},
+    "fna_backend": inspect.signature(fractional_attention).parameters["backend"].default,
+}
+_PER_HEAD = ("fna_alpha", "fna_bandwidth")
+_MODEL_WIDE = ("fna_backend",)
+_CACHE_ATTR = "_levyattn_fna_cache"
+_LAYER_ATTR = "fna_layer_idx"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_real(checker: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            # Config values are JSON: a tensor would not survive save_pretrained.
+            raise TypeError(f"FNA config values must be plain numbers or lists, got a tensor {tuple(value.shape)}")
+        return checker(value)
+
+    return check
+
+
+_CHECKERS: dict[str, Callable[[Any], Any]] = {
+    "fna_alpha": _check_real(check_alpha),
+    "fna_bandwidth": _check_real(check_bandwidth),
+    "fna_manifold": check_manifold,
+    "fna_rescale": lambda v: check_bool("fna_rescale", v),
+    "fna_d_intrinsic": check_d_intrinsic,
+    "fna_sphere_radius": lambda v: check_positive("fna_sphere_radius", v),
+    "fna_density_a": check_density_a,
+    "fna_backend": lambda v: check_choice("fna_backend", v, BACKENDS),
+}
+
+
+def _num_layers(config: Any) -> int | None:
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _num_heads(config: Any) -> int | None:
+    n = getattr(config, "num_attention_heads", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _check_key(key: str, value: Any, n_layers: int | None, n_heads: int | None) -> Any:
+    """Validate one config value: scalar, per-layer list, or (alpha/bandwidth) per-layer per-head lists.
+
+    Returns the value normalised to plain Python (floats, lists).
+    """
+    check = _CHECKERS[key]
+
+    def scalar(v: Any, where: str) -> Any:
+        try:
+            return check(v)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"config.{key}{where}: {err}") from None
+
+    if not isinstance(value, (list, tuple)):
+        return scalar(value, "")
+    if key in _MODEL_WIDE:
+        raise TypeError(f"config.{key} takes one value for the whole model, got a list {value!r}")
+    if n_layers is not None and len(value) != n_layers:
+        raise ValueError(
+            f"config.{key} has {len(value)} entries but the model has num_hidden_layers={n_layers}: "
+            "give a scalar or one entry per layer"
+        )
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, (list, tuple)):
+            if key not in _PER_HEAD:
+                raise TypeError(f"config.{key}[{i}] must be a scalar (only {_PER_HEAD} take per-head lists)")
+            if n_heads is not None and len(entry) != n_heads:
+                raise ValueError(
+                    f"config.{key}[{i}] has {len(entry)} entries but the model has "
+                    f"num_attention_heads={n_heads}: give a scalar or one value per head"
+                )
+            out.append([scalar(v, f"[{i}][{h}]") for h, v in enumerate(entry)])
+        else:
+            out.append(scalar(entry, f"[{i}]"))
+    return out
+
+
+def validate_fna_config(config: Any) -> dict[str, Any]:
+    """Check every ``fna_*`` key of ``config`` and return them all, defaults filled in.
+
+    Raises ``ValueError``/``TypeError`` naming the key, the offending value and the valid range.
+    """
+    n_layers, n_heads = _num_layers(config), _num_heads(config)
+    return {
+        key: _check_key(key, getattr(config, key, default), n_layers, n_heads)
+        for key, default in CONFIG_KEYS.items()
+    }
+
+
+def configure_fna(config: Any, **settings: Any) -> Any:
+    """Validate FNA hyperparameters and write them as ``fna_*`` keys of ``config`` (returned).
+
+    Args:
+        config: a ``transformers.PretrainedConfig`` (or a model, whose ``config`` is used).
+        settings: ``alpha``, ``bandwidth``, ``manifold``, ``rescale``, ``d_intrinsic``,
+            ``sphere_radius``, ``density_a``, ``backend``. Each a scalar, a list with one entry
+            per layer, and for alpha/bandwidth a list of per-head lists.
+    """
+    if isinstance(config, torch.nn.Module):
+        config = getattr(config, "config", None)
+        if config is None:
+            raise TypeError("configure_fna needs a transformers config or a model with a .config")
+    n_layers, n_heads = _num_layers(config), _num_heads(config)
+    checked = {}
+    for name, value in settings.items():
+        key = f"fna_{name}"
+        if key not in CONFIG_KEYS:
+            valid = ", ".join(k.removeprefix("fna_") for k in CONFIG_KEYS)
+            raise TypeError(f"configure_fna got an unknown setting {name!r}; valid settings: {valid}")
+        checked[key] = _check_key(key, value, n_layers, n_heads)
+    for key, value in checked.items():  # only after every value passed
+        setattr(config, key, value)
+    return config
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _is_attention_module(module: torch.nn.Module) -> bool:
+    # The modules that call ``attention_interface(self, ...)`` in transformers v5 carry
+    # ``config``, ``scaling`` and ``is_causal`` (BertSelfAttention, GPT2Attention,
+    # LlamaAttention, ViTAttention, ...); their wrappers and the layers do not.
+    return all(hasattr(module, a) for a in ("config", "scaling", "is_causal"))
+
+
+def assign_layer_indices(model: torch.nn.Module) -> int:
+    """Number the attention modules that carry no ``layer_idx`` (ViT-style), in module order.
+
+    Sets ``module.fna_layer_idx`` so per-layer ``fna_*`` values reach them. Modules with a
+    ``layer_idx`` keep it. Returns how many modules were numbered.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    count = 0
+    for module in model.modules():
+        if _is_attention_module(module) and getattr(module, "layer_idx", None) is None:
+            setattr(module, _LAYER_ATTR, count)
+            count += 1
+    return count
+
+
+def _layer_index(module: torch.nn.Module) -> int | None:
+    idx = getattr(module, _LAYER_ATTR, None)
+    if idx is None:
+        idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) else None
+
+
+def layer_settings(config: Any, layer_idx: int | None, num_heads: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``fractional_attention`` for one layer, from ``config``'s ``fna_*`` keys.
+
+    Per-head alpha/bandwidth come back as lists (one float per head). ``layer_idx`` may be
+    None only when no key is given per layer.
+    """
+    values = validate_fna_config(config)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        name = key.removeprefix("fna_")
+        if isinstance(value, list):
+            if layer_idx is None:
+                raise ValueError(
+                    f"config.{key} gives one value per layer, but this attention module has no layer index: "
+                    "call levyattn.integrations.huggingface.assign_layer_indices(model) once after loading"
+                )
+            if not 0 <= layer_idx < len(value):
+                raise ValueError(f"config.{key} has {len(value)} entries; layer index {layer_idx} is out of range")
+            value = value[layer_idx]
+        if isinstance(value, list) and num_heads is not None and len(value) != num_heads:
+            raise ValueError(
+                f"config.{key}[{layer_idx}] has {len(value)} per-head values but the layer has {num_heads} heads"
+            )
+        kwargs[name] = value
+    return kwargs
+
+
+def _call_kwargs(module: torch.nn.Module, config: Any, heads: int, device: torch.device) -> dict[str, Any]:
+    """``layer_settings`` with per-head lists as tensors on ``device``, cached on the module.
+
+    The cache key holds the raw config values, so editing ``config.fna_*`` takes effect on
+    the next call, and moving the model to another device rebuilds the tensors.
+    """
+    layer = _layer_index(module)
+    key = (layer, heads, str(device), tuple(repr(getattr(config, k, d)) for k, d in CONFIG_KEYS.items()))
+    cached = module.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    kwargs = layer_settings(config, layer, heads)
+    for name in ("alpha", "bandwidth"):
+        if isinstance(kwargs[name], list):
+            kwargs[name] = torch.tensor(kwargs[name], dtype=torch.float32, device=device)
+    module.__dict__[_CACHE_ATTR] = (key, kwargs)
+    return kwargs
+
+
+# ----------------------------------------------------------------------------- the function
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, N, d) -> (B, Hkv * n_rep, N, d), each kv head repeated n_rep times (HF's repeat_kv)."""
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+def _prepare_mask(mask: Any, nk: int) -> torch.Tensor | None:
+    """HF's mask -> levyattn's: bool stays (True = keep); float stays additive with finfo.min as -inf."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a tensor or None for attn_implementation='fna', got {type(mask).__name__} "
+            "(BlockMask belongs to flex_attention)"
+        )
+    if mask.dim() >= 2 and mask.shape[-1] > nk:
+        # Static caches build masks for their full length; the keys are sliced the same way by eager.
+        mask = mask[..., :nk]
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"attention_mask must be bool or floating, got dtype {mask.dtype}")
+    # HF writes finfo(dtype).min for "masked"; as -inf the pair is exactly removed (and a row
+    # with no key left gets output 0, as levyattn defines it).
+    return mask.masked_fill(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"))
+
+
+def _weights_requested(kwargs: Mapping[str, Any]) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    # v5 models record attention weights with forward hooks on the attention modules, and some
+    # (GPT-2) drop ``output_attentions`` before the layers, so the attention function is not told.
+    # Weights are costly (the reference backend, (B, H, Lq, Lk) memory), so they are computed only
+    # when recorded. transformers offers no public way to ask whether a pass records them (4.56 to
+    # 5.x), and the attention function never sees the model to hook it: this reads the collector
+    # that transformers' ``capture_outputs`` sets for the pass, where it exists (GPT-2's weights
+    # in tests/integrations/test_hf_models.py fail if it moves).
+    collector = _active_collector.get() if _active_collector is not None else None
+    return isinstance(collector, dict) and ("attentions" in collector or "cross_attentions" in collector)
+
+
+#: ``substitute(layer_idx, query, key, value, mask, is_causal, scaling) -> (attn_output, weights)``,
+#: with FNA's own handling of the call already applied (kv heads repeated, HF masks converted, the
+#: position bias folded into ``mask``, causality resolved).
+AttentionSubstitute = Callable[
+    [int | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool, float | None],
+    tuple[torch.Tensor, torch.Tensor | None],
+]
+_SUBSTITUTE: contextvars.ContextVar[AttentionSubstitute | None] = contextvars.ContextVar(
+    "levyattn_fna_substitute", default=None
+)
+
+
+@contextlib.contextmanager
+def substitute_attention(substitute: AttentionSubstitute) -> Iterator[None]:
+    """Within the block, :func:`fna_attention_forward` hands each call to ``substitute`` instead of FNA.
+
+    Calibration (``to_fna``) runs the model as softmax attention this way and records each layer's
+    queries, keys and masks exactly as FNA will receive them. Context-local (threads and async
+    tasks each see their own).
+    """
+    token = _SUBSTITUTE.set(substitute)
+    try:
+        yield
+    finally:
+        _SUBSTITUTE.reset(token)
+
+
+def fna_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``"fna"`` attention implementation, with transformers' attention-function signature.
+
+    Args:
+        module: the calling attention module; its ``config`` holds the ``fna_*`` keys, its
+            ``layer_idx`` (or ``fna_layer_idx``) picks per-layer values, ``is_causal`` the default
+            causality, ``training`` whether dropout applies.
+        query: (B, H, Lq, d).  key: (B, Hkv, Lk, d) with H % Hkv == 0.  value: (B, Hkv, Lk, dv).
+        attention_mask: None, bool (True = keep) or additive float, broadcastable to (B, H, Lq, Lk).
+        scaling: ignored (FNA's distance scale is kappa and the bandwidth).
+        dropout: attention-dropout probability on the weights, used when ``module.training``.
+        is_causal: causality when ``attention_mask`` is None (default ``module.is_causal``).
+        kwargs: ``output_attentions``; ``position_bias`` (added to log Phi); ``softcap`` is
+            rejected; everything else transformers passes along is ignored.
+
+    Returns:
+        (attn_output (B, Lq, H, dv), weights (B, H, Lq, Lk) or None). Weights only when asked.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError("attn_implementation='fna' does not support logit softcapping (softcap)")
+    config = getattr(module, "config", None)
+    if config is None:
+        raise TypeError(f"{type(module).__name__} has no .config with the fna_* settings")
+    heads, q_len = query.shape[1], query.shape[2]
+    if key.shape[1] != heads:
+        if heads % key.shape[1]:
+            raise ValueError(f"query has {heads} heads, not a multiple of the key's {key.shape[1]} heads")
+        key = repeat_kv(key, heads // key.shape[1])
+        value = repeat_kv(value, heads // value.shape[1])
+    mask = _prepare_mask(attention_mask, key.shape[2])
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # As transformers' sdpa integration: causality by flag only without a mask and with more
+    # than one query; an empty static cache's extra (future) slots are cut off.
+    causal = bool(causal) and mask is None and q_len > 1
+    bias = kwargs.get("position_bias")
+    if causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        bias = bias[..., :q_len] if bias is not None else None
+    if bias is not None:
+        if mask is None:
+            mask = bias
+        elif mask.dtype == torch.bool:
+            mask = bias.masked_fill(~mask, float("-inf"))
+        else:
+            mask = mask + bias
+
+    substitute = _SUBSTITUTE.get()
+    if substitute is not None:
+        return substitute(_layer_index(module), query, key, value, mask, causal, scaling)
+
+    settings = dict(_call_kwargs(module, config, heads, query.device))  # a copy: the cache stays whole
+    backend = settings.pop("backend")
+    drop = float(dropout) if module.training else 0.0
+    need_weights = _weights_requested(kwargs)
+    if need_weights or drop > 0:
+        out, weights = fractional_attention(
+            query, key, value, **settings, attn_mask=mask, is_causal=causal, return_weights=True, backend="reference"
+        )
+        if drop > 0:
+            weights = torch.nn.functional.dropout(weights, p=drop, training=True)
+            out = weights @ value
+    else:
+        out = fractional_attention(query, key, value, **settings, attn_mask=mask, is_causal=causal, backend=backend)
+        weights = None
+    return out.transpose(1, 2).contiguous(), (weights if need_weights else None)
+
+
+def register(name: str = ATTN_IMPLEMENTATION) -> str:
+    """Register FNA as ``attn_implementation=name`` and return ``name`` (idempotent; done on import with "fna").
+
+    The mask registration reuses transformers' ``sdpa_mask`` (boolean, True = keep), so
+    causal, padding and sliding-window masks reach :func:`fna_attention_forward`; without it
+    transformers would build no mask at all for an unknown implementation.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    AttentionInterface.register(name, fna_attention_forward)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name
+
+
+register()
