@@ -83,8 +83,6 @@ class LMTask(TokenizedTask):
     def __init__(self, preset: dict[str, Any]) -> None:
         super().__init__(preset)
         self._check_counts("vocab_size", "block_size")
-        self._data: tuple[BlockDataset, BlockDataset] | None = None
-        self.tokenizer: Any = None
 
     def _texts(self) -> tuple[str, str]:
         c = self.data_cfg

@@ -18,9 +18,13 @@ TOKENIZER_NAME = "tokenizer.model"  # sentencepiece model file (load_tokenizer s
 
 
 class TokenizedTask(PresetTask):
-    """A :class:`PresetTask` whose ``_load()`` sets ``self.tokenizer`` (trained on the training data)."""
+    """A :class:`PresetTask` whose ``_load()`` sets ``_data`` (the training and evaluation datasets)
+    and ``tokenizer`` (trained on the training data); both are None until then."""
 
-    tokenizer: Any
+    def __init__(self, preset: dict[str, Any]) -> None:
+        super().__init__(preset)
+        self._data: tuple[Any, Any] | None = None
+        self.tokenizer: Any = None
 
     def save_artifacts(self, out_dir: str | Path) -> Path:
         """Write the tokeniser into ``out_dir`` (beside the checkpoint); return its path."""

@@ -140,8 +140,6 @@ class TranslationTask(TokenizedTask):
     def __init__(self, preset: dict[str, Any]) -> None:
         super().__init__(preset)
         self._check_counts("vocab_size", "max_len", "beam_size")
-        self._data: tuple[PairDataset, PairDataset] | None = None
-        self.tokenizer: Any = None
 
     # -- data -------------------------------------------------------------------------
 
@@ -311,6 +309,7 @@ _SMALL_MODEL = {
 }
 _SMALL_TRAIN = {"epochs": 12, "batch_size": 32, "eval_batch_size": 64, "lr": 3e-3, "schedule": "cosine",
                 "warmup_steps": 50, "weight_decay": 0.0, "betas": [0.9, 0.98], "grad_clip": 1.0, "device": "cpu"}
+_ATTENTIONS = (("fna", "FNA alpha 1.2"), ("softmax", "softmax"))  # (kind, as a description names it)
 _TOY = {"dataset": "toy", "toy": {"n_train": 3000, "n_eval": 200, "seed": 0}, "tokenizer": "toy", "max_len": 64,
         "beam_size": 1}
 
@@ -327,33 +326,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {**_PAPER_MODEL, **_attn("softmax")}, "data": dict(_MULTI30K), "train": dict(_PAPER_TRAIN),
         "sweep": _SWEEP,
     },
-    "multi30k-fna-small": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "Multi30K En-De on a CPU: 2+2 layers, d_model 64, FNA alpha 1.2, 10k pairs",
-        "model": {**_SMALL_MODEL, **_attn("fna")},
-        "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
-        "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
-        "sweep": _SWEEP,
+    **{
+        f"multi30k-{kind}-small": {
+            "task": "translation", "model_type": "seq2seq",
+            "description": f"Multi30K En-De on a CPU: 2+2 layers, d_model 64, {label}, 10k pairs",
+            "model": {**_SMALL_MODEL, **_attn(kind)},
+            "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
+            "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
+            "sweep": _SWEEP,
+        }
+        for kind, label in _ATTENTIONS
     },
-    "multi30k-softmax-small": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "Multi30K En-De on a CPU: 2+2 layers, d_model 64, softmax, 10k pairs",
-        "model": {**_SMALL_MODEL, **_attn("softmax")},
-        "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
-        "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
-        "sweep": _SWEEP,
-    },
-    "toy-translation-fna": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "deterministic toy grammar with long-range agreement, FNA alpha 1.2 (minutes on a CPU)",
-        "model": {**_SMALL_MODEL, **_attn("fna")}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
-        "sweep": _SWEEP,
-    },
-    "toy-translation-softmax": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "deterministic toy grammar with long-range agreement, softmax (minutes on a CPU)",
-        "model": {**_SMALL_MODEL, **_attn("softmax")}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
-        "sweep": _SWEEP,
+    **{
+        f"toy-translation-{kind}": {
+            "task": "translation", "model_type": "seq2seq",
+            "description": f"deterministic toy grammar with long-range agreement, {label} (minutes on a CPU)",
+            "model": {**_SMALL_MODEL, **_attn(kind)}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
+            "sweep": _SWEEP,
+        }
+        for kind, label in _ATTENTIONS
     },
 }
 
