@@ -222,6 +222,18 @@ def test_missing_tokenizer_is_named(trained, tmp_path):
         load_translator(run)
 
 
+def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
+    import shutil
+
+    from levyattn.data.tokenization import ByteTokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    ByteTokenizer().save(run / TOKENIZER_NAME)
+    with pytest.raises(ValueError, match=r"does not match the model \(tgt_vocab_size"):
+        load_translator(run)
+
+
 def test_train_then_translate_cli(tmp_path, capsys):
     """`levyattn train --preset toy-translation-fna` leaves a self-contained run folder (the
     trainer writes the tokenizer beside the checkpoint) that `levyattn translate` uses."""
