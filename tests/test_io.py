@@ -19,6 +19,7 @@ from levyattn.io import (
     read_lines,
     read_text,
     remove_stale_temporaries,
+    rows_to_csv,
     split_lines,
 )
 
@@ -110,3 +111,8 @@ def test_lines_end_at_newlines_only(tmp_path):
 def test_split_lines_inverts_joining_with_newlines(lines, crlf):
     sep = "\r\n" if crlf else "\n"
     assert split_lines("".join(line + sep for line in lines)) == lines
+
+
+def test_rows_to_csv_takes_every_key_in_first_seen_order_and_joins_lists():
+    rows = [{"attention": "fna", "seeds": [0, 1, 2]}, {"attention": "softmax", "alpha": None, "extra": 1.5}]
+    assert rows_to_csv(rows).splitlines() == ["attention,seeds,alpha,extra", "fna,0;1;2,,", "softmax,,,1.5"]

@@ -15,12 +15,14 @@ sentence and would shift every following line of a parallel corpus.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import os
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -97,6 +99,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text of ``rows``: one column per key, in the order keys first appear (a row without a
+    key leaves its cell empty); a list value becomes one cell, its items joined by ``;``."""
+    keys: list[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()})
+    return buf.getvalue()
 
 
 def check_writable(directory: str | os.PathLike, what: str = "folder") -> Path:

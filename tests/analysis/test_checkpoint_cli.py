@@ -153,7 +153,7 @@ def test_bad_inputs(runs, tmp_path):
 
 
 def test_lm_text_string(runs, tmp_path, capsys):
-    from levyattn.training.tasks.translation import load_tokenizer_beside
+    from levyattn.training.tasks.tokenized import load_tokenizer_beside
 
     out = tmp_path / "o"
     assert main(["analyze", str(runs["lm"]), "--input", "the cat sees a dog", "--out", str(out), "--no-paths"]) == 0

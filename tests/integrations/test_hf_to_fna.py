@@ -49,6 +49,7 @@ def mean_kl(softmax_logits, fna_logits, mask):
     return float((kl * mask).sum() / mask.sum())
 
 
+@pytest.mark.slow
 def test_conversion_calibrates_and_reports_the_measured_gap(pretrained_dir, tmp_path):
     softmax = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()
     model = transformers.AutoModelForCausalLM.from_pretrained(pretrained_dir).eval()

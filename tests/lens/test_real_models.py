@@ -60,6 +60,7 @@ def test_smollm2_rows_equal_eager(smollm2):
     assert np.all(np.diff(rows.aggregate) < 0)  # a trained model's attention decays with distance
 
 
+@pytest.mark.slow
 def test_minilm_encoder_rows_equal_eager(minilm):
     model, tok = minilm
     assert type(model).__name__ == "BertModel" and tok is not None

@@ -148,6 +148,7 @@ def test_sweep_with_restarts(tmp_path, capsys):
     assert data["summary"][0]["accuracy_mean"] == pytest.approx(kept_mean)
 
 
+@pytest.mark.slow
 def test_progress_bars_stay_off_a_stderr_that_is_not_a_terminal(tmp_path, capsys):
     # pytest's captured stderr is no terminal, as a pipe or a log file is not: the bars would
     # fill it with carriage-return redraws, so only the printed lines may come out

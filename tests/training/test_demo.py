@@ -108,6 +108,7 @@ def test_demo_presets_are_one_layer_one_head_and_differ_only_in_attention():
     assert set(DEMO_TASKS) == {"nearest", "digits"}
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--seeds", "0,1", "--workers", "2"]) == 0
     out = capsys.readouterr().out
@@ -124,6 +125,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
         assert (tmp_path / name).is_file()
 
 
+@pytest.mark.slow
 def test_demo_with_one_seed_shows_values_without_a_spread(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--workers", "1"]) == 0
     out = capsys.readouterr().out

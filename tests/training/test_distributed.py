@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -19,6 +20,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     # 60 samples, global batch 7: the last batch (4) splits unevenly (2 + 2), other batches 4 + 3,
     # so the loss reweighting by each process's share is exercised.

@@ -42,6 +42,7 @@ def test_lines_wait_for_the_interval(monkeypatch, caplog):
     assert caplog.records == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [
     ["train", "--preset", "digits-vit", "--set", "epochs=1", *TINY],
     ["sweep", "--preset", "digits-vit", "--alphas", "1.2", "--attention", "softmax", "--seeds", "0",

@@ -96,3 +96,16 @@ def test_bad_inputs(tmp_path, trained, capsys):
     with pytest.raises(ValueError, match="encodes to no tokens"):
         generate_text(model, tok, "")
     torch.manual_seed(0)
+
+
+def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
+    import shutil
+
+    from levyattn.data.tokenization import ByteTokenizer
+    from levyattn.training.tasks.tokenized import TOKENIZER_NAME
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    ByteTokenizer().save(run / TOKENIZER_NAME)  # 256 bytes and the specials, not the run's pieces
+    with pytest.raises(ValueError, match=r"\(vocab_size 260\) does not match the model \(vocab_size"):
+        load_language_model(run)

@@ -11,8 +11,8 @@ import torch
 
 from levyattn.cli import main as cli_main
 from levyattn.training.checkpoint import CheckpointError, save_checkpoint
+from levyattn.training.tasks.tokenized import TOKENIZER_NAME
 from levyattn.training.tasks.translation import (
-    TOKENIZER_NAME,
     TranslationTask,
     load_translator,
     translate_sentences,
@@ -222,11 +222,23 @@ def test_missing_tokenizer_is_named(trained, tmp_path):
         load_translator(run)
 
 
+def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
+    import shutil
+
+    from levyattn.data.tokenization import ByteTokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    ByteTokenizer().save(run / TOKENIZER_NAME)
+    with pytest.raises(ValueError, match=r"does not match the model \(tgt_vocab_size"):
+        load_translator(run)
+
+
 def test_train_then_translate_cli(tmp_path, capsys):
     """`levyattn train --preset toy-translation-fna` leaves a self-contained run folder (the
     trainer writes the tokenizer beside the checkpoint) that `levyattn translate` uses."""
     from levyattn.data.translation import make_toy_translation, toy_vocabulary
-    from levyattn.training.tasks.translation import load_tokenizer_beside
+    from levyattn.training.tasks.tokenized import load_tokenizer_beside
 
     run = tmp_path / "run"
     tiny = ["data.toy.n_train=48", "data.toy.n_eval=4", "data.toy.max_pp=1", "model.num_encoder_layers=1",

@@ -206,7 +206,7 @@ def load_token_ids(
             raise ValueError(f"--input {path}: token ids must be (L,) or (B, L), got shape {tuple(ids.shape)}")
         ids = ids.long()
     elif tokenizer_dir is not None:
-        from levyattn.training.tasks.translation import load_tokenizer_beside
+        from levyattn.training.tasks.tokenized import load_tokenizer_beside
 
         tokens = load_tokenizer_beside(tokenizer_dir).encode(source)
         if not tokens:

@@ -116,6 +116,18 @@ def encode_classification(
     )  # fmt: skip
 
 
+def _encode_imdb_splits(
+    train: tuple[list[str], list[int]], test: tuple[list[str], list[int]], tok: Any, max_len: int
+) -> tuple[SequenceClassificationDataset, SequenceClassificationDataset]:
+    """The (train, test) datasets of IMDB's (texts, labels) splits encoded with ``tok``; each keeps ``tok``."""
+    out = []
+    for texts, labels in (train, test):
+        ds = encode_classification(texts, labels, tok, max_len=max_len, num_classes=2, class_names=IMDB_CLASSES)
+        ds.tokenizer = tok
+        out.append(ds)
+    return out[0], out[1]
+
+
 def load_imdb(
     data_dir: PathLike,
     *,
@@ -143,12 +155,7 @@ def load_imdb(
     train_texts, train_labels = read_aclimdb_split(data_dir, "train")
     test_texts, test_labels = read_aclimdb_split(data_dir, "test")
     tok = _resolve_tokenizer(tokenizer, train_texts, vocab_size, min_freq, lowercase)
-    out = []
-    for texts, labels in ((train_texts, train_labels), (test_texts, test_labels)):
-        ds = encode_classification(texts, labels, tok, max_len=max_len, num_classes=2, class_names=IMDB_CLASSES)
-        ds.tokenizer = tok
-        out.append(ds)
-    return out[0], out[1]
+    return _encode_imdb_splits((train_texts, train_labels), (test_texts, test_labels), tok, max_len)
 
 
 def load_imdb_hub(
@@ -168,12 +175,7 @@ def load_imdb_hub(
     train_texts, train_labels = list(ds["train"]["text"]), [int(y) for y in ds["train"]["label"]]
     test_texts, test_labels = list(ds["test"]["text"]), [int(y) for y in ds["test"]["label"]]
     tok = _resolve_tokenizer(tokenizer, train_texts, check_int("vocab_size", vocab_size, 3), min_freq, True)
-    out = []
-    for texts, labels in ((train_texts, train_labels), (test_texts, test_labels)):
-        d = encode_classification(texts, labels, tok, max_len=max_len, num_classes=2, class_names=IMDB_CLASSES)
-        d.tokenizer = tok
-        out.append(d)
-    return out[0], out[1]
+    return _encode_imdb_splits((train_texts, train_labels), (test_texts, test_labels), tok, max_len)
 
 
 __all__ = [

@@ -34,8 +34,6 @@ accuracy with the gap over all runs.
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from levyattn.io import atomic_write_json, atomic_write_text, read_json
+from levyattn.io import atomic_write_json, atomic_write_text, read_json, rows_to_csv
 from levyattn.training.presets import check_requirements, preset_from_run, train_preset
 from levyattn.training.tasks import check_preset
 from levyattn.training.trainer import existing_run_files
@@ -240,18 +238,6 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for row in rows:
-        w.writerow({k: (";".join(map(str, v)) if isinstance(v, list) else v) for k, v in row.items()})
-    return buf.getvalue()
-
-
 def run_sweep(
     preset: dict[str, Any],
     *,
@@ -330,8 +316,8 @@ def run_sweep(
                                                  "attention": list(attentions), "seeds": list(seeds),
                                                  "restarts": restarts, "runs": runs_done, "summary": summary,
                                                  "correlation": corr})
-        atomic_write_text(out / "runs.csv", _csv(runs_done))
-        atomic_write_text(out / "summary.csv", _csv(summary))
+        atomic_write_text(out / "runs.csv", rows_to_csv(runs_done))
+        atomic_write_text(out / "summary.csv", rows_to_csv(summary))
         atomic_write_text(out / "table.md", res.table() + "\n")
     return res
 

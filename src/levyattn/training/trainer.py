@@ -48,11 +48,9 @@ Learning-rate schedules (``TrainConfig.schedule``), ``s`` = optimiser step:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -60,7 +58,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from levyattn.io import atomic_write_json, atomic_write_text, check_writable, fsync_dir, remove_stale_temporaries
+from levyattn.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable,
+    fsync_dir,
+    remove_stale_temporaries,
+    rows_to_csv,
+)
 from levyattn.models import count_parameters
 from levyattn.training import checkpoint as ckpt_mod
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
@@ -197,17 +202,6 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys: list[str] = []
-    for row in rows:
-        keys.extend(k for k in row if k not in keys)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 class _Shards(torch.utils.data.Sampler):
     """Batch sampler: this process's share ``batch[rank::world]`` of each global batch."""
 
@@ -279,7 +273,7 @@ class Trainer:
         import json
 
         atomic_write_text(self.out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
-        atomic_write_text(self.out_dir / "metrics.csv", _rows_to_csv(self.history))
+        atomic_write_text(self.out_dir / "metrics.csv", rows_to_csv(self.history))
 
     def _save(self, model, optimizer, position: dict[str, Any]) -> None:
         if self.out_dir is None or not self.config.checkpoint:

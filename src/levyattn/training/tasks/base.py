@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from torch import nn
+
 
 class PresetTask:
     """Keeps a private copy of the preset and checks its model type and dataset.
@@ -12,6 +14,7 @@ class PresetTask:
     Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values) and, when only some
     model types fit, ``model_types``. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
     (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``).
+    Subclasses give ``model_config`` (``_model_cfg`` completed by the data), which ``build_model`` builds.
     """
 
     name: str
@@ -36,3 +39,8 @@ class PresetTask:
             value = self.data_cfg.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key} must be an integer >= 1, got {value!r}")
+
+    def build_model(self) -> nn.Module:
+        from levyattn.models import build_model
+
+        return build_model(self.model_type, self.model_config)

@@ -123,11 +123,6 @@ class ClassificationTask(PresetTask):
 
     # -- model, loss, metrics ---------------------------------------------------------
 
-    def build_model(self) -> nn.Module:
-        from levyattn.models import build_model
-
-        return build_model(self.model_type, self.model_config)
-
     def forward(self, model: nn.Module, batch: Any, need_weights: bool = False) -> Any:
         if self.is_image:
             images = batch[0]
@@ -368,22 +363,20 @@ PRESETS: dict[str, dict[str, Any]] = {
          "weight_decay": 0.05, "grad_clip": 1.0, "eval_batch_size": 256},
         {"alphas": [1.2], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
     ),
-    "mnist-vit": _vit(
-        "mnist", "MNIST ViT (patch 7, 2 layers, 4 heads, hidden 64): minutes on a CPU",
-        {"patch_size": 7, "d_model": 64, "num_layers": 2, "num_heads": 4, "attention": "fna", "alpha": 1.2,
-         "dropout": 0.1},
-        {"epochs": 5, "batch_size": 128, "lr": 2e-3, "schedule": "cosine", "warmup_steps": 100,
-         "weight_decay": 0.05},
-        {"alphas": [1.2, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
-    ),
-    "fashion-mnist-vit": _vit(
-        "fashion_mnist", "Fashion-MNIST ViT (patch 7, 2 layers, 4 heads, hidden 64)",
-        {"patch_size": 7, "d_model": 64, "num_layers": 2, "num_heads": 4, "attention": "fna", "alpha": 1.2,
-         "dropout": 0.1},
-        {"epochs": 10, "batch_size": 128, "lr": 2e-3, "schedule": "cosine", "warmup_steps": 100,
-         "weight_decay": 0.05},
-        {"alphas": [1.2, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
-    ),
+    **{
+        name: _vit(
+            dataset, description,
+            {"patch_size": 7, "d_model": 64, "num_layers": 2, "num_heads": 4, "attention": "fna", "alpha": 1.2,
+             "dropout": 0.1},
+            {"epochs": epochs, "batch_size": 128, "lr": 2e-3, "schedule": "cosine", "warmup_steps": 100,
+             "weight_decay": 0.05},
+            {"alphas": [1.2, 2.0], "attention": ["fna", "softmax"], "seeds": [0, 1, 2]},
+        )
+        for name, dataset, description, epochs in (
+            ("mnist-vit", "mnist", "MNIST ViT (patch 7, 2 layers, 4 heads, hidden 64): minutes on a CPU", 5),
+            ("fashion-mnist-vit", "fashion_mnist", "Fashion-MNIST ViT (patch 7, 2 layers, 4 heads, hidden 64)", 10),
+        )
+    },
     "digits-vit": _vit(
         "digits", "scikit-learn digits (8x8, embedded): one-layer, one-head ViT, 4x4 patches; a minute on a CPU",
         {"patch_size": 4, "d_model": 32, "num_layers": 1, "num_heads": 1, "attention": "fna", "alpha": 1.2,

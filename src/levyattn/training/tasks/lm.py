@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levyattn.io import read_text, split_lines
-from levyattn.training.tasks.base import PresetTask
-from levyattn.training.tasks.translation import TOKENIZER_NAME, load_tokenizer_beside, tokenizer_modules
+from levyattn.training.tasks.tokenized import TokenizedTask, load_model_with_tokenizer, tokenizer_modules, toy_pairs
 
 DATASETS = ("text", "toy")
 
@@ -72,7 +71,7 @@ def _read_text(path: Any, what: str) -> str:
     return read_text(path, what)
 
 
-class LMTask(PresetTask):
+class LMTask(TokenizedTask):
     """The Task protocol for causal language modelling (see :mod:`levyattn.training.tasks`)."""
 
     name = "lm"
@@ -84,19 +83,12 @@ class LMTask(PresetTask):
     def __init__(self, preset: dict[str, Any]) -> None:
         super().__init__(preset)
         self._check_counts("vocab_size", "block_size")
-        self._data: tuple[BlockDataset, BlockDataset] | None = None
-        self.tokenizer: Any = None
 
     def _texts(self) -> tuple[str, str]:
         c = self.data_cfg
         if c["dataset"] == "text":
             return _read_text(c.get("train_file"), "train_file"), _read_text(c.get("eval_file"), "eval_file")
-        from levyattn.data.translation import make_toy_translation
-
-        toy = dict(c.get("toy", {}))
-        n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
-        train = make_toy_translation(n_train, seed, **toy)
-        evals = make_toy_translation(n_eval, seed + 1_000_003, **toy)
+        train, evals = toy_pairs(c.get("toy", {}))
         return "\n".join(t for _, t in train), "\n".join(t for _, t in evals)
 
     def _load(self) -> None:
@@ -142,20 +134,6 @@ class LMTask(PresetTask):
         cfg.update(vocab_size=self.tokenizer.vocab_size, block_size=int(self.data_cfg.get("block_size", 128)))
         return cfg
 
-    def build_model(self) -> nn.Module:
-        from levyattn.models import build_model
-
-        return build_model(self.model_type, self.model_config)
-
-    def save_artifacts(self, out_dir: str | Path) -> Path:
-        """Write the tokeniser into ``out_dir`` (beside the checkpoint); return its path."""
-        self._load()
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / TOKENIZER_NAME
-        self.tokenizer.save(path)
-        return path
-
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, float]:
         x, y = batch
         logits = model(x).logits
@@ -193,17 +171,7 @@ def load_language_model(path: str | Path, device: str = "cpu") -> tuple[nn.Modul
 
     A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
     """
-    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
-
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, "lm")
-    tokenizer = load_tokenizer_beside(ckpt.path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(
-            f"the tokenizer in {ckpt.path} (vocab_size {tokenizer.vocab_size}) does not match the model "
-            f"(vocab_size {model.config.vocab_size}); it belongs to another run"
-        )
-    return model.to(device).eval(), tokenizer
+    return load_model_with_tokenizer(path, "lm", "vocab_size", device)
 
 
 def generate_text(
@@ -245,37 +213,30 @@ def generate_text(
 _LM_SWEEP = {"alphas": [1.2, 1.6, 2.0], "attention": ["fna", "softmax"], "seeds": [0]}
 _LM_TRAIN = {"epochs": 10, "batch_size": 32, "eval_batch_size": 64, "lr": 3e-3, "schedule": "cosine",
              "warmup_steps": 20, "weight_decay": 0.01, "grad_clip": 1.0, "device": "cpu"}
-_LM_SMALL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "dropout": 0.0, "alpha": 1.2, "bandwidth": 1.0,
-             "manifold": "euclidean"}
+_FNA_KERNEL = {"alpha": 1.2, "bandwidth": 1.0, "manifold": "euclidean"}
+_LM_SMALL = {"d_model": 64, "num_layers": 2, "num_heads": 4, "dropout": 0.0, **_FNA_KERNEL}
+_LM_TEXT = {"d_model": 256, "num_layers": 4, "num_heads": 4, "dropout": 0.1}
+_ATTENTIONS = (("fna", "FNA alpha 1.2", _FNA_KERNEL), ("softmax", "softmax", {}))  # (kind, label, kernel settings)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "lm-toy-fna": {
-        "task": "lm", "model_type": "lm",
-        "description": "causal LM on the deterministic toy corpus, FNA alpha 1.2 (a minute on a CPU)",
-        "model": {**_LM_SMALL, "attention": "fna"},
-        "data": {"dataset": "toy", "toy": {}, "vocab_size": 64, "block_size": 64},
-        "train": dict(_LM_TRAIN), "sweep": _LM_SWEEP,
+    **{
+        f"lm-toy-{kind}": {
+            "task": "lm", "model_type": "lm",
+            "description": f"causal LM on the deterministic toy corpus, {label} (a minute on a CPU)",
+            "model": {**_LM_SMALL, "attention": kind},
+            "data": {"dataset": "toy", "toy": {}, "vocab_size": 64, "block_size": 64},
+            "train": dict(_LM_TRAIN), "sweep": _LM_SWEEP,
+        }
+        for kind, label, _ in _ATTENTIONS
     },
-    "lm-toy-softmax": {
-        "task": "lm", "model_type": "lm",
-        "description": "causal LM on the deterministic toy corpus, softmax (a minute on a CPU)",
-        "model": {**_LM_SMALL, "attention": "softmax"},
-        "data": {"dataset": "toy", "toy": {}, "vocab_size": 64, "block_size": 64},
-        "train": dict(_LM_TRAIN), "sweep": _LM_SWEEP,
-    },
-    "lm-text-fna": {
-        "task": "lm", "model_type": "lm",
-        "description": "causal LM on your text files (--set data.train_file=... data.eval_file=...), FNA alpha 1.2",
-        "model": {"d_model": 256, "num_layers": 4, "num_heads": 4, "dropout": 0.1, "alpha": 1.2, "bandwidth": 1.0,
-                  "manifold": "euclidean", "attention": "fna"},
-        "data": {"dataset": "text", "train_file": None, "eval_file": None, "vocab_size": 4000, "block_size": 256},
-        "train": {**_LM_TRAIN, "lr": 6e-4, "device": "auto", "warmup_steps": 200}, "sweep": _LM_SWEEP,
-    },
-    "lm-text-softmax": {
-        "task": "lm", "model_type": "lm",
-        "description": "causal LM on your text files (--set data.train_file=... data.eval_file=...), softmax",
-        "model": {"d_model": 256, "num_layers": 4, "num_heads": 4, "dropout": 0.1, "attention": "softmax"},
-        "data": {"dataset": "text", "train_file": None, "eval_file": None, "vocab_size": 4000, "block_size": 256},
-        "train": {**_LM_TRAIN, "lr": 6e-4, "device": "auto", "warmup_steps": 200}, "sweep": _LM_SWEEP,
+    **{
+        f"lm-text-{kind}": {
+            "task": "lm", "model_type": "lm",
+            "description": f"causal LM on your text files (--set data.train_file=... data.eval_file=...), {label}",
+            "model": {**_LM_TEXT, **kernel, "attention": kind},
+            "data": {"dataset": "text", "train_file": None, "eval_file": None, "vocab_size": 4000, "block_size": 256},
+            "train": {**_LM_TRAIN, "lr": 6e-4, "device": "auto", "warmup_steps": 200}, "sweep": _LM_SWEEP,
+        }
+        for kind, label, kernel in _ATTENTIONS
     },
 }

@@ -53,10 +53,9 @@ import torch
 from torch import nn
 
 from levyattn.models.seq2seq import sequence_loss
-from levyattn.training.tasks.base import PresetTask
+from levyattn.training.tasks.tokenized import TokenizedTask, load_model_with_tokenizer, tokenizer_modules, toy_pairs
 
 DATASETS = ("multi30k", "toy")
-TOKENIZER_NAME = "tokenizer.model"  # sentencepiece model file (load_tokenizer sniffs the format)
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -129,7 +128,7 @@ def translate_ids(
     return out
 
 
-class TranslationTask(PresetTask):
+class TranslationTask(TokenizedTask):
     """The Task protocol for translation (see :mod:`levyattn.training.tasks`)."""
 
     name = "translation"
@@ -141,14 +140,12 @@ class TranslationTask(PresetTask):
     def __init__(self, preset: dict[str, Any]) -> None:
         super().__init__(preset)
         self._check_counts("vocab_size", "max_len", "beam_size")
-        self._data: tuple[PairDataset, PairDataset] | None = None
-        self.tokenizer: Any = None
 
     # -- data -------------------------------------------------------------------------
 
     def _raw_pairs(self) -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
         """(train (src lines, tgt lines), eval (src lines, tgt lines)) as plain text."""
-        from levyattn.data.translation import make_toy_translation, read_multi30k
+        from levyattn.data.translation import read_multi30k
 
         c = self.data_cfg
         if self.dataset == "multi30k":
@@ -161,11 +158,7 @@ class TranslationTask(PresetTask):
             split = c.get("eval_split", "valid")
             splits = read_multi30k(data_dir, c.get("src_lang", "en"), c.get("tgt_lang", "de"), splits=("train", split))
             return splits["train"], splits[split]
-        toy = dict(c.get("toy", {}))
-        n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
-        # Held-out sentences come from another seed of the same grammar.
-        train = make_toy_translation(n_train, seed, **toy)
-        evals = make_toy_translation(n_eval, seed + 1_000_003, **toy)
+        train, evals = toy_pairs(c.get("toy", {}))
         return _as_lines(train, "training"), _as_lines(evals, "evaluation")
 
     def _load(self) -> None:
@@ -223,20 +216,6 @@ class TranslationTask(PresetTask):
         cfg.update(src_vocab_size=t.vocab_size, tgt_vocab_size=t.vocab_size, pad_id=t.pad_id, bos_id=t.bos_id,
                    eos_id=t.eos_id, max_len=int(self.data_cfg.get("max_len", 128)))
         return cfg
-
-    def build_model(self) -> nn.Module:
-        from levyattn.models import build_model
-
-        return build_model(self.model_type, self.model_config)
-
-    def save_artifacts(self, out_dir: str | Path) -> Path:
-        """Write the tokeniser into ``out_dir`` (beside the checkpoint); return its path."""
-        self._load()
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / TOKENIZER_NAME
-        self.tokenizer.save(path)
-        return path
 
     # -- loss and metrics -------------------------------------------------------------
 
@@ -303,11 +282,6 @@ def requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
     return {"translate": ("sacrebleu", *tokenizer_modules(preset["data"].get("tokenizer", "sentencepiece")))}
 
 
-def tokenizer_modules(kind: Any) -> tuple[str, ...]:
-    """The modules a ``data.tokenizer`` of ``kind`` imports (the SentencePiece ones need sentencepiece)."""
-    return ("sentencepiece",) if kind in ("sentencepiece", "bpe") else ()
-
-
 # ----------------------------------------------------------------------------- presets
 
 # The paper's translation settings (docs/training.md: Multi30K En-De, alpha 1.2, bandwidth 1,
@@ -335,6 +309,7 @@ _SMALL_MODEL = {
 }
 _SMALL_TRAIN = {"epochs": 12, "batch_size": 32, "eval_batch_size": 64, "lr": 3e-3, "schedule": "cosine",
                 "warmup_steps": 50, "weight_decay": 0.0, "betas": [0.9, 0.98], "grad_clip": 1.0, "device": "cpu"}
+_ATTENTIONS = (("fna", "FNA alpha 1.2"), ("softmax", "softmax"))  # (kind, as a description names it)
 _TOY = {"dataset": "toy", "toy": {"n_train": 3000, "n_eval": 200, "seed": 0}, "tokenizer": "toy", "max_len": 64,
         "beam_size": 1}
 
@@ -351,33 +326,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {**_PAPER_MODEL, **_attn("softmax")}, "data": dict(_MULTI30K), "train": dict(_PAPER_TRAIN),
         "sweep": _SWEEP,
     },
-    "multi30k-fna-small": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "Multi30K En-De on a CPU: 2+2 layers, d_model 64, FNA alpha 1.2, 10k pairs",
-        "model": {**_SMALL_MODEL, **_attn("fna")},
-        "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
-        "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
-        "sweep": _SWEEP,
+    **{
+        f"multi30k-{kind}-small": {
+            "task": "translation", "model_type": "seq2seq",
+            "description": f"Multi30K En-De on a CPU: 2+2 layers, d_model 64, {label}, 10k pairs",
+            "model": {**_SMALL_MODEL, **_attn(kind)},
+            "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
+            "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
+            "sweep": _SWEEP,
+        }
+        for kind, label in _ATTENTIONS
     },
-    "multi30k-softmax-small": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "Multi30K En-De on a CPU: 2+2 layers, d_model 64, softmax, 10k pairs",
-        "model": {**_SMALL_MODEL, **_attn("softmax")},
-        "data": {**_MULTI30K, "vocab_size": 2000, "max_len": 64, "limit_train": 10000, "limit_eval": 200},
-        "train": {**_SMALL_TRAIN, "epochs": 5, "lr": 1e-3},
-        "sweep": _SWEEP,
-    },
-    "toy-translation-fna": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "deterministic toy grammar with long-range agreement, FNA alpha 1.2 (minutes on a CPU)",
-        "model": {**_SMALL_MODEL, **_attn("fna")}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
-        "sweep": _SWEEP,
-    },
-    "toy-translation-softmax": {
-        "task": "translation", "model_type": "seq2seq",
-        "description": "deterministic toy grammar with long-range agreement, softmax (minutes on a CPU)",
-        "model": {**_SMALL_MODEL, **_attn("softmax")}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
-        "sweep": _SWEEP,
+    **{
+        f"toy-translation-{kind}": {
+            "task": "translation", "model_type": "seq2seq",
+            "description": f"deterministic toy grammar with long-range agreement, {label} (minutes on a CPU)",
+            "model": {**_SMALL_MODEL, **_attn(kind)}, "data": copy.deepcopy(_TOY), "train": dict(_SMALL_TRAIN),
+            "sweep": _SWEEP,
+        }
+        for kind, label in _ATTENTIONS
     },
 }
 
@@ -385,38 +352,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- inference
 
 
-def load_tokenizer_beside(run_dir: str | Path) -> Any:
-    """The tokeniser saved beside a checkpoint by :meth:`TranslationTask.save_artifacts`."""
-    from levyattn.data.tokenization import load_tokenizer
-
-    path = Path(run_dir) / TOKENIZER_NAME
-    if not path.exists():
-        raise FileNotFoundError(
-            f"tokenizer not found: {path} does not exist (a translation or LM run folder keeps its "
-            "tokenizer beside checkpoint.json)"
-        )
-    return load_tokenizer(path)
-
-
 def load_translator(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
     """(seq2seq model in eval mode, tokenizer) from a run folder or its checkpoint.json.
 
     A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
     """
-    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
-
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, "seq2seq")
-    tokenizer = load_tokenizer_beside(ckpt.path)
-    c = model.config
-    if (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) != (
-        c.tgt_vocab_size, c.pad_id, c.bos_id, c.eos_id
-    ):
-        raise ValueError(
-            f"the tokenizer in {ckpt.path} (vocab_size {tokenizer.vocab_size}) does not match the model "
-            f"(tgt_vocab_size {c.tgt_vocab_size}); it belongs to another run"
-        )
-    return model.to(device).eval(), tokenizer
+    return load_model_with_tokenizer(path, "seq2seq", "tgt_vocab_size", device)
 
 
 def translate_sentences(

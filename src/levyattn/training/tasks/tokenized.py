@@ -1,0 +1,94 @@
+"""What the tasks on tokenised text (language modelling, translation) share.
+
+The tokeniser is trained when a task loads its data and saved beside the checkpoint
+(:data:`TOKENIZER_NAME`), where inference finds it again; the toy corpus is
+``levyattn.data.make_toy_translation`` under one convention for both tasks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from levyattn.training.tasks.base import PresetTask
+
+TOKENIZER_NAME = "tokenizer.model"  # sentencepiece model file (load_tokenizer sniffs the format)
+
+
+class TokenizedTask(PresetTask):
+    """A :class:`PresetTask` whose ``_load()`` sets ``_data`` (the training and evaluation datasets)
+    and ``tokenizer`` (trained on the training data); both are None until then."""
+
+    def __init__(self, preset: dict[str, Any]) -> None:
+        super().__init__(preset)
+        self._data: tuple[Any, Any] | None = None
+        self.tokenizer: Any = None
+
+    def save_artifacts(self, out_dir: str | Path) -> Path:
+        """Write the tokeniser into ``out_dir`` (beside the checkpoint); return its path."""
+        self._load()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / TOKENIZER_NAME
+        self.tokenizer.save(path)
+        return path
+
+
+def tokenizer_modules(kind: Any) -> tuple[str, ...]:
+    """The modules a ``data.tokenizer`` of ``kind`` imports (the SentencePiece ones need sentencepiece)."""
+    return ("sentencepiece",) if kind in ("sentencepiece", "bpe") else ()
+
+
+def toy_pairs(toy: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training pairs, evaluation pairs) of the toy grammar for a preset's ``data.toy`` settings.
+
+    ``n_train`` (default 3000), ``n_eval`` (200) and ``seed`` (0) are taken out; the rest are
+    ``make_toy_translation``'s grammar settings. Held-out sentences come from another seed
+    (``seed + 1_000_003``) of the same grammar.
+    """
+    from levyattn.data.translation import make_toy_translation
+
+    toy = dict(toy)
+    n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
+    return make_toy_translation(n_train, seed, **toy), make_toy_translation(n_eval, seed + 1_000_003, **toy)
+
+
+def load_tokenizer_beside(run_dir: str | Path) -> Any:
+    """The tokeniser saved beside a checkpoint by :meth:`TokenizedTask.save_artifacts`."""
+    from levyattn.data.tokenization import load_tokenizer
+
+    path = Path(run_dir) / TOKENIZER_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer not found: {path} does not exist (a translation or LM run folder keeps its "
+            "tokenizer beside checkpoint.json)"
+        )
+    return load_tokenizer(path)
+
+
+def load_model_with_tokenizer(
+    path: str | Path, model_type: str, vocab_field: str, device: str
+) -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) from a run folder or its checkpoint.json.
+
+    The tokenizer must match the model: its ``vocab_size`` equals the config's ``vocab_field``,
+    and its special ids the config's ``pad_id`` / ``bos_id`` / ``eos_id`` where the config has them.
+    A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
+    """
+    from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, model_type)
+    tokenizer = load_tokenizer_beside(ckpt.path)
+    c = model.config
+    ids = [name for name in ("pad_id", "bos_id", "eos_id") if hasattr(c, name)]
+    if (tokenizer.vocab_size, *(getattr(tokenizer, n) for n in ids)) != (
+        getattr(c, vocab_field), *(getattr(c, n) for n in ids)
+    ):
+        raise ValueError(
+            f"the tokenizer in {ckpt.path} (vocab_size {tokenizer.vocab_size}) does not match the model "
+            f"({vocab_field} {getattr(c, vocab_field)}); it belongs to another run"
+        )
+    return model.to(device).eval(), tokenizer
