@@ -156,3 +156,13 @@ def test_progress_bars_stay_off_a_stderr_that_is_not_a_terminal(tmp_path, capsys
     captured = capsys.readouterr()
     assert "\r" not in captured.err and "\r" not in captured.out
     assert "it/s" not in captured.err
+
+
+def test_table_shows_small_gaps_and_single_seeds_as_they_are():
+    row = {"attention": "fna", "alpha": 1.2, "accuracy_mean": 0.9, "accuracy_std": 0.01, "gap_mean": 1.7e-5,
+           "gap_std": 2.1e-8, "params": 10, "time_mean": 1.0}
+    table = SweepResult(None, [], [dict(row, n=3)], correlations([0.9], [0.1])).table()
+    assert "| 0.9000 ± 0.0100 | 1.7e-05 ± 2.1e-08 |" in table and "0.0000" not in table
+    one_seed = SweepResult(None, [], [dict(row, n=1, accuracy_std=0.0, gap_std=0.0)], correlations([0.9], [0.1]))
+    assert "| 0.9000 | 1.7e-05 |" in one_seed.table() and "±" not in one_seed.table()
+

@@ -42,7 +42,7 @@ import torch
 from levyattn.backends.fused_cpu import ensure_built
 from levyattn.io import atomic_write_json, atomic_write_text
 from levyattn.training.presets import apply_overrides, get_preset, train_preset
-from levyattn.training.sweep import attention_gap
+from levyattn.training.sweep import attention_gap, format_spread
 
 VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
 DEFAULT_SEEDS = (0, 1, 2, 3, 4, 5)
@@ -89,9 +89,8 @@ def demo_preset(task_key: str, attention: str, alpha: float | None, seed: int, q
 
 def _spread(values: Sequence[float], spec: str = ".4f") -> str:
     """``mean ± std`` over seeds in the format ``spec``; the value alone for one seed (no spread)."""
-    if len(values) == 1:
-        return f"{values[0]:{spec}}"
-    return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return format_spread(statistics.fmean(values), std, len(values), spec)
 
 
 def paired_comparison(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict[str, Any]:

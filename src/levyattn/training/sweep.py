@@ -199,14 +199,16 @@ class SweepResult:
     all_runs: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        """The summary as a Markdown table (mean ± std over seeds)."""
+        """The summary as a Markdown table (mean ± std over seeds; the value alone for one seed)."""
         header = "| attention | alpha | seeds | accuracy | spectral gap | parameters | time (s) |"
         lines = [header, "|---|---|---|---|---|---|---|"]
         for row in self.summary:
             alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
             lines.append(
-                f"| {row['attention']} | {alpha} | {row['n']} | {row['accuracy_mean']:.4f} ± {row['accuracy_std']:.4f}"
-                f" | {row['gap_mean']:.4f} ± {row['gap_std']:.4f} | {row['params']} | {row['time_mean']:.1f} |"
+                f"| {row['attention']} | {alpha} | {row['n']} | "
+                f"{format_spread(row['accuracy_mean'], row['accuracy_std'], row['n'])} | "
+                f"{format_spread(row['gap_mean'], row['gap_std'], row['n'], '.2g')} | {row['params']} | "
+                f"{row['time_mean']:.1f} |"
             )
         c = self.correlation
         lines.append("")
@@ -221,6 +223,15 @@ class SweepResult:
                 f" (p = {c['pearson_p']:.3g}), Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
             )
         return "\n".join(lines)
+
+
+def format_spread(mean: float, std: float, n: int, spec: str = ".4f") -> str:
+    """``mean ± std`` over ``n`` seeds in the format ``spec``; the value alone for one seed, which
+    has no spread. Spectral gaps take ``spec=".2g"``: they span decades, and four decimals show
+    a small gap as ``0.0000``."""
+    if n == 1:
+        return f"{mean:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -306,7 +317,7 @@ def run_sweep(
         runs_done.append(row)
         if log:
             log(f"[{i + 1}/{len(plan)}] {run['name']}: accuracy {row['accuracy']:.4f}, "
-                f"spectral gap {row['spectral_gap']:.4f}, {row['train_time_s']:.1f}s")
+                f"spectral gap {row['spectral_gap']:.2g}, {row['train_time_s']:.1f}s")
     kept = select_restarts(runs_done)
     summary = summarise(kept)
     corr = correlations([r["accuracy"] for r in kept], [r["spectral_gap"] for r in kept])
