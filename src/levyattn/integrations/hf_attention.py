@@ -99,7 +99,7 @@ try:
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError(
-        "levyattn.integrations.huggingface needs transformers >= 4.56 with AttentionInterface and "
+        "levyattn.integrations.huggingface needs transformers >= 5.0 with AttentionInterface and "
         "AttentionMaskInterface (pip install 'levyattn[hf]')"
     ) from exc
 

@@ -36,7 +36,7 @@ try:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("levyattn.lens.capture needs transformers >= 4.56 (pip install 'levyattn[hf]')") from exc
+    raise ImportError("levyattn.lens.capture needs transformers >= 5.0 (pip install 'levyattn[hf]')") from exc
 
 __all__ = ["ROWS_IMPLEMENTATION", "RowCapture", "capture_rows", "register", "row_weights", "rows_attention_forward"]
 
