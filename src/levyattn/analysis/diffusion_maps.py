@@ -73,7 +73,9 @@ class DiffusionMap:
         bandwidth: eps > 0 as in docs/operator.md (length scale ``eps**(1/alpha)``), or "auto": the
             length scale is the median distance of a point to its ``n_neighbors``-th nearest
             neighbour and ``eps = scale**alpha``.
-        density_a: Coifman-Lafon density normalisation exponent in [0, 1].
+        density_a: Coifman-Lafon density normalisation exponent in [0, 1]. The default 1 (the
+            Laplace-Beltrami normalisation, which removes the sampling density) differs on purpose
+            from ``fractional_attention``'s 0, which keeps attention as the paper defines it.
         manifold: "euclidean" or "sphere" (geodesic distances on the sphere of
             ``sphere_radius``; points are projected onto it).
         d_intrinsic: d_M in the FNA exponent ``-(d_M + alpha)`` for alpha < 2; default the
