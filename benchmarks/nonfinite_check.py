@@ -1,0 +1,87 @@
+"""What the non-finite rule costs: ``fractional_attention`` with its check of the inputs against
+the same call with the check switched off, in the same process, interleaved.
+
+``fractional_attention`` first asks whether any value of q, k, v or a float mask is NaN or
+±Inf (one sum over each; only when one is not finite does it find the rows that depend on it).
+That pass reads k and v once more, which weighs most when the attention itself reads them only
+once: a decoding step, one query against a key/value cache. Switching the check off is done
+here by replacing it for the measurement only; the library has no such switch.
+
+    python benchmarks/nonfinite_check.py
+    python benchmarks/nonfinite_check.py --threads 1 2 --repeats 50
+
+Prints a table and writes JSON (default benchmarks/results/nonfinite_check.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import levyattn.functional as functional
+from levyattn import fractional_attention
+from levyattn.io import atomic_write_json
+
+# (label, (B, H, Nq, d), Nk, forward+backward)
+CASES = (
+    ("decode, 4096 cached keys", (1, 8, 1, 64), 4096, False),
+    ("decode, batch 8, 1024 cached keys", (8, 8, 1, 64), 1024, False),
+    ("training step, 1024 tokens", (1, 4, 1024, 64), 1024, True),
+)
+
+
+def _median_ms(shape: tuple[int, int, int, int], nk: int, grad: bool, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of one call (with backward when ``grad``), with and without the check."""
+    batch, heads, nq, dim = shape
+    q = torch.randn(batch, heads, nq, dim, requires_grad=grad)
+    k = torch.randn(batch, heads, nk, dim, requires_grad=grad)
+    v = torch.randn(batch, heads, nk, dim, requires_grad=grad)
+
+    def call() -> None:
+        out = fractional_attention(q, k, v, alpha=1.2)
+        if grad:
+            out.sum().backward()
+
+    checked = functional.nonfinite_rows
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for _ in range(3):
+            call()
+        for _ in range(repeats):
+            for with_check in (True, False):
+                functional.nonfinite_rows = checked if with_check else (lambda *args: None)
+                start = time.perf_counter()
+                call()
+                times[with_check].append(time.perf_counter() - start)
+    finally:
+        functional.nonfinite_rows = checked
+    return 1e3 * statistics.median(times[True]), 1e3 * statistics.median(times[False])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads, one table row each")
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds per case (median)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "nonfinite_check.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    print("| case | threads | with check (ms) | without (ms) | ratio |\n|---|---:|---:|---:|---:|")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for label, shape, nk, grad in CASES:
+            on, off = _median_ms(shape, nk, grad, args.repeats if not grad else max(1, args.repeats // 3))
+            rows.append({"case": label, "shape": list(shape), "nk": nk, "backward": grad, "threads": threads,
+                         "with_check_ms": on, "without_check_ms": off, "ratio": on / off})
+            print(f"| {label} | {threads} | {on:.2f} | {off:.2f} | {on / off:.2f}x |")
+    atomic_write_json(args.out, {"torch": torch.__version__, "machine": platform.platform(), "rows": rows})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
