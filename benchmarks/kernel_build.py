@@ -39,6 +39,13 @@ def _timed_load(src: Path, extensions: Path) -> float:
     return time.perf_counter() - started
 
 
+def _shown(src: Path) -> str:
+    """``src`` as the results file records it: relative to this checkout when inside it, so the
+    file names no folder of the machine it was measured on."""
+    resolved = src.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(src)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=ROOT / "src", help="the checkout's src folder")
@@ -63,7 +70,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['run']:<{width}}  {r['seconds']:7.1f}")
     atomic_write_json(args.out, {"rows": rows, "torch": torch.__version__, "python": platform.python_version(),
-                                 "cpu_count": os.cpu_count(), "src": str(args.src)})
+                                 "cpu_count": os.cpu_count(), "src": _shown(args.src)})
     print(f"\nwrote {args.out}")
 
 
