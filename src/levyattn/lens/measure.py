@@ -73,16 +73,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from levyattn.lens.attention_paths import (
+    AttentionPath,
+    eager_path,
+    full_matrix_path,
+    is_causal_attention,
+    row_path,
+)
 from levyattn.lens.loading import (
-    attention_body,
-    ensure_eager,
-    extract_attentions,
     load_hf_model,
     model_context,
     model_dtype,
     resolve_device,
     resolve_dtype,
-    switch_to_rows,
 )
 from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
 from levyattn.lens.reductions import dense_values, published_values
@@ -323,93 +326,6 @@ def _check_distances(
     return grid, dropped
 
 
-@dataclass
-class _Attention:
-    """How a pass yields attention rows: ``run(ids (B, L), rows (R,), consume)`` calls
-    ``consume`` with each layer's (B, H, R, L) weights, in layer order.
-
-    ``path``: "rows" (the registered row-capturing attention, fused outputs), "eager"
-    (``output_attentions`` of the eager implementation) or "attentions_fn"; ``note`` says why
-    a Hugging Face model is not on "rows".
-    """
-
-    run: Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], None]
-    path: str
-    forward_module: str
-    note: str = ""
-
-
-def _full_matrix_attention(attn_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], name: str) -> Callable:
-    """A ``run`` reading rows from whole (B, H, L, L) matrices (eager weights or an attentions_fn)."""
-
-    def run(ids: torch.Tensor, rows: torch.Tensor, consume: Callable[[torch.Tensor], None]) -> None:
-        layers = [a for a in attn_fn(ids) if a is not None]
-        if not layers:
-            raise ValueError(f"{name} returned no attention weights")
-        b, n = ids.shape
-        for i, a in enumerate(layers):
-            if a.ndim != 4 or a.shape[0] != b or a.shape[-1] != n or a.shape[-2] != n:
-                raise ValueError(
-                    f"{name}: attention of layer {i} has shape {tuple(a.shape)}, expected (B={b}, H, L={n}, L={n})"
-                )
-            consume(a[:, :, rows.to(a.device)])
-
-    return run
-
-
-def _eager_attention(model: nn.Module, name: str, note: str = "") -> tuple[_Attention, Callable[[], None]]:
-    restore = ensure_eager(model)
-    body = attention_body(model)
-    kwargs: dict[str, Any] = {"output_attentions": True}
-    if getattr(getattr(body, "config", None), "use_cache", None) is not None:
-        kwargs["use_cache"] = False  # a KV cache is useless here and costs memory
-    run = _full_matrix_attention(lambda ids: extract_attentions(body(input_ids=ids, **kwargs), name), name)
-    return _Attention(run, "eager", type(body).__name__, note), restore
-
-
-def _row_attention(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[_Attention, Callable[[], None]]:
-    """The row-capturing path when the model takes it (checked on ``probe``), else the eager path."""
-    restore, why = switch_to_rows(model)
-    if restore is None:
-        return _eager_attention(model, name, why)
-    from levyattn.lens.capture import capture_rows
-
-    body = attention_body(model)
-    kwargs = {"use_cache": False} if getattr(body.config, "use_cache", None) is not None else {}
-
-    def run(ids: torch.Tensor, rows: torch.Tensor, consume: Callable[[torch.Tensor], None]) -> None:
-        b, n = ids.shape
-
-        def check(a: torch.Tensor) -> None:
-            if a.shape[0] != b or a.shape[-1] != n:
-                raise ValueError(f"{name}: attention rows of shape {tuple(a.shape)}, expected (B={b}, H, R, L={n})")
-            consume(a)
-
-        with capture_rows(rows, check) as capture:
-            body(input_ids=ids, **kwargs)
-        if capture.calls == 0:
-            raise ValueError(f"{name}: no attention layer went through the row-capturing attention")
-
-    try:
-        with capture_rows(torch.arange(1), lambda a: None) as capture:
-            body(input_ids=probe, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any failure means: keep the eager path, and say why
-        restore()
-        return _eager_attention(model, name, f"the row-capturing attention failed on a probe pass: {err}")
-    if capture.calls == 0:
-        restore()
-        return _eager_attention(model, name, f"{type(body).__name__} does not dispatch through transformers' "
-                                             "attention functions")  # fmt: skip
-    return _Attention(run, "rows", type(body).__name__), restore
-
-
-def _is_causal(attention: _Attention, probe: torch.Tensor) -> bool:
-    layers: list[torch.Tensor] = []
-    attention.run(probe, torch.arange(probe.shape[1]), layers.append)
-    upper = max(float(torch.triu(a.float(), diagonal=1).abs().max()) for a in layers)
-    return upper <= 1e-6
-
-
 def measure_decay(
     model: nn.Module | str | os.PathLike | None = None,
     *,
@@ -505,12 +421,12 @@ def measure_decay(
     try:
         with torch.inference_mode():
             if attentions_fn is not None:
-                attention = _Attention(_full_matrix_attention(attentions_fn, name), "attentions_fn", "attentions_fn")
+                attention = AttentionPath(full_matrix_path(attentions_fn, name), "attentions_fn", "attentions_fn")
             elif capture == "eager":
-                attention, restore = _eager_attention(model, name, "capture='eager' was asked for")  # type: ignore[arg-type]
+                attention, restore = eager_path(model, name, "capture='eager' was asked for")  # type: ignore[arg-type]
             else:
-                attention, restore = _row_attention(model, name, probe)  # type: ignore[arg-type]
-            is_causal = _is_causal(attention, probe) if causal is None else bool(causal)
+                attention, restore = row_path(model, name, probe)  # type: ignore[arg-type]
+            is_causal = is_causal_attention(attention, probe) if causal is None else bool(causal)
             plan = _Plan(
                 name=name,
                 protocol=protocol,
@@ -640,7 +556,7 @@ class _Accumulator:
 
 
 def _run(
-    attention: _Attention, plan: _Plan, progress: bool, on_progress: Callable[[int, int], None] | None
+    attention: AttentionPath, plan: _Plan, progress: bool, on_progress: Callable[[int, int], None] | None
 ) -> DecayMeasurement:
     from tqdm.auto import tqdm
 
