@@ -10,7 +10,10 @@ CUDA events (median of ``--rounds``), forward+backward (or forward only):
   halves each, so the dot product runs at head dim D + 4, padded to a multiple of 16).
 
 FNA over flex softmax is the price of the kernel itself; flex softmax over flash is FlexAttention's
-distance from a hand-written kernel. Peak memory is ``torch.cuda.max_memory_allocated`` above the
+distance from a hand-written kernel. ``--decompose`` splits the price in two with two more paths:
+``flex softmax D+16`` (q and k padded with zeros to FNA's augmented head dim, which FlexAttention
+rounds up to the next power of two) and ``flex power law`` (a score modifier with FNA's per-pair
+work, ``-e log1p(c sqrt|s|)``, at head dim D). Peak memory is ``torch.cuda.max_memory_allocated`` above the
 inputs, for one call of each path. With ``--profile N`` the CUDA kernels of one forward+backward of
 each path at that length are listed (torch.profiler), the longest first.
 
@@ -60,7 +63,23 @@ def make_paths(args: argparse.Namespace) -> dict:
     def flex_fna(q, k, v):
         return fractional_attention(q, k, v, alpha=args.alpha, is_causal=args.causal, backend="flex")
 
-    return dict(zip(PATHS, (flash, flex_softmax, flex_fna)))
+    paths = dict(zip(PATHS, (flash, flex_softmax, flex_fna)))
+    if args.decompose:
+
+        def padded(q, k, v):
+            return flex_softmax(F.pad(q, (0, 16)), F.pad(k, (0, 16)), v)
+
+        def power_law(score, b, h, qi, ki):
+            return -(q_dim + args.alpha) * torch.log1p(0.125 * torch.sqrt(score.abs() + 1e-6))
+
+        q_dim = args.head_dim
+
+        def flex_power(q, k, v):
+            block_mask = causal_mask(q.shape[-2], q.device) if args.causal else None
+            return compiled(q, k, v, score_mod=power_law, block_mask=block_mask)
+
+        paths.update({"flex softmax D+16": padded, "flex power law": flex_power})
+    return paths
 
 
 def step(fn, q, k, v, grad: bool) -> None:
@@ -142,6 +161,7 @@ def main() -> None:
     p.add_argument("--causal", action="store_true")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--inner", type=int, default=5, help="calls per timed round")
+    p.add_argument("--decompose", action="store_true", help="also time the two parts of FNA's price (above)")
     p.add_argument("--profile", type=int, default=None, metavar="N", help="also list the CUDA kernels at length N")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -171,6 +191,16 @@ def main() -> None:
             f"{r['fna_over_flash']:.2f}x | {r['flex_over_flash']:.2f}x | {r['fna_over_flex']:.2f}x | "
             f"{mem['sdpa flash']:.0f} / {mem['flex softmax']:.0f} / {mem['flex FNA']:.0f} |"
         )
+    if args.decompose:
+        lines.append("")
+        lines.append("| N | flex softmax D+16 / flex softmax | flex power law / flex softmax |")
+        lines.append("|---:|---:|---:|")
+        for r in rows:
+            ms = r["ms"]
+            lines.append(
+                f"| {r['N']} | {ms['flex softmax D+16'] / ms['flex softmax']:.2f}x | "
+                f"{ms['flex power law'] / ms['flex softmax']:.2f}x |"
+            )
     print("\n".join(lines))
     default = f"flex_gpu{'_causal' if args.causal else ''}{'_fwd' if args.mode == 'fwd' else ''}.json"
     out = Path(args.out or Path(__file__).parent / "results" / default)

@@ -564,3 +564,17 @@ class TestFlexOnCPU:
             ref = fractional_attention(q, k, v, backend="reference", attn_mask=mask, **kw)
             out = fractional_attention(q, k, v, backend="flex", attn_mask=mask, **kw)
         assert rel_err(out, ref) <= 1e-5
+
+    def test_causal_block_mask_is_built_once_per_shape(self):
+        from levyattn.backends import flex
+
+        flex._structural_block_mask.cache_clear()
+        q, k, v = (t.detach().float() for t in make_qkv(d=8, nk=16))
+        with torch.no_grad():
+            ref = fractional_attention(q, k, v, backend="reference", is_causal=True)
+            first = fractional_attention(q, k, v, backend="flex", is_causal=True)
+            again = fractional_attention(q * 2, k, v, backend="flex", is_causal=True)
+            ref_again = fractional_attention(q * 2, k, v, backend="reference", is_causal=True)
+        info = flex._structural_block_mask.cache_info()
+        assert (info.misses, info.hits) == (1, 1)
+        assert rel_err(first, ref) <= 1e-5 and rel_err(again, ref_again) <= 1e-5

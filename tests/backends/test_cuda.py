@@ -44,7 +44,7 @@ def _compare(backend, dtype, *, nq=200, nk=200, causal=False, padding=False, alp
     def leaves(device, dt):
         out = [x.detach().to(device, dt).requires_grad_() for x in (q, k, v)]
         if per_head:
-            out += [t.to(device).requires_grad_() for t in (alpha, bandwidth)]
+            out += [t.detach().clone().to(device).requires_grad_() for t in (alpha, bandwidth)]
         return out
 
     def run(backend_name, device, dt, xs):
