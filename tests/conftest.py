@@ -3,7 +3,7 @@
 On the CPU the tiled backend runs its Euclidean path through a fused C++ kernel built on first
 use. The suite runs the tile loop instead (``LEVYATTN_COMPILE=0``), so the conformance tests
 check the tile loop on small shapes and no test pays for the build by accident; subprocesses
-inherit the setting. ``test_fused_cpu.py`` turns the kernel back on and tests it.
+inherit the setting. ``backends/test_fused_cpu.py`` turns the kernel back on and tests it.
 """
 
 import pytest

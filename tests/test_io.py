@@ -7,7 +7,9 @@ import gzip
 import os
 import stat
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,6 +19,7 @@ from levyattn.io import (
     atomic_write_json,
     read_json,
     read_lines,
+    read_tensor_file,
     read_text,
     remove_stale_temporaries,
     rows_to_csv,
@@ -116,3 +119,20 @@ def test_split_lines_inverts_joining_with_newlines(lines, crlf):
 def test_rows_to_csv_takes_every_key_in_first_seen_order_and_joins_lists():
     rows = [{"attention": "fna", "seeds": [0, 1, 2]}, {"attention": "softmax", "alpha": None, "extra": 1.5}]
     assert rows_to_csv(rows).splitlines() == ["attention,seeds,alpha,extra", "fna,0;1;2,,", "softmax,,,1.5"]
+
+
+def test_read_tensor_file_names_the_file_and_the_fault(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(3, dtype=np.int16))
+    got = read_tensor_file(tmp_path / "a.npy")
+    assert got.dtype == torch.int16 and got.tolist() == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="weights file not found: .*missing.pt"):
+        read_tensor_file(tmp_path / "missing.pt", "weights file")
+    (tmp_path / "a.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"tensor file .*a.csv: unsupported file type '.csv'"):
+        read_tensor_file(tmp_path / "a.csv")
+    (tmp_path / "bad.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=r"tensor file .*bad.pt: cannot read it as .pt"):
+        read_tensor_file(tmp_path / "bad.pt")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"objects.npy: cannot read it as .npy"):  # never unpickled
+        read_tensor_file(tmp_path / "objects.npy")

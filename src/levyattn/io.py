@@ -10,7 +10,8 @@ files (told apart by their first bytes, not their name) and raise errors that na
 file and what is wrong with it. Text is UTF-8; a leading byte-order mark is dropped, and
 lines end at ``\\n`` (or ``\\r\\n``) only, never at the other characters
 ``str.splitlines`` splits on (U+2028, U+0085, form feed, ...), which can occur inside a
-sentence and would shift every following line of a parallel corpus.
+sentence and would shift every following line of a parallel corpus. Tensor files
+(.npy, .npz, .pt/.pth, .safetensors) are read by :func:`read_tensor_file`, never running pickled code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 GZIP_MAGIC = b"\x1f\x8b"
+TENSOR_SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
 TMP_SUFFIX = ".tmp"
 _CHUNK = 1 << 20
 
@@ -243,3 +245,37 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         return json.loads(path.read_bytes().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataFormatError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+def read_tensor_file(path: str | os.PathLike, what: str = "tensor file") -> Any:
+    """What a .npy/.npz/.pt/.pth/.safetensors file holds, with torch tensors for arrays (dtypes kept).
+
+    .npy gives one tensor; .npz and .safetensors a ``{name: tensor}`` dict; .pt/.pth whatever
+    was saved, read with ``torch.load(weights_only=True)`` (tensors and plain containers,
+    never arbitrary pickled code). .npy/.npz are read with ``allow_pickle=False``.
+
+    Errors name the file: FileNotFoundError when it is missing, ValueError for another suffix
+    or content that does not read as its suffix says.
+    """
+    import numpy as np
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in TENSOR_SUFFIXES:
+        raise ValueError(f"{what} {path}: unsupported file type {suffix!r}; expected one of {TENSOR_SUFFIXES}")
+    try:
+        if suffix == ".npy":
+            return torch.from_numpy(np.load(path, allow_pickle=False))
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                return {k: torch.from_numpy(data[k]) for k in data.files}
+        if suffix in (".pt", ".pth"):
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as err:  # corrupt files raise many error types (unpickling, OSError, TypeError, ...)
+        raise ValueError(f"{what} {path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err

@@ -1,10 +1,17 @@
-"""Tiny Hugging Face models (random weights, no downloads) for the integration tests."""
+"""Tiny Hugging Face models (random weights, no downloads) for the integration tests, and the
+reference attention implementation ``attn_implementation=REFERENCE`` they are compared with."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
+
+from levyattn import fractional_attention
 
 transformers = pytest.importorskip("transformers")
+masking_utils = pytest.importorskip("transformers.masking_utils")
 
 import levyattn.integrations.huggingface  # noqa: E402,F401  (registers "fna")
 
@@ -49,3 +56,54 @@ def tiny_config(family: str, **overrides):
     """A 2-layer config of one family: hidden 32, 2 heads (Llama 4 query / 2 kv heads), no dropout."""
     name, defaults = _DEFAULTS[family]
     return getattr(transformers, name)(**{**defaults, **overrides})
+
+
+# ----------------------------------------------------------------------------- the reference
+
+REFERENCE = "fna_reference"
+
+
+def _per_layer(value, layer):
+    value = value[layer] if isinstance(value, list) else value
+    return torch.tensor(value, dtype=torch.float64) if isinstance(value, list) else value
+
+
+def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **_):
+    """FNA as levyattn.fractional_attention(backend="reference") computes it on the q/k/v transformers
+    hands over, written apart from the integration: the "fna" implementation is held to it.
+
+    Reads the layer's fna_alpha / fna_bandwidth / fna_density_a from the config (scalars, per-layer
+    lists, per-head lists); takes boolean masks (True = keep) or none (then the module's causality).
+    """
+    config = module.config
+    layer = getattr(module, "layer_idx", None)
+    layer = getattr(module, "fna_layer_idx", None) if layer is None else layer
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    nq, nk = query.shape[2], key.shape[2]
+    if attention_mask is not None:
+        assert attention_mask.dtype == torch.bool, "the reference takes boolean masks"
+        mask_kw = {"attn_mask": attention_mask[..., :nk]}
+    else:
+        causal = module.is_causal if is_causal is None else is_causal
+        mask_kw = {"is_causal": bool(causal) and nq > 1}
+    _, weights = fractional_attention(
+        query, key, value, backend="reference", return_weights=True,
+        alpha=_per_layer(getattr(config, "fna_alpha", 1.2), layer),
+        bandwidth=_per_layer(getattr(config, "fna_bandwidth", 1.0), layer),
+        density_a=_per_layer(getattr(config, "fna_density_a", 0.0), layer), **mask_kw,
+    )  # fmt: skip
+    weights = weights.to(value.dtype)
+    dropped = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (dropped @ value).transpose(1, 2).contiguous(), weights
+
+
+transformers.AttentionInterface.register(REFERENCE, reference_attention)
+masking_utils.AttentionMaskInterface.register(REFERENCE, masking_utils.sdpa_mask)
+
+
+def as_reference(model):
+    """A copy of ``model`` (same weights and config) that runs the reference attention."""
+    reference = copy.deepcopy(model)
+    reference.set_attn_implementation(REFERENCE)
+    return reference

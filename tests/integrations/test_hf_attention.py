@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import tiny_config
+from hf_tiny import tiny_config, transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,6 +113,7 @@ def test_config_edits_take_effect_on_the_next_call():
     q, k, v = (torch.randn(1, 4, 6, 8) for _ in range(3))
     module = Stub(_config(alpha=1.2))
     first, _ = hf.fna_attention_forward(module, q, k, v, None)
+    torch.testing.assert_close(first, _reference(q, k, v, alpha=1.2).transpose(1, 2))
     module.config.fna_alpha = 0.6
     second, _ = hf.fna_attention_forward(module, q, k, v, None)
     torch.testing.assert_close(second, _reference(q, k, v, alpha=0.6).transpose(1, 2))
@@ -223,7 +224,6 @@ def test_config_defaults_are_fnaconfigs_and_fractional_attentions():
 
 
 def test_register_returns_the_name_and_the_model_runs_under_it():
-    transformers = pytest.importorskip("transformers")
     assert hf.register() == hf.ATTN_IMPLEMENTATION == "fna"
     name = hf.register("fna_renamed")
     assert name == "fna_renamed"
@@ -261,3 +261,25 @@ def test_finfo_min_mask_removes_pairs_exactly_and_empty_rows_give_zero():
     torch.testing.assert_close(w_f, w_b)
     assert torch.all(out_f[:, 1] == 0) and torch.all(w_f[:, :, 1] == 0)
     assert torch.all(w_f[..., ~keep[0, 0]] == 0)
+
+
+def test_the_private_output_collector_of_transformers_is_found():
+    # Whether a v5 forward pass records attention weights is known only from transformers' private
+    # ``_active_collector`` (no public API says it; GPT-2 drops ``output_attentions`` before its
+    # layers). Where transformers has its output-capturing module, hf_attention must have found the
+    # collector in it: a rename fails here, loudly, instead of weights going silently missing.
+    import importlib.util
+
+    from levyattn.integrations import hf_attention
+
+    if importlib.util.find_spec("transformers.utils.output_capturing") is None:
+        pytest.skip("this transformers records outputs without transformers.utils.output_capturing")
+    assert hf_attention._active_collector is not None, (
+        "transformers.utils.output_capturing no longer has _active_collector: update "
+        "levyattn.integrations.hf_attention._weights_requested"
+    )
+    assert callable(hf_attention._active_collector.get)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"), attn_implementation="fna").eval()
+    with torch.no_grad():
+        weights = model(torch.tensor([[3, 4, 5]]), output_attentions=True).attentions
+    assert len(weights) == 2 and all(w.shape == (1, 2, 3, 3) for w in weights)

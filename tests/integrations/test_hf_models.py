@@ -1,11 +1,13 @@
 """BERT, GPT-2, Llama and ViT with attn_implementation="fna": forward, backward, masks,
-attention weights, generate, save/load and a training step."""
+attention weights, generate, save/load and training steps, each held to the same model run with
+the reference implementation of hf_tiny (levyattn.fractional_attention(backend="reference") on the
+q/k/v transformers hands over)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hf_tiny import DECODERS, FAMILIES, VOCAB, tiny_config, transformers
+from hf_tiny import DECODERS, FAMILIES, VOCAB, as_reference, tiny_config, transformers
 
 from levyattn.integrations import hf_attention
 from levyattn.integrations import huggingface as hf
@@ -24,10 +26,10 @@ def build(family, attn="fna", seed=0, **extra):
     return model.eval()
 
 
-def inputs(family, batch=2, length=7, seed=0):
+def inputs(family, batch=2, length=7, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     if family == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g, dtype=dtype)}
     return {"input_ids": torch.randint(3, VOCAB, (batch, length), generator=g)}
 
 
@@ -36,41 +38,48 @@ def main_output(out):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_backward_and_weights(family):
-    model = build(family, fna_alpha=[1.2, 0.8], fna_bandwidth=0.5)
+def test_outputs_weights_and_gradients_are_the_references(family):
+    model = build(family, fna_alpha=[1.2, 0.8], fna_bandwidth=0.5).double()
     hf.assign_layer_indices(model)  # ViT's attention modules carry no layer_idx
-    x = inputs(family)
-    out = model(**x, output_attentions=True)
-    assert torch.isfinite(main_output(out)).all()
-    assert len(out.attentions) == 2
-    for w in out.attentions:
-        rows = w.sum(-1)
-        torch.testing.assert_close(rows, torch.ones_like(rows))
-        if family in DECODERS:  # causal: nothing above the diagonal
-            assert torch.all(w.triu(1) == 0)
-    assert model(**x).attentions is None  # weights are not computed unless asked
-    model.train()
-    main_output(model(**x)).float().pow(2).mean().backward()
+    x = inputs(family, dtype=torch.float64)
+
+    def run(m):
+        out = m(**x, output_attentions=True)
+        main_output(out).pow(2).mean().backward()
+        grads = {name: p.grad for name, p in m.named_parameters() if p.grad is not None}
+        return main_output(out).detach(), [w.detach() for w in out.attentions], grads
+
+    got_out, got_weights, got_grads = run(model)
+    want_out, want_weights, want_grads = run(as_reference(model))
+    torch.testing.assert_close(got_out, want_out, rtol=1e-10, atol=1e-12)
+    assert len(got_weights) == len(want_weights) == 2
+    for got, want in zip(got_weights, want_weights):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys()
     attention = [m for m in model.modules() if hf_attention._is_attention_module(m)]
-    grads = [p.grad for m in attention for p in m.parameters()]
-    assert len(attention) == 2 and grads
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert len(attention) == 2 and all(p.grad is not None for m in attention for p in m.parameters())
+    for name, want in want_grads.items():
+        torch.testing.assert_close(got_grads[name], want, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():
+        assert model(**x).attentions is None  # weights are not computed unless asked
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_keys_drive_the_model(family):
-    # The same weights under sdpa and under FNA with two alphas: three different functions.
+    # The same weights under sdpa and under FNA with two alphas: three different functions, each
+    # FNA one the reference's for the config's values.
     x = inputs(family)
     with torch.no_grad():
         softmax = main_output(build(family, attn="sdpa")(**x))
         # Randomly initialised q and k are close together: a small bandwidth makes the kernel matter.
         model = build(family, fna_bandwidth=1e-3)
         a = main_output(model(**x))
+        torch.testing.assert_close(a, main_output(as_reference(model)(**x)))
         model.config.fna_alpha = 0.5
         b = main_output(model(**x))
+        torch.testing.assert_close(b, main_output(as_reference(model)(**x)))
     assert not torch.allclose(a, softmax, atol=1e-4)
-    assert not torch.allclose(a, b, atol=1e-4)
+    assert not torch.allclose(a, b, atol=1e-4)  # the comparisons above tell the two alphas apart
 
 
 def test_encoder_padding_mask_is_honoured():
@@ -117,6 +126,15 @@ def test_generate_with_cache_matches_full_recomputation(family):
     full = model.generate(ids, use_cache=False, **kwargs)
     assert cached.shape == (2, 11)
     assert torch.equal(cached, full)
+    # A greedy loop by hand: the whole sequence through the reference model, argmax of the last logits.
+    reference, tokens = as_reference(model), ids
+    with torch.no_grad():
+        for _ in range(6):
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = reference(tokens, attention_mask=mask, position_ids=positions).logits[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(cached, tokens)
 
 
 def test_vit_per_layer_values_need_layer_indices():
@@ -125,9 +143,13 @@ def test_vit_per_layer_values_need_layer_indices():
     with pytest.raises(ValueError, match="assign_layer_indices"):
         model(**x)
     assert hf.assign_layer_indices(model) == 2
-    first = model(**x).last_hidden_state
-    model.config.fna_alpha = [1.8, 1.2]  # the layers really get different values
-    assert not torch.allclose(model(**x).last_hidden_state, first, atol=1e-5)
+    with torch.no_grad():
+        first = model(**x).last_hidden_state
+        torch.testing.assert_close(first, as_reference(model)(**x).last_hidden_state)
+        model.config.fna_alpha = [1.8, 1.2]  # the layers really get different values
+        swapped = model(**x).last_hidden_state
+        torch.testing.assert_close(swapped, as_reference(model)(**x).last_hidden_state)
+    assert not torch.allclose(swapped, first, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -164,32 +186,46 @@ def test_set_attn_implementation_switches_a_loaded_model():
 
 
 @pytest.mark.parametrize("family", DECODERS)
-def test_training_steps_lower_the_loss(family):
-    model = build(family)
-    model.train()
+def test_training_steps_are_the_references(family):
+    model = build(family).double().train()
+    reference = as_reference(model)
     ids = inputs(family, batch=4, length=8)["input_ids"]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1
+
+    def losses(m):
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        out = []
+        for _ in range(4):
+            loss = m(ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    got, want = losses(model), losses(reference)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert want[-1] < want[0] - 0.1  # the steps move the model: the comparison covers training
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10, msg=name)
 
 
-def test_attention_dropout_in_training_runs_and_backpropagates():
-    model = build("bert", attention_probs_dropout_prob=0.5)
-    model.train()
+def test_attention_dropout_in_training_is_the_references():
+    model = build("bert", attention_probs_dropout_prob=0.5).double().train()
+    reference = as_reference(model)
     x = inputs("bert")
+    query = "encoder.layer.0.attention.self.query.weight"
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        got = model(**x).last_hidden_state
+        torch.manual_seed(seed)
+        want = reference(**x).last_hidden_state
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(model.get_parameter(query).grad, reference.get_parameter(query).grad)
     torch.manual_seed(0)
     a = model(**x).last_hidden_state
-    torch.manual_seed(1)
-    b = model(**x).last_hidden_state
-    assert not torch.allclose(a, b)  # dropout on the FNA weights
-    a.sum().backward()
-    assert torch.isfinite(model.encoder.layer[0].attention.self.query.weight.grad).all()
+    assert not torch.allclose(a, got)  # dropout is on: the two seeds differ
 
 
 def test_trainer_step(tmp_path):
@@ -203,6 +239,7 @@ def test_trainer_step(tmp_path):
          "labels": torch.tensor(i % 2)}
         for i in range(8)
     ]
+    reference = as_reference(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], use_cpu=True,
@@ -210,5 +247,8 @@ def test_trainer_step(tmp_path):
     )
     result = transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert result.global_step == 2
+    transformers.Trainer(model=reference, args=args, train_dataset=data).train()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
     attn = "bert.encoder.layer.0.attention.self.query.weight"
-    assert not torch.equal(before[attn], model.get_parameter(attn))
+    assert not torch.equal(before[attn], model.get_parameter(attn))  # the steps changed the attention

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -33,3 +34,14 @@ def read_only(monkeypatch):
     yield make
     for folder in made:
         folder.chmod(0o755)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run a module's tiny models on one thread: on a shared 2-core machine, two intra-op
+    threads contending with other processes made a 2 s training run take over a minute,
+    and for d_model 64 one thread is as fast as two even on an idle machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-SUFFIXES = (".npy", ".npz", ".pt", ".pth", ".safetensors")
+from levyattn.io import read_tensor_file
 
 
 def _from_torch_object(obj: object, path: Path, dtypes: dict[str, str]) -> dict[str, np.ndarray]:
@@ -47,35 +47,8 @@ def load_attention_with_dtypes(
     """As :func:`load_attention`, plus each entry's stored dtype (e.g. "bfloat16"), which
     decides the default row-sum tolerance."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"attention file not found: {path}")
-    suffix = path.suffix.lower()
     dtypes: dict[str, str] = {}
-    if suffix not in SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; expected one of {SUFFIXES}")
-    try:
-        if suffix == ".npy":
-            tensors = {"attention": np.load(path, allow_pickle=False)}
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                tensors = {k: data[k] for k in data.files}
-        elif suffix in (".pt", ".pth"):
-            import torch
-
-            tensors = _from_torch_object(torch.load(path, map_location="cpu", weights_only=True), path, dtypes)
-        else:
-            from safetensors.torch import load_file
-
-            tensors = _from_torch_object(load_file(str(path)), path, dtypes)
-    except (OSError, EOFError, RuntimeError, ValueError) as err:
-        if isinstance(err, ValueError) and str(path) in str(err):
-            raise
-        raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
-    except Exception as err:  # unpickling errors of all kinds from a malformed .pt
-        raise ValueError(f"{path}: cannot read it as {suffix} ({type(err).__name__}: {err})") from err
-    for k, v in tensors.items():
-        dtypes.setdefault(k, str(v.dtype))
-    tensors = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
+    tensors = _from_torch_object(read_tensor_file(path, "attention file"), path, dtypes)
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
     if key is not None:

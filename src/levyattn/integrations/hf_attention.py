@@ -363,10 +363,11 @@ def _weights_requested(kwargs: Mapping[str, Any]) -> bool:
     # v5 models record attention weights with forward hooks on the attention modules, and some
     # (GPT-2) drop ``output_attentions`` before the layers, so the attention function is not told.
     # Weights are costly (the reference backend, (B, H, Lq, Lk) memory), so they are computed only
-    # when recorded. transformers offers no public way to ask whether a pass records them (4.56 to
-    # 5.x), and the attention function never sees the model to hook it: this reads the collector
-    # that transformers' ``capture_outputs`` sets for the pass, where it exists (GPT-2's weights
-    # in tests/integrations/test_hf_models.py fail if it moves).
+    # when recorded. transformers offers no public way to ask whether a pass records them (checked
+    # up to 5.25), and the attention function never sees the model to hook it: this reads the
+    # private collector that transformers' ``capture_outputs`` sets for the pass, where it exists.
+    # If transformers renames it, test_the_private_output_collector_of_transformers_is_found in
+    # tests/integrations/test_hf_attention.py fails rather than weights going silently missing.
     collector = _active_collector.get() if _active_collector is not None else None
     return isinstance(collector, dict) and ("attentions" in collector or "cross_attentions" in collector)
 

@@ -9,6 +9,8 @@
 - :mod:`~levyattn.training.presets` — every preset by name, ``--set`` overrides.
 - :mod:`~levyattn.training.sweep` — grids over alpha x attention x seed with resumable
   per-run results, tables, spectral gaps and the accuracy-gap correlation.
+- :mod:`~levyattn.training.inputs` — a trained model's inputs read from files (token ids,
+  images) and :func:`~levyattn.training.inputs.checkpoint_attention`, its attention on them.
 """
 
 from levyattn.training.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint

@@ -19,6 +19,8 @@ from levyattn.training.tasks.translation import (
 )
 from levyattn.training.trainer import TrainConfig, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/training/conftest.py
+
 EN = [
     "a man rides a red bike through the park .",
     "two dogs are playing in the white snow .",

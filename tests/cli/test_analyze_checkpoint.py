@@ -135,7 +135,7 @@ def test_bad_inputs(runs, tmp_path):
         analyze_cli.run(_args([text, "--input", "some words"]))
     torch.save({"a": torch.zeros(1, 5, dtype=torch.long), "b": torch.zeros(1, 5, dtype=torch.long)},
                tmp_path / "two.pt")
-    with pytest.raises(ValueError, match="--input-key"):
+    with pytest.raises(ValueError, match="several entries"):
         analyze_cli.run(_args([text, "--input", str(tmp_path / "two.pt")]))
     analyze_cli.run(_args([text, "--input", str(tmp_path / "two.pt"), "--input-key", "b",
                            "--out", str(tmp_path / "ok")]))

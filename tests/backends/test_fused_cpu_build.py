@@ -15,7 +15,7 @@ import torch.utils.cpp_extension
 
 import levyattn.backends.fused_cpu as fused_cpu
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from levyattn.training.checkpoint import CheckpointError, save_checkpoint
 from levyattn.training.tasks.lm import BlockDataset, LMTask, generate_text, load_language_model
 from levyattn.training.trainer import TrainConfig, Trainer
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/training/conftest.py
+
 LINES = [
     "the cat sat on the mat and the dog sat on the log .",
     "a bird sang in the tree while the sun rose over the hill .",

@@ -12,7 +12,7 @@ import pytest
 
 from levyattn.training.presets import all_presets
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
