@@ -32,6 +32,17 @@ def require_dir(path: PathLike, what: str) -> Path:
     return p
 
 
+def find_dataset_root(data_dir: PathLike, folder: str, markers: Sequence[str], what: str, missing: str) -> Path:
+    """A dataset's unpacked folder: ``data_dir`` itself if it holds any of ``markers``, else its
+    child ``folder``; otherwise FileNotFoundError saying ``missing`` (what was looked for)."""
+    root = require_dir(data_dir, what)
+    if any((root / marker).exists() for marker in markers):
+        return root
+    if (root / folder).is_dir():
+        return root / folder
+    raise FileNotFoundError(f"{root} is not the {folder} folder: {missing}")
+
+
 def find_file(directory: Path, names: Sequence[str], what: str) -> Path:
     """The first of ``names`` (each also tried with ``.gz``) that exists in ``directory``."""
     for name in names:
@@ -120,7 +131,18 @@ def collate_sequences(
 collate_text = collate_sequences
 
 __all__ = [
-    "DataFormatError", "PathLike", "SequenceClassificationDataset", "check_choice", "check_float", "check_int",
-    "collate_sequences", "collate_text", "find_file", "pad_sequences", "read_bytes", "read_lines", "read_text",
+    "DataFormatError",
+    "PathLike",
+    "SequenceClassificationDataset",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "collate_sequences",
+    "collate_text",
+    "find_file",
+    "pad_sequences",
+    "read_bytes",
+    "read_lines",
+    "read_text",
     "require_dir",
 ]

@@ -47,6 +47,7 @@ from levyattn.data._common import (
     PathLike,
     check_float,
     check_int,
+    find_dataset_root,
     find_file,
     read_bytes,
     require_dir,
@@ -213,15 +214,10 @@ def read_cifar_batch(path: PathLike, num_classes: int = 10) -> tuple[np.ndarray,
 
 def find_cifar10(data_dir: PathLike) -> Path:
     """The ``cifar-10-batches-py`` folder: ``data_dir`` itself or its child of that name."""
-    root = require_dir(data_dir, "CIFAR-10 data directory")
-    if (root / "test_batch").exists() or (root / "data_batch_1").exists():
-        return root
-    if (root / "cifar-10-batches-py").is_dir():
-        return root / "cifar-10-batches-py"
-    raise FileNotFoundError(
-        f"{root} is not the cifar-10-batches-py folder: data_batch_1..5 and test_batch not found "
-        "(unpack cifar-10-python.tar.gz)"
-    )
+    return find_dataset_root(
+        data_dir, "cifar-10-batches-py", ("test_batch", "data_batch_1"), "CIFAR-10 data directory",
+        "data_batch_1..5 and test_batch not found (unpack cifar-10-python.tar.gz)",
+    )  # fmt: skip
 
 
 def load_cifar10(data_dir: PathLike, *, augment: bool = False) -> tuple[ImageDataset, ImageDataset]:
@@ -275,9 +271,7 @@ def read_idx(path: PathLike) -> np.ndarray:
         if zero1 != 0 or zero2 != 0:
             raise DataFormatError(f"{what} {path}: bad magic number 0x{magic.hex()} (must start with two zero bytes)")
         if code not in _IDX_TYPES:
-            raise DataFormatError(
-                f"{what} {path}: unknown data type code 0x{code:02x} (valid: 08, 09, 0b, 0c, 0d, 0e)"
-            )
+            raise DataFormatError(f"{what} {path}: unknown data type code 0x{code:02x} (valid: 08, 09, 0b, 0c, 0d, 0e)")
         if ndim == 0:
             raise DataFormatError(f"{what} {path}: zero dimensions")
         header = 4 + 4 * ndim

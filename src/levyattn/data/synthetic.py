@@ -112,6 +112,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -361,32 +362,18 @@ def _place_majority(
 
 
 def make_multiscale_task(
-    n_train: int = 2000,
-    n_test: int = 1000,
-    seq_len: int = 64,
-    d_min: int = 16,
-    d_max: int = 48,
-    *,
-    kind: str = "match",
-    n_values: int = 4,
-    n_noise: int = 16,
-    distractor_rate: float = 0.1,
-    margin: int = 4,
-    n_markers: int = 5,
-    ratio: float = 1.25,
-    seed: int = 0,
+    n_train: int = 2000, n_test: int = 1000, **options: Any
 ) -> tuple[MultiscaleTask, MultiscaleTask]:
     """Train and test splits of the multiscale task (module docstring): ``n_train`` and
-    ``n_test`` sequences of ``seq_len`` tokens whose label depends on two tagged tokens
-    ``d_min`` to ``d_max`` apart. Deterministic given the arguments; chance is 50%.
+    ``n_test`` sequences whose label depends on two tagged tokens. ``options`` are
+    :class:`MultiscaleTask`'s keyword arguments (``seq_len``, ``d_min``, ``d_max``, ``kind``,
+    ``n_values``, ``n_noise``, ``distractor_rate``, ``margin``, ``n_markers``, ``ratio``,
+    ``seed``), validated there. Deterministic given the arguments; chance is 50%.
 
     The defaults: 64 tokens, distance 16-48, ``kind="match"`` with 4 values, 10%
     distractors; ``vocab_size`` is ``1 + 2 * n_values + n_noise`` (25 by default).
     """
-    common = dict(seq_len=seq_len, d_min=d_min, d_max=d_max, kind=kind, n_values=n_values, n_noise=n_noise,
-                  distractor_rate=distractor_rate, margin=margin, n_markers=n_markers, ratio=ratio,
-                  seed=seed)  # fmt: skip
-    return MultiscaleTask(n_train, split="train", **common), MultiscaleTask(n_test, split="test", **common)
+    return MultiscaleTask(n_train, split="train", **options), MultiscaleTask(n_test, split="test", **options)
 
 
 __all__ = ["KINDS", "MultiscaleTask", "make_multiscale_task"]

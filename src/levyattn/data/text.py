@@ -35,8 +35,8 @@ from levyattn.data._common import (
     SequenceClassificationDataset,
     check_int,
     collate_text,
+    find_dataset_root,
     read_text,
-    require_dir,
 )
 from levyattn.data.tokenization import CLASSIFIER_SPECIALS, WordTokenizer, load_tokenizer
 
@@ -53,14 +53,10 @@ def _review_key(p: Path) -> tuple[int, str]:
 
 def find_aclimdb(data_dir: PathLike) -> Path:
     """The ``aclImdb`` folder: ``data_dir`` itself or its ``aclImdb`` child."""
-    root = require_dir(data_dir, "IMDb data directory")
-    if (root / "train").is_dir() or (root / "test").is_dir():
-        return root
-    if (root / "aclImdb").is_dir():
-        return root / "aclImdb"
-    raise FileNotFoundError(
-        f"{root} is not the aclImdb folder: it has neither train/ and test/ nor an aclImdb/ subfolder"
-    )
+    return find_dataset_root(
+        data_dir, "aclImdb", ("train", "test"), "IMDb data directory",
+        "it has neither train/ and test/ nor an aclImdb/ subfolder",
+    )  # fmt: skip
 
 
 def read_aclimdb_split(data_dir: PathLike, split: str) -> tuple[list[str], list[int]]:

@@ -41,39 +41,39 @@ D_MIN_FIT = 30
 
 
 @dataclass(frozen=True)
-class PowerLawFit:
-    """``log A = log_A - gamma * log d`` fitted on ``n_points`` distances ``>= d_min``."""
+class _LogLinearFit:
+    """A least-squares line through ``(x, log A)`` on ``n_points`` distances ``>= d_min``:
+    intercept ``log_A``, R^2 and residual sum of squares in log space."""
 
-    gamma: float
     log_A: float
     r2: float
     n_points: int
     rss: float
-
-    def predict(self, distances: Sequence[float] | np.ndarray) -> np.ndarray:
-        d = np.asarray(distances, dtype=np.float64)
-        return np.exp(self.log_A - self.gamma * np.log(d))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class ExponentialFit:
-    """``log A = log_A - lam * d`` fitted on ``n_points`` distances ``>= d_min``."""
+class PowerLawFit(_LogLinearFit):
+    """``log A = log_A - gamma * log d`` (see :class:`_LogLinearFit`)."""
+
+    gamma: float
+
+    def predict(self, distances: Sequence[float] | np.ndarray) -> np.ndarray:
+        d = np.asarray(distances, dtype=np.float64)
+        return np.exp(self.log_A - self.gamma * np.log(d))
+
+
+@dataclass(frozen=True)
+class ExponentialFit(_LogLinearFit):
+    """``log A = log_A - lam * d`` (see :class:`_LogLinearFit`)."""
 
     lam: float
-    log_A: float
-    r2: float
-    n_points: int
-    rss: float
 
     def predict(self, distances: Sequence[float] | np.ndarray) -> np.ndarray:
         d = np.asarray(distances, dtype=np.float64)
         return np.exp(self.log_A - self.lam * d)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _as_1d(x: object, name: str) -> np.ndarray:
