@@ -29,7 +29,6 @@ from typing import Any
 import torch
 
 from levyattn.backends.common import apply_mask, log_softmax_rows
-from levyattn.integrations.hf_attention import repeat_kv
 
 try:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -89,18 +88,23 @@ def row_weights(
 ) -> torch.Tensor:
     """Softmax weights of the query positions ``rows``: (B, H, R, Lk), in float32 (float64 for float64 inputs).
 
-    query (B, H, Lq, d); key (B, Hkv, Lk, d) with H % Hkv == 0 (kv heads repeated as ``repeat_kv``);
-    attention_mask None, bool (True = keep) or additive float, broadcastable to (B, H, Lq, Lk);
-    ``causal`` (only without a mask) keeps keys ``j <= i``. Logits ``q k^T * scaling`` (default
-    ``d^-0.5``), then ``softcap * tanh(logits / softcap)``, then the bias and the mask, then a
-    log-softmax; a row with no key left is all zeros.
+    query (B, H, Lq, d); key (B, Hkv, Lk, d) with H % Hkv == 0 (query head ``h`` reads kv head
+    ``h // (H / Hkv)``, as ``repeat_kv``); attention_mask None, bool (True = keep) or additive
+    float, broadcastable to (B, H, Lq, Lk); ``causal`` (only without a mask) keeps keys
+    ``j <= i``. Logits ``q k^T * scaling`` (default ``d^-0.5``), then ``softcap * tanh(logits /
+    softcap)``, then the bias and the mask, then a log-softmax; a row with no key left is all zeros.
     """
-    heads = query.shape[1]
-    if key.shape[1] != heads:
-        key = repeat_kv(key, heads // key.shape[1])
+    b, heads, _, dim = query.shape
+    kv_heads, n_keys = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query has {heads} heads, not a multiple of the key's {kv_heads} heads")
+    rows = rows.to(query.device)
     dtype = torch.promote_types(query.dtype, torch.float32)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    logits = (query[:, :, rows].to(dtype) @ key.to(dtype).transpose(-1, -2)) * scale
+    scale = scaling if scaling is not None else dim**-0.5
+    # Grouped-query heads: the R rows of the query heads sharing a kv head form one (group * R, d)
+    # block against that kv head's keys, so the keys are never repeated to H heads.
+    q = query.index_select(2, rows).to(dtype).reshape(b, kv_heads, -1, dim)
+    logits = (q @ key.to(dtype).transpose(-1, -2)).view(b, heads, rows.numel(), n_keys) * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     if position_bias is not None:
@@ -108,14 +112,14 @@ def row_weights(
     if attention_mask is not None:
         logits = apply_mask(logits, _select_rows(attention_mask, rows))
     elif causal:
-        keys = torch.arange(key.shape[2], device=logits.device)
-        logits = logits.masked_fill(keys[None, :] > rows.to(logits.device)[:, None], float("-inf"))
+        keys = torch.arange(n_keys, device=logits.device)
+        logits = logits.masked_fill(keys[None, :] > rows[:, None], float("-inf"))
     return torch.exp(log_softmax_rows(logits))
 
 
 def _select_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A (..., Lq, Lk) mask or bias at the query positions ``rows``; a broadcast query axis stays."""
-    return t if t.shape[-2] == 1 else t[..., rows.to(t.device), :]
+    return t if t.shape[-2] == 1 else t.index_select(-2, rows.to(t.device))
 
 
 def rows_attention_forward(
@@ -151,12 +155,15 @@ def rows_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    # SDPA has no softcapping: the same softmax, one block of queries at a time.
-    value_full = repeat_kv(value, query.shape[1] // value.shape[1])
+    # SDPA has no softcapping: the same softmax, one block of queries at a time, grouped-query
+    # heads against their kv head's values as in row_weights.
+    b, heads, kv_heads = query.shape[0], query.shape[1], value.shape[1]
     blocks = []
     for start in range(0, q_len, OUTPUT_BLOCK):
         rows = torch.arange(start, min(start + OUTPUT_BLOCK, q_len), device=query.device)
-        blocks.append(row_weights(query, key, attention_mask, rows, **common).to(value.dtype) @ value_full)
+        weights = row_weights(query, key, attention_mask, rows, **common).to(value.dtype)
+        out = weights.view(b, kv_heads, -1, weights.shape[-1]) @ value
+        blocks.append(out.view(b, heads, rows.numel(), value.shape[-1]))
     return torch.cat(blocks, dim=2).transpose(1, 2).contiguous(), None
 
 
