@@ -116,3 +116,13 @@ def test_one_pass_is_refused_under_fna_density_normalisation():
     with pytest.raises(ValueError, match="passes='one' is not exact for this model: its FNA density"):
         measure_decay(model, passes="one", **KW)
     assert model.config._attn_implementation == "fna"
+
+
+def test_a_saved_fna_model_is_loaded_and_measured_as_fna(tmp_path):
+    """transformers does not save attn_implementation: the lens reads the fna_* keys of the config."""
+    model = MODELS["llama to_fna"]()
+    model.save_pretrained(tmp_path)
+    from_dir = measure_decay(str(tmp_path), **KW)
+    in_memory = measure_decay(model, **KW)
+    assert from_dir.info["fna_attention"] and from_dir.info["attention_path"] == "rows"
+    np.testing.assert_allclose(from_dir.prompt_layer, in_memory.prompt_layer, rtol=1e-5, atol=1e-8)

@@ -87,6 +87,9 @@ def load_hf_model(
 ) -> tuple[nn.Module, Any]:
     """Load a Hugging Face backbone (its default attention, SDPA for most) and its tokenizer (None if it has none).
 
+    A model saved with ``fna_*`` config keys (an FNA model, e.g. after ``to_fna``) is loaded with
+    ``attn_implementation="fna"``, which transformers does not save.
+
     An existing directory (or a ``.gguf`` file, de-quantized to float32 by transformers, which
     needs the ``gguf`` package) is loaded with ``local_files_only``; any other string must be a hub
     id, looked up in the local cache first and downloaded only when ``allow_hub`` and the hub is
@@ -126,6 +129,12 @@ def load_hf_model(
             )
         # the model's default attention (sdpa where it has it); the lens switches it for the measurement
         kwargs: dict[str, Any] = {"local_files_only": local_only, **file_kwargs}
+        from levyattn.integrations.hf_attention import ATTN_IMPLEMENTATION, CONFIG_KEYS
+
+        if any(hasattr(config, key) for key in CONFIG_KEYS):
+            # saved as an FNA model: transformers does not save attn_implementation, and its
+            # default would run softmax attention on the FNA model's weights
+            kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         with _quiet_transformers():
