@@ -171,3 +171,22 @@ def test_a_failing_probe_falls_back_to_eager(monkeypatch):
     meas = measure_decay(model, distances=[10, 30], n_prompts=1, seeds=(42,))
     assert meas.info["attention_path"] == "eager" and "no rows today" in meas.info["attention_path_note"]
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_row_weights_refuses_heads_not_a_multiple_of_kv_heads():
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 3, 3, 8)  # 4 * 3 rows would reshape to 3 kv heads silently
+    with pytest.raises(ValueError, match="4 heads, not a multiple of the key's 3 heads"):
+        row_weights(q, k, None, torch.arange(3), causal=True)
+
+
+def test_one_probe_pass_chooses_the_path_and_detects_causality():
+    """Passes of the backbone: the probe, then one per prompt (the probe's rows are reused for causality)."""
+    model = _model("llama")
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        meas = measure_decay(model, distances=[10, 30], n_prompts=2, seeds=(42,), batch_size=1)
+    finally:
+        handle.remove()
+    assert meas.causal and meas.info["attention_path"] == "rows" and meas.n_passes == 2
+    assert len(calls) == 1 + meas.n_passes

@@ -115,3 +115,21 @@ def test_lens_cli_warns_of_weights_missing_from_the_checkpoint(model_dir, tmp_pa
     assert "warning: the checkpoint lacks 1 weight(s)" in err and "layers.0.self_attn.q_proj.weight" in err
     data = json.loads((tmp_path / "out" / "lens.json").read_text())
     assert data["measurement"]["info"]["load"]["missing_keys"] == ["layers.0.self_attn.q_proj.weight"]
+
+
+def test_lens_cli_measures_a_saved_fna_model_as_fna(tmp_path, capfd):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from levyattn.integrations.huggingface import to_fna
+
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         hidden_size=32, intermediate_size=64, max_position_embeddings=256,
+                                         vocab_size=64))
+    to_fna(model, alpha=1.2, bandwidth=2.0)
+    model.save_pretrained(tmp_path / "fna")
+    rc = main(["lens", str(tmp_path / "fna"), "--prompts", "2", "--seeds", "42", "--distances", "30,60,120",
+               "--token-range", "3", "60", "--bootstrap", "20", "--out", str(tmp_path / "out"), "--no-plots"])
+    assert rc == 0
+    assert "attention: FNA, weights from levyattn's reference kernel" in capfd.readouterr().err
+    assert json.loads((tmp_path / "out" / "lens.json").read_text())["measurement"]["info"]["fna_attention"] is True

@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
         print("attention: only the rows read, inside the model's fused attention", file=sys.stderr)
     else:
         print(f"attention: eager, every layer's full attention matrix ({note})", file=sys.stderr)
+    if m.info.get("fna_attention"):
+        print("attention: FNA, weights from levyattn's reference kernel with the model's fna_* settings",
+              file=sys.stderr)  # fmt: skip
     missing = m.info.get("load", {}).get("missing_keys")
     if missing:
         print(f"warning: the checkpoint lacks {len(missing)} weight(s) of the model, left at their initial values: "

@@ -31,13 +31,15 @@ class AttentionPath:
 
     ``path``: "rows" (the registered row-capturing attention, fused outputs), "eager"
     (``output_attentions`` of the eager implementation) or "attentions_fn"; ``note`` says why
-    a Hugging Face model is not on "rows".
+    a Hugging Face model is not on "rows"; ``probe_weights``: each layer's (1, H, L, L) weights
+    on the probe pass that chose the path, when one ran (reused by :func:`is_causal_attention`).
     """
 
     run: Callable[[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], None]], None]
     path: str
     forward_module: str
     note: str = ""
+    probe_weights: list[torch.Tensor] | None = None
 
 
 def full_matrix_path(attn_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], name: str) -> Callable:
@@ -91,8 +93,9 @@ def row_path(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[Attentio
         if capture.calls == 0:
             raise ValueError(f"{name}: no attention layer went through the row-capturing attention")
 
-    try:
-        with capture_rows(torch.arange(1), lambda a: None) as capture:
+    probe_weights: list[torch.Tensor] = []
+    try:  # every row of the probe: the same pass then tells whether the model is causal
+        with capture_rows(torch.arange(probe.shape[1]), probe_weights.append) as capture:
             body(input_ids=probe, **kwargs)
     except Exception as err:  # noqa: BLE001 - any failure means: keep the eager path, and say why
         restore()
@@ -101,12 +104,17 @@ def row_path(model: nn.Module, name: str, probe: torch.Tensor) -> tuple[Attentio
         restore()
         return eager_path(model, name, f"{type(body).__name__} does not dispatch through transformers' "
                                              "attention functions")  # fmt: skip
-    return AttentionPath(run, "rows", type(body).__name__), restore
+    return AttentionPath(run, "rows", type(body).__name__, probe_weights=probe_weights), restore
 
 
 def is_causal_attention(attention: AttentionPath, probe: torch.Tensor) -> bool:
-    """Whether every layer's attention on ``probe`` (1, L) puts no weight above the diagonal."""
-    layers: list[torch.Tensor] = []
-    attention.run(probe, torch.arange(probe.shape[1]), layers.append)
+    """Whether every layer's attention on ``probe`` (1, L) puts no weight above the diagonal.
+
+    Reads the weights of the probe pass that chose the path when it kept them, else runs one.
+    """
+    layers = attention.probe_weights
+    if not layers:
+        layers = []
+        attention.run(probe, torch.arange(probe.shape[1]), layers.append)
     upper = max(float(torch.triu(a.float(), diagonal=1).abs().max()) for a in layers)
     return upper <= 1e-6

@@ -87,6 +87,9 @@ def load_hf_model(
 ) -> tuple[nn.Module, Any]:
     """Load a Hugging Face backbone (its default attention, SDPA for most) and its tokenizer (None if it has none).
 
+    A model saved with ``fna_*`` config keys (an FNA model, e.g. after ``to_fna``) is loaded with
+    ``attn_implementation="fna"``, which transformers does not save.
+
     An existing directory (or a ``.gguf`` file, de-quantized to float32 by transformers, which
     needs the ``gguf`` package) is loaded with ``local_files_only``; any other string must be a hub
     id, looked up in the local cache first and downloaded only when ``allow_hub`` and the hub is
@@ -126,6 +129,12 @@ def load_hf_model(
             )
         # the model's default attention (sdpa where it has it); the lens switches it for the measurement
         kwargs: dict[str, Any] = {"local_files_only": local_only, **file_kwargs}
+        from levyattn.integrations.hf_attention import ATTN_IMPLEMENTATION, CONFIG_KEYS
+
+        if any(hasattr(config, key) for key in CONFIG_KEYS):
+            # saved as an FNA model: transformers does not save attn_implementation, and its
+            # default would run softmax attention on the FNA model's weights
+            kwargs["attn_implementation"] = ATTN_IMPLEMENTATION
         if torch_dtype is not None:
             kwargs["dtype"] = torch_dtype
         with _quiet_transformers():
@@ -163,11 +172,42 @@ def load_hf_model(
     return model.eval(), tok
 
 
+def uses_fna(model: nn.Module) -> bool:
+    """Whether a Hugging Face model's attention implementation is levyattn's FNA, under any registered name."""
+    hf = sys.modules.get("transformers")
+    if hf is None or not isinstance(model, hf.PreTrainedModel):
+        return False
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from levyattn.integrations.hf_attention import fna_attention_forward
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    return isinstance(impl, str) and ALL_ATTENTION_FUNCTIONS.get(impl) is fna_attention_forward
+
+
+def fna_density(model: nn.Module) -> bool:
+    """Whether an FNA model normalises by key density (``fna_density_a`` > 0 in some layer).
+
+    Its column sums span every query, later ones included, so its weights on a prefix are not
+    those of the prefix alone, even when they are causal.
+    """
+    if not uses_fna(model):
+        return False
+    from levyattn.integrations.hf_attention import validate_fna_config
+
+    density = validate_fna_config(model.config)["fna_density_a"]
+    return any(v != 0 for v in (density if isinstance(density, list) else [density]))
+
+
 def ensure_eager(model: nn.Module) -> Callable[[], None]:
-    """Switch a fused-attention HF model to eager; return a function restoring the original."""
+    """Switch a fused-attention HF model to eager; return a function restoring the original.
+
+    An FNA model stays on FNA: it returns its own weights (from the reference kernel) when asked,
+    and eager would be softmax attention, another model.
+    """
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None) if config is not None else None
-    if impl is None or impl == "eager":
+    if impl is None or impl == "eager" or uses_fna(model):
         return lambda: None
     setter = getattr(model, "set_attn_implementation", None)
     if setter is None:
@@ -191,15 +231,19 @@ def ensure_eager(model: nn.Module) -> Callable[[], None]:
 
 
 def switch_to_rows(model: nn.Module) -> tuple[Callable[[], None] | None, str]:
-    """Put a Hugging Face model on the row-capturing attention; (restore, "") or (None, why not)."""
+    """Put a Hugging Face model on the row-capturing attention; (restore, "") or (None, why not).
+
+    A softmax model goes to ``levyattn_lens_rows``, an FNA model to ``levyattn_lens_fna_rows``
+    (its own FNA, rows from the reference kernel).
+    """
     hf = sys.modules.get("transformers")
     if hf is None or not isinstance(model, hf.PreTrainedModel):
         return None, f"{type(model).__name__} is not a Hugging Face PreTrainedModel"
-    from levyattn.lens.capture import ROWS_IMPLEMENTATION
+    from levyattn.lens.capture import FNA_ROWS_IMPLEMENTATION, ROWS_IMPLEMENTATION
 
     impl = model.config._attn_implementation
     try:
-        model.set_attn_implementation(ROWS_IMPLEMENTATION)
+        model.set_attn_implementation(FNA_ROWS_IMPLEMENTATION if uses_fna(model) else ROWS_IMPLEMENTATION)
     except Exception as err:  # noqa: BLE001 - any failure means: keep the eager path, and say why
         return None, f"{type(model).__name__} does not accept a registered attention function ({err})"
     return _restorer(model.set_attn_implementation, impl), ""

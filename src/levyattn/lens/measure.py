@@ -25,9 +25,13 @@ peak. Other models (e.g. BLOOM, or ``capture="eager"``) run on the eager impleme
 ``output_attentions``, every layer's (B, H, L, L) weights materialised; ``info["attention_path"]``
 says which path ran ("rows", "eager" or "attentions_fn") and ``info["attention_path_note"]`` why
 a Hugging Face model was not on "rows". The model's attention implementation is restored
-afterwards. A Hugging Face model with a task head (``*ForCausalLM``, ``*LMHeadModel``,
-``*ForMaskedLM``...) is run through its backbone (``model.base_model``): the head acts after the
-last layer, so the attention weights are the same, and its logits are never needed.
+afterwards. A model whose attention is levyattn's FNA (``attn_implementation="fna"``) is
+measured on its FNA weights (the reference kernel with its ``fna_*`` settings), never on a
+softmax of its queries and keys (``info["fna_attention"]``); with FNA's density normalisation a
+prefix is not computed as the prefix alone, so it gets one pass per distance. A Hugging Face
+model with a task head (``*ForCausalLM``, ``*LMHeadModel``, ``*ForMaskedLM``...) is run
+through its backbone (``model.base_model``): the head acts after the last layer, so the
+attention weights are the same, and its logits are never needed.
 ``info["forward_module"]`` names the module that ran.
 
 Protocols
@@ -81,11 +85,13 @@ from levyattn.lens.attention_paths import (
     row_path,
 )
 from levyattn.lens.loading import (
+    fna_density,
     load_hf_model,
     model_context,
     model_dtype,
     resolve_device,
     resolve_dtype,
+    uses_fna,
 )
 from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
 from levyattn.lens.reductions import dense_values, published_values
@@ -417,6 +423,7 @@ def measure_decay(
     grid, dropped = _check_distances(distances, context, protocol, dense)
     prompts, corpus_info = make_prompts(corpus, tokenizer, model, token_range)
     probe = torch.as_tensor(prompts.draw(0, 1, 16), device=run_device)
+    prefix_exact = not (model is not None and fna_density(model))  # read before the path switches the attention
     restore: Callable[[], None] = lambda: None  # noqa: E731
     try:
         with torch.inference_mode():
@@ -442,6 +449,7 @@ def measure_decay(
                 device=run_device,
                 tokenizer=tokenizer,
                 context=context,
+                prefix_exact=prefix_exact,
             )
             result = _run(attention, plan, progress, on_progress)
     finally:
@@ -460,6 +468,7 @@ def measure_decay(
             "forward_module": attention.forward_module,
             "attention_path": attention.path,
             "attention_path_note": attention.note,
+            "fna_attention": model is not None and uses_fna(model),
         }
     )
     return result
@@ -483,6 +492,9 @@ class _Plan:
     device: Any
     tokenizer: Any
     context: int | None
+    #: whether a prefix of a pass is computed as that prefix alone would be (False: FNA's density
+    #: normalisation, whose column sums include later queries)
+    prefix_exact: bool = True
 
     def mode(self) -> str:
         """The pass mode: one, per_distance or dense; refuses combinations that are not exact."""
@@ -490,9 +502,15 @@ class _Plan:
             if self.prompt_stream == "published":
                 raise ValueError("prompt_stream='published' applies to the published protocol only")
             return "dense"
-        passes = self.passes if self.passes != "auto" else ("one" if self.causal else "per_distance")
+        one = self.causal and self.prefix_exact
+        passes = self.passes if self.passes != "auto" else ("one" if one else "per_distance")
         if passes == "one" and not self.causal:
             raise ValueError("passes='one' is exact only for causal models; this model is bidirectional")
+        if passes == "one" and not self.prefix_exact:
+            raise ValueError(
+                "passes='one' is not exact for this model: its FNA density normalisation (fna_density_a > 0) sums "
+                "each key's column over every query, later ones included; use passes='per_distance'"
+            )
         if self.prompt_stream == "published" and passes == "one":
             raise ValueError("prompt_stream='published' restarts the generator per distance; use passes='per_distance'")
         return passes

@@ -35,25 +35,24 @@ def dense_values(
     "forward" with i + d, "both" with either. ``normalize`` as :class:`DenseOptions` says.
     A distance with no kept pair is NaN.
     """
-    a = att.to(torch.float64)
-    b, h, _, n = a.shape
-    rows = rows.to(a.device)
+    b, h, _, n = att.shape
+    rows = rows.to(att.device)
     if normalize == "renorm":
-        mass = (a * key_ok[:, None, None, :]).sum(-1)  # (B, H, R)
+        mass = (att.to(torch.float64) * key_ok[:, None, None, :]).sum(-1)  # (B, H, R)
         factor = torch.where(mass > 0, 1.0 / mass.clamp(min=1e-300), torch.zeros(()))
     elif normalize == "relative":  # keys the query may attend to, per row
         allowed = key_ok.cumsum(-1) if causal else key_ok.sum(-1, keepdim=True).expand(b, n)
-        factor = allowed[:, rows].to(a.dtype)[:, None, :].expand(b, h, rows.numel())
+        factor = allowed[:, rows].to(torch.float64)[:, None, :].expand(b, h, rows.numel())
     else:
         factor = None
-    sums = torch.zeros(b, h, len(distances), dtype=torch.float64, device=a.device)
-    counts = torch.zeros(b, len(distances), dtype=torch.float64, device=a.device)
+    sums = torch.zeros(b, h, len(distances), dtype=torch.float64, device=att.device)
+    counts = torch.zeros(b, len(distances), dtype=torch.float64, device=att.device)
     sides = {"backward": (-1,), "forward": (1,), "both": (-1, 1)}[direction]
     for col, d in enumerate(distances):
         for side in sides:
             keys = rows + side * d
             (r_idx,) = torch.nonzero((keys >= 0) & (keys < n), as_tuple=True)
-            vals = a[:, :, r_idx, keys[r_idx]]  # (B, H, R')
+            vals = att[:, :, r_idx, keys[r_idx]].to(torch.float64)  # (B, H, R'): only the pairs read, in float64
             if factor is not None:
                 vals = vals * factor[:, :, r_idx]
             ok = query_ok[:, rows[r_idx]] & key_ok[:, keys[r_idx]]  # (B, R')
