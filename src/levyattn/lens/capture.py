@@ -239,24 +239,20 @@ def fna_rows_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    is_causal: bool | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The model's own FNA call (its output, with its configured backend), and while
-    :func:`capture_rows` is active the FNA weights of the captured rows (:func:`fna_row_weights`)."""
+    """The model's own FNA call (its output, with its configured backend; ``kwargs`` are
+    transformers' ``scaling``, ``dropout``, ``is_causal``, ...), and while :func:`capture_rows`
+    is active the FNA weights of the captured rows (:func:`fna_row_weights`)."""
     capture = _ACTIVE.get()
     if capture is not None:
         capture.calls += 1
         rows = fna_row_weights(
-            module, query, key, value, attention_mask, capture.rows, is_causal=is_causal,
+            module, query, key, value, attention_mask, capture.rows, is_causal=kwargs.get("is_causal"),
             position_bias=kwargs.get("position_bias"),
         )  # fmt: skip
         capture.consume(rows)
-    return fna_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, is_causal=is_causal, **kwargs
-    )
+    return fna_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def register(name: str = ROWS_IMPLEMENTATION, fna_name: str = FNA_ROWS_IMPLEMENTATION) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -49,9 +49,6 @@ class _LogLinearFit:
     r2: float
     n_points: int
     rss: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -162,9 +159,6 @@ class ModelChoice:
     weight_power_law: float
     evidence: str
     delta_r2: float
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _aicc(rss: float, n: int, k: int = 3) -> float:

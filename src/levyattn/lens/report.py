@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +62,10 @@ class LensResult:
             "ci_method": f"percentile bootstrap over prompts ({self.n_boot} resamples, "
             f"{'paired curves' if self.measurement.paired else 'per distance'})",
             "d_min": self.d_min,
-            "fit_power_law": self.power.as_dict(),
-            "fit_exponential": self.expo.as_dict(),
+            "fit_power_law": asdict(self.power),
+            "fit_exponential": asdict(self.expo),
             "delta_r2_power_minus_exp": self.choice.delta_r2,
-            "model_choice": self.choice.as_dict(),
+            "model_choice": asdict(self.choice),
             "fractional": self.reading.as_dict(),
             "per_layer_gamma": _nan_to_none(self.layer_gamma.tolist()),
             "per_layer_r2": _nan_to_none(self.layer_r2.tolist()),
