@@ -196,7 +196,7 @@ class RetrofitOptions:
     stage1_lr: float = 0.02
     qk_rank: int = 8
     fit_alpha: bool = False
-    stage2_steps: int = 300
+    stage2_steps: int = 200
     stage2_lr: float = 5e-4
     lora_rank: int = 16
     checkpoint_every: int = 50
