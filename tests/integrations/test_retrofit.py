@@ -95,6 +95,7 @@ def test_saved_model_reloads_as_fna_with_the_same_logits(converted):
     assert not torch.allclose(logits(tiny_llama(), ids), logits(model, ids), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fit_alpha_moves_alpha_within_its_range(tmp_path):
     options = dataclasses.replace(OPTIONS, fit_alpha=True, stage1_lr=0.1, stage2_steps=0, qk_rank=0)
     model = tiny_llama()
@@ -109,6 +110,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["stage1", "stage2"])
 def test_interrupted_run_resumes_to_the_same_model(converted, tmp_path, monkeypatch, where):
     model, result, _ = converted
@@ -188,6 +190,7 @@ def test_text_windows_cut_and_short_text(tmp_path):
         hf_retrofit.text_windows(tokenizer, [tmp_path / "missing.txt"], 8)
 
 
+@pytest.mark.slow
 def test_convert_cli_end_to_end(tmp_path, capsys):
     words = [f"w{i}" for i in range(VOCAB - 3)]
     tokenizer = word_tokenizer(words)
