@@ -17,6 +17,7 @@ EXTRA_MODULES: dict[str, tuple[str, ...]] = {
     "hf": ("transformers", "safetensors", "accelerate"),
     "translate": ("sacrebleu", "sentencepiece"),
     "hub": ("datasets",),
+    "convert": ("peft",),
 }
 
 

@@ -167,3 +167,52 @@ class FNAConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values; also the keyword arguments of ``levyattn.fractional_attention``."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RetrofitOptions:
+    """What :func:`levyattn.integrations.hf_retrofit.retrofit` (``levyattn convert``) does; saved
+    with the checkpoints, and a resumed run must match.
+
+    alpha: FNA's Lévy index in (0, 2] (every layer and head at the start).
+    window: tokens per training and evaluation window. batch_size: windows per step.
+    calibration_windows: at most this many windows of the training text are used (the rest is
+        not read); both stages train on them.
+    stage1_steps: optimiser steps per layer in stage 1 (0 skips stage 1). stage1_lr: Adam's
+        learning rate for the log-bandwidths and alphas (the projection updates use a tenth).
+    qk_rank: rank of the update of each layer's query and key projections in stage 1 (0: the
+        bandwidths, and alphas with ``fit_alpha``, only). fit_alpha: also fit one alpha per head.
+    stage2_steps: LoRA fine-tuning steps (0 skips stage 2). stage2_lr: AdamW's peak learning
+        rate (linear warm-up over the first 5% of the steps, cosine decay to 10%).
+    lora_rank: rank of the stage-2 adapters (``lora_alpha`` is twice the rank).
+    checkpoint_every: stage-2 steps between checkpoints. seed: window order and initialisation.
+    """
+
+    alpha: float = 1.2
+    window: int = 128
+    batch_size: int = 8
+    calibration_windows: int = 256
+    stage1_steps: int = 150
+    stage1_lr: float = 0.02
+    qk_rank: int = 8
+    fit_alpha: bool = False
+    stage2_steps: int = 200
+    stage2_lr: float = 5e-4
+    lora_rank: int = 16
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_float("alpha", self.alpha, 0.0, 2.0, lo_open=True)
+        check_int("window", self.window, 2)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("calibration_windows", self.calibration_windows, 1)
+        check_int("stage1_steps", self.stage1_steps, 0)
+        check_float("stage1_lr", self.stage1_lr, 0.0, math.inf, lo_open=True)
+        check_int("qk_rank", self.qk_rank, 0)
+        check_bool("fit_alpha", self.fit_alpha)
+        check_int("stage2_steps", self.stage2_steps, 0)
+        check_float("stage2_lr", self.stage2_lr, 0.0, math.inf, lo_open=True)
+        check_int("lora_rank", self.lora_rank, 1)
+        check_int("checkpoint_every", self.checkpoint_every, 1)
+        check_int("seed", self.seed, 0)

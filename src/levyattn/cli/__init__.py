@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("demo", "train", "sweep", "analyze", "lens", "atlas", "translate", "generate")
+COMMANDS = ("demo", "train", "sweep", "analyze", "lens", "atlas", "translate", "generate", "convert")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -112,6 +112,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "CONFIG_KEYS",
     "assign_layer_indices",
+    "attention_modules",
     "configure_fna",
     "fna_attention_forward",
     "layer_settings",
@@ -254,6 +255,14 @@ def _is_attention_module(module: torch.nn.Module) -> bool:
     # ``config``, ``scaling`` and ``is_causal`` (BertSelfAttention, GPT2Attention,
     # LlamaAttention, ViTAttention, ...); their wrappers and the layers do not.
     return all(hasattr(module, a) for a in ("config", "scaling", "is_causal"))
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that call the registered attention function, in module order
+    (one per attention layer for the decoder-only and encoder-only models)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return [module for module in model.modules() if _is_attention_module(module)]
 
 
 def assign_layer_indices(model: torch.nn.Module) -> int:

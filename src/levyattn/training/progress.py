@@ -25,10 +25,14 @@ def _duration(seconds: float) -> str:
 
 class EpochProgress:
     """Progress of one epoch of ``steps`` optimizer steps, ``done`` of them already (a resumed
-    epoch); ``run_steps_left`` counts the steps left in the whole run, for the ETA."""
+    epoch); ``run_steps_left`` counts the steps left in the whole run, for the ETA. ``unit`` names
+    what is counted ("epoch"; a layer or a stage for other work)."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, *, done: int = 0, run_steps_left: int = 0) -> None:
+    def __init__(
+        self, epoch: int, epochs: int, steps: int, *, done: int = 0, run_steps_left: int = 0, unit: str = "epoch"
+    ) -> None:
         self.epoch, self.epochs, self.steps, self.step = epoch, epochs, steps, done
+        self.unit = unit
         self.run_steps_left = run_steps_left
         self.started = self.last_line = time.perf_counter()
         # Steps timed for the rate: from the end of this epoch's first step, which can hold one-time
@@ -38,7 +42,7 @@ class EpochProgress:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=steps, initial=done, desc=f"{unit} {epoch}/{epochs}", leave=False, dynamic_ncols=True)
 
     def update(self, loss: Any, lr: float) -> None:
         """One step done; ``loss`` is a number or a 0-dim tensor (read only when shown)."""
@@ -57,8 +61,8 @@ class EpochProgress:
         self.last_line = now
         rate = self.timed_steps / max(now - self.started, 1e-9)
         _log.info(
-            "epoch %d/%d: step %d/%d, loss %.4f, lr %.2e, %.1f steps/s, training ETA %s",
-            self.epoch, self.epochs, self.step, self.steps, float(loss), lr, rate,
+            "%s %d/%d: step %d/%d, loss %.4f, lr %.2e, %.1f steps/s, training ETA %s",
+            self.unit, self.epoch, self.epochs, self.step, self.steps, float(loss), lr, rate,
             _duration(max(self.run_steps_left, 0) / rate),
         )  # fmt: skip
 
