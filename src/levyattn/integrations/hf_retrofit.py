@@ -34,12 +34,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from levyattn._extras import MissingExtraError, require
+from levyattn._extras import require
 from levyattn.config import RetrofitOptions, check_int
 from levyattn.functional import fractional_attention
 from levyattn.integrations.hf_attention import (
@@ -53,12 +53,8 @@ from levyattn.io import atomic_write_bytes, atomic_write_json, read_json, read_t
 from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat
 from levyattn.training.progress import EpochProgress
 
-try:
+if TYPE_CHECKING:  # imported where used: hf_attention above already names the extra when it is missing
     from transformers import PreTrainedModel
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise MissingExtraError(
-        "levyattn.integrations.hf_retrofit needs transformers (pip install 'levyattn[hf]')"
-    ) from exc
 
 __all__ = ["RetrofitResult", "load_causal_lm", "perplexity", "retrofit", "text_windows"]
 
@@ -71,6 +67,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # to_fna's bandwidth search keeps every layer's queries and keys; a few batches fix a bandwidth
 # per head as well as all of them (its cost grows with the batches, its answer hardly).
 TO_FNA_BATCHES = 4
+
+_STAGE_LABELS = (("softmax", "softmax"), ("to_fna", "to_fna (bandwidths)"),
+                 ("stage1", "stage 1: attention transfer"), ("stage2", "stage 2: LoRA fine-tune"))  # fmt: skip
 
 
 @dataclass
@@ -96,8 +95,7 @@ class RetrofitResult:
         base = self.perplexity.get("softmax")
         lines = [f"perplexity on {self.eval_windows} held-out windows (lower is better):",
                  f"{'model':<30}{'perplexity':>12}{'x softmax':>11}{'CPU s':>9}"]  # fmt: skip
-        for name, label in (("softmax", "softmax"), ("to_fna", "to_fna (bandwidths)"),
-                            ("stage1", "stage 1: attention transfer"), ("stage2", "stage 2: LoRA fine-tune")):  # fmt: skip
+        for name, label in _STAGE_LABELS:
             ppl = self.perplexity.get(name)
             if ppl is None:
                 continue
@@ -437,6 +435,8 @@ def retrofit(
         :class:`RetrofitResult` (also written to ``out/retrofit/report.json``).
     """
     options = options or RetrofitOptions()
+    from transformers import PreTrainedModel
+
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if model.config._attn_implementation == ATTN_IMPLEMENTATION:
@@ -488,9 +488,7 @@ def retrofit(
     else:
         report = timed(
             "to_fna",
-            lambda: to_fna(
-                model, batches[:TO_FNA_BATCHES], alpha=options.alpha, per_head=True, objective="attention"
-            ),
+            lambda: to_fna(model, batches[:TO_FNA_BATCHES], alpha=options.alpha, per_head=True, objective="attention"),
         )
         state["to_fna"] = {"bandwidth": report.bandwidth}
         ckpt.save_state(state)
