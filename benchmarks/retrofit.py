@@ -56,11 +56,16 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--softmax-finetune",
+        action="store_true",
+        help="also give the softmax model the same stage-2 fine-tune (the controlled baseline)",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
 
-    from levyattn.integrations.hf_retrofit import load_causal_lm, retrofit, text_windows
+    from levyattn.integrations.hf_retrofit import fine_tune, load_causal_lm, perplexity, retrofit, text_windows
 
     source = smollm2_file()
     model, tokenizer = load_causal_lm(source)
@@ -77,6 +82,16 @@ def main() -> None:
     wall = time.perf_counter() - wall
     print(result.format())
     print(f"\nwall {wall:.0f} s this run; {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.1f}")
+    baseline = {}
+    if args.softmax_finetune:
+        softmax, _ = load_causal_lm(source)
+        start = time.process_time()
+        fine_tune(softmax, train, Path(args.out) / "softmax-finetune", options, resume=args.resume)
+        baseline = {"cpu_seconds": time.process_time() - start,
+                    "perplexity": perplexity(softmax, evals, options.batch_size)}  # fmt: skip
+        ratio = result.perplexity["stage2"] / baseline["perplexity"]
+        print(f"softmax + the same fine-tune: perplexity {baseline['perplexity']:.2f} "
+              f"({baseline['cpu_seconds']:.0f} CPU s); the retrofit is {ratio:.2f}x it")  # fmt: skip
     base = result.perplexity["softmax"]
     final = next(v for v in (result.perplexity.get(k) for k in ("stage2", "stage1", "to_fna")) if v is not None)
     cpu_total = sum(v for k, v in result.cpu_seconds.items() if k != "evaluation")
@@ -98,6 +113,7 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cpu_minutes_stages": cpu_total / 60,
             "verdict": verdict,
+            "softmax_finetune": baseline or None,
             **result.to_dict(),
         },
     )

@@ -210,3 +210,19 @@ def test_convert_cli_end_to_end(tmp_path, capsys):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="fna")
     assert reloaded.config.fna_alpha is not None
     assert (out / "tokenizer.json").exists() and (out / "retrofit" / "report.json").exists()
+
+
+def test_fine_tune_alone_is_stage2_on_a_softmax_model(tmp_path):
+    """The controlled baseline: the same LoRA fine-tune on the softmax model, its attention kept."""
+    options = dataclasses.replace(OPTIONS, stage2_steps=4)
+    model = tiny_llama()
+    before = hf_retrofit.perplexity(model, windows(16, 0), 4)
+    hf_retrofit.fine_tune(model, windows(16, 0), tmp_path, options)
+    assert model.config._attn_implementation == "sdpa"
+    assert hf_retrofit.perplexity(model, windows(16, 0), 4) < before  # on its training windows
+    with pytest.raises(FileExistsError, match="resume"):
+        hf_retrofit.fine_tune(tiny_llama(), windows(16, 0), tmp_path, options)
+    resumed = tiny_llama()
+    hf_retrofit.fine_tune(resumed, windows(16, 0), tmp_path, options, resume=True)  # finished: only merges
+    ids = windows(2, 7)
+    torch.testing.assert_close(logits(resumed, ids), logits(model, ids), rtol=1e-5, atol=1e-5)

@@ -557,6 +557,27 @@ def retrofit(
     return result
 
 
+def fine_tune(
+    model: PreTrainedModel, windows: torch.Tensor, out: str | Path, options: RetrofitOptions, *, resume: bool = False
+) -> None:
+    """Stage 2 alone, on any causal LM (softmax or FNA; changed in place): LoRA on the next-token
+    loss of the first ``options.calibration_windows`` of ``windows`` (N, T), exactly as in
+    :func:`retrofit`, checkpointed in ``out/retrofit/`` and resumable, merged at the end. Given
+    to the softmax model, it is the controlled baseline of a retrofit: what the same fine-tune
+    does without the change of attention."""
+    ckpt = _Checkpoints(Path(out))
+    if ckpt.exists():
+        if not resume:
+            raise FileExistsError(f"{ckpt.dir} already holds a fine-tune; pass resume=True to continue it")
+        state = ckpt.load_state()
+        if state.get("options") != dataclasses.asdict(options):
+            raise ValueError(f"the checkpoint in {ckpt.dir} was made with other options")
+    else:
+        state = {"options": dataclasses.asdict(options), "stage2_step": 0}
+    torch.manual_seed(options.seed)
+    _fine_tune(model, windows[: options.calibration_windows], options, ckpt, state)
+
+
 def _fine_tune(
     model: PreTrainedModel, windows: torch.Tensor, options: RetrofitOptions, ckpt: _Checkpoints, state: dict
 ) -> None:
