@@ -19,8 +19,8 @@ Per pair, with head dims D (queries, keys) and Dv (values):
   FNA's weights are ``exp(log Phi - logsumexp)``; FNA's power law adds ``sqrt`` and a logarithm
   forward, and its backward the derivative through them, one ``div``; "flop" counts the
   multiplies, adds, clamps and compares). The logarithm is counted as ``log`` of ``1 + c r``, not
-  ``log1p`` (2-3x dearer here): in the log domain the two differ by about one float32 rounding of
-  ``1 + c r``, far below what the weights resolve.
+  ``log1p`` (2-3x dearer here): the fused kernel adds the rounding of ``1 + c r`` back with a few
+  flops, which keeps ``log1p``'s accuracy.
 
 The weights are seconds per element (elementwise) and per flop (matrix products), measured on
 one thread by :func:`measure_costs`: ``torch.exp``/``log``/``log1p``/``sqrt``/``div`` with ``out=`` on

@@ -89,6 +89,20 @@ def test_fused_float32_matches_reference(fused, mask, alpha):
     assert fused
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1e-2, 1.0])
+def test_float32_keeps_the_accuracy_of_log1p_at_head_dim_64(fused, scale):
+    """log Phi = -(64 + alpha) log1p(c r) at head dim 64: the logarithm of a rounded 1 + c r would
+    carry its rounding 65-fold into the weights (about 4e-6 of the output here); the kernel's
+    log1p keeps the output at float32's own accuracy."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 64, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k = q * scale, k * scale
+    expected = fractional_attention(q, k, v, alpha=1.2, backend="reference")
+    out = fractional_attention(q.float(), k.float(), v.float(), alpha=1.2, backend="tiled")
+    assert (out.double() - expected).abs().max() / expected.abs().max() < 1.5e-6
+    assert fused
+
+
 def test_decoding_one_query_against_a_cache(fused):
     q, k, v = make_qkv(nq=1, nk=21)
     assert_matches_reference("tiled", q, k, v, 1e-10, alpha=0.7, is_causal=True, exclude_self=True)

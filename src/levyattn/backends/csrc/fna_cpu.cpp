@@ -114,7 +114,12 @@ struct Problem {
       // -(exponent / 2) c / (r (1 + c r)) = -(exponent / 2) c^2 / (cr (1 + cr))
       *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent * c * c) / (cr * (cr + Vec(1))), sq >= tiny);
     }
-    return cr.log1p() * Vec(-exponent);
+    // log1p(cr) at the cost of a log (log1p is 2-3x dearer): log(u), u = 1 + cr, misses the
+    // rounding of u, e = cr - (u - 1), and log1p(cr) = log(u) + e / u + O(e^2). The correction
+    // matters only where u < 2, where u - 1 is exact and e / u is e to within half of e.
+    const Vec one(1), u = cr + one;
+    const Vec rounding = Vec::blendv(Vec(0), cr - (u - one), u < Vec(2));
+    return (u.log() + rounding) * Vec(-exponent);
   }
 
   const T* mask_row(int64_t bh, int64_t i) const {
@@ -149,6 +154,26 @@ struct Problem {
   }
 };
 
+// In place s_j = exp(s_j - peak) over n entries; returns their sum (one pass over the tile row).
+template <typename T>
+T exp_sum(T* s, int64_t n, T peak) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec peak_v(peak);
+  Vec total(0);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    const Vec e = (Vec::loadu(s + j) - peak_v).exp();
+    e.store(s + j);
+    total = total + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, total);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - peak);
+    sum += s[j];
+  }
+  return sum;
+}
+
 template <typename T>
 void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   using Vec = at::vec::Vectorized<T>;
@@ -174,9 +199,7 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
             continue;
           }
           const T rescale = std::exp(row_max[r] - peak);  // 0 for the first finite block
-          at::vec::map([peak](Vec x) { return (x - Vec(peak)).exp(); }, s, s, cols);
-          row_sum[r] = row_sum[r] * rescale +
-                       at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, s, cols);
+          row_sum[r] = row_sum[r] * rescale + exp_sum(s, cols, peak);
           row_max[r] = peak;
           if (rescale != T(1)) {
             T* a = acc.data() + r * p.Dv;
