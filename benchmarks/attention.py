@@ -21,6 +21,10 @@ The authors' formulation has no masks and is skipped then. ``--manifold sphere``
 sphere (the ``tiled`` backend's autograd tiles; ``sdpa_fna2`` and the authors' formulation are
 Euclidean and are skipped).
 
+On the CPU, the `tiled` (alpha 1.2) and `sdpa_fna2` (alpha 2) rows also show the arithmetic limit
+of their shape (``_limits.attention_limit``: the ratio to softmax SDPA that a kernel as good as
+SDPA's at every operation would reach, from operation costs measured in the same run).
+
 Prints a table and writes JSON (default benchmarks/results/attention_<device>.json).
 """
 
@@ -35,6 +39,10 @@ import sys
 import time
 from pathlib import Path
 
+from _limits import attention_limit
+
+# Each FNA method's alpha, for its arithmetic limit.
+LIMIT_ALPHA = {"tiled": 1.2, "sdpa_fna2": 2.0}
 # The default grid; "auto" (fractional_attention's own choice of backend) can be asked for too.
 METHODS = ("sdpa_softmax", "authors", "reference", "tiled", "sdpa_fna2", "flex")
 MASKS = ("none", "padding", "padding+self")
@@ -231,6 +239,8 @@ def main() -> None:
                         result["error"] = proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"
                 else:
                     result["skipped"] = reason
+                if args.device == "cpu" and method in LIMIT_ALPHA and "seconds" in result:
+                    result["limit"] = attention_limit(mode, args.head_dim, LIMIT_ALPHA[method])
                 rows.append(result)
                 print(_format_row(result, rows), flush=True)
 
@@ -262,8 +272,8 @@ def markdown(report: dict) -> str:
         f"{report['device_name']} ({report['device']}, {report['cpu_count']} threads), torch {report['torch']}, "
         f"{report['dtype']}, {report['shape']}",
         "",
-        "| N | mode | method | time (ms) | x softmax SDPA | peak extra (MiB) |",
-        "|---:|---|---|---:|---:|---:|",
+        "| N | mode | method | time (ms) | x softmax SDPA | limit | peak extra (MiB) |",
+        "|---:|---|---|---:|---:|---:|---:|",
     ]
     rows = report["rows"]
     for r in rows:
@@ -271,10 +281,10 @@ def markdown(report: dict) -> str:
         if "seconds" in r:
             lines.append(
                 f"| {r['N']} | {r['mode']} | {r['method']} | {r['seconds'] * 1e3:.1f} | "
-                f"{r['seconds'] / base['seconds']:.2f} | {r['peak_extra_bytes'] / 2**20:.1f} |"
+                f"{r['seconds'] / base['seconds']:.2f} | {_limit_text(r)} | {r['peak_extra_bytes'] / 2**20:.1f} |"
             )
         else:
-            lines.append(f"| {r['N']} | {r['mode']} | {r['method']} | {r.get('skipped') or r.get('error')} | | |")
+            lines.append(f"| {r['N']} | {r['mode']} | {r['method']} | {r.get('skipped') or r.get('error')} | | | |")
     return "\n".join(lines)
 
 
@@ -285,10 +295,15 @@ def _format_row(r: dict, rows: list[dict]) -> str:
     if "seconds" not in r:
         return f"{r['method']:>13} N={r['N']:>6} {r['mode']:>8}  {r.get('skipped') or r.get('error')}"
     ratio = r["seconds"] / base["seconds"] if base and "seconds" in base else float("nan")
+    limit = f" (limit x{r['limit']:.2f})" if "limit" in r else ""
     return (
         f"{r['method']:>13} N={r['N']:>6} {r['mode']:>8}  {r['seconds'] * 1e3:10.1f} ms"
-        f"  x{ratio:5.2f} vs SDPA  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB"
+        f"  x{ratio:5.2f} vs SDPA{limit}  peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB"
     )
+
+
+def _limit_text(r: dict) -> str:
+    return f"{r['limit']:.2f}" if "limit" in r else ""
 
 
 if __name__ == "__main__":

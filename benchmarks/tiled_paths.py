@@ -15,6 +15,10 @@ the ``sdpa`` backend).
     python benchmarks/tiled_paths.py --shapes 16x4x128x16,1x4x4096x64 --causal
     python benchmarks/tiled_paths.py --alpha 2 --shapes 1x4x1024x64,1x4x4096x64
 
+"limit" is the arithmetic limit of that shape (``_limits.attention_limit``: FNA's operations over
+SDPA's, each weighted by its measured cost on this machine): the kernel / SDPA ratio that a kernel
+as good as SDPA's at every operation would reach.
+
 Shapes are BxHxNxD (self-attention, N queries and keys). Prints a table and writes JSON
 (default benchmarks/results/tiled_paths.json).
 """
@@ -32,6 +36,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from _limits import attention_limit
 
 from levyattn import fractional_attention
 from levyattn.io import atomic_write_json
@@ -89,7 +94,7 @@ def main() -> None:
     rows = []
     print(f"{args.mode}, alpha {args.alpha}, causal {args.causal}, {torch.get_num_threads()} threads; median ms")
     gaussian = ["sdpa backend / SDPA", "SDPA D+1 / SDPA"] if args.alpha == 2 else []
-    ratios = ["kernel / tile loop", "kernel / SDPA", *gaussian]
+    ratios = ["kernel / tile loop", "kernel / SDPA", "limit", *gaussian]
     print("| B x H x N x D | pairs | " + " | ".join(paths + tuple(ratios)) + " |")
     print("|---|---:|" + "---:|" * (len(paths) + len(ratios)))
     for batch, heads, n, dim in shapes:
@@ -108,7 +113,8 @@ def main() -> None:
         med = {path: statistics.median(ts) for path, ts in times.items()}
         over_loop = med["fused kernel"] / med["tile loop"]
         over_sdpa = med["fused kernel"] / med["sdpa softmax"]
-        cells = [over_loop, over_sdpa]
+        limit = attention_limit(args.mode, dim, args.alpha)
+        cells = [over_loop, over_sdpa, limit]
         if args.alpha == 2:
             cells += [med["sdpa backend"] / med["sdpa softmax"], med["sdpa softmax D+1"] / med["sdpa softmax"]]
         rows.append(
@@ -119,7 +125,8 @@ def main() -> None:
                 "median_s": med,
                 "kernel_over_tile_loop": over_loop,
                 "kernel_over_sdpa": over_sdpa,
-                **dict(zip(("sdpa_backend_over_sdpa", "sdpa_d_plus_1_over_sdpa"), cells[2:])),
+                "limit": limit,
+                **dict(zip(("sdpa_backend_over_sdpa", "sdpa_d_plus_1_over_sdpa"), cells[3:])),
             }
         )
         times_ms = " | ".join(f"{1000 * med[path]:.2f}" for path in paths)
