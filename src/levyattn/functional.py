@@ -236,6 +236,8 @@ def fractional_attention(
 def _parameters_as(call: AttentionCall, q: torch.Tensor) -> AttentionCall:
     """The call with tensor alpha and bandwidth on q's device and in q's dtype (differentiably:
     a float64 parameter of a float32 model gets its gradient as float64)."""
+    if not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor):
+        return call
     alpha, bandwidth = (
         x.to(device=q.device, dtype=q.dtype) if isinstance(x, torch.Tensor) else x for x in (call.alpha, call.bandwidth)
     )

@@ -11,6 +11,7 @@ Mask conventions (as ``scaled_dot_product_attention``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -167,13 +168,14 @@ def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Atte
     on its mask entries. Computed in blocks of rows: memory O(block * Nk), like ``tiled``.
     """
     # One fast pass over each first: a sum is finite when every term is (a sum of finite values
-    # that overflows only sends the call on to the exact check below); amax propagates NaN, so
-    # an additive mask without NaN and +inf has amax < inf.
+    # that overflows only sends the call on to the exact check below), and so is the total of
+    # the sums (a non-finite term keeps it non-finite: inf + -inf is NaN); amax propagates NaN,
+    # so an additive mask without NaN and +inf has amax < inf.
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    sums = [x.detach().sum(dtype=wide) for x in (q, k, v)]
+    total = q.detach().sum(dtype=wide) + k.detach().sum(dtype=wide) + v.detach().sum(dtype=wide)
     if call.attn_mask is not None and call.attn_mask.is_floating_point() and call.attn_mask.numel():
-        sums.append(call.attn_mask.detach().amax().clamp_min(0).to(wide))
-    if bool(torch.isfinite(torch.stack(sums)).all()):
+        total = total + call.attn_mask.detach().amax().clamp_min(0).to(wide)
+    if math.isfinite(total.item()):
         return None
     (batch, heads, nq, _), nk = q.shape, k.shape[-2]
     bad_q = ~torch.isfinite(q.detach()).all(-1)  # (B, H, Nq)

@@ -133,8 +133,7 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
 
 class _FusedFNA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, exponent, c, gaussian, is_causal, exclude_self):
-        flags = (exponent, c, gaussian, is_causal, exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
+    def forward(ctx, q, k, v, mask, *flags):
         out, lse = _state["ops"].forward(q, k, v, mask, *flags)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.flags = flags
@@ -147,7 +146,7 @@ class _FusedFNA(torch.autograd.Function):
         grad_q, grad_k, grad_v, grad_mask = _state["ops"].backward(
             grad_out, q, k, v, out, lse, mask, *ctx.flags, mask_grad
         )
-        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, None, None, None, None
+        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), *(None for _ in ctx.flags)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
@@ -163,4 +162,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
         if mask.stride(-1) != 1:  # the kernel reads a row of keys at a time
             mask = mask.contiguous()
     q, k, v = (x.contiguous() for x in (q, k, v))
-    return _FusedFNA.apply(q, k, v, mask, exponent, c, call.is_gaussian, call.is_causal, call.exclude_self)
+    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):
+        return _FusedFNA.apply(q, k, v, mask, *flags)
+    return _state["ops"].forward(q, k, v, mask, *flags)[0]  # inference: without autograd's bookkeeping
