@@ -59,6 +59,33 @@ def test_a_nonfinite_input_gives_nan_in_the_rows_that_depend_on_it(path, where, 
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
+def test_finite_inputs_whose_sums_overflow_keep_finite_outputs(path):
+    """The non-finite check first adds up every input: a total that overflows from finite values
+    sends the call to the exact check, which poisons no row."""
+    q, k, v = qkv(dtype=torch.float32)
+    v[:, :, 0, 0] = 1e38  # one key per (batch, head): the sum of v overflows float32, no output does
+    assert not torch.isfinite(v.sum())
+    kw = gaussian_where_needed(path, dict(alpha=1.2))
+    out = run(path, q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    expected = run("reference", q.double(), k.double(), v.double(), **kw)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_infinities_of_opposite_sign_in_two_inputs_poison_the_rows_of_both(path):
+    """+inf in q and -inf in v: the inputs' sums cancel to NaN, never to a finite total."""
+    q, k, v = qkv()
+    q[0, 0, 1, 0], v[1, 1, 2, 0] = INF, -INF
+    kw = gaussian_where_needed(path, dict(alpha=1.2))
+    out, expected = run(path, q, k, v, **kw), run("reference", q, k, v, **kw)
+    assert torch.isnan(expected).any()
+    assert torch.isnan(out).equal(torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("value", [NAN, INF, 1e8])
 def test_a_masked_out_key_influences_nothing(path, value):
     """Neither its value nor its distance: the output is that of the other keys alone (a key
