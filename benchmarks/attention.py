@@ -39,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from _limits import attention_limit
-
 # Each FNA method's alpha, for its arithmetic limit.
 LIMIT_ALPHA = {"tiled": 1.2, "sdpa_fna2": 2.0}
+
 # The default grid; "auto" (fractional_attention's own choice of backend) can be asked for too.
 METHODS = ("sdpa_softmax", "authors", "reference", "tiled", "sdpa_fna2", "flex")
 MASKS = ("none", "padding", "padding+self")
@@ -205,6 +204,7 @@ def main() -> None:
         return
 
     import torch
+    from _limits import attention_limit  # imports torch: not for --markdown and --one
 
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):

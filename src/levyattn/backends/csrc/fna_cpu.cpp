@@ -108,16 +108,15 @@ struct Problem {
       if (slope != nullptr) *slope = Vec(-c);
       return at::vec::maximum(sq, Vec(0)) * Vec(-c);
     }
-    const Vec tiny(std::numeric_limits<T>::min());
-    const Vec cr = at::vec::maximum(sq, tiny).sqrt() * Vec(c);
+    const Vec tiny(std::numeric_limits<T>::min()), one(1);
+    const Vec cr = at::vec::maximum(sq, tiny).sqrt() * Vec(c), u = cr + one;
     if (slope != nullptr) {
       // -(exponent / 2) c / (r (1 + c r)) = -(exponent / 2) c^2 / (cr (1 + cr))
-      *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent * c * c) / (cr * (cr + Vec(1))), sq >= tiny);
+      *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent * c * c) / (cr * u), sq >= tiny);
     }
-    // log1p(cr) at the cost of a log (log1p is 2-3x dearer): log(u), u = 1 + cr, misses the
-    // rounding of u, e = cr - (u - 1), and log1p(cr) = log(u) + e / u + O(e^2). The correction
+    // log1p(cr) at the cost of a log (log1p is 2-3x dearer): log(u) misses the rounding of
+    // u = 1 + cr, e = cr - (u - 1), and log1p(cr) = log(u) + e / u + O(e^2). The correction
     // matters only where u < 2, where u - 1 is exact and e / u is e to within half of e.
-    const Vec one(1), u = cr + one;
     const Vec rounding = Vec::blendv(Vec(0), cr - (u - one), u < Vec(2));
     return (u.log() + rounding) * Vec(-exponent);
   }
