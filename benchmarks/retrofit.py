@@ -103,7 +103,8 @@ def main() -> None:
         {
             "date": time.strftime("%Y-%m-%d"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-            "command": "python " + " ".join(sys.argv),
+            # The output folder is the user's: written OUT, so the record names no path of this machine.
+            "command": "python " + " ".join(arg.replace(str(args.out), "OUT") for arg in sys.argv),
             "model": source.name,
             "train_texts": list(TRAIN),
             "eval_texts": list(HELD_OUT),
