@@ -2,7 +2,8 @@
 the same call with the check switched off, in the same process, interleaved.
 
 ``fractional_attention`` first asks whether any value of q, k, v or a float mask is NaN or
-±Inf (one sum over each; only when one is not finite does it find the rows that depend on it).
+±Inf, and how large q, k and v get (one ``aminmax`` over each; only when a value is not finite
+does it find the rows that depend on it).
 That pass reads k and v once more, which weighs most when the attention itself reads them only
 once: a decoding step, one query against a key/value cache. Switching the check off is done
 here by replacing it for the measurement only; the library has no such switch.
@@ -47,19 +48,19 @@ def _median_ms(shape: tuple[int, int, int, int], nk: int, grad: bool, repeats: i
         if grad:
             out.sum().backward()
 
-    checked = functional.nonfinite_rows
+    checked = functional.scan_inputs
     times: dict[bool, list[float]] = {True: [], False: []}
     try:
         for _ in range(3):
             call()
         for _ in range(repeats):
             for with_check in (True, False):
-                functional.nonfinite_rows = checked if with_check else (lambda *args: None)
+                functional.scan_inputs = checked if with_check else (lambda *args: (True, 0.0, 0.0))
                 start = time.perf_counter()
                 call()
                 times[with_check].append(time.perf_counter() - start)
     finally:
-        functional.nonfinite_rows = checked
+        functional.scan_inputs = checked
     return 1e3 * statistics.median(times[True]), 1e3 * statistics.median(times[False])
 
 

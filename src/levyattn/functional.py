@@ -34,6 +34,7 @@ rule is applied here, once, around whichever backend runs. ``tests/backends`` ho
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -44,6 +45,7 @@ from levyattn.backends.common import (
     finite_or_zero,
     mask_without_nonfinite,
     nonfinite_rows,
+    scan_inputs,
 )
 from levyattn.config import (
     Scalar,
@@ -207,11 +209,18 @@ def fractional_attention(
     if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
     call = _parameters_as(call, q)
-    poisoned = nonfinite_rows(q, k, v, call)
-    if poisoned is not None:
+    finite, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask)
+    poisoned = None
+    if not finite:
+        poisoned = nonfinite_rows(q, k, v, call)
         # Computed on the finite values; the rows that depend on the others become NaN below.
         q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
+        _, qk_peak, v_peak = scan_inputs(q, k, v, None)
+    q, k, call = _in_length_unit(q, k, call, qk_peak)
+    value_unit = _value_unit(v, v_peak)
+    if value_unit != 1.0:
+        v = v / value_unit
     weights = None
     if 0 in (*q.shape[:3], k.shape[-2], v.shape[-1]):
         out, weights = _empty_result(q, k, v, call)
@@ -223,6 +232,8 @@ def fractional_attention(
         out = sdpa.attention(q, k, v, call, needs_grad)
     else:
         out = flex.attention(q, k, v, call)
+    if value_unit != 1.0:
+        out = out * value_unit
     if poisoned is not None:
         out = out.masked_fill(poisoned.unsqueeze(-1), float("nan"))
     out = out.to(dtype)
@@ -242,6 +253,38 @@ def _parameters_as(call: AttentionCall, q: torch.Tensor) -> AttentionCall:
         x.to(device=q.device, dtype=q.dtype) if isinstance(x, torch.Tensor) else x for x in (call.alpha, call.bandwidth)
     )
     return dataclasses.replace(call, alpha=alpha, bandwidth=bandwidth)
+
+
+def _power_of_two_above(ratio: float) -> float:
+    """The smallest power of two 2**s >= ratio, s >= 0 (1.0 for ratio <= 1)."""
+    return 1.0 if ratio <= 1.0 else math.ldexp(1.0, math.ceil(math.log2(ratio)))
+
+
+def _largest(q: torch.Tensor) -> float:
+    """The largest finite value of the dtype q is computed in (float32 under float16 and
+    bfloat16, whose kernels accumulate in float32)."""
+    return torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+
+
+def _in_length_unit(q, k, call: AttentionCall, qk_peak: float):
+    """(q, k, call) with q and k divided by a power of two where their squared distances
+    could overflow: Euclidean power-law calls only (a Gaussian logit -||q - k||^2 / eps
+    that large underflows every weight whatever the unit). Exact: the call's kappa is
+    divided by the same power of two (``AttentionCall.length_unit``)."""
+    if call.manifold != "euclidean" or call.is_gaussian:
+        return q, k, call
+    # After centring, |q_i - k_j| <= 4 * peak per coordinate, so sq <= 16 d peak**2; keep it
+    # (and the sums beside it) under a quarter of the largest value.
+    unit = _power_of_two_above(qk_peak / math.sqrt(_largest(q) / (64 * q.shape[-1])))
+    if unit == 1.0 or (isinstance(call.alpha, torch.Tensor) and bool((call.alpha >= 2).any())):
+        return q, k, call
+    return q / unit, k / unit, dataclasses.replace(call, length_unit=unit)
+
+
+def _value_unit(v: torch.Tensor, v_peak: float) -> float:
+    """The power of two to divide v by (and multiply the output by) so that the unnormalised
+    sums of weights (each <= 1) times values, over Nk keys, stay finite: 1.0 almost always."""
+    return _power_of_two_above(v_peak * 4 * max(1, v.shape[-2]) / _largest(v))
 
 
 def _empty_result(q, k, v, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,16 +60,55 @@ def test_a_nonfinite_input_gives_nan_in_the_rows_that_depend_on_it(path, where, 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
 def test_finite_inputs_whose_sums_overflow_keep_finite_outputs(path):
-    """The non-finite check first adds up every input: a total that overflows from finite values
-    sends the call to the exact check, which poisons no row."""
+    """One value near the float32 limit: the sum of v overflows, no output does."""
     q, k, v = qkv(dtype=torch.float32)
-    v[:, :, 0, 0] = 1e38  # one key per (batch, head): the sum of v overflows float32, no output does
+    v[:, :, 0, 0] = 1e38
     assert not torch.isfinite(v.sum())
     kw = gaussian_where_needed(path, dict(alpha=1.2))
     out = run(path, q, k, v, **kw)
     assert torch.isfinite(out).all()
     expected = run("reference", q.double(), k.double(), v.double(), **kw)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+HUGE = 2.0**126  # float32: six values above it add up past the largest float (2**128)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+def test_values_near_the_largest_float_give_the_output_of_their_scaled_copy(path):
+    """An output is a weighted mean of values, so it is finite when they are; the unnormalised
+    sums behind it are not, and v goes through the backend divided by a power of two. Scaling
+    by a power of two is exact, so the output is exactly that of v / HUGE, times HUGE."""
+    q, k, v = qkv(dtype=torch.float32)
+    v = (1 + v.abs() / v.abs().amax()) * HUGE  # in (2**126, 2**127]
+    assert not torch.isfinite(v.sum(-2)).all()
+    kw = gaussian_where_needed(path, dict(alpha=1.2, bandwidth=50.0))  # flat weights: big sums
+    out = run(path, q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, run(path, q, k, v / HUGE, **kw) * HUGE, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("path", ["reference", "tile loop", "fused kernel", "auto"])
+def test_queries_and_keys_whose_squared_distances_overflow(path):
+    """q and k near 2**64 in float32: ||q - k||^2 overflows, log Phi does not. With alpha = 1
+    and no kappa, multiplying q and k by 2**64 is dividing the bandwidth by 2**64: both calls
+    give the same output and, up to that factor, the same gradients."""
+    q, k, v = qkv(dtype=torch.float32)
+    assert not torch.isfinite((q * 2.0**64).square().sum(-1)).all()
+    kw = dict(alpha=1.0, rescale=False)
+    grads = []
+    for scale, bandwidth in ((2.0**64, 1.0), (1.0, 2.0**-64)):
+        inputs = [x.clone().requires_grad_() for x in (q * scale, k * scale, v)]
+        with on_path(path) as backend:
+            out = fractional_attention(*inputs, backend=backend, bandwidth=bandwidth, **kw)
+            out.backward(torch.ones_like(out))
+        assert torch.isfinite(out).all()
+        grads.append((out.detach(), *(x.grad * scale for x in inputs[:2]), inputs[2].grad))
+    for huge, plain in zip(*grads):
+        torch.testing.assert_close(huge, plain, rtol=1e-5, atol=1e-6)
+    # Logits near -220 in float32: their rounding moves the weights by about 1e-5.
+    expected = run("reference", q.double(), k.double(), v.double(), bandwidth=2.0**-64, **kw)
+    torch.testing.assert_close(grads[0][0].double(), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)

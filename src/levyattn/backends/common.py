@@ -37,6 +37,9 @@ class AttentionCall:
     attn_mask: torch.Tensor | None
     is_causal: bool
     exclude_self: bool
+    # q and k arrive divided by this power of two (so that squared distances stay finite), and
+    # kappa is divided by it too: z = ||q - k|| / kappa is unchanged, exactly.
+    length_unit: float = 1.0
 
     def kernel_kwargs(self, head_dim: int) -> dict:
         """Keyword arguments of :func:`levyattn.kernels.log_phi_from_sq` for this call."""
@@ -44,7 +47,7 @@ class AttentionCall:
             alpha=self.alpha,
             bandwidth=self.bandwidth,
             d_intrinsic=intrinsic_dim(head_dim, self.manifold, self.d_intrinsic),
-            kappa=kappa(self.alpha, head_dim, self.rescale, self.manifold),
+            kappa=kappa(self.alpha, head_dim, self.rescale, self.manifold) / self.length_unit,
             manifold=self.manifold,
             sphere_radius=self.sphere_radius,
         )
@@ -158,25 +161,36 @@ def nonfinite_mask_entries(mask: torch.Tensor | None) -> torch.Tensor | None:
     return ~(mask.detach() < float("inf"))
 
 
+def scan_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[bool, float, float]:
+    """One pass over each input and one read back: (whether every value of q, k, v is finite
+    and the additive mask has no NaN or +inf, the largest magnitude in q and k, the largest
+    magnitude in v). aminmax propagates NaN and keeps +-inf, so finite extremes mean finite
+    values; the magnitudes say whether distances or the value sums could overflow."""
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    extremes = [torch.stack(torch.aminmax(x.detach())) for x in (q, k, v) if x.numel()]
+    if mask is not None and mask.is_floating_point() and mask.numel():
+        extremes.append(mask.detach().amax().clamp_min(0).reshape(1))
+    if not extremes:
+        return True, 0.0, 0.0
+    values = torch.cat([x.to(wide) for x in extremes]).tolist()
+    finite = all(math.isfinite(x) for x in values)
+    qk = [abs(x) for x in values[: 2 * bool(q.numel()) + 2 * bool(k.numel())]]
+    v_peak = max(-values[len(qk)], values[len(qk) + 1]) if v.numel() else 0.0
+    return finite, max(qk, default=0.0), v_peak
+
+
 def nonfinite_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor | None:
-    """The output rows that depend on a non-finite value: (B, H, Nq) bool, or None when every
-    value of q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv) and the additive mask is finite.
+    """The output rows that depend on a non-finite value of q (B, H, Nq, d), k (B, H, Nk, d),
+    v (B, H, Nk, dv) or the additive mask: (B, H, Nq) bool (:func:`scan_inputs` says first,
+    cheaply, whether there is any).
 
     Row i depends on q_i and, for every key j that its masks let through (bool True, additive
     not -inf, causal, self-pair), on k_j, v_j and the mask entry (i, j); with the density term
     also on the column sums C_j of those keys, which depend on every query that sees key j and
     on its mask entries. Computed in blocks of rows: memory O(block * Nk), like ``tiled``.
     """
-    # One fast pass over each first: a sum is finite when every term is (a sum of finite values
-    # that overflows only sends the call on to the exact check below), and so is the total of
-    # the sums (a non-finite term keeps it non-finite: inf + -inf is NaN); amax propagates NaN,
-    # so an additive mask without NaN and +inf has amax < inf.
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    total = q.detach().sum(dtype=wide) + k.detach().sum(dtype=wide) + v.detach().sum(dtype=wide)
-    if call.attn_mask is not None and call.attn_mask.is_floating_point() and call.attn_mask.numel():
-        total = total + call.attn_mask.detach().amax().clamp_min(0).to(wide)
-    if math.isfinite(total.item()):
-        return None
     (batch, heads, nq, _), nk = q.shape, k.shape[-2]
     bad_q = ~torch.isfinite(q.detach()).all(-1)  # (B, H, Nq)
     bad_k = ~torch.isfinite(k.detach()).all(-1)  # (B, H, Nk)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from levyattn.backends.common import AttentionCall, additive_sum
-from levyattn.kernels import kappa
 
 
 def unsupported(call: AttentionCall, q: torch.Tensor) -> str | None:
@@ -36,7 +35,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     bandwidth tensor requires grad, with grad mode on)."""
     q, k = call.prepare(q, k)
     (nq, d), (nk, dv) = q.shape[-2:], v.shape[-2:]
-    kap = kappa(2.0, d, call.rescale, call.manifold)
+    kap = call.kernel_kwargs(d)["kappa"]
     scale = 2.0 / (kap * kap * call.bandwidth)  # a tensor for per-head bandwidth
     half_k_sq = 0.5 * (k * k).sum(-1, keepdim=True)
     plain_causal = call.is_causal and nq == nk and call.attn_mask is None and not call.exclude_self

@@ -243,7 +243,8 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
         r = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_()
         u = r * c + 1.0
         logits = torch.log(u).mul_(-exponent)
-        slope = r.mul_(u).reciprocal_().mul_(-0.5 * exponent * c).masked_fill_(small, 0.0)
+        # c / (r (1 + c r)) as 1 / (r (r + 1 / c)): no c r^2 to overflow for a small bandwidth.
+        slope = torch.add(r, 1.0 / c, out=u).mul_(r).reciprocal_().mul_(-0.5 * exponent).masked_fill_(small, 0.0)
     _add_masks_(logits, user, keep)
     weights = logits.sub_(lse).exp_()
     grad_weights.sub_(delta).mul_(weights).mul_(slope)

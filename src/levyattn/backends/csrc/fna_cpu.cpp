@@ -59,7 +59,7 @@ struct Problem {
   const T *q, *k, *v;
   const T* mask;  // nullptr: no mask
   int64_t mask_stride_b, mask_stride_h, mask_stride_q;
-  T exponent, c;
+  T exponent, c, inv_c;  // inv_c = 1 / c
   bool gaussian, causal, exclude_self;
   int64_t query_block, key_block;  // tile size: query rows x keys
   std::vector<T> q_sq, k_sq;  // |q_i|^2 (B*H*Nq), |k_j|^2 (B*H*Nk)
@@ -69,7 +69,7 @@ struct Problem {
           int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
         q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()), mask(nullptr),
-        mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), gaussian(gaussian_),
+        mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)), gaussian(gaussian_),
         causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
     TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
     if (mask_.has_value() && mask_->defined()) {
@@ -109,10 +109,11 @@ struct Problem {
       return at::vec::maximum(sq, Vec(0)) * Vec(-c);
     }
     const Vec tiny(std::numeric_limits<T>::min()), one(1);
-    const Vec cr = at::vec::maximum(sq, tiny).sqrt() * Vec(c), u = cr + one;
+    const Vec r = at::vec::maximum(sq, tiny).sqrt(), cr = r * Vec(c), u = cr + one;
     if (slope != nullptr) {
-      // -(exponent / 2) c / (r (1 + c r)) = -(exponent / 2) c^2 / (cr (1 + cr))
-      *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent * c * c) / (cr * u), sq >= tiny);
+      // -(exponent / 2) c / (r (1 + c r)) = -(exponent / 2) / (r (r + 1 / c)), which has no c^2
+      // to overflow for a small bandwidth.
+      *slope = Vec::blendv(Vec(0), Vec(T(-0.5) * exponent) / (r * (r + Vec(inv_c))), sq >= tiny);
     }
     // log1p(cr) at the cost of a log (log1p is 2-3x dearer): log(u) misses the rounding of
     // u = 1 + cr, e = cr - (u - 1), and log1p(cr) = log(u) + e / u + O(e^2). The correction
