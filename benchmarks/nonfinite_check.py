@@ -2,8 +2,8 @@
 the same call with the check switched off, in the same process, interleaved.
 
 ``fractional_attention`` first asks whether any value of q, k, v or a float mask is NaN or
-±Inf, and how large q, k and v get (one ``aminmax`` over each; only when a value is not finite
-does it find the rows that depend on it).
+±Inf, and how large q, k and v get (the 2-norm of each, one read; only when a norm is not finite
+does it look at every value and find the rows that depend on a non-finite one).
 That pass reads k and v once more, which weighs most when the attention itself reads them only
 once: a decoding step, one query against a key/value cache. Switching the check off is done
 here by replacing it for the measurement only; the library has no such switch.
@@ -28,20 +28,28 @@ import levyattn.functional as functional
 from levyattn import fractional_attention
 from levyattn.io import atomic_write_json
 
-# (label, (B, H, Nq, d), Nk, forward+backward)
+# (label, (B, H, Nq, d), Nk, forward+backward, heads-second layout: q, k, v are (B, N, H, d) tensors
+# seen through .transpose(1, 2), as a model's projections give them)
 CASES = (
-    ("decode, 4096 cached keys", (1, 8, 1, 64), 4096, False),
-    ("decode, batch 8, 1024 cached keys", (8, 8, 1, 64), 1024, False),
-    ("training step, 1024 tokens", (1, 4, 1024, 64), 1024, True),
+    ("decode, 4096 cached keys", (1, 8, 1, 64), 4096, False, False),
+    ("decode, batch 8, 1024 cached keys", (8, 8, 1, 64), 1024, False, False),
+    ("training step, 1024 tokens", (1, 4, 1024, 64), 1024, True, False),
+    ("training step, 1024 tokens, transposed views", (1, 4, 1024, 64), 1024, True, True),
 )
 
 
-def _median_ms(shape: tuple[int, int, int, int], nk: int, grad: bool, repeats: int) -> tuple[float, float]:
+def _median_ms(
+    shape: tuple[int, int, int, int], nk: int, grad: bool, transposed: bool, repeats: int
+) -> tuple[float, float]:
     """Median milliseconds of one call (with backward when ``grad``), with and without the check."""
     batch, heads, nq, dim = shape
-    q = torch.randn(batch, heads, nq, dim, requires_grad=grad)
-    k = torch.randn(batch, heads, nk, dim, requires_grad=grad)
-    v = torch.randn(batch, heads, nk, dim, requires_grad=grad)
+
+    def leaf(n: int) -> torch.Tensor:
+        if transposed:
+            return torch.randn(batch, n, heads, dim).transpose(1, 2).requires_grad_(grad)
+        return torch.randn(batch, heads, n, dim, requires_grad=grad)
+
+    q, k, v = leaf(nq), leaf(nk), leaf(nk)
 
     def call() -> None:
         out = fractional_attention(q, k, v, alpha=1.2)
@@ -75,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| case | threads | with check (ms) | without (ms) | ratio |\n|---|---:|---:|---:|---:|")
     for threads in args.threads:
         torch.set_num_threads(threads)
-        for label, shape, nk, grad in CASES:
-            on, off = _median_ms(shape, nk, grad, args.repeats if not grad else max(1, args.repeats // 3))
+        for label, shape, nk, grad, transposed in CASES:
+            on, off = _median_ms(shape, nk, grad, transposed, args.repeats if not grad else max(1, args.repeats // 3))
             rows.append({"case": label, "shape": list(shape), "nk": nk, "backward": grad, "threads": threads,
                          "with_check_ms": on, "without_check_ms": off, "ratio": on / off})
             print(f"| {label} | {threads} | {on:.2f} | {off:.2f} | {on / off:.2f}x |")

@@ -209,14 +209,13 @@ def fractional_attention(
     if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
     call = _parameters_as(call, q)
-    finite, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask)
+    plain, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask)
     poisoned = None
-    if not finite:
+    if not plain:
         poisoned = nonfinite_rows(q, k, v, call)
         # Computed on the finite values; the rows that depend on the others become NaN below.
         q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
-        _, qk_peak, v_peak = scan_inputs(q, k, v, None)
     q, k, call = _in_length_unit(q, k, call, qk_peak)
     value_unit = _value_unit(v, v_peak)
     if value_unit != 1.0:

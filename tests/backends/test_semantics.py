@@ -89,25 +89,28 @@ def test_values_near_the_largest_float_give_the_output_of_their_scaled_copy(path
 
 
 @pytest.mark.parametrize("path", ["reference", "tile loop", "fused kernel", "auto"])
-def test_queries_and_keys_whose_squared_distances_overflow(path):
-    """q and k near 2**64 in float32: ||q - k||^2 overflows, log Phi does not. With alpha = 1
-    and no kappa, multiplying q and k by 2**64 is dividing the bandwidth by 2**64: both calls
-    give the same output and, up to that factor, the same gradients."""
+@pytest.mark.parametrize("exponent", [60, 64])
+def test_queries_and_keys_whose_squared_distances_overflow(path, exponent):
+    """q and k near 2**64 in float32: ||q - k||^2 overflows, log Phi does not (near 2**60 the
+    norm of q is still finite, and the call takes the other route to a smaller unit). With
+    alpha = 1 and no kappa, multiplying q and k by 2**e is dividing the bandwidth by 2**e: both
+    calls give the same output and, up to that factor, the same gradients."""
     q, k, v = qkv(dtype=torch.float32)
-    assert not torch.isfinite((q * 2.0**64).square().sum(-1)).all()
+    scale = 2.0**exponent
+    assert torch.isfinite(torch.linalg.vector_norm(q * scale)) == (exponent == 60)
     kw = dict(alpha=1.0, rescale=False)
     grads = []
-    for scale, bandwidth in ((2.0**64, 1.0), (1.0, 2.0**-64)):
-        inputs = [x.clone().requires_grad_() for x in (q * scale, k * scale, v)]
+    for factor, bandwidth in ((scale, 1.0), (1.0, 1 / scale)):
+        inputs = [x.clone().requires_grad_() for x in (q * factor, k * factor, v)]
         with on_path(path) as backend:
             out = fractional_attention(*inputs, backend=backend, bandwidth=bandwidth, **kw)
             out.backward(torch.ones_like(out))
         assert torch.isfinite(out).all()
-        grads.append((out.detach(), *(x.grad * scale for x in inputs[:2]), inputs[2].grad))
+        grads.append((out.detach(), *(x.grad * factor for x in inputs[:2]), inputs[2].grad))
     for huge, plain in zip(*grads):
         torch.testing.assert_close(huge, plain, rtol=1e-5, atol=1e-6)
     # Logits near -220 in float32: their rounding moves the weights by about 1e-5.
-    expected = run("reference", q.double(), k.double(), v.double(), bandwidth=2.0**-64, **kw)
+    expected = run("reference", q.double(), k.double(), v.double(), bandwidth=1 / scale, **kw)
     torch.testing.assert_close(grads[0][0].double(), expected, rtol=1e-4, atol=1e-5)
 
 
