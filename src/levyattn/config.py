@@ -12,7 +12,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -165,8 +165,10 @@ class FNAConfig:
             raise TypeError(f"exclude_self must be a bool, got {self.exclude_self!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values; also the keyword arguments of ``levyattn.fractional_attention``."""
-        return asdict(self)
+        """Plain values; also the keyword arguments of ``levyattn.fractional_attention``. (The
+        fields are numbers, strings and None: no deep copy, which ``asdict`` makes on every
+        attention call.)"""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
 
 
 @dataclass(frozen=True)
