@@ -43,6 +43,7 @@ from levyattn.backends.common import (
     LOW_PRECISION,
     AttentionCall,
     finite_or_zero,
+    largest_magnitudes,
     mask_without_nonfinite,
     nonfinite_rows,
     scan_inputs,
@@ -216,6 +217,7 @@ def fractional_attention(
         # Computed on the finite values; the rows that depend on the others become NaN below.
         q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
+        qk_peak, v_peak = largest_magnitudes(q, k, v)
     q, k, call = _in_length_unit(q, k, call, qk_peak)
     value_unit = _value_unit(v, v_peak)
     if value_unit != 1.0:

@@ -169,8 +169,8 @@ def scan_inputs(
 
     Plain means every value of q, k, v is finite and not huge (each tensor's 2-norm is finite)
     and the additive mask has no NaN or +inf; the bounds are then the 2-norms. Otherwise (rare)
-    the bounds are the exact largest magnitudes of the finite values, and
-    :func:`nonfinite_rows` says which rows, if any, depend on non-finite ones."""
+    the caller finds the rows that depend on non-finite values (:func:`nonfinite_rows`),
+    replaces those values, and takes exact bounds from :func:`largest_magnitudes`."""
     if not (q.numel() and k.numel() and v.numel()):
         return True, 0.0, 0.0  # an empty output: nothing to poison or overflow
     norms = [_norm(x.detach()) for x in (q, k, v)]
@@ -179,8 +179,15 @@ def scan_inputs(
     values = torch.stack(norms).tolist()
     if all(map(math.isfinite, values)):
         return True, max(values[:2]), values[2]
-    peaks = [torch.linalg.vector_norm(finite_or_zero(x.detach()), float("inf")).item() for x in (q, k, v)]
-    return False, max(peaks[:2]), peaks[2]
+    return False, math.inf, math.inf
+
+
+def largest_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """(the largest magnitude in q and k, the largest in v), of finite, non-empty tensors: the
+    exact bounds of :func:`scan_inputs`' slow path."""
+    q_peak, k_peak, v_peak = (torch.linalg.vector_norm(x.detach(), float("inf")) for x in (q, k, v))
+    qk, v_bound = torch.stack([torch.maximum(q_peak, k_peak), v_peak]).tolist()
+    return qk, v_bound
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:

@@ -101,8 +101,8 @@ struct Problem {
           int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
         q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()), mask(nullptr),
-        mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)), gaussian(gaussian_),
-        causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
+        mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)),
+        gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
     TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
     if (mask_.has_value() && mask_->defined()) {
       mask = mask_->const_data_ptr<T>();
