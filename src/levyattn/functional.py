@@ -38,7 +38,7 @@ import math
 
 import torch
 
-from levyattn.backends import flex, reference, sdpa, tiled
+from levyattn.backends import flex, fused_cpu, reference, sdpa, tiled
 from levyattn.backends.common import (
     LOW_PRECISION,
     AttentionCall,
@@ -86,7 +86,9 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"head dim must be > 0, got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
-def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
+def check_mask(attn_mask, q, k) -> torch.Tensor | None:
+    """``attn_mask`` checked against q (B, H, Nq, d) and k (B, H, Nk, d), as a 4-D view; None
+    for none."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
@@ -108,7 +110,7 @@ def _check_mask(attn_mask, q, k) -> torch.Tensor | None:
     return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
-def _per_head(name: str, value: Scalar, q: torch.Tensor) -> Scalar:
+def per_head(name: str, value: Scalar, q: torch.Tensor) -> Scalar:
     """A tensor alpha/bandwidth: (H,) or scalar -> broadcastable (H, 1, 1), on q's device."""
     if not isinstance(value, torch.Tensor):
         return value
@@ -180,17 +182,33 @@ def fractional_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     call = AttentionCall(
-        alpha=_per_head("alpha", check_alpha(alpha), q),
-        bandwidth=_per_head("bandwidth", check_bandwidth(bandwidth), q),
+        alpha=per_head("alpha", check_alpha(alpha), q),
+        bandwidth=per_head("bandwidth", check_bandwidth(bandwidth), q),
         manifold=check_manifold(manifold),
         rescale=bool(rescale),
         d_intrinsic=check_d_intrinsic(d_intrinsic),
         sphere_radius=check_positive("sphere_radius", sphere_radius),
         density_a=check_density_a(density_a),
-        attn_mask=_check_mask(attn_mask, q, k),
+        attn_mask=check_mask(attn_mask, q, k),
         is_causal=bool(is_causal),
         exclude_self=bool(exclude_self),
     )
+    return attend(q, k, v, call, return_weights=return_weights, backend=backend)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttentionCall,
+    *,
+    return_weights: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fractional_attention` of arguments already validated: q, k, v as it checks them,
+    ``call`` with its options checked, tensor alpha and bandwidth shaped by :func:`per_head` and a
+    4-D mask; ``backend`` one of ``BACKENDS``. Modules, whose options are checked once when they
+    are built, call this to spare each call the checks (a fixed cost that dominates decoding)."""
     if return_weights and backend not in ("auto", "reference"):
         raise ValueError(f"return_weights=True needs backend 'reference' or 'auto', got {backend!r}")
     needs_grad = torch.is_grad_enabled() and any(
@@ -210,7 +228,9 @@ def fractional_attention(
     if _computed_dtype(q, chosen) != dtype:
         q, k, v = q.float(), k.float(), v.float()
     call = _parameters_as(call, q)
-    plain, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask)
+    # Where the fused kernel will run, its own scan: one call.
+    fused = chosen == "tiled" and tiled.runs_fused_kernel(call, q.device, q.dtype)
+    plain, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask, fused_cpu.peaks if fused else None)
     poisoned = None
     if not plain:
         poisoned = nonfinite_rows(q, k, v, call)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from levyattn.backends.common import additive_sum, structural_keep
+from levyattn.backends.common import AttentionCall, additive_sum, structural_keep
 from levyattn.config import FNAConfig
-from levyattn.functional import BACKENDS, fractional_attention
+from levyattn.functional import BACKENDS, attend, check_mask
 
 ATTENTION_KINDS = ("fna", "softmax")
 # Ranges a learnable alpha and bandwidth are kept in.
@@ -290,13 +290,30 @@ class FractionalMultiheadAttention(_MultiheadBase):
             return self.kernel.bandwidth
         return self.log_bandwidth.clamp(-_LOG_BANDWIDTH_LIMIT, _LOG_BANDWIDTH_LIMIT).exp()
 
+    def _call(self, q, k, mask, is_causal) -> AttentionCall:
+        """This module's kernel for one call, without checking again what was checked when the
+        module was built: learnable alpha and bandwidth as (H, 1, 1), the mask checked."""
+        alpha, bandwidth = self.alpha, self.bandwidth
+        kernel = self.kernel
+        return AttentionCall(
+            alpha=alpha.view(-1, 1, 1) if isinstance(alpha, torch.Tensor) else alpha,
+            bandwidth=bandwidth.view(-1, 1, 1) if isinstance(bandwidth, torch.Tensor) else bandwidth,
+            manifold=kernel.manifold,
+            rescale=kernel.rescale,
+            d_intrinsic=kernel.d_intrinsic,
+            sphere_radius=kernel.sphere_radius,
+            density_a=kernel.density_a,
+            attn_mask=None if mask is None else check_mask(mask, q, k),
+            is_causal=bool(is_causal),
+            exclude_self=kernel.exclude_self,
+        )
+
     def _attend(self, q, k, v, mask, is_causal, need_weights):
-        kernel = dict(self.kernel.to_dict(), alpha=self.alpha, bandwidth=self.bandwidth)
-        kernel.update(attn_mask=mask, is_causal=is_causal)
+        call = self._call(q, k, mask, is_causal)
         materialise = need_weights or (self.training and self.dropout > 0)
         if not materialise:
-            return fractional_attention(q, k, v, backend=self.backend, **kernel), None
-        out, weights = fractional_attention(q, k, v, return_weights=True, **kernel)
+            return attend(q, k, v, call, backend=self.backend), None
+        out, weights = attend(q, k, v, call, return_weights=True)
         if self.training and self.dropout > 0:
             out = F.dropout(weights, self.dropout) @ v
         return out, (weights if need_weights else None)

@@ -306,3 +306,49 @@ def test_the_kernel_differentiates_a_learnable_mask(fused, shape):
         grads.append(bias.grad)
     assert fused, "the kernel did not run"
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided view"])
+def test_peaks_are_the_largest_magnitudes_and_inf_where_an_entry_is_not_finite(fused, dtype, layout):
+    assert fused_cpu.ensure_built()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype)
+    k = torch.randn(2, 3, 8191, 8, generator=g, dtype=dtype) * 3  # 3 x 2**16 - 48 entries: split between threads
+    v = torch.randn(2, 3, 8191, 4, generator=g, dtype=dtype)
+    if layout == "strided view":
+        k, v = k.mT, v.transpose(0, 2)
+    expected = (max(q.abs().max(), k.abs().max()).item(), v.abs().max().item())
+    assert fused_cpu.peaks(q, k, v) == expected
+    for where, value in (("k", float("nan")), ("k", float("inf")), ("v", -float("inf")), ("v", float("nan"))):
+        spoilt = {"k": k.clone(), "v": v.clone()}
+        spoilt[where][(-1,) * 4] = value  # the last entry: the scalar tail of the last block
+        qk_peak, v_peak = fused_cpu.peaks(q, spoilt["k"], spoilt["v"])
+        assert (qk_peak, v_peak) == ((float("inf"), expected[1]) if where == "k" else (expected[0], float("inf")))
+
+
+def test_center_shifts_queries_and_keys_by_the_mean_key(fused):
+    assert fused_cpu.ensure_built()
+    q, k, _ = make_qkv(nq=7, nk=13, d=5)
+    q, k = q + 1e3, k + 1e3
+    shift = k.mean(-2, keepdim=True)
+    q_centred, k_centred = fused_cpu._state["ops"].center(q, k)
+    torch.testing.assert_close(q_centred, q - shift, rtol=0, atol=1e-12)
+    torch.testing.assert_close(k_centred, k - shift, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("nq", [1, 11])
+def test_keys_far_from_the_origin_keep_the_float32_accuracy(fused, nq):
+    """The kernel centres q and k itself: without it, |q|^2 + |k|^2 - 2 q.k at an offset of 3e3
+    would lose every digit of distances of order 1 in float32."""
+    q, k, v = make_qkv(nq=nq, nk=19)
+    leaves = [x.detach().float().requires_grad_() for x in (q + 3e3, k + 3e3, v)]
+    # The reference of the very float32 inputs, in float64.
+    expected = fractional_attention(
+        *(x.detach().double() for x in leaves), alpha=1.2, is_causal=True, backend="reference"
+    )
+    out = fractional_attention(*leaves, alpha=1.2, is_causal=True, backend="tiled")
+    assert fused
+    assert (out.double() - expected).abs().max() / expected.abs().max() < 1e-5
+    with torch.no_grad():
+        assert torch.equal(fractional_attention(*leaves, alpha=1.2, is_causal=True, backend="tiled"), out.detach())

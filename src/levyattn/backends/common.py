@@ -162,24 +162,31 @@ def nonfinite_mask_entries(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def scan_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, peaks=None
 ) -> tuple[bool, float, float]:
     """One pass over each input and one read back: (whether the call is plain, a bound on the
     magnitudes of q and k, a bound on the magnitudes of v).
 
     Plain means every value of q, k, v is finite and not huge (each tensor's 2-norm is finite)
-    and the additive mask has no NaN or +inf; the bounds are then the 2-norms. Otherwise (rare)
-    the caller finds the rows that depend on non-finite values (:func:`nonfinite_rows`),
-    replaces those values, and takes exact bounds from :func:`largest_magnitudes`."""
+    and the additive mask has no NaN or +inf; the bounds are then the 2-norms. ``peaks``, where
+    given, is a function of (q, k, v) returning the largest magnitudes themselves, ``inf`` where
+    an entry is not finite (the fused CPU kernel's one call); its bounds are then exact.
+    Otherwise (rare) the caller finds the rows that depend on non-finite values
+    (:func:`nonfinite_rows`), replaces those values, and takes exact bounds from
+    :func:`largest_magnitudes`."""
     if not (q.numel() and k.numel() and v.numel()):
         return True, 0.0, 0.0  # an empty output: nothing to poison or overflow
-    norms = [_norm(x.detach()) for x in (q, k, v)]
+    bounds = [] if peaks is not None else [_norm(x.detach()) for x in (q, k, v)]
     if mask is not None and mask.is_floating_point() and mask.numel():  # q, k, v share a dtype
-        norms.append(mask.detach().amax().clamp_min(0).to(q.dtype))  # +inf where too big: slow path
-    values = torch.stack(norms).tolist()
-    if all(map(math.isfinite, values)):
-        return True, max(values[:2]), values[2]
-    return False, math.inf, math.inf
+        bounds.append(mask.detach().amax().clamp_min(0).to(q.dtype))  # +inf where too big: slow path
+    values = torch.stack(bounds).tolist() if bounds else []
+    if peaks is not None:
+        values = [*peaks(q, k, v), *values]  # (q and k, v, mask)
+    if not all(map(math.isfinite, values)):
+        return False, math.inf, math.inf
+    if peaks is not None:
+        return True, values[0], values[1]
+    return True, max(values[:2]), values[2]
 
 
 def largest_magnitudes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:

@@ -131,9 +131,18 @@ def applies(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in _DTYPES and not torch.compiler.is_compiling() and ensure_built()
 
 
+def peaks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+    """(the largest magnitude in q and k, the largest in v) of CPU float32/float64 tensors, each
+    ``inf`` where an entry is NaN or infinite: one read of each, one call (the kernel must be
+    built: :func:`applies`)."""
+    return _state["ops"].peaks(q, k, v)
+
+
 class _FusedFNA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, *flags):
+    def forward(ctx, q, k, v, mask, centre, *flags):
+        if centre:
+            q, k = _state["ops"].center(q, k)
         out, lse = _state["ops"].forward(q, k, v, mask, *flags)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.flags = flags
@@ -141,21 +150,28 @@ class _FusedFNA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The shift of the centring is a constant: the gradients for the centred q and k are those
+        # for q and k.
         q, k, v, out, lse, mask = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_mask = _state["ops"].backward(
             grad_out, q, k, v, out, lse, mask, *ctx.flags, mask_grad
         )
-        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), *(None for _ in ctx.flags)
+        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, *(None for _ in ctx.flags)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
-    """FNA output (B, H, Nq, dv) of centred q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
+    """FNA output (B, H, Nq, dv) of q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
     ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
 
-    A float mask that requires grad gets it: the kernel returns dS (B, H, Nq, Nk), and autograd
-    sums it over the dimensions the mask was broadcast along."""
+    q and k are centred here (:meth:`AttentionCall.prepare`): without a mask by the kernel's
+    ``center`` (the mean key, in one call), with one in Python (the mean of the keys it leaves in
+    use). A float mask that requires grad gets it: the kernel returns dS (B, H, Nq, Nk), and
+    autograd sums it over the dimensions the mask was broadcast along."""
     batch, heads, nq, _ = q.shape
+    centre = call.attn_mask is None
+    if not centre:
+        q, k = call.prepare(q, k)
     mask = additive_mask(call.attn_mask, q.dtype)
     if mask is not None:
         mask = mask.expand(batch, heads, nq, k.shape[-2])
@@ -164,5 +180,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     q, k, v = (x.contiguous() for x in (q, k, v))
     flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):
-        return _FusedFNA.apply(q, k, v, mask, *flags)
-    return _state["ops"].forward(q, k, v, mask, *flags)[0]  # inference: without autograd's bookkeeping
+        return _FusedFNA.apply(q, k, v, mask, centre, *flags)
+    if centre:  # inference: without autograd's bookkeeping
+        q, k = _state["ops"].center(q, k)
+    return _state["ops"].forward(q, k, v, mask, *flags)[0]

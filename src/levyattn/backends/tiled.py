@@ -368,9 +368,9 @@ def attention(
 ) -> torch.Tensor:
     """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (``block`` given: always the
     tile loop, never the fused CPU kernel)."""
-    q, k = call.prepare(q, k)
     if not block and runs_fused_kernel(call, q.device, q.dtype):
         return fused_cpu.attention(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
+    q, k = call.prepare(q, k)
     if not block:
         block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
         block = min(block, CAUSAL_TILE_ROWS) if call.skips_causal_keys else block

@@ -5,7 +5,7 @@
 //
 // Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
 // q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous, float32 or float64, q and k
-// already centred. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij (power law, alpha < 2)
+// already centred (`center` does it for the mean key). log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij (power law, alpha < 2)
 // or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij = |q_i|^2 + |k_j|^2 - 2 q_i . k_j
 // clamped below at the smallest normal number (power law) or at 0 (Gaussian).
 // mask: additive (0 keeps, -inf removes), (B, H, Nq, Nk) with any strides but the last (1), or
@@ -331,6 +331,79 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
   });
 }
 
+// The largest |x_i| of a contiguous array, +inf when an entry is NaN or infinite: one read, in
+// parallel blocks (the vector maximum propagates NaN, the scalar one is written to).
+template <typename T>
+double peak_magnitude(const T* x, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  const auto nan_max = [](T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); };
+  const T peak = at::parallel_reduce(
+      int64_t(0), n, int64_t(1) << 16, T(0),
+      [&](int64_t begin, int64_t end, T init) {
+        Vec acc(init);
+        int64_t i = begin;
+        for (; i + Vec::size() <= end; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + i).abs());
+        T result = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+        for (; i < end; ++i) result = nan_max(result, std::abs(x[i]));
+        return result;
+      },
+      nan_max);
+  return peak <= std::numeric_limits<T>::max() ? double(peak) : std::numeric_limits<double>::infinity();
+}
+
+double peak_magnitude(const at::Tensor& x) {
+  if (x.numel() == 0) return 0.0;
+  if (!x.is_contiguous()) {  // a strided view: ATen's reduction reads it in place
+    const double peak = at::linalg_vector_norm(x, std::numeric_limits<double>::infinity()).item<double>();
+    return peak <= std::numeric_limits<double>::max() ? peak : std::numeric_limits<double>::infinity();
+  }
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fna_peaks",
+                                    [&] { return peak_magnitude<scalar_t>(x.const_data_ptr<scalar_t>(), x.numel()); });
+}
+
+// (largest |x| over q and k, largest |x| over v), each +inf where an entry is not finite: what
+// fractional_attention's non-finite check and unit choice need, in one call.
+std::tuple<double, double> fna_peaks(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {std::max(peak_magnitude(q), peak_magnitude(k)), peak_magnitude(v)};
+}
+
+// q - s and k - s with s the mean key of each (batch, head), accumulated in double: distances are
+// unchanged and |q|^2 + |k|^2 - 2 q.k cancels less. q (B, H, Nq, D), k (B, H, Nk, D), contiguous.
+std::tuple<at::Tensor, at::Tensor> fna_center(const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.is_contiguous() && k.is_contiguous() &&
+                  q.scalar_type() == k.scalar_type() && q.size(3) == k.size(3),
+              "fna_cpu: center takes contiguous (B, H, N, D) q and k of one dtype");
+  auto q_centred = at::empty_like(q), k_centred = at::empty_like(k);
+  const int64_t bh_count = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_center", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const scalar_t* q_in = q.const_data_ptr<scalar_t>();
+    const scalar_t* k_in = k.const_data_ptr<scalar_t>();
+    scalar_t* q_out = q_centred.mutable_data_ptr<scalar_t>();
+    scalar_t* k_out = k_centred.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> total(D);
+      std::vector<scalar_t> shift(D);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        std::fill(total.begin(), total.end(), 0.0);
+        const scalar_t* keys = k_in + bh * Nk * D;
+        for (int64_t j = 0; j < Nk; ++j) {
+          for (int64_t e = 0; e < D; ++e) total[e] += keys[j * D + e];
+        }
+        for (int64_t e = 0; e < D; ++e) shift[e] = Nk ? scalar_t(total[e] / double(Nk)) : scalar_t(0);
+        const auto subtract = [&](const scalar_t* in, scalar_t* out, int64_t rows) {
+          for (int64_t r = 0; r < rows; ++r) {
+            at::vec::map2([](Vec x, Vec s) { return x - s; }, out + r * D, in + r * D, shift.data(), D);
+          }
+        };
+        subtract(keys, k_out + bh * Nk * D, Nk);
+        subtract(q_in + bh * Nq * D, q_out + bh * Nq * D, Nq);
+      }
+    });
+  });
+  return {q_centred, k_centred};
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->is_contiguous(), "fna_cpu: 4-d contiguous CPU tensors");
@@ -386,9 +459,13 @@ TORCH_LIBRARY(levyattn_fna_cpu, m) {
       "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
       "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("peaks(Tensor q, Tensor k, Tensor v) -> (float, float)");
+  m.def("center(Tensor q, Tensor k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
   m.impl("forward", &fna_forward);
   m.impl("backward", &fna_backward);
+  m.impl("peaks", &fna_peaks);
+  m.impl("center", &fna_center);
 }
