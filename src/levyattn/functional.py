@@ -248,7 +248,7 @@ def attend(
     elif chosen == "reference":
         out, weights = reference.attention(q, k, v, call, return_weights)
     elif chosen == "tiled":
-        out = tiled.attention(q, k, v, call)
+        out = tiled.attention(q, k, v, call, fused=fused)
     elif chosen == "sdpa":
         out = sdpa.attention(q, k, v, call, needs_grad)
     else:
@@ -281,10 +281,13 @@ def _power_of_two_above(ratio: float) -> float:
     return 1.0 if ratio <= 1.0 else math.ldexp(1.0, math.ceil(math.log2(ratio)))
 
 
+_FLOAT32_MAX, _FLOAT64_MAX = torch.finfo(torch.float32).max, torch.finfo(torch.float64).max
+
+
 def _largest(q: torch.Tensor) -> float:
     """The largest finite value of the dtype q is computed in (float32 under float16 and
     bfloat16, whose kernels accumulate in float32)."""
-    return torch.finfo(torch.float64 if q.dtype == torch.float64 else torch.float32).max
+    return _FLOAT64_MAX if q.dtype == torch.float64 else _FLOAT32_MAX
 
 
 def _in_length_unit(q, k, call: AttentionCall, qk_peak: float):

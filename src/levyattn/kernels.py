@@ -93,21 +93,25 @@ def log_phi_from_sq(
 
 
 def center(q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift q and k by the mean key: distances are unchanged, cancellation in
-    ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not
-    depend on it, so gradients are unchanged).
+    """Shift q and k by the mean key (:func:`key_mean`): distances are unchanged, cancellation
+    in ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not depend
+    on it, so gradients are unchanged)."""
+    shift = key_mean(k, key_used)
+    return q - shift, k - shift
+
+
+def key_mean(k: torch.Tensor, key_used: torch.Tensor | None = None) -> torch.Tensor:
+    """The detached mean of the keys k (..., Nk, d): (..., 1, d).
 
     ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean, so a key
     that no query sees (padding: far away, or garbage) cannot spoil the conditioning of the
-    others. With none left, the shift is 0. k must be finite (``fractional_attention`` replaces
+    others. With none left, the mean is 0. k must be finite (``fractional_attention`` replaces
     non-finite entries before it gets here)."""
     keys = k.detach()
     if key_used is None:
-        shift = keys.mean(dim=-2, keepdim=True)
-    else:
-        weights = key_used.expand(keys.shape[:-1]).to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
-        shift = (weights @ keys) / weights.sum(-1, keepdim=True).clamp_min(1)
-    return q - shift, k - shift
+        return keys.mean(dim=-2, keepdim=True)
+    weights = key_used.expand(keys.shape[:-1]).to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
+    return (weights @ keys) / weights.sum(-1, keepdim=True).clamp_min(1)
 
 
 def squared_distances(q: torch.Tensor, k: torch.Tensor, manifold: str = "euclidean") -> torch.Tensor:

@@ -327,14 +327,20 @@ def test_peaks_are_the_largest_magnitudes_and_inf_where_an_entry_is_not_finite(f
         assert (qk_peak, v_peak) == ((float("inf"), expected[1]) if where == "k" else (expected[0], float("inf")))
 
 
-def test_center_shifts_queries_and_keys_by_the_mean_key(fused):
+def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
+    """Distances do not depend on the shift: any shift gives the same output (to rounding); the
+    kernel returns the one it used, the mean key when given none."""
     assert fused_cpu.ensure_built()
-    q, k, _ = make_qkv(nq=7, nk=13, d=5)
+    q, k, v = (x.detach() for x in make_qkv(nq=7, nk=13, d=5))
     q, k = q + 1e3, k + 1e3
-    shift = k.mean(-2, keepdim=True)
-    q_centred, k_centred = fused_cpu._state["ops"].center(q, k)
-    torch.testing.assert_close(q_centred, q - shift, rtol=0, atol=1e-12)
-    torch.testing.assert_close(k_centred, k - shift, rtol=0, atol=1e-12)
+    flags = (6.2, 0.8, False, True, False, 4, 8)
+    out, lse, shift = fused_cpu._state["ops"].forward(q, k, v, None, None, *flags)
+    torch.testing.assert_close(shift, k.mean(-2), rtol=0, atol=1e-12)
+    other = torch.randn_like(shift) + 1e3
+    out_other, lse_other, used = fused_cpu._state["ops"].forward(q, k, v, None, other, *flags)
+    assert torch.equal(used, other)
+    torch.testing.assert_close(out_other, out, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lse_other, lse, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("nq", [1, 11])

@@ -30,6 +30,7 @@ import torch
 
 from levyattn.backends.common import AttentionCall, additive_mask
 from levyattn.io import atomic_write_bytes
+from levyattn.kernels import key_mean
 
 _SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -140,22 +141,19 @@ def peaks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, flo
 
 class _FusedFNA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, centre, *flags):
-        if centre:
-            q, k = _state["ops"].center(q, k)
-        out, lse = _state["ops"].forward(q, k, v, mask, *flags)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+    def forward(ctx, q, k, v, mask, shift, *flags):
+        out, lse, shift = _state["ops"].forward(q, k, v, mask, shift, *flags)
+        ctx.save_for_backward(q, k, v, out, lse, mask, shift)
         ctx.flags = flags
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        # The shift of the centring is a constant: the gradients for the centred q and k are those
-        # for q and k.
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        # The shift is a constant: the gradients for the shifted q and k are those for q and k.
+        q, k, v, out, lse, mask, shift = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         grad_q, grad_k, grad_v, grad_mask = _state["ops"].backward(
-            grad_out, q, k, v, out, lse, mask, *ctx.flags, mask_grad
+            grad_out, q, k, v, out, lse, mask, shift, *ctx.flags, mask_grad
         )
         return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, *(None for _ in ctx.flags)
 
@@ -164,23 +162,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     """FNA output (B, H, Nq, dv) of q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
     ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
 
-    q and k are centred here (:meth:`AttentionCall.prepare`): without a mask by the kernel's
-    ``center`` (the mean key, in one call), with one in Python (the mean of the keys it leaves in
-    use). A float mask that requires grad gets it: the kernel returns dS (B, H, Nq, Nk), and
-    autograd sums it over the dimensions the mask was broadcast along."""
-    batch, heads, nq, _ = q.shape
-    centre = call.attn_mask is None
-    if not centre:
-        q, k = call.prepare(q, k)
+    The kernel shifts q and k by the mean key, tile by tile (the centring of
+    :meth:`AttentionCall.prepare`, without copies); with a mask, by the mean of the keys it leaves
+    in use, computed here. A float mask that requires grad gets it: the kernel returns dS
+    (B, H, Nq, Nk), and autograd sums it over the dimensions the mask was broadcast along."""
+    (batch, heads, nq, d), nk = q.shape, k.shape[-2]
+    shift = None
+    if call.attn_mask is not None:
+        shift = key_mean(k, call.keys_in_use()).expand(batch, heads, 1, d).reshape(batch, heads, d)
     mask = additive_mask(call.attn_mask, q.dtype)
     if mask is not None:
-        mask = mask.expand(batch, heads, nq, k.shape[-2])
+        mask = mask.expand(batch, heads, nq, nk)
         if mask.stride(-1) != 1:  # the kernel reads a row of keys at a time
             mask = mask.contiguous()
     q, k, v = (x.contiguous() for x in (q, k, v))
-    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
+    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(nq), KEY_BLOCK)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):
-        return _FusedFNA.apply(q, k, v, mask, centre, *flags)
-    if centre:  # inference: without autograd's bookkeeping
-        q, k = _state["ops"].center(q, k)
-    return _state["ops"].forward(q, k, v, mask, *flags)[0]
+        return _FusedFNA.apply(q, k, v, mask, shift, *flags)
+    return _state["ops"].forward(q, k, v, mask, shift, *flags)[0]  # inference: without autograd's bookkeeping

@@ -23,6 +23,7 @@ queries: one extra pass computes them first, and backward adds their coupling te
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -255,6 +256,13 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
 def _kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
     """(exponent, c) of a Euclidean call with float alpha and bandwidth: ``log Phi`` is
     ``-exponent * log(1 + c sqrt(sq))`` (power law) or ``-c sq`` (Gaussian)."""
+    return _euclidean_constants(call.alpha, call.bandwidth, call.rescale, call.d_intrinsic, call.length_unit, head_dim)
+
+
+@functools.lru_cache(maxsize=256)
+def _euclidean_constants(alpha, bandwidth, rescale, d_intrinsic, length_unit, head_dim) -> tuple[float, float]:
+    """:func:`_kernel_constants`, remembered: a model calls with a few settings, many times."""
+    call = AttentionCall(alpha, bandwidth, "euclidean", rescale, d_intrinsic, 1.0, 0.0, None, False, False, length_unit)
     kw = call.kernel_kwargs(head_dim)
     exponent = float(kw["d_intrinsic"] + kw["alpha"])
     if call.is_gaussian:
@@ -364,11 +372,19 @@ def runs_fused_kernel(call: AttentionCall, device: torch.device, dtype: torch.dt
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, block: int | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    call: AttentionCall,
+    block: int | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """FNA output (B, H, Nq, dv) with O(block * Nk) extra memory (``block`` given: always the
-    tile loop, never the fused CPU kernel)."""
-    if not block and runs_fused_kernel(call, q.device, q.dtype):
+    tile loop, never the fused CPU kernel). ``fused``: :func:`runs_fused_kernel` of the call
+    where the caller has it already (None: asked here)."""
+    if fused is None:
+        fused = runs_fused_kernel(call, q.device, q.dtype)
+    if not block and fused:
         return fused_cpu.attention(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
     q, k = call.prepare(q, k)
     if not block:

@@ -4,15 +4,20 @@
 // scaled_dot_product_attention works the same way).
 //
 // Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
-// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous, float32 or float64, q and k
-// already centred (`center` does it for the mean key). log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij (power law, alpha < 2)
-// or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij = |q_i|^2 + |k_j|^2 - 2 q_i . k_j
-// clamped below at the smallest normal number (power law) or at 0 (Gaussian).
+// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous, float32 or float64. Distances are
+// taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): the mean key
+// unless the caller gives one (the keys a mask leaves in use). It changes no distance but keeps
+// |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
+// tile, in cache, not as copies of q and k. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij
+// (power law, alpha < 2) or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij the squared distance
+// |q_i - s|^2 + |k_j - s|^2 - 2 (q_i - s) . (k_j - s) clamped below at the smallest normal number
+// (power law) or at 0 (Gaussian).
 // mask: additive (0 keeps, -inf removes), (B, H, Nq, Nk) with any strides but the last (1), or
 // undefined. Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
-// Forward returns the output and the row log-sum-exp (B, H, Nq) (-inf for a fully masked row,
-// whose output is 0); backward recomputes each tile from it, and on request also returns the
-// gradient of the mask, dS = P (dO v^T - D), as a contiguous (B, H, Nq, Nk) tensor.
+// Forward returns the output, the row log-sum-exp (B, H, Nq) (-inf for a fully masked row, whose
+// output is 0) and the shift it used; backward takes the shift back, recomputes each tile from the
+// log-sum-exp, and on request also returns the gradient of the mask, dS = P (dO v^T - D), as a
+// contiguous (B, H, Nq, Nk) tensor.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -89,18 +94,20 @@ template <typename T>
 struct Problem {
   int64_t B, H, Nq, Nk, D, Dv;
   const T *q, *k, *v;
+  const T* shift;  // (B*H, D)
   const T* mask;  // nullptr: no mask
   int64_t mask_stride_b, mask_stride_h, mask_stride_q;
   T exponent, c, inv_c;  // inv_c = 1 / c
   bool gaussian, causal, exclude_self;
   int64_t query_block, key_block;  // tile size: query rows x keys
-  std::vector<T> q_sq, k_sq;  // |q_i|^2 (B*H*Nq), |k_j|^2 (B*H*Nk)
+  std::vector<T> q_sq, k_sq;  // |q_i - s|^2 (B*H*Nq), |k_j - s|^2 (B*H*Nk)
 
-  Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const std::optional<at::Tensor>& mask_,
-          double exponent_, double c_, bool gaussian_, bool causal_, bool exclude_self_, int64_t query_block_,
-          int64_t key_block_)
+  Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& shift_,
+          const std::optional<at::Tensor>& mask_, double exponent_, double c_, bool gaussian_, bool causal_,
+          bool exclude_self_, int64_t query_block_, int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
-        q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()), mask(nullptr),
+        q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()),
+        shift(shift_.const_data_ptr<T>()), mask(nullptr),
         mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)),
         gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
     TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
@@ -110,19 +117,45 @@ struct Problem {
       mask_stride_h = mask_->stride(1);
       mask_stride_q = mask_->stride(2);
     }
-    q_sq = squared_norms(q, B * H * Nq);
-    k_sq = squared_norms(k, B * H * Nk);
+    q_sq = squared_norms(q, Nq);
+    k_sq = squared_norms(k, Nk);
   }
 
-  std::vector<T> squared_norms(const T* x, int64_t rows) const {
-    std::vector<T> out(rows);
-    at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+  // |x_i - s|^2 of every row of x (q or k, `per_head` rows per (batch, head)).
+  std::vector<T> squared_norms(const T* x, int64_t per_head) const {
+    std::vector<T> out(B * H * per_head);
+    at::parallel_for(0, B * H * per_head, 256, [&](int64_t begin, int64_t end) {
+      int64_t bh = begin / per_head, next_head = (bh + 1) * per_head;  // no division per row
       for (int64_t i = begin; i < end; ++i) {
-        out[i] = at::vec::map_reduce_all<T>([](auto a) { return a * a; }, [](auto a, auto b) { return a + b; },
-                                            x + i * D, D);
+        if (i == next_head) {
+          ++bh;
+          next_head += per_head;
+        }
+        out[i] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
+                                             [](auto a, auto b) { return a + b; }, x + i * D, shift + bh * D, D);
       }
     });
     return out;
+  }
+
+  // `count` rows of q or k of (batch, head) bh, from `rows`, shifted: into out (count x D). A row
+  // of whole vectors (up to 8) keeps the shift in registers: a short row costs a few instructions.
+  void shifted(const T* rows, int64_t count, int64_t bh, T* out) const {
+    const T* s = shift + bh * D;
+    const int64_t vectors = D / Vec::size();
+    if (D % Vec::size() != 0 || vectors > 8) {
+      for (int64_t r = 0; r < count; ++r) {
+        at::vec::map2([](Vec x, Vec y) { return x - y; }, out + r * D, rows + r * D, s, D);
+      }
+      return;
+    }
+    Vec s_v[8];
+    for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size());
+    for (int64_t i = 0; i < count * D; i += D) {
+      for (int64_t e = 0; e < vectors; ++e) {
+        (Vec::loadu(rows + i + e * Vec::size()) - s_v[e]).store(out + i + e * Vec::size());
+      }
+    }
   }
 
   // Keys 0 .. key_stop that rows up to `last_row` may see (all, or up to the causal limit).
@@ -212,17 +245,19 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
   const int64_t bq = p.query_block, blocks = (p.Nq + bq - 1) / bq;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, p.B * p.H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(bq * p.key_block), acc(bq * p.Dv), row_max(bq), row_sum(bq);
+    std::vector<T> scores(bq * p.key_block), acc(bq * p.Dv), row_max(bq), row_sum(bq), q_tile(bq * p.D),
+        k_tile(p.key_block * p.D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
-      const T* q = p.q + (bh * p.Nq + i0) * p.D;
+      p.shifted(p.q + (bh * p.Nq + i0) * p.D, rows, bh, q_tile.data());
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       const int64_t stop = p.key_stop(i0 + rows - 1);
       for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
         const int64_t cols = std::min(p.key_block, stop - j0);
-        gemm(false, true, rows, cols, p.D, q, p.D, p.k + (bh * p.Nk + j0) * p.D, p.D, T(0), scores.data(), cols);
+        p.shifted(p.k + (bh * p.Nk + j0) * p.D, cols, bh, k_tile.data());
+        gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * cols;
           const T peak = std::max(row_max[r], p.logits_row(s, cols, bh, i0 + r, j0));
@@ -261,15 +296,18 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> weights(bq * p.key_block), grads(bq * p.key_block), g_q(bq * p.D), g_row(bq), g_col(p.Nk);
+    std::vector<T> q_shifted(p.Nq * p.D), k_shifted(p.Nk * p.D);  // of one (batch, head)
     for (int64_t bh = begin; bh < end; ++bh) {
-      const T* k = p.k + bh * p.Nk * p.D;
+      p.shifted(p.q + bh * p.Nq * p.D, p.Nq, bh, q_shifted.data());
+      p.shifted(p.k + bh * p.Nk * p.D, p.Nk, bh, k_shifted.data());
+      const T* k = k_shifted.data();
       const T* v = p.v + bh * p.Nk * p.Dv;
       T* dk = grad_k + bh * p.Nk * p.D;
       T* dv = grad_v + bh * p.Nk * p.Dv;
       std::fill(g_col.begin(), g_col.end(), T(0));
       for (int64_t i0 = 0; i0 < p.Nq; i0 += bq) {
         const int64_t rows = std::min(bq, p.Nq - i0), row0 = bh * p.Nq + i0;
-        const T* q = p.q + row0 * p.D;
+        const T* q = q_shifted.data() + i0 * p.D;
         const T* d_out = grad_out + row0 * p.Dv;
         std::fill(g_q.begin(), g_q.end(), T(0));
         std::fill(g_row.begin(), g_row.end(), T(0));
@@ -332,18 +370,29 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
 }
 
 // The largest |x_i| of a contiguous array, +inf when an entry is NaN or infinite: one read, in
-// parallel blocks (the vector maximum propagates NaN, the scalar one is written to).
+// parallel blocks, four running maxima so that the loop is not bound by the latency of one (the
+// vector maximum propagates NaN; the scalar one is written to).
 template <typename T>
 double peak_magnitude(const T* x, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
-  const auto nan_max = [](T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); };
+  const auto nan_max = [](T a, T b) {
+    return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+  };
+  const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
   const T peak = at::parallel_reduce(
       int64_t(0), n, int64_t(1) << 16, T(0),
       [&](int64_t begin, int64_t end, T init) {
-        Vec acc(init);
+        Vec m0(init), m1(init), m2(init), m3(init);
         int64_t i = begin;
-        for (; i + Vec::size() <= end; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + i).abs());
-        T result = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+        for (; i + 4 * Vec::size() <= end; i += 4 * Vec::size()) {
+          m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+          m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()).abs());
+          m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()).abs());
+          m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()).abs());
+        }
+        for (; i + Vec::size() <= end; i += Vec::size()) m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+        Vec m01 = at::vec::maximum(m0, m1), m23 = at::vec::maximum(m2, m3);
+        T result = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(m01, m23));
         for (; i < end; ++i) result = nan_max(result, std::abs(x[i]));
         return result;
       },
@@ -367,41 +416,47 @@ std::tuple<double, double> fna_peaks(const at::Tensor& q, const at::Tensor& k, c
   return {std::max(peak_magnitude(q), peak_magnitude(k)), peak_magnitude(v)};
 }
 
-// q - s and k - s with s the mean key of each (batch, head), accumulated in double: distances are
-// unchanged and |q|^2 + |k|^2 - 2 q.k cancels less. q (B, H, Nq, D), k (B, H, Nk, D), contiguous.
-std::tuple<at::Tensor, at::Tensor> fna_center(const at::Tensor& q, const at::Tensor& k) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.is_contiguous() && k.is_contiguous() &&
-                  q.scalar_type() == k.scalar_type() && q.size(3) == k.size(3),
-              "fna_cpu: center takes contiguous (B, H, N, D) q and k of one dtype");
-  auto q_centred = at::empty_like(q), k_centred = at::empty_like(k);
-  const int64_t bh_count = q.size(0) * q.size(1), Nq = q.size(2), Nk = k.size(2), D = q.size(3);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_center", [&] {
+// The mean key of each (batch, head), (B, H, D), of contiguous k (B, H, Nk, D) (0 without keys):
+// sums of 64 keys in four interleaved runs (vectorised over the head dim), added up in double.
+at::Tensor mean_keys(const at::Tensor& k) {
+  auto mean = at::empty({k.size(0), k.size(1), k.size(3)}, k.options());
+  const int64_t bh_count = k.size(0) * k.size(1), Nk = k.size(2), D = k.size(3);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "fna_mean_keys", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
-    const scalar_t* q_in = q.const_data_ptr<scalar_t>();
     const scalar_t* k_in = k.const_data_ptr<scalar_t>();
-    scalar_t* q_out = q_centred.mutable_data_ptr<scalar_t>();
-    scalar_t* k_out = k_centred.mutable_data_ptr<scalar_t>();
+    scalar_t* out = mean.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
+      constexpr int64_t runs = 4, keys_per_partial = 64;
+      std::vector<scalar_t> partial(runs * D);
       std::vector<double> total(D);
-      std::vector<scalar_t> shift(D);
       for (int64_t bh = begin; bh < end; ++bh) {
         std::fill(total.begin(), total.end(), 0.0);
         const scalar_t* keys = k_in + bh * Nk * D;
-        for (int64_t j = 0; j < Nk; ++j) {
-          for (int64_t e = 0; e < D; ++e) total[e] += keys[j * D + e];
-        }
-        for (int64_t e = 0; e < D; ++e) shift[e] = Nk ? scalar_t(total[e] / double(Nk)) : scalar_t(0);
-        const auto subtract = [&](const scalar_t* in, scalar_t* out, int64_t rows) {
-          for (int64_t r = 0; r < rows; ++r) {
-            at::vec::map2([](Vec x, Vec s) { return x - s; }, out + r * D, in + r * D, shift.data(), D);
+        for (int64_t j0 = 0; j0 < Nk; j0 += keys_per_partial) {
+          std::fill(partial.begin(), partial.end(), scalar_t(0));
+          const int64_t stop = std::min(Nk, j0 + keys_per_partial);
+          for (int64_t j = j0; j < stop; ++j) {
+            scalar_t* run = partial.data() + (j % runs) * D;
+            const scalar_t* key = keys + j * D;
+            int64_t e = 0;
+            for (; e + Vec::size() <= D; e += Vec::size()) (Vec::loadu(run + e) + Vec::loadu(key + e)).store(run + e);
+            for (; e < D; ++e) run[e] += key[e];
           }
-        };
-        subtract(keys, k_out + bh * Nk * D, Nk);
-        subtract(q_in + bh * Nq * D, q_out + bh * Nq * D, Nq);
+          for (int64_t r = 0; r < runs; ++r) {
+            for (int64_t e = 0; e < D; ++e) total[e] += partial[r * D + e];
+          }
+        }
+        for (int64_t e = 0; e < D; ++e) out[bh * D + e] = Nk ? scalar_t(total[e] / double(Nk)) : scalar_t(0);
       }
     });
   });
-  return {q_centred, k_centred};
+  return mean;
+}
+
+void check_shift(const at::Tensor& shift, const at::Tensor& q) {
+  TORCH_CHECK(shift.is_contiguous() && shift.scalar_type() == q.scalar_type() &&
+                  shift.numel() == q.size(0) * q.size(1) * q.size(3),
+              "fna_cpu: shift must be a contiguous (B, H, D) tensor of q's dtype");
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -412,25 +467,30 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "fna_cpu: float32 or float64");
 }
 
-std::tuple<at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               const std::optional<at::Tensor>& mask, double exponent, double c,
-                                               bool gaussian, bool causal, bool exclude_self, int64_t query_block,
-                                               int64_t key_block) {
+// Returns (output, row log-sum-exp, the shift used): backward takes the shift back.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, const at::Tensor& k,
+                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                                                           const std::optional<at::Tensor>& shift, double exponent,
+                                                           double c, bool gaussian, bool causal, bool exclude_self,
+                                                           int64_t query_block, int64_t key_block) {
   check_inputs(q, k, v);
+  const at::Tensor s = shift.has_value() && shift->defined() ? *shift : mean_keys(k);
+  check_shift(s, q);
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
-    const Problem<scalar_t> p(q, k, v, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
+    const Problem<scalar_t> p(q, k, v, s, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
     forward_kernel<scalar_t>(p, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
   });
-  return {out, lse};
+  return {out, lse, s};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask, double exponent, double c, bool gaussian,
-    bool causal, bool exclude_self, int64_t query_block, int64_t key_block, bool mask_grad) {
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const at::Tensor& shift, double exponent, double c,
+    bool gaussian, bool causal, bool exclude_self, int64_t query_block, int64_t key_block, bool mask_grad) {
   check_inputs(q, k, v);
+  check_shift(shift, q);
   auto d_out = grad_out.contiguous();
   auto delta = (d_out * out).sum(-1).contiguous();
   auto grad_q = at::empty_like(q);
@@ -440,7 +500,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
   auto grad_mask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
                              : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
-    const Problem<scalar_t> p(q, k, v, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
+    const Problem<scalar_t> p(q, k, v, shift, mask, exponent, c, gaussian, causal, exclude_self, query_block,
+                              key_block);
     backward_kernel<scalar_t>(p, d_out.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
                               grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
@@ -453,19 +514,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
 
 TORCH_LIBRARY(levyattn_fna_cpu, m) {
   m.def(
-      "forward(Tensor q, Tensor k, Tensor v, Tensor? mask, float exponent, float c, bool gaussian, "
-      "bool causal, bool exclude_self, int query_block, int key_block) -> (Tensor, Tensor)");
+      "forward(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? shift, float exponent, float c, bool gaussian, "
+      "bool causal, bool exclude_self, int query_block, int key_block) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, Tensor shift, "
       "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
       "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("peaks(Tensor q, Tensor k, Tensor v) -> (float, float)");
-  m.def("center(Tensor q, Tensor k) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
   m.impl("forward", &fna_forward);
   m.impl("backward", &fna_backward);
   m.impl("peaks", &fna_peaks);
-  m.impl("center", &fna_center);
 }
