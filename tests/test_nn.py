@@ -69,6 +69,41 @@ def test_module_equals_functional_with_its_projections():
     torch.testing.assert_close(w, w_ref)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(alpha=1.4),
+        dict(alpha=1.3, bandwidth=0.7, learnable_alpha=True, learnable_bandwidth=True),
+        dict(alpha=0.9, qk_share=True),
+    ],
+    ids=["float", "learnable", "qk_share"],
+)
+@pytest.mark.parametrize("kernel", [False, True], ids=["tile loop", "fused kernel"])
+def test_module_call_equals_fractional_attention_on_reference(monkeypatch, options, kernel):
+    """The module builds its call from the options it checked when it was built (not through
+    ``fractional_attention``): output and every parameter's gradient as ``reference`` gives them."""
+    if kernel:
+        monkeypatch.delenv("LEVYATTN_COMPILE", raising=False)
+    torch.manual_seed(0)
+    m = FractionalMultiheadAttention(12, 3, bias=True, **options).double()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    out, _ = m(x, x, x, key_padding_mask=padding, is_causal=True)
+    heads = lambda t: t.view(2, 5, 3, 4).transpose(1, 2)  # noqa: E731
+    o = fractional_attention(
+        heads(m._project_query(x)), heads(m._project_key(x)), heads(m.v_proj(x)), alpha=m.alpha,
+        bandwidth=m.bandwidth, attn_mask=~padding.view(2, 1, 1, 5), is_causal=True, exclude_self=m.qk_share,
+        backend="reference",
+    )  # fmt: skip
+    expected = m.out_proj(o.transpose(1, 2).reshape(2, 5, 12))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.square().sum(), params)
+    expected_grads = torch.autograd.grad(expected.square().sum(), params)
+    for name, g, e in zip([n for n, p in m.named_parameters() if p.requires_grad], grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11, msg=name)
+
+
 def test_mask_conventions_follow_multihead_attention():
     torch.manual_seed(0)
     m = FractionalMultiheadAttention(8, 2)
