@@ -308,23 +308,64 @@ def test_the_kernel_differentiates_a_learnable_mask(fused, shape):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x (B, H, N, d) with the same values in another layout: "rows" as the per-head view of a
+    packed (B, N, 3, H, d) projection, "transposed" with columns contiguous instead of rows."""
+    if layout == "rows":
+        packed = torch.zeros(x.shape[0], x.shape[2], 3, x.shape[1], x.shape[3], dtype=x.dtype)
+        packed[:, :, 1] = x.transpose(1, 2)
+        return packed[:, :, 1].transpose(1, 2)
+    if layout == "transposed":
+        return x.mT.contiguous().mT
+    return x.contiguous()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "strided view"])
+@pytest.mark.parametrize("layout", ["contiguous", "rows", "transposed"])
 def test_peaks_are_the_largest_magnitudes_and_inf_where_an_entry_is_not_finite(fused, dtype, layout):
     assert fused_cpu.ensure_built()
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype)
     k = torch.randn(2, 3, 8191, 8, generator=g, dtype=dtype) * 3  # 3 x 2**16 - 48 entries: split between threads
     v = torch.randn(2, 3, 8191, 4, generator=g, dtype=dtype)
-    if layout == "strided view":
-        k, v = k.mT, v.transpose(0, 2)
     expected = (max(q.abs().max(), k.abs().max()).item(), v.abs().max().item())
-    assert fused_cpu.peaks(q, k, v) == expected
+    assert fused_cpu.peaks(*(_laid_out(x, layout) for x in (q, k, v))) == expected
     for where, value in (("k", float("nan")), ("k", float("inf")), ("v", -float("inf")), ("v", float("nan"))):
         spoilt = {"k": k.clone(), "v": v.clone()}
         spoilt[where][(-1,) * 4] = value  # the last entry: the scalar tail of the last block
-        qk_peak, v_peak = fused_cpu.peaks(q, spoilt["k"], spoilt["v"])
+        qk_peak, v_peak = fused_cpu.peaks(*(_laid_out(x, layout) for x in (q, spoilt["k"], spoilt["v"])))
         assert (qk_peak, v_peak) == ((float("inf"), expected[1]) if where == "k" else (expected[0], float("inf")))
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed", "heads expanded"])
+@pytest.mark.parametrize("mask", [None, "padding"])
+def test_the_kernel_reads_views_in_place_and_lays_the_output_out_by_token(fused, layout, mask):
+    """q, k, v as views of a packed projection (read in place), with columns contiguous (copied
+    first) or with keys and values shared by every head (stride 0): output and gradients as
+    ``reference`` gives them from contiguous copies. The output is (B, Nq, H, dv) in memory, so
+    merging its heads is a view; the incoming gradient arrives in that layout."""
+    q, k, v = (x.detach() for x in make_qkv(b=2, h=3, nq=7, nk=13, d=4, dv=4))
+    if layout == "heads expanded":
+        k, v = k[:, :1].expand_as(k), v[:, :1].expand_as(v)
+        inputs = [q.clone().requires_grad_(), k[:, :1].clone().requires_grad_(), v[:, :1].clone().requires_grad_()]
+        as_views = lambda a, b, c: (a, b.expand_as(k), c.expand_as(v))  # noqa: E731
+    else:
+        inputs = [_laid_out(x, layout).requires_grad_() for x in (q, k, v)]
+        as_views = lambda *xs: xs  # noqa: E731
+    attn_mask = None if mask is None else torch.arange(13).view(1, 1, 1, 13).expand(2, 1, 1, 13) < 10
+    kw = dict(alpha=1.3, attn_mask=attn_mask, is_causal=True)
+    out = fractional_attention(*as_views(*inputs), backend="tiled", **kw)
+    assert out.transpose(1, 2).is_contiguous()
+    merged = out.transpose(1, 2).reshape(2, 7, 12)
+    weights = torch.linspace(-1, 1, merged.numel(), dtype=merged.dtype).view_as(merged)
+    grads = torch.autograd.grad((merged * weights).sum(), inputs)
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    expected = fractional_attention(*(x.contiguous() for x in as_views(*leaves)), backend="reference", **kw)
+    expected_grads = torch.autograd.grad((expected.transpose(1, 2).reshape(2, 7, 12) * weights).sum(), leaves)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    assert fused
 
 
 def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):

@@ -158,13 +158,22 @@ class _FusedFNA(torch.autograd.Function):
         return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, *(None for _ in ctx.flags)
 
 
+def _rows_in_place(x: torch.Tensor) -> bool:
+    """Whether the kernel reads x (B, H, N, d) where it lies: each row contiguous and rows
+    at least a row apart (the per-head views of a packed q/k/v projection are; a tensor expanded
+    along its rows is not)."""
+    return (x.shape[-1] == 1 or x.stride(-1) == 1) and (x.shape[-2] == 1 or x.stride(-2) >= x.shape[-1])
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
     """FNA output (B, H, Nq, dv) of q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
     ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
 
     The kernel shifts q and k by the mean key, tile by tile (the centring of
     :meth:`AttentionCall.prepare`, without copies); with a mask, by the mean of the keys it leaves
-    in use, computed here. A float mask that requires grad gets it: the kernel returns dS
+    in use, computed here. q, k, v are read in place when their rows are contiguous (the views of
+    a packed projection); the output is laid out as (B, Nq, H, dv), so that merging its heads is a
+    view. A float mask that requires grad gets it: the kernel returns dS
     (B, H, Nq, Nk), and autograd sums it over the dimensions the mask was broadcast along."""
     (batch, heads, nq, d), nk = q.shape, k.shape[-2]
     shift = None
@@ -175,7 +184,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
         mask = mask.expand(batch, heads, nq, nk)
         if mask.stride(-1) != 1:  # the kernel reads a row of keys at a time
             mask = mask.contiguous()
-    q, k, v = (x.contiguous() for x in (q, k, v))
+    q, k, v = (x if _rows_in_place(x) else x.contiguous() for x in (q, k, v))
     flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(nq), KEY_BLOCK)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):
         return _FusedFNA.apply(q, k, v, mask, shift, *flags)

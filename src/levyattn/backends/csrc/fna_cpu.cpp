@@ -4,7 +4,10 @@
 // scaled_dot_product_attention works the same way).
 //
 // Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
-// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), contiguous, float32 or float64. Distances are
+// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), float32 or float64, each row (last dimension)
+// contiguous, at any strides between rows and heads (the views of a packed projection are read in
+// place). The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
+// returns it, so that merging the heads costs no copy; the gradients are contiguous. Distances are
 // taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): the mean key
 // unless the caller gives one (the keys a mask leaves in use). It changes no distance but keeps
 // |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
@@ -90,10 +93,29 @@ at::vec::Vectorized<T> sqrt_normal(const at::vec::Vectorized<T>& x) {
   return x.sqrt();
 }
 
+// A (B, H, N, E) operand read or written row by row: rows (the last dimension) contiguous, any
+// strides between them. E is the element type, const for an input.
+template <typename E>
+struct Rows {
+  E* data;
+  int64_t heads, stride_b, stride_h, stride_row;
+
+  Rows(E* data_, const at::Tensor& x)
+      : data(data_), heads(x.size(1)), stride_b(x.stride(0)), stride_h(x.stride(1)),
+        stride_row(x.size(2) == 1 ? x.size(3) : x.stride(2)) {}  // a lone row's stride is free: BLAS wants >= E
+
+  E* row(int64_t bh, int64_t i) const { return data + (bh / heads) * stride_b + (bh % heads) * stride_h + i * stride_row; }
+};
+
+template <typename T>
+Rows<const T> rows_of(const at::Tensor& x) {
+  return Rows<const T>(x.const_data_ptr<T>(), x);
+}
+
 template <typename T>
 struct Problem {
   int64_t B, H, Nq, Nk, D, Dv;
-  const T *q, *k, *v;
+  Rows<const T> q, k, v;
   const T* shift;  // (B*H, D)
   const T* mask;  // nullptr: no mask
   int64_t mask_stride_b, mask_stride_h, mask_stride_q;
@@ -106,7 +128,7 @@ struct Problem {
           const std::optional<at::Tensor>& mask_, double exponent_, double c_, bool gaussian_, bool causal_,
           bool exclude_self_, int64_t query_block_, int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
-        q(q_.const_data_ptr<T>()), k(k_.const_data_ptr<T>()), v(v_.const_data_ptr<T>()),
+        q(rows_of<T>(q_)), k(rows_of<T>(k_)), v(rows_of<T>(v_)),
         shift(shift_.const_data_ptr<T>()), mask(nullptr),
         mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)),
         gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
@@ -121,39 +143,43 @@ struct Problem {
     k_sq = squared_norms(k, Nk);
   }
 
-  // |x_i - s|^2 of every row of x (q or k, `per_head` rows per (batch, head)).
-  std::vector<T> squared_norms(const T* x, int64_t per_head) const {
+  // |x_i - s|^2 of every row of x (q or k, `per_head` rows per (batch, head)), (B*H*per_head).
+  std::vector<T> squared_norms(const Rows<const T>& x, int64_t per_head) const {
     std::vector<T> out(B * H * per_head);
     at::parallel_for(0, B * H * per_head, 256, [&](int64_t begin, int64_t end) {
-      int64_t bh = begin / per_head, next_head = (bh + 1) * per_head;  // no division per row
+      int64_t bh = begin / per_head, head_start = bh * per_head;  // no division per row
+      const T* head = x.row(bh, 0);
       for (int64_t i = begin; i < end; ++i) {
-        if (i == next_head) {
-          ++bh;
-          next_head += per_head;
+        if (i == head_start + per_head) {
+          head = x.row(++bh, 0);
+          head_start += per_head;
         }
         out[i] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
-                                             [](auto a, auto b) { return a + b; }, x + i * D, shift + bh * D, D);
+                                             [](auto a, auto b) { return a + b; }, head + (i - head_start) * x.stride_row,
+                                             shift + bh * D, D);
       }
     });
     return out;
   }
 
-  // `count` rows of q or k of (batch, head) bh, from `rows`, shifted: into out (count x D). A row
+  // Rows i0 .. i0 + count of q or k (x) of (batch, head) bh, shifted: into out (count x D). A row
   // of whole vectors (up to 8) keeps the shift in registers: a short row costs a few instructions.
-  void shifted(const T* rows, int64_t count, int64_t bh, T* out) const {
+  void shifted(const Rows<const T>& x, int64_t bh, int64_t i0, int64_t count, T* out) const {
     const T* s = shift + bh * D;
+    const T* rows = x.row(bh, i0);
     const int64_t vectors = D / Vec::size();
     if (D % Vec::size() != 0 || vectors > 8) {
       for (int64_t r = 0; r < count; ++r) {
-        at::vec::map2([](Vec x, Vec y) { return x - y; }, out + r * D, rows + r * D, s, D);
+        at::vec::map2([](Vec a, Vec b) { return a - b; }, out + r * D, rows + r * x.stride_row, s, D);
       }
       return;
     }
     Vec s_v[8];
     for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size());
-    for (int64_t i = 0; i < count * D; i += D) {
+    for (int64_t r = 0; r < count; ++r) {
+      const T* row = rows + r * x.stride_row;
       for (int64_t e = 0; e < vectors; ++e) {
-        (Vec::loadu(rows + i + e * Vec::size()) - s_v[e]).store(out + i + e * Vec::size());
+        (Vec::loadu(row + e * Vec::size()) - s_v[e]).store(out + r * D + e * Vec::size());
       }
     }
   }
@@ -240,7 +266,7 @@ T exp_sum(T* s, int64_t n, T peak) {
 }
 
 template <typename T>
-void forward_kernel(const Problem<T>& p, T* out, T* lse) {
+void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t bq = p.query_block, blocks = (p.Nq + bq - 1) / bq;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -249,14 +275,14 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
         k_tile(p.key_block * p.D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
-      p.shifted(p.q + (bh * p.Nq + i0) * p.D, rows, bh, q_tile.data());
+      p.shifted(p.q, bh, i0, rows, q_tile.data());
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       const int64_t stop = p.key_stop(i0 + rows - 1);
       for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
         const int64_t cols = std::min(p.key_block, stop - j0);
-        p.shifted(p.k + (bh * p.Nk + j0) * p.D, cols, bh, k_tile.data());
+        p.shifted(p.k, bh, j0, cols, k_tile.data());
         gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * cols;
@@ -273,15 +299,14 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
             at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, a, a, p.Dv);
           }
         }
-        gemm(false, false, rows, p.Dv, cols, scores.data(), cols, p.v + (bh * p.Nk + j0) * p.Dv, p.Dv, T(1),
-             acc.data(), p.Dv);
+        gemm(false, false, rows, p.Dv, cols, scores.data(), cols, p.v.row(bh, j0), p.v.stride_row, T(1), acc.data(),
+             p.Dv);
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = bh * p.Nq + i0 + r;
         const T total = row_sum[r];
         const T inv = total > T(0) ? T(1) / total : T(0);
-        at::vec::map([inv](Vec x) { return x * Vec(inv); }, out + i * p.Dv, acc.data() + r * p.Dv, p.Dv);
-        lse[i] = total > T(0) ? row_max[r] + std::log(total) : neg_inf;
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, out.row(bh, i0 + r), acc.data() + r * p.Dv, p.Dv);
+        lse[bh * p.Nq + i0 + r] = total > T(0) ? row_max[r] + std::log(total) : neg_inf;
       }
     }
   });
@@ -289,8 +314,8 @@ void forward_kernel(const Problem<T>& p, T* out, T* lse) {
 
 // grad_k, grad_v and grad_mask (nullptr: not wanted) must come zeroed; delta_i = sum_j dO_ij O_ij.
 template <typename T>
-void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const T* delta, T* grad_q, T* grad_k,
-                     T* grad_v, T* grad_mask) {
+void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T* lse, const T* delta, T* grad_q,
+                     T* grad_k, T* grad_v, T* grad_mask) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t bq = p.query_block;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -298,24 +323,25 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
     std::vector<T> weights(bq * p.key_block), grads(bq * p.key_block), g_q(bq * p.D), g_row(bq), g_col(p.Nk);
     std::vector<T> q_shifted(p.Nq * p.D), k_shifted(p.Nk * p.D);  // of one (batch, head)
     for (int64_t bh = begin; bh < end; ++bh) {
-      p.shifted(p.q + bh * p.Nq * p.D, p.Nq, bh, q_shifted.data());
-      p.shifted(p.k + bh * p.Nk * p.D, p.Nk, bh, k_shifted.data());
+      p.shifted(p.q, bh, 0, p.Nq, q_shifted.data());
+      p.shifted(p.k, bh, 0, p.Nk, k_shifted.data());
       const T* k = k_shifted.data();
-      const T* v = p.v + bh * p.Nk * p.Dv;
+      const T* v = p.v.row(bh, 0);
+      const int64_t ld_v = p.v.stride_row, ld_out = grad_out.stride_row;
       T* dk = grad_k + bh * p.Nk * p.D;
       T* dv = grad_v + bh * p.Nk * p.Dv;
       std::fill(g_col.begin(), g_col.end(), T(0));
       for (int64_t i0 = 0; i0 < p.Nq; i0 += bq) {
         const int64_t rows = std::min(bq, p.Nq - i0), row0 = bh * p.Nq + i0;
         const T* q = q_shifted.data() + i0 * p.D;
-        const T* d_out = grad_out + row0 * p.Dv;
+        const T* d_out = grad_out.row(bh, i0);
         std::fill(g_q.begin(), g_q.end(), T(0));
         std::fill(g_row.begin(), g_row.end(), T(0));
         const int64_t stop = p.key_stop(i0 + rows - 1);
         for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
           const int64_t cols = std::min(p.key_block, stop - j0);
           gemm(false, true, rows, cols, p.D, q, p.D, k + j0 * p.D, p.D, T(0), weights.data(), cols);
-          gemm(false, true, rows, cols, p.Dv, d_out, p.Dv, v + j0 * p.Dv, p.Dv, T(0), grads.data(), cols);
+          gemm(false, true, rows, cols, p.Dv, d_out, ld_out, v + j0 * ld_v, ld_v, T(0), grads.data(), cols);
           for (int64_t r = 0; r < rows; ++r) {
             T* w = weights.data() + r * cols;  // q.k, then P
             T* g = grads.data() + r * cols;    // dO v^T, then dL/d sq
@@ -348,7 +374,7 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
             g_row[r] += at::vec::reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, g, cols);
             at::vec::map2([](Vec a, Vec b) { return a + b; }, g_col.data() + j0, g_col.data() + j0, g, cols);
           }
-          gemm(true, false, cols, p.Dv, rows, weights.data(), cols, d_out, p.Dv, T(1), dv + j0 * p.Dv, p.Dv);
+          gemm(true, false, cols, p.Dv, rows, weights.data(), cols, d_out, ld_out, T(1), dv + j0 * p.Dv, p.Dv);
           gemm(false, false, rows, p.D, cols, grads.data(), cols, k + j0 * p.D, p.D, T(1), g_q.data(), p.D);
           gemm(true, false, cols, p.D, rows, grads.data(), cols, q, p.D, T(1), dk + j0 * p.D, p.D);
         }
@@ -369,45 +395,79 @@ void backward_kernel(const Problem<T>& p, const T* grad_out, const T* lse, const
   });
 }
 
-// The largest |x_i| of a contiguous array, +inf when an entry is NaN or infinite: one read, in
-// parallel blocks, four running maxima so that the loop is not bound by the latency of one (the
-// vector maximum propagates NaN; the scalar one is written to).
+// Running maxima of |x| over runs of contiguous entries, four vectors wide so that the loop is
+// not bound by the latency of one maximum (the vector maximum propagates NaN; the scalar one is
+// written to).
 template <typename T>
-double peak_magnitude(const T* x, int64_t n) {
+struct PeakScan {
   using Vec = at::vec::Vectorized<T>;
-  const auto nan_max = [](T a, T b) {
-    return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
-  };
-  const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-  const T peak = at::parallel_reduce(
-      int64_t(0), n, int64_t(1) << 16, T(0),
-      [&](int64_t begin, int64_t end, T init) {
-        Vec m0(init), m1(init), m2(init), m3(init);
-        int64_t i = begin;
-        for (; i + 4 * Vec::size() <= end; i += 4 * Vec::size()) {
-          m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
-          m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()).abs());
-          m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()).abs());
-          m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()).abs());
-        }
-        for (; i + Vec::size() <= end; i += Vec::size()) m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
-        Vec m01 = at::vec::maximum(m0, m1), m23 = at::vec::maximum(m2, m3);
-        T result = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(m01, m23));
-        for (; i < end; ++i) result = nan_max(result, std::abs(x[i]));
-        return result;
-      },
-      nan_max);
-  return peak <= std::numeric_limits<T>::max() ? double(peak) : std::numeric_limits<double>::infinity();
-}
+  Vec m0, m1, m2, m3;
+  T scalar;
 
+  explicit PeakScan(T init) : m0(init), m1(init), m2(init), m3(init), scalar(init) {}
+
+  static T nan_max(T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); }
+
+  void add(const T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 * Vec::size() <= n; i += 4 * Vec::size()) {
+      m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+      m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()).abs());
+      m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()).abs());
+      m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()).abs());
+    }
+    for (; i + Vec::size() <= n; i += Vec::size()) m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+    for (; i < n; ++i) scalar = nan_max(scalar, std::abs(x[i]));
+  }
+
+  T result() const {
+    const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+    const T vectors = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+    return nan_max(vectors, scalar);
+  }
+};
+
+// The largest |x_i| of x, +inf when an entry is NaN or infinite: one read, in parallel blocks of
+// about 64k entries. A contiguous x is one run; a 4-d x with contiguous rows (a view of a packed
+// projection) is read row by row in place; any other layout goes to ATen's reduction.
 double peak_magnitude(const at::Tensor& x) {
   if (x.numel() == 0) return 0.0;
-  if (!x.is_contiguous()) {  // a strided view: ATen's reduction reads it in place
+  const bool rows = x.dim() == 4 && (x.stride(3) == 1 || x.size(3) == 1);
+  if (!x.is_contiguous() && !rows) {
     const double peak = at::linalg_vector_norm(x, std::numeric_limits<double>::infinity()).item<double>();
     return peak <= std::numeric_limits<double>::max() ? peak : std::numeric_limits<double>::infinity();
   }
-  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fna_peaks",
-                                    [&] { return peak_magnitude<scalar_t>(x.const_data_ptr<scalar_t>(), x.numel()); });
+  return AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fna_peaks", [&] {
+    using T = scalar_t;
+    constexpr int64_t grain = int64_t(1) << 16;  // entries
+    T peak;
+    if (x.is_contiguous()) {
+      const T* data = x.const_data_ptr<T>();
+      peak = at::parallel_reduce(
+          int64_t(0), x.numel(), grain, T(0),
+          [&](int64_t begin, int64_t end, T init) {
+            PeakScan<T> scan(init);
+            scan.add(data + begin, end - begin);
+            return scan.result();
+          },
+          PeakScan<T>::nan_max);
+    } else {  // rows: in parallel over (batch, head), each head's rows one after the other
+      const Rows<const T> source = rows_of<T>(x);
+      const int64_t per_head = x.size(2), length = x.size(3);
+      peak = at::parallel_reduce(
+          int64_t(0), x.size(0) * x.size(1), std::max<int64_t>(1, grain / (per_head * length)), T(0),
+          [&](int64_t begin, int64_t end, T init) {
+            PeakScan<T> scan(init);
+            for (int64_t bh = begin; bh < end; ++bh) {
+              const T* head = source.row(bh, 0);
+              for (int64_t i = 0; i < per_head; ++i) scan.add(head + i * source.stride_row, length);
+            }
+            return scan.result();
+          },
+          PeakScan<T>::nan_max);
+    }
+    return peak <= std::numeric_limits<T>::max() ? double(peak) : std::numeric_limits<double>::infinity();
+  });
 }
 
 // (largest |x| over q and k, largest |x| over v), each +inf where an entry is not finite: what
@@ -416,14 +476,14 @@ std::tuple<double, double> fna_peaks(const at::Tensor& q, const at::Tensor& k, c
   return {std::max(peak_magnitude(q), peak_magnitude(k)), peak_magnitude(v)};
 }
 
-// The mean key of each (batch, head), (B, H, D), of contiguous k (B, H, Nk, D) (0 without keys):
+// The mean key of each (batch, head), (B, H, D), of k (B, H, Nk, D) with contiguous rows (0 without keys):
 // sums of 64 keys in four interleaved runs (vectorised over the head dim), added up in double.
 at::Tensor mean_keys(const at::Tensor& k) {
   auto mean = at::empty({k.size(0), k.size(1), k.size(3)}, k.options());
   const int64_t bh_count = k.size(0) * k.size(1), Nk = k.size(2), D = k.size(3);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "fna_mean_keys", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
-    const scalar_t* k_in = k.const_data_ptr<scalar_t>();
+    const Rows<const scalar_t> k_in = rows_of<scalar_t>(k);
     scalar_t* out = mean.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
       constexpr int64_t runs = 4, keys_per_partial = 64;
@@ -431,13 +491,13 @@ at::Tensor mean_keys(const at::Tensor& k) {
       std::vector<double> total(D);
       for (int64_t bh = begin; bh < end; ++bh) {
         std::fill(total.begin(), total.end(), 0.0);
-        const scalar_t* keys = k_in + bh * Nk * D;
+        const scalar_t* keys = k_in.row(bh, 0);
         for (int64_t j0 = 0; j0 < Nk; j0 += keys_per_partial) {
           std::fill(partial.begin(), partial.end(), scalar_t(0));
           const int64_t stop = std::min(Nk, j0 + keys_per_partial);
           for (int64_t j = j0; j < stop; ++j) {
             scalar_t* run = partial.data() + (j % runs) * D;
-            const scalar_t* key = keys + j * D;
+            const scalar_t* key = keys + j * k_in.stride_row;
             int64_t e = 0;
             for (; e + Vec::size() <= D; e += Vec::size()) (Vec::loadu(run + e) + Vec::loadu(key + e)).store(run + e);
             for (; e < D; ++e) run[e] += key[e];
@@ -459,9 +519,14 @@ void check_shift(const at::Tensor& shift, const at::Tensor& q) {
               "fna_cpu: shift must be a contiguous (B, H, D) tensor of q's dtype");
 }
 
+bool readable_rows(const at::Tensor& x) {
+  return (x.size(3) == 1 || x.stride(3) == 1) && (x.size(2) == 1 || x.stride(2) >= x.size(3));
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4 && t->is_contiguous(), "fna_cpu: 4-d contiguous CPU tensors");
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4, "fna_cpu: 4-d CPU tensors");
+    TORCH_CHECK(readable_rows(*t), "fna_cpu: each row (last dimension) contiguous, rows apart by at least a row");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fna_cpu: one dtype");
   }
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "fna_cpu: float32 or float64");
@@ -476,11 +541,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, 
   check_inputs(q, k, v);
   const at::Tensor s = shift.has_value() && shift->defined() ? *shift : mean_keys(k);
   check_shift(s, q);
-  auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
     const Problem<scalar_t> p(q, k, v, s, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
-    forward_kernel<scalar_t>(p, out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
+                             lse.mutable_data_ptr<scalar_t>());
   });
   return {out, lse, s};
 }
@@ -491,18 +557,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
     bool gaussian, bool causal, bool exclude_self, int64_t query_block, int64_t key_block, bool mask_grad) {
   check_inputs(q, k, v);
   check_shift(shift, q);
-  auto d_out = grad_out.contiguous();
+  auto d_out = readable_rows(grad_out) ? grad_out : grad_out.contiguous();
   auto delta = (d_out * out).sum(-1).contiguous();
-  auto grad_q = at::empty_like(q);
-  auto grad_k = at::zeros_like(k);
-  auto grad_v = at::zeros_like(v);
+  // Contiguous whatever the inputs' layout (empty_like would follow a strided view's order).
+  auto grad_q = at::empty(q.sizes(), q.options());
+  auto grad_k = at::zeros(k.sizes(), k.options());
+  auto grad_v = at::zeros(v.sizes(), v.options());
   // Empty when not wanted (an op returns defined tensors).
   auto grad_mask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
                              : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
     const Problem<scalar_t> p(q, k, v, shift, mask, exponent, c, gaussian, causal, exclude_self, query_block,
                               key_block);
-    backward_kernel<scalar_t>(p, d_out.const_data_ptr<scalar_t>(), lse.contiguous().const_data_ptr<scalar_t>(),
+    backward_kernel<scalar_t>(p, rows_of<scalar_t>(d_out), lse.contiguous().const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
                               grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
                               mask_grad ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
