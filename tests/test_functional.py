@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import levyattn.backends.tiled as tiled
 from levyattn import fractional_attention
+from levyattn.functional import check_mask
 from levyattn.kernels import intrinsic_dim, kappa, phi
 
 ALPHAS = [0.5, 1.0, 1.2, 1.5, 1.9, 2.0]
@@ -540,6 +541,27 @@ def test_bad_tensors():
         fractional_attention(q, k, v, attn_mask=torch.ones(11, 11, dtype=torch.long))
     with pytest.raises(ValueError, match="same \\(batch, heads\\)"):
         fractional_attention(q, k[:1], v[:1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    target=st.tuples(*(st.integers(0, 3) for _ in range(4))),
+    shape=st.lists(st.integers(0, 3), max_size=5),
+)
+def test_a_mask_is_accepted_exactly_when_it_broadcasts_to_the_scores(target, shape):
+    """check_mask's own test agrees with torch.broadcast_shapes: (batch, heads, Nq, Nk)."""
+    b, h, nq, nk = target
+    q, k = torch.zeros(b, h, nq, 2), torch.zeros(b, h, nk, 2)
+    try:
+        expected = len(shape) <= 4 and torch.broadcast_shapes(tuple(shape), target) == target
+    except RuntimeError:
+        expected = False
+    mask = torch.ones(shape, dtype=torch.bool)
+    if expected:
+        assert check_mask(mask, q, k).shape == (1,) * (4 - len(shape)) + tuple(shape)
+    else:
+        with pytest.raises(ValueError, match="does not broadcast"):
+            check_mask(mask, q, k)
 
 
 class TestFlexOnCPU:

@@ -98,11 +98,10 @@ def check_mask(attn_mask, q, k) -> torch.Tensor | None:
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    try:
-        ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, target) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
+    # Broadcasts to target: each of its sizes, aligned on the right, 1 or target's (a plain loop:
+    # torch.broadcast_shapes costs tens of microseconds a call).
+    shape = attn_mask.shape
+    if len(shape) > 4 or any(size not in (1, full) for size, full in zip(reversed(shape), reversed(target))):
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (batch, heads, Nq, Nk) = {target}"
         )

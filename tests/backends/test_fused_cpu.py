@@ -19,6 +19,7 @@ from test_functional import ALPHAS, MASKS, _mask, assert_matches_reference, make
 import levyattn.backends.fused_cpu as fused_cpu
 import levyattn.backends.tiled as tiled
 from levyattn import fractional_attention
+from levyattn.kernels import key_mean
 
 
 def _use_kernel(mp: pytest.MonkeyPatch, query_rows: int, keys: int) -> list:
@@ -382,6 +383,23 @@ def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
     assert torch.equal(used, other)
     torch.testing.assert_close(out_other, out, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(lse_other, lse, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernels_mean_of_the_keys_in_use_is_key_mean(fused, dtype):
+    """Over the keys a mask leaves in use, per (batch, head), read in place from a strided view of
+    k and a strided, expanded mask; 0 where no key is in use, the plain mean without a mask."""
+    assert fused_cpu.ensure_built()
+    g = torch.Generator().manual_seed(0)
+    k = _laid_out(torch.randn(3, 2, 67, 5, generator=g, dtype=dtype) * 10 + 100, "rows")
+    used = (torch.rand(67, 1, 3, generator=g) > 0.4).permute(2, 1, 0)  # keys 3 apart
+    used[1] = False  # a batch entry with no key in use
+    used[2, :, :3] = True
+    got = fused_cpu._state["ops"].mean_keys(k, used.expand(3, 2, 67))
+    expected = key_mean(k.double(), used).squeeze(-2)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    torch.testing.assert_close(fused_cpu._state["ops"].mean_keys(k, None).double(), k.double().mean(-2))
 
 
 @pytest.mark.parametrize("nq", [1, 11])

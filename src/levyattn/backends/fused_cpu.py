@@ -30,7 +30,6 @@ import torch
 
 from levyattn.backends.common import AttentionCall, additive_mask
 from levyattn.io import atomic_write_bytes
-from levyattn.kernels import key_mean
 
 _SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
 _DTYPES = (torch.float32, torch.float64)
@@ -171,14 +170,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
 
     The kernel shifts q and k by the mean key, tile by tile (the centring of
     :meth:`AttentionCall.prepare`, without copies); with a mask, by the mean of the keys it leaves
-    in use, computed here. q, k, v are read in place when their rows are contiguous (the views of
-    a packed projection); the output is laid out as (B, Nq, H, dv), so that merging its heads is a
-    view. A float mask that requires grad gets it: the kernel returns dS
-    (B, H, Nq, Nk), and autograd sums it over the dimensions the mask was broadcast along."""
-    (batch, heads, nq, d), nk = q.shape, k.shape[-2]
+    in use (the kernel's ``mean_keys``, as :func:`kernels.key_mean` gives it). q, k, v are read
+    in place when their rows are contiguous (the views of a packed projection); the output is laid
+    out as (B, Nq, H, dv), so that merging its heads is a view. A float mask that requires grad
+    gets it: the kernel returns dS (B, H, Nq, Nk), and autograd sums it over the dimensions the
+    mask was broadcast along."""
+    (batch, heads, nq, _), nk = q.shape, k.shape[-2]
     shift = None
     if call.attn_mask is not None:
-        shift = key_mean(k, call.keys_in_use()).expand(batch, heads, 1, d).reshape(batch, heads, d)
+        shift = _state["ops"].mean_keys(k.detach(), call.keys_in_use().expand(batch, heads, nk))
     mask = additive_mask(call.attn_mask, q.dtype)
     if mask is not None:
         mask = mask.expand(batch, heads, nq, nk)

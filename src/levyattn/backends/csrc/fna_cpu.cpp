@@ -476,11 +476,21 @@ std::tuple<double, double> fna_peaks(const at::Tensor& q, const at::Tensor& k, c
   return {std::max(peak_magnitude(q), peak_magnitude(k)), peak_magnitude(v)};
 }
 
-// The mean key of each (batch, head), (B, H, D), of k (B, H, Nk, D) with contiguous rows (0 without keys):
-// sums of 64 keys in four interleaved runs (vectorised over the head dim), added up in double.
-at::Tensor mean_keys(const at::Tensor& k) {
+// The mean key of each (batch, head), (B, H, D), of k (B, H, Nk, D) with contiguous rows, over
+// the keys `used` (bool (B, H, Nk), any strides; undefined: all) marks; 0 without any. Sums of 64
+// keys in four interleaved runs (vectorised over the head dim), added up in double.
+at::Tensor mean_keys(const at::Tensor& k, const std::optional<at::Tensor>& used_) {
   auto mean = at::empty({k.size(0), k.size(1), k.size(3)}, k.options());
-  const int64_t bh_count = k.size(0) * k.size(1), Nk = k.size(2), D = k.size(3);
+  const int64_t H = k.size(1), bh_count = k.size(0) * H, Nk = k.size(2), D = k.size(3);
+  const bool* used = nullptr;
+  int64_t used_b = 0, used_h = 0, used_j = 0;
+  if (used_.has_value() && used_->defined()) {
+    TORCH_CHECK(used_->scalar_type() == at::kBool && used_->dim() == 3 && used_->size(0) == k.size(0) &&
+                    used_->size(1) == H && used_->size(2) == Nk,
+                "fna_cpu: mean_keys' used must be bool (B, H, Nk)");
+    used = used_->const_data_ptr<bool>();
+    used_b = used_->stride(0), used_h = used_->stride(1), used_j = used_->stride(2);
+  }
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "fna_mean_keys", [&] {
     using Vec = at::vec::Vectorized<scalar_t>;
     const Rows<const scalar_t> k_in = rows_of<scalar_t>(k);
@@ -492,10 +502,14 @@ at::Tensor mean_keys(const at::Tensor& k) {
       for (int64_t bh = begin; bh < end; ++bh) {
         std::fill(total.begin(), total.end(), 0.0);
         const scalar_t* keys = k_in.row(bh, 0);
+        const bool* used_keys = used == nullptr ? nullptr : used + (bh / H) * used_b + (bh % H) * used_h;
+        int64_t count = 0;
         for (int64_t j0 = 0; j0 < Nk; j0 += keys_per_partial) {
           std::fill(partial.begin(), partial.end(), scalar_t(0));
           const int64_t stop = std::min(Nk, j0 + keys_per_partial);
           for (int64_t j = j0; j < stop; ++j) {
+            if (used_keys != nullptr && !used_keys[j * used_j]) continue;
+            ++count;
             scalar_t* run = partial.data() + (j % runs) * D;
             const scalar_t* key = keys + j * k_in.stride_row;
             int64_t e = 0;
@@ -506,7 +520,7 @@ at::Tensor mean_keys(const at::Tensor& k) {
             for (int64_t e = 0; e < D; ++e) total[e] += partial[r * D + e];
           }
         }
-        for (int64_t e = 0; e < D; ++e) out[bh * D + e] = Nk ? scalar_t(total[e] / double(Nk)) : scalar_t(0);
+        for (int64_t e = 0; e < D; ++e) out[bh * D + e] = count ? scalar_t(total[e] / double(count)) : scalar_t(0);
       }
     });
   });
@@ -539,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, 
                                                            double c, bool gaussian, bool causal, bool exclude_self,
                                                            int64_t query_block, int64_t key_block) {
   check_inputs(q, k, v);
-  const at::Tensor s = shift.has_value() && shift->defined() ? *shift : mean_keys(k);
+  const at::Tensor s = shift.has_value() && shift->defined() ? *shift : mean_keys(k, std::nullopt);
   check_shift(s, q);
   auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
@@ -588,10 +602,12 @@ TORCH_LIBRARY(levyattn_fna_cpu, m) {
       "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
       "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("peaks(Tensor q, Tensor k, Tensor v) -> (float, float)");
+  m.def("mean_keys(Tensor k, Tensor? used) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
   m.impl("forward", &fna_forward);
   m.impl("backward", &fna_backward);
   m.impl("peaks", &fna_peaks);
+  m.impl("mean_keys", &mean_keys);
 }
