@@ -18,6 +18,11 @@ at its data's shapes (IMDb: max_len tokens and the default vocabulary; images: t
 size and channels; language models: block_size tokens of the preset's vocabulary, a token loss
 at every position); only the attention is switched.
 
+With ``--profile N`` each variant also runs N steps under torch.profiler, and a second table
+says where a step's time goes: attention forward and backward (the fused kernel's or SDPA's),
+the input check of FNA, matrix products (linear layers), the other operators (elementwise,
+normalisation, optimiser), and the rest (Python, autograd and dispatch, outside any operator).
+
 Prints a table and writes JSON (default benchmarks/results/training_throughput.json).
 """
 
@@ -42,6 +47,16 @@ from levyattn.training.presets import get_preset
 # kernel switched off.
 VARIANTS = (("fna", 1.2, "auto"), ("fna", 2.0, "auto"), ("softmax", None, "auto"))
 TILE_LOOP = ("fna", 1.2, "tile loop")
+# Operators by the part of a step they do (self time; "other operators" takes the rest).
+PROFILE_PARTS = {
+    "attention forward": ("levyattn_fna_cpu::forward", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+    "attention backward": (
+        "levyattn_fna_cpu::backward",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    ),
+    "input check": ("levyattn_fna_cpu::peaks",),
+    "matrix products": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+}
 # (channels, side) of the image datasets the ViT presets train on.
 IMAGE_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "fashion_mnist": (1, 28), "digits": (1, 8)}
 
@@ -73,8 +88,7 @@ def make_from_preset(name: str, attention: str, alpha: float | None, batch: int)
 def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.nn.Module, tuple, dict]:
     if args.preset:
         return make_from_preset(args.preset, attention, alpha, args.batch)
-    common = dict(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, attention=attention,
-                  dropout=0.0)
+    common = dict(d_model=args.d_model, num_layers=args.layers, num_heads=args.heads, attention=attention, dropout=0.0)
     if alpha is not None:
         common["alpha"] = alpha
     g = torch.Generator().manual_seed(0)
@@ -90,6 +104,23 @@ def make(model: str, attention: str, alpha: float | None, args) -> tuple[torch.n
     return m, inputs, kwargs
 
 
+def profile_steps(step, key, steps: int) -> dict:
+    """Milliseconds per step of variant ``key`` in each part of PROFILE_PARTS, in the other
+    operators, and outside any operator (the step's wall time less its operators' self time:
+    Python, autograd's engine, dispatch), over ``steps`` steps under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = sum(step(key) for _ in range(steps))
+    # Operators: ATen's and the fused kernel's (the other events are Python and autograd ranges).
+    operators = {e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages() if "::" in e.key
+                 and e.key.split("::")[0] in ("aten", "levyattn_fna_cpu")}  # fmt: skip
+    parts = {part: sum(operators.pop(name, 0.0) for name in names) for part, names in PROFILE_PARTS.items()}
+    parts["other operators"] = sum(operators.values())
+    parts["outside operators"] = 1e3 * wall / steps - sum(parts.values())
+    return {"step_ms": 1e3 * wall / steps, "parts_ms": parts}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("text", "vit"), default="text")
@@ -102,6 +133,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps per variant")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tile-loop", action="store_true", help="also FNA alpha 1.2 without the fused CPU kernel")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also profile N steps of each variant: where a step's time goes",
+    )
     p.add_argument("--out", default="benchmarks/results/training_throughput.json")
     args = p.parse_args()
     if args.threads:
@@ -139,22 +177,51 @@ def main() -> None:
     for (attention, alpha, path), ts in times.items():
         med = statistics.median(ts)
         params = sum(x.numel() for x in setups[(attention, alpha, path)][0].parameters())
-        rows.append({"attention": attention, "alpha": alpha, "tiled_path": path, "params": params,
-                     "median_step_s": med, "samples_per_s": args.batch / med, "time_vs_softmax": med / soft})
+        rows.append(
+            {
+                "attention": attention,
+                "alpha": alpha,
+                "tiled_path": path,
+                "params": params,
+                "median_step_s": med,
+                "samples_per_s": args.batch / med,
+                "time_vs_softmax": med / soft,
+            }
+        )
     if args.preset:
         setting = f"preset {args.preset}"
     else:
-        setting = (f"model {args.model}, seq {args.seq}, d_model {args.d_model}, layers {args.layers}, "
-                   f"heads {args.heads}")
+        setting = (
+            f"model {args.model}, seq {args.seq}, d_model {args.d_model}, layers {args.layers}, heads {args.heads}"
+        )
     print(f"{setting}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps")
     print("| attention | alpha | tiled path | parameters | step (ms) | samples/s | time / softmax |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(f"| {r['attention']} | {a} | {r['tiled_path']} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
-              f"{r['samples_per_s']:.1f} | {r['time_vs_softmax']:.2f}x |")
-    out = {"args": vars(args), "torch": torch.__version__, "machine": platform.platform(),
-           "threads": torch.get_num_threads(), "rows": rows}
+        print(
+            f"| {r['attention']} | {a} | {r['tiled_path']} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
+            f"{r['samples_per_s']:.1f} | {r['time_vs_softmax']:.2f}x |"
+        )
+    if args.profile:
+        profiles = {key: profile_steps(step, key, args.profile) for key in setups}
+        for r, prof in zip(rows, profiles.values()):
+            r["profile"] = prof
+        parts = list(next(iter(profiles.values()))["parts_ms"])
+        print(f"\nWhere a step's time goes (ms per step, mean of {args.profile} profiled steps)")
+        print("| attention | alpha | tiled path | step | " + " | ".join(parts) + " |")
+        print("|---|---|---|---:|" + "---:|" * len(parts))
+        for r in rows:
+            a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
+            cells = " | ".join(f"{r['profile']['parts_ms'][part]:.1f}" for part in parts)
+            print(f"| {r['attention']} | {a} | {r['tiled_path']} | {r['profile']['step_ms']:.1f} | {cells} |")
+    out = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     from levyattn.io import atomic_write_json
 
