@@ -122,7 +122,6 @@ struct Problem {
   T exponent, c, inv_c;  // inv_c = 1 / c
   bool gaussian, causal, exclude_self;
   int64_t query_block, key_block;  // tile size: query rows x keys
-  std::vector<T> q_sq, k_sq;  // |q_i - s|^2 (B*H*Nq), |k_j - s|^2 (B*H*Nk)
 
   Problem(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& shift_,
           const std::optional<at::Tensor>& mask_, double exponent_, double c_, bool gaussian_, bool causal_,
@@ -139,38 +138,21 @@ struct Problem {
       mask_stride_h = mask_->stride(1);
       mask_stride_q = mask_->stride(2);
     }
-    q_sq = squared_norms(q, Nq);
-    k_sq = squared_norms(k, Nk);
   }
 
-  // |x_i - s|^2 of every row of x (q or k, `per_head` rows per (batch, head)), (B*H*per_head).
-  std::vector<T> squared_norms(const Rows<const T>& x, int64_t per_head) const {
-    std::vector<T> out(B * H * per_head);
-    at::parallel_for(0, B * H * per_head, 256, [&](int64_t begin, int64_t end) {
-      int64_t bh = begin / per_head, head_start = bh * per_head;  // no division per row
-      const T* head = x.row(bh, 0);
-      for (int64_t i = begin; i < end; ++i) {
-        if (i == head_start + per_head) {
-          head = x.row(++bh, 0);
-          head_start += per_head;
-        }
-        out[i] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
-                                             [](auto a, auto b) { return a + b; }, head + (i - head_start) * x.stride_row,
-                                             shift + bh * D, D);
-      }
-    });
-    return out;
-  }
-
-  // Rows i0 .. i0 + count of q or k (x) of (batch, head) bh, shifted: into out (count x D). A row
-  // of whole vectors (up to 8) keeps the shift in registers: a short row costs a few instructions.
-  void shifted(const Rows<const T>& x, int64_t bh, int64_t i0, int64_t count, T* out) const {
+  // Rows i0 .. i0 + count of q or k (x) of (batch, head) bh, shifted, into out (count x D), and
+  // their squared norms |x_i - s|^2 into out_sq (count), taken while the rows are in registers. A
+  // row of whole vectors (up to 8) keeps the shift in registers: a short row costs a few instructions.
+  void shifted(const Rows<const T>& x, int64_t bh, int64_t i0, int64_t count, T* out, T* out_sq) const {
     const T* s = shift + bh * D;
     const T* rows = x.row(bh, i0);
     const int64_t vectors = D / Vec::size();
     if (D % Vec::size() != 0 || vectors > 8) {
       for (int64_t r = 0; r < count; ++r) {
-        at::vec::map2([](Vec a, Vec b) { return a - b; }, out + r * D, rows + r * x.stride_row, s, D);
+        T* row = out + r * D;
+        at::vec::map2([](Vec a, Vec b) { return a - b; }, row, rows + r * x.stride_row, s, D);
+        out_sq[r] = at::vec::map_reduce_all<T>([](auto a) { return a * a; }, [](auto a, auto b) { return a + b; },
+                                               row, D);
       }
       return;
     }
@@ -178,9 +160,13 @@ struct Problem {
     for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size());
     for (int64_t r = 0; r < count; ++r) {
       const T* row = rows + r * x.stride_row;
+      Vec norm(0);
       for (int64_t e = 0; e < vectors; ++e) {
-        (Vec::loadu(row + e * Vec::size()) - s_v[e]).store(out + r * D + e * Vec::size());
+        const Vec centred = Vec::loadu(row + e * Vec::size()) - s_v[e];
+        centred.store(out + r * D + e * Vec::size());
+        norm = at::vec::fmadd(centred, centred, norm);
       }
+      out_sq[r] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, norm);
     }
   }
 
@@ -219,10 +205,10 @@ struct Problem {
   }
 
   // In place over one tile row of n keys starting at key j0: the matmul's q_i . k_j become
-  // log Phi_ij with every mask applied. Returns the row max (-inf when all are masked).
-  T logits_row(T* s, int64_t n, int64_t bh, int64_t i, int64_t j0) const {
-    const Vec q_sq_i(q_sq[bh * Nq + i]), two(2);
-    const T* ks = k_sq.data() + bh * Nk + j0;
+  // log Phi_ij with every mask applied, from |q_i - s|^2 (q_sq) and the keys' |k_j - s|^2 (ks, n).
+  // Returns the row max (-inf when all are masked).
+  T logits_row(T* s, int64_t n, T q_sq, const T* ks, int64_t bh, int64_t i, int64_t j0) const {
+    const Vec q_sq_i(q_sq), two(2);
     const T* m = mask_row(bh, i);
     if (m != nullptr) m += j0;
     for (int64_t j = 0; j < n; j += Vec::size()) {
@@ -271,22 +257,22 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
   const int64_t bq = p.query_block, blocks = (p.Nq + bq - 1) / bq;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, p.B * p.H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scores(bq * p.key_block), acc(bq * p.Dv), row_max(bq), row_sum(bq), q_tile(bq * p.D),
-        k_tile(p.key_block * p.D);
+    std::vector<T> scores(bq * p.key_block), acc(bq * p.Dv), row_max(bq), row_sum(bq), q_tile(bq * p.D), q_sq(bq),
+        k_tile(p.key_block * p.D), k_sq(p.key_block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
-      p.shifted(p.q, bh, i0, rows, q_tile.data());
+      p.shifted(p.q, bh, i0, rows, q_tile.data(), q_sq.data());
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       const int64_t stop = p.key_stop(i0 + rows - 1);
       for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
         const int64_t cols = std::min(p.key_block, stop - j0);
-        p.shifted(p.k, bh, j0, cols, k_tile.data());
+        p.shifted(p.k, bh, j0, cols, k_tile.data(), k_sq.data());
         gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * cols;
-          const T peak = std::max(row_max[r], p.logits_row(s, cols, bh, i0 + r, j0));
+          const T peak = std::max(row_max[r], p.logits_row(s, cols, q_sq[r], k_sq.data(), bh, i0 + r, j0));
           if (peak == neg_inf) {  // nothing seen yet in this row
             std::fill(s, s + cols, T(0));
             continue;
@@ -321,10 +307,11 @@ void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T
   const T neg_inf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> weights(bq * p.key_block), grads(bq * p.key_block), g_q(bq * p.D), g_row(bq), g_col(p.Nk);
-    std::vector<T> q_shifted(p.Nq * p.D), k_shifted(p.Nk * p.D);  // of one (batch, head)
+    // Of one (batch, head): the shifted rows and their squared norms.
+    std::vector<T> q_shifted(p.Nq * p.D), k_shifted(p.Nk * p.D), q_sq(p.Nq), k_sq(p.Nk);
     for (int64_t bh = begin; bh < end; ++bh) {
-      p.shifted(p.q, bh, 0, p.Nq, q_shifted.data());
-      p.shifted(p.k, bh, 0, p.Nk, k_shifted.data());
+      p.shifted(p.q, bh, 0, p.Nq, q_shifted.data(), q_sq.data());
+      p.shifted(p.k, bh, 0, p.Nk, k_shifted.data(), k_sq.data());
       const T* k = k_shifted.data();
       const T* v = p.v.row(bh, 0);
       const int64_t ld_v = p.v.stride_row, ld_out = grad_out.stride_row;
@@ -352,8 +339,8 @@ void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T
               std::fill(g, g + cols, T(0));
               continue;
             }
-            const Vec q_sq_i(p.q_sq[row0 + r]), two(2), lse_v(row_lse), delta_v(delta[row0 + r]);
-            const T* ks = p.k_sq.data() + bh * p.Nk + j0;
+            const Vec q_sq_i(q_sq[i]), two(2), lse_v(row_lse), delta_v(delta[row0 + r]);
+            const T* ks = k_sq.data() + j0;
             const T* m = p.mask_row(bh, i);
             if (m != nullptr) m += j0;
             T* dm = grad_mask == nullptr ? nullptr : grad_mask + (row0 + r) * p.Nk + j0;
