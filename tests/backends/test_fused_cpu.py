@@ -386,20 +386,30 @@ def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_kernels_mean_of_the_keys_in_use_is_key_mean(fused, dtype):
-    """Over the keys a mask leaves in use, per (batch, head), read in place from a strided view of
-    k and a strided, expanded mask; 0 where no key is in use, the plain mean without a mask."""
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_with_a_mask_the_kernel_shifts_by_the_mean_of_the_keys_in_use(fused, dtype, kind):
+    """The keys the mask keeps for some query, per (batch, head), as key_mean gives them, from a
+    strided view of k and a mask broadcast along heads and queries (a padding mask) or not; 0
+    where no key is in use, the plain mean without a mask."""
     assert fused_cpu.ensure_built()
     g = torch.Generator().manual_seed(0)
     k = _laid_out(torch.randn(3, 2, 67, 5, generator=g, dtype=dtype) * 10 + 100, "rows")
-    used = (torch.rand(67, 1, 3, generator=g) > 0.4).permute(2, 1, 0)  # keys 3 apart
-    used[1] = False  # a batch entry with no key in use
-    used[2, :, :3] = True
-    got = fused_cpu._state["ops"].mean_keys(k, used.expand(3, 2, 67))
-    expected = key_mean(k.double(), used).squeeze(-2)
-    torch.testing.assert_close(got.double(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
-    assert torch.equal(got[1], torch.zeros_like(got[1]))
-    torch.testing.assert_close(fused_cpu._state["ops"].mean_keys(k, None).double(), k.double().mean(-2))
+    q, v = torch.randn(3, 2, 4, 5, generator=g, dtype=dtype), torch.randn(3, 2, 67, 3, generator=g, dtype=dtype)
+    padding = (torch.rand(67, 1, 1, 3, generator=g) > 0.4).permute(3, 2, 1, 0)  # (3, 1, 1, 67), keys 3 apart
+    padding[1] = False  # a batch entry with no key in use
+    per_query = torch.rand(3, 2, 4, 67, generator=g) > 0.9
+    flags = (6.2, 0.8, False, False, False, 4, 8)
+    tolerance = dict(rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    for mask in (padding, per_query):
+        given = mask if kind == "bool" else torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+        shift = fused_cpu._state["ops"].forward(q, k, v, given, None, *flags)[2]
+        expected = key_mean(k.double(), mask.any(-2)).squeeze(-2)
+        torch.testing.assert_close(shift.double(), expected, **tolerance)
+    assert torch.equal(
+        fused_cpu._state["ops"].forward(q, k, v, padding, None, *flags)[2][1], torch.zeros(2, 5, dtype=dtype)
+    )
+    shift = fused_cpu._state["ops"].forward(q, k, v, None, None, *flags)[2]
+    torch.testing.assert_close(shift.double(), k.double().mean(-2), **tolerance)
 
 
 @pytest.mark.parametrize("nq", [1, 11])

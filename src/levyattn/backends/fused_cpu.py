@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from levyattn.backends.common import AttentionCall, additive_mask
+from levyattn.backends.common import AttentionCall
 from levyattn.io import atomic_write_bytes
 
 _SOURCE = Path(__file__).with_name("csrc") / "fna_cpu.cpp"
@@ -140,8 +140,8 @@ def peaks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, flo
 
 class _FusedFNA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, shift, *flags):
-        out, lse, shift = _state["ops"].forward(q, k, v, mask, shift, *flags)
+    def forward(ctx, q, k, v, mask, *flags):
+        out, lse, shift = _state["ops"].forward(q, k, v, mask, None, *flags)
         ctx.save_for_backward(q, k, v, out, lse, mask, shift)
         ctx.flags = flags
         return out
@@ -154,38 +154,22 @@ class _FusedFNA(torch.autograd.Function):
         grad_q, grad_k, grad_v, grad_mask = _state["ops"].backward(
             grad_out, q, k, v, out, lse, mask, shift, *ctx.flags, mask_grad
         )
-        return grad_q, grad_k, grad_v, (grad_mask if mask_grad else None), None, *(None for _ in ctx.flags)
-
-
-def _rows_in_place(x: torch.Tensor) -> bool:
-    """Whether the kernel reads x (B, H, N, d) where it lies: each row contiguous and rows
-    at least a row apart (the per-head views of a packed q/k/v projection are; a tensor expanded
-    along its rows is not)."""
-    return (x.shape[-1] == 1 or x.stride(-1) == 1) and (x.shape[-2] == 1 or x.stride(-2) >= x.shape[-1])
+        # dS is (B, H, Nq, Nk): summed over the dimensions the mask was broadcast along.
+        grad_mask = grad_mask.sum_to_size(mask.shape) if mask_grad else None
+        return grad_q, grad_k, grad_v, grad_mask, *(None for _ in ctx.flags)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
     """FNA output (B, H, Nq, dv) of q (B, H, Nq, d), k (B, H, Nk, d) and v (B, H, Nk, dv);
     ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
 
-    The kernel shifts q and k by the mean key, tile by tile (the centring of
-    :meth:`AttentionCall.prepare`, without copies); with a mask, by the mean of the keys it leaves
-    in use (the kernel's ``mean_keys``, as :func:`kernels.key_mean` gives it). q, k, v are read
-    in place when their rows are contiguous (the views of a packed projection); the output is laid
-    out as (B, Nq, H, dv), so that merging its heads is a view. A float mask that requires grad
-    gets it: the kernel returns dS (B, H, Nq, Nk), and autograd sums it over the dimensions the
-    mask was broadcast along."""
-    (batch, heads, nq, _), nk = q.shape, k.shape[-2]
-    shift = None
-    if call.attn_mask is not None:
-        shift = _state["ops"].mean_keys(k.detach(), call.keys_in_use().expand(batch, heads, nk))
-    mask = additive_mask(call.attn_mask, q.dtype)
-    if mask is not None:
-        mask = mask.expand(batch, heads, nq, nk)
-        if mask.stride(-1) != 1:  # the kernel reads a row of keys at a time
-            mask = mask.contiguous()
-    q, k, v = (x if _rows_in_place(x) else x.contiguous() for x in (q, k, v))
-    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(nq), KEY_BLOCK)
+    The kernel takes the call's 4-D mask as it is, bool or additive, and shifts q and k by the
+    mean of the keys in use (all, or those the mask keeps for some query: the centring of
+    :meth:`AttentionCall.prepare`), tile by tile, without copies. It reads q, k, v in place when
+    their rows are contiguous (the views of a packed projection) and lays the output out as
+    (B, Nq, H, dv), so that merging its heads is a view. A float mask that requires grad gets it."""
+    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
+    mask = call.attn_mask
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):
-        return _FusedFNA.apply(q, k, v, mask, shift, *flags)
-    return _state["ops"].forward(q, k, v, mask, shift, *flags)[0]  # inference: without autograd's bookkeeping
+        return _FusedFNA.apply(q, k, v, mask, *flags)
+    return _state["ops"].forward(q, k, v, mask, None, *flags)[0]  # inference: without autograd's bookkeeping

@@ -4,19 +4,19 @@
 // scaled_dot_product_attention works the same way).
 //
 // Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
-// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), float32 or float64, each row (last dimension)
-// contiguous, at any strides between rows and heads (the views of a packed projection are read in
-// place). The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
+// q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), float32 or float64, read in place where each
+// row (last dimension) is contiguous, at any strides between rows and heads (the views of a packed
+// projection), else copied first. The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
 // returns it, so that merging the heads costs no copy; the gradients are contiguous. Distances are
-// taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): the mean key
-// unless the caller gives one (the keys a mask leaves in use). It changes no distance but keeps
+// taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): unless the
+// caller gives one, the mean of the keys in use (all, or those the mask keeps for some query). It changes no distance but keeps
 // |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
 // tile, in cache, not as copies of q and k. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij
 // (power law, alpha < 2) or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij the squared distance
 // |q_i - s|^2 + |k_j - s|^2 - 2 (q_i - s) . (k_j - s) clamped below at the smallest normal number
 // (power law) or at 0 (Gaussian).
-// mask: additive (0 keeps, -inf removes), (B, H, Nq, Nk) with any strides but the last (1), or
-// undefined. Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
+// mask: bool (True keeps) or additive (0 keeps, -inf removes), of shape (B or 1, H or 1, Nq or 1, Nk),
+// or undefined; the kernel reads it as an additive mask of q's dtype broadcast to (B, H, Nq, Nk). Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
 // Forward returns the output, the row log-sum-exp (B, H, Nq) (-inf for a fully masked row, whose
 // output is 0) and the shift it used; backward takes the shift back, recomputes each tile from the
 // log-sum-exp, and on request also returns the gradient of the mask, dS = P (dO v^T - D), as a
@@ -130,8 +130,11 @@ struct Problem {
         q(rows_of<T>(q_)), k(rows_of<T>(k_)), v(rows_of<T>(v_)),
         shift(shift_.const_data_ptr<T>()), mask(nullptr),
         mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)),
-        gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_), query_block(query_block_), key_block(key_block_) {
-    TORCH_CHECK(query_block > 0 && key_block > 0, "fna_cpu: block sizes must be positive");
+        gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_),
+        // No tile larger than the problem: a short sequence's buffers stay small.
+        query_block(std::min(query_block_, std::max<int64_t>(Nq, 1))),
+        key_block(std::min(key_block_, std::max<int64_t>(Nk, 1))) {
+    TORCH_CHECK(query_block_ > 0 && key_block_ > 0, "fna_cpu: block sizes must be positive");
     if (mask_.has_value() && mask_->defined()) {
       mask = mask_->const_data_ptr<T>();
       mask_stride_b = mask_->stride(0);
@@ -474,7 +477,7 @@ at::Tensor mean_keys(const at::Tensor& k, const std::optional<at::Tensor>& used_
   if (used_.has_value() && used_->defined()) {
     TORCH_CHECK(used_->scalar_type() == at::kBool && used_->dim() == 3 && used_->size(0) == k.size(0) &&
                     used_->size(1) == H && used_->size(2) == Nk,
-                "fna_cpu: mean_keys' used must be bool (B, H, Nk)");
+                "fna_cpu: the keys in use must be bool (B, H, Nk)");
     used = used_->const_data_ptr<bool>();
     used_b = used_->stride(0), used_h = used_->stride(1), used_j = used_->stride(2);
   }
@@ -524,52 +527,85 @@ bool readable_rows(const at::Tensor& x) {
   return (x.size(3) == 1 || x.stride(3) == 1) && (x.size(2) == 1 || x.stride(2) >= x.size(3));
 }
 
+// x as the kernel reads it: in place where its rows are readable, else a contiguous copy.
+at::Tensor in_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fna_cpu: 4-d CPU tensors");
+  return readable_rows(x) ? x : x.contiguous();
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->device().is_cpu() && t->dim() == 4, "fna_cpu: 4-d CPU tensors");
-    TORCH_CHECK(readable_rows(*t), "fna_cpu: each row (last dimension) contiguous, rows apart by at least a row");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fna_cpu: one dtype");
-  }
+  for (const auto* t : {&k, &v}) TORCH_CHECK(t->scalar_type() == q.scalar_type(), "fna_cpu: one dtype");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "fna_cpu: float32 or float64");
 }
 
+// The mask as the kernel reads it: additive, of q's dtype, rows of keys contiguous, still of the
+// mask's own (small) shape; undefined without one. `broadcast` views it as (B, H, Nq, Nk).
+std::optional<at::Tensor> additive_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
+  if (!mask.has_value() || !mask->defined()) return std::nullopt;
+  TORCH_CHECK(mask->dim() == 4 && mask->size(3) == Nk, "fna_cpu: mask must be (B or 1, H or 1, Nq or 1, Nk)");
+  at::Tensor additive = mask->scalar_type() == at::kBool
+                            ? at::zeros(mask->sizes(), q.options()).masked_fill_(mask->logical_not(),
+                                                                                 -std::numeric_limits<double>::infinity())
+                            : mask->to(q.scalar_type());
+  return additive.stride(3) == 1 || Nk == 1 ? additive : additive.contiguous();
+}
+
+std::optional<at::Tensor> broadcast(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
+  if (!mask.has_value()) return std::nullopt;
+  return mask->expand({q.size(0), q.size(1), q.size(2), Nk});
+}
+
 // Returns (output, row log-sum-exp, the shift used): backward takes the shift back.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const std::optional<at::Tensor>& mask,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_, const at::Tensor& k_,
+                                                           const at::Tensor& v_, const std::optional<at::Tensor>& mask,
                                                            const std::optional<at::Tensor>& shift, double exponent,
                                                            double c, bool gaussian, bool causal, bool exclude_self,
                                                            int64_t query_block, int64_t key_block) {
+  const at::Tensor q = in_rows(q_), k = in_rows(k_), v = in_rows(v_);
   check_inputs(q, k, v);
-  const at::Tensor s = shift.has_value() && shift->defined() ? *shift : mean_keys(k, std::nullopt);
+  const auto additive = additive_mask(mask, q, k.size(2));
+  at::Tensor s;
+  if (shift.has_value() && shift->defined()) {
+    s = *shift;
+  } else if (additive.has_value()) {  // the keys the mask keeps for at least one query
+    const auto in_use = (*additive != -std::numeric_limits<double>::infinity()).any(2);
+    s = mean_keys(k, in_use.expand({k.size(0), k.size(1), k.size(2)}));
+  } else {
+    s = mean_keys(k, std::nullopt);
+  }
   check_shift(s, q);
   auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
-    const Problem<scalar_t> p(q, k, v, s, mask, exponent, c, gaussian, causal, exclude_self, query_block, key_block);
+    const Problem<scalar_t> p(q, k, v, s, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
+                              exclude_self, query_block, key_block);
     forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
                              lse.mutable_data_ptr<scalar_t>());
   });
   return {out, lse, s};
 }
 
+// Returns the gradients of q, k, v (contiguous) and, when mask_grad, of the mask's broadcast
+// (B, H, Nq, Nk) (else empty: an op returns defined tensors).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const at::Tensor& shift, double exponent, double c,
-    bool gaussian, bool causal, bool exclude_self, int64_t query_block, int64_t key_block, bool mask_grad) {
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask, const at::Tensor& shift,
+    double exponent, double c, bool gaussian, bool causal, bool exclude_self, int64_t query_block, int64_t key_block,
+    bool mask_grad) {
+  const at::Tensor q = in_rows(q_), k = in_rows(k_), v = in_rows(v_), d_out = in_rows(grad_out);
   check_inputs(q, k, v);
   check_shift(shift, q);
-  auto d_out = readable_rows(grad_out) ? grad_out : grad_out.contiguous();
+  const auto additive = additive_mask(mask, q, k.size(2));
   auto delta = (d_out * out).sum(-1).contiguous();
   // Contiguous whatever the inputs' layout (empty_like would follow a strided view's order).
   auto grad_q = at::empty(q.sizes(), q.options());
   auto grad_k = at::zeros(k.sizes(), k.options());
   auto grad_v = at::zeros(v.sizes(), v.options());
-  // Empty when not wanted (an op returns defined tensors).
   auto grad_mask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
                              : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
-    const Problem<scalar_t> p(q, k, v, shift, mask, exponent, c, gaussian, causal, exclude_self, query_block,
-                              key_block);
+    const Problem<scalar_t> p(q, k, v, shift, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
+                              exclude_self, query_block, key_block);
     backward_kernel<scalar_t>(p, rows_of<scalar_t>(d_out), lse.contiguous().const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
                               grad_k.mutable_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
@@ -589,12 +625,10 @@ TORCH_LIBRARY(levyattn_fna_cpu, m) {
       "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
       "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("peaks(Tensor q, Tensor k, Tensor v) -> (float, float)");
-  m.def("mean_keys(Tensor k, Tensor? used) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
   m.impl("forward", &fna_forward);
   m.impl("backward", &fna_backward);
   m.impl("peaks", &fna_peaks);
-  m.impl("mean_keys", &mean_keys);
 }
