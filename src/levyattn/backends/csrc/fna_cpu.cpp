@@ -149,8 +149,9 @@ struct Problem {
   void shifted(const Rows<const T>& x, int64_t bh, int64_t i0, int64_t count, T* out, T* out_sq) const {
     const T* s = shift + bh * D;
     const T* rows = x.row(bh, i0);
-    const int64_t vectors = D / Vec::size();
-    if (D % Vec::size() != 0 || vectors > 8) {
+    // Whole vectors, the last one partial (a masked load and store) when D is not a multiple.
+    const int64_t vectors = (D + Vec::size() - 1) / Vec::size(), last = D - (vectors - 1) * Vec::size();
+    if (vectors == 0 || vectors > 8) {
       for (int64_t r = 0; r < count; ++r) {
         T* row = out + r * D;
         at::vec::map2([](Vec a, Vec b) { return a - b; }, row, rows + r * x.stride_row, s, D);
@@ -160,15 +161,20 @@ struct Problem {
       return;
     }
     Vec s_v[8];
-    for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size());
+    for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
     for (int64_t r = 0; r < count; ++r) {
       const T* row = rows + r * x.stride_row;
-      Vec norm(0);
-      for (int64_t e = 0; e < vectors; ++e) {
+      T* centred_row = out + r * D;
+      Vec norm(0);  // the lanes past D load as 0, minus a shift of 0
+      for (int64_t e = 0; e + 1 < vectors; ++e) {
         const Vec centred = Vec::loadu(row + e * Vec::size()) - s_v[e];
-        centred.store(out + r * D + e * Vec::size());
+        centred.store(centred_row + e * Vec::size());
         norm = at::vec::fmadd(centred, centred, norm);
       }
+      const int64_t offset = (vectors - 1) * Vec::size();
+      const Vec centred = Vec::loadu(row + offset, last) - s_v[vectors - 1];
+      centred.store(centred_row + offset, last);
+      norm = at::vec::fmadd(centred, centred, norm);
       out_sq[r] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, norm);
     }
   }
