@@ -104,9 +104,15 @@ def test_float32_keeps_the_accuracy_of_log1p_at_head_dim_64(fused, scale):
     assert fused
 
 
-def test_decoding_one_query_against_a_cache(fused):
-    q, k, v = make_qkv(nq=1, nk=21)
-    assert_matches_reference("tiled", q, k, v, 1e-10, alpha=0.7, is_causal=True, exclude_self=True)
+@pytest.mark.parametrize("d", [5, 16, 40])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decoding_one_query_against_a_cache(fused, d, padded):
+    """One query row: the kernel takes its distances directly, without a shift; its backward
+    shifts (by the mean of the keys in use) and must agree as well."""
+    q, k, v = make_qkv(nq=1, nk=21, d=d)
+    mask = torch.arange(21).view(1, 1, 1, 21).expand(2, 1, 1, 21) < torch.tensor([21, 15]).view(2, 1, 1, 1)
+    kw = dict(attn_mask=mask) if padded else {}
+    assert_matches_reference("tiled", q, k, v, 1e-10, alpha=0.7, is_causal=True, exclude_self=True, **kw)
     assert fused
 
 
@@ -371,7 +377,8 @@ def test_the_kernel_reads_views_in_place_and_lays_the_output_out_by_token(fused,
 
 def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
     """Distances do not depend on the shift: any shift gives the same output (to rounding); the
-    kernel returns the one it used, the mean key when given none."""
+    kernel returns the one it used, the mean key when given none, and none (an empty tensor) for
+    a single query row, whose distances it takes directly."""
     assert fused_cpu.ensure_built()
     q, k, v = (x.detach() for x in make_qkv(nq=7, nk=13, d=5))
     q, k = q + 1e3, k + 1e3
@@ -383,6 +390,10 @@ def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
     assert torch.equal(used, other)
     torch.testing.assert_close(out_other, out, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(lse_other, lse, rtol=1e-9, atol=1e-12)
+    out_one, lse_one, none = fused_cpu._state["ops"].forward(q[:, :, -1:], k, v, None, None, *flags)
+    assert none.numel() == 0
+    torch.testing.assert_close(out_one, out[:, :, -1:], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lse_one, lse[:, :, -1:], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -9,7 +9,8 @@
 // projection), else copied first. The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
 // returns it, so that merging the heads costs no copy; the gradients are contiguous. Distances are
 // taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): unless the
-// caller gives one, the mean of the keys in use (all, or those the mask keeps for some query). It changes no distance but keeps
+// caller gives one, the mean of the keys in use (all, or those the mask keeps for some query); a
+// single query row (decoding) takes its distances |q - k_j|^2 directly instead, with no shift. It changes no distance but keeps
 // |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
 // tile, in cache, not as copies of q and k. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij
 // (power law, alpha < 2) or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij the squared distance
@@ -116,7 +117,7 @@ template <typename T>
 struct Problem {
   int64_t B, H, Nq, Nk, D, Dv;
   Rows<const T> q, k, v;
-  const T* shift;  // (B*H, D)
+  const T* shift;  // (B*H, D); nullptr: one query row, its distances taken directly
   const T* mask;  // nullptr: no mask
   int64_t mask_stride_b, mask_stride_h, mask_stride_q;
   T exponent, c, inv_c;  // inv_c = 1 / c
@@ -128,7 +129,7 @@ struct Problem {
           bool exclude_self_, int64_t query_block_, int64_t key_block_)
       : B(q_.size(0)), H(q_.size(1)), Nq(q_.size(2)), Nk(k_.size(2)), D(q_.size(3)), Dv(v_.size(3)),
         q(rows_of<T>(q_)), k(rows_of<T>(k_)), v(rows_of<T>(v_)),
-        shift(shift_.const_data_ptr<T>()), mask(nullptr),
+        shift(shift_.numel() ? shift_.const_data_ptr<T>() : nullptr), mask(nullptr),
         mask_stride_b(0), mask_stride_h(0), mask_stride_q(0), exponent(exponent_), c(c_), inv_c(T(1) / T(c_)),
         gaussian(gaussian_), causal(causal_), exclude_self(exclude_self_),
         // No tile larger than the problem: a short sequence's buffers stay small.
@@ -179,6 +180,34 @@ struct Problem {
     }
   }
 
+  // |q - k_j|^2 of query row q_row against the keys j0 .. j0 + n of (batch, head) bh, into out (n):
+  // one query's distances taken directly, which costs less than shifting the keys for it and
+  // has nothing to cancel.
+  void squared_distances(const T* q_row, int64_t bh, int64_t j0, int64_t n, T* out) const {
+    const T* keys = k.row(bh, j0);
+    const int64_t vectors = (D + Vec::size() - 1) / Vec::size(), last = D - (vectors - 1) * Vec::size();
+    if (vectors == 0 || vectors > 8) {
+      for (int64_t j = 0; j < n; ++j) {
+        out[j] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
+                                             [](auto a, auto b) { return a + b; }, keys + j * k.stride_row, q_row, D);
+      }
+      return;
+    }
+    Vec q_v[8];
+    for (int64_t e = 0; e < vectors; ++e) q_v[e] = Vec::loadu(q_row + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t j = 0; j < n; ++j) {
+      const T* key = keys + j * k.stride_row;
+      Vec sum(0);  // the lanes past D load as 0 on both sides
+      for (int64_t e = 0; e + 1 < vectors; ++e) {
+        const Vec diff = Vec::loadu(key + e * Vec::size()) - q_v[e];
+        sum = at::vec::fmadd(diff, diff, sum);
+      }
+      const Vec diff = Vec::loadu(key + (vectors - 1) * Vec::size(), last) - q_v[vectors - 1];
+      sum = at::vec::fmadd(diff, diff, sum);
+      out[j] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum);
+    }
+  }
+
   // Keys 0 .. key_stop that rows up to `last_row` may see (all, or up to the causal limit).
   int64_t key_stop(int64_t last_row) const {
     if (!causal) return Nk;
@@ -214,15 +243,17 @@ struct Problem {
   }
 
   // In place over one tile row of n keys starting at key j0: the matmul's q_i . k_j become
-  // log Phi_ij with every mask applied, from |q_i - s|^2 (q_sq) and the keys' |k_j - s|^2 (ks, n).
-  // Returns the row max (-inf when all are masked).
+  // log Phi_ij with every mask applied, from |q_i - s|^2 (q_sq) and the keys' |k_j - s|^2 (ks, n);
+  // with ks null, s holds the squared distances themselves. Returns the row max (-inf when all
+  // are masked).
   T logits_row(T* s, int64_t n, T q_sq, const T* ks, int64_t bh, int64_t i, int64_t j0) const {
     const Vec q_sq_i(q_sq), two(2);
     const T* m = mask_row(bh, i);
     if (m != nullptr) m += j0;
     for (int64_t j = 0; j < n; j += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), n - j);
-      Vec logit = log_phi(q_sq_i + Vec::loadu(ks + j, count) - Vec::loadu(s + j, count) * two);
+      const Vec scores = Vec::loadu(s + j, count);
+      Vec logit = log_phi(ks == nullptr ? scores : q_sq_i + Vec::loadu(ks + j, count) - scores * two);
       if (m != nullptr) logit = logit + Vec::loadu(m + j, count);
       logit.store(s + j, count);
     }
@@ -270,18 +301,24 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
         k_tile(p.key_block * p.D), k_sq(p.key_block);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
-      p.shifted(p.q, bh, i0, rows, q_tile.data(), q_sq.data());
+      const bool direct = p.shift == nullptr;  // one query row
+      if (!direct) p.shifted(p.q, bh, i0, rows, q_tile.data(), q_sq.data());
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
       const int64_t stop = p.key_stop(i0 + rows - 1);
       for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
         const int64_t cols = std::min(p.key_block, stop - j0);
-        p.shifted(p.k, bh, j0, cols, k_tile.data(), k_sq.data());
-        gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
+        if (direct) {
+          p.squared_distances(p.q.row(bh, i0), bh, j0, cols, scores.data());
+        } else {
+          p.shifted(p.k, bh, j0, cols, k_tile.data(), k_sq.data());
+          gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
+        }
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * cols;
-          const T peak = std::max(row_max[r], p.logits_row(s, cols, q_sq[r], k_sq.data(), bh, i0 + r, j0));
+          const T row_peak = p.logits_row(s, cols, direct ? T(0) : q_sq[r], direct ? nullptr : k_sq.data(), bh, i0 + r, j0);
+          const T peak = std::max(row_max[r], row_peak);
           if (peak == neg_inf) {  // nothing seen yet in this row
             std::fill(s, s + cols, T(0));
             continue;
@@ -450,12 +487,18 @@ double peak_magnitude(const at::Tensor& x) {
     } else {  // rows: in parallel over (batch, head), each head's rows one after the other
       const Rows<const T> source = rows_of<T>(x);
       const int64_t per_head = x.size(2), length = x.size(3);
+      // A head whose rows lie end to end (a slice of a key/value cache) is one run.
+      const bool packed = source.stride_row == length;
       peak = at::parallel_reduce(
           int64_t(0), x.size(0) * x.size(1), std::max<int64_t>(1, grain / (per_head * length)), T(0),
           [&](int64_t begin, int64_t end, T init) {
             PeakScan<T> scan(init);
             for (int64_t bh = begin; bh < end; ++bh) {
               const T* head = source.row(bh, 0);
+              if (packed) {
+                scan.add(head, per_head * length);
+                continue;
+              }
               for (int64_t i = 0; i < per_head; ++i) scan.add(head + i * source.stride_row, length);
             }
             return scan.result();
@@ -529,6 +572,14 @@ void check_shift(const at::Tensor& shift, const at::Tensor& q) {
               "fna_cpu: shift must be a contiguous (B, H, D) tensor of q's dtype");
 }
 
+// The shift of q and k: the mean of the keys in use, all or (with an additive mask, of its own
+// shape) those the mask keeps for at least one query.
+at::Tensor key_shift(const at::Tensor& k, const std::optional<at::Tensor>& additive) {
+  if (!additive.has_value()) return mean_keys(k, std::nullopt);
+  const auto in_use = (*additive != -std::numeric_limits<double>::infinity()).any(2);
+  return mean_keys(k, in_use.expand({k.size(0), k.size(1), k.size(2)}));
+}
+
 bool readable_rows(const at::Tensor& x) {
   return (x.size(3) == 1 || x.stride(3) == 1) && (x.size(2) == 1 || x.stride(2) >= x.size(3));
 }
@@ -561,7 +612,7 @@ std::optional<at::Tensor> broadcast(const std::optional<at::Tensor>& mask, const
   return mask->expand({q.size(0), q.size(1), q.size(2), Nk});
 }
 
-// Returns (output, row log-sum-exp, the shift used): backward takes the shift back.
+// Returns (output, row log-sum-exp, the shift used, empty for none): backward takes it back.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_, const at::Tensor& k_,
                                                            const at::Tensor& v_, const std::optional<at::Tensor>& mask,
                                                            const std::optional<at::Tensor>& shift, double exponent,
@@ -573,13 +624,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_,
   at::Tensor s;
   if (shift.has_value() && shift->defined()) {
     s = *shift;
-  } else if (additive.has_value()) {  // the keys the mask keeps for at least one query
-    const auto in_use = (*additive != -std::numeric_limits<double>::infinity()).any(2);
-    s = mean_keys(k, in_use.expand({k.size(0), k.size(1), k.size(2)}));
+    check_shift(s, q);
+  } else if (q.size(2) == 1) {
+    s = at::empty({0}, q.options());  // one query row: direct distances, no shift
   } else {
-    s = mean_keys(k, std::nullopt);
+    s = key_shift(k, additive);
   }
-  check_shift(s, q);
   auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
@@ -600,8 +650,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
     bool mask_grad) {
   const at::Tensor q = in_rows(q_), k = in_rows(k_), v = in_rows(v_), d_out = in_rows(grad_out);
   check_inputs(q, k, v);
-  check_shift(shift, q);
   const auto additive = additive_mask(mask, q, k.size(2));
+  // Backward always shifts (its distances come from matrix products); forward may have had none.
+  const at::Tensor s = shift.numel() ? shift : key_shift(k, additive);
+  check_shift(s, q);
   auto delta = (d_out * out).sum(-1).contiguous();
   // Contiguous whatever the inputs' layout (empty_like would follow a strided view's order).
   auto grad_q = at::empty(q.sizes(), q.options());
@@ -610,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
   auto grad_mask = mask_grad ? at::zeros({q.size(0), q.size(1), q.size(2), k.size(2)}, q.options())
                              : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_backward", [&] {
-    const Problem<scalar_t> p(q, k, v, shift, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
+    const Problem<scalar_t> p(q, k, v, s, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
                               exclude_self, query_block, key_block);
     backward_kernel<scalar_t>(p, rows_of<scalar_t>(d_out), lse.contiguous().const_data_ptr<scalar_t>(),
                               delta.const_data_ptr<scalar_t>(), grad_q.mutable_data_ptr<scalar_t>(),
