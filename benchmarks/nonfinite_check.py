@@ -2,8 +2,9 @@
 the same call with the check switched off, in the same process, interleaved.
 
 ``fractional_attention`` first asks whether any value of q, k, v or a float mask is NaN or
-±Inf, and how large q, k and v get (the 2-norm of each, one read; only when a norm is not finite
-does it look at every value and find the rows that depend on a non-finite one).
+±Inf, and how large q, k and v get (where the fused CPU kernel runs the call, their largest
+entries in one compiled call, else the 2-norm of each; one read either way; only when one is not
+finite does it look at every value and find the rows that depend on a non-finite one).
 That pass reads k and v once more, which weighs most when the attention itself reads them only
 once: a decoding step, one query against a key/value cache. Switching the check off is done
 here by replacing it for the measurement only; the library has no such switch.
