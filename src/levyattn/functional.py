@@ -229,6 +229,10 @@ def attend(
     call = _parameters_as(call, q)
     # Where the fused kernel will run, its own scan: one call.
     fused = chosen == "tiled" and tiled.runs_fused_kernel(call, q.device, q.dtype)
+    if fused and not needs_grad and _is_decoding(q, k, v, call):
+        out = _decode_if_plain(q, k, v, call)
+        if out is not None:
+            return out.to(dtype)
     plain, qk_peak, v_peak = scan_inputs(q, k, v, call.attn_mask, fused_cpu.peaks if fused else None)
     poisoned = None
     if not plain:
@@ -261,6 +265,33 @@ def attend(
         if poisoned is not None:
             weights = weights.masked_fill(poisoned.unsqueeze(-1), float("nan"))
         return out, weights.to(dtype)
+    return out
+
+
+def _is_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> bool:
+    """One query row against keys and values that are not empty, with no mask or a bool one (a
+    float mask has values of its own to check): a decoding step, which the fused kernel checks
+    as it reads it."""
+    mask = call.attn_mask
+    return (
+        q.shape[-2] == 1
+        and q.numel() > 0
+        and k.numel() > 0
+        and v.numel() > 0
+        and (mask is None or mask.dtype == torch.bool)
+    )
+
+
+def _decode_if_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor | None:
+    """A decoding step through the fused kernel, which takes the largest entries of q, k and v as
+    it reads them (a check of its own would read the key/value cache once more): the output when
+    they are finite and need no change of unit, as they almost always are; else None, and the
+    caller runs the checked path, which handles them."""
+    out, qk_peak, v_peak = tiled.decode(q, k, v, call)
+    if not (math.isfinite(qk_peak) and math.isfinite(v_peak)):
+        return None
+    if _in_length_unit(q, k, call, qk_peak)[2] is not call or _value_unit(v, v_peak) != 1.0:
+        return None
     return out
 
 

@@ -18,6 +18,7 @@ from test_functional import ALPHAS, MASKS, _mask, assert_matches_reference, make
 
 import levyattn.backends.fused_cpu as fused_cpu
 import levyattn.backends.tiled as tiled
+import levyattn.functional as functional
 from levyattn import fractional_attention
 from levyattn.kernels import key_mean
 
@@ -421,6 +422,56 @@ def test_with_a_mask_the_kernel_shifts_by_the_mean_of_the_keys_in_use(fused, dty
     )
     shift = fused_cpu._state["ops"].forward(q, k, v, None, None, *flags)[2]
     torch.testing.assert_close(shift.double(), k.double().mean(-2), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [5, 16])
+def test_decode_takes_the_largest_entries_as_it_reads_them(fused, dtype, d):
+    """The decode op's magnitudes are those of q and k and of v, inf where any entry (a key no
+    query sees included, and the last lanes of a partial vector) is NaN or infinite; its output
+    is the forward op's."""
+    assert fused_cpu.ensure_built()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g, dtype=dtype) * 3 for n in (1, 600, 600))
+    keep = torch.ones(2, 1, 1, 600, dtype=torch.bool)
+    keep[..., 599] = False
+    flags = (6.2, 0.8, False, True, True)
+    out, qk_peak, v_peak = fused_cpu._state["ops"].decode(q, k, v, keep, *flags, 512)
+    assert (qk_peak, v_peak) == (max(q.abs().max(), k.abs().max()).item(), v.abs().max().item())
+    expected = fused_cpu._state["ops"].forward(q, k, v, keep, None, *flags, 1, 512)[0]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for name, index in (
+        ("q", (1, 2, 0, d - 1)),
+        ("k", (1, 2, 599, d - 1)),
+        ("k", (0, 0, 0, 0)),
+        ("v", (1, 1, 599, d - 1)),
+    ):
+        for value in (float("nan"), float("inf"), -float("inf")):
+            spoilt = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+            spoilt[name][index] = value
+            _, qk, vv = fused_cpu._state["ops"].decode(spoilt["q"], spoilt["k"], spoilt["v"], keep, *flags, 512)
+            assert (qk, vv) == ((float("inf"), v_peak) if name != "v" else (qk_peak, float("inf")))
+
+
+def test_a_plain_decoding_step_is_checked_by_the_kernel_alone(fused, monkeypatch):
+    """Without gradients, one query row: no scan of its own (the kernel takes the largest entries
+    as it reads them); a NaN anywhere sends the call to the checked scan, which handles it."""
+    scans, decodes = [], []
+    real_scan, real_decode = functional.scan_inputs, fused_cpu.decode
+    monkeypatch.setattr(functional, "scan_inputs", lambda *args: scans.append(1) or real_scan(*args))
+    monkeypatch.setattr(fused_cpu, "decode", lambda *args: decodes.append(1) or real_decode(*args))
+    q, k, v = (x.detach() for x in make_qkv(nq=1, nk=21, d=16))
+    with torch.no_grad():
+        out = fractional_attention(q, k, v, alpha=0.7, is_causal=True)
+    assert scans == [] and decodes == [1]
+    expected = fractional_attention(q, k, v, alpha=0.7, is_causal=True, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    scans.clear()
+    k[0, 1, 4, 2] = float("nan")
+    with torch.no_grad():
+        out = fractional_attention(q, k, v, alpha=0.7, is_causal=True)
+    assert scans == [1] and decodes == [1, 1] and fused  # the checked path ran the kernel's forward
+    assert out[0, 1].isnan().all() and not out[0, 0].isnan().any() and not out[1].isnan().any()
 
 
 @pytest.mark.parametrize("nq", [1, 11])

@@ -144,6 +144,29 @@ def test_a_masked_out_key_influences_nothing(path, value):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize(
+    "where, value",
+    [(w, x) for w in ("q", "k", "v", "masked-out k", "masked-out v") for x in (NAN, -INF)]
+    + [("v", 1e30), ("masked-out k", 1e30), ("masked-out v", 1e30)],
+)
+def test_a_decoding_step_with_a_nonfinite_or_huge_entry_is_reference(path, where, value):
+    """One query row without gradients (the fused kernel checks such a call as it reads it and
+    hands one that is not plain to the checked path): reference's output, NaN where it has NaN.
+    Huge values go where they need a unit (v) or must change nothing (keys no query sees)."""
+    q, k, v = qkv(nq=1, nk=9, dtype=torch.float32)
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[:, :, :, 7] = False
+    places = {"q": (q, (1, 0, 0, 2)), "k": (k, (1, 0, 3, 1)), "v": (v, (0, 1, 3, 2))}
+    places.update({"masked-out k": (k, (1, 1, 7, 0)), "masked-out v": (v, (0, 0, 7, 1))})
+    tensor, index = places[where]
+    tensor[index] = value
+    kw = gaussian_where_needed(path, dict(alpha=1.2, is_causal=True, attn_mask=keep))
+    out, expected = run(path, q, k, v, **kw), run("reference", q, k, v, **kw)
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num(), rtol=2e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_a_nan_or_plus_inf_mask_entry_gives_nan_in_its_row(path, value):
     q, k, v = qkv()

@@ -138,6 +138,15 @@ def peaks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[float, flo
     return _state["ops"].peaks(q, k, v)
 
 
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, exponent: float, c: float):
+    """(output, the largest magnitude in q and k, the largest in v) of one query row (B, H, 1, d)
+    against at least one key, without autograd; each magnitude ``inf`` where an entry is NaN or
+    infinite, taken as the kernel reads every entry: a decoding step and its non-finite check
+    read the key/value cache once."""
+    flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, KEY_BLOCK)
+    return _state["ops"].decode(q, k, v, call.attn_mask, *flags)
+
+
 class _FusedFNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, *flags):

@@ -371,6 +371,13 @@ def runs_fused_kernel(call: AttentionCall, device: torch.device, dtype: torch.dt
     return _is_hot_path(call) and fused_cpu.applies(device, dtype)
 
 
+def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> tuple[torch.Tensor, float, float]:
+    """One query row (B, H, 1, d) against k, v through the fused CPU kernel, without autograd (the
+    caller checked :func:`runs_fused_kernel`): the output and the largest magnitudes in q and k
+    and in v, ``inf`` where an entry is not finite, taken as the kernel reads them."""
+    return fused_cpu.decode(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -113,6 +113,38 @@ Rows<const T> rows_of(const at::Tensor& x) {
   return Rows<const T>(x.const_data_ptr<T>(), x);
 }
 
+// Running maxima of |x| over runs of contiguous entries, four vectors wide so that the loop is
+// not bound by the latency of one maximum (the vector maximum propagates NaN; the scalar one is
+// written to).
+template <typename T>
+struct PeakScan {
+  using Vec = at::vec::Vectorized<T>;
+  Vec m0, m1, m2, m3;
+  T scalar;
+
+  explicit PeakScan(T init) : m0(init), m1(init), m2(init), m3(init), scalar(init) {}
+
+  static T nan_max(T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); }
+
+  void add(const T* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 * Vec::size() <= n; i += 4 * Vec::size()) {
+      m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+      m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()).abs());
+      m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()).abs());
+      m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()).abs());
+    }
+    for (; i + Vec::size() <= n; i += Vec::size()) m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
+    for (; i < n; ++i) scalar = nan_max(scalar, std::abs(x[i]));
+  }
+
+  T result() const {
+    const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
+    const T vectors = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+    return nan_max(vectors, scalar);
+  }
+};
+
 template <typename T>
 struct Problem {
   int64_t B, H, Nq, Nk, D, Dv;
@@ -182,14 +214,15 @@ struct Problem {
 
   // |q - k_j|^2 of query row q_row against the keys j0 .. j0 + n of (batch, head) bh, into out (n):
   // one query's distances taken directly, which costs less than shifting the keys for it and
-  // has nothing to cancel.
-  void squared_distances(const T* q_row, int64_t bh, int64_t j0, int64_t n, T* out) const {
+  // has nothing to cancel. The keys' largest entries go into `peak` as they are read.
+  void squared_distances(const T* q_row, int64_t bh, int64_t j0, int64_t n, T* out, PeakScan<T>& peak) const {
     const T* keys = k.row(bh, j0);
     const int64_t vectors = (D + Vec::size() - 1) / Vec::size(), last = D - (vectors - 1) * Vec::size();
     if (vectors == 0 || vectors > 8) {
       for (int64_t j = 0; j < n; ++j) {
         out[j] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
                                              [](auto a, auto b) { return a + b; }, keys + j * k.stride_row, q_row, D);
+        peak.add(keys + j * k.stride_row, D);
       }
       return;
     }
@@ -198,14 +231,42 @@ struct Problem {
     for (int64_t j = 0; j < n; ++j) {
       const T* key = keys + j * k.stride_row;
       Vec sum(0);  // the lanes past D load as 0 on both sides
-      for (int64_t e = 0; e + 1 < vectors; ++e) {
-        const Vec diff = Vec::loadu(key + e * Vec::size()) - q_v[e];
+      for (int64_t e = 0; e < vectors; ++e) {
+        const Vec entries = Vec::loadu(key + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+        peak.m0 = at::vec::maximum(peak.m0, entries.abs());
+        const Vec diff = entries - q_v[e];
         sum = at::vec::fmadd(diff, diff, sum);
       }
-      const Vec diff = Vec::loadu(key + (vectors - 1) * Vec::size(), last) - q_v[vectors - 1];
-      sum = at::vec::fmadd(diff, diff, sum);
       out[j] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum);
     }
+  }
+
+  // acc (Dv) += sum_j w_j v_j over the values j0 .. j0 + n of (batch, head) bh, one query row's
+  // product with v, reading each value once; their largest entries go into `peak`.
+  void weighted_values(const T* w, int64_t bh, int64_t j0, int64_t n, T* acc, PeakScan<T>& peak) const {
+    const T* values = v.row(bh, j0);
+    const int64_t vectors = (Dv + Vec::size() - 1) / Vec::size(), last = Dv - (vectors - 1) * Vec::size();
+    if (vectors == 0 || vectors > 8) {
+      for (int64_t j = 0; j < n; ++j) {
+        const Vec weight(w[j]);
+        const T* value = values + j * v.stride_row;
+        at::vec::map2([weight](Vec a, Vec x) { return at::vec::fmadd(x, weight, a); }, acc, acc, value, Dv);
+        peak.add(value, Dv);
+      }
+      return;
+    }
+    Vec sums[8];
+    for (int64_t e = 0; e < vectors; ++e) sums[e] = Vec::loadu(acc + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec weight(w[j]);
+      const T* value = values + j * v.stride_row;
+      for (int64_t e = 0; e < vectors; ++e) {
+        const Vec entries = Vec::loadu(value + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+        peak.m0 = at::vec::maximum(peak.m0, entries.abs());
+        sums[e] = at::vec::fmadd(entries, weight, sums[e]);
+      }
+    }
+    for (int64_t e = 0; e < vectors; ++e) sums[e].store(acc + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
   }
 
   // Keys 0 .. key_stop that rows up to `last_row` may see (all, or up to the causal limit).
@@ -291,8 +352,11 @@ T exp_sum(T* s, int64_t n, T peak) {
   return sum;
 }
 
+// peaks ((2, B*H): per (batch, head) the largest magnitude in q and k, then in v; NaN where an entry
+// is NaN), written when given, needs one query row (no shift), whose keys and values the kernel
+// reads in full.
 template <typename T>
-void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
+void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse, T* peaks = nullptr) {
   using Vec = at::vec::Vectorized<T>;
   const int64_t bq = p.query_block, blocks = (p.Nq + bq - 1) / bq;
   const T neg_inf = -std::numeric_limits<T>::infinity();
@@ -303,6 +367,8 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
       const int64_t bh = task / blocks, i0 = (task % blocks) * bq, rows = std::min(bq, p.Nq - i0);
       const bool direct = p.shift == nullptr;  // one query row
       if (!direct) p.shifted(p.q, bh, i0, rows, q_tile.data(), q_sq.data());
+      PeakScan<T> qk_peak(T(0)), v_peak(T(0));  // direct: q, k and v as they are read
+      if (direct) qk_peak.add(p.q.row(bh, i0), p.D);
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), T(0));
@@ -310,7 +376,7 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
       for (int64_t j0 = 0; j0 < stop; j0 += p.key_block) {
         const int64_t cols = std::min(p.key_block, stop - j0);
         if (direct) {
-          p.squared_distances(p.q.row(bh, i0), bh, j0, cols, scores.data());
+          p.squared_distances(p.q.row(bh, i0), bh, j0, cols, scores.data(), qk_peak);
         } else {
           p.shifted(p.k, bh, j0, cols, k_tile.data(), k_sq.data());
           gemm(false, true, rows, cols, p.D, q_tile.data(), p.D, k_tile.data(), p.D, T(0), scores.data(), cols);
@@ -331,8 +397,16 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse) {
             at::vec::map([rescale](Vec x) { return x * Vec(rescale); }, a, a, p.Dv);
           }
         }
-        gemm(false, false, rows, p.Dv, cols, scores.data(), cols, p.v.row(bh, j0), p.v.stride_row, T(1), acc.data(),
-             p.Dv);
+        if (direct) {
+          p.weighted_values(scores.data(), bh, j0, cols, acc.data(), v_peak);
+        } else {
+          gemm(false, false, rows, p.Dv, cols, scores.data(), cols, p.v.row(bh, j0), p.v.stride_row, T(1),
+               acc.data(), p.Dv);
+        }
+      }
+      if (peaks != nullptr) {
+        peaks[bh] = qk_peak.result();
+        peaks[p.B * p.H + bh] = v_peak.result();
       }
       for (int64_t r = 0; r < rows; ++r) {
         const T total = row_sum[r];
@@ -427,38 +501,6 @@ void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T
     }
   });
 }
-
-// Running maxima of |x| over runs of contiguous entries, four vectors wide so that the loop is
-// not bound by the latency of one maximum (the vector maximum propagates NaN; the scalar one is
-// written to).
-template <typename T>
-struct PeakScan {
-  using Vec = at::vec::Vectorized<T>;
-  Vec m0, m1, m2, m3;
-  T scalar;
-
-  explicit PeakScan(T init) : m0(init), m1(init), m2(init), m3(init), scalar(init) {}
-
-  static T nan_max(T a, T b) { return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b); }
-
-  void add(const T* x, int64_t n) {
-    int64_t i = 0;
-    for (; i + 4 * Vec::size() <= n; i += 4 * Vec::size()) {
-      m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
-      m1 = at::vec::maximum(m1, Vec::loadu(x + i + Vec::size()).abs());
-      m2 = at::vec::maximum(m2, Vec::loadu(x + i + 2 * Vec::size()).abs());
-      m3 = at::vec::maximum(m3, Vec::loadu(x + i + 3 * Vec::size()).abs());
-    }
-    for (; i + Vec::size() <= n; i += Vec::size()) m0 = at::vec::maximum(m0, Vec::loadu(x + i).abs());
-    for (; i < n; ++i) scalar = nan_max(scalar, std::abs(x[i]));
-  }
-
-  T result() const {
-    const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-    const T vectors = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
-    return nan_max(vectors, scalar);
-  }
-};
 
 // The largest |x_i| of x, +inf when an entry is NaN or infinite: one read, in parallel blocks of
 // about 64k entries. A contiguous x is one run; a 4-d x with contiguous rows (a view of a packed
@@ -641,6 +683,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_,
   return {out, lse, s};
 }
 
+// One query row (a decoding step), without autograd: (output, the largest magnitude in q and k, the
+// largest in v), each magnitude +inf where an entry is NaN or infinite, taken as the kernel reads
+// every entry (one read of the key/value cache for the attention and its non-finite check).
+std::tuple<at::Tensor, double, double> fna_decode(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                                                  const std::optional<at::Tensor>& mask, double exponent, double c,
+                                                  bool gaussian, bool causal, bool exclude_self, int64_t key_block) {
+  const at::Tensor q = in_rows(q_), k = in_rows(k_), v = in_rows(v_);
+  check_inputs(q, k, v);
+  TORCH_CHECK(q.size(2) == 1 && k.size(2) > 0, "fna_cpu: decode takes one query row and at least one key");
+  const auto additive = additive_mask(mask, q, k.size(2));
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  auto lse = at::empty({q.size(0), q.size(1), 1}, q.options());
+  auto peaks = at::empty({2, q.size(0) * q.size(1)}, q.options());
+  const auto none = at::empty({0}, q.options());  // no shift: the distances are taken directly
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_decode", [&] {
+    const Problem<scalar_t> p(q, k, v, none, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
+                              exclude_self, 1, key_block);
+    forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
+                             lse.mutable_data_ptr<scalar_t>(), peaks.mutable_data_ptr<scalar_t>());
+  });
+  return {out, peak_magnitude(peaks[0]), peak_magnitude(peaks[1])};
+}
+
 // Returns the gradients of q, k, v (contiguous) and, when mask_grad, of the mask's broadcast
 // (B, H, Nq, Nk) (else empty: an op returns defined tensors).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fna_backward(
@@ -683,10 +748,14 @@ TORCH_LIBRARY(levyattn_fna_cpu, m) {
       "float exponent, float c, bool gaussian, bool causal, bool exclude_self, int query_block, int key_block, "
       "bool mask_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("peaks(Tensor q, Tensor k, Tensor v) -> (float, float)");
+  m.def(
+      "decode(Tensor q, Tensor k, Tensor v, Tensor? mask, float exponent, float c, bool gaussian, bool causal, "
+      "bool exclude_self, int key_block) -> (Tensor, float, float)");
 }
 
 TORCH_LIBRARY_IMPL(levyattn_fna_cpu, CPU, m) {
   m.impl("forward", &fna_forward);
   m.impl("backward", &fna_backward);
   m.impl("peaks", &fna_peaks);
+  m.impl("decode", &fna_decode);
 }
