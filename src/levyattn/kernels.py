@@ -93,24 +93,34 @@ def log_phi_from_sq(
 
 
 def center(q: torch.Tensor, k: torch.Tensor, key_used: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shift q and k by the mean key (:func:`key_mean`): distances are unchanged, cancellation
-    in ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances do not depend
-    on it, so gradients are unchanged)."""
-    shift = key_mean(k, key_used)
+    """Shift q and k by the centre of the keys (:func:`key_center`): distances are unchanged,
+    cancellation in ``||q||^2 + ||k||^2 - 2 q.k`` is reduced. The shift is detached (distances
+    do not depend on it, so gradients are unchanged)."""
+    shift = key_center(k, key_used)
     return q - shift, k - shift
 
 
-def key_mean(k: torch.Tensor, key_used: torch.Tensor | None = None) -> torch.Tensor:
-    """The detached mean of the keys k (..., Nk, d): (..., 1, d).
+def key_center(k: torch.Tensor, key_used: torch.Tensor | None = None) -> torch.Tensor:
+    """The detached centre of the keys k (..., Nk, d): (..., 1, d), the mean of the half of the
+    keys nearest to their mean (by squared distance: those up to the lower median).
 
-    ``key_used``: bool, broadcastable to (..., Nk); only those keys enter the mean, so a key
-    that no query sees (padding: far away, or garbage) cannot spoil the conditioning of the
-    others. With none left, the mean is 0. k must be finite (``fractional_attention`` replaces
-    non-finite entries before it gets here)."""
+    A key far from the others (a huge activation) drags the plain mean towards it, and every
+    distance computed around that mean into cancellation (a key at 1e4 among 16 others cost 3%
+    of every float32 weight); it does not move this centre. ``key_used``: bool, broadcastable to
+    (..., Nk); only those keys count, so a key that no query sees (padding: far away, or garbage)
+    cannot spoil the conditioning of the others. With none left, the centre is 0. k must be
+    finite (``fractional_attention`` replaces non-finite entries before it gets here)."""
     keys = k.detach()
-    if key_used is None:
-        return keys.mean(dim=-2, keepdim=True)
-    weights = key_used.expand(keys.shape[:-1]).to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
+    used = keys.new_ones(keys.shape[:-1], dtype=torch.bool) if key_used is None else key_used.expand(keys.shape[:-1])
+    spread = (keys - _mean_of(keys, used)).square().sum(-1).masked_fill(~used, float("inf"))  # (..., Nk)
+    lower_median = spread.sort(-1).values.gather(-1, (used.sum(-1, keepdim=True) - 1).clamp_min(0) // 2)
+    return _mean_of(keys, used & (spread <= lower_median))
+
+
+def _mean_of(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The mean of the keys (..., Nk, d) that ``chosen`` (bool (..., Nk)) marks: (..., 1, d), 0
+    where none is."""
+    weights = chosen.to(keys.dtype).unsqueeze(-2)  # (..., 1, Nk)
     return (weights @ keys) / weights.sum(-1, keepdim=True).clamp_min(1)
 
 

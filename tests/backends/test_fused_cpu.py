@@ -20,7 +20,7 @@ import levyattn.backends.fused_cpu as fused_cpu
 import levyattn.backends.tiled as tiled
 import levyattn.functional as functional
 from levyattn import fractional_attention
-from levyattn.kernels import key_mean
+from levyattn.kernels import key_center
 
 
 def _use_kernel(mp: pytest.MonkeyPatch, query_rows: int, keys: int) -> list:
@@ -376,16 +376,16 @@ def test_the_kernel_reads_views_in_place_and_lays_the_output_out_by_token(fused,
     assert fused
 
 
-def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
+def test_the_kernel_shifts_by_the_centre_of_the_keys_unless_given_a_shift(fused):
     """Distances do not depend on the shift: any shift gives the same output (to rounding); the
-    kernel returns the one it used, the mean key when given none, and none (an empty tensor) for
-    a single query row, whose distances it takes directly."""
+    kernel returns the one it used, the keys' centre (key_center) when given none, and none (an
+    empty tensor) for a single query row, whose distances it takes directly."""
     assert fused_cpu.ensure_built()
     q, k, v = (x.detach() for x in make_qkv(nq=7, nk=13, d=5))
     q, k = q + 1e3, k + 1e3
     flags = (6.2, 0.8, False, True, False, 4, 8)
     out, lse, shift = fused_cpu._state["ops"].forward(q, k, v, None, None, *flags)
-    torch.testing.assert_close(shift, k.mean(-2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(shift, key_center(k).squeeze(-2), rtol=0, atol=1e-12)
     other = torch.randn_like(shift) + 1e3
     out_other, lse_other, used = fused_cpu._state["ops"].forward(q, k, v, None, other, *flags)
     assert torch.equal(used, other)
@@ -399,10 +399,10 @@ def test_the_kernel_shifts_by_the_mean_key_unless_given_a_shift(fused):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", ["bool", "additive"])
-def test_with_a_mask_the_kernel_shifts_by_the_mean_of_the_keys_in_use(fused, dtype, kind):
-    """The keys the mask keeps for some query, per (batch, head), as key_mean gives them, from a
-    strided view of k and a mask broadcast along heads and queries (a padding mask) or not; 0
-    where no key is in use, the plain mean without a mask."""
+def test_with_a_mask_the_kernel_shifts_by_the_centre_of_the_keys_in_use(fused, dtype, kind):
+    """The centre of the keys the mask keeps for some query, per (batch, head), as key_center gives
+    it, from a strided view of k and a mask broadcast along heads and queries (a padding mask) or
+    not; 0 where no key is in use; the centre of all keys without a mask."""
     assert fused_cpu.ensure_built()
     g = torch.Generator().manual_seed(0)
     k = _laid_out(torch.randn(3, 2, 67, 5, generator=g, dtype=dtype) * 10 + 100, "rows")
@@ -415,13 +415,13 @@ def test_with_a_mask_the_kernel_shifts_by_the_mean_of_the_keys_in_use(fused, dty
     for mask in (padding, per_query):
         given = mask if kind == "bool" else torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
         shift = fused_cpu._state["ops"].forward(q, k, v, given, None, *flags)[2]
-        expected = key_mean(k.double(), mask.any(-2)).squeeze(-2)
+        expected = key_center(k.double(), mask.any(-2)).squeeze(-2)
         torch.testing.assert_close(shift.double(), expected, **tolerance)
     assert torch.equal(
         fused_cpu._state["ops"].forward(q, k, v, padding, None, *flags)[2][1], torch.zeros(2, 5, dtype=dtype)
     )
     shift = fused_cpu._state["ops"].forward(q, k, v, None, None, *flags)[2]
-    torch.testing.assert_close(shift.double(), k.double().mean(-2), **tolerance)
+    torch.testing.assert_close(shift.double(), key_center(k.double()).squeeze(-2), **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

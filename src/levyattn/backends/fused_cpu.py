@@ -173,10 +173,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     ``log Phi = -exponent log1p(c sqrt(sq))`` (alpha < 2) or ``-c sq`` (alpha = 2).
 
     The kernel takes the call's 4-D mask as it is, bool or additive, and shifts q and k by the
-    mean of the keys in use (all, or those the mask keeps for some query: the centring of
-    :meth:`AttentionCall.prepare`), tile by tile, without copies. It reads q, k, v in place when
-    their rows are contiguous (the views of a packed projection) and lays the output out as
-    (B, Nq, H, dv), so that merging its heads is a view. A float mask that requires grad gets it."""
+    centre of the keys in use (all, or those the mask keeps for some query: the centring of
+    :meth:`AttentionCall.prepare`, :func:`kernels.key_center`), tile by tile, without copies. It
+    reads q, k, v in place when their rows are contiguous (the views of a packed projection) and
+    lays the output out as (B, Nq, H, dv), so that merging its heads is a view. A float mask that
+    requires grad gets it."""
     flags = (exponent, c, call.is_gaussian, call.is_causal, call.exclude_self, query_block(q.shape[-2]), KEY_BLOCK)
     mask = call.attn_mask
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, mask)):

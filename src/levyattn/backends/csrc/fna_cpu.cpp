@@ -9,7 +9,8 @@
 // projection), else copied first. The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
 // returns it, so that merging the heads costs no copy; the gradients are contiguous. Distances are
 // taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): unless the
-// caller gives one, the mean of the keys in use (all, or those the mask keeps for some query); a
+// caller gives one, the centre of the keys in use (all, or those the mask keeps for some query;
+// center_keys: the mean of the half nearest to their mean, which one far key cannot drag); a
 // single query row (decoding) takes its distances |q - k_j|^2 directly instead, with no shift. It changes no distance but keeps
 // |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
 // tile, in cache, not as copies of q and k. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij
@@ -557,11 +558,43 @@ std::tuple<double, double> fna_peaks(const at::Tensor& q, const at::Tensor& k, c
   return {std::max(peak_magnitude(q), peak_magnitude(k)), peak_magnitude(v)};
 }
 
-// The mean key of each (batch, head), (B, H, D), of k (B, H, Nk, D) with contiguous rows, over
-// the keys `used` (bool (B, H, Nk), any strides; undefined: all) marks; 0 without any. Sums of 64
-// keys in four interleaved runs (vectorised over the head dim), added up in double.
-at::Tensor mean_keys(const at::Tensor& k, const std::optional<at::Tensor>& used_) {
-  auto mean = at::empty({k.size(0), k.size(1), k.size(3)}, k.options());
+// Adds the keys j of one head (`keys`, row stride `stride`, D entries each) that take(j) admits
+// into total (D, double); returns how many: partial sums of 64 keys in four interleaved runs
+// (vectorised over the head dim), added up in double. partial: scratch of 4 * D.
+template <typename T, typename Take>
+int64_t sum_keys(const T* keys, int64_t stride, int64_t Nk, int64_t D, const Take& take, std::vector<T>& partial,
+                 std::vector<double>& total) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t runs = 4, keys_per_partial = 64;
+  std::fill(total.begin(), total.end(), 0.0);
+  int64_t count = 0;
+  for (int64_t j0 = 0; j0 < Nk; j0 += keys_per_partial) {
+    std::fill(partial.begin(), partial.end(), T(0));
+    const int64_t stop = std::min(Nk, j0 + keys_per_partial);
+    for (int64_t j = j0; j < stop; ++j) {
+      if (!take(j)) continue;
+      ++count;
+      T* run = partial.data() + (j % runs) * D;
+      const T* key = keys + j * stride;
+      int64_t e = 0;
+      for (; e + Vec::size() <= D; e += Vec::size()) (Vec::loadu(run + e) + Vec::loadu(key + e)).store(run + e);
+      for (; e < D; ++e) run[e] += key[e];
+    }
+    for (int64_t r = 0; r < runs; ++r) {
+      for (int64_t e = 0; e < D; ++e) total[e] += partial[r * D + e];
+    }
+  }
+  return count;
+}
+
+// The centre of each (batch, head)'s keys in use, (B, H, D), from k (B, H, Nk, D) with contiguous
+// rows and `used` (bool (B, H, Nk), any strides; undefined: all keys): the mean of the half of
+// them nearest to their mean (by squared distance: those up to the lower median), 0 without any.
+// A key far from the others (a huge activation) drags the mean towards it, and with it every
+// |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) into cancellation; it does not move this centre.
+// As kernels.key_center computes it.
+at::Tensor center_keys(const at::Tensor& k, const std::optional<at::Tensor>& used_) {
+  auto center = at::empty({k.size(0), k.size(1), k.size(3)}, k.options());
   const int64_t H = k.size(1), bh_count = k.size(0) * H, Nk = k.size(2), D = k.size(3);
   const bool* used = nullptr;
   int64_t used_b = 0, used_h = 0, used_j = 0;
@@ -572,40 +605,49 @@ at::Tensor mean_keys(const at::Tensor& k, const std::optional<at::Tensor>& used_
     used = used_->const_data_ptr<bool>();
     used_b = used_->stride(0), used_h = used_->stride(1), used_j = used_->stride(2);
   }
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "fna_mean_keys", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Rows<const scalar_t> k_in = rows_of<scalar_t>(k);
-    scalar_t* out = mean.mutable_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "fna_center_keys", [&] {
+    using T = scalar_t;
+    const Rows<const T> k_in = rows_of<T>(k);
+    T* out = center.mutable_data_ptr<T>();
+    using Vec = at::vec::Vectorized<T>;
+    const int64_t vectors = (D + Vec::size() - 1) / Vec::size();
     at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
-      constexpr int64_t runs = 4, keys_per_partial = 64;
-      std::vector<scalar_t> partial(runs * D);
+      std::vector<T> partial(4 * D), mean(D);
       std::vector<double> total(D);
+      std::vector<double> spread(Nk), ranked;
       for (int64_t bh = begin; bh < end; ++bh) {
-        std::fill(total.begin(), total.end(), 0.0);
-        const scalar_t* keys = k_in.row(bh, 0);
+        const T* keys = k_in.row(bh, 0);
         const bool* used_keys = used == nullptr ? nullptr : used + (bh / H) * used_b + (bh % H) * used_h;
-        int64_t count = 0;
-        for (int64_t j0 = 0; j0 < Nk; j0 += keys_per_partial) {
-          std::fill(partial.begin(), partial.end(), scalar_t(0));
-          const int64_t stop = std::min(Nk, j0 + keys_per_partial);
-          for (int64_t j = j0; j < stop; ++j) {
-            if (used_keys != nullptr && !used_keys[j * used_j]) continue;
-            ++count;
-            scalar_t* run = partial.data() + (j % runs) * D;
-            const scalar_t* key = keys + j * k_in.stride_row;
-            int64_t e = 0;
-            for (; e + Vec::size() <= D; e += Vec::size()) (Vec::loadu(run + e) + Vec::loadu(key + e)).store(run + e);
-            for (; e < D; ++e) run[e] += key[e];
-          }
-          for (int64_t r = 0; r < runs; ++r) {
-            for (int64_t e = 0; e < D; ++e) total[e] += partial[r * D + e];
-          }
+        const auto in_use = [&](int64_t j) { return used_keys == nullptr || used_keys[j * used_j]; };
+        const int64_t count = sum_keys(keys, k_in.stride_row, Nk, D, in_use, partial, total);
+        if (count == 0) {
+          std::fill(out + bh * D, out + (bh + 1) * D, T(0));
+          continue;
         }
-        for (int64_t e = 0; e < D; ++e) out[bh * D + e] = count ? scalar_t(total[e] / double(count)) : scalar_t(0);
+        for (int64_t e = 0; e < D; ++e) mean[e] = T(total[e] / double(count));
+        ranked.clear();
+        for (int64_t j = 0; j < Nk; ++j) {
+          if (!in_use(j)) continue;
+          const T* key = keys + j * k_in.stride_row;
+          Vec sum(0);  // squared distance to the mean, vectorised over the head dim
+          for (int64_t e = 0; e < vectors; ++e) {
+            const int64_t lanes = std::min<int64_t>(Vec::size(), D - e * Vec::size());
+            const Vec diff = Vec::loadu(key + e * Vec::size(), lanes) - Vec::loadu(mean.data() + e * Vec::size(), lanes);
+            sum = at::vec::fmadd(diff, diff, sum);
+          }
+          spread[j] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum);
+          ranked.push_back(spread[j]);
+        }
+        const auto median = ranked.begin() + (count - 1) / 2;
+        std::nth_element(ranked.begin(), median, ranked.end());
+        const double limit = *median;
+        const auto near = [&](int64_t j) { return in_use(j) && spread[j] <= limit; };
+        const int64_t nearest = sum_keys(keys, k_in.stride_row, Nk, D, near, partial, total);
+        for (int64_t e = 0; e < D; ++e) out[bh * D + e] = T(total[e] / double(nearest));
       }
     });
   });
-  return mean;
+  return center;
 }
 
 void check_shift(const at::Tensor& shift, const at::Tensor& q) {
@@ -614,12 +656,12 @@ void check_shift(const at::Tensor& shift, const at::Tensor& q) {
               "fna_cpu: shift must be a contiguous (B, H, D) tensor of q's dtype");
 }
 
-// The shift of q and k: the mean of the keys in use, all or (with an additive mask, of its own
+// The shift of q and k: the centre of the keys in use, all or (with an additive mask, of its own
 // shape) those the mask keeps for at least one query.
 at::Tensor key_shift(const at::Tensor& k, const std::optional<at::Tensor>& additive) {
-  if (!additive.has_value()) return mean_keys(k, std::nullopt);
+  if (!additive.has_value()) return center_keys(k, std::nullopt);
   const auto in_use = (*additive != -std::numeric_limits<double>::infinity()).any(2);
-  return mean_keys(k, in_use.expand({k.size(0), k.size(1), k.size(2)}));
+  return center_keys(k, in_use.expand({k.size(0), k.size(1), k.size(2)}));
 }
 
 bool readable_rows(const at::Tensor& x) {
