@@ -269,12 +269,14 @@ def attend(
 
 
 def _is_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> bool:
-    """One query row against keys and values that are not empty, with no mask or a bool one (a
-    float mask has values of its own to check): a decoding step, which the fused kernel checks
-    as it reads it."""
+    """One query row against keys and values that are not empty, the power law, with no mask or
+    a bool one (a float mask has values of its own to check): a decoding step, which the fused
+    kernel checks as it reads it. (The Gaussian's logits keep their shift:
+    :func:`kernels.gaussian_logits_shifted`.)"""
     mask = call.attn_mask
     return (
         q.shape[-2] == 1
+        and not call.is_gaussian
         and q.numel() > 0
         and k.numel() > 0
         and v.numel() > 0

@@ -139,6 +139,15 @@ def squared_distances(q: torch.Tensor, k: torch.Tensor, manifold: str = "euclide
     return q_sq + k_sq - 2.0 * (q @ k.transpose(-1, -2))
 
 
+def gaussian_logits_shifted(q: torch.Tensor, k: torch.Tensor, scale: Scalar) -> torch.Tensor:
+    """The Gaussian's ``log Phi = -scale ||q - k||^2`` of centred q (..., Nq, d) and k (..., Nk, d)
+    less its row constant ``-scale ||q||^2``: ``scale (2 q.k - ||k||^2)``, (..., Nq, Nk). The
+    weights of a row, normalised over its keys, are the same; but ``||q||^2`` of a query far from
+    every key would dwarf, and round away, the differences between the keys that make them."""
+    k_sq = (k * k).sum(-1).unsqueeze(-2)
+    return (2.0 * (q @ k.transpose(-1, -2)) - k_sq) * scale
+
+
 def log_kernel(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -182,6 +182,19 @@ def test_one_far_key_keeps_the_float32_accuracy_of_the_others(path, far, nq):
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("far", [1e3, 1e10, 1e20])
+def test_a_query_far_from_every_key_keeps_the_gaussian_weights(path, far):
+    """At alpha = 2 the weights of a query far from every key rest on differences between the
+    keys that its ||q||^2 would round away (at 1e10 in float32), or square past the largest float
+    (1e20): every path leaves that row constant out. Held to reference in float64."""
+    q, k, v = qkv(b=1, h=2, nq=3, nk=9, d=64, dv=3, dtype=torch.float32)
+    q[0, 1, 0, 2] = far
+    out = run(path, q, k, v, alpha=2.0).double()
+    expected = run("reference", q.double(), k.double(), v.double(), alpha=2.0)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
 @pytest.mark.parametrize("value", [NAN, INF])
 def test_a_nan_or_plus_inf_mask_entry_gives_nan_in_its_row(path, value):
     q, k, v = qkv()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from levyattn.kernels import Scalar, intrinsic_dim, kappa, log_phi_from_sq, squared_distances
+from levyattn.kernels import Scalar, gaussian_logits_shifted, intrinsic_dim, kappa, log_phi_from_sq, squared_distances
 from levyattn.kernels import center as center_on_keys
 
 # Input dtypes that ``reference`` and ``tiled`` (and every backend on the CPU) compute in float32.
@@ -73,11 +73,17 @@ class AttentionCall:
 
     def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int, nk: int | None = None) -> torch.Tensor:
         """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``
-        against ``k``, the first ``k.shape[-2]`` of ``nk`` keys (default: all of them).
+        against ``k``, the first ``k.shape[-2]`` of ``nk`` keys (default: all of them); for the
+        Euclidean Gaussian, less the row's constant (:func:`gaussian_logits_shifted`), which the
+        normalisation over the row removes.
 
         q, k must have gone through :meth:`prepare`. Returns (B, H, bq, k.shape[-2]).
         """
-        logits = log_phi_from_sq(squared_distances(q, k, self.manifold), **self.kernel_kwargs(q.shape[-1]))
+        kw = self.kernel_kwargs(q.shape[-1])
+        if self.manifold == "euclidean" and self.is_gaussian:
+            logits = gaussian_logits_shifted(q, k, 1.0 / (kw["kappa"] ** 2 * kw["bandwidth"]))
+        else:
+            logits = log_phi_from_sq(squared_distances(q, k, self.manifold), **kw)
         nk = k.shape[-2] if nk is None else nk
         mask = self.mask_rows(q_start, q_start + q.shape[-2], nq, nk, q.device, k.shape[-2])
         return apply_mask(logits, mask)

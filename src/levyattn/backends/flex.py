@@ -98,12 +98,14 @@ def _pad16(x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, (0, (-x.shape[-1]) % 16))
 
 
-def _augment(q: torch.Tensor, k: torch.Tensor, manifold: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _augment(q: torch.Tensor, k: torch.Tensor, manifold: str, gaussian: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k whose product is the squared distance (Euclidean; the Gaussian's without the row's
+    ||q||^2, see kernels.gaussian_logits_shifted) or the cosine (sphere), padded to 16."""
     if manifold == "sphere":
         return _pad16(F.normalize(q, dim=-1)), _pad16(F.normalize(k, dim=-1))
     dtype = q.dtype
     q32, k32 = q.to(_score_dtype(dtype)), k.to(_score_dtype(dtype))
-    q_sq = _split((q32 * q32).sum(-1, keepdim=True), dtype)
+    q_sq = _split(torch.zeros_like(q32[..., :1]) if gaussian else (q32 * q32).sum(-1, keepdim=True), dtype)
     k_sq = _split((k32 * k32).sum(-1, keepdim=True), dtype)
     ones_q = [torch.ones_like(q[..., :1])] * len(k_sq)
     ones_k = [torch.ones_like(k[..., :1])] * len(q_sq)
@@ -165,9 +167,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     batch, heads, nq, head_dim = q.shape
     nk = k.shape[-2]
     q, k = call.prepare(q, k)
-    q_aug, k_aug = _augment(q, k, call.manifold)
-    kw = call.kernel_kwargs(head_dim)
     gaussian = call.is_gaussian
+    q_aug, k_aug = _augment(q, k, call.manifold, gaussian)
+    kw = call.kernel_kwargs(head_dim)
     wide = _score_dtype(q.dtype)
     # alpha stays a Python float at exactly 2 (the Gaussian branch, one compilation).
     alpha = kw.pop("alpha") if gaussian else _per_head(kw.pop("alpha"), heads, q.device, wide)
@@ -181,8 +183,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
 
     def score_mod(score, b, h, qi, ki):
         sq = 2.0 - 2.0 * score if sphere else score
-        a = alpha if gaussian else alpha[h]
-        out = log_phi_from_sq(sq.to(wide), alpha=a, bandwidth=bandwidth[h], kappa=kap[h], **kw)
+        if gaussian and not sphere:  # sq without the row's ||q||^2: any sign, no clamp
+            out = sq.to(wide) * (-1.0 / (kap[h] * kap[h] * bandwidth[h]))
+        else:
+            a = alpha if gaussian else alpha[h]
+            out = log_phi_from_sq(sq.to(wide), alpha=a, bandwidth=bandwidth[h], kappa=kap[h], **kw)
         if additive is not None:
             out = out + additive(b, h, qi, ki).to(wide)
         return out

@@ -216,8 +216,8 @@ def _kernel_weights_(scores, user, keep, exponent, c, gaussian: bool):
     ``user`` (broadcastable to the tile) and ``keep`` (bq, Nk) are the two parts of the mask
     (:meth:`AttentionCall.mask_parts`), each additive (0 keeps, -inf removes) or None.
     """
-    if gaussian:
-        logits = scores.clamp_min_(0).mul_(-c)
+    if gaussian:  # scores: ||k||^2 - 2 q.k, without the row's ||q||^2 (any sign)
+        logits = scores.mul_(-c)
     else:
         logits = scores.clamp_min_(torch.finfo(scores.dtype).tiny).sqrt_().mul_(c).log1p_().mul_(-exponent)
     _add_masks_(logits, user, keep)
@@ -236,8 +236,8 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
     Returns the row sums of ``g``, (B, H, bq, 1).
     """
     lse, delta = lse.unsqueeze(-1), delta.unsqueeze(-1)
-    if gaussian:
-        logits = torch.clamp_min(scores, 0).mul_(-c)
+    if gaussian:  # as in _kernel_weights_
+        logits = scores.mul(-c)
         slope = -c
     else:
         small = scores < torch.finfo(scores.dtype).tiny
@@ -274,7 +274,8 @@ class _EuclideanFNA(torch.autograd.Function):
     """The hot path: Euclidean distances, float alpha and bandwidth, no density term.
 
     Same tiling as ``_TiledFNA`` with the chain rule written out. Squared distances come from
-    one matmul, ``sq = q^ . k^`` with ``q^ = [-2q, ||q||^2, 1]`` and ``k^ = [k, 1, ||k||^2]``;
+    one matmul, ``sq = q^ . k^`` with ``q^ = [-2q, ||q||^2, 1]`` and ``k^ = [k, 1, ||k||^2]``
+    (the Gaussian leaves ``||q||^2`` out: :func:`kernels.gaussian_logits_shifted`);
     the elementwise work of a tile is :func:`_kernel_weights_` / :func:`_kernel_grads_`, in
     place on two tile-sized work buffers allocated once per call (fresh tile-sized allocations
     cost page faults on every tile). With ``g = dL/d sq``:
@@ -288,6 +289,8 @@ class _EuclideanFNA(torch.autograd.Function):
         (batch, heads, nq, d), nk = q.shape, k.shape[-2]
         exponent, c = _kernel_constants(call, d)
         q_sq, k_sq = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
+        if call.is_gaussian:  # the row constant left out: see kernels.gaussian_logits_shifted
+            q_sq = torch.zeros_like(q_sq)
         q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
         k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
         k_aug_t = k_aug.transpose(-1, -2)  # a view: as fast in the matmuls as a transposed copy
@@ -343,9 +346,9 @@ class _EuclideanFNA(torch.autograd.Function):
             grad_v.view(bh, nk, dv)[:, :kv].baddbmm_(
                 scores.view(bh, rows, kv).transpose(1, 2), d_out.reshape(bh, rows, dv)
             )
-            grad_q[..., start:stop, :] = (
-                (q[..., start:stop, :] * g_row_sums).sub_(grad_scores @ k[..., :kv, :]).mul_(2.0)
-            )
+            # d sq / d q = 2 (q - k); the Gaussian's sq has no ||q||^2, and its d / d q is -2 k.
+            q_part = 0.0 if call.is_gaussian else q[..., start:stop, :] * g_row_sums
+            grad_q[..., start:stop, :] = (grad_scores @ k[..., :kv, :]).sub_(q_part).mul_(-2.0)
             g_q_aug.view(bh, nk, d_aug)[:, :kv].baddbmm_(
                 grad_scores.view(bh, rows, kv).transpose(1, 2), q_tile.reshape(bh, rows, d_aug)
             )

@@ -281,9 +281,9 @@ struct Problem {
   // log Phi of squared distances (without masks) and, when `slope` is given, d log Phi / d sq,
   // which is 0 at zero distance for the power law (sqrt has an infinite slope there).
   Vec log_phi(const Vec& sq, Vec* slope = nullptr) const {
-    if (gaussian) {
+    if (gaussian) {  // sq without the row's |q_i - s|^2 (any sign): see logits_row
       if (slope != nullptr) *slope = Vec(-c);
-      return at::vec::maximum(sq, Vec(0)) * Vec(-c);
+      return sq * Vec(-c);
     }
     const Vec tiny(std::numeric_limits<T>::min()), one(1);
     const Vec r = sqrt_normal(at::vec::maximum(sq, tiny)), cr = r * Vec(c), u = cr + one;
@@ -309,7 +309,9 @@ struct Problem {
   // with ks null, s holds the squared distances themselves. Returns the row max (-inf when all
   // are masked).
   T logits_row(T* s, int64_t n, T q_sq, const T* ks, int64_t bh, int64_t i, int64_t j0) const {
-    const Vec q_sq_i(q_sq), two(2);
+    // The Gaussian leaves the row's constant |q_i - s|^2 out (the normalisation removes it): for a
+    // query far from every key it would dwarf, and round away, the differences between the keys.
+    const Vec q_sq_i(gaussian ? T(0) : q_sq), two(2);
     const T* m = mask_row(bh, i);
     if (m != nullptr) m += j0;
     for (int64_t j = 0; j < n; j += Vec::size()) {
@@ -460,7 +462,7 @@ void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T
               std::fill(g, g + cols, T(0));
               continue;
             }
-            const Vec q_sq_i(q_sq[i]), two(2), lse_v(row_lse), delta_v(delta[row0 + r]);
+            const Vec q_sq_i(p.gaussian ? T(0) : q_sq[i]), two(2), lse_v(row_lse), delta_v(delta[row0 + r]);
             const T* ks = k_sq.data() + j0;
             const T* m = p.mask_row(bh, i);
             if (m != nullptr) m += j0;
@@ -486,9 +488,10 @@ void backward_kernel(const Problem<T>& p, const Rows<const T>& grad_out, const T
           gemm(false, false, rows, p.D, cols, grads.data(), cols, k + j0 * p.D, p.D, T(1), g_q.data(), p.D);
           gemm(true, false, cols, p.D, rows, grads.data(), cols, q, p.D, T(1), dk + j0 * p.D, p.D);
         }
-        // dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j)
+        // dL/dq_i = 2 (q_i sum_j g_ij - sum_j g_ij k_j); the Gaussian's sq has no |q_i - s|^2, so
+        // only the second sum.
         for (int64_t r = 0; r < rows; ++r) {
-          const T total = g_row[r];
+          const T total = p.gaussian ? T(0) : g_row[r];
           at::vec::map2([total](Vec x, Vec gk) { return (x * Vec(total) - gk) * Vec(2); }, grad_q + (row0 + r) * p.D,
                         q + r * p.D, g_q.data() + r * p.D, p.D);
         }
@@ -709,8 +712,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_,
   if (shift.has_value() && shift->defined()) {
     s = *shift;
     check_shift(s, q);
-  } else if (q.size(2) == 1) {
-    s = at::empty({0}, q.options());  // one query row: direct distances, no shift
+  } else if (q.size(2) == 1 && !gaussian) {
+    // One query row: direct distances, no shift (the Gaussian's logits keep their shift and
+    // leave |q - s|^2 out: logits_row).
+    s = at::empty({0}, q.options());
   } else {
     s = key_shift(k, additive);
   }
@@ -733,7 +738,8 @@ std::tuple<at::Tensor, double, double> fna_decode(const at::Tensor& q_, const at
                                                   bool gaussian, bool causal, bool exclude_self, int64_t key_block) {
   const at::Tensor q = in_rows(q_), k = in_rows(k_), v = in_rows(v_);
   check_inputs(q, k, v);
-  TORCH_CHECK(q.size(2) == 1 && k.size(2) > 0, "fna_cpu: decode takes one query row and at least one key");
+  TORCH_CHECK(q.size(2) == 1 && k.size(2) > 0 && !gaussian,
+              "fna_cpu: decode takes one query row, at least one key and the power law");
   const auto additive = additive_mask(mask, q, k.size(2));
   auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   auto lse = at::empty({q.size(0), q.size(1), 1}, q.options());
