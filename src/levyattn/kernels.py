@@ -105,8 +105,8 @@ def key_center(k: torch.Tensor, key_used: torch.Tensor | None = None) -> torch.T
     keys nearest to their mean (by squared distance: those up to the lower median).
 
     A key far from the others (a huge activation) drags the plain mean towards it, and every
-    distance computed around that mean into cancellation (a key at 1e4 among 16 others cost 3%
-    of every float32 weight); it does not move this centre. ``key_used``: bool, broadcastable to
+    distance computed around that mean into cancellation (a key at 1e4 among 16 others cost 2%
+    of every float32 output); it does not move this centre. ``key_used``: bool, broadcastable to
     (..., Nk); only those keys count, so a key that no query sees (padding: far away, or garbage)
     cannot spoil the conditioning of the others. With none left, the centre is 0. k must be
     finite (``fractional_attention`` replaces non-finite entries before it gets here)."""
