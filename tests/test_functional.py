@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import levyattn.backends.tiled as tiled
 from levyattn import fractional_attention
 from levyattn.functional import check_mask
-from levyattn.kernels import intrinsic_dim, kappa, phi
+from levyattn.kernels import intrinsic_dim, kappa, log_kernel, phi
 
 ALPHAS = [0.5, 1.0, 1.2, 1.5, 1.9, 2.0]
 
@@ -213,6 +213,22 @@ def test_gradcheck(kw):
         assert torch.autograd.gradcheck(
             lambda q, k, v, b=backend: fractional_attention(q, k, v, backend=b, **kw), (q, k, v)
         )
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+@pytest.mark.parametrize("alpha", [1.2, 2.0])
+def test_the_density_term_is_the_column_normalised_kernel(backend, alpha):
+    """Held to the definition, from ``log_kernel`` (the whole log Phi of every pair): weights
+    Phi_ij / C_j^a, C_j the column sums over the queries, normalised per row. Dropping any row's
+    constant from log Phi (as the Gaussian's logits do without this term) would change C_j."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, w, generator=g, dtype=torch.float64) for n, w in ((5, 4), (7, 4), (7, 3)))
+    q = 2 * q + 1
+    phi_ = log_kernel(q, k, alpha=alpha, bandwidth=1.0).exp()
+    weights = phi_ / phi_.sum(-2, keepdim=True) ** 0.5
+    expected = (weights / weights.sum(-1, keepdim=True)) @ v
+    out = fractional_attention(q, k, v, alpha=alpha, density_a=0.5, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_gradcheck_density_and_learnable_parameters():

@@ -74,13 +74,14 @@ class AttentionCall:
     def logits(self, q: torch.Tensor, k: torch.Tensor, q_start: int, nq: int, nk: int | None = None) -> torch.Tensor:
         """Masked ``log Phi`` for the query rows ``q_start .. q_start + q.shape[-2]`` of ``nq``
         against ``k``, the first ``k.shape[-2]`` of ``nk`` keys (default: all of them); for the
-        Euclidean Gaussian, less the row's constant (:func:`gaussian_logits_shifted`), which the
-        normalisation over the row removes.
+        Euclidean Gaussian without the density term, less the row's constant
+        (:func:`gaussian_logits_shifted`), which the normalisation over the row removes (the
+        density term's column sums over the queries need every row's own constant).
 
         q, k must have gone through :meth:`prepare`. Returns (B, H, bq, k.shape[-2]).
         """
         kw = self.kernel_kwargs(q.shape[-1])
-        if self.manifold == "euclidean" and self.is_gaussian:
+        if self.manifold == "euclidean" and self.is_gaussian and not self.density_a:
             logits = gaussian_logits_shifted(q, k, 1.0 / (kw["kappa"] ** 2 * kw["bandwidth"]))
         else:
             logits = log_phi_from_sq(squared_distances(q, k, self.manifold), **kw)
