@@ -288,9 +288,9 @@ class _EuclideanFNA(torch.autograd.Function):
     def forward(ctx, q, k, v, call, block):
         (batch, heads, nq, d), nk = q.shape, k.shape[-2]
         exponent, c = _kernel_constants(call, d)
-        q_sq, k_sq = (q * q).sum(-1, keepdim=True), (k * k).sum(-1, keepdim=True)
-        if call.is_gaussian:  # the row constant left out: see kernels.gaussian_logits_shifted
-            q_sq = torch.zeros_like(q_sq)
+        k_sq = (k * k).sum(-1, keepdim=True)
+        # The Gaussian leaves the row constant ||q||^2 out: see kernels.gaussian_logits_shifted.
+        q_sq = q.new_zeros(*q.shape[:-1], 1) if call.is_gaussian else (q * q).sum(-1, keepdim=True)
         q_aug = torch.cat([-2.0 * q, q_sq, torch.ones_like(q_sq)], dim=-1)
         k_aug = torch.cat([k, torch.ones_like(k_sq), k_sq], dim=-1)
         k_aug_t = k_aug.transpose(-1, -2)  # a view: as fast in the matmuls as a transposed copy

@@ -6,19 +6,23 @@
 // Conventions (see levyattn/backends/fused_cpu.py, which builds and calls this file):
 // q (B, H, Nq, D), k (B, H, Nk, D), v (B, H, Nk, Dv), float32 or float64, read in place where each
 // row (last dimension) is contiguous, at any strides between rows and heads (the views of a packed
-// projection), else copied first. The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as PyTorch's CPU attention
-// returns it, so that merging the heads costs no copy; the gradients are contiguous. Distances are
-// taken between q and k shifted by one point s per (batch, head), `shift` (B, H, D): unless the
-// caller gives one, the centre of the keys in use (all, or those the mask keeps for some query;
-// center_keys: the mean of the half nearest to their mean, which one far key cannot drag); a
-// single query row (decoding) takes its distances |q - k_j|^2 directly instead, with no shift. It changes no distance but keeps
-// |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s) from cancelling; the shifted rows are made tile by
-// tile, in cache, not as copies of q and k. log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij
-// (power law, alpha < 2) or -c * sq_ij + mask_ij (Gaussian, alpha = 2), with sq_ij the squared distance
-// |q_i - s|^2 + |k_j - s|^2 - 2 (q_i - s) . (k_j - s) clamped below at the smallest normal number
-// (power law) or at 0 (Gaussian).
-// mask: bool (True keeps) or additive (0 keeps, -inf removes), of shape (B or 1, H or 1, Nq or 1, Nk),
-// or undefined; the kernel reads it as an additive mask of q's dtype broadcast to (B, H, Nq, Nk). Causal and self-pair masks are bottom-right aligned: query i sits at key i + Nk - Nq.
+// projection), else copied first. The output is (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), as
+// PyTorch's CPU attention returns it, so that merging the heads costs no copy; the gradients are
+// contiguous. Distances are taken between q and k shifted by one point s per (batch, head), `shift`
+// (B, H, D): unless the caller gives one, the centre of the keys in use (all, or those the mask
+// keeps for some query; center_keys: the mean of the half nearest to their mean, which one far key
+// cannot drag). The shift changes no distance but keeps |q - s|^2 + |k - s|^2 - 2 (q - s).(k - s)
+// from cancelling; the shifted rows are made tile by tile, in cache, not as copies of q and k. A
+// single query row of the power law (decoding) takes its distances |q - k_j|^2 directly instead,
+// with no shift.
+// log Phi_ij = -exponent * log1p(c * sqrt(sq_ij)) + mask_ij (power law, alpha < 2), sq_ij the
+// squared distance clamped below at the smallest normal number; or -c * sq_ij + mask_ij (Gaussian,
+// alpha = 2) with sq_ij = |k_j - s|^2 - 2 (q_i - s) . (k_j - s), the squared distance less the
+// row's constant |q_i - s|^2, which the row's normalisation removes.
+// mask: bool (True keeps) or additive (0 keeps, -inf removes), of shape (B or 1, H or 1, Nq or 1,
+// Nk), or undefined; the kernel reads it as an additive mask of q's dtype broadcast to
+// (B, H, Nq, Nk). Causal and self-pair masks are bottom-right aligned: query i sits at key
+// i + Nk - Nq.
 // Forward returns the output, the row log-sum-exp (B, H, Nq) (-inf for a fully masked row, whose
 // output is 0) and the shift it used; backward takes the shift back, recomputes each tile from the
 // log-sum-exp, and on request also returns the gradient of the mask, dS = P (dO v^T - D), as a
@@ -106,13 +110,31 @@ struct Rows {
       : data(data_), heads(x.size(1)), stride_b(x.stride(0)), stride_h(x.stride(1)),
         stride_row(x.size(2) == 1 ? x.size(3) : x.stride(2)) {}  // a lone row's stride is free: BLAS wants >= E
 
-  E* row(int64_t bh, int64_t i) const { return data + (bh / heads) * stride_b + (bh % heads) * stride_h + i * stride_row; }
+  E* row(int64_t bh, int64_t i) const {
+    return data + (bh / heads) * stride_b + (bh % heads) * stride_h + i * stride_row;
+  }
 };
 
 template <typename T>
 Rows<const T> rows_of(const at::Tensor& x) {
   return Rows<const T>(x.const_data_ptr<T>(), x);
 }
+
+// A row of n entries as vectors: `count` of them, the last holding `last` entries (a masked load
+// and store where n is not a multiple of the width). `fits`: one vector or more, at most 8, few
+// enough to keep in registers.
+template <typename T>
+struct VectorRow {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t count, last;
+
+  explicit VectorRow(int64_t n) : count((n + Vec::size() - 1) / Vec::size()), last(n - (count - 1) * Vec::size()) {}
+
+  bool fits() const { return count > 0 && count <= 8; }
+  int64_t lanes(int64_t e) const { return e + 1 < count ? Vec::size() : last; }
+  Vec load(const T* row, int64_t e) const { return Vec::loadu(row + e * Vec::size(), lanes(e)); }
+  void store(const Vec& x, T* row, int64_t e) const { x.store(row + e * Vec::size(), lanes(e)); }
+};
 
 // Running maxima of |x| over runs of contiguous entries, four vectors wide so that the loop is
 // not bound by the latency of one maximum (the vector maximum propagates NaN; the scalar one is
@@ -141,8 +163,8 @@ struct PeakScan {
 
   T result() const {
     const auto vec_max = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
-    const T vectors = at::vec::vec_reduce_all<T>(vec_max, at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
-    return nan_max(vectors, scalar);
+    const Vec all = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+    return nan_max(at::vec::vec_reduce_all<T>(vec_max, all), scalar);
   }
 };
 
@@ -183,9 +205,8 @@ struct Problem {
   void shifted(const Rows<const T>& x, int64_t bh, int64_t i0, int64_t count, T* out, T* out_sq) const {
     const T* s = shift + bh * D;
     const T* rows = x.row(bh, i0);
-    // Whole vectors, the last one partial (a masked load and store) when D is not a multiple.
-    const int64_t vectors = (D + Vec::size() - 1) / Vec::size(), last = D - (vectors - 1) * Vec::size();
-    if (vectors == 0 || vectors > 8) {
+    const VectorRow<T> span(D);
+    if (!span.fits()) {
       for (int64_t r = 0; r < count; ++r) {
         T* row = out + r * D;
         at::vec::map2([](Vec a, Vec b) { return a - b; }, row, rows + r * x.stride_row, s, D);
@@ -195,20 +216,15 @@ struct Problem {
       return;
     }
     Vec s_v[8];
-    for (int64_t e = 0; e < vectors; ++e) s_v[e] = Vec::loadu(s + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t e = 0; e < span.count; ++e) s_v[e] = span.load(s, e);
     for (int64_t r = 0; r < count; ++r) {
       const T* row = rows + r * x.stride_row;
-      T* centred_row = out + r * D;
       Vec norm(0);  // the lanes past D load as 0, minus a shift of 0
-      for (int64_t e = 0; e + 1 < vectors; ++e) {
-        const Vec centred = Vec::loadu(row + e * Vec::size()) - s_v[e];
-        centred.store(centred_row + e * Vec::size());
+      for (int64_t e = 0; e < span.count; ++e) {
+        const Vec centred = span.load(row, e) - s_v[e];
+        span.store(centred, out + r * D, e);
         norm = at::vec::fmadd(centred, centred, norm);
       }
-      const int64_t offset = (vectors - 1) * Vec::size();
-      const Vec centred = Vec::loadu(row + offset, last) - s_v[vectors - 1];
-      centred.store(centred_row + offset, last);
-      norm = at::vec::fmadd(centred, centred, norm);
       out_sq[r] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, norm);
     }
   }
@@ -218,8 +234,8 @@ struct Problem {
   // has nothing to cancel. The keys' largest entries go into `peak` as they are read.
   void squared_distances(const T* q_row, int64_t bh, int64_t j0, int64_t n, T* out, PeakScan<T>& peak) const {
     const T* keys = k.row(bh, j0);
-    const int64_t vectors = (D + Vec::size() - 1) / Vec::size(), last = D - (vectors - 1) * Vec::size();
-    if (vectors == 0 || vectors > 8) {
+    const VectorRow<T> span(D);
+    if (!span.fits()) {
       for (int64_t j = 0; j < n; ++j) {
         out[j] = at::vec::map2_reduce_all<T>([](auto a, auto b) { return (a - b) * (a - b); },
                                              [](auto a, auto b) { return a + b; }, keys + j * k.stride_row, q_row, D);
@@ -228,12 +244,12 @@ struct Problem {
       return;
     }
     Vec q_v[8];
-    for (int64_t e = 0; e < vectors; ++e) q_v[e] = Vec::loadu(q_row + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t e = 0; e < span.count; ++e) q_v[e] = span.load(q_row, e);
     for (int64_t j = 0; j < n; ++j) {
       const T* key = keys + j * k.stride_row;
       Vec sum(0);  // the lanes past D load as 0 on both sides
-      for (int64_t e = 0; e < vectors; ++e) {
-        const Vec entries = Vec::loadu(key + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+      for (int64_t e = 0; e < span.count; ++e) {
+        const Vec entries = span.load(key, e);
         peak.m0 = at::vec::maximum(peak.m0, entries.abs());
         const Vec diff = entries - q_v[e];
         sum = at::vec::fmadd(diff, diff, sum);
@@ -246,8 +262,8 @@ struct Problem {
   // product with v, reading each value once; their largest entries go into `peak`.
   void weighted_values(const T* w, int64_t bh, int64_t j0, int64_t n, T* acc, PeakScan<T>& peak) const {
     const T* values = v.row(bh, j0);
-    const int64_t vectors = (Dv + Vec::size() - 1) / Vec::size(), last = Dv - (vectors - 1) * Vec::size();
-    if (vectors == 0 || vectors > 8) {
+    const VectorRow<T> span(Dv);
+    if (!span.fits()) {
       for (int64_t j = 0; j < n; ++j) {
         const Vec weight(w[j]);
         const T* value = values + j * v.stride_row;
@@ -257,17 +273,17 @@ struct Problem {
       return;
     }
     Vec sums[8];
-    for (int64_t e = 0; e < vectors; ++e) sums[e] = Vec::loadu(acc + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t e = 0; e < span.count; ++e) sums[e] = span.load(acc, e);
     for (int64_t j = 0; j < n; ++j) {
       const Vec weight(w[j]);
       const T* value = values + j * v.stride_row;
-      for (int64_t e = 0; e < vectors; ++e) {
-        const Vec entries = Vec::loadu(value + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+      for (int64_t e = 0; e < span.count; ++e) {
+        const Vec entries = span.load(value, e);
         peak.m0 = at::vec::maximum(peak.m0, entries.abs());
         sums[e] = at::vec::fmadd(entries, weight, sums[e]);
       }
     }
-    for (int64_t e = 0; e < vectors; ++e) sums[e].store(acc + e * Vec::size(), e + 1 < vectors ? Vec::size() : last);
+    for (int64_t e = 0; e < span.count; ++e) span.store(sums[e], acc, e);
   }
 
   // Keys 0 .. key_stop that rows up to `last_row` may see (all, or up to the causal limit).
@@ -386,7 +402,8 @@ void forward_kernel(const Problem<T>& p, const Rows<T>& out, T* lse, T* peaks = 
         }
         for (int64_t r = 0; r < rows; ++r) {
           T* s = scores.data() + r * cols;
-          const T row_peak = p.logits_row(s, cols, direct ? T(0) : q_sq[r], direct ? nullptr : k_sq.data(), bh, i0 + r, j0);
+          const T row_peak =
+              p.logits_row(s, cols, direct ? T(0) : q_sq[r], direct ? nullptr : k_sq.data(), bh, i0 + r, j0);
           const T peak = std::max(row_max[r], row_peak);
           if (peak == neg_inf) {  // nothing seen yet in this row
             std::fill(s, s + cols, T(0));
@@ -613,7 +630,7 @@ at::Tensor center_keys(const at::Tensor& k, const std::optional<at::Tensor>& use
     const Rows<const T> k_in = rows_of<T>(k);
     T* out = center.mutable_data_ptr<T>();
     using Vec = at::vec::Vectorized<T>;
-    const int64_t vectors = (D + Vec::size() - 1) / Vec::size();
+    const VectorRow<T> span(D);
     at::parallel_for(0, bh_count, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> partial(4 * D), mean(D);
       std::vector<double> total(D);
@@ -633,9 +650,8 @@ at::Tensor center_keys(const at::Tensor& k, const std::optional<at::Tensor>& use
           if (!in_use(j)) continue;
           const T* key = keys + j * k_in.stride_row;
           Vec sum(0);  // squared distance to the mean, vectorised over the head dim
-          for (int64_t e = 0; e < vectors; ++e) {
-            const int64_t lanes = std::min<int64_t>(Vec::size(), D - e * Vec::size());
-            const Vec diff = Vec::loadu(key + e * Vec::size(), lanes) - Vec::loadu(mean.data() + e * Vec::size(), lanes);
+          for (int64_t e = 0; e < span.count; ++e) {
+            const Vec diff = span.load(key, e) - span.load(mean.data(), e);
             sum = at::vec::fmadd(diff, diff, sum);
           }
           spread[j] = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, sum);
@@ -687,9 +703,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::optional<at::Tensor> additive_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
   if (!mask.has_value() || !mask->defined()) return std::nullopt;
   TORCH_CHECK(mask->dim() == 4 && mask->size(3) == Nk, "fna_cpu: mask must be (B or 1, H or 1, Nq or 1, Nk)");
+  const double removed = -std::numeric_limits<double>::infinity();
   at::Tensor additive = mask->scalar_type() == at::kBool
-                            ? at::zeros(mask->sizes(), q.options()).masked_fill_(mask->logical_not(),
-                                                                                 -std::numeric_limits<double>::infinity())
+                            ? at::zeros(mask->sizes(), q.options()).masked_fill_(mask->logical_not(), removed)
                             : mask->to(q.scalar_type());
   return additive.stride(3) == 1 || Nk == 1 ? additive : additive.contiguous();
 }
@@ -697,6 +713,26 @@ std::optional<at::Tensor> additive_mask(const std::optional<at::Tensor>& mask, c
 std::optional<at::Tensor> broadcast(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
   if (!mask.has_value()) return std::nullopt;
   return mask->expand({q.size(0), q.size(1), q.size(2), Nk});
+}
+
+// (output (B, H, Nq, Dv) laid out as (B, Nq, H, Dv), row log-sum-exp (B, H, Nq)) of q, k, v as the
+// kernel reads them, shifted by s (empty: one query row, its distances taken directly), with the
+// additive mask of its own shape; `peaks` as forward_kernel takes it, when given.
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& s, const std::optional<at::Tensor>& additive,
+                                               double exponent, double c, bool gaussian, bool causal,
+                                               bool exclude_self, int64_t query_block, int64_t key_block,
+                                               const std::optional<at::Tensor>& peaks) {
+  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
+    const Problem<scalar_t> p(q, k, v, s, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
+                              exclude_self, query_block, key_block);
+    forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
+                             lse.mutable_data_ptr<scalar_t>(),
+                             peaks.has_value() ? peaks->mutable_data_ptr<scalar_t>() : nullptr);
+  });
+  return {out, lse};
 }
 
 // Returns (output, row log-sum-exp, the shift used, empty for none): backward takes it back.
@@ -719,14 +755,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fna_forward(const at::Tensor& q_,
   } else {
     s = key_shift(k, additive);
   }
-  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
-  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_forward", [&] {
-    const Problem<scalar_t> p(q, k, v, s, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
-                              exclude_self, query_block, key_block);
-    forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
-                             lse.mutable_data_ptr<scalar_t>());
-  });
+  auto [out, lse] = run_forward(q, k, v, s, additive, exponent, c, gaussian, causal, exclude_self, query_block,
+                                key_block, std::nullopt);
   return {out, lse, s};
 }
 
@@ -741,16 +771,10 @@ std::tuple<at::Tensor, double, double> fna_decode(const at::Tensor& q_, const at
   TORCH_CHECK(q.size(2) == 1 && k.size(2) > 0 && !gaussian,
               "fna_cpu: decode takes one query row, at least one key and the power law");
   const auto additive = additive_mask(mask, q, k.size(2));
-  auto out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
-  auto lse = at::empty({q.size(0), q.size(1), 1}, q.options());
   auto peaks = at::empty({2, q.size(0) * q.size(1)}, q.options());
   const auto none = at::empty({0}, q.options());  // no shift: the distances are taken directly
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "fna_decode", [&] {
-    const Problem<scalar_t> p(q, k, v, none, broadcast(additive, q, k.size(2)), exponent, c, gaussian, causal,
-                              exclude_self, 1, key_block);
-    forward_kernel<scalar_t>(p, Rows<scalar_t>(out.mutable_data_ptr<scalar_t>(), out),
-                             lse.mutable_data_ptr<scalar_t>(), peaks.mutable_data_ptr<scalar_t>());
-  });
+  const auto out = std::get<0>(
+      run_forward(q, k, v, none, additive, exponent, c, gaussian, causal, exclude_self, 1, key_block, peaks));
   return {out, peak_magnitude(peaks[0]), peak_magnitude(peaks[1])};
 }
 
