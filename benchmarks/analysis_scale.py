@@ -10,16 +10,14 @@ analysis over all heads; prints a table and writes benchmarks/results/analysis_s
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _record import write_record
 
 from levyattn import fractional_attention
 from levyattn.analysis import DENSE_MAX_N, path_lengths, spectral_gap
-from levyattn.io import atomic_write_json
 
 
 def weights(kind: str, n: int, heads: int, seed: int = 0) -> np.ndarray:
@@ -67,17 +65,7 @@ def main() -> None:
             f"(gap {row['mean_gap']:.4f}, hops {row['mean_hops']:.3f}, -log P path {row['mean_path_length']:.3f})",
             flush=True,
         )
-    atomic_write_json(
-        Path(args.out),
-        {
-            "machine": platform.platform(),
-            "torch": torch.__version__,
-            "threads": args.threads,
-            "eigensolver": f"ARPACK beyond {DENSE_MAX_N} tokens",
-            "rows": rows,
-        },
-    )
-    print(f"wrote {args.out}")
+    write_record(args.out, args, rows, eigensolver=f"ARPACK beyond {DENSE_MAX_N} tokens")
 
 
 if __name__ == "__main__":

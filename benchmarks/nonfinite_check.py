@@ -20,16 +20,15 @@ Prints a table and writes JSON (default benchmarks/results/nonfinite_check.json)
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _record import write_record
 
 import levyattn.functional as functional
 from levyattn import fractional_attention
-from levyattn.io import atomic_write_json
 
 # (label, (B, H, Nq, d), Nk, forward+backward, heads-second layout: q, k, v are (B, N, H, d) tensors
 # seen through .transpose(1, 2), as a model's projections give them)
@@ -90,10 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         for label, shape, nk, grad, transposed in CASES:
             on, off = _median_ms(shape, nk, grad, transposed, args.repeats if not grad else max(1, args.repeats // 3))
             rows.append({"case": label, "shape": list(shape), "nk": nk, "backward": grad, "threads": threads,
-                         "with_check_ms": on, "without_check_ms": off, "ratio": on / off})
+                         "with_check_ms": on, "without_check_ms": off, "ratio": on / off})  # fmt: skip
             print(f"| {label} | {threads} | {on:.2f} | {off:.2f} | {on / off:.2f}x |")
-    atomic_write_json(args.out, {"torch": torch.__version__, "machine": platform.platform(), "rows": rows})
-    print(f"wrote {args.out}")
+    write_record(args.out, args, rows)
 
 
 if __name__ == "__main__":

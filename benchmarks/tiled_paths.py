@@ -28,18 +28,16 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from _limits import attention_limit
+from _record import write_record
 
 from levyattn import fractional_attention
-from levyattn.io import atomic_write_json
 
 DEFAULT_SHAPES = (
     "32x1x5x32,128x4x17x16,32x4x64x16,16x4x128x16,1x4x512x64,32x8x92x32,16x4x256x16,8x4x512x16,"
@@ -133,16 +131,7 @@ def main() -> None:
         shape = f"{batch}x{heads}x{n}x{dim}"
         ratio_cells = " | ".join(f"{r:.2f}x" for r in cells)
         print(f"| {shape} | 2**{math.log2(pairs):.1f} | {times_ms} | {ratio_cells} |", flush=True)
-    out = {
-        "args": vars(args),
-        "torch": torch.__version__,
-        "machine": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, out)
-    print(f"wrote {args.out}")
+    write_record(args.out, args, rows)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from _record import write_record
 
 from levyattn.data.text import DEFAULT_IMDB_VOCAB
 from levyattn.models import CausalLM, build_model
@@ -215,18 +214,7 @@ def main() -> None:
             a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
             cells = " | ".join(f"{r['profile']['parts_ms'][part]:.1f}" for part in parts)
             print(f"| {r['attention']} | {a} | {r['tiled_path']} | {r['profile']['step_ms']:.1f} | {cells} |")
-    out = {
-        "args": vars(args),
-        "torch": torch.__version__,
-        "machine": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    from levyattn.io import atomic_write_json
-
-    atomic_write_json(args.out, out)
-    print(f"wrote {args.out}")
+    write_record(args.out, args, rows)
 
 
 if __name__ == "__main__":

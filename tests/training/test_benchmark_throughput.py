@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "training_throughput.py"
+sys.path.insert(0, str(_PATH.parent))  # the script imports its folder's helpers, as when run
 _spec = importlib.util.spec_from_file_location("throughput_benchmark", _PATH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
