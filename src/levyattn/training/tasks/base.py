@@ -11,8 +11,9 @@ from torch import nn
 class PresetTask:
     """Keeps a private copy of the preset and checks its model type and dataset.
 
-    Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values) and, when only some
-    model types fit, ``model_types``. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
+    Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values), when only some
+    model types fit ``model_types``, and in ``count_keys`` the ``data.<key>`` values that must be
+    integers >= 1 where the preset sets them. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
     (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``).
     Subclasses give ``model_config`` (``_model_cfg`` completed by the data), which ``build_model`` builds.
     """
@@ -20,6 +21,7 @@ class PresetTask:
     name: str
     dataset_names: tuple[str, ...] = ()
     model_types: tuple[str, ...] | None = None  # None: any model type
+    count_keys: tuple[str, ...] = ()
 
     def __init__(self, preset: dict[str, Any]) -> None:
         self.preset = copy.deepcopy(preset)
@@ -32,10 +34,7 @@ class PresetTask:
         if self.dataset not in self.dataset_names:
             raise ValueError(f"data.dataset must be one of {self.dataset_names}, got {self.dataset!r}")
         self._model_cfg: dict[str, Any] = dict(preset["model"])
-
-    def _check_counts(self, *keys: str) -> None:
-        """Each of ``data.<key>`` that the preset sets must be an integer >= 1."""
-        for key in keys:
+        for key in self.count_keys:
             value = self.data_cfg.get(key, 1)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"data.{key} must be an integer >= 1, got {value!r}")

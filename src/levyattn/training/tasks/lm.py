@@ -79,10 +79,7 @@ class LMTask(TokenizedTask):
     higher_is_better = False
     dataset_names = DATASETS
     model_types = ("lm",)
-
-    def __init__(self, preset: dict[str, Any]) -> None:
-        super().__init__(preset)
-        self._check_counts("vocab_size", "block_size")
+    count_keys = ("vocab_size", "block_size")
 
     def _texts(self) -> tuple[str, str]:
         c = self.data_cfg

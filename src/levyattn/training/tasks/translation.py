@@ -136,10 +136,7 @@ class TranslationTask(TokenizedTask):
     higher_is_better = True
     dataset_names = DATASETS
     model_types = ("seq2seq",)
-
-    def __init__(self, preset: dict[str, Any]) -> None:
-        super().__init__(preset)
-        self._check_counts("vocab_size", "max_len", "beam_size")
+    count_keys = ("vocab_size", "max_len", "beam_size")
 
     # -- data -------------------------------------------------------------------------
 
