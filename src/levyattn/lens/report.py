@@ -10,17 +10,8 @@ from typing import Any
 import numpy as np
 
 from levyattn.io import atomic_write_json
+from levyattn.lens import fit
 from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry, entry_from_lens_result
-from levyattn.lens.fit import (
-    D_MIN_FIT,
-    ExponentialFit,
-    ModelChoice,
-    PowerLawFit,
-    bootstrap_gamma,
-    choose_model,
-    fit_exponential,
-    fit_power_law,
-)
 from levyattn.lens.fractional import CAVEAT, CROSSOVER_TOL, FractionalReading, fractional_order
 from levyattn.lens.measure import DecayMeasurement, _nan_to_none
 
@@ -38,9 +29,9 @@ class LensResult:
 
     measurement: DecayMeasurement
     d_min: float
-    power: PowerLawFit
-    expo: ExponentialFit
-    choice: ModelChoice
+    power: fit.PowerLawFit
+    expo: fit.ExponentialFit
+    choice: fit.ModelChoice
     gamma_ci: tuple[float, float] | None
     level: float
     n_boot: int
@@ -80,16 +71,16 @@ class LensResult:
         return entry_from_lens_result(self.to_dict(), corpus=corpus, notes=notes or None)
 
 
-def _safe_power(d: np.ndarray, v: np.ndarray, d_min: float) -> PowerLawFit | None:
+def _safe_power(d: np.ndarray, v: np.ndarray, d_min: float) -> fit.PowerLawFit | None:
     try:
-        return fit_power_law(d, v, d_min)
+        return fit.fit_power_law(d, v, d_min)
     except ValueError:
         return None
 
 
 def analyze_decay(
     measurement: DecayMeasurement,
-    d_min: float = D_MIN_FIT,
+    d_min: float = fit.D_MIN_FIT,
     n_boot: int = 2000,
     level: float = 0.95,
     tol: float = CROSSOVER_TOL,
@@ -102,13 +93,13 @@ def analyze_decay(
     m = measurement
     d = m.distances.astype(np.float64)
     agg = m.aggregate
-    power = fit_power_law(d, agg, d_min)
-    expo = fit_exponential(d, agg, d_min)
-    choice = choose_model(power, expo)
+    power = fit.fit_power_law(d, agg, d_min)
+    expo = fit.fit_exponential(d, agg, d_min)
+    choice = fit.choose_model(power, expo)
     flat = m.flat_prompt_values()
     gamma_ci = None
     if flat.shape[0] >= 2:
-        lo, hi, _ = bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
+        lo, hi, _ = fit.bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
         gamma_ci = (lo, hi)
     reading = fractional_order(power.gamma, gamma_ci, tol=tol)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -186,21 +177,45 @@ def write_lens_outputs(
     m = result.measurement
     rows_d: list[list[Any]] = []
     for k, dist in enumerate(m.distances):
-        rows_d.append([int(dist), float(m.aggregate[k]), float(result.point_ci[k, 0]), float(result.point_ci[k, 1]),
-                       int(m.sample_counts[k]), int(m.pair_counts[k]), "yes" if dist >= result.d_min else "no"])
+        rows_d.append(
+            [
+                int(dist),
+                float(m.aggregate[k]),
+                float(result.point_ci[k, 0]),
+                float(result.point_ci[k, 1]),
+                int(m.sample_counts[k]),
+                int(m.pair_counts[k]),
+                "yes" if dist >= result.d_min else "no",
+            ]
+        )
     layer_rows = [[i, float(g), float(r2)] for i, (g, r2) in enumerate(zip(result.layer_gamma, result.layer_r2))]
     sections = [
         Section("Summary", text=[result.reading.caveat], header=["quantity", "value"], rows=summary_rows(result)),
-        Section("Decay", header=["d", "A(d)", "95% lo", "95% hi", "prompts", "pairs", "fitted"], rows=rows_d,
-                figures=[figures["decay"]] if "decay" in figures else []),
-        Section("Per layer and head", text=["gamma of each layer's and head's mean curve (d >= d_min)."],
-                header=["layer", "gamma", "R²"], rows=layer_rows,
-                figures=[figures[k] for k in ("heatmap", "layers") if k in figures]),
-        Section("Where the published numbers come from", text=[PUBLISHED_SOURCE,
-                "Compare with `levyattn atlas`; the published runs used 150 prompts per distance, seeds 42, 123, 7."]),
+        Section(
+            "Decay",
+            header=["d", "A(d)", "95% lo", "95% hi", "prompts", "pairs", "fitted"],
+            rows=rows_d,
+            figures=[figures["decay"]] if "decay" in figures else [],
+        ),
+        Section(
+            "Per layer and head",
+            text=["gamma of each layer's and head's mean curve (d >= d_min)."],
+            header=["layer", "gamma", "R²"],
+            rows=layer_rows,
+            figures=[figures[k] for k in ("heatmap", "layers") if k in figures],
+        ),
+        Section(
+            "Where the published numbers come from",
+            text=[
+                PUBLISHED_SOURCE,
+                "Compare with `levyattn atlas`; the published runs used 150 prompts per distance, seeds 42, 123, 7.",
+            ],
+        ),
     ]
     paths["html"] = write_html_report(
-        out / "report.html", title or f"Fractional lens: {m.model_name}", sections,
+        out / "report.html",
+        title or f"Fractional lens: {m.model_name}",
+        sections,
         note=f"levyattn lens, {m.protocol} protocol; all A(d) data in lens.json",
     )
     return paths
