@@ -10,7 +10,8 @@ import torch
 
 from levyattn.cli import main as cli_main
 from levyattn.training.checkpoint import CheckpointError, save_checkpoint
-from levyattn.training.tasks.lm import BlockDataset, LMTask, generate_text, load_language_model
+from levyattn.training.tasks.lm import BlockDataset, LMTask, generate_text
+from levyattn.training.tasks.tokenized import load_model_with_tokenizer
 from levyattn.training.trainer import TrainConfig, Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/training/conftest.py
@@ -62,7 +63,7 @@ def test_generate_cli_and_cache(trained, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("the cat")
     assert "tokens/s" in captured.err
-    model, tok = load_language_model(run)
+    model, tok = load_model_with_tokenizer(run, "lm")
     for kwargs in ({"temperature": 0.0}, {"temperature": 0.8, "top_k": 5, "seed": 4}):
         a, _ = generate_text(model, tok, "the bird", max_new_tokens=12, use_cache=True, **kwargs)
         b, _ = generate_text(model, tok, "the bird", max_new_tokens=12, use_cache=False, **kwargs)
@@ -91,10 +92,12 @@ def test_bad_inputs(tmp_path, trained, capsys):
                               "num_encoder_layers": 1, "num_decoder_layers": 1, "max_len": 8})
     save_checkpoint(tmp_path / "s2s", model=s2s, model_type="seq2seq", model_config=s2s.config.to_dict())
     with pytest.raises(CheckpointError, match=r"'seq2seq'.*'lm'"):
-        load_language_model(tmp_path / "s2s")
+        load_model_with_tokenizer(tmp_path / "s2s", "lm")
     assert cli_main(["generate", str(tmp_path / "s2s"), "--prompt", "hi"]) == 2
     assert "holds a 'seq2seq' model" in capsys.readouterr().err
-    model, tok = load_language_model(trained["run"])
+    with pytest.raises(ValueError, match=r"model_type must be one of \['lm', 'seq2seq'\], got 'vit'"):
+        load_model_with_tokenizer(trained["run"], "vit")
+    model, tok = load_model_with_tokenizer(trained["run"], "lm")
     with pytest.raises(ValueError, match="encodes to no tokens"):
         generate_text(model, tok, "")
     torch.manual_seed(0)
@@ -110,4 +113,4 @@ def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
     shutil.copytree(trained["run"], run)
     ByteTokenizer().save(run / TOKENIZER_NAME)  # 256 bytes and the specials, not the run's pieces
     with pytest.raises(ValueError, match=r"\(vocab_size 260\) does not match the model \(vocab_size"):
-        load_language_model(run)
+        load_model_with_tokenizer(run, "lm")

@@ -11,10 +11,9 @@ import torch
 
 from levyattn.cli import main as cli_main
 from levyattn.training.checkpoint import CheckpointError, save_checkpoint
-from levyattn.training.tasks.tokenized import TOKENIZER_NAME
+from levyattn.training.tasks.tokenized import TOKENIZER_NAME, load_model_with_tokenizer
 from levyattn.training.tasks.translation import (
     TranslationTask,
-    load_translator,
     translate_sentences,
 )
 from levyattn.training.trainer import TrainConfig, Trainer
@@ -127,7 +126,7 @@ def _greedy_by_full_forward(model, src: torch.Tensor, max_len: int) -> list[list
 
 
 def test_cached_uncached_and_beam1_equal_greedy(trained):
-    model, tok = load_translator(trained["run"])
+    model, tok = load_model_with_tokenizer(trained["run"], "seq2seq")
     c = model.config
     # Longer than the training data, so decoding runs many steps (EOS may come late or not at all).
     sentences = EN + ["a man and a dog are playing near the lake ."]
@@ -191,7 +190,7 @@ def test_checkpoint_of_another_model_type(tmp_path, capsys):
     lm = CausalLM({"vocab_size": 11, "block_size": 8, "d_model": 8, "num_layers": 1, "num_heads": 2})
     save_checkpoint(tmp_path / "lm", model=lm, model_type="lm", model_config=lm.config.to_dict())
     with pytest.raises(CheckpointError, match=r"'lm'.*'seq2seq'"):
-        load_translator(tmp_path / "lm")
+        load_model_with_tokenizer(tmp_path / "lm", "seq2seq")
     assert cli_main(["translate", str(tmp_path / "lm"), "hello there"]) == 2
     assert "holds a 'lm' model" in capsys.readouterr().err
 
@@ -221,7 +220,7 @@ def test_missing_tokenizer_is_named(trained, tmp_path):
     shutil.copytree(trained["run"], run)
     (run / TOKENIZER_NAME).unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        load_translator(run)
+        load_model_with_tokenizer(run, "seq2seq")
 
 
 def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
@@ -233,7 +232,7 @@ def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
     shutil.copytree(trained["run"], run)
     ByteTokenizer().save(run / TOKENIZER_NAME)
     with pytest.raises(ValueError, match=r"does not match the model \(tgt_vocab_size"):
-        load_translator(run)
+        load_model_with_tokenizer(run, "seq2seq")
 
 
 def test_train_then_translate_cli(tmp_path, capsys):
@@ -256,5 +255,5 @@ def test_train_then_translate_cli(tmp_path, capsys):
     out = capsys.readouterr().out.strip()
     # One barely trained epoch does not translate well, but the output is toy-grammar German.
     assert set(out.split()) <= set(toy_vocabulary()), out
-    model, tok = load_translator(run)
+    model, tok = load_model_with_tokenizer(run, "seq2seq")
     assert translate_sentences(model, tok, [source], max_len=12) == [out]

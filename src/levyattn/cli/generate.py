@@ -38,11 +38,12 @@ def run(args: argparse.Namespace) -> int:
     import sys
     import time
 
-    from levyattn.training.tasks.lm import generate_text, load_language_model
+    from levyattn.training.tasks.lm import generate_text
+    from levyattn.training.tasks.tokenized import load_model_with_tokenizer
 
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    model, tokenizer = load_language_model(args.checkpoint, device=args.device)
+    model, tokenizer = load_model_with_tokenizer(args.checkpoint, "lm", device=args.device)
     t0 = time.perf_counter()
     texts, n_new = generate_text(
         model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from levyattn.io import atomic_write_text
-    from levyattn.training.tasks.translation import load_translator, translate_sentences
+    from levyattn.training.tasks.tokenized import load_model_with_tokenizer
+    from levyattn.training.tasks.translation import translate_sentences
 
     if (args.sentence is None) == (args.input is None):
         raise ValueError("give either a sentence or --input FILE (exactly one)")
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"reference file {args.reference} has {len(references)} lines but the input has {len(sentences)}"
             )
-    model, tokenizer = load_translator(args.checkpoint, device=args.device)
+    model, tokenizer = load_model_with_tokenizer(args.checkpoint, "seq2seq", device=args.device)
     hyps = translate_sentences(model, tokenizer, sentences, beam_size=args.beam_size,
                                length_penalty=args.length_penalty, max_len=args.max_len, batch_size=args.batch_size)
     if args.output:

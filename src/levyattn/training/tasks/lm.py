@@ -24,7 +24,6 @@ fills them in (``block_size`` of the model = the data's).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levyattn.io import read_text, split_lines
-from levyattn.training.tasks.tokenized import TokenizedTask, load_model_with_tokenizer, tokenizer_modules, toy_pairs
+from levyattn.training.tasks.tokenized import TokenizedTask, tokenizer_modules, toy_pairs
 
 DATASETS = ("text", "toy")
 
@@ -161,14 +160,6 @@ def requirements(preset: dict[str, Any]) -> dict[str, tuple[str, ...]]:
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-def load_language_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """(CausalLM in eval mode, tokenizer) from a run folder or its checkpoint.json.
-
-    A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
-    """
-    return load_model_with_tokenizer(path, "lm", "vocab_size", device)
 
 
 def generate_text(

@@ -68,15 +68,22 @@ def load_tokenizer_beside(run_dir: str | Path) -> Any:
     return load_tokenizer(path)
 
 
-def load_model_with_tokenizer(
-    path: str | Path, model_type: str, vocab_field: str, device: str
-) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer) from a run folder or its checkpoint.json.
+# The config field a tokenizer's vocab_size must equal, by model type.
+_VOCAB_FIELD = {"lm": "vocab_size", "seq2seq": "tgt_vocab_size"}
 
-    The tokenizer must match the model: its ``vocab_size`` equals the config's ``vocab_field``,
-    and its special ids the config's ``pad_id`` / ``bos_id`` / ``eos_id`` where the config has them.
-    A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
+
+def load_model_with_tokenizer(path: str | Path, model_type: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) from a run folder or its checkpoint.json, for
+    ``model_type`` "lm" (a language model) or "seq2seq" (a translator).
+
+    The tokenizer must match the model: its ``vocab_size`` equals the config's (the target's for
+    seq2seq), and its special ids the config's ``pad_id`` / ``bos_id`` / ``eos_id`` where the
+    config has them. A checkpoint of another model type raises CheckpointError (a ValueError)
+    saying so.
     """
+    if model_type not in _VOCAB_FIELD:
+        raise ValueError(f"model_type must be one of {sorted(_VOCAB_FIELD)}, got {model_type!r}")
+    vocab_field = _VOCAB_FIELD[model_type]
     from levyattn.training.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)

@@ -46,14 +46,13 @@ special ids, ``max_len``); the task fills it in.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from levyattn.models.seq2seq import sequence_loss
-from levyattn.training.tasks.tokenized import TokenizedTask, load_model_with_tokenizer, tokenizer_modules, toy_pairs
+from levyattn.training.tasks.tokenized import TokenizedTask, tokenizer_modules, toy_pairs
 
 DATASETS = ("multi30k", "toy")
 
@@ -347,14 +346,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-def load_translator(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """(seq2seq model in eval mode, tokenizer) from a run folder or its checkpoint.json.
-
-    A checkpoint of another model type raises CheckpointError (a ValueError) saying so.
-    """
-    return load_model_with_tokenizer(path, "seq2seq", "tgt_vocab_size", device)
 
 
 def translate_sentences(
