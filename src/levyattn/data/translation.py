@@ -305,34 +305,9 @@ def build_translation_data(
 
 
 def load_multi30k(
-    data_dir: PathLike,
+    data_dir: PathLike | None = None,
     *,
-    src_lang: str = "en",
-    tgt_lang: str = "de",
-    tokenizer: Any = "sentencepiece",
-    vocab_size: int = 8000,
-    joint: bool = True,
-    max_len: int = 128,
-) -> TranslationData:
-    """Multi30K train / valid / test with subword tokenizers trained on the training split.
-
-    tokenizer: "sentencepiece" (unigram), "bpe" (SentencePiece BPE), "word" or "byte" to
-        train one (``joint``: one vocabulary for both languages, trained on both sides of
-        the training split; else one per language); a path (a folder written by
-        :meth:`TranslationData.save_tokenizers`, or one tokenizer file used for both
-        sides), a tokenizer object, or a ``(source, target)`` pair of either.
-    vocab_size: the cap on each trained vocabulary (SentencePiece treats it as an upper
-        bound on small corpora). max_len: the longest item, end markers included.
-    """
-    splits = read_multi30k(data_dir, src_lang, tgt_lang)
-    data = build_translation_data(splits, tokenizer=tokenizer, vocab_size=vocab_size, joint=joint, max_len=max_len)
-    data.info.update(dataset="multi30k", src_lang=src_lang, tgt_lang=tgt_lang)
-    return data
-
-
-def load_multi30k_hub(
-    *,
-    name: str = "bentrevett/multi30k",
+    hub: str | None = None,
     src_lang: str = "en",
     tgt_lang: str = "de",
     tokenizer: Any = "sentencepiece",
@@ -341,8 +316,34 @@ def load_multi30k_hub(
     max_len: int = 128,
     cache_dir: PathLike | None = None,
 ) -> TranslationData:
-    """As :func:`load_multi30k`, from the Hugging Face hub (needs ``datasets`` and the network).
-    The hub copy has splits train / validation / test with one column per language."""
+    """Multi30K train / valid / test with subword tokenizers trained on the training split.
+
+    data_dir: the folder of the Multi30K text files (see the module docstring); or, instead,
+        hub: a Hugging Face hub id (e.g. "bentrevett/multi30k", splits train / validation /
+        test with one column per language; needs ``datasets`` and the network; ``cache_dir``
+        is its cache).
+    tokenizer: "sentencepiece" (unigram), "bpe" (SentencePiece BPE), "word" or "byte" to
+        train one (``joint``: one vocabulary for both languages, trained on both sides of
+        the training split; else one per language); a path (a folder written by
+        :meth:`TranslationData.save_tokenizers`, or one tokenizer file used for both
+        sides), a tokenizer object, or a ``(source, target)`` pair of either.
+    vocab_size: the cap on each trained vocabulary (SentencePiece treats it as an upper
+        bound on small corpora). max_len: the longest item, end markers included.
+    """
+    if (data_dir is None) == (hub is None):
+        raise ValueError(f"give one of data_dir and hub, got data_dir={data_dir!r} and hub={hub!r}")
+    if hub is None:
+        splits = read_multi30k(data_dir, src_lang, tgt_lang)
+    else:
+        splits = _read_multi30k_hub(hub, src_lang, tgt_lang, cache_dir)
+    data = build_translation_data(splits, tokenizer=tokenizer, vocab_size=vocab_size, joint=joint, max_len=max_len)
+    data.info.update(dataset="multi30k" if hub is None else hub, src_lang=src_lang, tgt_lang=tgt_lang)
+    return data
+
+
+def _read_multi30k_hub(
+    name: str, src_lang: str, tgt_lang: str, cache_dir: PathLike | None
+) -> dict[str, tuple[list[str], list[str]]]:
     from levyattn.data.hub import load_hub_dataset
 
     local = "load_multi30k(data_dir) with train/val/test_2016_flickr .en/.de files"
@@ -351,9 +352,7 @@ def load_multi30k_hub(
     for ours, theirs in (("train", "train"), ("valid", "validation"), ("test", "test")):
         part = ds[theirs]
         splits[ours] = ([str(s).strip() for s in part[src_lang]], [str(t).strip() for t in part[tgt_lang]])
-    data = build_translation_data(splits, tokenizer=tokenizer, vocab_size=vocab_size, joint=joint, max_len=max_len)
-    data.info.update(dataset=name, src_lang=src_lang, tgt_lang=tgt_lang)
-    return data
+    return splits
 
 
 # -- the toy translation grammar ----------------------------------------------------------------
@@ -506,7 +505,6 @@ __all__ = [
     "encode_pairs",
     "find_multi30k",
     "load_multi30k",
-    "load_multi30k_hub",
     "load_toy_translation",
     "load_translation_tokenizers",
     "make_toy_translation",
