@@ -54,6 +54,18 @@ def test_reads_pos_neg_only_in_id_order(imdb_dir):
     assert read_aclimdb_split(imdb_dir / "aclImdb", "test")[1] == [0, 0, 1, 1]
 
 
+def test_the_hub_copy_gives_the_same_data_as_the_folder(imdb_dir, hub_copy):
+    splits = {s: dict(zip(("text", "label"), read_aclimdb_split(imdb_dir, s))) for s in ("train", "test")}
+    asked = hub_copy(splits)
+    from_hub = load_imdb(hub="someone/imdb", max_len=6)
+    from_folder = load_imdb(imdb_dir, max_len=6)
+    assert asked == [("someone/imdb", {"cache_dir": None})]
+    for a, b in zip(from_hub, from_folder):
+        assert [(x.tolist(), y) for x, y in a] == [(x.tolist(), y) for x, y in b]
+    with pytest.raises(ValueError, match="give one of data_dir and hub"):
+        load_imdb(imdb_dir, hub="someone/imdb")
+
+
 def test_vocabulary_from_training_split_only(imdb_dir):
     train, test = load_imdb(imdb_dir, max_len=512)
     tok = train.tokenizer

@@ -40,7 +40,7 @@ from levyattn.data.images import (
 )
 from levyattn.data.lm import LMBlockDataset, LMData, build_lm_data, collate_lm, load_lm_hub, load_text_files
 from levyattn.data.synthetic import MultiscaleTask, make_multiscale_task
-from levyattn.data.text import load_imdb, load_imdb_hub, read_aclimdb_split
+from levyattn.data.text import load_imdb, read_aclimdb_split
 from levyattn.data.tokenization import (
     ByteTokenizer,
     HFTokenizer,
@@ -88,7 +88,6 @@ __all__ = [
     "load_digits",
     "load_fashion_mnist",
     "load_imdb",
-    "load_imdb_hub",
     "load_lm_hub",
     "load_mnist",
     "load_multi30k",

@@ -125,15 +125,19 @@ def _encode_imdb_splits(
 
 
 def load_imdb(
-    data_dir: PathLike,
+    data_dir: PathLike | None = None,
     *,
+    hub: str | None = None,
     max_len: int = 512,
     vocab_size: int = DEFAULT_IMDB_VOCAB,
     min_freq: int = 1,
     tokenizer: Any = None,
     lowercase: bool = True,
+    cache_dir: PathLike | None = None,
 ) -> tuple[SequenceClassificationDataset, SequenceClassificationDataset]:
-    """IMDb train and test sets from the ``aclImdb`` folder (or its parent).
+    """IMDb train and test sets from the ``aclImdb`` folder (or its parent), or, instead of
+    ``data_dir``, from a Hugging Face hub id (``hub``, e.g. "stanfordnlp/imdb": splits train and
+    test with columns text and label; needs ``datasets`` and the network; ``cache_dir`` is its cache).
 
     Items are ``(input_ids LongTensor (L,), label)`` with ``L <= max_len``, label 0 = neg,
     1 = pos; both datasets carry ``vocab_size``, ``num_classes`` (2), ``pad_id``,
@@ -146,32 +150,21 @@ def load_imdb(
         :func:`~levyattn.data.tokenization.load_tokenizer`); an object with ``encode``,
         ``vocab_size`` and ``pad_id`` is used as is.
     """
+    if (data_dir is None) == (hub is None):
+        raise ValueError(f"give one of data_dir and hub, got data_dir={data_dir!r} and hub={hub!r}")
     max_len = check_int("max_len", max_len, 1)
     vocab_size = check_int("vocab_size", vocab_size, 3)
-    train_texts, train_labels = read_aclimdb_split(data_dir, "train")
-    test_texts, test_labels = read_aclimdb_split(data_dir, "test")
-    tok = _resolve_tokenizer(tokenizer, train_texts, vocab_size, min_freq, lowercase)
-    return _encode_imdb_splits((train_texts, train_labels), (test_texts, test_labels), tok, max_len)
+    if hub is None:
+        train = read_aclimdb_split(data_dir, "train")
+        test = read_aclimdb_split(data_dir, "test")
+    else:
+        from levyattn.data.hub import load_hub_dataset
 
-
-def load_imdb_hub(
-    *,
-    max_len: int = 512,
-    vocab_size: int = DEFAULT_IMDB_VOCAB,
-    min_freq: int = 1,
-    tokenizer: Any = None,
-    name: str = "stanfordnlp/imdb",
-    cache_dir: PathLike | None = None,
-) -> tuple[SequenceClassificationDataset, SequenceClassificationDataset]:
-    """As :func:`load_imdb`, from the Hugging Face hub (needs ``datasets`` and the network)."""
-    from levyattn.data.hub import load_hub_dataset
-
-    ds = load_hub_dataset(name, cache_dir=None if cache_dir is None else str(cache_dir),
-                          local_alternative="load_imdb(data_dir) with the unpacked aclImdb folder")  # fmt: skip
-    train_texts, train_labels = list(ds["train"]["text"]), [int(y) for y in ds["train"]["label"]]
-    test_texts, test_labels = list(ds["test"]["text"]), [int(y) for y in ds["test"]["label"]]
-    tok = _resolve_tokenizer(tokenizer, train_texts, check_int("vocab_size", vocab_size, 3), min_freq, True)
-    return _encode_imdb_splits((train_texts, train_labels), (test_texts, test_labels), tok, max_len)
+        ds = load_hub_dataset(hub, cache_dir=None if cache_dir is None else str(cache_dir),
+                              local_alternative="load_imdb(data_dir) with the unpacked aclImdb folder")  # fmt: skip
+        train, test = ((list(ds[s]["text"]), [int(y) for y in ds[s]["label"]]) for s in ("train", "test"))
+    tok = _resolve_tokenizer(tokenizer, train[0], vocab_size, min_freq, lowercase)
+    return _encode_imdb_splits(train, test, tok, max_len)
 
 
 __all__ = [
@@ -181,6 +174,5 @@ __all__ = [
     "encode_classification",
     "find_aclimdb",
     "load_imdb",
-    "load_imdb_hub",
     "read_aclimdb_split",
 ]
