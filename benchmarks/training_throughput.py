@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from _record import write_record
 
 from levyattn.data.text import DEFAULT_IMDB_VOCAB
+from levyattn.io import markdown_table
 from levyattn.models import CausalLM, build_model
 from levyattn.training.presets import get_preset
 
@@ -194,26 +195,24 @@ def main() -> None:
             f"model {args.model}, seq {args.seq}, d_model {args.d_model}, layers {args.layers}, heads {args.heads}"
         )
     print(f"{setting}, batch {args.batch}, {torch.get_num_threads()} threads, median of {args.steps} steps")
-    print("| attention | alpha | tiled path | parameters | step (ms) | samples/s | time / softmax |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-        print(
-            f"| {r['attention']} | {a} | {r['tiled_path']} | {r['params']} | {1000 * r['median_step_s']:.1f} | "
-            f"{r['samples_per_s']:.1f} | {r['time_vs_softmax']:.2f}x |"
-        )
+    alphas = ["-" if r["alpha"] is None else f"{r['alpha']:g}" for r in rows]
+    header = ["attention", "alpha", "tiled path"]
+    print(markdown_table(
+        [*header, "parameters", "step (ms)", "samples/s", "time / softmax"],
+        ([r["attention"], a, r["tiled_path"], r["params"], f"{1000 * r['median_step_s']:.1f}",
+          f"{r['samples_per_s']:.1f}", f"{r['time_vs_softmax']:.2f}x"] for r, a in zip(rows, alphas)),
+    ))  # fmt: skip
     if args.profile:
         profiles = {key: profile_steps(step, key, args.profile) for key in setups}
         for r, prof in zip(rows, profiles.values()):
             r["profile"] = prof
         parts = list(next(iter(profiles.values()))["parts_ms"])
         print(f"\nWhere a step's time goes (ms per step, mean of {args.profile} profiled steps)")
-        print("| attention | alpha | tiled path | step | " + " | ".join(parts) + " |")
-        print("|---|---|---|---:|" + "---:|" * len(parts))
-        for r in rows:
-            a = "-" if r["alpha"] is None else f"{r['alpha']:g}"
-            cells = " | ".join(f"{r['profile']['parts_ms'][part]:.1f}" for part in parts)
-            print(f"| {r['attention']} | {a} | {r['tiled_path']} | {r['profile']['step_ms']:.1f} | {cells} |")
+        print(markdown_table(
+            [*header, "step", *parts],
+            ([r["attention"], a, r["tiled_path"], f"{r['profile']['step_ms']:.1f}",
+              *(f"{r['profile']['parts_ms'][part]:.1f}" for part in parts)] for r, a in zip(rows, alphas)),
+        ))  # fmt: skip
     write_record(args.out, args, rows)
 
 

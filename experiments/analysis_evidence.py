@@ -33,7 +33,7 @@ import torch
 from levyattn import fractional_attention
 from levyattn.analysis import mixing_time, path_lengths, spectral_gap
 from levyattn.analysis.plots import plot_lines
-from levyattn.io import atomic_write_json
+from levyattn.io import atomic_write_json, markdown_table
 from levyattn.kernels import log_kernel
 
 ALPHAS = (1.0, 1.2, 1.5, 2.0)
@@ -114,10 +114,7 @@ def part_b(n: int, seeds: int, dims: list[int]) -> list[dict]:
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
-    return "\n".join(lines)
+    return markdown_table(keys, ([f"{r[k]:.4g}" if isinstance(r[k], float) else r[k] for k in keys] for r in rows))
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ import time
 import torch
 
 from levyattn.data import make_multiscale_task
-from levyattn.io import atomic_write_json
+from levyattn.io import atomic_write_json, markdown_table
 from levyattn.training.presets import apply_overrides, get_preset
 from levyattn.training.sweep import run_sweep
 
@@ -234,12 +234,11 @@ def main() -> None:
         by_gap = summarize_by_bucket(accuracy_by_bucket(preset, args.runs, res.runs))
         cols = [k[: -len("_mean")] for k in by_gap[0] if k.endswith("_mean")] if by_gap else []
         print("\naccuracy by bucket of test items (see the module docstring), mean ± std over seeds")
-        print("| attention | alpha | " + " | ".join(cols) + " |")
-        print("|---|---|" + "---|" * len(cols))
-        for e in by_gap:
-            alpha = "-" if e["alpha"] is None else f"{e['alpha']:g}"
-            cells = " | ".join(f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}" for c in cols)
-            print(f"| {e['attention']} | {alpha} | {cells} |")
+        print(markdown_table(
+            ["attention", "alpha", *cols],
+            ([e["attention"], "-" if e["alpha"] is None else f"{e['alpha']:g}",
+              *(f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}" for c in cols)] for e in by_gap),
+        ))  # fmt: skip
     atomic_write_json(
         args.out,
         {

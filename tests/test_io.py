@@ -17,6 +17,7 @@ from levyattn.io import (
     DataFormatError,
     atomic_write,
     atomic_write_json,
+    markdown_table,
     read_json,
     read_lines,
     read_tensor_file,
@@ -136,3 +137,10 @@ def test_read_tensor_file_names_the_file_and_the_fault(tmp_path):
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=r"objects.npy: cannot read it as .npy"):  # never unpickled
         read_tensor_file(tmp_path / "objects.npy")
+
+
+def test_markdown_table_lays_out_cells_and_refuses_ragged_rows():
+    assert markdown_table(["a", "b"], [[1, "x"], [2.5, None]]) == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | None |"
+    assert markdown_table(["only"], []) == "| only |\n|---|"
+    with pytest.raises(ValueError, match=r"a table row has 1 cells, the header 2: \[3\]"):
+        markdown_table(["a", "b"], [[3]])

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from levyattn.io import atomic_write_json, atomic_write_text, read_json, rows_to_csv
+from levyattn.io import atomic_write_json, atomic_write_text, markdown_table, read_json, rows_to_csv
 from levyattn.training.presets import check_requirements, preset_from_run, train_preset
 from levyattn.training.tasks import check_preset
 from levyattn.training.trainer import existing_run_files
@@ -200,16 +200,13 @@ class SweepResult:
 
     def table(self) -> str:
         """The summary as a Markdown table (mean ± std over seeds; the value alone for one seed)."""
-        header = "| attention | alpha | seeds | accuracy | spectral gap | parameters | time (s) |"
-        lines = [header, "|---|---|---|---|---|---|---|"]
-        for row in self.summary:
-            alpha = "-" if row["alpha"] is None else f"{row['alpha']:g}"
-            lines.append(
-                f"| {row['attention']} | {alpha} | {row['n']} | "
-                f"{format_spread(row['accuracy_mean'], row['accuracy_std'], row['n'])} | "
-                f"{format_spread(row['gap_mean'], row['gap_std'], row['n'], '.2g')} | {row['params']} | "
-                f"{row['time_mean']:.1f} |"
-            )
+        header = ["attention", "alpha", "seeds", "accuracy", "spectral gap", "parameters", "time (s)"]
+        lines = [markdown_table(header, (
+            [row["attention"], "-" if row["alpha"] is None else f"{row['alpha']:g}", row["n"],
+             format_spread(row["accuracy_mean"], row["accuracy_std"], row["n"]),
+             format_spread(row["gap_mean"], row["gap_std"], row["n"], ".2g"), row["params"], f"{row['time_mean']:.1f}"]
+            for row in self.summary
+        ))]  # fmt: skip
         c = self.correlation
         lines.append("")
         if self.restarts > 1:
