@@ -183,7 +183,7 @@ def test_bad_calls_raise():
         ({"bandwidth": torch.ones(4)}, TypeError, "tensor"),
         ({"manifold": "hyperbolic"}, ValueError, "manifold must be one of"),
         ({"manifold": ["sphere", ["sphere"]]}, TypeError, "per-head"),
-        ({"rescale": 1}, TypeError, "fna_rescale must be a bool"),
+        ({"rescale": 1}, TypeError, "fna_rescale: rescale must be a bool"),
         ({"density_a": 1.5}, ValueError, r"density_a.*\[0, 1\]"),
         ({"backend": "cuda"}, ValueError, "fna_backend must be one of"),
         ({"backend": ["auto", "auto"]}, TypeError, "whole model"),

@@ -81,17 +81,7 @@ from typing import Any
 import torch
 
 from levyattn._extras import MissingExtraError
-from levyattn.config import (
-    FNAConfig,
-    check_alpha,
-    check_bandwidth,
-    check_bool,
-    check_choice,
-    check_d_intrinsic,
-    check_density_a,
-    check_manifold,
-    check_positive,
-)
+from levyattn.config import FNAConfig, check_choice
 from levyattn.functional import BACKENDS, fractional_attention
 
 try:
@@ -139,24 +129,20 @@ _LAYER_ATTR = "fna_layer_idx"
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_real(checker: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _check_kernel_field(name: str) -> Callable[[Any], Any]:
+    """The check of ``fna_<name>``: FNAConfig's own check of its field ``name``."""
+
     def check(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             # Config values are JSON: a tensor would not survive save_pretrained.
             raise TypeError(f"FNA config values must be plain numbers or lists, got a tensor {tuple(value.shape)}")
-        return checker(value)
+        return getattr(FNAConfig(**{name: value}), name)
 
     return check
 
 
 _CHECKERS: dict[str, Callable[[Any], Any]] = {
-    "fna_alpha": _check_real(check_alpha),
-    "fna_bandwidth": _check_real(check_bandwidth),
-    "fna_manifold": check_manifold,
-    "fna_rescale": lambda v: check_bool("fna_rescale", v),
-    "fna_d_intrinsic": check_d_intrinsic,
-    "fna_sphere_radius": lambda v: check_positive("fna_sphere_radius", v),
-    "fna_density_a": check_density_a,
+    **{key: _check_kernel_field(key.removeprefix("fna_")) for key in CONFIG_KEYS if key != "fna_backend"},
     "fna_backend": lambda v: check_choice("fna_backend", v, BACKENDS),
 }
 
