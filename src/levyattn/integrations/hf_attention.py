@@ -147,7 +147,8 @@ _CHECKERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _num_layers(config: Any) -> int | None:
+def num_layers(config: Any) -> int | None:
+    """``config.num_hidden_layers`` where it is an int, else None."""
     n = getattr(config, "num_hidden_layers", None)
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
@@ -200,7 +201,7 @@ def validate_fna_config(config: Any) -> dict[str, Any]:
 
     Raises ``ValueError``/``TypeError`` naming the key, the offending value and the valid range.
     """
-    n_layers, n_heads = _num_layers(config), _num_heads(config)
+    n_layers, n_heads = num_layers(config), _num_heads(config)
     return {
         key: _check_key(key, getattr(config, key, default), n_layers, n_heads)
         for key, default in CONFIG_KEYS.items()
@@ -220,7 +221,7 @@ def configure_fna(config: Any, **settings: Any) -> Any:
         config = getattr(config, "config", None)
         if config is None:
             raise TypeError("configure_fna needs a transformers config or a model with a .config")
-    n_layers, n_heads = _num_layers(config), _num_heads(config)
+    n_layers, n_heads = num_layers(config), _num_heads(config)
     checked = {}
     for name, value in settings.items():
         key = f"fna_{name}"

@@ -20,18 +20,7 @@ import torch
 from levyattn._extras import MissingExtraError
 from levyattn.backends.common import apply_mask, combine_keep, log_softmax_rows, structural_keep
 from levyattn.config import FNAConfig
-from levyattn.integrations.hf_attention import (
-    ATTN_IMPLEMENTATION,
-    CONFIG_KEYS,
-    AttentionSubstitute,
-    _num_layers,
-    assign_layer_indices,
-    configure_fna,
-    layer_settings,
-    register,
-    substitute_attention,
-    validate_fna_config,
-)
+from levyattn.integrations import hf_attention
 from levyattn.kernels import log_kernel
 
 try:
@@ -42,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["ConversionReport", "to_fna"]
 
 
-def _softmax_recorder(records: list[dict], batch: int) -> AttentionSubstitute:
+def _softmax_recorder(records: list[dict], batch: int) -> hf_attention.AttentionSubstitute:
     """An attention substitute: softmax attention that appends (layer, batch, q, k, mask, log P) to ``records``."""
 
     def softmax_attention(layer, query, key, value, mask, causal, scaling):
@@ -275,7 +264,7 @@ def to_fna(
     d_intrinsic: Any = FNAConfig.d_intrinsic,
     sphere_radius: Any = FNAConfig.sphere_radius,
     density_a: Any = FNAConfig.density_a,
-    backend: str = CONFIG_KEYS["fna_backend"],
+    backend: str = hf_attention.CONFIG_KEYS["fna_backend"],
     per_head: bool = False,
     objective: str = "output",
     search_range: tuple[float, float] = (-6.0, 3.0),
@@ -320,7 +309,7 @@ def to_fna(
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     current = model.config._attn_implementation
-    if current == ATTN_IMPLEMENTATION:
+    if current == hf_attention.ATTN_IMPLEMENTATION:
         raise ValueError("model already uses attn_implementation='fna'; to_fna converts a softmax model")
     if not isinstance(per_head, bool):
         raise TypeError(f"per_head must be a bool, got {per_head!r}")
@@ -334,8 +323,8 @@ def to_fna(
         raise ValueError(
             f"search_range must be finite (lo, hi) with hi - lo >= 0.5 (log10 bandwidth), got {search_range!r}"
         )
-    register()
-    configure_fna(
+    hf_attention.register()
+    hf_attention.configure_fna(
         model.config,
         alpha=alpha,
         bandwidth=bandwidth,
@@ -346,9 +335,9 @@ def to_fna(
         density_a=density_a,
         backend=backend,
     )
-    assign_layer_indices(model)
+    hf_attention.assign_layer_indices(model)
     if calibration_inputs is None:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         return ConversionReport(None, None, None, model.config.fna_alpha, model.config.fna_bandwidth)
 
     batches = _as_batches(model, calibration_inputs)
@@ -357,10 +346,10 @@ def to_fna(
     try:
         with torch.no_grad():
             reference = [_summary(model(**b), b) for b in batches]
-            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
             records = []
             for i, b in enumerate(batches):
-                with substitute_attention(_softmax_recorder(records, i)):
+                with hf_attention.substitute_attention(_softmax_recorder(records, i)):
                     model(**b)
             gap_before = _gap(reference, model, batches)
             initial = model.config.fna_bandwidth
@@ -396,8 +385,8 @@ def _calibrate(model, records, batches, per_head, lo, hi) -> tuple[list[float], 
         if rec["layer"] is None:
             raise ValueError("an attention module has no layer index; assign_layer_indices(model) found none")
         by_layer.setdefault(rec["layer"], []).append(rec)
-    n_layers = _num_layers(config) or (max(by_layer) + 1)
-    initial = validate_fna_config(config)["fna_bandwidth"]
+    n_layers = hf_attention.num_layers(config) or (max(by_layer) + 1)
+    initial = hf_attention.validate_fna_config(config)["fna_bandwidth"]
     new_bw: list[Any] = []
     kl_before, kl_after = [], []
     for layer in range(n_layers):
@@ -407,7 +396,7 @@ def _calibrate(model, records, batches, per_head, lo, hi) -> tuple[list[float], 
             new_bw.append(start)
             continue
         heads = recs[0]["q"].shape[1]
-        settings = layer_settings(config, layer, heads)
+        settings = hf_attention.layer_settings(config, layer, heads)
         alpha = settings["alpha"]
         if isinstance(alpha, list):
             alpha = torch.tensor(alpha, dtype=torch.float32, device=recs[0]["q"].device).reshape(heads, 1, 1)
@@ -425,7 +414,7 @@ def _calibrate(model, records, batches, per_head, lo, hi) -> tuple[list[float], 
         values = [_round(10.0 ** float(x)) for x in best]
         kl_after.append(float(objective(torch.tensor(values, dtype=torch.float64).log10()).mean()))
         new_bw.append(values if per_head else values[0])
-    configure_fna(config, bandwidth=new_bw)
+    hf_attention.configure_fna(config, bandwidth=new_bw)
     return kl_before, kl_after
 
 
@@ -495,7 +484,7 @@ def _refine_output(
             calibrated[layer] = _scaled(base, 10.0**t_best, lo, hi)
             best = values[t_best]
         config.fna_bandwidth = list(calibrated)
-    configure_fna(config, bandwidth=calibrated)
+    hf_attention.configure_fna(config, bandwidth=calibrated)
 
 
 def _attention_kls(model, records: list, batches: list) -> list[float]:
@@ -506,7 +495,7 @@ def _attention_kls(model, records: list, batches: list) -> list[float]:
     for layer in layers:
         recs = [r for r in records if r["layer"] == layer]
         heads = recs[0]["q"].shape[1]
-        settings = layer_settings(config, layer, heads)
+        settings = hf_attention.layer_settings(config, layer, heads)
         alpha = settings["alpha"]
         if isinstance(alpha, list):
             alpha = torch.tensor(alpha, dtype=torch.float32, device=recs[0]["q"].device).reshape(heads, 1, 1)
