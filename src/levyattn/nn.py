@@ -20,6 +20,7 @@ memory-efficient backends during training.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -383,25 +384,30 @@ class FeedForward(nn.Module):
 
 
 class _ResidualLayer(nn.Module):
-    """What the encoder and decoder layers share: their attention modules, a feed-forward
-    block, one LayerNorm per sub-block (``norm1``, ``norm2``, ...), the residual dropout, and
-    the residual wiring, post-LN (``norm_first=False``) or pre-LN.
+    """What the encoder and decoder layers share: the arguments of ``nn.TransformerEncoderLayer``
+    that they take, their attention modules, a feed-forward block, one LayerNorm per sub-block
+    (``norm1``, ``norm2``, ...), the residual dropout, and the residual wiring, post-LN
+    (``norm_first=False``) or pre-LN.
 
-    The attention modules are registered first, so parameters keep the order saved
-    optimiser states were written in.
+    Each layer's ``_attentions`` builds its attention modules from ``attention_kwargs`` (its
+    attention kinds and ``make_attention``'s options). They are registered first, so parameters
+    keep the order saved optimiser states were written in.
     """
 
     def __init__(
         self,
-        attentions: dict[str, nn.Module],
         d_model: int,
-        dim_feedforward: int,
-        dropout: float,
-        activation: str,
-        layer_norm_eps: float,
-        norm_first: bool,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        layer_norm_eps: float = 1e-6,
+        norm_first: bool = False,
+        attn_dropout: float = 0.0,
+        **attention_kwargs,
     ) -> None:
         super().__init__()
+        attentions = self._attentions(d_model, nhead, dict(attention_kwargs, batch_first=True, dropout=attn_dropout))
         for name, module in attentions.items():
             self.add_module(name, module)
         self.feed_forward = FeedForward(d_model, dim_feedforward, dropout, activation)
@@ -409,6 +415,9 @@ class _ResidualLayer(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(d_model, eps=layer_norm_eps))
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
+
+    def _attentions(self, d_model: int, nhead: int, attention_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
+        raise NotImplementedError
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, sublayer) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``x + sublayer(norm(x))`` (pre-LN) or ``norm(x + sublayer(x))`` (post-LN); ``sublayer``
@@ -426,30 +435,16 @@ class _ResidualLayer(nn.Module):
 class FractionalTransformerEncoderLayer(_ResidualLayer):
     """Self-attention + feed-forward, usable like ``nn.TransformerEncoderLayer`` (batch_first).
 
+    Arguments: ``d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
+    layer_norm_eps=1e-6, norm_first=False, attn_dropout=0.0``, then by keyword ``attention``
+    ("fna", the default, or "softmax") and ``make_attention``'s options (alpha, bandwidth, ...).
     Post-LN (``norm_first=False``, the reference's, LayerNorm eps 1e-6) or pre-LN.
-    ``attention`` is "fna" or "softmax"; ``attn_dropout`` is the attention modules' dropout
-    (``dropout`` is the residual/feed-forward one); ``attention_kwargs`` go to ``make_attention``.
+    ``attn_dropout`` is the attention modules' dropout (``dropout`` is the residual/feed-forward one).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        layer_norm_eps: float = 1e-6,
-        norm_first: bool = False,
-        attention: str = "fna",
-        attn_dropout: float = 0.0,
-        **attention_kwargs,
-    ) -> None:
-        self_attn = make_attention(
-            attention, d_model, nhead, batch_first=True, dropout=attn_dropout, **attention_kwargs
-        )
-        super().__init__(
-            {"self_attn": self_attn}, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first
-        )
+    def _attentions(self, d_model: int, nhead: int, attention_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
+        attention = attention_kwargs.pop("attention", "fna")
+        return {"self_attn": make_attention(attention, d_model, nhead, **attention_kwargs)}
 
     def forward(
         self,
@@ -477,31 +472,18 @@ class FractionalTransformerDecoderLayer(_ResidualLayer):
     """Causal self-attention, cross-attention and feed-forward, like
     ``nn.TransformerDecoderLayer`` (batch_first), with a key/value cache for decoding.
 
-    ``self_attention`` and ``cross_attention`` are each "fna" or "softmax"; ``attn_dropout`` as
-    in the encoder layer.
+    Arguments as the encoder layer's, with ``self_attention`` and ``cross_attention`` (each "fna",
+    the default, or "softmax") in place of ``attention``; the cross-attention ignores ``qk_share``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        layer_norm_eps: float = 1e-6,
-        norm_first: bool = False,
-        self_attention: str = "fna",
-        cross_attention: str = "fna",
-        attn_dropout: float = 0.0,
-        **attention_kwargs,
-    ) -> None:
-        attention_kwargs = dict(attention_kwargs, batch_first=True, dropout=attn_dropout)
+    def _attentions(self, d_model: int, nhead: int, attention_kwargs: dict[str, Any]) -> dict[str, nn.Module]:
+        self_attention = attention_kwargs.pop("self_attention", "fna")
+        cross_attention = attention_kwargs.pop("cross_attention", "fna")
         cross_kwargs = {k: v for k, v in attention_kwargs.items() if k != "qk_share"}
-        attentions = {
+        return {
             "self_attn": make_attention(self_attention, d_model, nhead, **attention_kwargs),
             "cross_attn": make_attention(cross_attention, d_model, nhead, **cross_kwargs),
         }
-        super().__init__(attentions, d_model, dim_feedforward, dropout, activation, layer_norm_eps, norm_first)
 
     def forward(
         self,
