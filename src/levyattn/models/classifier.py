@@ -26,16 +26,8 @@ import torch
 from torch import nn
 
 from levyattn.config import check_bool, check_choice, check_int
-from levyattn.models.common import (
-    ModelOutput,
-    TransformerOptions,
-    brownian_positions,
-    check_attention_kind,
-    check_ids,
-    check_padding_mask,
-    run_encoder_layers,
-    sinusoidal_positions,
-)
+from levyattn.models import common
+from levyattn.models.common import ModelOutput, TransformerOptions
 from levyattn.nn import FractionalTransformerEncoderLayer
 
 
@@ -73,7 +65,7 @@ class TextClassifierConfig(TransformerOptions):
         check_choice("pooling", self.pooling, ("mean", "cls"))
         if self.pad_id is not None:
             check_int("pad_id", self.pad_id, 0, self.vocab_size - 1)
-        check_attention_kind("attention", self.attention)
+        common.check_attention_kind("attention", self.attention)
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"d_model must be even for sinusoidal positions, got {self.d_model}")
         if self.positional == "brownian" and (self.d_model % 2 or self.d_model < 4):
@@ -109,7 +101,7 @@ class TextClassifier(nn.Module):
             self.position_embedding = nn.Parameter(torch.zeros(n_pos, c.d_model))
             nn.init.normal_(self.position_embedding, std=0.02)
         else:
-            fixed = sinusoidal_positions if c.positional == "sinusoidal" else brownian_positions
+            fixed = common.sinusoidal_positions if c.positional == "sinusoidal" else common.brownian_positions
             self.register_buffer("position_embedding", fixed(n_pos, c.d_model), persistent=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model)) if c.pooling == "cls" else None
         self.dropout = nn.Dropout(c.dropout)
@@ -134,10 +126,10 @@ class TextClassifier(nn.Module):
             (+1 with ``pooling="cls"``: the class token is position 0).
         """
         c = self.config
-        check_ids("input_ids", input_ids, c.vocab_size, c.max_len)
+        common.check_ids("input_ids", input_ids, c.vocab_size, c.max_len)
         if key_padding_mask is None and c.pad_id is not None:
             key_padding_mask = input_ids == c.pad_id
-        check_padding_mask("key_padding_mask", key_padding_mask, tuple(input_ids.shape))
+        common.check_padding_mask("key_padding_mask", key_padding_mask, tuple(input_ids.shape))
 
         x = self.token_embedding(input_ids)
         if self.cls_token is not None:
@@ -145,7 +137,7 @@ class TextClassifier(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = nn.functional.pad(key_padding_mask, (1, 0), value=False)
         x = self.dropout(x + self.position_embedding[: x.shape[1]])
-        x, weights = run_encoder_layers(self.layers, x, key_padding_mask, output_attentions)
+        x, weights = common.run_encoder_layers(self.layers, x, key_padding_mask, output_attentions)
         x = self.final_norm(x)
         return ModelOutput(logits=self.head(self.pool(x, key_padding_mask)), attentions=weights)
 

@@ -21,13 +21,8 @@ import torch
 from torch import nn
 
 from levyattn.config import check_bool, check_float, check_int
-from levyattn.models.common import (
-    ModelOutput,
-    TransformerOptions,
-    check_attention_kind,
-    check_ids,
-    check_padding_mask,
-)
+from levyattn.models import common
+from levyattn.models.common import ModelOutput, TransformerOptions
 from levyattn.nn import FeedForward, KVCache, make_attention
 
 
@@ -56,7 +51,7 @@ class CausalLMConfig(TransformerOptions):
         check_int("block_size", self.block_size, 1)
         check_int("num_layers", self.num_layers, 1)
         check_bool("tie_embeddings", self.tie_embeddings)
-        check_attention_kind("attention", self.attention)
+        common.check_attention_kind("attention", self.attention)
 
 
 class Block(nn.Module):
@@ -142,14 +137,14 @@ class CausalLM(nn.Module):
             after the cached ones (which they attend to), and the cache is extended in place.
         """
         c = self.config
-        check_ids("input_ids", input_ids, c.vocab_size)
+        common.check_ids("input_ids", input_ids, c.vocab_size)
         past = 0 if cache is None else len(cache[0])
         if cache is not None and len(cache) != len(self.blocks):
             raise ValueError(f"cache must hold one KVCache per layer ({len(self.blocks)}), got {len(cache)}")
         b, t = input_ids.shape
         if past + t > c.block_size:
             raise ValueError(f"context length must be <= block_size={c.block_size}, got {past + t}")
-        check_padding_mask("key_padding_mask", key_padding_mask, (b, past + t))
+        common.check_padding_mask("key_padding_mask", key_padding_mask, (b, past + t))
 
         positions = torch.arange(past, past + t, device=input_ids.device)
         x = self.dropout(self.token_embedding(input_ids) + self.position_embedding(positions))
@@ -180,7 +175,7 @@ class CausalLM(nn.Module):
         generation stops early once every row has.
         """
         c = self.config
-        check_ids("prompt_ids", prompt_ids, c.vocab_size)
+        common.check_ids("prompt_ids", prompt_ids, c.vocab_size)
         if prompt_ids.shape[1] < 1:
             raise ValueError("prompt_ids must hold at least one token per row")
         check_int("max_new_tokens", max_new_tokens, 0)

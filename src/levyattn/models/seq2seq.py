@@ -32,15 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from levyattn.config import check_bool, check_float, check_int
-from levyattn.models.common import (
-    Seq2SeqOutput,
-    TransformerOptions,
-    check_attention_kind,
-    check_ids,
-    check_padding_mask,
-    run_encoder_layers,
-    sinusoidal_positions,
-)
+from levyattn.models import common
+from levyattn.models.common import Seq2SeqOutput, TransformerOptions
 from levyattn.nn import FractionalTransformerDecoderLayer, FractionalTransformerEncoderLayer, KVCache
 
 
@@ -90,7 +83,7 @@ class Seq2SeqConfig(TransformerOptions):
         check_int("num_decoder_layers", self.num_decoder_layers, 1)
         check_bool("norm_first", self.norm_first)
         for name in ("encoder_attention", "decoder_attention", "cross_attention"):
-            check_attention_kind(name, getattr(self, name))
+            common.check_attention_kind(name, getattr(self, name))
         check_bool("tie_output", self.tie_output)
         check_bool("share_embeddings", self.share_embeddings)
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -136,7 +129,7 @@ class Seq2SeqTransformer(nn.Module):
             # Embeddings are multiplied by sqrt(E) on input: unit scale there, 1/sqrt(E) scale
             # as (tied) output weights.
             nn.init.normal_(emb.weight, std=c.d_model**-0.5)
-        self.register_buffer("positions", sinusoidal_positions(c.max_len, c.d_model), persistent=False)
+        self.register_buffer("positions", common.sinusoidal_positions(c.max_len, c.d_model), persistent=False)
         self.dropout = nn.Dropout(c.dropout)
         self.encoder_layers = nn.ModuleList(
             FractionalTransformerEncoderLayer(**c.layer_kwargs(), attention=c.encoder_attention)
@@ -165,12 +158,12 @@ class Seq2SeqTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """:meth:`encode`, and with ``output_attentions`` the encoder's per-layer weights."""
         c = self.config
-        check_ids("src_ids", src_ids, c.src_vocab_size, c.max_len)
+        common.check_ids("src_ids", src_ids, c.src_vocab_size, c.max_len)
         if src_key_padding_mask is None:
             src_key_padding_mask = src_ids == c.pad_id
-        check_padding_mask("src_key_padding_mask", src_key_padding_mask, tuple(src_ids.shape))
+        common.check_padding_mask("src_key_padding_mask", src_key_padding_mask, tuple(src_ids.shape))
         x = self._embed(self.src_embedding, src_ids)
-        x, weights = run_encoder_layers(self.encoder_layers, x, src_key_padding_mask, output_attentions)
+        x, weights = common.run_encoder_layers(self.encoder_layers, x, src_key_padding_mask, output_attentions)
         return self.encoder_norm(x), src_key_padding_mask, weights
 
     def encode(
@@ -194,7 +187,7 @@ class Seq2SeqTransformer(nn.Module):
         cross-attention weights."""
         c = self.config
         past = 0 if cache is None else len(cache[0])
-        check_ids("tgt_ids", tgt_ids, c.tgt_vocab_size, c.max_len - past)
+        common.check_ids("tgt_ids", tgt_ids, c.tgt_vocab_size, c.max_len - past)
         x = self._embed(self.tgt_embedding, tgt_ids, start=past)
         self_weights, cross_weights = [], []
         for i, layer in enumerate(self.decoder_layers):
@@ -250,10 +243,10 @@ class Seq2SeqTransformer(nn.Module):
         (B, H, T, S).
         """
         c = self.config
-        check_ids("tgt_in_ids", tgt_in_ids, c.tgt_vocab_size, c.max_len)
+        common.check_ids("tgt_in_ids", tgt_in_ids, c.tgt_vocab_size, c.max_len)
         if tgt_key_padding_mask is None:
             tgt_key_padding_mask = tgt_in_ids == c.pad_id
-        check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, tuple(tgt_in_ids.shape))
+        common.check_padding_mask("tgt_key_padding_mask", tgt_key_padding_mask, tuple(tgt_in_ids.shape))
         memory, mask, encoder_weights = self._encode(src_ids, src_key_padding_mask, output_attentions)
         logits, self_weights, cross_weights = self._decode(
             tgt_in_ids, memory, mask, tgt_key_padding_mask, None, output_attentions

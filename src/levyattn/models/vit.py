@@ -20,12 +20,8 @@ import torch
 from torch import nn
 
 from levyattn.config import check_bool, check_choice, check_int
-from levyattn.models.common import (
-    ModelOutput,
-    TransformerOptions,
-    check_attention_kind,
-    run_encoder_layers,
-)
+from levyattn.models import common
+from levyattn.models.common import ModelOutput, TransformerOptions
 from levyattn.nn import FractionalTransformerEncoderLayer
 
 
@@ -62,7 +58,7 @@ class ViTConfig(TransformerOptions):
         check_int("num_layers", self.num_layers, 1)
         check_bool("norm_first", self.norm_first)
         check_choice("pooling", self.pooling, ("cls", "mean"))
-        check_attention_kind("attention", self.attention)
+        common.check_attention_kind("attention", self.attention)
 
     @property
     def num_patches(self) -> int:
@@ -125,7 +121,7 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.dropout(x + self.position_embedding)
-        x, weights = run_encoder_layers(self.layers, x, None, output_attentions)
+        x, weights = common.run_encoder_layers(self.layers, x, None, output_attentions)
         x = self.final_norm(x)
         logits = self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
         return ModelOutput(logits=logits, attentions=weights)
