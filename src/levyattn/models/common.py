@@ -115,18 +115,10 @@ class AttentionOptions(ModelConfig):
         """Keyword arguments of ``levyattn.nn.make_attention``; with ``for_layer=True`` those of
         the nn encoder/decoder layers, which name the attention dropout ``attn_dropout``
         (their own ``dropout`` is the residual/feed-forward one)."""
-        kwargs = dict(
-            alpha=self.alpha,
-            bandwidth=self.bandwidth,
-            manifold=self.manifold,
-            rescale=self.rescale,
-            orthogonal=self.orthogonal,
-            qk_share=self.qk_share,
-            learnable_alpha=self.learnable_alpha,
-            learnable_bandwidth=self.learnable_bandwidth,
-            backend=self.backend,
-            bias=self.attn_bias,
-        )
+        same_name = ("alpha", "bandwidth", "manifold", "rescale", "orthogonal", "qk_share", "learnable_alpha",
+                     "learnable_bandwidth", "backend")  # fmt: skip
+        kwargs = {name: getattr(self, name) for name in same_name}
+        kwargs["bias"] = self.attn_bias
         kwargs["attn_dropout" if for_layer else "dropout"] = self.attn_dropout
         return kwargs
 
