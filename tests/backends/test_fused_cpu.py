@@ -316,6 +316,32 @@ def test_the_kernel_differentiates_a_learnable_mask(fused, shape):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 1, 11, 1), (1, 2, 1, 1)])
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+@pytest.mark.parametrize("nq", [1, 11])
+def test_a_mask_broadcast_along_the_keys_is_spread_over_them(fused, shape, kind, nq):
+    """A mask of key size 1 (one value for every key of its row) is a valid broadcast: the kernel
+    must take it as the same value at every key, not refuse it; its gradient sums over the keys."""
+    q, k, v = make_qkv(nq=nq, nk=19)
+    shape = (*shape[:2], min(shape[2], nq), 1)
+    g = torch.Generator().manual_seed(5)
+    results = []
+    for backend in ("reference", "tiled"):
+        if kind == "bool":  # some rows see nothing: output and gradients 0 there
+            mask = torch.rand(shape, generator=g.manual_seed(5)) > 0.3
+        else:
+            mask = torch.randn(shape, generator=g.manual_seed(5), dtype=torch.float64).requires_grad_()
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = fractional_attention(*leaves, attn_mask=mask, backend=backend)
+        out.pow(2).sum().backward()
+        results.append([out, *(x.grad for x in leaves), mask.grad if kind == "additive" else None])
+    with torch.no_grad():  # inference: one query row takes the decoding op
+        results[1][0] = fractional_attention(q, k, v, attn_mask=mask.detach(), backend="tiled")
+    assert fused, "the kernel did not run"
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x (B, H, N, d) with the same values in another layout: "rows" as the per-head view of a
     packed (B, N, 3, H, d) projection, "transposed" with columns contiguous instead of rows."""

@@ -699,14 +699,18 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 }
 
 // The mask as the kernel reads it: additive, of q's dtype, rows of keys contiguous, still of the
-// mask's own (small) shape; undefined without one. `broadcast` views it as (B, H, Nq, Nk).
-std::optional<at::Tensor> additive_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
-  if (!mask.has_value() || !mask->defined()) return std::nullopt;
-  TORCH_CHECK(mask->dim() == 4 && mask->size(3) == Nk, "fna_cpu: mask must be (B or 1, H or 1, Nq or 1, Nk)");
+// mask's own (small) shape but for the keys: a mask broadcast along them (last size 1) is spread
+// over all Nk, since the kernel reads a row of keys at a time. Undefined without one. `broadcast`
+// views it as (B, H, Nq, Nk).
+std::optional<at::Tensor> additive_mask(const std::optional<at::Tensor>& mask_, const at::Tensor& q, int64_t Nk) {
+  if (!mask_.has_value() || !mask_->defined()) return std::nullopt;
+  TORCH_CHECK(mask_->dim() == 4 && (mask_->size(3) == Nk || mask_->size(3) == 1),
+              "fna_cpu: mask must be (B or 1, H or 1, Nq or 1, Nk or 1)");
+  const at::Tensor mask = mask_->expand({mask_->size(0), mask_->size(1), mask_->size(2), Nk});
   const double removed = -std::numeric_limits<double>::infinity();
-  at::Tensor additive = mask->scalar_type() == at::kBool
-                            ? at::zeros(mask->sizes(), q.options()).masked_fill_(mask->logical_not(), removed)
-                            : mask->to(q.scalar_type());
+  at::Tensor additive = mask.scalar_type() == at::kBool
+                            ? at::zeros(mask.sizes(), q.options()).masked_fill_(mask.logical_not(), removed)
+                            : mask.to(q.scalar_type());
   return additive.stride(3) == 1 || Nk == 1 ? additive : additive.contiguous();
 }
 
