@@ -57,6 +57,7 @@ from levyattn.config import (
     check_manifold,
     check_positive,
 )
+from levyattn.kernels import alpha_in
 
 BACKENDS = ("auto", "reference", "tiled", "sdpa", "flex")
 
@@ -299,12 +300,14 @@ def _decode_if_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: At
 
 def _parameters_as(call: AttentionCall, q: torch.Tensor) -> AttentionCall:
     """The call with tensor alpha and bandwidth on q's device and in q's dtype (differentiably:
-    a float64 parameter of a float32 model gets its gradient as float64)."""
+    a float64 parameter of a float32 model gets its gradient as float64); an alpha below 2 stays
+    below 2 (:func:`~levyattn.kernels.alpha_in`)."""
     if not isinstance(call.alpha, torch.Tensor) and not isinstance(call.bandwidth, torch.Tensor):
         return call
-    alpha, bandwidth = (
-        x.to(device=q.device, dtype=q.dtype) if isinstance(x, torch.Tensor) else x for x in (call.alpha, call.bandwidth)
-    )
+    alpha = alpha_in(call.alpha, q.dtype, q.device) if isinstance(call.alpha, torch.Tensor) else call.alpha
+    bandwidth = call.bandwidth
+    if isinstance(bandwidth, torch.Tensor):
+        bandwidth = bandwidth.to(device=q.device, dtype=q.dtype)
     return dataclasses.replace(call, alpha=alpha, bandwidth=bandwidth)
 
 

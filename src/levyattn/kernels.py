@@ -42,6 +42,23 @@ def intrinsic_dim(head_dim: int, manifold: str = "euclidean", d_intrinsic: float
     return float(head_dim - 1 if manifold == "sphere" else head_dim)
 
 
+def alpha_in(alpha: Scalar, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor:
+    """alpha (a float or a tensor) as a tensor of ``dtype``, each value below 2 kept below 2.
+
+    alpha = 2 is another function (the Gaussian), not the limit of the power law, so a value that
+    rounds up to 2.0 in a narrower dtype (2 - 1e-16 in float32) would change which function is
+    computed, not only its last bits: such a value becomes the largest number below 2 in ``dtype``.
+    Differentiable (the nudge, under one unit in the last place, is a constant).
+    """
+    given = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, dtype=torch.float64)
+    given = given.to(device=device) if device is not None else given
+    cast = given.to(dtype)
+    two = torch.tensor(2.0, dtype=dtype, device=cast.device)
+    below_two = torch.nextafter(two, torch.zeros_like(two))
+    rounded_up = (given.detach() < 2) & (cast.detach() >= 2)
+    return torch.where(rounded_up, cast + (below_two - cast).detach(), cast)
+
+
 def log_phi(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: float) -> torch.Tensor:
     """``log Phi_alpha(z)`` for distances z >= 0 (already divided by kappa).
 

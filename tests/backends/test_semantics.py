@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import levyattn.backends.flex as flex
 from levyattn import fractional_attention
 from levyattn.backends.common import AttentionCall, log_softmax_rows, softmax_rows
+from levyattn.kernels import alpha_in
 
 NAN, INF = float("nan"), float("inf")
 
@@ -192,6 +193,35 @@ def test_a_query_far_from_every_key_keeps_the_gaussian_weights(path, far):
     out = run(path, q, k, v, alpha=2.0).double()
     expected = run("reference", q.double(), k.double(), v.double(), alpha=2.0)
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_PATHS if p != "sdpa"])
+@pytest.mark.parametrize("given", ["float", "float64 tensor"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_alpha_just_below_2_stays_the_power_law_in_every_dtype(path, given, dtype):
+    """alpha = 2 is the Gaussian, not the limit of the power law: an alpha that rounds to 2.0 in
+    the computing dtype (2 - 2**-51 in float32) must still give the power law. flex (a float or a
+    tensor alpha) and every path (a float64 tensor alpha) used to give the Gaussian: 0.3-0.4 off."""
+    q, k, v = qkv(b=1, h=2, nq=3, nk=5, d=4, dv=3, dtype=dtype)
+    alpha = 2 - 2**-51
+    if given == "float64 tensor":
+        alpha = torch.tensor([alpha, 1.2], dtype=torch.float64)
+    expected = run("reference", q.double(), k.double(), v.double(), alpha=alpha)
+    gaussian = run("reference", q.double(), k.double(), v.double(), alpha=2.0)
+    assert (expected - gaussian).abs().max() > 0.1  # the two functions differ here
+    out = run(path, q, k, v, alpha=alpha).double()
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def test_alpha_in_keeps_values_below_2_below_2_and_their_gradient():
+    alpha = torch.tensor([2 - 2**-51, 2.0, 1.2, 0.5], dtype=torch.float64, requires_grad=True)
+    cast = alpha_in(alpha, torch.float32)
+    assert cast.dtype == torch.float32
+    assert cast.tolist() == [torch.nextafter(torch.tensor(2.0), torch.tensor(0.0)).item(), 2.0, 1.2000000476837158, 0.5]
+    cast.sum().backward()
+    assert alpha.grad.tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert alpha_in(2 - 2**-51, torch.float32).item() < 2 and alpha_in(2.0, torch.float32).item() == 2
 
 
 @pytest.mark.parametrize("path", ALL_PATHS)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from levyattn.backends.common import LOW_PRECISION, AttentionCall
-from levyattn.kernels import log_phi_from_sq
+from levyattn.kernels import alpha_in, log_phi_from_sq
 
 
 def available() -> bool:
@@ -172,7 +172,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attention
     kw = call.kernel_kwargs(head_dim)
     wide = _score_dtype(q.dtype)
     # alpha stays a Python float at exactly 2 (the Gaussian branch, one compilation).
-    alpha = kw.pop("alpha") if gaussian else _per_head(kw.pop("alpha"), heads, q.device, wide)
+    alpha = kw.pop("alpha") if gaussian else _per_head(alpha_in(kw.pop("alpha"), wide, q.device), heads, q.device, wide)
     bandwidth = _per_head(kw.pop("bandwidth"), heads, q.device, wide)
     kap = _per_head(kw.pop("kappa"), heads, q.device, wide)
     sphere = call.manifold == "sphere"
