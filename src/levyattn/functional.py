@@ -242,6 +242,14 @@ def attend(
         q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
         qk_peak, v_peak = largest_magnitudes(q, k, v)
+    if q.dtype != torch.float64 and _gaussian_overflows(q, call, qk_peak):
+        # No unit helps: the Gaussian's logits themselves pass float32's range. In float64 they fit.
+        q, k, v = q.double(), k.double(), v.double()
+        mask = call.attn_mask
+        if mask is not None and mask.is_floating_point():
+            call = dataclasses.replace(call, attn_mask=mask.double())
+        call = _parameters_as(call, q)
+        fused = chosen == "tiled" and tiled.runs_fused_kernel(call, q.device, q.dtype)
     q, k, call = _in_length_unit(q, k, call, qk_peak)
     value_unit = _value_unit(v, v_peak)
     if value_unit != 1.0:
@@ -327,17 +335,32 @@ def _largest(q: torch.Tensor) -> float:
 
 def _in_length_unit(q, k, call: AttentionCall, qk_peak: float):
     """(q, k, call) with q and k divided by a power of two where their squared distances
-    could overflow: Euclidean power-law calls only (a Gaussian logit -||q - k||^2 / eps
-    that large underflows every weight whatever the unit). Exact: the call's kappa is
-    divided by the same power of two (``AttentionCall.length_unit``)."""
-    if call.manifold != "euclidean" or call.is_gaussian:
+    could overflow (Euclidean calls). Exact: the call's kappa is divided by the same power of
+    two (``AttentionCall.length_unit``), so z = ||q - k|| / kappa, the power law's and the
+    Gaussian's logits are unchanged; only the sums on the way to them shrink."""
+    if call.manifold != "euclidean":
         return q, k, call
     # After centring, |q_i - k_j| <= 4 * peak per coordinate, so sq <= 16 d peak**2; keep it
     # (and the sums beside it) under a quarter of the largest value.
     unit = _power_of_two_above(qk_peak / math.sqrt(_largest(q) / (64 * q.shape[-1])))
-    if unit == 1.0 or (isinstance(call.alpha, torch.Tensor) and bool((call.alpha >= 2).any())):
+    if unit == 1.0:
         return q, k, call
     return q / unit, k / unit, dataclasses.replace(call, length_unit=unit)
+
+
+def _gaussian_overflows(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool:
+    """Whether a Gaussian logit -||q - k||^2 / (kappa^2 eps) of this call (alpha = 2, or a tensor
+    alpha with a head at 2) could pass the largest value of q's dtype: after centring,
+    ||q - k||^2 <= 16 d peak**2 and the logits' terms <= 12 d peak**2 / (kappa^2 eps). In
+    float32 that takes coordinates near 1e19."""
+    if call.manifold != "euclidean" or not (
+        call.is_gaussian or (isinstance(call.alpha, torch.Tensor) and bool((call.alpha >= 2).any()))
+    ):
+        return False
+    kw = call.kernel_kwargs(q.shape[-1])
+    scale = 1.0 / (kw["kappa"] * kw["kappa"] * kw["bandwidth"])
+    scale = float(scale.max()) if isinstance(scale, torch.Tensor) else scale
+    return scale * 12 * q.shape[-1] * qk_peak**2 > _largest(q) / 4
 
 
 def _value_unit(v: torch.Tensor, v_peak: float) -> float:

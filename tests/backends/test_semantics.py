@@ -214,6 +214,29 @@ def test_an_alpha_just_below_2_stays_the_power_law_in_every_dtype(path, given, d
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("path", ALL_PATHS)
+@pytest.mark.parametrize("alpha", ["2", "1.2 and 2"])
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_gaussian_logits_past_float32_are_computed_where_they_fit(path, alpha, scale):
+    """Coordinates near 1e19 put the Gaussian's logits -||q - k||^2 / (kappa^2 eps) past float32's
+    range, whatever the unit: every path gave rows of inf and NaN (alpha = 2) or of zeros (a head
+    at 2 in a tensor alpha). Such a call is computed in float64 and cast back."""
+    if path == "sdpa" and alpha != "2":
+        pytest.skip("sdpa computes alpha = 2 only")
+    alpha = 2.0 if alpha == "2" else torch.tensor([1.2, 2.0], dtype=torch.float64)
+    q, k, v = qkv(b=1, h=2, nq=4, nk=6, d=8, dv=3, dtype=torch.float64)
+    q, k = q * scale, k * scale
+    expected = run("reference", q, k, v, alpha=alpha)
+    out = run(path, q.float(), k.float(), v.float(), alpha=alpha)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    if path in ("flex", "sdpa"):
+        return  # flex has no CPU backward; sdpa's gradients: test_differential
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    with on_path(path) as backend:
+        fractional_attention(*leaves, alpha=alpha, backend=backend).pow(2).sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
 def test_alpha_in_keeps_values_below_2_below_2_and_their_gradient():
     alpha = torch.tensor([2 - 2**-51, 2.0, 1.2, 0.5], dtype=torch.float64, requires_grad=True)
     cast = alpha_in(alpha, torch.float32)
