@@ -101,6 +101,25 @@ def check_bandwidth(bandwidth: Scalar) -> Scalar:
     return _check_values("bandwidth", bandwidth, lambda b: (b > 0) & (b < math.inf), "be > 0 and finite")
 
 
+# The largest scale eps**(-1/alpha) (power law; 1/eps for the Gaussian) a kernel may have: float64
+# holds it with room for the distances it multiplies.
+KERNEL_SCALE_LIMIT = 1e300
+
+
+def check_kernel_scale(alpha: Scalar, bandwidth: Scalar) -> None:
+    """Float alpha and bandwidth (checked each): the kernel's scale eps**(-1/alpha) (1/eps at
+    alpha = 2) must stay below :data:`KERNEL_SCALE_LIMIT` (a small bandwidth with a small alpha
+    can pass float64's range: eps = 1e-100 at alpha = 0.3 gives 1e333)."""
+    if isinstance(alpha, torch.Tensor) or isinstance(bandwidth, torch.Tensor):
+        return
+    log10_scale = -math.log10(bandwidth) / (alpha if alpha < 2 else 1.0)
+    if log10_scale > math.log10(KERNEL_SCALE_LIMIT):
+        raise ValueError(
+            f"bandwidth={bandwidth!r} with alpha={alpha!r} puts the kernel's scale eps**(-1/alpha) at "
+            f"1e{log10_scale:.0f}; it must stay <= {KERNEL_SCALE_LIMIT:g}: take a larger bandwidth or alpha"
+        )
+
+
 def check_positive(name: str, value: Any) -> float:
     v = _as_float(name, value)
     if not (v > 0.0 and math.isfinite(v)):
@@ -155,6 +174,7 @@ class FNAConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         object.__setattr__(self, "bandwidth", check_bandwidth(self.bandwidth))
+        check_kernel_scale(self.alpha, self.bandwidth)
         check_manifold(self.manifold)
         object.__setattr__(self, "d_intrinsic", check_d_intrinsic(self.d_intrinsic))
         object.__setattr__(self, "sphere_radius", check_positive("sphere_radius", self.sphere_radius))

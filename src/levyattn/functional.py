@@ -54,6 +54,7 @@ from levyattn.config import (
     check_bandwidth,
     check_d_intrinsic,
     check_density_a,
+    check_kernel_scale,
     check_manifold,
     check_positive,
 )
@@ -181,9 +182,11 @@ def fractional_attention(
     _check_tensors(q, k, v)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    alpha, bandwidth = check_alpha(alpha), check_bandwidth(bandwidth)
+    check_kernel_scale(alpha, bandwidth)
     call = AttentionCall(
-        alpha=per_head("alpha", check_alpha(alpha), q),
-        bandwidth=per_head("bandwidth", check_bandwidth(bandwidth), q),
+        alpha=per_head("alpha", alpha, q),
+        bandwidth=per_head("bandwidth", bandwidth, q),
         manifold=check_manifold(manifold),
         rescale=bool(rescale),
         d_intrinsic=check_d_intrinsic(d_intrinsic),
@@ -242,8 +245,8 @@ def attend(
         q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
         call = dataclasses.replace(call, attn_mask=mask_without_nonfinite(call.attn_mask))
         qk_peak, v_peak = largest_magnitudes(q, k, v)
-    if q.dtype != torch.float64 and _gaussian_overflows(q, call, qk_peak):
-        # No unit helps: the Gaussian's logits themselves pass float32's range. In float64 they fit.
+    if q.dtype != torch.float64 and _needs_float64(q, call, qk_peak):
+        # No unit of length helps (see _needs_float64); in float64 the numbers fit.
         q, k, v = q.double(), k.double(), v.double()
         mask = call.attn_mask
         if mask is not None and mask.is_floating_point():
@@ -348,19 +351,35 @@ def _in_length_unit(q, k, call: AttentionCall, qk_peak: float):
     return q / unit, k / unit, dataclasses.replace(call, length_unit=unit)
 
 
-def _gaussian_overflows(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool:
-    """Whether a Gaussian logit -||q - k||^2 / (kappa^2 eps) of this call (alpha = 2, or a tensor
-    alpha with a head at 2) could pass the largest value of q's dtype: after centring,
-    ||q - k||^2 <= 16 d peak**2 and the logits' terms <= 12 d peak**2 / (kappa^2 eps). In
-    float32 that takes coordinates near 1e19."""
-    if call.manifold != "euclidean" or not (
-        call.is_gaussian or (isinstance(call.alpha, torch.Tensor) and bool((call.alpha >= 2).any()))
-    ):
-        return False
-    kw = call.kernel_kwargs(q.shape[-1])
-    scale = 1.0 / (kw["kappa"] * kw["kappa"] * kw["bandwidth"])
-    scale = float(scale.max()) if isinstance(scale, torch.Tensor) else scale
-    return scale * 12 * q.shape[-1] * qk_peak**2 > _largest(q) / 4
+def _needs_float64(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool:
+    """Whether a number of this call's kernel could pass the largest value of q's dtype, which
+    no unit of length changes (a unit scales kappa with the distances): the power law's
+    scale c = eps**(-1/alpha) / kappa, or c times the largest distance z (after centring
+    ||q - k|| <= 4 sqrt(d) peak; pi r on the sphere), or the Gaussian's logits (terms up to
+    12 d peak**2 / (kappa**2 eps); (pi r)**2 / eps on the sphere). In float32 that takes a
+    small bandwidth at a small alpha (eps = 1e-12 at alpha = 0.3), or coordinates near 1e19
+    at alpha = 2."""
+    d = q.shape[-1]
+    kw = call.kernel_kwargs(d)
+    # Logarithms throughout; floats (the usual call) with math, per-head tensors with torch.
+    names = ("alpha", "bandwidth", "kappa")
+    tensors = any(isinstance(kw[n], torch.Tensor) for n in names)
+    lib = torch if tensors else math
+    alpha, eps, kap = (torch.as_tensor(kw[n], dtype=torch.float64) if tensors else kw[n] for n in names)
+    if call.manifold == "sphere":  # kappa is 1
+        log_z = math.log(math.pi * call.sphere_radius)
+        log_gaussian = 2 * log_z - lib.log(eps)
+    else:
+        log_z = math.log(max(4 * math.sqrt(d) * qk_peak, 1e-300)) - lib.log(kap)
+        log_gaussian = math.log(max(12 * d * qk_peak**2, 1e-300)) - 2 * lib.log(kap) - lib.log(eps)
+    log_c = -lib.log(eps) / (alpha.clamp_max(2) if tensors else min(alpha, 2.0)) - lib.log(kap)
+    if tensors:
+        log_power = torch.maximum(log_c, log_c + log_z)
+        per_head = torch.where(alpha >= 2, log_gaussian, log_power)
+        log_largest = float(per_head.max()) if per_head.numel() else -math.inf  # no heads
+    else:
+        log_largest = log_gaussian if alpha >= 2 else max(log_c, log_c + log_z)
+    return log_largest > math.log(_largest(q) / 4)
 
 
 def _value_unit(v: torch.Tensor, v_peak: float) -> float:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import levyattn.backends.flex as flex
-from levyattn import fractional_attention
+from levyattn import FNAConfig, fractional_attention
 from levyattn.backends.common import AttentionCall, log_softmax_rows, softmax_rows
 from levyattn.kernels import alpha_in
 
@@ -235,6 +235,29 @@ def test_gaussian_logits_past_float32_are_computed_where_they_fit(path, alpha, s
     with on_path(path) as backend:
         fractional_attention(*leaves, alpha=alpha, backend=backend).pow(2).sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_PATHS if p != "sdpa"])
+@pytest.mark.parametrize("given", ["float", "per-head tensor"])
+def test_a_kernel_scale_past_float32_is_computed_where_it_fits(path, given):
+    """eps = 1e-12 at alpha = 0.3 puts the power law's scale eps**(-1/alpha) at 1e40, past
+    float32's range: every path gave rows 2.8 off float64 (a scale of inf), with no error.
+    Such a call is computed in float64 and cast back."""
+    q, k, v = qkv(b=1, h=2, nq=4, nk=6, d=8, dv=3, dtype=torch.float64)
+    bandwidth = 1e-12 if given == "float" else torch.tensor([1e-12, 1.0], dtype=torch.float64)
+    expected = run("reference", q, k, v, alpha=0.3, bandwidth=bandwidth)
+    out = run(path, q.float(), k.float(), v.float(), alpha=0.3, bandwidth=bandwidth)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_scale_past_float64_is_refused_with_its_parameters():
+    q = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    message = r"bandwidth=1e-100 with alpha=0.3 puts the kernel's scale eps\*\*\(-1/alpha\) at 1e333"
+    with pytest.raises(ValueError, match=message):
+        fractional_attention(q, q, q, alpha=0.3, bandwidth=1e-100)
+    with pytest.raises(ValueError, match=message):
+        FNAConfig(alpha=0.3, bandwidth=1e-100)
+    fractional_attention(q, q, q, alpha=0.3, bandwidth=1e-90)  # 1e300: allowed
 
 
 def test_alpha_in_keeps_values_below_2_below_2_and_their_gradient():
