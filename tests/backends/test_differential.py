@@ -77,13 +77,15 @@ def calls(draw):
     alpha_kind = draw(st.sampled_from(["float", "gaussian", "gaussian", "tensor", "learnable"]))
     alpha_value = draw(st.floats(0.3, 2.0))
     bandwidth_kind = draw(st.sampled_from(["float", "float", "tensor", "learnable"]))
-    bandwidth_value = draw(st.floats(0.2, 3.0))
+    # 1e-12 at a small alpha puts the kernel's scale eps**(-1/alpha) past float32's range.
+    bandwidth_value = draw(st.one_of(st.floats(0.2, 3.0), st.just(1e-12)))
     mask_kind = draw(st.sampled_from([None, None, "bool", "float", "learnable"]))
     mask_shape = draw(st.sampled_from(["k", "qk", "b11k", "1hqk", "bhqk", "b1q1"]))
     layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "broadcast"]))
     nonfinite = draw(st.sampled_from([None] * 5 + ["q", "k", "v", "mask"]))
     nonfinite_value = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
-    scale = draw(st.sampled_from([1.0, 1.0, 0.01, 30.0])) if dtype == torch.float64 else 1.0
+    # 1e20: squared distances, and the Gaussian's logits, past float32's range.
+    scale = draw(st.sampled_from([1.0, 1.0, 0.01, 30.0, 1e20])) if dtype in (torch.float64, torch.float32) else 1.0
     seed = draw(st.integers(0, 2**31 - 1))
 
     gen = torch.Generator().manual_seed(seed)
