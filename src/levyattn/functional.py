@@ -365,7 +365,7 @@ def _needs_float64(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool
     names = ("alpha", "bandwidth", "kappa")
     tensors = any(isinstance(kw[n], torch.Tensor) for n in names)
     lib = torch if tensors else math
-    alpha, eps, kap = (torch.as_tensor(kw[n], dtype=torch.float64) if tensors else kw[n] for n in names)
+    alpha, eps, kap = (torch.as_tensor(kw[n], dtype=torch.float64).detach() if tensors else kw[n] for n in names)
     if call.manifold == "sphere":  # kappa is 1
         log_z = math.log(math.pi * call.sphere_radius)
         log_gaussian = 2 * log_z - lib.log(eps)
