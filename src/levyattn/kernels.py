@@ -72,17 +72,23 @@ def log_phi(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: floa
     return _power_law(z, alpha, bandwidth, d_intrinsic)
 
 
+# c = eps**(-1/alpha) from which the power law's parameter gradients leave out log c (_power_law):
+# there c z >= 1 for every distance from 0.1 up, most pairs' in practice.
+_FAR_SCALE = 10.0
+
+
 def _power_law(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: float) -> torch.Tensor:
-    """``-(d_M + alpha) * log1p(c z)``, c = eps**(-1/alpha); for a learnable alpha or eps with
-    c >= 1, its gradient taken without the part that is the same for every pair of a head.
+    """``-(d_M + alpha) * log1p(c z)``, c = eps**(-1/alpha); for a learnable alpha or eps with a
+    large c, its gradient taken without the part that is the same for every pair of a head.
 
     Where c z >> 1, log1p(c z) = log c + log(z + 1/c), and d/d alpha (d/d eps) of the logits is
     nearly the constant -(d_M + alpha) d log c, which every normalisation removes exactly (the
     gradients of a head's logits sum to 0) but which multiplied their rounding: float32 alpha's
     gradient lost 8x its accuracy at eps = 1e-12 with the density term. So the gradient comes from
     ``-(d_M + alpha) (log1p(c z) - log c)``, the same function but for that constant, on the heads
-    with c >= 1 (eps <= 1), where most pairs are far (and where they are not, |log c| is small).
-    The choice depends on alpha and eps alone, so every tile of a head makes the same one.
+    with c >= ``_FAR_SCALE``, where most pairs are far (near pairs would take the constant on
+    instead: at c = 1 that cost eps's gradient 30x its accuracy). The choice depends on alpha and
+    eps alone, so every tile of a head makes the same one.
     """
     scale = bandwidth ** (-1.0 / alpha)
     value = -(d_intrinsic + alpha) * torch.log1p(z * scale)
@@ -97,7 +103,7 @@ def _power_law(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: f
     near_value = torch.log1p(torch.where(near, cz, 0.0)) - log_scale
     far_value = torch.log(torch.where(near, 1.0, z)) + torch.log1p(1.0 / torch.where(near, 1.0, cz))
     shifted = torch.where(
-        torch.as_tensor(scale >= 1).detach(), torch.where(near, near_value, far_value), torch.log1p(cz)
+        torch.as_tensor(scale >= _FAR_SCALE).detach(), torch.where(near, near_value, far_value), torch.log1p(cz)
     )
     stable = -(d_intrinsic + alpha) * shifted
     return value.detach() + (stable - stable.detach())
