@@ -299,12 +299,14 @@ def _is_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: Attent
 def _decode_if_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall) -> torch.Tensor | None:
     """A decoding step through the fused kernel, which takes the largest entries of q, k and v as
     it reads them (a check of its own would read the key/value cache once more): the output when
-    they are finite and need no change of unit, as they almost always are; else None, and the
-    caller runs the checked path, which handles them."""
+    they are finite and need no change of unit or dtype, as they almost always are; else None, and
+    the caller runs the checked path, which handles them."""
     out, qk_peak, v_peak = tiled.decode(q, k, v, call)
     if not (math.isfinite(qk_peak) and math.isfinite(v_peak)):
         return None
     if _in_length_unit(q, k, call, qk_peak)[2] is not call or _value_unit(v, v_peak) != 1.0:
+        return None
+    if q.dtype != torch.float64 and _needs_float64(q, call, qk_peak):
         return None
     return out
 
@@ -354,14 +356,29 @@ def _in_length_unit(q, k, call: AttentionCall, qk_peak: float):
 def _needs_float64(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool:
     """Whether a number of this call's kernel could pass the largest value of q's dtype, which
     no unit of length changes (a unit scales kappa with the distances): the power law's
-    scale c = eps**(-1/alpha) / kappa, or c times the largest distance z (after centring
-    ||q - k|| <= 4 sqrt(d) peak; pi r on the sphere), or the Gaussian's logits (terms up to
-    12 d peak**2 / (kappa**2 eps); (pi r)**2 / eps on the sphere). In float32 that takes a
+    scale eps**(-1/alpha), or the scale times the largest distance z = ||q - k|| / kappa (after
+    centring ||q - k|| <= 4 sqrt(d) peak; z <= pi r on the sphere), or the Gaussian's logits
+    (terms up to 12 d peak**2 / (kappa**2 eps); (pi r)**2 / eps on the sphere). In float32 that takes a
     small bandwidth at a small alpha (eps = 1e-12 at alpha = 0.3), or coordinates near 1e19
     at alpha = 2."""
     d = q.shape[-1]
+    tiny = 1e-300  # a peak of 0: no distance
+    if (
+        call.manifold == "euclidean"
+        and not isinstance(call.alpha, torch.Tensor)
+        and not isinstance(call.bandwidth, torch.Tensor)
+    ):
+        # The usual call, in a few microseconds: the kernel's constants are remembered.
+        c = tiled.kernel_constants(call, d)[1]  # with kappa: eps**(-1/alpha) / kappa, or 1 / (kappa**2 eps)
+        if call.is_gaussian:
+            log_largest = math.log(c) + math.log(max(12 * d * qk_peak**2, tiny))
+        else:
+            log_largest = max(
+                -math.log(call.bandwidth) / call.alpha, math.log(c) + math.log(max(4 * math.sqrt(d) * qk_peak, tiny))
+            )
+        return log_largest > math.log(_largest(q) / 4)
     kw = call.kernel_kwargs(d)
-    # Logarithms throughout; floats (the usual call) with math, per-head tensors with torch.
+    # Logarithms throughout; floats with math, per-head tensors with torch.
     names = ("alpha", "bandwidth", "kappa")
     tensors = any(isinstance(kw[n], torch.Tensor) for n in names)
     lib = torch if tensors else math
@@ -370,15 +387,15 @@ def _needs_float64(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool
         log_z = math.log(math.pi * call.sphere_radius)
         log_gaussian = 2 * log_z - lib.log(eps)
     else:
-        log_z = math.log(max(4 * math.sqrt(d) * qk_peak, 1e-300)) - lib.log(kap)
-        log_gaussian = math.log(max(12 * d * qk_peak**2, 1e-300)) - 2 * lib.log(kap) - lib.log(eps)
-    log_c = -lib.log(eps) / (alpha.clamp_max(2) if tensors else min(alpha, 2.0)) - lib.log(kap)
+        log_z = math.log(max(4 * math.sqrt(d) * qk_peak, tiny)) - lib.log(kap)
+        log_gaussian = math.log(max(12 * d * qk_peak**2, tiny)) - 2 * lib.log(kap) - lib.log(eps)
+    log_scale = -lib.log(eps) / (alpha.clamp_max(2) if tensors else min(alpha, 2.0))  # eps**(-1/alpha)
     if tensors:
-        log_power = torch.maximum(log_c, log_c + log_z)
+        log_power = torch.maximum(log_scale, log_scale + log_z)
         per_head = torch.where(alpha >= 2, log_gaussian, log_power)
         log_largest = float(per_head.max()) if per_head.numel() else -math.inf  # no heads
     else:
-        log_largest = log_gaussian if alpha >= 2 else max(log_c, log_c + log_z)
+        log_largest = log_gaussian if alpha >= 2 else max(log_scale, log_scale + log_z)
     return log_largest > math.log(_largest(q) / 4)
 
 

@@ -239,11 +239,13 @@ def test_gaussian_logits_past_float32_are_computed_where_they_fit(path, alpha, s
 
 @pytest.mark.parametrize("path", [p for p in ALL_PATHS if p != "sdpa"])
 @pytest.mark.parametrize("given", ["float", "per-head tensor"])
-def test_a_kernel_scale_past_float32_is_computed_where_it_fits(path, given):
+@pytest.mark.parametrize("nq", [1, 4])
+def test_a_kernel_scale_past_float32_is_computed_where_it_fits(path, given, nq):
     """eps = 1e-12 at alpha = 0.3 puts the power law's scale eps**(-1/alpha) at 1e40, past
-    float32's range: every path gave rows 2.8 off float64 (a scale of inf), with no error.
-    Such a call is computed in float64 and cast back."""
-    q, k, v = qkv(b=1, h=2, nq=4, nk=6, d=8, dv=3, dtype=torch.float64)
+    float32's range: every path gave rows 2.8 off float64 (a scale of inf), with no error, and so
+    did the fused kernel's decoding step (one query). Such a call is computed in float64 and cast
+    back."""
+    q, k, v = qkv(b=1, h=2, nq=nq, nk=6, d=8, dv=3, dtype=torch.float64)
     bandwidth = 1e-12 if given == "float" else torch.tensor([1e-12, 1.0], dtype=torch.float64)
     expected = run("reference", q, k, v, alpha=0.3, bandwidth=bandwidth)
     out = run(path, q.float(), k.float(), v.float(), alpha=0.3, bandwidth=bandwidth)
