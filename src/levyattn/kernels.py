@@ -65,8 +65,14 @@ def log_phi(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: floa
     alpha < 2: ``-(d_M + alpha) * log1p(z / eps**(1/alpha))``; alpha = 2: ``-z**2 / eps``.
     """
     if isinstance(alpha, torch.Tensor):
-        # Both branches, no data-dependent Python branch: also traceable inside score_mod.
-        return torch.where(alpha >= 2, -(z * z) / bandwidth, _power_law(z, alpha, bandwidth, d_intrinsic))
+        # Both branches, no data-dependent Python branch: also traceable inside score_mod. The
+        # Gaussian sees only its own heads' distances: a power-law head's z**2 may overflow, and its
+        # gradient, times the 0 that where gives it, would be NaN.
+        gaussian = alpha >= 2
+        z_gaussian = torch.where(gaussian, z, 0.0)
+        return torch.where(
+            gaussian, -(z_gaussian * z_gaussian) / bandwidth, _power_law(z, alpha, bandwidth, d_intrinsic)
+        )
     if alpha >= 2:
         return -(z * z) / bandwidth
     return _power_law(z, alpha, bandwidth, d_intrinsic)

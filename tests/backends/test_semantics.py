@@ -262,6 +262,24 @@ def test_a_kernel_scale_past_float64_is_refused_with_its_parameters():
     fractional_attention(q, q, q, alpha=0.3, bandwidth=1e-90)  # 1e300: allowed
 
 
+@pytest.mark.parametrize("path", ["reference", "tile loop"])
+def test_power_law_heads_far_apart_keep_finite_parameter_gradients(path):
+    """A tensor alpha computes the Gaussian beside the power law for every head and picks one; at
+    distances near 1e20 the unpicked Gaussian's z**2 overflowed, and its gradient, times the 0
+    that the pick gave it, made the bandwidth's gradient NaN (finite inputs, every path)."""
+    q, k, v = qkv(b=1, h=2, nq=1, nk=3, d=1, dv=2, dtype=torch.float64)
+    q, k = q * 1e20, k * 1e20
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        bandwidth = torch.tensor([1.8, 0.7], dtype=torch.float64, requires_grad=True)
+        alpha = torch.tensor([1.3, 1.6], dtype=torch.float64)
+        with on_path(path if dtype == torch.float32 else "reference") as backend:
+            out = fractional_attention(q.to(dtype), k.to(dtype), v.to(dtype), alpha=alpha, bandwidth=bandwidth,
+                                       rescale=False, backend=backend)  # fmt: skip
+        grads[dtype] = torch.autograd.grad(out.double().sum(), bandwidth)[0]
+    torch.testing.assert_close(grads[torch.float32], grads[torch.float64], rtol=1e-4, atol=1e-6)
+
+
 def test_alpha_in_keeps_values_below_2_below_2_and_their_gradient():
     alpha = torch.tensor([2 - 2**-51, 2.0, 1.2, 0.5], dtype=torch.float64, requires_grad=True)
     cast = alpha_in(alpha, torch.float32)
