@@ -259,10 +259,12 @@ def test_the_density_term_is_the_column_normalised_kernel(backend, alpha):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_gradcheck_density_and_learnable_parameters():
+@pytest.mark.parametrize("bandwidths", [(0.7, 1.4), (1e-3, 0.02)], ids=["c below 10", "c of 530 and 11"])
+def test_gradcheck_density_and_learnable_parameters(bandwidths):
+    """The second set puts both heads where the power law's parameter gradients leave out log c."""
     q, k, v = make_qkv(b=1, h=2, nq=5, nk=6, d=3, dv=2, seed=4)
     alpha = torch.tensor([1.1, 1.6], dtype=torch.float64, requires_grad=True)
-    bandwidth = torch.tensor([0.7, 1.4], dtype=torch.float64, requires_grad=True)
+    bandwidth = torch.tensor(bandwidths, dtype=torch.float64, requires_grad=True)
     for backend in ("reference", "tiled"):
 
         def f(q, k, v, a, b, backend=backend):
