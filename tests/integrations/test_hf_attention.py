@@ -166,6 +166,8 @@ def test_bad_calls_raise():
         hf.fna_attention_forward(module, q, k, k, None)
     with pytest.raises(ValueError, match="softcap"):
         hf.fna_attention_forward(module, q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match=r"attention sinks \(s_aux\)"):
+        hf.fna_attention_forward(module, q, q, q, None, s_aux=torch.zeros(3))
     with pytest.raises(TypeError, match="attention_mask"):
         hf.fna_attention_forward(module, q, q, q, [[1, 0]])
     with pytest.raises(TypeError, match="attention_mask"):

@@ -417,14 +417,19 @@ def fna_attention_forward(
         scaling: ignored (FNA's distance scale is kappa and the bandwidth).
         dropout: attention-dropout probability on the weights, used when ``module.training``.
         is_causal: causality when ``attention_mask`` is None (default ``module.is_causal``).
-        kwargs: ``output_attentions``; ``position_bias`` (added to log Phi); ``softcap`` is
-            rejected; everything else transformers passes along is ignored.
+        kwargs: ``output_attentions``; ``position_bias`` (added to log Phi); ``softcap`` and
+            attention sinks (``s_aux``) are rejected; everything else transformers passes along
+            is ignored.
 
     Returns:
         (attn_output (B, Lq, H, dv), weights (B, H, Lq, Lk) or None). Weights only when asked.
     """
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='fna' does not support logit softcapping (softcap)")
+    if kwargs.get("s_aux") is not None:
+        # An extra logit per head in each row's normalisation (GPT-OSS); left out, the weights
+        # would silently be those of another function.
+        raise ValueError("attn_implementation='fna' does not support attention sinks (s_aux)")
     config = getattr(module, "config", None)
     if config is None:
         raise TypeError(f"{type(module).__name__} has no .config with the fna_* settings")
