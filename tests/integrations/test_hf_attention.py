@@ -168,6 +168,8 @@ def test_bad_calls_raise():
         hf.fna_attention_forward(module, q, q, q, None, softcap=30.0)
     with pytest.raises(ValueError, match=r"attention sinks \(s_aux\)"):
         hf.fna_attention_forward(module, q, q, q, None, s_aux=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"attention sinks \(sinks\)"):
+        hf.fna_attention_forward(module, q, q, q, None, sinks=torch.zeros(1, 3, 4, 1))
     with pytest.raises(TypeError, match="attention_mask"):
         hf.fna_attention_forward(module, q, q, q, [[1, 0]])
     with pytest.raises(TypeError, match="attention_mask"):

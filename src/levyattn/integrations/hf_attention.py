@@ -418,7 +418,7 @@ def fna_attention_forward(
         dropout: attention-dropout probability on the weights, used when ``module.training``.
         is_causal: causality when ``attention_mask`` is None (default ``module.is_causal``).
         kwargs: ``output_attentions``; ``position_bias`` (added to log Phi); ``softcap`` and
-            attention sinks (``s_aux``) are rejected; everything else transformers passes along
+            attention sinks (``s_aux``, ``sinks``) are rejected; everything else transformers passes along
             is ignored.
 
     Returns:
@@ -426,10 +426,11 @@ def fna_attention_forward(
     """
     if kwargs.get("softcap") is not None:
         raise ValueError("attn_implementation='fna' does not support logit softcapping (softcap)")
-    if kwargs.get("s_aux") is not None:
-        # An extra logit per head in each row's normalisation (GPT-OSS); left out, the weights
-        # would silently be those of another function.
-        raise ValueError("attn_implementation='fna' does not support attention sinks (s_aux)")
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            # An extra logit in each row's normalisation (GPT-OSS's s_aux, per head; sinks, per
+            # token); left out, the weights would silently be those of another function.
+            raise ValueError(f"attn_implementation='fna' does not support attention sinks ({name})")
     config = getattr(module, "config", None)
     if config is None:
         raise TypeError(f"{type(module).__name__} has no .config with the fna_* settings")
