@@ -363,26 +363,13 @@ def _needs_float64(q: torch.Tensor, call: AttentionCall, qk_peak: float) -> bool
     at alpha = 2."""
     d = q.shape[-1]
     tiny = 1e-300  # a peak of 0: no distance
-    if (
-        call.manifold == "euclidean"
-        and not isinstance(call.alpha, torch.Tensor)
-        and not isinstance(call.bandwidth, torch.Tensor)
-    ):
-        # The usual call, in a few microseconds: the kernel's constants are remembered.
-        c = tiled.kernel_constants(call, d)[1]  # with kappa: eps**(-1/alpha) / kappa, or 1 / (kappa**2 eps)
-        if call.is_gaussian:
-            log_largest = math.log(c) + math.log(max(12 * d * qk_peak**2, tiny))
-        else:
-            log_largest = max(
-                -math.log(call.bandwidth) / call.alpha, math.log(c) + math.log(max(4 * math.sqrt(d) * qk_peak, tiny))
-            )
-        return log_largest > math.log(_largest(q) / 4)
     kw = call.kernel_kwargs(d)
-    # Logarithms throughout; floats with math, per-head tensors with torch.
-    names = ("alpha", "bandwidth", "kappa")
-    tensors = any(isinstance(kw[n], torch.Tensor) for n in names)
+    alpha, eps, kap = kw["alpha"], kw["bandwidth"], kw["kappa"]
+    # Logarithms throughout; floats (the usual call) with math, per-head tensors with torch.
+    tensors = isinstance(alpha, torch.Tensor) or isinstance(eps, torch.Tensor)
+    if tensors:
+        alpha, eps, kap = (torch.as_tensor(x, dtype=torch.float64).detach() for x in (alpha, eps, kap))
     lib = torch if tensors else math
-    alpha, eps, kap = (torch.as_tensor(kw[n], dtype=torch.float64).detach() if tensors else kw[n] for n in names)
     if call.manifold == "sphere":  # kappa is 1
         log_z = math.log(math.pi * call.sphere_radius)
         log_gaussian = 2 * log_z - lib.log(eps)

@@ -253,7 +253,7 @@ def _kernel_grads_(scores, grad_weights, user, keep, lse, delta, exponent, c, ga
     return grad_weights.sum(-1, keepdim=True)
 
 
-def kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
+def _kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
     """(exponent, c) of a Euclidean call with float alpha and bandwidth: ``log Phi`` is
     ``-exponent * log(1 + c sqrt(sq))`` (power law) or ``-c sq`` (Gaussian)."""
     return _euclidean_constants(call.alpha, call.bandwidth, call.rescale, call.d_intrinsic, call.length_unit, head_dim)
@@ -261,7 +261,7 @@ def kernel_constants(call: AttentionCall, head_dim: int) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=256)
 def _euclidean_constants(alpha, bandwidth, rescale, d_intrinsic, length_unit, head_dim) -> tuple[float, float]:
-    """:func:`kernel_constants`, remembered: a model calls with a few settings, many times."""
+    """:func:`_kernel_constants`, remembered: a model calls with a few settings, many times."""
     call = AttentionCall(alpha, bandwidth, "euclidean", rescale, d_intrinsic, 1.0, 0.0, None, False, False, length_unit)
     kw = call.kernel_kwargs(head_dim)
     exponent = float(kw["d_intrinsic"] + kw["alpha"])
@@ -287,7 +287,7 @@ class _EuclideanFNA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, call, block):
         (batch, heads, nq, d), nk = q.shape, k.shape[-2]
-        exponent, c = kernel_constants(call, d)
+        exponent, c = _kernel_constants(call, d)
         k_sq = (k * k).sum(-1, keepdim=True)
         # The Gaussian leaves the row constant ||q||^2 out: see kernels.gaussian_logits_shifted.
         q_sq = q.new_zeros(*q.shape[:-1], 1) if call.is_gaussian else (q * q).sum(-1, keepdim=True)
@@ -378,7 +378,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCal
     """One query row (B, H, 1, d) against k, v through the fused CPU kernel, without autograd (the
     caller checked :func:`runs_fused_kernel`): the output and the largest magnitudes in q and k
     and in v, ``inf`` where an entry is not finite, taken as the kernel reads them."""
-    return fused_cpu.decode(q, k, v, call, *kernel_constants(call, q.shape[-1]))
+    return fused_cpu.decode(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
 
 
 def attention(
@@ -395,7 +395,7 @@ def attention(
     if fused is None:
         fused = runs_fused_kernel(call, q.device, q.dtype)
     if not block and fused:
-        return fused_cpu.attention(q, k, v, call, *kernel_constants(call, q.shape[-1]))
+        return fused_cpu.attention(q, k, v, call, *_kernel_constants(call, q.shape[-1]))
     q, k = call.prepare(q, k)
     if not block:
         block = block_size(q[..., 0, 0].numel(), q.shape[-2], k.shape[-2], q.shape[-1])
