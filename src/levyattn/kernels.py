@@ -97,19 +97,20 @@ def _power_law(z: torch.Tensor, alpha: Scalar, bandwidth: Scalar, d_intrinsic: f
     eps alone, so every tile of a head makes the same one.
     """
     scale = bandwidth ** (-1.0 / alpha)
-    value = -(d_intrinsic + alpha) * torch.log1p(z * scale)
-    learnable = [x for x in (alpha, bandwidth) if isinstance(x, torch.Tensor) and x.requires_grad]
+    cz = z * scale
+    log1p_cz = torch.log1p(cz)
+    value = -(d_intrinsic + alpha) * log1p_cz
+    learnable = any(isinstance(x, torch.Tensor) and x.requires_grad for x in (alpha, bandwidth))
     if not (learnable and torch.is_grad_enabled()):
         return value
     log_scale = -torch.log(torch.as_tensor(bandwidth, dtype=z.dtype, device=z.device)) / alpha
-    cz = z * scale
     near = cz < 1  # there log1p(c z) - log c; elsewhere log(z + 1/c) = log z + log1p(1 / (c z))
     # Each side sees only its own entries: the other's could be log 0 or 1/0, whose gradient,
     # times the 0 that where gives it, is NaN.
     near_value = torch.log1p(torch.where(near, cz, 0.0)) - log_scale
     far_value = torch.log(torch.where(near, 1.0, z)) + torch.log1p(1.0 / torch.where(near, 1.0, cz))
     shifted = torch.where(
-        torch.as_tensor(scale >= _FAR_SCALE).detach(), torch.where(near, near_value, far_value), torch.log1p(cz)
+        torch.as_tensor(scale >= _FAR_SCALE).detach(), torch.where(near, near_value, far_value), log1p_cz
     )
     stable = -(d_intrinsic + alpha) * shifted
     return value.detach() + (stable - stable.detach())
