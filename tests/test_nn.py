@@ -295,6 +295,12 @@ def _torch_twin(embed_dim: int, num_heads: int, batch_first: bool) -> tuple[nn.M
     nn.init.normal_(ref.in_proj_bias)
     nn.init.normal_(ref.out_proj.bias)
     ours = make_attention("softmax", embed_dim, num_heads, bias=True, batch_first=batch_first).double().eval()
+    _copy_attention(ours, ref)
+    return ref, ours
+
+
+def _copy_attention(ours: nn.Module, ref: nn.MultiheadAttention) -> None:
+    """ref's packed q/k/v and output projections into ours's separate ones."""
     with torch.no_grad():
         for proj, weight, bias in zip(
             (ours.q_proj, ours.k_proj, ours.v_proj), ref.in_proj_weight.chunk(3), ref.in_proj_bias.chunk(3)
@@ -303,7 +309,46 @@ def _torch_twin(embed_dim: int, num_heads: int, batch_first: bool) -> tuple[nn.M
             proj.bias.copy_(bias)
         ours.out_proj.weight.copy_(ref.out_proj.weight)
         ours.out_proj.bias.copy_(ref.out_proj.bias)
-    return ref, ours
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_softmax_layers_equal_torch_transformer_layers(norm_first, activation):
+    """The encoder and decoder layers with softmax attention are torch's, given the same weights:
+    the arguments reach the same places (norms, feed-forward, residual wiring, masks)."""
+    torch.manual_seed(0)
+    kw = dict(dim_feedforward=16, dropout=0.0, activation=activation, layer_norm_eps=1e-5, norm_first=norm_first)
+    pairs = (
+        (FractionalTransformerEncoderLayer(8, 2, attention="softmax", bias=True, **kw),
+         nn.TransformerEncoderLayer(8, 2, batch_first=True, **kw)),
+        (FractionalTransformerDecoderLayer(8, 2, self_attention="softmax", cross_attention="softmax", bias=True, **kw),
+         nn.TransformerDecoderLayer(8, 2, batch_first=True, **kw)),
+    )  # fmt: skip
+    for ours, ref in pairs:
+        ours.double().eval(), ref.double().eval()
+        _copy_attention(ours.self_attn, ref.self_attn)
+        if hasattr(ref, "multihead_attn"):
+            _copy_attention(ours.cross_attn, ref.multihead_attn)
+        with torch.no_grad():
+            for name in ("linear1", "linear2"):
+                getattr(ours.feed_forward, name).load_state_dict(getattr(ref, name).state_dict())
+            for name in ("norm1", "norm2", "norm3"):
+                if hasattr(ref, name):
+                    nn.init.normal_(getattr(ref, name).weight)
+                    nn.init.normal_(getattr(ref, name).bias)
+                    getattr(ours, name).load_state_dict(getattr(ref, name).state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    memory = torch.randn(2, 7, 8, generator=gen, dtype=torch.float64)
+    padding, memory_padding = torch.zeros(2, 5, dtype=torch.bool), torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, -2:], memory_padding[1, -3:] = True, True
+    (encoder, torch_encoder), (decoder, torch_decoder) = pairs
+    torch.testing.assert_close(encoder(x, src_key_padding_mask=padding), torch_encoder(x, src_key_padding_mask=padding))
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    torch.testing.assert_close(
+        decoder(x, memory, memory_key_padding_mask=memory_padding),
+        torch_decoder(x, memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=memory_padding),
+    )
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
