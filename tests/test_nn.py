@@ -125,6 +125,21 @@ def test_mask_conventions_follow_multihead_attention():
         m(x, x, x, attn_mask=blocked[:4])
 
 
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
+@pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
+@pytest.mark.parametrize("dtype", [torch.long, torch.uint8, torch.int32])
+def test_integer_masks_are_refused_as_multihead_attention_refuses_them(attention, name, dtype):
+    # Added to the logits, a mask of 1s for padding would leave the padded keys most of their weight.
+    m = make_attention(attention, 8, 2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=dtype) if name == "key_padding_mask" else torch.zeros(5, 5, dtype=dtype)
+    mask[..., 3:] = 1
+    with pytest.raises(TypeError, match=f"{name} must be bool or floating, got torch.{str(dtype).split('.')[-1]}"):
+        m(x, x, x, **{name: mask})
+    with pytest.raises(AssertionError):  # torch's own module refuses them too
+        torch.nn.MultiheadAttention(8, 2, batch_first=True)(x, x, x, **{name: mask})
+
+
 def test_sequence_first_layout():
     torch.manual_seed(0)
     first = FractionalMultiheadAttention(8, 2, batch_first=False)

@@ -83,6 +83,11 @@ def _combine_masks(
 ) -> torch.Tensor | None:
     """nn.MultiheadAttention masks -> one mask in the convention of ``fractional_attention``
     and SDPA: bool (True = keep) when both are bool, else additive of ``dtype``."""
+    for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        # As nn.MultiheadAttention: an integer mask (1 = padding) added to the logits would leave
+        # the keys it means to remove most of their weight.
+        if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"{name} must be bool or floating, got {mask.dtype}")
     masks = []
     if attn_mask is not None:
         if attn_mask.dim() == 2:
