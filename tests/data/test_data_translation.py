@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from levyattn.data import DataFormatError, translation
+from levyattn.data.tokenization import WordTokenizer
 
 EN = [
     "Two young, White males are outside near many bushes.",
@@ -88,6 +89,21 @@ def test_separate_vocabularies(tmp_path):
     data = translation.load_multi30k(tmp_path, tokenizer="word", joint=False)
     assert not data.joint
     assert "männer" in data.tgt_tokenizer.tokens and "männer" not in data.src_tokenizer.tokens
+
+
+@pytest.mark.parametrize("special", ["<bos>", "<eos>"])
+def test_separate_tokenizers_must_share_their_special_ids(special):
+    # The source ends with the one eos_id: with the target's eos at another id it would be a
+    # different token of the source vocabulary.
+    source = WordTokenizer(["<pad>", "<bos>", "<eos>", "<unk>", "a", "dog"])
+    target_tokens = ["<pad>", "<bos>", "<eos>", "<unk>", "ein", "hund"]
+    moved = target_tokens.index(special)
+    target_tokens[moved], target_tokens[-1] = target_tokens[-1], target_tokens[moved]
+    name = {"<bos>": "bos_id", "<eos>": "eos_id"}[special]
+    with pytest.raises(ValueError, match=f"must share the {name}, got {moved} and 5"):
+        translation.encode_pairs(["a dog"], ["ein hund"], source, WordTokenizer(target_tokens), max_len=10)
+    data = translation.encode_pairs(["a dog"], ["ein hund"], source, WordTokenizer(source.tokens), max_len=10)
+    assert data[0][0].tolist() == [4, 5, source.eos_id]
 
 
 def test_the_hub_copy_gives_the_same_data_as_the_files(tmp_path, hub_copy):

@@ -189,10 +189,12 @@ def encode_pairs(
     """Tokenise aligned sentences into a :class:`TranslationDataset`."""
     _check_seq2seq_tokenizer(src_tokenizer, "source")
     _check_seq2seq_tokenizer(tgt_tokenizer, "target")
-    if src_tokenizer.pad_id != tgt_tokenizer.pad_id:
-        raise ValueError(
-            f"source and target tokenizers must share the pad id, got {src_tokenizer.pad_id} and {tgt_tokenizer.pad_id}"
-        )
+    # One set of special ids for both sides (the model's config has one of each): the source
+    # ends with the target's eos_id, which would otherwise be another token of the source's.
+    for attr in ("pad_id", "bos_id", "eos_id"):
+        src_id, tgt_id = getattr(src_tokenizer, attr), getattr(tgt_tokenizer, attr)
+        if src_id != tgt_id:
+            raise ValueError(f"source and target tokenizers must share the {attr}, got {src_id} and {tgt_id}")
     return TranslationDataset(
         [src_tokenizer.encode(s) for s in src_lines], [tgt_tokenizer.encode(t) for t in tgt_lines],
         pad_id=tgt_tokenizer.pad_id, bos_id=tgt_tokenizer.bos_id, eos_id=tgt_tokenizer.eos_id,
