@@ -92,6 +92,9 @@ def test_save_load_dispatch(tmp_path):
     (tmp_path / "bad.json").write_text('{"type": "wordpiece"}')
     with pytest.raises(DataFormatError, match="bad.json: unknown type 'wordpiece'"):
         load_tokenizer(tmp_path / "bad.json")
+    (tmp_path / "numbers.json").write_text('{"type": "word", "tokens": ["<pad>", "<unk>", 3, null]}')
+    with pytest.raises(DataFormatError, match=r"numbers.json: tokens must be strings, tokens\[2\] is 3"):
+        load_tokenizer(tmp_path / "numbers.json")
     (tmp_path / "junk.model").write_bytes(b"\x00\x01 not a model")
     with pytest.raises(DataFormatError, match="junk.model"):
         load_tokenizer(tmp_path / "junk.model")

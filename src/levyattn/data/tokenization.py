@@ -81,6 +81,9 @@ class WordTokenizer:
 
     def __init__(self, tokens: Sequence[str], *, lowercase: bool = True) -> None:
         tokens = list(tokens)
+        bad = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"tokens must be strings, tokens[{bad}] is {tokens[bad]!r}")
         if not tokens or tokens[0] != PAD:
             raise ValueError(f"tokens[0] must be {PAD!r}, got {tokens[:1]!r}")
         if UNK not in tokens:
@@ -174,7 +177,7 @@ class WordTokenizer:
             raise DataFormatError(f"word tokenizer file {p} lacks type='word' and a 'tokens' list")
         try:
             return cls(data["tokens"], lowercase=bool(data.get("lowercase", True)))
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             raise DataFormatError(f"word tokenizer file {p}: {err}") from err
 
     def __repr__(self) -> str:
