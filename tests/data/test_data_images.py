@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from levyattn.data import DataFormatError, collate_images, load_cifar10, load_digits, load_mnist, read_idx
-from levyattn.data.images import read_cifar_batch
+from levyattn.data.images import ImageDataset, read_cifar_batch
 
 # -- CIFAR-10 ---------------------------------------------------------------------------------
 
@@ -119,6 +119,10 @@ def test_cifar10_bad_files_are_named(tmp_path):
     (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10]}))
     with pytest.raises(DataFormatError, match=r"labels must be in 0\.\.9"):
         read_cifar_batch(d / "test_batch")
+    # a float label would be cut to an integer class
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 3.7]}))
+    with pytest.raises(DataFormatError, match="test_batch: labels must be integers, got float64"):
+        read_cifar_batch(d / "test_batch")
     (d / "test_batch").write_bytes(pickle.dumps([1, 2]))
     with pytest.raises(DataFormatError, match="holds a list"):
         read_cifar_batch(d / "test_batch")
@@ -221,6 +225,10 @@ def test_idx_errors_name_file_and_problem(tmp_path):
     p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 4, 1, 2, 3]))
     with pytest.raises(DataFormatError, match=r"need 4 bytes of data, the file has 3"):
         read_idx(p)
+    # four dimensions of 2^16 hold 2^64 items: more than an int64 product can count
+    p.write_bytes(bytes([0, 0, 8, 4]) + struct.pack(">4I", *[1 << 16] * 4) + b"\x00")
+    with pytest.raises(DataFormatError, match=rf"need {2**64} bytes of data, the file has 1"):
+        read_idx(p)
     p.write_bytes(b"\x1f\x8bnot really gzip")
     with pytest.raises(DataFormatError, match="not a valid gzip file"):
         read_idx(p)
@@ -261,6 +269,9 @@ def test_mnist_missing_or_inconsistent_files(tmp_path):
     (tmp_path / "b" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(3, 12, np.uint8)))
     with pytest.raises(DataFormatError, match=r"labels must be in 0\.\.9"):
         load_mnist(tmp_path / "b")
+    (tmp_path / "b" / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.array([0.5, 1.0, 2.7], np.float32)))
+    with pytest.raises(DataFormatError, match="t10k-labels-idx1-ubyte: labels must be 1-D integers, got float32"):
+        load_mnist(tmp_path / "b")
     with pytest.raises(ValueError, match="kind"):
         load_mnist(tmp_path / "b", kind="emnist")
 
@@ -285,3 +296,13 @@ def test_digits_embedded_stratified_and_seeded():
     assert not torch.equal(other.labels, train.labels)
     with pytest.raises(ValueError, match="test_fraction"):
         load_digits(test_fraction=1.0)
+
+
+def test_image_dataset_refuses_labels_outside_its_classes():
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    kw = dict(num_classes=10, scale=255.0, mean=[0.5], std=[0.25])
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.9, found 0\.\.10"):
+        ImageDataset(images, [0, 10, 3], **kw)
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.9, found -1\.\.3"):
+        ImageDataset(images, [0, -1, 3], **kw)
+    assert ImageDataset(images, [0, 9, 3], **kw)[1][1] == 9

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from levyattn.data import DataFormatError, collate_text, load_imdb, read_aclimdb_split
+from levyattn.data import (
+    DataFormatError,
+    SequenceClassificationDataset,
+    collate_text,
+    load_imdb,
+    read_aclimdb_split,
+)
 from levyattn.data.tokenization import WordTokenizer
 
 REVIEWS = {
@@ -170,3 +176,24 @@ def test_bad_arguments(imdb_dir):
         read_aclimdb_split(imdb_dir, "unsup")
     with pytest.raises(TypeError, match="tokenizer"):
         load_imdb(imdb_dir, tokenizer=42)
+
+
+@pytest.mark.parametrize(
+    ("sequences", "labels", "match"),
+    [
+        ([[1, 2], [3, 9]], [0, 1], r"sequence 1 has token ids 3\.\.9, outside 0\.\.vocab_size-1=8"),
+        ([[1, 2], [-1, 2]], [0, 1], r"sequence 1 has token ids -1\.\.2"),
+        ([[1, 2], [3, 4]], [0, 2], r"label 1 must be in 0\.\.1, got 2"),
+        ([[1, 2], [3, 4]], [-1, 0], r"label 0 must be in 0\.\.1, got -1"),
+        ([[1, 2], []], [0, 1], r"sequence 1 must be 1-D of length 1\.\.4 \(max_len\), got \(0,\)"),
+        ([[1, 2, 3, 4, 5], [3]], [0, 1], r"sequence 0 must be 1-D of length 1\.\.4 \(max_len\), got \(5,\)"),
+        ([[[1, 2]], [3]], [0, 1], r"sequence 0 must be 1-D"),
+    ],
+)
+def test_sequence_dataset_refuses_items_a_model_cannot_take(sequences, labels, match):
+    """An id past the embedding, a label past the classifier or a sequence longer than the
+    positions is named with its index when the dataset is made, not met later in a batch."""
+    with pytest.raises(ValueError, match=match):
+        SequenceClassificationDataset(sequences, labels, vocab_size=9, num_classes=2, max_len=4)
+    ok = SequenceClassificationDataset([[1, 8], [3, 4, 5, 6]], [0, 1], vocab_size=9, num_classes=2, max_len=4)
+    assert len(ok) == 2

@@ -87,6 +87,22 @@ class SequenceClassificationDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
         self._seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
         self._labels = [int(y) for y in labels]
+        # Checked here, where the item is known, rather than later in an embedding or a loss.
+        for i, (seq, label) in enumerate(zip(self._seqs, self._labels)):
+            if seq.dim() != 1 or not 1 <= len(seq) <= self.max_len:
+                raise ValueError(
+                    f"sequence {i} must be 1-D of length 1..{self.max_len} (max_len), got {tuple(seq.shape)}"
+                )
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"label {i} must be in 0..{self.num_classes - 1}, got {label}")
+        if self._seqs:
+            ids = torch.cat(self._seqs)
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                bad = next(i for i, seq in enumerate(self._seqs) if seq.min() < 0 or seq.max() >= self.vocab_size)
+                raise ValueError(
+                    f"sequence {bad} has token ids {self._seqs[bad].min().item()}..{self._seqs[bad].max().item()}, "
+                    f"outside 0..vocab_size-1={self.vocab_size - 1}"
+                )
 
     def __len__(self) -> int:
         return len(self._seqs)

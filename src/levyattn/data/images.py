@@ -33,6 +33,7 @@ big-endian. The magic, the sizes and the agreement of images and labels are chec
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 from collections.abc import Sequence
@@ -94,6 +95,10 @@ class ImageDataset(torch.utils.data.Dataset):
         self.images = images
         self.labels = labels
         self.num_classes = check_int("num_classes", num_classes, 2)
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(
+                f"labels must be in 0..{self.num_classes - 1}, found {labels.min().item()}..{labels.max().item()}"
+            )
         self.channels = int(images.shape[1])
         if images.shape[2] != images.shape[3]:
             raise ValueError(f"images must be square, got {images.shape[2]}x{images.shape[3]}")
@@ -202,7 +207,10 @@ def read_cifar_batch(path: PathLike, num_classes: int = 10) -> tuple[np.ndarray,
         raise DataFormatError(
             f"{what} {path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {tuple(data.shape)}"
         )
-    labels = np.asarray(labels, dtype=np.int64)
+    labels = np.asarray(labels)
+    if labels.size and labels.dtype.kind not in "iu":  # a float label would be cut to an integer
+        raise DataFormatError(f"{what} {path}: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.int64)
     if labels.shape != (data.shape[0],):
         raise DataFormatError(f"{what} {path}: {data.shape[0]} images but {labels.size} labels")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -282,7 +290,7 @@ def read_idx(path: PathLike) -> np.ndarray:
             )
         dims = struct.unpack(f">{ndim}I", raw_dims)
         dtype = np.dtype(_IDX_TYPES[code])
-        expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(dims) * dtype.itemsize  # Python ints: 4 dimensions of 2^16 overflow int64
         payload = read_at_most(fh, expected + 1)
     if len(payload) != expected:
         found = f"more than {expected}" if len(payload) > expected else str(len(payload))
@@ -310,8 +318,8 @@ def _read_idx_pair(images_path: Path, labels_path: Path, num_classes: int) -> tu
     x, y = read_idx(images_path), read_idx(labels_path)
     if x.ndim != 3 or x.dtype != np.uint8:
         raise DataFormatError(f"IDX file {images_path}: images must be uint8 (N, H, W), got {x.dtype} {x.shape}")
-    if y.ndim != 1:
-        raise DataFormatError(f"IDX file {labels_path}: labels must be one-dimensional, got shape {y.shape}")
+    if y.ndim != 1 or y.dtype.kind not in "iu":  # a float label would be cut to an integer
+        raise DataFormatError(f"IDX file {labels_path}: labels must be 1-D integers, got {y.dtype} {y.shape}")
     if x.shape[0] != y.shape[0]:
         raise DataFormatError(f"{images_path} holds {x.shape[0]} images but {labels_path} holds {y.shape[0]} labels")
     if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
