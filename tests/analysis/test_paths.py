@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy.sparse.csgraph import csgraph_from_dense, dijkstra, shortest_path
 
 from levyattn.analysis import path_lengths
-from levyattn.analysis.paths import SearchWork, hop_distances, weighted_distances
+from levyattn.analysis.paths import HOP_RTOL, SearchWork, hop_distances, weighted_distances
 
 
 def reference_weighted(P):
@@ -127,7 +127,7 @@ def test_dense_bfs_equals_csgraph(density):
     P = rng.random((n, n)) * (rng.random((n, n)) < density) + 1e-9
     P /= P.sum(1, keepdims=True)
     thr = 1.0 / n
-    keep = (P >= thr) & ~np.eye(n, dtype=bool)
+    keep = (P >= thr * (1 - HOP_RTOL)) & ~np.eye(n, dtype=bool)  # rows left empty are uniform: 1/n, rounded
     ref = shortest_path(keep.astype(float), unweighted=True)
     np.testing.assert_array_equal(hop_distances(P, thr), ref)
 
@@ -162,3 +162,19 @@ def test_bad_kind_and_threshold():
         path_lengths(P, kind="bogus")
     with pytest.raises(ValueError, match="threshold"):
         path_lengths(P, kind="hops", threshold=2.0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_uniform_attention_keeps_every_hop_edge_despite_rounding(masked):
+    """Uniform attention attends exactly 1/n, the default threshold; float32 rounds it to
+    just under 1/25 and renormalising 1/9 over 5 valid tokens to just under 1/5. Every edge
+    must stay: one hop between any two tokens."""
+    import torch
+
+    if masked:
+        r = path_lengths(np.full((9, 9), 1 / 9), lengths=np.array(5), kind="hops")
+    else:
+        P = torch.softmax(torch.zeros(25, 25), -1)
+        assert float(P[0, 0]) < 1 / 25
+        r = path_lengths(P, kind="hops")
+    assert (r.mean, r.diameter, r.reachable_fraction) == (1.0, 1.0, 1.0)

@@ -9,7 +9,9 @@ Two edge lengths (``kind``):
 - ``"weighted"``: ``-log P_ij`` -- a path's length is minus the log of the probability the
   walk follows it, so short paths are likely ones.
 - ``"hops"``: unweighted, keeping only edges with ``P_ij >= threshold``; the default threshold
-  is ``1/n`` (n = valid tokens): an edge where a query attends more than uniformly.
+  is ``1/n`` (n = valid tokens): an edge where a query attends at least uniformly. An entry
+  within ``HOP_RTOL`` (1e-6, relative) of the threshold counts as reaching it, so exactly
+  uniform attention, which float32 or renormalisation rounds just under 1/n, keeps its edges.
 
 Reported per matrix: mean shortest-path length over ordered pairs ``i != j`` that are
 reachable, the fraction of such pairs that are reachable, each token's eccentricity
@@ -37,6 +39,7 @@ STRONG_EDGES = 8  # each token's strongest in- and out-edges, used for the dista
 _LIMIT_GROUPS = 4  # Dijkstra calls, sources grouped by how far they must search
 _SLACK = 1e-9  # relative: keep edges at a bound despite rounding (ties are kept)
 DENSE_HOPS = 0.02
+HOP_RTOL = 1e-6  # relative: an edge at the threshold up to rounding is kept
 
 
 @dataclass(frozen=True)
@@ -191,7 +194,8 @@ def weighted_distances(P: np.ndarray, *, return_work: bool = False) -> np.ndarra
 
 
 def hop_distances(P: np.ndarray, threshold: float) -> np.ndarray:
-    """All-pairs unweighted distances over edges ``P_ij >= threshold`` (i != j).
+    """All-pairs unweighted distances over edges ``P_ij >= threshold`` (i != j), within a
+    relative ``HOP_RTOL``: exactly uniform attention, 1/n, is 1 ulp under 1/n after rounding.
 
     Sparse graphs (at most ``DENSE_HOPS`` of the possible edges) go through csgraph's
     breadth-first search, ``O(n * edges)``. Dense graphs -- near-uniform attention keeps
@@ -201,7 +205,7 @@ def hop_distances(P: np.ndarray, threshold: float) -> np.ndarray:
     diameter is a few hops. Both give the same distances (tested).
     """
     n = P.shape[0]
-    keep = P >= threshold
+    keep = P >= threshold * (1 - HOP_RTOL)
     np.fill_diagonal(keep, False)
     if keep.mean() <= DENSE_HOPS or n < 64:
         from scipy.sparse.csgraph import shortest_path

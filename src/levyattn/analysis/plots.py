@@ -74,7 +74,10 @@ def plot_attention(P: np.ndarray, path: str | os.PathLike, title: str = "Attenti
 
 
 def plot_embedding(
-    coords: np.ndarray, path: str | os.PathLike, color: np.ndarray | None = None, title: str = "Diffusion map",
+    coords: np.ndarray,
+    path: str | os.PathLike,
+    color: np.ndarray | None = None,
+    title: str = "Diffusion map",
     color_label: str = "token position",
 ) -> Path:
     """Scatter of the first two diffusion coordinates, coloured by ``color`` (default: index)."""
@@ -91,7 +94,11 @@ def plot_embedding(
 
 
 def plot_lines(
-    x: Sequence[float], series: Mapping[str, Sequence[float]], path: str | os.PathLike, xlabel: str, ylabel: str,
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
     title: str = "",
 ) -> Path:
     """One line per series over a shared x (e.g. gap vs intrinsic dimension, one per alpha)."""

@@ -36,8 +36,9 @@ def _iterative(P: np.ndarray, k: int) -> np.ndarray | None:
     try:
         # A generous Krylov space: attention spectra have a bulk of eigenvalues of similar
         # modulus, where a small space converges slowly.
-        vals = eigs(P, k=k, which="LM", ncv=min(n, max(2 * k + 1, 40)), tol=1e-12, maxiter=100 * n,
-                     return_eigenvectors=False)
+        vals = eigs(
+            P, k=k, which="LM", ncv=min(n, max(2 * k + 1, 40)), tol=1e-12, maxiter=100 * n, return_eigenvectors=False
+        )
     except ArpackNoConvergence:
         return None
     return vals
