@@ -109,6 +109,28 @@ def test_precomputed_attention_and_directed_cycle():
     assert DiffusionMap(n_components=3, kernel="precomputed").fit_transform(w[0, 0]).shape == (20, 3)
 
 
+@pytest.mark.parametrize("n", [4, 10, 14])
+def test_strict_directed_cycle_embeds_as_its_circle(n):
+    """Every eigenvalue of a strict cycle has modulus 1, so rounding decided which came first:
+    lambda = 1 was kept as a coordinate (n = 4, 14) or the conjugate pair came reversed."""
+    P = np.roll(np.eye(n), 1, axis=1)  # token i attends to token i + 1
+    dm = DiffusionMap(n_components=2, kernel="precomputed").fit(P)
+    np.testing.assert_allclose(dm.eigenvalues_, [np.exp(2j * np.pi / n)], atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(dm.embedding_, axis=1), 1.0, rtol=1e-10)
+
+
+def test_transient_tokens_do_not_blow_up_the_embedding():
+    """Tokens 0 and 1 attend only to each other, so the walk leaves the others for good: their
+    eigenvectors have L2(pi) norm 0, which rounding made 1e-16 and the embedding 1e14."""
+    rng = np.random.default_rng(0)
+    P = rng.random((16, 16))
+    P[:2, 2:] = 0
+    P /= P.sum(1, keepdims=True)
+    dm = DiffusionMap(n_components=2, kernel="precomputed").fit(P)
+    assert dm.stationary_[2:].max() == 0
+    assert np.abs(dm.embedding_).max() < 1.0
+
+
 def test_bad_parameters():
     X = np.random.default_rng(0).normal(size=(10, 2))
     for kwargs, match in [

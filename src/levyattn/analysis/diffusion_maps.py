@@ -22,9 +22,12 @@ From a point cloud ``X`` (N, d):
 From a given Markov/attention matrix (``kernel="precomputed"``, ``X`` (N, N)
 row-stochastic): steps 3-4 on ``X`` itself. A reversible ``X`` (``pi_i X_ij = pi_j X_ji``,
 e.g. FNA with a shared query/key projection) is handled exactly as above. A non-reversible
-one (most attention) uses its complex right eigenvectors by descending ``|lambda|``: a real
-eigenvalue gives one coordinate ``Re(lambda^t psi)``; a complex pair gives two,
-``Re`` and ``Im`` of ``lambda^t psi`` (a directed cycle embeds as a circle).
+one (most attention) uses its complex right eigenvectors by descending ``|lambda|`` (ties:
+larger real part first, then positive imaginary part): a real eigenvalue gives one
+coordinate ``Re(lambda^t psi)``; a complex pair gives two, ``Re`` and ``Im`` of
+``lambda^t psi`` (a directed cycle embeds as a circle). An eigenvector that lives on
+transient tokens only (stationary probability 0, as in causal attention, where the walk
+ends on the first token) has no ``L2(pi)`` norm and keeps unit Euclidean norm.
 
 Nyström extension (:meth:`DiffusionMap.transform`): a new point ``y`` gets the transition
 row ``p(y, .)`` to the training points (same kernel and density normalisation, using the
@@ -40,6 +43,7 @@ from levyattn.analysis._checks import check_rows, prepare, to_numpy
 
 KERNELS = ("fna", "gaussian", "precomputed")
 _REVERSIBLE_RTOL = 1e-8
+_TRANSIENT_NORM = 1e-8  # an L2(pi) norm below this is rounding: the vector lives where pi = 0
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
@@ -267,10 +271,18 @@ class DiffusionMap:
             self._fit_symmetric(0.5 * (S + S.T), pi)
             return self
         vals, vecs = np.linalg.eig(P)
-        order = np.lexsort((-vals.real, -np.abs(vals)))
+        # lambda_1 = 1 (the stationary pair) first, then by descending modulus, ties (every
+        # eigenvalue of a directed cycle has modulus 1) by the larger real part, then Im > 0;
+        # moduli are rounded so that rounding noise does not decide a tie.
+        first = np.zeros(n, dtype=bool)
+        first[np.argmin(np.abs(vals - 1))] = True
+        modulus = np.round(np.abs(vals), 10)
+        order = np.lexsort((-vals.imag, -vals.real.round(10), -modulus, ~first))
         vals, vecs = vals[order], vecs[:, order]
         norms = np.sqrt((pi[:, None] * np.abs(vecs) ** 2).sum(axis=0))
-        vecs = vecs / np.where(norms > 0, norms, 1.0)
+        # An eigenvector on transient tokens only (pi = 0 there) has norm 0 in L2(pi), up to
+        # rounding; dividing by that rounding would blow it up to ~1e14. It keeps unit norm.
+        vecs = vecs / np.where(norms > _TRANSIENT_NORM, norms, 1.0)
         self.reversible_ = False
         self.stationary_ = pi
         # Drop lambda_1 = 1; keep eigenpairs until there are m real coordinates. A complex
