@@ -131,3 +131,28 @@ def test_numerically_singular_walk_has_no_stationary_distribution(monkeypatch):
     monkeypatch.setattr(np.linalg, "solve", singular)
     assert stationary(P) is None
     assert math.isinf(mixing_time(P))
+
+
+def test_hard_walk_falls_back_to_dense_after_bounded_arpack_work():
+    """A permutation's eigenvalues all have modulus 1: ARPACK never converges on it. It must
+    give up after a bounded number of products (100 n restarts took minutes at 600 tokens)
+    and the dense answer, gap 0, must come back."""
+    from scipy.sparse.linalg import aslinearoperator
+
+    from levyattn.analysis.spectral import _iterative, eigenvalues
+
+    n = 200
+    P = np.eye(n)[np.random.default_rng(0).permutation(n)]
+    products = 0
+
+    def matvec(x):
+        nonlocal products
+        products += 1
+        return P @ x
+
+    op = aslinearoperator(P)
+    op.matvec = matvec
+    op._matvec = matvec
+    assert _iterative(op, 6) is None
+    assert products < 40_000
+    assert 1 - abs(eigenvalues(P, method="iterative")[1]) == pytest.approx(0.0, abs=1e-9)
