@@ -140,8 +140,18 @@ def test_bad_parameters():
         (dict(bandwidth=-1.0), "bandwidth"),
         (dict(density_a=2.0), "density_a"),
         (dict(t=-1), "t "),
+        (dict(alpha=1.2, d_intrinsic=-5.0), "d_intrinsic"),  # made the kernel grow with distance
+        (dict(alpha=1.2, d_intrinsic=float("nan")), "d_intrinsic"),
+        (dict(manifold="sphere", sphere_radius=-1.0), "sphere_radius"),
     ]:
         with pytest.raises(ValueError, match=match):
+            DiffusionMap(**kwargs).fit(X)
+    for kwargs, match in [
+        (dict(n_components=True), "n_components"),
+        (dict(t=True), "t "),
+        (dict(density_a=True), "density_a"),
+    ]:
+        with pytest.raises(TypeError, match=match):
             DiffusionMap(**kwargs).fit(X)
     with pytest.raises(ValueError, match="non-finite"):
         DiffusionMap().fit(np.full((10, 2), np.nan))

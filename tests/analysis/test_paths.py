@@ -162,6 +162,8 @@ def test_bad_kind_and_threshold():
         path_lengths(P, kind="bogus")
     with pytest.raises(ValueError, match="threshold"):
         path_lengths(P, kind="hops", threshold=2.0)
+    with pytest.raises(ValueError, match="threshold"):
+        path_lengths(P, kind="hops", threshold=True)  # not the number 1
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -156,3 +156,20 @@ def test_hard_walk_falls_back_to_dense_after_bounded_arpack_work():
     assert _iterative(op, 6) is None
     assert products < 40_000
     assert 1 - abs(eigenvalues(P, method="iterative")[1]) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        (dict(eps=0.0), ValueError),
+        (dict(eps=True), ValueError),
+        (dict(max_steps=0), ValueError),
+        (dict(max_steps=True), TypeError),  # not the number 1
+        (dict(n_starts=2.5), TypeError),
+        (dict(exact_max_n=-1), ValueError),
+    ],
+)
+def test_mixing_time_parameters_are_checked(kwargs, error):
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        mixing_time(np.full((3, 3), 1 / 3), **kwargs)

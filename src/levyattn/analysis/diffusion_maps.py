@@ -128,26 +128,31 @@ class DiffusionMap:
 
     # ----------------------------------------------------------------- checks
     def _check_params(self) -> None:
-        from levyattn.config import check_alpha, check_manifold
+        from levyattn.config import (
+            check_alpha,
+            check_d_intrinsic,
+            check_density_a,
+            check_int,
+            check_manifold,
+            check_positive,
+        )
 
-        if not isinstance(self.n_components, int) or self.n_components < 1:
-            raise ValueError(f"n_components must be an int >= 1, got {self.n_components!r}")
-        if not isinstance(self.t, int) or self.t < 0:
-            raise ValueError(f"t (diffusion steps) must be an int >= 0, got {self.t!r}")
+        check_int("n_components", self.n_components, 1)
+        check_int("t (diffusion steps)", self.t, 0)
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.kernel == "fna":
             check_alpha(self.alpha)
+            check_d_intrinsic(self.d_intrinsic)  # a negative d_M made the kernel grow with distance
         check_manifold(self.manifold)
+        check_positive("sphere_radius", self.sphere_radius)
         if isinstance(self.bandwidth, str):
             if self.bandwidth != "auto":
                 raise ValueError(f"bandwidth must be a number > 0 or 'auto', got {self.bandwidth!r}")
-        elif not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0 and np.isfinite(self.bandwidth)):
-            raise ValueError(f"bandwidth must be a finite number > 0 or 'auto', got {self.bandwidth!r}")
-        if not (isinstance(self.density_a, (int, float)) and 0 <= self.density_a <= 1):
-            raise ValueError(f"density_a must lie in [0, 1], got {self.density_a!r}")
-        if not isinstance(self.n_neighbors, int) or self.n_neighbors < 1:
-            raise ValueError(f"n_neighbors must be an int >= 1, got {self.n_neighbors!r}")
+        else:
+            check_positive("bandwidth", self.bandwidth)
+        check_density_a(self.density_a)
+        check_int("n_neighbors", self.n_neighbors, 1)
 
     def _points(self, X: object, name: str = "X") -> np.ndarray:
         arr, _ = to_numpy(X, name)

@@ -141,11 +141,12 @@ def mixing_time(
         Mixing steps as floats (``inf`` = does not mix within ``max_steps``): a float for one
         matrix, else an array of shape ``P.shape[:-2]``; with ``return_exact`` also the flags.
     """
-    if not (isinstance(eps, (int, float)) and 0 < eps < 1):
+    from levyattn.config import check_int
+
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < 1):
         raise ValueError(f"eps must lie in (0, 1), got {eps!r}")
     for name, value in (("max_steps", max_steps), ("exact_max_n", exact_max_n), ("n_starts", n_starts)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_int(name, value, 1)
     prep = prepare(P, mask=mask, lengths=lengths, atol=atol)
     steps = np.empty(prep.P.shape[0])
     exact = np.empty(prep.P.shape[0], dtype=bool)

@@ -266,7 +266,7 @@ def path_lengths(
     if threshold is not None:
         if kind != "hops":
             raise ValueError(f"threshold applies to kind='hops' only, got kind={kind!r}")
-        if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        if isinstance(threshold, bool) or not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
             raise ValueError(f"threshold must lie in (0, 1], got {threshold!r}")
     prep = prepare(P, mask=mask, lengths=lengths, atol=atol)
     M, n = prep.P.shape[0], prep.n
