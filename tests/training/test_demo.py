@@ -12,14 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from levyattn.cli import main
-from levyattn.training.demo import (
-    DEMO_TASKS,
-    _distance_profile,
-    _spread,
-    demo_preset,
-    paired_comparison,
-    verdict_sentence,
-)
+from levyattn.training.compare import paired_comparison, spread, verdict_sentence
+from levyattn.training.demo import DEMO_TASKS, _distance_profile, demo_preset
 
 
 def test_six_seeds_on_one_side_are_a_difference_five_are_not():
@@ -41,12 +35,12 @@ def test_a_mixed_or_tied_comparison_is_no_clear_difference():
     assert "no seed differs" in verdict_sentence("A", "B", tied)
 
 
-def test_one_seed_gives_no_verdict_and_no_spread():
+def test_one_seed_gives_no_verdict_and_nospread():
     one = paired_comparison([0.9], [0.8])
     assert one["verdict"] == "one seed" and one["ci"] is None
     assert "n = 1" in verdict_sentence("A", "B", one)
-    assert _spread([0.96]) == "0.9600" and "±" not in _spread([0.96])
-    assert _spread([0.9, 1.0]) == "0.9500 ± 0.0707" and _spread([2e-5, 4e-5], ".2g") == "3e-05 ± 1.4e-05"
+    assert spread([0.96]) == "0.9600" and "±" not in spread([0.96])
+    assert spread([0.9, 1.0]) == "0.9500 ± 0.0707" and spread([2e-5, 4e-5], ".2g") == "3e-05 ± 1.4e-05"
 
 
 def test_paired_comparison_rejects_unpaired_values():
@@ -126,7 +120,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_with_one_seed_shows_values_without_a_spread(tmp_path, capsys):
+def test_demo_with_one_seed_shows_values_without_aspread(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     html = (tmp_path / "report.html").read_text()
@@ -142,3 +136,13 @@ def test_report_tables_right_align_numbers_only():
     assert "<td>a&lt;b</td>" in page and "<td>FNA alpha=1.2</td>" in page
     for number in ("0.5", "0.9657 ± 0.0058", "-0.0156 to +0.0156", "3"):
         assert f"<td class='num'>{number}</td>" in page
+
+
+def test_lower_is_better_turns_the_verdict_and_the_seed_counts():
+    """Perplexity: the variant whose values are lower on every seed is ahead."""
+    lower = [10.0, 11.0, 12.0, 10.5, 11.5, 12.5]
+    higher = [12.0, 13.0, 14.0, 12.5, 13.5, 14.5]
+    c = paired_comparison(lower, higher, higher_is_better=False)
+    assert c["verdict"] == "ahead" and (c["wins"], c["losses"]) == (6, 0) and c["mean_diff"] == pytest.approx(-2.0)
+    assert paired_comparison(higher, lower, higher_is_better=False)["verdict"] == "behind"
+    assert paired_comparison(lower, higher)["verdict"] == "behind"

@@ -41,13 +41,12 @@ import torch
 
 from levyattn.backends.fused_cpu import ensure_built
 from levyattn.io import atomic_write_json, atomic_write_text
+from levyattn.training.compare import SIGN_TEST_LEVEL, paired_comparison, spread, verdict_sentence
 from levyattn.training.presets import apply_overrides, get_preset, train_preset
-from levyattn.training.sweep import attention_gap, format_spread
+from levyattn.training.sweep import attention_gap
 
 VARIANTS = (("fna", 1.2), ("fna", 2.0), ("softmax", None))
 DEFAULT_SEEDS = (0, 1, 2, 3, 4, 5)
-SIGN_TEST_LEVEL = 0.05
-BOOTSTRAP_RESAMPLES = 10000
 
 # The demo's tasks, each a preset and the ``--set`` overrides the demo applies to it (one
 # layer and one head in both). ``profile``: plot attention against token distance (sequences).
@@ -85,65 +84,6 @@ def demo_preset(task_key: str, attention: str, alpha: float | None, seed: int, q
 
 
 # ----------------------------------------------------------------------------- statistics
-
-
-def _spread(values: Sequence[float], spec: str = ".4f") -> str:
-    """``mean ± std`` over seeds in the format ``spec``; the value alone for one seed (no spread)."""
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return format_spread(statistics.fmean(values), std, len(values), spec)
-
-
-def paired_comparison(a: Sequence[float], b: Sequence[float], seed: int = 0) -> dict[str, Any]:
-    """Compare two variants measured on the same seeds: ``a[i]`` and ``b[i]`` share seed i.
-
-    Returns ``n``, ``mean_a``, ``mean_b``, ``mean_diff`` (mean of a - b), ``ci`` (95% percentile-bootstrap interval of
-    the mean difference, resampling seeds; None below 2 seeds), ``wins``, ``losses``, ``ties``,
-    ``sign_p`` (two-sided exact sign test over the non-tied seeds; None without any) and
-    ``verdict``: "ahead" or "behind" when the interval excludes 0 and ``sign_p < 0.05``,
-    else "no clear difference" ("one seed" for n = 1).
-    """
-    from scipy.stats import binomtest
-
-    if len(a) != len(b) or not a:
-        raise ValueError(f"a and b must hold one value per seed, the same seeds, got {len(a)} and {len(b)}")
-    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    n = diffs.size
-    wins, losses = int((diffs > 0).sum()), int((diffs < 0).sum())
-    out: dict[str, Any] = {"n": n, "mean_a": float(np.mean(a)), "mean_b": float(np.mean(b)),
-                           "mean_diff": float(diffs.mean()), "wins": wins, "losses": losses, "ties": n - wins - losses,
-                           "ci": None, "sign_p": None}
-    if wins + losses:
-        out["sign_p"] = float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
-    if n == 1:
-        out["verdict"] = "one seed"
-        return out
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    out["ci"] = (float(lo), float(hi))
-    significant = out["sign_p"] is not None and out["sign_p"] < SIGN_TEST_LEVEL
-    if significant and lo > 0:
-        out["verdict"] = "ahead"
-    elif significant and hi < 0:
-        out["verdict"] = "behind"
-    else:
-        out["verdict"] = "no clear difference"
-    return out
-
-
-def verdict_sentence(name_a: str, name_b: str, comparison: dict[str, Any]) -> str:
-    """One sentence: the paired difference of ``name_a`` over ``name_b`` with its uncertainty."""
-    c = comparison
-    if c["n"] == 1:
-        return (f"{name_a} - {name_b}: {c['mean_diff']:+.4f} on one seed (n = 1): no spread, so no verdict; "
-                "run more seeds.")
-    lo, hi = c["ci"]
-    sign = "no seed differs" if c["sign_p"] is None else f"sign test p = {c['sign_p']:.3g}"
-    head = {"ahead": f"{name_a} is ahead of {name_b}", "behind": f"{name_a} is behind {name_b}",
-            "no clear difference": f"no clear difference between {name_a} and {name_b}"}[c["verdict"]]
-    return (f"{head}: mean {c['mean_a']:.4f} against {c['mean_b']:.4f}, paired difference {c['mean_diff']:+.4f} "
-            f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}), ahead on {c['wins']}, behind on {c['losses']}, "
-            f"level on {c['ties']} of {c['n']} seeds ({sign}).")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -405,8 +345,8 @@ def _run_demo(
                 row[f"{k}_mean"] = statistics.fmean(v)
                 row[f"{k}_std"] = statistics.stdev(v) if len(v) > 1 else None
             rows.append(row)
-            table_rows.append([task_key, variant, len(rs), row["params"], _spread(column["accuracy"]),
-                               _spread(column["spectral_gap"], ".2g"), _spread(column["keys_per_query"], ".1f"),
+            table_rows.append([task_key, variant, len(rs), row["params"], spread(column["accuracy"]),
+                               spread(column["spectral_gap"], ".2g"), spread(column["keys_per_query"], ".1f"),
                                f"{row['train_time_s']:.1f}", f"{row['samples_per_s']:.0f}"])
         names = list(by_variant)
         for other in names[1:]:
@@ -483,5 +423,4 @@ def _run_demo(
             "total_s": total, "cpu_s": cpu, "out_dir": out}
 
 
-__all__ = ["DEFAULT_SEEDS", "DEMO_TASKS", "VARIANTS", "paired_comparison", "run_demo",
-           "verdict_sentence"]
+__all__ = ["DEFAULT_SEEDS", "DEMO_TASKS", "VARIANTS", "run_demo"]

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, markdown_table, read_json, rows_to_csv
+from levyattn.training.compare import format_spread
 from levyattn.training.presets import check_requirements, preset_from_run, train_preset
 from levyattn.training.tasks import check_preset
 from levyattn.training.trainer import existing_run_files
@@ -220,15 +221,6 @@ class SweepResult:
                 f" (p = {c['pearson_p']:.3g}), Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
             )
         return "\n".join(lines)
-
-
-def format_spread(mean: float, std: float, n: int, spec: str = ".4f") -> str:
-    """``mean ± std`` over ``n`` seeds in the format ``spec``; the value alone for one seed, which
-    has no spread. Spectral gaps take ``spec=".2g"``: they span decades, and four decimals show
-    a small gap as ``0.0000``."""
-    if n == 1:
-        return f"{mean:{spec}}"
-    return f"{mean:{spec}} ± {std:{spec}}"
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,0 +1,109 @@
+"""Comparisons over seeds: spreads, the paired comparison of two variants and its verdict in words.
+
+Two variants trained on the same seeds (same data, initialisation stream and batch order)
+give one paired difference per seed. The verdict claims a difference only when the 95%
+percentile-bootstrap interval of the mean difference excludes 0 **and** the two-sided exact
+sign test over the seeds gives p < ``SIGN_TEST_LEVEL`` (with 6 or 7 seeds: every seed on one
+side; 5 seeds or fewer can never reach it). Otherwise it says "no clear difference".
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+SIGN_TEST_LEVEL = 0.05
+BOOTSTRAP_RESAMPLES = 10000
+
+
+def format_spread(mean: float, std: float, n: int, spec: str = ".4f") -> str:
+    """``mean ± std`` over ``n`` seeds in the format ``spec``; the value alone for one seed, which
+    has no spread. Spectral gaps take ``spec=".2g"``: they span decades, and four decimals show
+    a small gap as ``0.0000``."""
+    if n == 1:
+        return f"{mean:{spec}}"
+    return f"{mean:{spec}} ± {std:{spec}}"
+
+
+def spread(values: Sequence[float], spec: str = ".4f") -> str:
+    """``mean ± std`` over seeds in the format ``spec``; the value alone for one seed (no spread)."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return format_spread(statistics.fmean(values), std, len(values), spec)
+
+
+def paired_comparison(
+    a: Sequence[float], b: Sequence[float], seed: int = 0, higher_is_better: bool = True
+) -> dict[str, Any]:
+    """Compare two variants measured on the same seeds: ``a[i]`` and ``b[i]`` share seed i.
+
+    Returns ``n``, ``mean_a``, ``mean_b``, ``mean_diff`` (mean of a - b), ``ci`` (95% percentile-bootstrap interval of
+    the mean difference, resampling seeds; None below 2 seeds), ``wins``, ``losses``, ``ties`` (seeds where
+    ``a`` is better, worse, level), ``sign_p`` (two-sided exact sign test over the non-tied seeds; None without
+    any) and ``verdict``: "ahead" or "behind" (``a`` better or worse than ``b``) when the interval excludes 0 and
+    ``sign_p < 0.05``, else "no clear difference" ("one seed" for n = 1). ``higher_is_better=False`` for a
+    metric such as perplexity: ``a`` is then ahead where it is lower.
+    """
+    from scipy.stats import binomtest
+
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a and b must hold one value per seed, the same seeds, got {len(a)} and {len(b)}")
+    diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = diffs.size
+    better = diffs if higher_is_better else -diffs
+    wins, losses = int((better > 0).sum()), int((better < 0).sum())
+    out: dict[str, Any] = {
+        "n": n,
+        "mean_a": float(np.mean(a)),
+        "mean_b": float(np.mean(b)),
+        "mean_diff": float(diffs.mean()),
+        "wins": wins,
+        "losses": losses,
+        "ties": n - wins - losses,
+        "ci": None,
+        "sign_p": None,
+    }
+    if wins + losses:
+        out["sign_p"] = float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+    if n == 1:
+        out["verdict"] = "one seed"
+        return out
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    out["ci"] = (float(lo), float(hi))
+    significant = out["sign_p"] is not None and out["sign_p"] < SIGN_TEST_LEVEL
+    above, below = lo > 0, hi < 0
+    if significant and (above if higher_is_better else below):
+        out["verdict"] = "ahead"
+    elif significant and (below if higher_is_better else above):
+        out["verdict"] = "behind"
+    else:
+        out["verdict"] = "no clear difference"
+    return out
+
+
+def verdict_sentence(name_a: str, name_b: str, comparison: dict[str, Any]) -> str:
+    """One sentence: the paired difference of ``name_a`` over ``name_b`` with its uncertainty."""
+    c = comparison
+    if c["n"] == 1:
+        return (
+            f"{name_a} - {name_b}: {c['mean_diff']:+.4f} on one seed (n = 1): no spread, so no verdict; run more seeds."
+        )
+    lo, hi = c["ci"]
+    sign = "no seed differs" if c["sign_p"] is None else f"sign test p = {c['sign_p']:.3g}"
+    head = {
+        "ahead": f"{name_a} is ahead of {name_b}",
+        "behind": f"{name_a} is behind {name_b}",
+        "no clear difference": f"no clear difference between {name_a} and {name_b}",
+    }[c["verdict"]]
+    return (
+        f"{head}: mean {c['mean_a']:.4f} against {c['mean_b']:.4f}, paired difference {c['mean_diff']:+.4f} "
+        f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}), ahead on {c['wins']}, behind on {c['losses']}, "
+        f"level on {c['ties']} of {c['n']} seeds ({sign})."
+    )
+
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "SIGN_TEST_LEVEL", "format_spread", "paired_comparison", "spread", "verdict_sentence"]
