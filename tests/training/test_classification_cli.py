@@ -80,6 +80,11 @@ def test_sweep_tables_and_skip_on_rerun(tmp_path):
     assert "pearson_r" in data["correlation"]
     assert (tmp_path / "runs.csv").read_text().count("\n") == 5
     assert "± " in (tmp_path / "table.md").read_text()
+    (comparison,) = data["comparisons"]  # FNA at alpha 1.2 against softmax, paired by seed
+    assert comparison["seeds"] == [0, 1] and comparison["n"] == 2
+    acc = {(r["attention"], r["seed"]): r["accuracy"] for r in data["runs"]}
+    assert comparison["mean_diff"] == pytest.approx(sum(acc["fna", s] - acc["softmax", s] for s in (0, 1)) / 2)
+    assert "accuracy, paired by seed: " in (tmp_path / "table.md").read_text()
     again = run_sweep(_digits(), alphas=[1.2], attentions=["fna", "softmax"], seeds=[0, 1], out_dir=tmp_path,
                       gap_samples=8)
     assert sorted(again.skipped) == sorted(r["name"] for r in res.runs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,49 @@ def test_a_tokenizer_of_another_run_is_refused(trained, tmp_path):
     ByteTokenizer().save(run / TOKENIZER_NAME)  # 256 bytes and the specials, not the run's pieces
     with pytest.raises(ValueError, match=r"\(vocab_size 260\) does not match the model \(vocab_size"):
         load_model_with_tokenizer(run, "lm")
+
+
+def test_sweep_reports_perplexity_as_perplexity(tmp_path):
+    # The sweep once labelled every task's metric "accuracy" and ranked it as one: an LM sweep
+    # showed perplexities in an "accuracy" column. Lower perplexity is the better model.
+    import json
+
+    from levyattn.training.sweep import run_sweep
+
+    root = trained_files(tmp_path)
+    preset = tiny_preset(root / "train.txt", root / "valid.txt", epochs=1)
+    out = tmp_path / "sweep"
+    res = run_sweep(preset, alphas=[1.2], attentions=["fna", "softmax"], seeds=[0, 1], out_dir=out, gap_samples=4)
+    assert res.metric == "ppl" and not res.higher_is_better
+    assert all("accuracy" not in r and r["ppl"] > 1.0 for r in res.runs)
+    assert "| ppl (lower is better) |" in res.table() and "accuracy" not in res.table()
+    data = json.loads((out / "results.json").read_text())
+    assert data["metric"] == "ppl" and "ppl_mean" in data["summary"][0]
+    (comparison,) = data["comparisons"]
+    ppl = {(r["attention"], r["seed"]): r["ppl"] for r in res.runs}
+    lower = sum(ppl["fna", s] < ppl["softmax", s] for s in (0, 1))
+    assert comparison["wins"] == lower and comparison["losses"] == 2 - lower  # ahead means lower here
+    assert "ppl, paired by seed:" in res.table()
+    # a run stored under the old key keeps its value as the task's metric
+    stored_file = out / "runs" / "fna-a1.2-s0" / "result.json"
+    stored = json.loads(stored_file.read_text())
+    stored["row"]["accuracy"] = stored["row"].pop("ppl")
+    stored_file.write_text(json.dumps(stored))
+    again = run_sweep(preset, alphas=[1.2], attentions=["fna", "softmax"], seeds=[0, 1], out_dir=out, gap_samples=4)
+    assert len(again.skipped) == 4
+    assert [r["ppl"] for r in again.runs] == [r["ppl"] for r in res.runs]
+    # the gap was measured on the causal self-attention, as analyze --preset-data reads it
+    from levyattn.training.inputs import checkpoint_attention
+
+    weights, valid, source = checkpoint_attention(out / "runs" / "fna-a1.2-s0", preset_data=3)
+    assert valid is None and set(weights) == {"layer0"} and weights["layer0"].shape == (3, 2, 16, 16)
+    w = weights["layer0"]
+    assert abs(np.triu(w, 1)).max() == 0.0 and abs(w.sum(-1) - 1.0).max() < 1e-6  # causal rows
+    assert source["metrics"]["ppl"] > 1.0
+
+
+def trained_files(root):
+    (root / "train.txt").write_text("".join(line + "\n" for line in LINES * 12), encoding="utf-8")
+    (root / "valid.txt").write_text("".join(line + "\n" for line in LINES * 2), encoding="utf-8")
+    return root
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,3 +258,21 @@ def test_train_then_translate_cli(tmp_path, capsys):
     assert set(out.split()) <= set(toy_vocabulary()), out
     model, tok = load_model_with_tokenizer(run, "seq2seq")
     assert translate_sentences(model, tok, [source], max_len=12) == [out]
+
+
+def test_analyze_preset_data_reads_the_encoder_attention(trained, tmp_path):
+    # analyze --preset-data (and the sweep's spectral gap) once refused translation runs: the task
+    # had no attention(model, batch). The encoder's rows sum to 1 over valid source tokens only.
+    from levyattn.training.inputs import checkpoint_attention
+    from levyattn.training.presets import train_preset
+
+    train_preset(tiny_preset(trained["data"], epochs=1), tmp_path / "run", progress=False)
+    weights, valid, source = checkpoint_attention(tmp_path / "run", preset_data=4)
+    assert set(weights) == {"encoder0"} and weights["encoder0"].shape[:2] == (4, 4)
+    src = trained["task"].collate([trained["task"].datasets()[1][i] for i in range(4)])["src"]
+    np.testing.assert_array_equal(valid, (src != trained["task"].tokenizer.pad_id).numpy())
+    assert not valid.all()  # the sentences differ in length: some padding to leave out
+    w = weights["encoder0"]
+    np.testing.assert_allclose(w.sum(-1)[np.broadcast_to(valid[:, None], w.shape[:3])], 1.0, atol=1e-6)
+    assert (w * ~valid[:, None, None, :]).max() == 0.0
+    assert 0.0 <= source["metrics"]["bleu"] <= 100.0

@@ -33,8 +33,9 @@ Tensor files holding several entries must name the one to use with ``--input-key
 an ``input_ids`` / ``images`` entry). ``--lengths`` marks padding in id inputs as for tensors.
 
 ``--preset-data N`` takes the first N test examples of the task the run was trained on (the
-preset recorded in its checkpoint; tasks whose class provides ``attention(model, batch)``, i.e.
-classification: text, images, multiscale) and also reports the model's metrics on them.
+preset recorded in its checkpoint: classification, language modelling (the causal
+self-attention) and translation (the encoder's self-attention)) and also reports the model's
+metrics on them.
 
 Writes ``summary.json``, PNG figures per analysed layer (eigenvalues in the complex plane, the
 attention heatmap, the diffusion-map scatter) and ``report.html`` to ``--out``; prints a table.

@@ -175,8 +175,8 @@ def checkpoint_attention(
         run: a run folder written by the trainer, or its ``checkpoint.json``.
         inputs: the model's input (see the module docstring): a file, or for LM / seq2seq runs a text string.
         preset_data: instead of ``inputs``, the first N test examples of the task the run was trained on
-            (tasks with an ``attention(model, batch)`` method: classification); the source then holds
-            the model's metrics on them.
+            (every task: classification, the LM's causal self-attention, translation's encoder
+            self-attention); the source then holds the model's metrics on them.
         input_key: the entry of an ``inputs`` tensor file with several entries.
         lengths: valid tokens per sequence of token-id ``inputs`` (one value or one per sequence); the
             rest is padding. The model's ``pad_id`` marks padding as well.
@@ -201,6 +201,8 @@ def checkpoint_attention(
     with torch.no_grad():
         if preset_data is not None:
             weights, valid = _preset_data_attention(ckpt, model, preset_data, source)
+            if ckpt.model_type == "seq2seq":  # the task gives the encoder's self-attention
+                weights = {f"encoder{i}": w for i, w in enumerate(weights)}
         else:
             positional, padding_masks = _model_inputs(ckpt, model.config, inputs, input_key, lengths, source)
             out = model(*positional, output_attentions=True, **padding_masks)
@@ -274,7 +276,7 @@ def _preset_data_attention(ckpt: Any, model: Any, n: int, source: dict[str, Any]
     if not callable(getattr(task, "attention", None)):
         raise ValueError(
             f"preset_data: the {task.name!r} task of {ckpt.path} has no attention(model, batch) method "
-            "(classification tasks do); give inputs instead"
+            "(the built-in tasks do); give inputs instead"
         )
     _, test = task.datasets()
     n = min(n, len(test))

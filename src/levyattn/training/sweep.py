@@ -25,10 +25,17 @@ data enters the choice. Restart folders are ``<run>-r1``, ``<run>-r2``, ...; the
 and the correlations are over the kept runs, and ``results.json`` lists every restart
 with ``selected`` marking the kept one.
 
+Every row records the task's headline metric under its own name (``accuracy``
+for classification, ``bleu`` for translation, ``ppl`` for language models, where lower is
+better) and the summary has ``<metric>_mean`` and ``<metric>_std``. When the sweep trains
+softmax beside FNA, every alpha is compared with softmax seed by seed
+(:func:`levyattn.training.compare.paired_comparison`, in the metric's direction) and the
+table states each comparison in a sentence with its bootstrap interval and sign test.
+
 For every trained model the sweep measures the spectral gap ``1 - |lambda_2|`` of its
 attention matrices on test inputs (``levyattn.analysis.spectral_gap``; mean over
-layers, heads and inputs) and reports the Pearson and Spearman correlation of test
-accuracy with the gap over all runs.
+layers, heads and inputs) and reports the Pearson and Spearman correlation of the test
+metric with the gap over all runs.
 """
 
 from __future__ import annotations
@@ -45,9 +52,9 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, markdown_table, read_json, rows_to_csv
-from levyattn.training.compare import format_spread
+from levyattn.training.compare import format_spread, paired_comparison, verdict_sentence
 from levyattn.training.presets import check_requirements, preset_from_run, train_preset
-from levyattn.training.tasks import check_preset
+from levyattn.training.tasks import check_preset, make_task
 from levyattn.training.trainer import existing_run_files
 
 ATTENTIONS = ("fna", "softmax")
@@ -187,9 +194,10 @@ def correlations(x: list[float], y: list[float]) -> dict[str, Any]:
 
 @dataclass
 class SweepResult:
-    """``runs``: the kept run of every (attention, alpha, seed), what ``summary`` and
-    ``correlation`` are over; ``all_runs``: every restart, kept or not (the same as ``runs``
-    with one restart)."""
+    """``runs``: the kept run of every (attention, alpha, seed), what ``summary``,
+    ``comparisons`` and ``correlation`` are over; ``all_runs``: every restart, kept or not
+    (the same as ``runs`` with one restart). ``metric``: the task's headline metric, the key
+    of its value in every row (``higher_is_better`` its direction)."""
 
     out_dir: Path | None
     runs: list[dict[str, Any]]
@@ -198,13 +206,19 @@ class SweepResult:
     skipped: list[str] = field(default_factory=list)
     restarts: int = 1
     all_runs: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        """The summary as a Markdown table (mean ± std over seeds; the value alone for one seed)."""
-        header = ["attention", "alpha", "seeds", "accuracy", "spectral gap", "parameters", "time (s)"]
+        """The summary as a Markdown table (mean ± std over seeds; the value alone for one seed),
+        then each FNA-versus-softmax comparison in a sentence and the correlation with the gap."""
+        m = self.metric
+        direction = "" if self.higher_is_better else " (lower is better)"
+        header = ["attention", "alpha", "seeds", m + direction, "spectral gap", "parameters", "time (s)"]
         lines = [markdown_table(header, (
             [row["attention"], "-" if row["alpha"] is None else f"{row['alpha']:g}", row["n"],
-             format_spread(row["accuracy_mean"], row["accuracy_std"], row["n"]),
+             format_spread(row[f"{m}_mean"], row[f"{m}_std"], row["n"]),
              format_spread(row["gap_mean"], row["gap_std"], row["n"], ".2g"), row["params"], f"{row['time_mean']:.1f}"]
             for row in self.summary
         ))]  # fmt: skip
@@ -212,30 +226,53 @@ class SweepResult:
         lines.append("")
         if self.restarts > 1:
             lines.append(f"each seed's run: the lowest final training loss of {self.restarts} restarts")
+        for comparison in self.comparisons:
+            lines.append(f"{m}, paired by seed: " + verdict_sentence(comparison["a"], comparison["b"], comparison))
         if math.isnan(c["pearson_r"]):
-            lines.append(f"accuracy vs spectral gap over {c['n']} runs: undefined (needs 3 or more runs, "
-                         "and neither accuracy nor gap the same in all)")
+            lines.append(f"{m} vs spectral gap over {c['n']} runs: undefined (needs 3 or more runs, "
+                         f"and neither {m} nor gap the same in all)")
         else:
             lines.append(
-                f"accuracy vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f}"
+                f"{m} vs spectral gap over {c['n']} runs: Pearson r = {c['pearson_r']:.3f}"
                 f" (p = {c['pearson_p']:.3g}), Spearman rho = {c['spearman_r']:.3f} (p = {c['spearman_p']:.3g})"
             )
         return "\n".join(lines)
 
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
+    """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` over seeds, the gap's, the time's."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["attention"], r["alpha"]), []).append(r)
     rows = []
     for (attention, alpha), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fna", kv[0][1] or 0)):
-        acc_m, acc_s = _mean_std([r["accuracy"] for r in rs])
+        metric_m, metric_s = _mean_std([r[metric] for r in rs])
         gap_m, gap_s = _mean_std([r.get("spectral_gap") for r in rs])
         t_m, t_s = _mean_std([r["train_time_s"] for r in rs])
-        rows.append({"attention": attention, "alpha": alpha, "n": len(rs), "accuracy_mean": acc_m,
-                     "accuracy_std": acc_s, "gap_mean": gap_m, "gap_std": gap_s, "params": rs[0]["params"],
+        rows.append({"attention": attention, "alpha": alpha, "n": len(rs), f"{metric}_mean": metric_m,
+                     f"{metric}_std": metric_s, "gap_mean": gap_m, "gap_std": gap_s, "params": rs[0]["params"],
                      "time_mean": t_m, "time_std": t_s, "seeds": [r["seed"] for r in rs]})
     return rows
+
+
+def compare_with_softmax(
+    runs: list[dict[str, Any]], metric: str = "accuracy", higher_is_better: bool = True
+) -> list[dict[str, Any]]:
+    """FNA at every alpha against softmax on the seeds both have, one pair per seed: for each
+    alpha, :func:`~levyattn.training.compare.paired_comparison` of the metric (``a`` = FNA) with
+    ``a`` and ``b`` naming the two and ``alpha``, ``seeds`` added. Empty without softmax runs."""
+    softmax = {r["seed"]: r[metric] for r in runs if r["attention"] == "softmax"}
+    alphas = sorted({r["alpha"] for r in runs if r["attention"] == "fna"})
+    out = []
+    for alpha in alphas:
+        fna = {r["seed"]: r[metric] for r in runs if r["attention"] == "fna" and r["alpha"] == alpha}
+        seeds = sorted(set(fna) & set(softmax))
+        if not seeds:
+            continue
+        comparison = paired_comparison([fna[s] for s in seeds], [softmax[s] for s in seeds],
+                                       higher_is_better=higher_is_better)
+        out.append({"a": f"FNA alpha {alpha:g}", "b": "softmax", "alpha": alpha, "seeds": seeds, **comparison})
+    return out
 
 
 def run_sweep(
@@ -257,6 +294,11 @@ def run_sweep(
     (the CLI prints it).
     """
     check_requirements(preset)  # before the sweep folder is written
+    task = make_task(preset)
+    if not callable(getattr(task, "attention", None)):
+        raise ValueError(f"the {task.name!r} task has no attention(model, batch) method: a sweep measures the "
+                         "spectral gap of every trained model's attention")
+    metric, higher_is_better = task.metric, task.higher_is_better
     out = Path(out_dir) if out_dir is not None else None
     runs_done: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -272,8 +314,12 @@ def run_sweep(
                     f"{result_file} was trained with different settings than this sweep asks for; "
                     "use another output folder or delete that run"
                 )
-            # Rows stored before restarts existed lack the restart fields: the plan has them.
-            runs_done.append({**stored["row"], **run, "final_train_loss": stored["history"][-1]["train_loss"]})
+            # Rows stored before restarts existed lack the restart fields: the plan has them. Rows
+            # stored before the metric had its own key hold it as "accuracy", whatever the task.
+            row = dict(stored["row"])
+            if metric not in row and "accuracy" in row:
+                row[metric] = row.pop("accuracy")
+            runs_done.append({**row, **run, "metric": metric, "final_train_loss": stored["history"][-1]["train_loss"]})
             skipped.append(run["name"])
             if log:
                 log(f"[{i + 1}/{len(plan)}] {run['name']}: done before, skipped")
@@ -295,7 +341,7 @@ def run_sweep(
         result, trainer = train_preset(rp, run_dir, resume=resume, overwrite=not resume, progress=progress)
         _, eval_ds = trainer.task.datasets()
         gap = attention_gap(trainer.task, trainer.model, eval_ds, gap_samples)
-        row = {**run, "accuracy": result["metrics"].get(trainer.task.metric), "loss": result["metrics"].get("loss"),
+        row = {**run, "metric": metric, metric: result["metrics"].get(metric), "loss": result["metrics"].get("loss"),
                "spectral_gap": gap["spectral_gap"], "spectral_gap_std": gap["spectral_gap_std"],
                "final_train_loss": result["history"][-1]["train_loss"], "params": result["params"],
                "train_time_s": result["train_time_s"], "samples_per_s": result["samples_per_s"],
@@ -305,16 +351,20 @@ def run_sweep(
                                             "history": result["history"]})
         runs_done.append(row)
         if log:
-            log(f"[{i + 1}/{len(plan)}] {run['name']}: accuracy {row['accuracy']:.4f}, "
+            log(f"[{i + 1}/{len(plan)}] {run['name']}: {metric} {row[metric]:.4f}, "
                 f"spectral gap {row['spectral_gap']:.2g}, {row['train_time_s']:.1f}s")
     kept = select_restarts(runs_done)
-    summary = summarise(kept)
-    corr = correlations([r["accuracy"] for r in kept], [r["spectral_gap"] for r in kept])
-    res = SweepResult(out, kept, summary, corr, skipped, restarts=restarts, all_runs=runs_done)
+    summary = summarise(kept, metric)
+    comparisons = compare_with_softmax(kept, metric, higher_is_better)
+    corr = correlations([r[metric] for r in kept], [r["spectral_gap"] for r in kept])
+    res = SweepResult(out, kept, summary, corr, skipped, restarts=restarts, all_runs=runs_done, metric=metric,
+                      higher_is_better=higher_is_better, comparisons=comparisons)
     if out is not None:
         atomic_write_json(out / "results.json", {"preset": preset, "alphas": list(alphas),
                                                  "attention": list(attentions), "seeds": list(seeds),
-                                                 "restarts": restarts, "runs": runs_done, "summary": summary,
+                                                 "restarts": restarts, "metric": metric,
+                                                 "higher_is_better": higher_is_better, "runs": runs_done,
+                                                 "summary": summary, "comparisons": comparisons,
                                                  "correlation": corr})
         atomic_write_text(out / "runs.csv", rows_to_csv(runs_done))
         atomic_write_text(out / "summary.csv", rows_to_csv(summary))
@@ -322,5 +372,5 @@ def run_sweep(
     return res
 
 
-__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "correlations", "grid", "restart_seed", "run_name",
-           "run_sweep", "select_restarts", "summarise"]
+__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "compare_with_softmax", "correlations", "grid",
+           "restart_seed", "run_name", "run_sweep", "select_restarts", "summarise"]

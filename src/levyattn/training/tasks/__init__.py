@@ -24,6 +24,9 @@ A task is any object with these members (see :class:`Task`)::
                                                 # must contain task.metric (e.g. "accuracy")
     metric: str                                 # the headline metric
     higher_is_better: bool                      # its direction
+    attention(model, batch) -> (weights, valid) # optional: per-layer (B, H, L, L) weights and
+                                                # the valid tokens (B, L) bool or None, for
+                                                # sweeps' spectral gaps and analyze --preset-data
 
 ``weight`` lets the trainer average exactly over a global batch split across
 data-parallel processes: each process's mean loss is reweighted by its share of the

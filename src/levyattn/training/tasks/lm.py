@@ -136,6 +136,11 @@ class LMTask(TokenizedTask):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         return loss, float(y.numel())
 
+    def attention(self, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[list[torch.Tensor], None]:
+        """Per-layer causal self-attention weights (B, H, L, L) on a batch of blocks, and None:
+        blocks have no padding."""
+        return list(model(batch[0], output_attentions=True).attentions), None
+
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
         from levyattn.metrics import perplexity
 

@@ -220,6 +220,12 @@ class TranslationTask(TokenizedTask):
         smoothing = getattr(getattr(model, "module", model).config, "label_smoothing", 0.0)
         return sequence_loss(logits, batch["tgt_out"], self.tokenizer.pad_id, smoothing)
 
+    def attention(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Per-layer encoder self-attention weights (B, H, S, S) on a batch and the valid source
+        tokens (B, S) bool (False = padding)."""
+        out = model(batch["src"], batch["tgt_in"], output_attentions=True)
+        return list(out.encoder_attentions), batch["src"] != self.tokenizer.pad_id
+
     def evaluate(self, model: nn.Module, loader: Any) -> dict[str, float]:
         from levyattn.metrics import perplexity, translation_scores
 
