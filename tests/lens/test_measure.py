@@ -243,6 +243,14 @@ def test_bad_inputs(gpt2, tmp_path, monkeypatch):
         measure_decay(str(tmp_path / "a" / "b" / "c"), n_prompts=1)
 
 
+def test_repeated_seeds_are_refused(gpt2):
+    """A repeated seed draws the same prompts twice; counted as new ones they would narrow the CI."""
+    with pytest.raises(ValueError, match=r"seeds must be distinct, got \[42, 7, 42\] with \[42\] repeated"):
+        measure_decay(gpt2, distances=[30, 60], n_prompts=2, seeds=(42, 7, 42), token_range=(3, 1999))
+    with pytest.raises(ValueError, match=r"seeds must be distinct.*\[7\] repeated"):
+        measure_decay(gpt2, distances=[30, 60], n_prompts=2, seeds=[np.int64(7), 7], token_range=(3, 1999))
+
+
 def test_progress_bar_stays_off_a_stderr_that_is_not_a_terminal(capsys):
     # captured stderr is no terminal (as a pipe is not): progress=True must not fill it with redraws
     m = PowerLawAttentionModel(gamma=0.73, n_layers=1, n_heads=1, max_positions=300)

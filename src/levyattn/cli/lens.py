@@ -43,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("published", "dense"), default="published",
                    help="published: last query, key d back, length d+50 (docs/lens.md); dense: all pairs")
     p.add_argument("--prompts", type=int, default=150, help="prompts per seed (published atlas: 150)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 7], help="prompt seeds (default 42 123 7)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 123, 7],
+                   help="distinct prompt seeds (default: 42 123 7)")
     p.add_argument("--distances", default="published",
                    help="'published' (10..2000, those that fit), '30,100,300' or log:START:STOP:N")
     p.add_argument("--corpus", default="random", help="'random' token ids (published range) or a UTF-8 text FILE")

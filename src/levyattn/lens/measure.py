@@ -387,6 +387,10 @@ def measure_decay(
     seeds = tuple(seeds)
     if not seeds or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
         raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}")
+    repeated = sorted({int(s) for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        # a repeated seed draws the same prompts again: counted twice, they narrow the CI without new data
+        raise ValueError(f"seeds must be distinct, got {list(seeds)!r} with {repeated} repeated")
     dense = dense or DenseOptions()
     if not isinstance(dense, DenseOptions):
         raise TypeError(f"dense must be a DenseOptions, got {type(dense).__name__}")
