@@ -235,6 +235,12 @@ def test_bad_inputs(gpt2, tmp_path, monkeypatch):
         measure_decay(PowerLawAttentionModel(vocab_size=1, max_positions=200), distances=[30], n_prompts=1)
     with pytest.raises(ValueError, match=r"token_range \(5, 3\).*--token-range"):
         measure_decay(gpt2, token_range=(5, 3), distances=[30], n_prompts=1)
+    # ids past the embedding table: an IndexError deep in GPT-2; the stand-in hashed them silently
+    with pytest.raises(ValueError, match=r"token_range \(1000, 49000\) exceeds the vocabulary of 2000 tokens"):
+        measure_decay(gpt2, token_range=(1000, 49000), distances=[30], n_prompts=1)
+    with pytest.raises(ValueError, match=r"token_range \(3, 2000\).*high <= 1999"):
+        measure_decay(PowerLawAttentionModel(vocab_size=2000, max_positions=200), token_range=(3, 2000),
+                      distances=[30], n_prompts=1)  # fmt: skip
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match="nobody-here/no-model.*HF_HUB_OFFLINE"):

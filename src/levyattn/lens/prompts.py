@@ -5,6 +5,8 @@
 as the published tool does. A vocabulary too small for that range (V <= 1000) gets the range
 ``[low, V - 1]`` with ``low`` the first id after the special tokens and at least ``V // 50``
 (the published range likewise skips the low ids, where special and byte tokens live).
+An explicit ``token_range=(low, high)`` must lie inside the model's vocabulary
+(``high < config.vocab_size``, else the tokenizer's length when the model does not say).
 ``corpus=PATH``: a UTF-8 text file tokenised with the model's tokenizer (no special tokens
 added); each prompt is a window of consecutive tokens at an offset drawn with
 ``random.Random(seed)``.
@@ -59,6 +61,17 @@ def _vocabulary(tokenizer: Any, model: Any) -> tuple[int | None, str]:
     return (int(vocab), "config.vocab_size") if vocab else (None, "")
 
 
+def _model_vocabulary(tokenizer: Any, model: Any) -> tuple[int | None, str]:
+    """The number of token ids the model embeds (its config's), else the tokenizer's full length."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or getattr(model, "vocab_size", None)
+    if vocab:
+        return int(vocab), "config.vocab_size" if getattr(config, "vocab_size", None) else "model.vocab_size"
+    if tokenizer is not None and callable(getattr(tokenizer, "__len__", None)) and len(tokenizer) > 0:
+        return len(tokenizer), "len(tokenizer)"
+    return None, ""
+
+
 def random_token_range(tokenizer: Any, model: Any) -> tuple[int, int, str]:
     """(low, high, where the vocabulary size came from) for random prompts (see the module docstring)."""
     vocab, source = _vocabulary(tokenizer, model)
@@ -103,6 +116,13 @@ def make_prompts(
                 raise ValueError(
                     f"token_range ({low}, {high}) is empty or negative; it needs 0 <= low <= high "
                     "(--token-range LOW HIGH on the command line)"
+                )
+            vocab, source = _model_vocabulary(tokenizer, model)
+            if vocab is not None and high >= vocab:
+                # ids past the embedding table fail deep in the model, or are hashed silently by a stand-in
+                raise ValueError(
+                    f"token_range ({low}, {high}) exceeds the vocabulary of {vocab} tokens ({source}); "
+                    f"it needs 0 <= low <= high <= {vocab - 1} (--token-range LOW HIGH on the command line)"
                 )
         else:
             low, high, vocab_from = random_token_range(tokenizer, model)
