@@ -63,6 +63,10 @@ def test_user_atlas_round_trip(tmp_path):
          "lo <= hi"),
         ('{"schema": "levyattn.atlas/1", "entries": [{"model": "", "corpus": "r", "gamma": 1}]}', "'model'"),
         ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "r2": 2}]}', "r2"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "ci": [0.9, 1.1], '
+         '"ci_level": 95}]}', r"'ci_level' must be in \(0, 1\), got 95"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "ci_level": 0.9}]}',
+         "'ci_level'.*needs a 'ci'"),
     ],
 )
 def test_malformed_atlas_file(tmp_path, content, match):
@@ -90,6 +94,14 @@ def test_atlas_cli(tmp_path, capsys, monkeypatch):
     data = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     (entry,) = data["entries"]
     assert entry["model"] == "me/tiny" and entry["regime"] == "differentiating" and entry["levy_valid"]
+    assert entry["ci_level"] == 0.95  # --ci without --ci-level: the usual 95%, written down
+    assert main(["atlas", "--add", "me/t2", "--gamma", "0.8", "--add-corpus", "random", "--ci", "0.7", "0.9",
+                 "--ci-level", "0.8"]) == 0
+    assert main(["atlas", "--no-published", "--model", "me/t2"]) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if "me/t2" in line][-1]  # the table row
+    assert "[0.700, 0.900] (80%)" in row
+    assert main(["atlas", "--add", "me/t3", "--gamma", "0.8", "--add-corpus", "random", "--ci-level", "0.8"]) == 2
+    assert "--ci-level 0.8 needs --ci" in capsys.readouterr().err
     (tmp_path / "mine.json").write_text('{"schema": "levyattn.atlas/1", "entries": [{"model": 1}]}')
     assert main(["atlas"]) == 2
     assert "mine.json" in capsys.readouterr().err
@@ -110,6 +122,7 @@ def test_atlas_add_lens_json(tmp_path, capsys, monkeypatch):
     (entry,) = json.loads(mine.read_text())["entries"]
     assert entry["gamma"] == pytest.approx(1.3, abs=0.01) and entry["protocol"] == "published"
     assert entry["source"] == "levyattn lens" and entry["seeds"] == [42] and entry["n_prompts"] == 2
+    assert entry["ci_level"] == 0.95 and len(entry["ci"]) == 2
     assert entry["extra"]["distances"] == [30, 60, 120, 240] and len(entry["extra"]["aggregate"]) == 4
     assert main(["atlas", "--model", "PowerLaw"]) == 0
     table = capsys.readouterr().out

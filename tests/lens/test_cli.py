@@ -29,19 +29,21 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     atlas = tmp_path / "atlas.json"
     rc = main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "--distances", "30,60,120",
-               "--token-range", "3", "60", "--bootstrap", "50", "--device", "cpu", "--out", str(out),
-               "--atlas", str(atlas)])
+               "--token-range", "3", "60", "--bootstrap", "50", "--level", "0.9", "--device", "cpu",
+               "--out", str(out), "--atlas", str(atlas)])
     assert rc == 0
     text = capsys.readouterr().out
-    for word in ("gamma 95% CI", "R² power law", "R² exponential", "alpha", "s = (gamma - 1)/2", "regime",
+    for word in ("gamma 90% CI", "R² power law", "R² exponential", "alpha", "s = (gamma - 1)/2", "regime",
                  "Lévy analogy", "report:", "feature-space"):
         assert word in text
     for name in ("lens.json", "report.html", "decay.png", "gamma_heatmap.png", "layers.png"):
         assert (out / name).stat().st_size > 0
     data = json.loads((out / "lens.json").read_text())
     assert data["measurement"]["distances"] == [30, 60, 120] and len(data["gamma_ci"]) == 2
+    assert data["ci_level"] == 0.9  # --level reaches the interval and is recorded beside it
     (entry,) = json.loads(atlas.read_text())["entries"]
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
+    assert entry["ci"] == pytest.approx(data["gamma_ci"]) and entry["ci_level"] == 0.9
 
 
 def test_lens_cli_piped_output(model_dir, tmp_path, capfd):

@@ -30,7 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--add-corpus", default=None, help="corpus of the new entry (random, a name or a file)")
     a.add_argument("--r2", type=float, default=None)
     a.add_argument("--ci", type=float, nargs=2, metavar=("LO", "HI"), default=None)
+    a.add_argument("--ci-level", type=float, default=None, metavar="LEVEL",
+                   help="confidence level of --ci, in (0, 1) (default 0.95)")
     a.add_argument("--notes", default=None)
+
+
+def _ci_text(ci: tuple[float, float] | None, level: float | None) -> str:
+    """'[lo, hi] (95%)'; an entry written before levels were recorded shows '(level ?)'."""
+    if ci is None:
+        return "-"
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}] " + (f"({level * 100:g}%)" if level is not None else "(level ?)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,8 +62,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             if args.gamma is None or args.add_corpus is None:
                 raise ValueError(f"--add {args.add!r} is no file: a manual entry needs --gamma and --add-corpus")
+            if args.ci_level is not None and args.ci is None:
+                raise ValueError(f"--ci-level {args.ci_level} needs --ci LO HI")
+            ci_level = (0.95 if args.ci_level is None else args.ci_level) if args.ci else None
             entry = {"model": args.add, "corpus": args.add_corpus, "gamma": args.gamma, "r2": args.r2,
-                     "ci": list(args.ci) if args.ci else None, "notes": args.notes}  # fmt: skip
+                     "ci": list(args.ci) if args.ci else None, "ci_level": ci_level, "notes": args.notes}  # fmt: skip
             entry = {k: v for k, v in entry.items() if v is not None}
         path = append_to_atlas(user_path, entry)
         e = entry if isinstance(entry, dict) else entry.to_json()
@@ -73,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
                 "regime": r.regime, "levy_valid": r.levy_valid} for e, r in rows]
         print(json.dumps({"source": PUBLISHED_SOURCE, "entries": out}, indent=2))
         return 0
-    header = ("model", "corpus", "protocol", "gamma", "95% CI", "R²", "alpha", "s", "regime", "Lévy", "authors' phase",
-              "origin")
+    header = ("model", "corpus", "protocol", "gamma", "CI (level)", "R²", "alpha", "s", "regime", "Lévy",
+              "authors' phase", "origin")
     table = []
     for e, r in rows:
         table.append((
             e.model, e.corpus, e.protocol or "-", f"{e.gamma:.4f}",
-            f"[{e.ci[0]:.3f}, {e.ci[1]:.3f}]" if e.ci else "-",
+            _ci_text(e.ci, e.ci_level),
             f"{e.r2:.4f}" if e.r2 is not None else "-", f"{r.alpha:+.4f}", f"{r.s:+.4f}", r.regime,
             "yes" if r.levy_valid else "no", e.phase or "-", "published" if e.origin == "published" else "local",
         ))

@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="prompts per forward pass")
     p.add_argument("--d-min", type=float, default=30.0, help="fit distances >= this (published: 30)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the gamma CI")
+    p.add_argument("--level", type=float, default=0.95,
+                   help="confidence level of the gamma CI, in (0, 1) (default 0.95; recorded as ci_level)")
     p.add_argument("--tol", type=float, default=0.05, help="crossover half-width when there is no CI")
     p.add_argument("--token-range", type=int, nargs=2, metavar=("LOW", "HIGH"), default=None,
                    help="random token ids range (default 1000 .. min(vocab-1, 49000))")
@@ -166,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if m.info.get("dropped_distances"):
         print(f"note: distances {m.info['dropped_distances']} do not fit the context "
               f"({m.info['context']} positions) and were left out", file=sys.stderr)
-    result = analyze_decay(m, d_min=args.d_min, n_boot=args.bootstrap, tol=args.tol)
+    result = analyze_decay(m, d_min=args.d_min, n_boot=args.bootstrap, level=args.level, tol=args.tol)
     out = Path(args.out) if args.out else Path("lens_results") / re.sub(r"[^\w.-]+", "_", str(args.model)).strip("_")
     paths = write_lens_outputs(result, out, plots=not args.no_plots)
     rows = summary_rows(result)

@@ -16,14 +16,15 @@ A JSON object::
 
     {"schema": "levyattn.atlas/1",
      "entries": [{"model": "my-org/my-model", "corpus": "random", "gamma": 0.91,
-                  "r2": 0.99, "ci": [0.87, 0.95], "protocol": "published",
+                  "r2": 0.99, "ci": [0.87, 0.95], "ci_level": 0.95, "protocol": "published",
                   "theta": 10000, "n_prompts": 150, "seeds": [42, 123, 7],
                   "date": "2026-11-23", "source": "levyattn lens", "notes": "",
                   "extra": {}}]}
 
 Required per entry: ``model`` (non-empty string), ``corpus`` (non-empty string: "random",
 a corpus name or a file name) and ``gamma`` (finite number). Optional: ``r2`` (number <= 1
-or null), ``ci`` ([lo, hi] finite with lo <= hi, or null), ``protocol`` ("published" or
+or null), ``ci`` ([lo, hi] finite with lo <= hi, or null), ``ci_level`` (the confidence level
+of ``ci``, in (0, 1); only with a ``ci``), ``protocol`` ("published" or
 "dense"), ``theta`` (positive number or null), ``n_prompts`` (positive integer), ``seeds``
 (list of integers), ``date``, ``source``, ``notes``, ``phase`` (strings) and ``extra`` (an
 object). Any other key is an error (it is usually a typo). The file is validated on every
@@ -65,7 +66,9 @@ PUBLISHED_SOURCE = (
 )
 
 _REQUIRED = ("model", "corpus", "gamma")
-_OPTIONAL = ("r2", "ci", "protocol", "theta", "n_prompts", "seeds", "date", "source", "notes", "phase", "extra")
+_OPTIONAL = (
+    "r2", "ci", "ci_level", "protocol", "theta", "n_prompts", "seeds", "date", "source", "notes", "phase", "extra",
+)
 _PUBLISHED_KEYS = ("model", "corpus", "theta", "gamma_obs", "R2", "phase", "source", "notes")
 _SORT_KEYS = ("gamma", "model", "corpus", "alpha", "s", "r2", "regime")
 
@@ -79,6 +82,7 @@ class AtlasEntry:
     gamma: float
     r2: float | None = None
     ci: tuple[float, float] | None = None
+    ci_level: float | None = None
     protocol: str | None = None
     theta: float | None = None
     n_prompts: int | None = None
@@ -152,6 +156,12 @@ def _entry_from_user(obj: Any, where: str, origin: str) -> AtlasEntry:
         if lo > hi:  # type: ignore[operator]
             raise _bad(where, f"field 'ci' must have lo <= hi, got {ci!r}")
         ci_t = (lo, hi)
+    ci_level = _number(obj.get("ci_level"), where, "ci_level", allow_none=True)
+    if ci_level is not None:
+        if not 0.0 < ci_level < 1.0:
+            raise _bad(where, f"field 'ci_level' must be in (0, 1), got {ci_level}")
+        if ci_t is None:
+            raise _bad(where, f"field 'ci_level' ({ci_level}) needs a 'ci' to qualify")
     protocol = _string(obj.get("protocol"), where, "protocol")
     if protocol is not None and protocol not in ("published", "dense"):
         raise _bad(where, f"field 'protocol' must be 'published' or 'dense', got {protocol!r}")
@@ -175,6 +185,7 @@ def _entry_from_user(obj: Any, where: str, origin: str) -> AtlasEntry:
         gamma=gamma,  # type: ignore[arg-type]
         r2=r2,
         ci=ci_t,  # type: ignore[arg-type]
+        ci_level=ci_level,
         protocol=protocol,
         theta=theta,
         n_prompts=n_prompts,
@@ -227,7 +238,7 @@ def entry_from_lens_result(
 ) -> AtlasEntry:
     """A user-atlas entry from a lens result (the content of a ``lens.json``), with its protocol and provenance.
 
-    Kept: model, corpus, gamma, R², 95% CI, protocol, prompts per seed, seeds, today's date,
+    Kept: model, corpus, gamma, R², the CI and its level, protocol, prompts per seed, seeds, today's date,
     ``source`` "levyattn lens" and, in ``extra``, how it was measured (passes, distances,
     ``d_min``, attention path, token range, dtype) and the per-distance ``A(d)``. An error
     names ``where`` (the file) and the missing field.
@@ -241,6 +252,7 @@ def entry_from_lens_result(
             "gamma": result["gamma"],
             "r2": result["fit_power_law"]["r2"],
             "ci": result.get("gamma_ci"),
+            "ci_level": result.get("ci_level") if result.get("gamma_ci") is not None else None,
             "protocol": m["protocol"],
             "n_prompts": m["n_prompts_per_seed"],
             "seeds": list(m["seeds"]),
