@@ -47,6 +47,11 @@ def test_levy_edges():
     assert "position" in CAVEAT and "interpretation" in CAVEAT
 
 
+def test_the_rule_names_the_level_of_the_interval():
+    assert fractional_order(0.9, (0.85, 0.95), ci_level=0.8).regime_rule == "80% CI [0.85, 0.95] excludes 1"
+    assert fractional_order(0.9, (0.85, 0.95)).regime_rule == "CI [0.85, 0.95] excludes 1"  # level not known
+
+
 def test_tolerance_is_configurable():
     assert fractional_order(1.08).regime == "differentiating"
     assert fractional_order(1.08, tol=0.1).regime == "crossover"
@@ -60,6 +65,7 @@ def test_tolerance_is_configurable():
         ({"gamma": 1.0, "ci": (1.2, 0.9)}, ValueError),
         ({"gamma": 1.0, "ci": (0.9,)}, ValueError),
         ({"gamma": 1.0, "tol": -0.1}, ValueError),
+        ({"gamma": 1.0, "ci": (0.9, 1.1), "ci_level": 95}, ValueError),
     ],
 )
 def test_bad_input(kwargs, err):

@@ -96,7 +96,7 @@ class AtlasEntry:
 
     def reading(self, tol: float = CROSSOVER_TOL) -> FractionalReading:
         """The fractional reading of this gamma (with its CI when the entry has one)."""
-        return fractional_order(self.gamma, self.ci, tol=tol)
+        return fractional_order(self.gamma, self.ci, tol=tol, ci_level=self.ci_level)
 
     def to_json(self) -> dict:
         """The entry in the user-atlas schema (``origin`` is not stored)."""

@@ -65,17 +65,20 @@ def _finite(x: object, name: str) -> float:
 
 
 def fractional_order(
-    gamma: float, ci: Sequence[float] | None = None, tol: float = CROSSOVER_TOL
+    gamma: float, ci: Sequence[float] | None = None, tol: float = CROSSOVER_TOL, ci_level: float | None = None
 ) -> FractionalReading:
     """Read gamma as a Lévy index and a fractional order, with its regime.
 
-    ``ci`` is an optional (lo, hi) confidence interval for gamma (lo <= hi). ``tol`` is the
+    ``ci`` is an optional (lo, hi) confidence interval for gamma (lo <= hi) and ``ci_level``
+    its confidence level in (0, 1), named in ``regime_rule`` (None: not known). ``tol`` is the
     crossover half-width used only when ``ci`` is None.
     """
     g = _finite(gamma, "gamma")
     t = _finite(tol, "tol")
     if t < 0:
         raise ValueError(f"tol must be >= 0, got {t}")
+    if ci_level is not None and not 0.0 < _finite(ci_level, "ci_level") < 1.0:
+        raise ValueError(f"ci_level must be in (0, 1) or None, got {ci_level}")
     ci_t: tuple[float, float] | None = None
     if ci is not None:
         if isinstance(ci, (str, bytes)) or len(ci) != 2:
@@ -90,7 +93,8 @@ def fractional_order(
             regime = "smoothing"
         else:
             regime = "differentiating"
-        rule = f"95% CI [{lo:.4g}, {hi:.4g}] {'contains' if regime == 'crossover' else 'excludes'} 1"
+        name = "CI" if ci_level is None else f"{ci_level * 100:g}% CI"
+        rule = f"{name} [{lo:.4g}, {hi:.4g}] {'contains' if regime == 'crossover' else 'excludes'} 1"
     else:
         if abs(g - 1.0) <= t:
             regime = "crossover"

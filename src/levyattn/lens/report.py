@@ -101,7 +101,7 @@ def analyze_decay(
     if flat.shape[0] >= 2:
         lo, hi, _ = fit.bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
         gamma_ci = (lo, hi)
-    reading = fractional_order(power.gamma, gamma_ci, tol=tol)
+    reading = fractional_order(power.gamma, gamma_ci, tol=tol, ci_level=level)
     with np.errstate(invalid="ignore", divide="ignore"):
         n = np.isfinite(flat).sum(0)
         sd = np.nanstd(flat, axis=0, ddof=1) if flat.shape[0] > 1 else np.full(d.shape, np.nan)
