@@ -67,6 +67,8 @@ def test_user_atlas_round_trip(tmp_path):
          '"ci_level": 95}]}', r"'ci_level' must be in \(0, 1\), got 95"),
         ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1, "ci_level": 0.9}]}',
          "'ci_level'.*needs a 'ci'"),
+        ('{"schema": "levyattn.atlas/1", "entries": [{"model": "m", "corpus": "r", "gamma": 1.3, "ci": [0.9, 1.1]}]}',
+         r"field 'gamma' \(1.3\) lies outside its field 'ci' \[0.9, 1.1\]"),
     ],
 )
 def test_malformed_atlas_file(tmp_path, content, match):

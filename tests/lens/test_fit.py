@@ -134,3 +134,28 @@ def test_bad_bootstrap_input():
         bootstrap_gamma(np.ones((5, 3)), d, level=1.5)
     with pytest.raises(ValueError, match="d_min"):
         fit_power_law(d, [1, 2, 3], d_min=-1)
+
+
+def _noisy_measurement(seed: int):
+    """4 prompts whose A(d) = d^-1 times lognormal noise (sigma 1), one seed, one layer and head."""
+    from levyattn.lens import DecayMeasurement
+
+    d = np.array([30, 60, 120, 240])
+    pv = (d ** -1.0)[None, :] * np.random.default_rng(seed).lognormal(0.0, 1.0, size=(4, d.size))
+    n = np.full(d.size, 4)
+    return DecayMeasurement(
+        model_name="noisy", protocol="published", passes="one", causal=True, distances=d, seeds=(42,), n_prompts=4,
+        prompt_layer=pv[None, :, None, :], layer_head=pv.mean(0)[None, None, :], layer_head_sd=np.zeros((1, 1, 4)),
+        sample_counts=n, pair_counts=n, paired=True, n_passes=4, n_tokens=0, wall_time_s=0.0,
+    )  # fmt: skip
+
+
+def test_a_gamma_outside_its_own_interval_is_refused():
+    from levyattn.lens import analyze_decay
+
+    # seed 534: the 50% percentile interval of the skewed bootstrap misses the fitted gamma by 0.0039
+    with pytest.raises(ValueError, match=r"50% bootstrap interval \[.*\] of gamma does not contain the fitted gamma"):
+        analyze_decay(_noisy_measurement(534), n_boot=200, level=0.5)
+    # seed 412: the interval's lower end equals gamma up to rounding (7e-16 apart): kept
+    res = analyze_decay(_noisy_measurement(412), n_boot=200, level=0.5)
+    assert res.gamma_ci[0] == pytest.approx(res.power.gamma, abs=1e-12) and res.gamma_ci[1] > res.power.gamma

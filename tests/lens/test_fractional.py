@@ -66,6 +66,7 @@ def test_tolerance_is_configurable():
         ({"gamma": 1.0, "ci": (0.9,)}, ValueError),
         ({"gamma": 1.0, "tol": -0.1}, ValueError),
         ({"gamma": 1.0, "ci": (0.9, 1.1), "ci_level": 95}, ValueError),
+        ({"gamma": 1.3, "ci": (0.9, 1.1)}, ValueError),  # a gamma outside its own interval
     ],
 )
 def test_bad_input(kwargs, err):

@@ -23,7 +23,7 @@ A JSON object::
 
 Required per entry: ``model`` (non-empty string), ``corpus`` (non-empty string: "random",
 a corpus name or a file name) and ``gamma`` (finite number). Optional: ``r2`` (number <= 1
-or null), ``ci`` ([lo, hi] finite with lo <= hi, or null), ``ci_level`` (the confidence level
+or null), ``ci`` ([lo, hi] finite with lo <= gamma <= hi, or null), ``ci_level`` (the confidence level
 of ``ci``, in (0, 1); only with a ``ci``), ``protocol`` ("published" or
 "dense"), ``theta`` (positive number or null), ``n_prompts`` (positive integer), ``seeds``
 (list of integers), ``date``, ``source``, ``notes``, ``phase`` (strings) and ``extra`` (an
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from levyattn.io import atomic_write_json, read_json
-from levyattn.lens.fractional import CROSSOVER_TOL, FractionalReading, fractional_order
+from levyattn.lens.fractional import CROSSOVER_TOL, FractionalReading, fractional_order, gamma_in_interval
 
 __all__ = [
     "ATLAS_SCHEMA",
@@ -156,6 +156,8 @@ def _entry_from_user(obj: Any, where: str, origin: str) -> AtlasEntry:
         if lo > hi:  # type: ignore[operator]
             raise _bad(where, f"field 'ci' must have lo <= hi, got {ci!r}")
         ci_t = (lo, hi)
+        if not gamma_in_interval(gamma, ci_t):  # type: ignore[arg-type]
+            raise _bad(where, f"field 'gamma' ({gamma}) lies outside its field 'ci' {ci!r}")
     ci_level = _number(obj.get("ci_level"), where, "ci_level", allow_none=True)
     if ci_level is not None:
         if not 0.0 < ci_level < 1.0:

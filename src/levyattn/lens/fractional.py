@@ -64,12 +64,19 @@ def _finite(x: object, name: str) -> float:
     return v
 
 
+def gamma_in_interval(gamma: float, ci: tuple[float, float]) -> bool:
+    """Whether ``lo <= gamma <= hi`` up to a relative 1e-9 (a bootstrap slope and a least-squares
+    fit of the same curve round apart)."""
+    slack = 1e-9 * max(1.0, abs(gamma))
+    return ci[0] - slack <= gamma <= ci[1] + slack
+
+
 def fractional_order(
     gamma: float, ci: Sequence[float] | None = None, tol: float = CROSSOVER_TOL, ci_level: float | None = None
 ) -> FractionalReading:
     """Read gamma as a Lévy index and a fractional order, with its regime.
 
-    ``ci`` is an optional (lo, hi) confidence interval for gamma (lo <= hi) and ``ci_level``
+    ``ci`` is an optional (lo, hi) confidence interval for gamma (lo <= gamma <= hi) and ``ci_level``
     its confidence level in (0, 1), named in ``regime_rule`` (None: not known). ``tol`` is the
     crossover half-width used only when ``ci`` is None.
     """
@@ -87,6 +94,8 @@ def fractional_order(
         if lo > hi:
             raise ValueError(f"ci must satisfy lo <= hi, got ({lo}, {hi})")
         ci_t = (lo, hi)
+        if not gamma_in_interval(g, ci_t):
+            raise ValueError(f"gamma {g} lies outside its confidence interval ci [{lo}, {hi}]")
         if lo <= 1.0 <= hi:
             regime = "crossover"
         elif hi < 1.0:

@@ -12,7 +12,7 @@ import numpy as np
 from levyattn.io import atomic_write_json
 from levyattn.lens import fit
 from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry, entry_from_lens_result
-from levyattn.lens.fractional import CAVEAT, CROSSOVER_TOL, FractionalReading, fractional_order
+from levyattn.lens.fractional import CAVEAT, CROSSOVER_TOL, FractionalReading, fractional_order, gamma_in_interval
 from levyattn.lens.measure import DecayMeasurement, _nan_to_none
 
 __all__ = ["LensResult", "analyze_decay", "write_lens_outputs"]
@@ -87,7 +87,11 @@ def analyze_decay(
     seed: int = 0,
 ) -> LensResult:
     """Fit the aggregate curve (power law, exponential, AICc choice), bootstrap gamma over
-    prompts, fit every layer and head, and read gamma as a fractional order."""
+    prompts, fit every layer and head, and read gamma as a fractional order.
+
+    Raises ValueError when the bootstrap interval at ``level`` does not contain the fitted
+    gamma (a few very noisy prompts at a low level), rather than reporting such an interval.
+    """
     if not isinstance(measurement, DecayMeasurement):
         raise TypeError(f"measurement must be a DecayMeasurement, got {type(measurement).__name__}")
     m = measurement
@@ -100,6 +104,13 @@ def analyze_decay(
     gamma_ci = None
     if flat.shape[0] >= 2:
         lo, hi, _ = fit.bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
+        # a percentile interval of a skewed, few-prompt bootstrap can miss the estimate it should qualify
+        if not gamma_in_interval(power.gamma, (lo, hi)):
+            raise ValueError(
+                f"the {level * 100:g}% bootstrap interval [{lo:.6g}, {hi:.6g}] of gamma does not contain the fitted "
+                f"gamma {power.gamma:.6g}: the {flat.shape[0]} prompts' curves are too noisy for an interval at this "
+                "level; measure more prompts (n_prompts, --prompts) or seeds, or ask for a higher level"
+            )
         gamma_ci = (lo, hi)
     reading = fractional_order(power.gamma, gamma_ci, tol=tol, ci_level=level)
     with np.errstate(invalid="ignore", divide="ignore"):
