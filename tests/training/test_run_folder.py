@@ -146,7 +146,7 @@ STATE_FAULTS = {
     "step past the epoch": (_set(99, "position", "step_in_epoch"), "step_in_epoch 99"),
     "negative step": (_set(-1, "position", "step_in_epoch"), "'step_in_epoch'"),
     "step as text": (_set("3", "position", "step_in_epoch"), "'step_in_epoch'"),
-    "global step off": (_set(4, "position", "global_step"), "global_step 4"),
+    "global step off": (_set(5, "position", "global_step"), "global_step 5"),
     "NaN loss sum": (_set(math.nan, "position", "loss_sum"), "'loss_sum'"),
     "other seed": (_set(7, "position", "seed"), "seed 7"),
     "history too long": (_set([{"epoch": 1}], "history"), "history holds 1 epochs"),
@@ -159,9 +159,9 @@ STATE_FAULTS = {
 
 @pytest.mark.parametrize("fault", sorted(STATE_FAULTS))
 def test_every_checkpoint_field_is_checked(tmp_path, fault):
-    # 60 samples / 8 = 8 steps per epoch; a checkpoint at step 3 of epoch 1 (checkpoint_every=3)
+    # 60 samples / 8 = 8 steps per epoch; max_steps checkpoints step 4 of epoch 1
     Trainer(ToyTask(), _cfg(max_steps=4), tmp_path).fit()
-    assert ck.load_checkpoint(tmp_path).state["position"]["step_in_epoch"] == 3
+    assert ck.load_checkpoint(tmp_path).state["position"]["step_in_epoch"] == 4
     edit, named = STATE_FAULTS[fault]
     rewrite_checkpoint(tmp_path, edit_state=edit)
     before = snapshot(tmp_path)
@@ -267,3 +267,18 @@ def test_sweep_restarts_only_a_run_without_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"checkpoint\.json not found"):
         sweep()
     assert snapshot(tmp_path) == before
+
+
+def test_sweep_with_max_steps_inside_the_first_epoch(tmp_path):
+    from levyattn.training.presets import apply_overrides, get_preset
+    from levyattn.training.sweep import run_sweep
+
+    # 64 samples / 16 = 4 steps an epoch; the run stops after 2, before any epoch has ended
+    preset = apply_overrides(get_preset("digits-vit"), ["epochs=1", "limit_train=64", "limit_test=16", "d_model=8",
+                                                         "batch_size=16", "max_steps=2"])
+    first = run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
+    row = first.runs[0]
+    assert ck.load_checkpoint(tmp_path / "runs" / "fna-a1.2-s0").state["position"]["global_step"] == 2
+    assert 0 <= row["accuracy"] <= 1 and row["final_train_loss"] > 0
+    again = run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
+    assert again.skipped == ["fna-a1.2-s0"] and again.runs[0]["final_train_loss"] == row["final_train_loss"]

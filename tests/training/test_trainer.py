@@ -32,17 +32,52 @@ def test_same_seed_same_metrics(tmp_path):
     assert [r["train_loss"] for r in a["history"]] != [r["train_loss"] for r in c["history"]]
 
 
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+class KilledToyTask(ToyTask):
+    """Dies in its training step number ``kill_at + 1``, before that step changes anything."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__()
+        self.kill_at, self.steps = kill_at, 0
+
+    def loss(self, model, batch):
+        if self.steps == self.kill_at:
+            raise Killed
+        self.steps += 1
+        return super().loss(model, batch)
+
+
+def _evaluate_checkpoint(run_dir, task: ToyTask, seed: int = 0) -> dict:
+    c = ck.load_checkpoint(run_dir)
+    model = task.build_model()
+    ck.load_model_state(model, c, task.model_type)
+    torch.manual_seed(seed)  # the trainer builds the datasets right after seeding
+    _, eval_ds = task.datasets()
+    loader = torch.utils.data.DataLoader(eval_ds, batch_size=16, collate_fn=task.collate)
+    model.eval()
+    with torch.no_grad():
+        return task.evaluate(model, loader)
+
+
 # (11, 5) and (13, 1) resume inside an epoch (8 steps an epoch), with dropout drawing on the RNG.
+@pytest.mark.parametrize("stop", ["kill", "max_steps"])
 @pytest.mark.parametrize("stop_at,every", [(11, 4), (8, 8), (13, 0), (11, 5), (13, 1)])
-def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every):
+def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every, stop):
     full_trainer = Trainer(ToyTask(), _cfg(checkpoint_every=every), tmp_path / "full")
     full = full_trainer.fit()
-    # "Kill" the run after stop_at steps: it stops without saving, like a killed process;
-    # the last checkpoint is the one written at a multiple of `every` (or an epoch end).
-    killed = Trainer(ToyTask(), _cfg(checkpoint_every=every, max_steps=stop_at), tmp_path / "run").fit()
-    assert killed["stopped"] and killed["global_step"] == stop_at
+    if stop == "kill":
+        # Killed in step stop_at + 1: the last checkpoint is the one written at a multiple of
+        # `every` (or an epoch end).
+        with pytest.raises(Killed):
+            Trainer(KilledToyTask(stop_at), _cfg(checkpoint_every=every), tmp_path / "run").fit()
+    else:  # max_steps checkpoints the step it stops at
+        stopped = Trainer(ToyTask(), _cfg(checkpoint_every=every, max_steps=stop_at), tmp_path / "run").fit()
+        assert stopped["stopped"] and stopped["global_step"] == stop_at
     saved = ck.load_checkpoint(tmp_path / "run").state["position"]
-    assert saved["global_step"] <= stop_at
+    assert saved["global_step"] == (stop_at if stop == "max_steps" else stop_at - stop_at % (every or 8))
     resumed_trainer = Trainer(ToyTask(), _cfg(checkpoint_every=every), tmp_path / "run", resume=True)
     resumed = resumed_trainer.fit()
     assert resumed["global_step"] == full["global_step"]
@@ -52,6 +87,17 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every):
         assert torch.equal(v, resumed_trainer.model.state_dict()[k]), k
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and json.loads(rows[-1])["epoch"] == 3
+
+
+@pytest.mark.parametrize("max_steps", [11, 16, 3])  # inside epoch 2, at the end of epoch 2 (of 3), inside epoch 1
+def test_max_steps_checkpoints_and_reports_the_model_it_stops_at(tmp_path, max_steps):
+    # 60 samples / 8 = 8 steps an epoch, checkpoints every 5 steps: none of them falls on step 11 or 3
+    result = Trainer(ToyTask(), _cfg(checkpoint_every=5, max_steps=max_steps), tmp_path).fit()
+    assert result["stopped"] and result["global_step"] == max_steps
+    assert ck.load_checkpoint(tmp_path).state["position"]["global_step"] == max_steps
+    assert result["metrics"] == _evaluate_checkpoint(tmp_path, ToyTask())
+    assert len(result["history"]) == max_steps // 8  # whole epochs only
+    assert result["train_loss"] > 0 and (max_steps % 8 or result["train_loss"] == result["history"][-1]["train_loss"])
 
 
 def test_files_written_and_atomic(tmp_path):

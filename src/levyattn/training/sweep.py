@@ -314,12 +314,15 @@ def run_sweep(
                     f"{result_file} was trained with different settings than this sweep asks for; "
                     "use another output folder or delete that run"
                 )
-            # Rows stored before restarts existed lack the restart fields: the plan has them. Rows
-            # stored before the metric had its own key hold it as "accuracy", whatever the task.
-            row = dict(stored["row"])
+            # Rows stored before restarts existed lack the restart fields (the plan has them) and the
+            # final training loss (their history has it: they ran whole epochs). Rows stored before the
+            # metric had its own key hold it as "accuracy", whatever the task.
+            row = {**stored["row"], **run, "metric": metric}
             if metric not in row and "accuracy" in row:
                 row[metric] = row.pop("accuracy")
-            runs_done.append({**row, **run, "metric": metric, "final_train_loss": stored["history"][-1]["train_loss"]})
+            if "final_train_loss" not in row:
+                row["final_train_loss"] = stored["history"][-1]["train_loss"]
+            runs_done.append(row)
             skipped.append(run["name"])
             if log:
                 log(f"[{i + 1}/{len(plan)}] {run['name']}: done before, skipped")
@@ -343,7 +346,7 @@ def run_sweep(
         gap = attention_gap(trainer.task, trainer.model, eval_ds, gap_samples)
         row = {**run, "metric": metric, metric: result["metrics"].get(metric), "loss": result["metrics"].get("loss"),
                "spectral_gap": gap["spectral_gap"], "spectral_gap_std": gap["spectral_gap_std"],
-               "final_train_loss": result["history"][-1]["train_loss"], "params": result["params"],
+               "final_train_loss": result["train_loss"], "params": result["params"],
                "train_time_s": result["train_time_s"], "samples_per_s": result["samples_per_s"],
                "wall_s": time.perf_counter() - t0}
         if result_file is not None:

@@ -389,9 +389,16 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train (or continue training); return the final metrics and a summary.
 
-        Returns a dict with ``metrics`` (the last evaluation), ``history`` (one record
-        per epoch), ``params``, ``train_time_s``, ``samples_per_s``, ``global_step`` and
-        ``stopped`` (True when ``max_steps`` ended the run before its last epoch).
+        Returns a dict with ``metrics`` (the evaluation of the final model), ``train_loss``
+        (the mean training loss of the last epoch, or of the part of it trained), ``history``
+        (one record per finished epoch), ``params``, ``train_time_s``, ``samples_per_s``,
+        ``global_step`` and ``stopped`` (True when ``max_steps`` ended the run before its last
+        epoch).
+
+        ``max_steps`` ends the run after that many optimiser steps in all. When that is inside
+        an epoch, the model of that step is checkpointed (whatever ``checkpoint_every``) and
+        evaluated for ``metrics``; the history keeps whole epochs only, and a resumed run
+        carries on from that step.
         """
         cfg, task, dist = self.config, self.task, self.dist
         self._prepare_out_dir()
@@ -424,7 +431,11 @@ class Trainer:
             ckpt_mod.set_rng_state(*rng_to_restore)
             rng_to_restore = None
         stopped = False
-        while position["epoch"] < cfg.epochs and not stopped:
+        final_eval: dict[str, float] | None = None
+        while position["epoch"] < cfg.epochs:
+            if self._max_steps_reached(position):
+                stopped = True
+                break
             epoch = position["epoch"]
             batches = global_batches(n_train, cfg.batch_size, cfg.seed, epoch, dist.world_size)
             batches = batches[position["step_in_epoch"] :]
@@ -445,9 +456,6 @@ class Trainer:
                 ckpt_mod.set_rng_state(*rng_to_restore)
                 rng_to_restore = None
             for batch in batch_iter:
-                if cfg.max_steps is not None and position["global_step"] >= cfg.max_steps:
-                    stopped = True
-                    break
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
                 loss = self._train_step(train_model, optimizer, batch, lr, position)
                 if bar is not None:
@@ -458,18 +466,28 @@ class Trainer:
                     t0 = time.perf_counter()
                     self._reduce_running(position)
                     self._save(model, optimizer, position)
+                if self._max_steps_reached(position) and position["step_in_epoch"] < steps_per_epoch:
+                    stopped = True
+                    break
             position["train_time_s"] += time.perf_counter() - t0
             if bar is not None:
                 bar.close()
             if stopped:
+                final_eval = self._stop_mid_epoch(model, optimizer, eval_loader, position)
                 break
             self._end_epoch(model, optimizer, eval_loader, position, writer)
         if writer is not None:
             writer.close()
         last = self.history[-1] if self.history else {}
-        metrics = {k[len("eval_") :]: v for k, v in last.items() if k.startswith("eval_")}
+        if final_eval is not None:
+            metrics = final_eval
+            train_loss = position["loss_sum"] / max(position["weight_sum"], 1e-12) if dist.is_main else None
+        else:
+            metrics = {k[len("eval_") :]: v for k, v in last.items() if k.startswith("eval_")}
+            train_loss = last.get("train_loss")
         return {
             "metrics": metrics,
+            "train_loss": train_loss,
             "history": list(self.history),
             "params": count_parameters(model),
             "train_time_s": position["train_time_s"],
@@ -561,6 +579,23 @@ class Trainer:
         self._save(model, optimizer, position)
         if self.on_epoch_end is not None and dist.is_main:
             self.on_epoch_end(record)
+
+    def _max_steps_reached(self, position: dict[str, Any]) -> bool:
+        return self.config.max_steps is not None and position["global_step"] >= self.config.max_steps
+
+    def _stop_mid_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, eval_loader: Any,
+                        position: dict[str, Any]) -> dict[str, float]:
+        """``max_steps`` ended the run inside an epoch: checkpoint the model at this step, then
+        evaluate that same model (main process; ``{}`` elsewhere). The checkpoint comes first: it
+        holds the RNG state an uninterrupted run would go on with, which evaluating may draw from."""
+        self._reduce_running(position)
+        self._save(model, optimizer, position)
+        if not self.dist.is_main:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(model, _DeviceLoader(eval_loader, self.device))
+        return {k: float(v) for k, v in metrics.items()}
 
     def _reduce_running(self, position: dict[str, Any]) -> None:
         """Make the running loss sums global on the main process (zero elsewhere)."""
