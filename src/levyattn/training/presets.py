@@ -7,7 +7,9 @@ when present, ``tasks/translation.py`` and ``tasks/lm.py``); the format is descr
 Overrides: ``key=value`` where ``key`` is a dotted path into the preset
 (``train.lr=3e-4``, ``model.alpha=1.4``, ``data.task_args.length=128``) or a bare key
 that exists in exactly one of model, data, train (``data_dir=/data/aclImdb``, ``epochs=3``,
-``alpha=1.6``); ``seed`` means ``train.seed``. Values are parsed as JSON when they can
+``alpha=1.6``); ``seed`` means ``train.seed``. A bare key the preset does not list goes to
+``train`` when it is a training setting, to ``data`` when it is among the ``DATA_KEYS`` of the
+preset's task module, and to ``model`` otherwise. Values are parsed as JSON when they can
 be (``3``, ``1e-3``, ``true``, ``null``, ``[1, 2]``) and kept as strings otherwise.
 """
 
@@ -24,8 +26,6 @@ from levyattn.training.tasks import PRESET_SECTIONS, check_preset
 
 TASK_MODULES = ("classification", "translation", "lm")
 ALIASES = {"seed": "train.seed"}
-# Data settings a bare --set key may name even when the preset does not list them.
-DATA_KEYS = ("dataset", "data_dir", "limit_train", "limit_test", "min_freq", "vocab_size", "task_args")
 
 
 def all_presets() -> dict[str, dict[str, Any]]:
@@ -74,15 +74,17 @@ def _resolve(preset: dict[str, Any], key: str) -> list[str]:
         return [hits[0], key]
     if len(hits) > 1:
         raise ValueError(f"--set {key}: the key is in several sections {hits}; write it as e.g. {hits[0]}.{key}")
-    # A key the preset does not list yet (a model option left at its default): route
-    # model options by name to "model", training settings to "train".
+    # A key the preset does not list yet (an option left at its default): training settings
+    # go to "train", the data settings of the preset's task (its DATA_KEYS) to "data", the rest
+    # to "model".
     from dataclasses import fields
 
+    from levyattn.training.tasks import task_module
     from levyattn.training.trainer import TrainConfig
 
     if key in {f.name for f in fields(TrainConfig)}:
         return ["train", key]
-    if key in DATA_KEYS:
+    if key in task_module(preset["task"]).DATA_KEYS:
         return ["data", key]
     return ["model", key]
 

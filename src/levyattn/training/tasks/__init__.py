@@ -51,7 +51,9 @@ names to presets and :mod:`levyattn.training.presets` merges them all::
       "sweep": {"alphas": [...], "attention": [...], "seeds": [...]},  # defaults for sweeps (also "restarts")
     }
 
-Each task module provides ``PRESETS`` and ``make_task(preset) -> Task``, and may provide
+Each task module provides ``PRESETS``, ``DATA_KEYS`` (every ``data`` setting the task reads:
+``--set`` routes a bare key among them to ``data``, and the task refuses any other) and
+``make_task(preset) -> Task``, and may provide
 ``requirements(preset) -> {extra: modules}``: the optional dependencies (extras of
 ``pyproject.toml``) that the preset needs with its settings (a SentencePiece tokenizer needs
 ``sentencepiece``, a byte tokenizer does not); :func:`preset_requirements` adds what every

@@ -11,15 +11,18 @@ from torch import nn
 class PresetTask:
     """Keeps a private copy of the preset and checks its model type and dataset.
 
-    Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values), when only some
-    model types fit ``model_types``, and in ``count_keys`` the ``data.<key>`` values that must be
-    integers >= 1 where the preset sets them. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
+    Subclasses set ``name``, ``dataset_names`` (the valid ``data.dataset`` values), ``data_keys``
+    (every ``data`` setting the task reads: its module's ``DATA_KEYS``; a preset with another is
+    refused, so that a misspelt setting cannot be silently ignored), when only some model types fit
+    ``model_types``, and in ``count_keys`` the ``data.<key>`` values that must be integers >= 1
+    where the preset sets them. After ``__init__``: ``preset``, ``model_type``, ``data_cfg``
     (a copy of ``preset["data"]``), ``dataset`` and ``_model_cfg`` (a copy of ``preset["model"]``).
     Subclasses give ``model_config`` (``_model_cfg`` completed by the data), which ``build_model`` builds.
     """
 
     name: str
     dataset_names: tuple[str, ...] = ()
+    data_keys: tuple[str, ...] = ("dataset",)
     model_types: tuple[str, ...] | None = None  # None: any model type
     count_keys: tuple[str, ...] = ()
 
@@ -30,6 +33,9 @@ class PresetTask:
             wanted = " or ".join(repr(t) for t in self.model_types)
             raise ValueError(f"the {self.name} task needs model_type {wanted}, got {self.model_type!r}")
         self.data_cfg: dict[str, Any] = dict(preset["data"])
+        unknown = sorted(set(self.data_cfg) - set(self.data_keys))
+        if unknown:
+            raise ValueError(f"unknown data settings {unknown} for the {self.name} task; valid: {list(self.data_keys)}")
         self.dataset = self.data_cfg.get("dataset")
         if self.dataset not in self.dataset_names:
             raise ValueError(f"data.dataset must be one of {self.dataset_names}, got {self.dataset!r}")

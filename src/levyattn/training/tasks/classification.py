@@ -33,6 +33,9 @@ from torch import nn
 from levyattn.training.tasks.base import PresetTask
 
 DATASETS = ("imdb", "cifar10", "mnist", "fashion_mnist", "digits", "multiscale")
+# Every data setting the task reads (the module docstring says what each does).
+DATA_KEYS = ("dataset", "data_dir", "max_len", "vocab_size", "min_freq", "limit_train", "limit_test", "seed",
+             "task_args")
 IMAGE_DATASETS = ("cifar10", "mnist", "fashion_mnist", "digits")
 
 
@@ -60,6 +63,7 @@ class ClassificationTask(PresetTask):
     metric = "accuracy"
     higher_is_better = True
     dataset_names = DATASETS
+    data_keys = DATA_KEYS
 
     def __init__(self, preset: dict[str, Any]) -> None:
         super().__init__(preset)
@@ -432,4 +436,4 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-__all__ = ["DATASETS", "PRESETS", "ClassificationTask", "make_task"]
+__all__ = ["DATASETS", "DATA_KEYS", "PRESETS", "ClassificationTask", "make_task"]

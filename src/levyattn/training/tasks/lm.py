@@ -34,6 +34,9 @@ from levyattn.io import read_text, split_lines
 from levyattn.training.tasks.tokenized import TokenizedTask, tokenizer_modules, toy_pairs
 
 DATASETS = ("text", "toy")
+# Every data setting the task reads (the module docstring says what each does).
+DATA_KEYS = ("dataset", "train_file", "eval_file", "toy", "tokenizer", "vocab_size", "block_size", "limit_train",
+             "limit_eval")
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -77,6 +80,7 @@ class LMTask(TokenizedTask):
     metric = "ppl"
     higher_is_better = False
     dataset_names = DATASETS
+    data_keys = DATA_KEYS
     model_types = ("lm",)
     count_keys = ("vocab_size", "block_size")
 

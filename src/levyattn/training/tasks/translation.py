@@ -55,6 +55,9 @@ from levyattn.models.seq2seq import sequence_loss
 from levyattn.training.tasks.tokenized import TokenizedTask, tokenizer_modules, toy_pairs
 
 DATASETS = ("multi30k", "toy")
+# Every data setting the task reads (the module docstring says what each does).
+DATA_KEYS = ("dataset", "data_dir", "src_lang", "tgt_lang", "eval_split", "toy", "tokenizer", "vocab_size", "max_len",
+             "limit_train", "limit_eval", "beam_size", "length_penalty", "max_decode_len")
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -134,6 +137,7 @@ class TranslationTask(TokenizedTask):
     metric = "bleu"
     higher_is_better = True
     dataset_names = DATASETS
+    data_keys = DATA_KEYS
     model_types = ("seq2seq",)
     count_keys = ("vocab_size", "max_len", "beam_size")
 
