@@ -108,6 +108,17 @@ def test_per_layer_and_per_head_values_reach_the_layer():
     torch.testing.assert_close(out1, expected1.transpose(1, 2))
 
 
+@pytest.mark.parametrize("where", ["causal", "decoder cross-attention", "causal call"])
+def test_density_normalisation_is_refused_where_attention_is_causal(where):
+    q, k, v = (torch.randn(1, 4, 6, 8) for _ in range(3))
+    module = Stub(_config(density_a=0.25), is_causal=where == "causal")
+    if where == "decoder cross-attention":
+        module.is_decoder = True  # T5's cross-attention: not causal itself, but its queries are
+    with pytest.raises(ValueError, match="fna_density_a = 0.25.*decoder"):
+        hf.fna_attention_forward(module, q, k, v, None, is_causal=True if where == "causal call" else None)
+    hf.fna_attention_forward(Stub(_config(density_a=0.25)), q, k, v, None)  # an encoder keeps it
+
+
 def test_config_edits_take_effect_on_the_next_call():
     torch.manual_seed(3)
     q, k, v = (torch.randn(1, 4, 6, 8) for _ in range(3))

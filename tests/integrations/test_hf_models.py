@@ -156,7 +156,8 @@ def test_vit_per_layer_values_need_layer_indices():
 def test_save_and_load_keep_the_fna_settings(family, tmp_path):
     heads = 4 if family == "llama" else 2
     per_head = [0.5 + 0.25 * h for h in range(heads)]
-    model = build(family, fna_alpha=[1.2, per_head], fna_bandwidth=[1e-3, 2.0], fna_density_a=0.25)
+    density_a = 0.0 if family in DECODERS else 0.25  # decoders refuse density normalisation
+    model = build(family, fna_alpha=[1.2, per_head], fna_bandwidth=[1e-3, 2.0], fna_density_a=density_a)
     hf.assign_layer_indices(model)
     x = inputs(family)
     model.save_pretrained(tmp_path)
@@ -164,7 +165,7 @@ def test_save_and_load_keep_the_fna_settings(family, tmp_path):
     hf.assign_layer_indices(again)
     assert again.config.fna_alpha == [1.2, per_head]
     assert again.config.fna_bandwidth == [1e-3, 2.0]
-    assert again.config.fna_density_a == 0.25
+    assert again.config.fna_density_a == density_a
     with torch.no_grad():
         torch.testing.assert_close(main_output(again(**x)), main_output(model(**x)))
         # transformers does not save attn_implementation: loading without it gives sdpa.
@@ -252,3 +253,41 @@ def test_trainer_step(tmp_path):
         torch.testing.assert_close(p, q, msg=name)
     attn = "bert.encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(before[attn], model.get_parameter(attn))  # the steps changed the attention
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_density_normalisation_is_refused_in_decoders(family):
+    # With density_a > 0 each key's column sum runs over every query: position 0's logits moved by
+    # 7.5e-4 when tokens 6 and 7 changed, and decoding with the cache differed from the full pass by 0.029.
+    model = build(family, fna_density_a=0.5)
+    with pytest.raises(ValueError, match=r"fna_density_a = 0.5 .*decoder.*tokens after it"):
+        model(**inputs(family))
+
+
+@pytest.mark.parametrize("density_a", [0.0, 0.5])
+def test_a_fully_padded_sequence_gives_zero_weights_and_finite_outputs(density_a):
+    model = build("bert", fna_density_a=density_a)
+    ids = inputs("bert", length=6)["input_ids"]
+    keep = torch.ones_like(ids)
+    keep[0, 4:] = 0  # right padding
+    keep[1] = 0  # nothing but padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=keep, output_attentions=True)
+    assert torch.isfinite(out.last_hidden_state).all()
+    for weights in out.attentions:
+        assert torch.isfinite(weights).all()
+        assert weights[0, :, :, 4:].abs().max() == 0 and weights[1].abs().max() == 0
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_left_padding_rows_of_a_decoder_are_zero_and_finite(family):
+    model = build(family)
+    ids = inputs(family, length=6)["input_ids"]
+    keep = torch.ones_like(ids)
+    keep[0, :3] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=keep, output_attentions=True)
+    assert torch.isfinite(out.logits).all()
+    for weights in out.attentions:
+        assert weights[0, :, :3].abs().max() == 0  # pad queries attend to nothing
+        assert weights[0, :, 3:, :3].abs().max() == 0  # real queries give padding no weight

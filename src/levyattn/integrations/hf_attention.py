@@ -36,7 +36,8 @@ fna_manifold      "euclidean"  "euclidean" or "sphere"; per layer
 fna_rescale       true         divide Euclidean distances by kappa; per layer
 fna_d_intrinsic   null         d_M of the power law (null: head_dim, sphere head_dim - 1)
 fna_sphere_radius 1.0          r > 0 on the sphere; per layer
-fna_density_a     0.0          Coifman-Lafon density normalisation in [0, 1]; per layer
+fna_density_a     0.0          Coifman-Lafon density normalisation in [0, 1]; per layer;
+                               encoders only (causal attention refuses it: causal_context)
 fna_backend       "auto"       "auto", "reference", "tiled", "sdpa" or "flex"; whole model
 ================  ===========  ==========================================================
 
@@ -103,6 +104,7 @@ __all__ = [
     "CONFIG_KEYS",
     "assign_layer_indices",
     "attention_modules",
+    "causal_context",
     "configure_fna",
     "fna_attention_forward",
     "layer_settings",
@@ -324,6 +326,23 @@ def _call_kwargs(module: torch.nn.Module, config: Any, heads: int, device: torch
 # ----------------------------------------------------------------------------- the function
 
 
+#: Why density normalisation is refused where attention is causal (its sentence in the errors).
+DENSITY_IN_DECODER = (
+    "density normalisation divides each key's weights by its column sum over all queries, so every "
+    "token's output would depend on the tokens after it (and decoding with a key/value cache would give "
+    "other outputs than the full pass); use density_a = 0 there"
+)
+
+
+def causal_context(module: torch.nn.Module, is_causal: bool | None = None) -> bool:
+    """Whether ``module`` attends causally: its ``is_causal`` (or the call's), or it belongs to a
+    decoder (``is_decoder`` on the module or its config: a decoder's cross-attention is not causal
+    itself, but its queries are the decoder's tokens, which must not see later ones)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)  # as the forward
+    config = getattr(module, "config", None)
+    return bool(causal) or bool(getattr(module, "is_decoder", False)) or bool(getattr(config, "is_decoder", False))
+
+
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, Hkv, N, d) -> (B, Hkv * n_rep, N, d), each kv head repeated n_rep times (HF's repeat_kv)."""
     if n_rep == 1:
@@ -462,6 +481,11 @@ def fna_attention_forward(
         return substitute(_layer_index(module), query, key, value, mask, causal, scaling)
 
     settings = dict(_call_kwargs(module, config, heads, query.device))  # a copy: the cache stays whole
+    if settings["density_a"] and causal_context(module, is_causal):
+        raise ValueError(
+            f"fna_density_a = {settings['density_a']} (layer {_layer_index(module)} of {type(module).__name__}) "
+            f"cannot be used in a decoder: {DENSITY_IN_DECODER}"
+        )
     backend = settings.pop("backend")
     drop = float(dropout) if module.training else 0.0
     need_weights = _weights_requested(kwargs)
