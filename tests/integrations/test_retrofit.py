@@ -226,3 +226,16 @@ def test_fine_tune_alone_is_stage2_on_a_softmax_model(tmp_path):
     hf_retrofit.fine_tune(resumed, windows(16, 0), tmp_path, options, resume=True)  # finished: only merges
     ids = windows(2, 7)
     torch.testing.assert_close(logits(resumed, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_missing_model_folder_is_named(tmp_path, capsys, monkeypatch, relative):
+    # It reached transformers as a hub id: an OSError traceback about repo id formats.
+    monkeypatch.chdir(tmp_path)
+    missing = "./models/missing" if relative else str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="not found: " + missing):
+        hf_retrofit.load_causal_lm(missing)
+    text = tmp_path / "train.txt"
+    text.write_text("w1 w2 w3")
+    assert main(["convert", missing, "--out", str(tmp_path / "out"), "--text", str(text)]) == 2
+    assert f"levyattn convert: error: model folder or file not found: {missing}" in capsys.readouterr().err

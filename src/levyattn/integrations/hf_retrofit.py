@@ -125,9 +125,33 @@ def load_causal_lm(source: str | Path) -> tuple[PreTrainedModel, Any]:
         path, kwargs = path.parent, {"gguf_file": path.name}
     elif not path.is_dir() and path.exists():
         raise ValueError(f"model must be a model folder, a .gguf file or a hub id, got the file {source}")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa", **kwargs)
+    elif not path.exists() and not _could_be_hub_id(str(source)):
+        raise FileNotFoundError(f"model folder or file not found: {source}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, attn_implementation="sdpa", **kwargs
+        )
+    except OSError as err:
+        if path.exists():
+            raise
+        # transformers took the missing folder for a hub id and could not fetch it.
+        raise FileNotFoundError(
+            f"model {source!r} is no local folder or file, and loading it as a hub id failed: {err}"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     return model.eval(), tokenizer
+
+
+def _could_be_hub_id(source: str) -> bool:
+    """Whether ``source`` has the form of a hub id ("name" or "owner/name"), not of a path."""
+    parts = source.split("/")
+    return (
+        len(parts) <= 2
+        and all(parts)
+        and not source.startswith((".", "~"))
+        and "\\" not in source
+        and not source.endswith(".gguf")
+    )
 
 
 def text_windows(tokenizer: Any, paths: Sequence[str | Path], window: int) -> torch.Tensor:
