@@ -136,3 +136,30 @@ def test_lens_cli_measures_a_saved_fna_model_as_fna(tmp_path, capfd):
     assert rc == 0
     assert "attention: FNA, weights from levyattn's reference kernel" in capfd.readouterr().err
     assert json.loads((tmp_path / "out" / "lens.json").read_text())["measurement"]["info"]["fna_attention"] is True
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--bootstrap", "5"], "--bootstrap must be >= 10"),
+        (["--level", "1.5"], r"--level must be in \(0, 1\), got 1.5"),
+        (["--d-min", "-1"], "--d-min must be a positive number"),
+        (["--tol", "-0.1"], "--tol must be a number >= 0"),
+        (["--token-range", "9", "3"], "--token-range 9 3 needs 0 <= LOW <= HIGH"),
+        (["--distances", "30,0"], "--distances must be integers >= 1"),
+        (["--distances", "10,20,30"], "leave 1 distance"),
+        (["--corpus", "no-such-file.txt"], "--corpus no-such-file.txt: file not found"),
+        (["--prompts", "0"], "--prompts must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--seeds", "42", "42"], r"--seeds must be distinct, got \[42, 42\] with \[42\] repeated"),
+        (["--protocol", "dense", "--seq-len", "40"], r"--distances \[60\] do not fit a dense pass of --seq-len 40"),
+    ],
+)
+def test_lens_cli_refuses_bad_options_before_loading_the_model(options, message, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("levyattn.lens.measure_decay", never)
+    argv = ["lens", str(tmp_path / "model"), "--distances", "30,60", "--out", str(tmp_path), "--no-plots"]
+    assert main(argv + options) == 2
+    assert re.search(message, capsys.readouterr().err)
