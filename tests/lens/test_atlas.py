@@ -135,3 +135,11 @@ def test_atlas_add_lens_json(tmp_path, capsys, monkeypatch):
     bad.write_text('{"gamma": 1.0}')
     assert main(["atlas", "--add", str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err and not (tmp_path / "data" / "atlas.json.tmp").exists()
+
+
+def test_the_module_docstring_counts_the_shipped_data():
+    import levyattn.lens.atlas as atlas_module
+
+    entries = load_published_atlas()
+    n_models = len({e.model for e in entries})
+    assert f"{len(entries)} entries of {n_models} models" in " ".join(atlas_module.__doc__.split())

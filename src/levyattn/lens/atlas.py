@@ -3,7 +3,7 @@
 Published data
 --------------
 ``levyattn/lens/data/gamma_atlas.json`` is a verbatim copy of the curated measurements of
-"Predicting How Transformers Attend" (Marín 2026): 23 entries, 20 models. Source:
+"Predicting How Transformers Attend" (Marín 2026): 23 entries of 19 models (the chapter says 20). Source:
 ``data/master_gamma_results.json`` of the public repository karlesmarin/tafagent,
 Apache-2.0 licence. :data:`PUBLISHED_SOURCE` is the citation to show with the values.
 Its fields used here: ``model``, ``corpus`` ("random" tokens or "mongo" = natural text),
