@@ -92,6 +92,49 @@ def test_levyattn_commands_parse(shell, capsys):
             assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
 
 
+INLINE_COMMAND = re.compile(r"`((?:levyattn|python -m levyattn) [^`]+)`")
+
+
+def _inline_commands() -> list[tuple[str, list[str]]]:
+    """(id, words) of every ``levyattn ...`` command quoted inline (between single backticks) in the pages."""
+    found = []
+    for page in PAGES:
+        text = FENCE.sub("", page.read_text(encoding="utf-8"))
+        for match in INLINE_COMMAND.finditer(text):
+            found.append((f"{page.relative_to(ROOT)}: {match.group(1)}", shlex.split(match.group(1))))
+    return found
+
+
+def _subcommand_options(parser, words: list[str]) -> tuple[str, set[str]] | None:
+    """The subcommand named in ``words`` and the option strings its parser takes (None: no subcommand)."""
+    import argparse
+
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in actions:
+        for word in words:
+            if word in action.choices:
+                return word, set(action.choices[word]._option_string_actions)
+    return None
+
+
+INLINE = _inline_commands()
+
+
+def test_pages_quote_commands_inline():
+    assert len(INLINE) >= 3  # a floor that fails if the inline pattern stops matching
+
+
+@pytest.mark.parametrize("words", [w for _, w in INLINE], ids=[i for i, _ in INLINE])
+def test_inline_commands_name_real_options(words):
+    """An inline command may elide its arguments (``...``), but every option it names exists."""
+    parser = build_parser()
+    found = _subcommand_options(parser, _levyattn_args(words) or [])
+    options = {w.split("=")[0] for w in words if w.startswith("--")}
+    valid = set(parser._option_string_actions) | (found[1] if found else set())
+    unknown = sorted(options - valid)
+    assert not unknown, f"`{shlex.join(words)}` names option(s) {unknown} that levyattn {found and found[0]} lacks"
+
+
 def _script_commands() -> list[tuple[str, list[str]]]:
     """(id, words) of every ``python benchmarks/X.py ...``, ``python experiments/X.py ...`` or
     ``python examples/X.py ...`` command quoted in the pages and the results files."""
