@@ -257,6 +257,22 @@ def test_repeated_seeds_are_refused(gpt2):
         measure_decay(gpt2, distances=[30, 60], n_prompts=2, seeds=[np.int64(7), 7], token_range=(3, 1999))
 
 
+def test_the_callers_model_keeps_its_dtype_and_mode():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=200, vocab_size=2000)).train()
+    model.transformer.h[0].eval()  # a mixed state, restored module by module
+    kw = dict(distances=[30, 60], n_prompts=1, seeds=(42,), token_range=(3, 1999), device="cpu")
+    cast = measure_decay(model, dtype="float64", **kw)  # measured on a float64 copy
+    assert cast.info["dtype"] == "torch.float64"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model.training and not model.transformer.h[0].training and model.transformer.h[0].attn.training is False
+    same = measure_decay(model, dtype="float32", **kw)  # nothing to move: measured in place, modes restored
+    assert model.training and not model.transformer.h[0].training and model.lm_head.training
+    np.testing.assert_allclose(same.prompt_layer, cast.prompt_layer, rtol=1e-5)
+
+
 def test_progress_bar_stays_off_a_stderr_that_is_not_a_terminal(capsys):
     # captured stderr is no terminal (as a pipe is not): progress=True must not fill it with redraws
     m = PowerLawAttentionModel(gamma=0.73, n_layers=1, n_heads=1, max_positions=300)

@@ -65,6 +65,7 @@ The result keeps the value of every prompt so confidence intervals can resample 
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -332,6 +333,18 @@ def _check_distances(
     return grid, dropped
 
 
+def _needs_move(model: nn.Module, device: torch.device | None, dtype: torch.dtype | None) -> bool:
+    """Whether ``model.to(device, dtype)`` would change any parameter or buffer (dtype: floating ones)."""
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # what a tensor moved to "cuda" reports
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if device is not None and tensor.device != device:
+            return True
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return True
+    return False
+
+
 def measure_decay(
     model: nn.Module | str | os.PathLike | None = None,
     *,
@@ -367,8 +380,11 @@ def measure_decay(
     rows the protocol reads, inside the model's fused attention ("rows", Hugging Face models
     that dispatch through transformers' attention functions), else the eager path; "eager"
     forces the eager path (every layer's (B, H, L, L) weights; peak memory about
-    ``batch_size * layers * heads * L^2`` weights). ``device``/``dtype`` move (and cast) the
-    model. ``progress`` shows a tqdm bar when stderr is a terminal; ``on_progress(done, total)``
+    ``batch_size * layers * heads * L^2`` weights). ``device``/``dtype``: where and in what
+    dtype to measure; a model given in memory that is elsewhere is measured on a moved copy
+    (its own weights stay as they are; move it first to spare the memory of the copy). The
+    model's train/eval flags are restored after the measurement. ``progress`` shows a tqdm
+    bar when stderr is a terminal; ``on_progress(done, total)``
     is called after every pass with the prompts done so far (a prompt counts once per
     distance in per-distance mode).
     """
@@ -401,6 +417,7 @@ def measure_decay(
     if model is None and attentions_fn is None:
         raise TypeError("give a model (nn.Module, directory or hub id) or attentions_fn")
     load_info: dict[str, Any] = {}
+    restore_modes: Callable[[], Any] = lambda: None  # noqa: E731
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
         model, loaded_tok = load_hf_model(model, device=dev, dtype=torch_dtype, allow_hub=allow_hub)
@@ -411,8 +428,12 @@ def measure_decay(
             raise TypeError(f"model must be an nn.Module, a directory or a hub id, got {type(model).__name__}")
         config = getattr(model, "config", None)
         name = getattr(config, "_name_or_path", "") or type(model).__name__
-        if dev is not None or torch_dtype is not None:
-            model = model.to(device=dev, dtype=torch_dtype)
+        if _needs_move(model, dev, torch_dtype):
+            # the caller's model keeps its dtype and device: the measurement runs on a copy
+            model = copy.deepcopy(model).to(device=dev, dtype=torch_dtype)
+        else:
+            modes = [(module, module.training) for module in model.modules()]
+            restore_modes = lambda: [module.train(mode) for module, mode in modes]  # noqa: E731
         model.eval()
     else:
         name = getattr(attentions_fn, "__name__", "attentions_fn")
@@ -423,13 +444,13 @@ def measure_decay(
     else:
         run_device = dev or torch.device("cpu")
 
-    context = model_context(model, max_positions)
-    grid, dropped = _check_distances(distances, context, protocol, dense)
-    prompts, corpus_info = make_prompts(corpus, tokenizer, model, token_range)
-    probe = torch.as_tensor(prompts.draw(0, 1, 16), device=run_device)
-    prefix_exact = not (model is not None and fna_density(model))  # read before the path switches the attention
     restore: Callable[[], None] = lambda: None  # noqa: E731
     try:
+        context = model_context(model, max_positions)
+        grid, dropped = _check_distances(distances, context, protocol, dense)
+        prompts, corpus_info = make_prompts(corpus, tokenizer, model, token_range)
+        probe = torch.as_tensor(prompts.draw(0, 1, 16), device=run_device)
+        prefix_exact = not (model is not None and fna_density(model))  # read before the path switches the attention
         with torch.inference_mode():
             if attentions_fn is not None:
                 attention = AttentionPath(full_matrix_path(attentions_fn, name), "attentions_fn", "attentions_fn")
@@ -458,6 +479,7 @@ def measure_decay(
             result = _run(attention, plan, progress, on_progress)
     finally:
         restore()
+        restore_modes()  # train/eval flags of every submodule, as the caller left them
     result.wall_time_s = time.perf_counter() - t_start
     result.info.update(corpus_info)
     result.info.update(load_info)
