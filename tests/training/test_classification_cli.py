@@ -60,11 +60,16 @@ def test_digits_train_and_reload(tmp_path):
 def test_train_cli_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     sets = [x for s in TINY for x in ("--set", s)]
-    args = ["train", "--preset", "digits-vit", "--out", str(out), "--no-progress", *sets]
+    # 64 samples / 16 = 4 steps an epoch: max_steps stops the run after epoch 1 of 2
+    args = ["train", "--preset", "digits-vit", "--out", str(out), "--no-progress", *sets, "--set", "epochs=2",
+            "--set", "max_steps=4"]
     assert main(args) == 0
     assert "accuracy" in capsys.readouterr().out
-    # resume a finished run with one more epoch: continues from the checkpoint
-    assert main(["train", "--resume", str(out), "--set", "epochs=2", "--no-progress"]) == 0
+    # under the cosine schedule epochs shapes the learning rate: a resumed run may not change it
+    assert main(["train", "--resume", str(out), "--set", "epochs=3", "--no-progress"]) != 0
+    assert "epochs: 2 -> 3" in capsys.readouterr().err
+    # resume without the step limit: continues from the checkpoint
+    assert main(["train", "--resume", str(out), "--set", "max_steps=null", "--no-progress"]) == 0
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
 

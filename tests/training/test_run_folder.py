@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,59 @@ def test_sweep_with_max_steps_inside_the_first_epoch(tmp_path):
     assert 0 <= row["accuracy"] <= 1 and row["final_train_loss"] > 0
     again = run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
     assert again.skipped == ["fna-a1.2-s0"] and again.runs[0]["final_train_loss"] == row["final_train_loss"]
+
+
+# ----------------------------------------------------------------------------- changed settings
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (dict(weight_decay=0.9), "weight_decay: 0.0 -> 0.9"),
+    (dict(lr=1e-2), "lr: 0.03 -> 0.01"),
+    (dict(betas=(0.8, 0.99)), "betas: [0.9, 0.999] -> [0.8, 0.99]"),
+    (dict(seed=1), "seed: 0 -> 1"),
+    (dict(batch_size=4), "batch_size: 8 -> 4"),
+    (dict(grad_clip=None), "grad_clip: 1.0 -> None"),
+    (dict(schedule="cosine"), "schedule: 'constant' -> 'cosine'"),
+    (dict(schedule="cosine", epochs=3, base=dict(schedule="cosine")), "epochs: 2 -> 3"),
+])
+def test_resume_refuses_changed_training_settings(tmp_path, change, named):
+    change = dict(change)
+    base = {"schedule": "constant", "weight_decay": 0.0, **change.pop("base", {})}
+    Trainer(ToyTask(), _cfg(max_steps=4, **base), tmp_path).fit()
+    before = snapshot(tmp_path)
+    with pytest.raises(ck.CheckpointError, match=re.escape(named)):
+        Trainer(ToyTask(), _cfg(**{**base, **change}), tmp_path, resume=True).fit()
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_refuses_a_changed_model_config(tmp_path):
+    Trainer(ToyTask(), _cfg(max_steps=4), tmp_path).fit()
+    with pytest.raises(ck.CheckpointError, match=re.escape("model config dropout: 0.1 -> 0.2")):
+        Trainer(ToyTask(dropout=0.2), _cfg(), tmp_path, resume=True).fit()
+
+
+def test_resume_may_change_the_neutral_settings(tmp_path):
+    """What RESUME_NEUTRAL allows leaves the run exactly as an uninterrupted one."""
+    full = Trainer(ToyTask(), _cfg(schedule="step", epochs=3), tmp_path / "full").fit()
+    Trainer(ToyTask(), _cfg(schedule="step", epochs=2, max_steps=11), tmp_path / "run").fit()
+    resumed = Trainer(ToyTask(), _cfg(schedule="step", epochs=3, eval_batch_size=7, checkpoint_every=0,
+                                      num_workers=0, device="cpu"), tmp_path / "run", resume=True).fit()
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in full["history"]]
+    assert resumed["metrics"]["accuracy"] == full["metrics"]["accuracy"]
+
+
+def test_train_preset_resume_refuses_changed_data_and_model_settings(tmp_path):
+    from levyattn.training.presets import apply_overrides, get_preset, train_preset
+
+    preset = apply_overrides(get_preset("digits-vit"), ["epochs=1", "limit_train=32", "limit_test=16", "d_model=8",
+                                                       "batch_size=16", "max_steps=1"])
+    train_preset(preset, tmp_path)
+    before = snapshot(tmp_path)
+    for change, named in (("limit_train=48", "data.limit_train: 32 -> 48"), ("alpha=1.6", "model.alpha: 1.2 -> 1.6"),
+                          ("weight_decay=0.9", "weight_decay: 0.01 -> 0.9")):
+        with pytest.raises(ck.CheckpointError, match=re.escape(named)):
+            train_preset(apply_overrides(preset, [change, "max_steps=2"]), tmp_path, resume=True)
+        assert snapshot(tmp_path) == before
+    # where the data lies may change (digits are embedded: data_dir is not read), and max_steps
+    result, _ = train_preset(apply_overrides(preset, ["data_dir=/elsewhere", "max_steps=2"]), tmp_path, resume=True)
+    assert result["global_step"] == 2

@@ -26,6 +26,8 @@ from levyattn.training.tasks import PRESET_SECTIONS, check_preset
 
 TASK_MODULES = ("classification", "translation", "lm")
 ALIASES = {"seed": "train.seed"}
+# Data settings a resumed run may change: where the same data lies (a copy moved elsewhere).
+RESUME_NEUTRAL_DATA = ("data_dir", "train_file", "eval_file")
 
 
 def all_presets() -> dict[str, dict[str, Any]]:
@@ -118,9 +120,9 @@ def split_overrides(values: Iterable[str] | None) -> list[str]:
 
 
 __all__ = [
-    "TASK_MODULES", "all_presets", "apply_overrides", "check_requirements", "get_preset", "parse_value",
-    "preset_from_run",
-    "split_overrides", "train_preset",
+    "RESUME_NEUTRAL_DATA", "TASK_MODULES", "all_presets", "apply_overrides", "check_requirements",
+    "check_resume_preset", "get_preset", "parse_value", "preset_from_run", "resume_changes", "split_overrides",
+    "train_preset",
 ]
 
 
@@ -139,18 +141,58 @@ def train_preset(
     ``resume`` and ``overwrite`` are the :class:`~levyattn.training.trainer.Trainer`'s. The
     preset is stored in every checkpoint, so ``levyattn train --resume DIR`` can rebuild the
     same task. The optional dependencies it needs are checked first
-    (:class:`~levyattn._extras.MissingExtraError` before anything is written).
+    (:class:`~levyattn._extras.MissingExtraError` before anything is written); a resumed run's
+    preset must have the checkpoint's task, model and data settings (:func:`resume_changes`).
     """
     from levyattn.training.tasks import make_task
     from levyattn.training.trainer import TrainConfig, Trainer
 
     check_requirements(preset)
+    if resume and out_dir is not None:
+        check_resume_preset(out_dir, preset)
     task = make_task(preset)
     config = TrainConfig.from_dict(preset["train"])
     trainer = Trainer(task, config, out_dir, resume=resume, overwrite=overwrite, progress=progress,
                       extra={"preset": preset},
                       dist_info=dist_info, on_epoch_end=on_epoch_end)
     return trainer.fit(), trainer
+
+
+def resume_changes(saved: dict[str, Any], preset: dict[str, Any]) -> list[str]:
+    """What ``preset`` changes from the ``saved`` preset of a run that a resumed run may not
+    change: its task, model type, model settings, and data settings other than
+    :data:`RESUME_NEUTRAL_DATA`, as ``"data.key: saved -> now"``. (The training settings are the
+    trainer's to check: :func:`levyattn.training.trainer.resume_changes`.)"""
+    from levyattn.training.trainer import changed_settings
+
+    return (changed_settings({k: saved.get(k) for k in ("task", "model_type")},
+                             {k: preset.get(k) for k in ("task", "model_type")})
+            + changed_settings(saved.get("model", {}), preset.get("model", {}), prefix="model.")
+            + changed_settings(saved.get("data", {}), preset.get("data", {}), RESUME_NEUTRAL_DATA, prefix="data."))
+
+
+def check_resume_preset(run_dir: Any, preset: dict[str, Any]) -> None:
+    """CheckpointError naming the settings unless the run in ``run_dir`` may resume with
+    ``preset`` (:func:`resume_changes`). Nothing to check when the folder holds no readable
+    checkpoint recording a preset: the trainer reads the checkpoint itself and names what is wrong."""
+    from pathlib import Path
+
+    from levyattn.training.checkpoint import JSON_NAME, CheckpointError
+
+    if not (Path(run_dir) / JSON_NAME).is_file():
+        return
+    try:
+        saved = preset_from_run(run_dir)
+    except ValueError:  # unreadable, or no preset recorded: the trainer's checks name what is wrong
+        return
+    changes = resume_changes(saved, preset)
+    if changes:
+        raise CheckpointError(
+            f"checkpoint {Path(run_dir) / JSON_NAME} was trained with other settings than this run: "
+            f"{'; '.join(changes)}. A resumed run may change only where its data lies "
+            f"({', '.join(RESUME_NEUTRAL_DATA)}) and some training settings; train the new settings as a new run "
+            "(another folder, or overwrite)"
+        )
 
 
 def check_requirements(preset: dict[str, Any]) -> None:

@@ -29,8 +29,9 @@ No run is lost or silently restarted. Before any work the trainer checks the run
 - ``resume=True`` needs ``checkpoint.json``; without it (a run killed before its first
   checkpoint, or a file removed) it raises FileNotFoundError naming the file and changes
   nothing. The checkpoint is checked field by field (see
-  :func:`levyattn.training.checkpoint.check_training_state`) and against this run: same
-  seed, a position that fits the steps per epoch and the history;
+  :func:`levyattn.training.checkpoint.check_training_state`) and against this run: the same
+  training settings and model config (:func:`resume_changes`: only those of
+  :data:`RESUME_NEUTRAL` may change), a position that fits the steps per epoch and the history;
 - the folder must be writable, so that a read-only folder fails before the training
   time is spent, not at the first checkpoint.
 
@@ -76,6 +77,12 @@ SCHEDULES = ("cosine", "step", "constant")
 # The files that make a folder a run folder (with ckpt-*.safetensors), checkpoint.json first:
 # it is the commit point, so it goes first when a run is overwritten.
 RUN_FILES = (ckpt_mod.JSON_NAME, "config.json", "metrics.jsonl", "metrics.csv")
+
+
+# Training settings a resumed run may change: none of them changes what a step computes.
+# ``epochs`` too, except under the cosine schedule, whose learning rate it shapes.
+RESUME_NEUTRAL = ("epochs", "max_steps", "eval_batch_size", "checkpoint_every", "checkpoint", "num_workers", "device",
+                  "tensorboard")
 
 
 class RunFolderError(ValueError):
@@ -154,6 +161,23 @@ class TrainConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any], neutral: tuple[str, ...] = (),
+                     prefix: str = "") -> list[str]:
+    """``"<prefix><key>: <saved> -> <now>"`` for every key outside ``neutral`` whose value differs
+    (a key one side lacks shows as ``<unset>``), in sorted key order."""
+    missing = "<unset>"
+    return [f"{prefix}{k}: {saved.get(k, missing)!r} -> {now.get(k, missing)!r}"
+            for k in sorted(set(saved) | set(now), key=str)
+            if k not in neutral and saved.get(k, missing) != now.get(k, missing)]
+
+
+def resume_changes(saved: TrainConfig, now: TrainConfig) -> list[str]:
+    """The training settings ``now`` changes from ``saved`` that a resumed run may not change
+    (see :data:`RESUME_NEUTRAL`), as ``"name: saved -> now"``."""
+    neutral = tuple(k for k in RESUME_NEUTRAL if not (k == "epochs" and "cosine" in (saved.schedule, now.schedule)))
+    return changed_settings(saved.to_dict(), now.to_dict(), neutral)
 
 
 def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
@@ -328,14 +352,26 @@ class Trainer:
         checking that it fits this run; return the RNG states to restore before the first step."""
         task, cfg = self.task, self.config
         ck = ckpt_mod.load_checkpoint(self.out_dir)
-        ckpt_mod.load_model_state(model, ck, task.model_type)
-        if ck.model_config != task.model_config:
-            raise ckpt_mod.CheckpointError(
-                f"checkpoint {ck.path} was written for model config {ck.model_config}, "
-                f"the task builds {task.model_config}"
-            )
-        saved = ckpt_mod.check_training_state(ck)
         where = f"checkpoint {ck.path / ckpt_mod.JSON_NAME}"
+        ckpt_mod.check_model_type(ck, task.model_type)
+        try:
+            saved_cfg = TrainConfig.from_dict(ck.state["extra"]["train_config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ckpt_mod.CheckpointError(
+                f"{where} does not record valid training settings (extra.train_config): {err}"
+            ) from err
+        # Resuming continues the same training: a changed setting would be silently overridden
+        # by the optimiser state (weight_decay, betas) or change the run mid-way (lr, seed, ...).
+        changes = resume_changes(saved_cfg, cfg) + changed_settings(ck.model_config, task.model_config,
+                                                                    prefix="model config ")
+        if changes:
+            raise ckpt_mod.CheckpointError(
+                f"{where} was trained with other settings than this run: {'; '.join(changes)}. A resumed run "
+                f"may change only {', '.join(RESUME_NEUTRAL)} (epochs not under the cosine schedule); train "
+                "the new settings as a new run (another folder, or overwrite)"
+            )
+        ckpt_mod.load_model_state(model, ck, task.model_type)
+        saved = ckpt_mod.check_training_state(ck)
         epoch, step, global_step = saved["epoch"], saved["step_in_epoch"], saved["global_step"]
         if saved["seed"] != cfg.seed:
             raise ckpt_mod.CheckpointError(
@@ -642,5 +678,5 @@ class _DeviceLoader:
         return len(self.loader)
 
 
-__all__ = ["RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "epoch_order", "existing_run_files",
-           "global_batches", "lr_at"]
+__all__ = ["RESUME_NEUTRAL", "RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "changed_settings",
+           "epoch_order", "existing_run_files", "global_batches", "lr_at", "resume_changes"]
