@@ -43,3 +43,22 @@ def test_two_processes_match_one(tmp_path):
     torch.manual_seed(3)
     fresh = init.build_model().state_dict()
     assert any(not torch.allclose(fresh[k], v) for k, v in two.items())
+
+
+@pytest.mark.slow
+def test_a_last_batch_smaller_than_the_world_is_trained(tmp_path):
+    # 61 samples, global batch 10: the last batch has one sample, so process 1 steps on a
+    # stand-in of weight 0 and both processes take the same 7 steps an epoch as one process.
+    cfg = dict(epochs=2, batch_size=10, lr=5e-2, seed=1, grad_clip=None, schedule="constant")
+    single = Trainer(ToyTask(n_train=61, dropout=0.0), TrainConfig(**cfg), tmp_path / "one")
+    one = single.fit()
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(ddp_worker, args=(2, _free_port(), str(out), cfg, 61), nprocs=2, join=True)
+    two = json.loads((out / "result.json").read_text())
+    assert one["global_step"] == two["global_step"] == 14
+    assert two["metrics"]["accuracy"] == one["metrics"]["accuracy"]
+    assert abs(two["metrics"]["loss"] - one["metrics"]["loss"]) < 1e-5
+    weights = load_file(str(out / "final.safetensors"))
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -10,7 +10,7 @@ import torch
 from toy import ToyTask
 
 from levyattn.training import checkpoint as ck
-from levyattn.training.trainer import TrainConfig, Trainer, global_batches, lr_at
+from levyattn.training.trainer import TrainConfig, Trainer, global_batches, is_stand_in, lr_at
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -176,7 +176,9 @@ def test_global_batches_cover_the_epoch():
     b = global_batches(20, 6, seed=3, epoch=1)
     assert sorted(i for x in b for i in x) == list(range(20))
     assert b != global_batches(20, 6, seed=3, epoch=2)
-    assert len(global_batches(13, 6, 0, 0, world_size=2)) == 2  # the last batch of one is dropped
+    # the same batches for any number of processes, a last batch of one included
+    assert global_batches(13, 6, 0, 0, world_size=2) == global_batches(13, 6, 0, 0)
+    assert len(global_batches(13, 6, 0, 0)) == 3
 
 
 def test_a_task_missing_members_is_rejected():
@@ -204,11 +206,11 @@ def test_shards_partition_each_epoch(n, bs, world, seed, epoch):
         return
     batches = global_batches(n, bs, seed, epoch, world)
     seen = [i for b in batches for i in b]
-    assert len(seen) == len(set(seen)) and set(seen) <= set(range(n))
-    assert len(seen) >= n - (world - 1)  # at most a last batch smaller than the world is dropped
+    assert sorted(seen) == list(range(n))  # every sample once, whatever the number of processes
     for b in batches:
         shards = [b[r::world] for r in range(world)]
-        assert sorted(i for s in shards for i in s) == sorted(b) and all(shards)
+        assert sorted(i for s in shards for i in s) == sorted(b)
+        assert all(bool(s) != is_stand_in(b, r, world) for r, s in enumerate(shards))
 
 
 @settings(max_examples=40, deadline=None)

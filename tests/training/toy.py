@@ -59,8 +59,9 @@ class ToyTask:
         return {"accuracy": correct / total, "loss": loss / total}
 
 
-def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -> None:
-    """One process of a CPU DDP run (gloo); rank 0 saves the final parameters."""
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n_train: int = 60) -> None:
+    """One process of a CPU DDP run (gloo) on ``n_train`` samples; rank 0 saves the final parameters
+    and its result (``result.json``)."""
     import os
 
     from safetensors.torch import save_file
@@ -73,9 +74,13 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict) -
                       LOCAL_RANK=str(rank))
     info = init_distributed(device="cpu")
     try:
-        trainer = Trainer(ToyTask(dropout=0.0), TrainConfig(**cfg_dict), out_dir, dist_info=info)
-        trainer.fit()
+        trainer = Trainer(ToyTask(n_train=n_train, dropout=0.0), TrainConfig(**cfg_dict), out_dir, dist_info=info)
+        result = trainer.fit()
         if info.is_main:
+            import json
+
+            with open(os.path.join(out_dir, "result.json"), "w") as f:
+                json.dump({k: result[k] for k in ("metrics", "global_step")}, f)
             state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
             save_file(state, os.path.join(out_dir, "final.safetensors"))
     finally:

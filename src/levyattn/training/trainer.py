@@ -13,7 +13,9 @@ What it guarantees:
 - **Data parallel**: under ``torchrun`` the model is wrapped in
   DistributedDataParallel and each *global* batch of ``batch_size`` samples is
   split across the processes; each process's loss is reweighted by its share of the
-  batch so the averaged gradient equals the one-process gradient.
+  batch so the averaged gradient equals the one-process gradient. The batches are the
+  same for any number of processes: where a last batch has fewer samples than there are
+  processes, those without one step on a stand-in sample of weight 0.
 
 Files written to ``out_dir`` (by the main process, atomically): ``config.json``,
 ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``checkpoint.json`` +
@@ -201,17 +203,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
-    """The epoch's global batches as index lists. A last batch smaller than the number
-    of processes is dropped (every process needs at least one sample per step)."""
+    """The epoch's global batches as index lists: the same for any number of processes (a last
+    batch smaller than the number of processes is kept; see :class:`_Shards`)."""
     if batch_size < world_size:
         raise ValueError(
             f"batch_size (the global batch) must be >= the number of processes {world_size}, got {batch_size}"
         )
     order = epoch_order(n, seed, epoch).tolist()
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    if batches and len(batches[-1]) < world_size:
-        batches.pop()
-    return batches
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def is_stand_in(batch: list[int], rank: int, world: int) -> bool:
+    """Whether process ``rank`` of ``world`` has no share of the global ``batch`` (see :class:`_Shards`)."""
+    return len(batch) <= rank
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -227,10 +231,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 class _Shards(torch.utils.data.Sampler):
-    """Batch sampler: this process's share ``batch[rank::world]`` of each global batch."""
+    """Batch sampler: this process's share ``batch[rank::world]`` of each global batch.
+
+    A process whose share of a (last, small) batch is empty gets the batch's first sample as a
+    stand-in, which the trainer weighs 0 (:func:`is_stand_in`): every process must take every
+    step, since DistributedDataParallel averages the gradients of all of them.
+    """
 
     def __init__(self, batches: list[list[int]], rank: int, world: int) -> None:
-        self.shards = [b[rank::world] for b in batches]
+        self.shards = [b[rank::world] or b[:1] for b in batches]
 
     def __iter__(self):
         return iter(self.shards)
@@ -491,9 +500,10 @@ class Trainer:
             if rng_to_restore is not None:
                 ckpt_mod.set_rng_state(*rng_to_restore)
                 rng_to_restore = None
-            for batch in batch_iter:
+            stand_ins = [is_stand_in(b, dist.rank, dist.world_size) for b in batches]
+            for batch, stand_in in zip(batch_iter, stand_ins, strict=True):
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
-                loss = self._train_step(train_model, optimizer, batch, lr, position)
+                loss = self._train_step(train_model, optimizer, batch, lr, position, stand_in)
                 if bar is not None:
                     bar.update(loss.detach(), lr)
                 if cfg.checkpoint_every and position["global_step"] % cfg.checkpoint_every == 0 \
@@ -558,14 +568,16 @@ class Trainer:
         return train_ds, eval_ds, model, optimizer
 
     def _train_step(self, train_model: nn.Module, optimizer: torch.optim.Optimizer, batch: Any, lr: float,
-                    position: dict[str, Any]) -> torch.Tensor:
-        """One optimiser step on ``batch`` at learning rate ``lr``; advance ``position``; return the loss."""
+                    position: dict[str, Any], stand_in: bool = False) -> torch.Tensor:
+        """One optimiser step on ``batch`` at learning rate ``lr``; advance ``position``; return the loss.
+        A ``stand_in`` batch (this process has no share of the global batch) has weight 0: it takes
+        part in the step, adding nothing to the gradient or the loss sums."""
         cfg, dist = self.config, self.dist
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = to_device(batch, self.device)
         loss, weight = self.task.loss(train_model, batch)
-        weight = float(weight)
+        weight = 0.0 if stand_in else float(weight)
         total_weight = all_reduce_sum(weight, self.device) if dist.enabled else weight
         if total_weight <= 0:
             raise ValueError("a training batch has zero loss weight (no samples or no target tokens)")
@@ -584,7 +596,7 @@ class Trainer:
         optimizer.step()
         position["loss_sum"] += float(loss.detach()) * weight
         position["weight_sum"] += weight
-        position["samples"] += _batch_len(batch)
+        position["samples"] += 0 if stand_in else _batch_len(batch)
         position["global_step"] += 1
         position["step_in_epoch"] += 1
         return loss
