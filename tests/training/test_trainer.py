@@ -172,6 +172,12 @@ def test_bad_config_names_the_parameter(kw):
         TrainConfig(**kw)
 
 
+@pytest.mark.parametrize("name", ["lr", "weight_decay", "step_gamma", "min_lr_ratio", "grad_clip", "max_steps"])
+def test_a_boolean_is_not_a_number_setting(name):
+    with pytest.raises(TypeError, match=f"{name} must be a number, got True"):
+        TrainConfig(**{name: True})
+
+
 def test_global_batches_cover_the_epoch():
     b = global_batches(20, 6, seed=3, epoch=1)
     assert sorted(i for x in b for i in x) == list(range(20))
