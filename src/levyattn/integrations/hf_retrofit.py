@@ -19,6 +19,7 @@ gap in two stages, the recipe used for other attention kernels (attention transf
 
 Both stages show progress (a bar on a terminal, plain lines otherwise), checkpoint atomically
 (stage 1 after every layer, stage 2 every ``checkpoint_every`` steps) into ``OUT/retrofit/``,
+with the global random generators (torch, numpy, Python's ``random``: dropout draws from them),
 and resume exactly from there. The converted model is saved in ``OUT`` with ``save_pretrained``
 (plus the tokenizer and ``OUT/retrofit/report.json``) and loads with
 ``AutoModelForCausalLM.from_pretrained(OUT, attn_implementation="fna")``.
@@ -50,7 +51,7 @@ from levyattn.integrations.hf_attention import (
 )
 from levyattn.integrations.hf_convert import to_fna
 from levyattn.io import atomic_write_bytes, atomic_write_json, read_json, read_text
-from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat
+from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from levyattn.training.progress import EpochProgress
 
 if TYPE_CHECKING:  # imported where used: hf_attention above already names the extra when it is missing
@@ -524,6 +525,7 @@ def retrofit(
             tensors = ckpt.load_tensors("stage1.safetensors")
             for layer in range(done):
                 _restore_layer(modules[layer], tensors, layer)
+            set_rng_state(tensors, state["stage1_rng"])
             for layer, values in enumerate(state["stage1_values"]):
                 _set_layer_values(model, layer, values)
         for layer in range(done, len(modules)):
@@ -552,9 +554,10 @@ def retrofit(
             state["layer_error_after"].append(after)
             state.setdefault("stage1_values", []).append(values)
             state["layers_done"] = layer + 1
+            rng_tensors, state["stage1_rng"] = rng_state()
             ckpt.save_tensors(
                 "stage1.safetensors",
-                {f"{i}.{n}": t for i in range(layer + 1) for n, t in _qk_state(modules[i]).items()},
+                {f"{i}.{n}": t for i in range(layer + 1) for n, t in _qk_state(modules[i]).items()} | rng_tensors,
             )
             ckpt.save_state(state)
         recordings = None
@@ -620,6 +623,9 @@ def _fine_tune(
         )
         optimizer_from_flat(optimizer, tensors, state["stage2_optimizer"])
         generator.set_state(tensors["generator"])
+        # The global generators draw the model's dropout masks (attention, hidden): without them a
+        # resumed run trained on other masks than the uninterrupted one.
+        set_rng_state(tensors, state["stage2_rng"])
     peft_model.train()
     progress = EpochProgress(
         1, 1, options.stage2_steps, done=step, run_steps_left=options.stage2_steps - step, unit="stage 2: fine-tune"
@@ -640,7 +646,10 @@ def _fine_tune(
             if step % options.checkpoint_every == 0 or step == options.stage2_steps:
                 flat, flat_json = optimizer_to_flat(optimizer)
                 lora = {f"lora.{k}": v for k, v in get_peft_model_state_dict(peft_model).items()}
-                ckpt.save_tensors("stage2.safetensors", {**lora, **flat, "generator": generator.get_state()})
+                rng_tensors, state["stage2_rng"] = rng_state()
+                ckpt.save_tensors(
+                    "stage2.safetensors", {**lora, **flat, **rng_tensors, "generator": generator.get_state()}
+                )
                 state["stage2_step"], state["stage2_optimizer"] = step, flat_json
                 ckpt.save_state(state)
     finally:
