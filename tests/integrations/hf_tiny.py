@@ -107,3 +107,33 @@ def as_reference(model):
     reference = copy.deepcopy(model)
     reference.set_attn_implementation(REFERENCE)
     return reference
+
+
+def tiny_t5(num_layers: int = 2, num_decoder_layers: int = 3, seed: int = 0):
+    """A T5 with encoder and decoder of different depths (softmax attention, eval mode)."""
+    torch.manual_seed(seed)
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=num_layers, num_decoder_layers=num_decoder_layers,
+        num_heads=2, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return transformers.T5ForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+
+
+def tiny_llava(seed: int = 0):
+    """A Llava: a 3-layer CLIP vision tower and a 2-layer Llama, each with its own sub-config.
+
+    Returns (model, inputs): 4 image tokens (id VOCAB - 1) per sequence and their pixels."""
+    torch.manual_seed(seed)
+    text = tiny_config("llama")
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=16, patch_size=8
+    )
+    config = transformers.LlavaConfig(
+        text_config=text, vision_config=vision, image_token_id=VOCAB - 1, projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB - 1, (2, 10), generator=g)
+    ids[:, 1:5] = VOCAB - 1
+    return model, {"input_ids": ids, "pixel_values": torch.randn(2, 3, 16, 16, generator=g)}

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hf_tiny import VOCAB, as_reference, tiny_config, transformers
+from hf_tiny import VOCAB, as_reference, tiny_config, tiny_llava, tiny_t5, transformers
 
 from levyattn.integrations import huggingface as hf
 
@@ -168,3 +168,71 @@ def test_bad_arguments():
     hf.to_fna(model, progressions(2, 4, 0), objective="attention")
     with pytest.raises(ValueError, match="already uses"):
         hf.to_fna(model, progressions(2, 4, 0))
+
+
+def t5_batch():
+    g = torch.Generator().manual_seed(5)
+    return {"input_ids": torch.randint(3, VOCAB, (2, 8), generator=g),
+            "decoder_input_ids": torch.randint(3, VOCAB, (2, 5), generator=g)}  # fmt: skip
+
+
+def test_a_config_shared_with_another_model_is_left_alone():
+    # from_config keeps the caller's config object: converting one model switched the other to FNA too.
+    config = tiny_config("gpt2")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    other = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    assert model.config is other.config is config
+    hf.to_fna(model, progressions(2, 8, seed=0), objective="attention")
+    assert model.config._attn_implementation == "fna" and model.config is not config
+    assert other.config._attn_implementation == "sdpa" and not hasattr(config, "fna_bandwidth")
+
+
+def test_t5_stacks_of_different_depths_are_calibrated_each_on_its_own_config():
+    # The fna_* keys went to model.config alone, which T5's attention modules do not read (each stack
+    # has its copy): calibration changed nothing (gap 0.039464 before and after) and FNA ran at its defaults.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    report = hf.to_fna(model, t5_batch(), objective="attention")
+    assert set(report.bandwidth) == {"encoder", "decoder"}
+    assert model.encoder.config.fna_bandwidth == report.bandwidth["encoder"] and len(report.bandwidth["encoder"]) == 2
+    assert model.decoder.config.fna_bandwidth == report.bandwidth["decoder"] and len(report.bandwidth["decoder"]) == 3
+    assert report.layer_names == ["encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"]
+    assert model.encoder.config._attn_implementation == model.decoder.config._attn_implementation == "fna"
+    # Every layer of both stacks runs FNA with its stack's value: changing one decoder layer's changes the output.
+    with torch.no_grad():
+        before = model(**t5_batch()).logits
+        model.decoder.config.fna_bandwidth = [*report.bandwidth["decoder"][:2], 1e-3]
+        assert not torch.allclose(model(**t5_batch()).logits, before)
+
+
+def test_llava_text_and_vision_configs_get_their_own_settings():
+    model, batch = tiny_llava()
+    text, vision = model.config.text_config, model.config.vision_config
+    report = hf.to_fna(model, batch, objective="attention")
+    assert set(report.bandwidth) == {"model.language_model", "model.vision_tower"}
+    assert len(model.config.text_config.fna_bandwidth) == 2 and len(model.config.vision_config.fna_bandwidth) == 3
+    assert model.config.text_config is model.model.language_model.config  # the copies stay shared inside
+    assert text._attn_implementation == vision._attn_implementation == "sdpa"  # the caller's are untouched
+    assert not hasattr(text, "fna_bandwidth")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"density_a": 0.5}, ValueError, "density_a=0.5: to_fna calibration supports density_a = 0 only"),
+        ({"calibration_inputs": "some text"}, TypeError, "calibration_inputs must be"),
+        ({"calibration_inputs": [{"input_ids": "x"}]}, TypeError, "indices"),
+        ({"alpha": [1.2, 1.2, 1.2]}, ValueError, "fna_alpha has 3 entries"),
+        ({"calibration_inputs": None, "density_a": 0.5}, ValueError, "density_a=0.5 cannot be used in GPT2Attention"),
+    ],
+)
+def test_a_bad_argument_leaves_the_model_unconverted(kwargs, error, match):
+    # A density_a with calibration left the model on FNA with uncalibrated keys; bad calibration
+    # inputs left 8 fna_* keys written.
+    config = tiny_config("gpt2")
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    kwargs = {"calibration_inputs": progressions(2, 8, seed=0), **kwargs}
+    with pytest.raises(error, match=match):
+        hf.to_fna(model, **kwargs)
+    assert model.config is config and config._attn_implementation == "sdpa"
+    assert not any(key.startswith("fna_") for key in vars(config))
+    assert not any(hasattr(m, "fna_layer_idx") for m in model.modules())

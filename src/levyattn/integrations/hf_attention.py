@@ -107,6 +107,7 @@ __all__ = [
     "causal_context",
     "configure_fna",
     "fna_attention_forward",
+    "layer_index",
     "layer_settings",
     "register",
     "repeat_kv",
@@ -241,9 +242,14 @@ def configure_fna(config: Any, **settings: Any) -> Any:
 
 def _is_attention_module(module: torch.nn.Module) -> bool:
     # The modules that call ``attention_interface(self, ...)`` in transformers v5 carry
-    # ``config``, ``scaling`` and ``is_causal`` (BertSelfAttention, GPT2Attention,
-    # LlamaAttention, ViTAttention, ...); their wrappers and the layers do not.
-    return all(hasattr(module, a) for a in ("config", "scaling", "is_causal"))
+    # ``config``, ``is_causal`` and ``scaling`` (BertSelfAttention, GPT2Attention, LlamaAttention,
+    # ViTAttention, ...) or ``scale`` (CLIPAttention and the vision towers built on it); their
+    # wrappers and the layers do not.
+    return (
+        hasattr(module, "config")
+        and hasattr(module, "is_causal")
+        and (hasattr(module, "scaling") or hasattr(module, "scale"))
+    )
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -255,22 +261,25 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def assign_layer_indices(model: torch.nn.Module) -> int:
-    """Number the attention modules that carry no ``layer_idx`` (ViT-style), in module order.
+    """Number the attention modules that carry no ``layer_idx`` (ViT-style), in module order,
+    from 0 within each config they read (a vision tower and a text model are numbered apart).
 
     Sets ``module.fna_layer_idx`` so per-layer ``fna_*`` values reach them. Modules with a
     ``layer_idx`` keep it. Returns how many modules were numbered.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    count = 0
+    counts: dict[int, int] = {}
     for module in model.modules():
         if _is_attention_module(module) and getattr(module, "layer_idx", None) is None:
-            setattr(module, _LAYER_ATTR, count)
-            count += 1
-    return count
+            key = id(module.config)
+            setattr(module, _LAYER_ATTR, counts.get(key, 0))
+            counts[key] = counts.get(key, 0) + 1
+    return sum(counts.values())
 
 
-def _layer_index(module: torch.nn.Module) -> int | None:
+def layer_index(module: torch.nn.Module) -> int | None:
+    """The layer index an attention module's per-layer ``fna_*`` values are read at (None: none)."""
     idx = getattr(module, _LAYER_ATTR, None)
     if idx is None:
         idx = getattr(module, "layer_idx", None)
@@ -310,7 +319,7 @@ def _call_kwargs(module: torch.nn.Module, config: Any, heads: int, device: torch
     The cache key holds the raw config values, so editing ``config.fna_*`` takes effect on
     the next call, and moving the model to another device rebuilds the tensors.
     """
-    layer = _layer_index(module)
+    layer = layer_index(module)
     key = (layer, heads, str(device), tuple(repr(getattr(config, k, d)) for k, d in CONFIG_KEYS.items()))
     cached = module.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
@@ -387,11 +396,11 @@ def _weights_requested(kwargs: Mapping[str, Any]) -> bool:
     return isinstance(collector, dict) and ("attentions" in collector or "cross_attentions" in collector)
 
 
-#: ``substitute(layer_idx, query, key, value, mask, is_causal, scaling) -> (attn_output, weights)``,
+#: ``substitute(module, query, key, value, mask, is_causal, scaling) -> (attn_output, weights)``,
 #: with FNA's own handling of the call already applied (kv heads repeated, HF masks converted, the
 #: position bias folded into ``mask``, causality resolved).
 AttentionSubstitute = Callable[
-    [int | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool, float | None],
+    [torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, bool, float | None],
     tuple[torch.Tensor, torch.Tensor | None],
 ]
 _SUBSTITUTE: contextvars.ContextVar[AttentionSubstitute | None] = contextvars.ContextVar(
@@ -478,12 +487,12 @@ def fna_attention_forward(
 
     substitute = _SUBSTITUTE.get()
     if substitute is not None:
-        return substitute(_layer_index(module), query, key, value, mask, causal, scaling)
+        return substitute(module, query, key, value, mask, causal, scaling)
 
     settings = dict(_call_kwargs(module, config, heads, query.device))  # a copy: the cache stays whole
     if settings["density_a"] and causal_context(module, is_causal):
         raise ValueError(
-            f"fna_density_a = {settings['density_a']} (layer {_layer_index(module)} of {type(module).__name__}) "
+            f"fna_density_a = {settings['density_a']} (layer {layer_index(module)} of {type(module).__name__}) "
             f"cannot be used in a decoder: {DENSITY_IN_DECODER}"
         )
     backend = settings.pop("backend")

@@ -10,6 +10,7 @@ softmax model's. :class:`ConversionReport` says what was chosen and how close th
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from levyattn.integrations import hf_attention
 from levyattn.kernels import log_kernel
 
 try:
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingExtraError("levyattn.integrations.hf_convert needs transformers (pip install 'levyattn[hf]')") from exc
 
@@ -34,7 +35,7 @@ __all__ = ["ConversionReport", "to_fna"]
 def _softmax_recorder(records: list[dict], batch: int) -> hf_attention.AttentionSubstitute:
     """An attention substitute: softmax attention that appends (layer, batch, q, k, mask, log P) to ``records``."""
 
-    def softmax_attention(layer, query, key, value, mask, causal, scaling):
+    def softmax_attention(module, query, key, value, mask, causal, scaling):
         nq, nk = query.shape[2], key.shape[2]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         # One mask for the softmax rows here and the FNA rows of the calibration.
@@ -45,7 +46,8 @@ def _softmax_recorder(records: list[dict], batch: int) -> hf_attention.Attention
         q, k = query.float(), key.float()
         log_p = log_softmax_rows(apply_mask((q @ k.transpose(-1, -2)) * scale, full))
         out = (torch.exp(log_p).to(value.dtype) @ value).transpose(1, 2).contiguous()
-        records.append({"layer": layer, "batch": batch, "q": q, "k": k, "mask": full, "log_p": log_p})
+        records.append({"config": module.config, "layer": hf_attention.layer_index(module), "batch": batch,
+                        "q": q, "k": k, "mask": full, "log_p": log_p})  # fmt: skip
         return out, None
 
     return softmax_attention
@@ -84,7 +86,11 @@ class ConversionReport:
         fit, and at the final bandwidth (the fit's with ``objective="attention"``; with
         ``"output"`` it can be larger, as the output measure, not this KL, was minimised).
     bandwidth: the calibrated ``fna_bandwidth`` written to the config (per layer; per layer and
-        head with ``per_head=True``). alpha: ``fna_alpha`` as written.
+        head with ``per_head=True``). alpha: ``fna_alpha`` as written. A model whose attention
+        modules read several configs (an encoder and a decoder stack, a vision tower and a text
+        model) gets a dict, stack name (the module path that owns the config) -> its value.
+    layer_names: the name of each entry of the per-layer lists ("0", "1", ...; with several
+        stacks "encoder.0", ..., "decoder.2").
     """
 
     metric: str | None
@@ -98,6 +104,7 @@ class ConversionReport:
     calibrated: bool = False
     objective: str | None = None
     attention_kl_fit: list[float] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,10 +123,14 @@ class ConversionReport:
             lines.append("attention-row KL(softmax || FNA) per layer, nats (lower is better):")
             lines.append("layer     initial  attention fit        final  bandwidth")
             n = len(self.attention_kl_before)
-            bw = self.bandwidth if isinstance(self.bandwidth, list) else [self.bandwidth] * n
+            if isinstance(self.bandwidth, dict):
+                bw = [v for value in self.bandwidth.values() for v in value]
+            else:
+                bw = self.bandwidth if isinstance(self.bandwidth, list) else [self.bandwidth] * n
+            names = self.layer_names or [str(i) for i in range(n)]
             fit = self.attention_kl_fit or self.attention_kl_after
             for i, (b, f, a) in enumerate(zip(self.attention_kl_before, fit, self.attention_kl_after)):
-                lines.append(f"{i:5d}  {b:10.4g}  {f:13.4g}  {a:11.4g}  {bw[i]}")
+                lines.append(f"{names[i]:>5}  {b:10.4g}  {f:13.4g}  {a:11.4g}  {bw[i]}")
         return "\n".join(lines)
 
 
@@ -323,99 +334,192 @@ def to_fna(
         raise ValueError(
             f"search_range must be finite (lo, hi) with hi - lo >= 0.5 (log10 bandwidth), got {search_range!r}"
         )
+    settings = dict(alpha=alpha, bandwidth=bandwidth, manifold=manifold, rescale=rescale, d_intrinsic=d_intrinsic,
+                    sphere_radius=sphere_radius, density_a=density_a, backend=backend)  # fmt: skip
+    modules = hf_attention.attention_modules(model)
+    if not modules:
+        raise ValueError(f"found no attention module in {type(model).__name__} (modules with config, is_causal, scale)")
+    # Everything is checked before anything changes: a bad argument leaves the model as it was.
+    batches = None if calibration_inputs is None else _as_batches(model, calibration_inputs)
+    for config in _stack_configs(modules):
+        checked = _check_settings(config, settings)
+    density = checked["fna_density_a"]
+    if any(v > 0 for v in (density if isinstance(density, list) else [density])):
+        if batches is not None:
+            # The objective compares plain rows; density normalisation shifts them by column sums.
+            raise ValueError(f"density_a={density!r}: to_fna calibration supports density_a = 0 only")
+        causal = next((m for m in modules if hf_attention.causal_context(m)), None)
+        if causal is not None:
+            raise ValueError(
+                f"density_a={density!r} cannot be used in {type(causal).__name__}, a decoder's attention: "
+                f"{hf_attention.DENSITY_IN_DECODER}"
+            )
     hf_attention.register()
-    hf_attention.configure_fna(
-        model.config,
-        alpha=alpha,
-        bandwidth=bandwidth,
-        manifold=manifold,
-        rescale=rescale,
-        d_intrinsic=d_intrinsic,
-        sphere_radius=sphere_radius,
-        density_a=density_a,
-        backend=backend,
-    )
-    hf_attention.assign_layer_indices(model)
-    if calibration_inputs is None:
-        model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
-        return ConversionReport(None, None, None, model.config.fna_alpha, model.config.fna_bandwidth)
-
-    batches = _as_batches(model, calibration_inputs)
+    originals = _own_configs(model)
     was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            reference = [_summary(model(**b), b) for b in batches]
-            model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
-            records = []
-            for i, b in enumerate(batches):
-                with hf_attention.substitute_attention(_softmax_recorder(records, i)):
-                    model(**b)
-            gap_before = _gap(reference, model, batches)
-            initial = model.config.fna_bandwidth
-            kl_initial, kl_fit = _calibrate(model, records, batches, per_head, lo, hi)
-            kl_final = kl_fit
-            if objective == "output":
-                _refine_output(model, reference, batches, initial, gap_before, lo, hi)
-                kl_final = _attention_kls(model, records, batches)
-            gap_after = _gap(reference, model, batches)
+        return _convert(model, modules, batches, settings, per_head, objective, lo, hi)
+    except BaseException:
+        _restore(model, originals)
+        raise
     finally:
         model.train(was_training)
+
+
+def _check_settings(config: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` as ``fna_*`` values checked against ``config``'s layers and heads; nothing is written."""
+    n_layers, n_heads = hf_attention.num_layers(config), hf_attention._num_heads(config)
+    return {f"fna_{k}": hf_attention._check_key(f"fna_{k}", v, n_layers, n_heads) for k, v in settings.items()}
+
+
+def _stack_configs(modules: Sequence[torch.nn.Module]) -> list[Any]:
+    """The distinct configs the attention modules read, in module order (one per stack)."""
+    configs: dict[int, Any] = {}
+    for module in modules:
+        configs.setdefault(id(module.config), module.config)
+    return list(configs.values())
+
+
+def _stack_names(model: torch.nn.Module, configs: Sequence[Any]) -> list[str]:
+    """Each config's name: the shortest path of a module that holds it ("model" for the top)."""
+    names = []
+    for config in configs:
+        paths = [name for name, m in model.named_modules() if m.__dict__.get("config") is config]
+        names.append(min(paths, key=len) or "model" if paths else "model")
+    return names
+
+
+def _own_configs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
+    """Give every module of ``model`` a copy of its config; returns (module, original config) pairs.
+
+    A config object can be shared with other models (``from_config`` keeps the caller's object; a
+    composite model's sub-models hold its sub-configs), and the conversion writes the attention
+    implementation and the ``fna_*`` keys into it. One memo keeps shared objects shared.
+    """
+    memo: dict[int, Any] = {}
+    originals = []
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if isinstance(config, PretrainedConfig):
+            originals.append((module, config))
+            module.config = copy.deepcopy(config, memo)
+    return originals
+
+
+def _restore(model: torch.nn.Module, originals: list[tuple[torch.nn.Module, Any]]) -> None:
+    """Undo a conversion that failed: the original configs, no layer numbers or cached settings."""
+    for module, config in originals:
+        module.config = config
+    for module in model.modules():
+        for attr in (hf_attention._LAYER_ATTR, hf_attention._CACHE_ATTR):
+            module.__dict__.pop(attr, None)
+
+
+def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> ConversionReport:
+    configs = _stack_configs(modules)
+    for config in configs:
+        hf_attention.configure_fna(config, **settings)
+    if all(model.config is not c for c in configs):
+        # A stack-less top config (T5's) is what save_pretrained writes and loading copies into the stacks.
+        hf_attention.configure_fna(model.config, **settings)
+    hf_attention.assign_layer_indices(model)
+    names = _stack_names(model, configs)
+
+    def values(key: str) -> Any:
+        if len(configs) == 1:
+            return getattr(configs[0], key)
+        return {name: getattr(config, key) for name, config in zip(names, configs)}
+
+    if batches is None:
+        model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+        return ConversionReport(None, None, None, values("fna_alpha"), values("fna_bandwidth"))
+
+    model.eval()
+    with torch.no_grad():
+        reference = [_summary(model(**b), b) for b in batches]
+        model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+        records: list[dict] = []
+        for i, b in enumerate(batches):
+            with hf_attention.substitute_attention(_softmax_recorder(records, i)):
+                model(**b)
+        unknown = [r for r in records if all(r["config"] is not c for c in configs)]
+        if unknown:
+            raise ValueError("an attention call came from a module to_fna did not find (no config/is_causal/scaling)")
+        gap_before = _gap(reference, model, batches)
+        initial = [c.fna_bandwidth for c in configs]
+        kl_initial, kl_fit, layer_names = _calibrate(configs, names, records, batches, per_head, lo, hi)
+        kl_final = kl_fit
+        if objective == "output":
+            _refine_output(model, configs, reference, batches, initial, gap_before, lo, hi)
+            kl_final = _calibrate(configs, names, records, batches, None, lo, hi)[1]
+        gap_after = _gap(reference, model, batches)
     n_sequences = sum(int(r[1].shape[0]) for r in reference)
     return ConversionReport(
         metric=reference[0][0],
         gap_before=gap_before,
         gap_after=gap_after,
-        alpha=model.config.fna_alpha,
-        bandwidth=model.config.fna_bandwidth,
+        alpha=values("fna_alpha"),
+        bandwidth=values("fna_bandwidth"),
         attention_kl_before=kl_initial,
         attention_kl_after=kl_final,
         n_sequences=n_sequences,
         calibrated=True,
         objective=objective,
         attention_kl_fit=kl_fit,
+        layer_names=layer_names,
     )
 
 
-def _calibrate(model, records, batches, per_head, lo, hi) -> tuple[list[float], list[float]]:
-    """Choose fna_bandwidth per layer (and head) from the recorded softmax attention; write it."""
-    config = model.config
-    by_layer: dict[int, list[dict]] = {}
-    for rec in records:
-        if rec["layer"] is None:
-            raise ValueError("an attention module has no layer index; assign_layer_indices(model) found none")
-        by_layer.setdefault(rec["layer"], []).append(rec)
-    n_layers = hf_attention.num_layers(config) or (max(by_layer) + 1)
-    initial = hf_attention.validate_fna_config(config)["fna_bandwidth"]
-    new_bw: list[Any] = []
-    kl_before, kl_after = [], []
-    for layer in range(n_layers):
-        recs = by_layer.get(layer)
-        start = initial[layer] if isinstance(initial, list) else initial
-        if not recs:  # a layer the inputs never reached keeps its bandwidth
-            new_bw.append(start)
+def _calibrate(configs, names, records, batches, per_head, lo, hi) -> tuple[list[float], list[float], list[str]]:
+    """Choose fna_bandwidth per layer (and head) of every stack from the recorded softmax attention; write it.
+
+    Returns the per-layer attention-row KL at the bandwidths in the configs and at the chosen
+    ones, and the layers' names. With ``per_head=None`` nothing is searched or written: both
+    KLs are at the bandwidths in the configs.
+    """
+    kl_before, kl_after, layer_names = [], [], []
+    for config, name in zip(configs, names):
+        by_layer: dict[int, list[dict]] = {}
+        for rec in records:
+            if rec["config"] is not config:
+                continue
+            if rec["layer"] is None:
+                raise ValueError("an attention module has no layer index; assign_layer_indices(model) found none")
+            by_layer.setdefault(rec["layer"], []).append(rec)
+        if not by_layer:
             continue
-        heads = recs[0]["q"].shape[1]
-        settings = hf_attention.layer_settings(config, layer, heads)
-        alpha = settings["alpha"]
-        if isinstance(alpha, list):
-            alpha = torch.tensor(alpha, dtype=torch.float32, device=recs[0]["q"].device).reshape(heads, 1, 1)
-        fixed = {k: settings[k] for k in ("manifold", "rescale", "d_intrinsic", "sphere_radius")}
-        if settings["density_a"]:
-            # The objective compares plain rows; density normalisation shifts them by column sums.
-            raise ValueError("to_fna calibration supports density_a = 0 only")
+        n_layers = hf_attention.num_layers(config) or (max(by_layer) + 1)
+        current = hf_attention.validate_fna_config(config)["fna_bandwidth"]
+        new_bw: list[Any] = []
+        for layer in range(n_layers):
+            recs = by_layer.get(layer)
+            start = current[layer] if isinstance(current, list) else current
+            if not recs:  # a layer the inputs never reached keeps its bandwidth
+                new_bw.append(start)
+                continue
+            layer_names.append(str(layer) if len(configs) == 1 else f"{name}.{layer}")
+            heads = recs[0]["q"].shape[1]
+            settings = hf_attention.layer_settings(config, layer, heads)
+            alpha = settings["alpha"]
+            if isinstance(alpha, list):
+                alpha = torch.tensor(alpha, dtype=torch.float32, device=recs[0]["q"].device).reshape(heads, 1, 1)
+            fixed = {k: settings[k] for k in ("manifold", "rescale", "d_intrinsic", "sphere_radius")}
 
-        def objective(x, recs=recs, alpha=alpha, fixed=fixed):
-            return _layer_kl(recs, batches, alpha, x, fixed)
+            def objective(x, recs=recs, alpha=alpha, fixed=fixed):
+                return _layer_kl(recs, batches, alpha, x, fixed)
 
-        start_vec = torch.tensor(start if isinstance(start, list) else [start] * heads, dtype=torch.float64)
-        kl_before.append(float(objective(start_vec.log10()).mean()))
-        best = _search_bandwidth(objective, heads, per_head, lo, hi)
-        values = [_round(10.0 ** float(x)) for x in best]
-        kl_after.append(float(objective(torch.tensor(values, dtype=torch.float64).log10()).mean()))
-        new_bw.append(values if per_head else values[0])
-    hf_attention.configure_fna(config, bandwidth=new_bw)
-    return kl_before, kl_after
+            start_vec = torch.tensor(start if isinstance(start, list) else [start] * heads, dtype=torch.float64)
+            kl_before.append(float(objective(start_vec.log10()).mean()))
+            if per_head is None:
+                kl_after.append(kl_before[-1])
+                continue
+            best = _search_bandwidth(objective, heads, per_head, lo, hi)
+            values = [_round(10.0 ** float(x)) for x in best]
+            kl_after.append(float(objective(torch.tensor(values, dtype=torch.float64).log10()).mean()))
+            new_bw.append(values if per_head else values[0])
+        if per_head is not None:
+            hf_attention.configure_fna(config, bandwidth=new_bw)
+    return kl_before, kl_after, layer_names
 
 
 def _objective_gap(reference: list, model: torch.nn.Module, batches: list) -> float:
@@ -432,75 +536,65 @@ def _scaled(value: Any, factor: float, lo: float, hi: float) -> Any:
 
 
 def _refine_output(
-    model, reference: list, batches: list, initial: Any, gap_initial: float, lo: float, hi: float
+    model, configs: list, reference: list, batches: list, initial: list, gap_initial: float, lo: float, hi: float
 ) -> None:
-    """Coordinate search, layer by layer, on the output gap; writes config.fna_bandwidth.
+    """Coordinate search, layer by layer of every stack, on the output gap; writes each config's fna_bandwidth.
 
     Each layer's bandwidth (all its heads together) is multiplied by 10**t, t in [-1, 1]:
     five grid points, then golden-section search in the best one's neighbours. A candidate
     is kept only when it lowers the gap, so the gap never rises.
     """
-    config = model.config
-    calibrated = list(config.fna_bandwidth)
+    calibrated = [list(config.fna_bandwidth) for config in configs]
+
+    def write(tables: list[list]) -> None:
+        for config, table in zip(configs, tables):
+            config.fna_bandwidth = list(table)
+
     best = _objective_gap(reference, model, batches)
     initial_gap = gap_initial if reference[0][0] == "kl" else 1.0 - gap_initial
     if initial_gap < best:  # the attention calibration made the outputs worse: start from the initial values
-        start = list(initial) if isinstance(initial, list) else [initial] * len(calibrated)
-        # Keep the calibrated shape (per head stays per head), with the initial values.
-        calibrated = [
-            [s] * len(c) if isinstance(c, list) and not isinstance(s, list) else s for s, c in zip(start, calibrated)
-        ]
-        config.fna_bandwidth = list(calibrated)
+        for c, (table, start) in enumerate(zip(calibrated, initial)):
+            start = list(start) if isinstance(start, list) else [start] * len(table)
+            # Keep the calibrated shape (per head stays per head), with the initial values.
+            calibrated[c] = [
+                [s] * len(t) if isinstance(t, list) and not isinstance(s, list) else s for s, t in zip(start, table)
+            ]
+        write(calibrated)
         best = initial_gap
     inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    for layer in range(len(calibrated)):
-        base = calibrated[layer]
+    for c in range(len(calibrated)):
+        for layer in range(len(calibrated[c])):
+            base = calibrated[c][layer]
 
-        def gap_at(t: float, layer: int = layer, base: Any = base) -> float:
-            trial = list(calibrated)
-            trial[layer] = _scaled(base, 10.0**t, lo, hi)
-            config.fna_bandwidth = trial
-            return _objective_gap(reference, model, batches)
+            def gap_at(t: float, c: int = c, layer: int = layer, base: Any = base) -> float:
+                trial = [list(table) for table in calibrated]
+                trial[c][layer] = _scaled(base, 10.0**t, lo, hi)
+                write(trial)
+                return _objective_gap(reference, model, batches)
 
-        grid = [-1.0, -0.5, 0.5, 1.0]
-        values = {0.0: best}
-        values.update({t: gap_at(t) for t in grid})
-        t_best = min(values, key=values.get)
-        a, b = t_best - 0.5, t_best + 0.5
-        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-        fc, fd = gap_at(c), gap_at(d)
-        for _ in range(6):
-            if fc < fd:
-                b, d, fd = d, c, fc
-                c = b - inv_phi * (b - a)
-                fc = gap_at(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + inv_phi * (b - a)
-                fd = gap_at(d)
-        values.update({c: fc, d: fd})
-        t_best = min(values, key=values.get)
-        if values[t_best] < best:
-            calibrated[layer] = _scaled(base, 10.0**t_best, lo, hi)
-            best = values[t_best]
-        config.fna_bandwidth = list(calibrated)
-    hf_attention.configure_fna(config, bandwidth=calibrated)
+            grid = [-1.0, -0.5, 0.5, 1.0]
+            values = {0.0: best}
+            values.update({t: gap_at(t) for t in grid})
+            t_best = min(values, key=values.get)
+            a, b = t_best - 0.5, t_best + 0.5
+            x1, x2 = b - inv_phi * (b - a), a + inv_phi * (b - a)
+            f1, f2 = gap_at(x1), gap_at(x2)
+            for _ in range(6):
+                if f1 < f2:
+                    b, x2, f2 = x2, x1, f1
+                    x1 = b - inv_phi * (b - a)
+                    f1 = gap_at(x1)
+                else:
+                    a, x1, f1 = x1, x2, f2
+                    x2 = a + inv_phi * (b - a)
+                    f2 = gap_at(x2)
+            values.update({x1: f1, x2: f2})
+            t_best = min(values, key=values.get)
+            if values[t_best] < best:
+                calibrated[c][layer] = _scaled(base, 10.0**t_best, lo, hi)
+                best = values[t_best]
+            write(calibrated)
+    for config, table in zip(configs, calibrated):
+        hf_attention.configure_fna(config, bandwidth=table)
 
 
-def _attention_kls(model, records: list, batches: list) -> list[float]:
-    """Per-layer mean attention-row KL at the bandwidths now in the config."""
-    config = model.config
-    out = []
-    layers = sorted({rec["layer"] for rec in records})
-    for layer in layers:
-        recs = [r for r in records if r["layer"] == layer]
-        heads = recs[0]["q"].shape[1]
-        settings = hf_attention.layer_settings(config, layer, heads)
-        alpha = settings["alpha"]
-        if isinstance(alpha, list):
-            alpha = torch.tensor(alpha, dtype=torch.float32, device=recs[0]["q"].device).reshape(heads, 1, 1)
-        bw = settings["bandwidth"]
-        log10_bw = torch.tensor(bw if isinstance(bw, list) else [bw] * heads, dtype=torch.float64).log10()
-        fixed = {k: settings[k] for k in ("manifold", "rescale", "d_intrinsic", "sphere_radius")}
-        out.append(float(_layer_kl(recs, batches, alpha, log10_bw, fixed).mean()))
-    return out

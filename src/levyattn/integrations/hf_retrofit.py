@@ -46,6 +46,7 @@ from levyattn.functional import fractional_attention
 from levyattn.integrations.hf_attention import (
     ATTN_IMPLEMENTATION,
     attention_modules,
+    layer_index,
     layer_settings,
     substitute_attention,
 )
@@ -267,7 +268,8 @@ def _trainable_fna(
     """Within the block, the FNA attention of ``layer`` uses the trainable per-head bandwidth
     ``exp(log_bw)`` and ``alpha()``; its other settings are ``settings`` (the config's)."""
 
-    def substitute(layer_idx, q, k, v, mask, causal, _scaling):
+    def substitute(module, q, k, v, mask, causal, _scaling):
+        layer_idx = layer_index(module)
         if layer_idx != layer:
             raise RuntimeError(f"stage 1 trains layer {layer} but layer {layer_idx} was called")
         out = fractional_attention(
@@ -471,6 +473,12 @@ def retrofit(
             raise ValueError(
                 f"{name} must be a non-empty (N, T) int64 tensor of token ids, got {getattr(w, 'shape', w)}"
             )
+    if any(m.config is not model.config for m in attention_modules(model)):
+        # Stage 1 reads and writes the per-layer values of model.config alone.
+        raise ValueError(
+            f"retrofit converts a causal LM whose attention modules all read model.config; {type(model).__name__} "
+            "has attention modules with other configs (an encoder, a vision tower): use to_fna"
+        )
     out = Path(out)
     ckpt = _Checkpoints(out)
     state: dict[str, Any]
