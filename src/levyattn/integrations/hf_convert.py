@@ -282,8 +282,12 @@ def to_fna(
 ) -> ConversionReport:
     """Convert a pretrained softmax model to FNA in place, calibrating the bandwidth.
 
-    The model's attention implementation becomes ``"fna"`` and its config gets the
-    ``fna_*`` keys (so ``save_pretrained`` keeps them). With ``calibration_inputs``, the
+    The model's attention implementation becomes ``"fna"``, and the configs its attention
+    modules read (one per stack: a T5's encoder and decoder, a Llava's vision tower and text
+    model) get the ``fna_*`` keys, per-layer values indexed per stack. The model first gets
+    its own copies of its configs, so config objects shared with other models stay as they
+    were; every argument is checked before anything changes, and a failure during the
+    conversion restores the model. With ``calibration_inputs``, the
     bandwidth of each layer (and head, with ``per_head=True``) is chosen to minimise the
     mean KL divergence between the softmax model's attention rows and FNA's on the same
     queries and keys (recorded from the softmax model), by a grid and golden-section search
