@@ -30,14 +30,14 @@ def _llama(**fna) -> torch.nn.Module:
     return model
 
 
-def _bert_fna() -> torch.nn.Module:
+def _bert_fna(**fna) -> torch.nn.Module:
     torch.manual_seed(12)
     config = transformers.BertConfig(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
         max_position_embeddings=512, vocab_size=2000, initializer_range=0.2,
     )  # fmt: skip
     model = transformers.BertModel(config).eval()
-    configure_fna(model, alpha=0.8, bandwidth=1.5)
+    configure_fna(model, **{"alpha": 0.8, "bandwidth": 1.5, **fna})
     model.set_attn_implementation("fna")
     return model
 
@@ -48,7 +48,8 @@ MODELS = {
         alpha=[1.5, [0.6, 1.0, 1.4, 2.0]], bandwidth=[[1.0, 2.0, 3.0, 4.0], 2.5]
     ),
     "llama sphere": lambda: _llama(manifold="sphere", alpha=1.1),
-    "llama density": lambda: _llama(alpha=1.2, bandwidth=2.0, density_a=0.5),  # column sums over every query
+    # Column sums over every query; decoders refuse density normalisation (later tokens would leak).
+    "bert density": lambda: _bert_fna(density_a=0.5),
     "bert": _bert_fna,
 }
 
@@ -76,7 +77,7 @@ def test_captured_rows_are_the_fna_weights_the_model_returns(name, padded):
         torch.testing.assert_close(c, a[:, :, rows], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["llama per-layer, per-head", "llama density", "bert"])
+@pytest.mark.parametrize("name", ["llama per-layer, per-head", "bert density", "bert"])
 def test_measure_decay_reads_fna_not_softmax(name):
     model = MODELS[name]()
     rows = measure_decay(model, **KW)
@@ -85,7 +86,7 @@ def test_measure_decay_reads_fna_not_softmax(name):
     assert rows.info["attention_path"] == "rows" and eager.info["attention_path"] == "eager"
     assert rows.info["fna_attention"] and eager.info["fna_attention"]
     # FNA's density normalisation sums over later queries too: no one-pass shortcut
-    assert rows.passes == ("one" if rows.causal and name != "llama density" else "per_distance")
+    assert rows.passes == ("one" if rows.causal and name != "bert density" else "per_distance")
     np.testing.assert_allclose(rows.prompt_layer, eager.prompt_layer, rtol=1e-5, atol=1e-8)
 
     # The model's own output_attentions, read by hand: query d + 49, key 49 of the first d + 50 tokens.
@@ -112,8 +113,9 @@ def _prompts(model, length):
 
 
 def test_one_pass_is_refused_under_fna_density_normalisation():
-    model = MODELS["llama density"]()
-    with pytest.raises(ValueError, match="passes='one' is not exact for this model: its FNA density"):
+    # A decoder with density normalisation: the lens or the attention itself refuses it.
+    model = _llama(alpha=1.2, bandwidth=2.0, density_a=0.5)
+    with pytest.raises(ValueError, match="density"):
         measure_decay(model, passes="one", **KW)
     assert model.config._attn_implementation == "fna"
 
