@@ -236,3 +236,21 @@ def test_a_bad_argument_leaves_the_model_unconverted(kwargs, error, match):
     assert model.config is config and config._attn_implementation == "sdpa"
     assert not any(key.startswith("fna_") for key in vars(config))
     assert not any(hasattr(m, "fna_layer_idx") for m in model.modules())
+
+
+def test_a_saved_t5_reloads_with_its_calibrated_stacks(tmp_path):
+    from levyattn.integrations import hf_attention
+
+    # T5 writes only its top config and rebuilds both stacks from it when loading: the per-stack
+    # bandwidths were lost and the reloaded model ran FNA at the settings passed to to_fna, in silence.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    report = hf.to_fna(model, t5_batch(), objective="attention")
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    assert loaded.encoder.config._attn_implementation == "fna"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, model.eval()(**t5_batch()).logits)
+    for stack in ("encoder", "decoder"):
+        settings = [hf_attention.layer_settings(getattr(loaded, stack).config, i)["bandwidth"]
+                    for i in range(len(report.bandwidth[stack]))]
+        assert settings == report.bandwidth[stack]

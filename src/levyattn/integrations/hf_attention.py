@@ -127,6 +127,9 @@ _PER_HEAD = ("fna_alpha", "fna_bandwidth")
 _MODEL_WIDE = ("fna_backend",)
 _CACHE_ATTR = "_levyattn_fna_cache"
 _LAYER_ATTR = "fna_layer_idx"
+#: On a config that the stacks of a model copy when it loads (a T5's top config): each stack's
+#: ``fna_*`` values, ``{"encoder": {...}, "decoder": {...}}``, picked by the copy's ``is_decoder``.
+STACKS_KEY = "fna_stacks"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -286,13 +289,42 @@ def layer_index(module: torch.nn.Module) -> int | None:
     return idx if isinstance(idx, int) else None
 
 
+class _StackConfig:
+    """A config read with its stack's ``fna_*`` values (from ``STACKS_KEY``) in place of its own."""
+
+    def __init__(self, config: Any, values: dict[str, Any]) -> None:
+        self._config, self._values = config, values
+
+    def __getattr__(self, name: str) -> Any:
+        return self._values[name] if name in self._values else getattr(self._config, name)
+
+
+def _own_stack(config: Any) -> Any:
+    """``config``, or where it carries ``STACKS_KEY`` (a stack's copy of a saved T5's top config)
+    the view with the values of its stack: "decoder" where ``config.is_decoder``, else "encoder"."""
+    stacks = getattr(config, STACKS_KEY, None)
+    if not stacks:
+        return config
+    role = "decoder" if getattr(config, "is_decoder", False) else "encoder"
+    if not isinstance(stacks, dict) or not isinstance(stacks.get(role), dict):
+        raise ValueError(f"config.{STACKS_KEY} must map 'encoder' and 'decoder' to their fna_* settings, "
+                         f"got {stacks!r}")
+    unknown = set(stacks[role]) - set(CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"config.{STACKS_KEY}[{role!r}] holds unknown keys {sorted(unknown)}; valid: {list(CONFIG_KEYS)}"
+        )
+    return _StackConfig(config, stacks[role])
+
+
 def layer_settings(config: Any, layer_idx: int | None, num_heads: int | None = None) -> dict[str, Any]:
-    """The keyword arguments of ``fractional_attention`` for one layer, from ``config``'s ``fna_*`` keys.
+    """The keyword arguments of ``fractional_attention`` for one layer, from ``config``'s ``fna_*`` keys
+    (its stack's, where the config carries ``STACKS_KEY``).
 
     Per-head alpha/bandwidth come back as lists (one float per head). ``layer_idx`` may be
     None only when no key is given per layer.
     """
-    values = validate_fna_config(config)
+    values = validate_fna_config(_own_stack(config))
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
         name = key.removeprefix("fna_")
@@ -320,7 +352,8 @@ def _call_kwargs(module: torch.nn.Module, config: Any, heads: int, device: torch
     the next call, and moving the model to another device rebuilds the tensors.
     """
     layer = layer_index(module)
-    key = (layer, heads, str(device), tuple(repr(getattr(config, k, d)) for k, d in CONFIG_KEYS.items()))
+    key = (layer, heads, str(device), tuple(repr(getattr(config, k, d)) for k, d in CONFIG_KEYS.items()),
+           repr(getattr(config, STACKS_KEY, None)), getattr(config, "is_decoder", False))
     cached = module.__dict__.get(_CACHE_ATTR)
     if cached is not None and cached[0] == key:
         return cached[1]

@@ -457,6 +457,7 @@ def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> 
             _refine_output(model, configs, reference, batches, initial, gap_before, lo, hi)
             kl_final = _calibrate(configs, names, records, batches, None, lo, hi)[1]
         gap_after = _gap(reference, model, batches)
+    _record_stacks(model, configs)
     n_sequences = sum(int(r[1].shape[0]) for r in reference)
     return ConversionReport(
         metric=reference[0][0],
@@ -472,6 +473,22 @@ def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> 
         attention_kl_fit=kl_fit,
         layer_names=layer_names,
     )
+
+
+def _record_stacks(model: torch.nn.Module, configs: Sequence[Any]) -> None:
+    """Write each stack's ``fna_*`` values into a top config that does not hold the stacks' configs
+    (a T5's) as ``hf_attention.STACKS_KEY``: T5 saves only its top config and rebuilds both stacks
+    from copies of it when loading, so the calibrated values would otherwise be lost on reload."""
+    saved = [model.config, *vars(model.config).values()]  # the top config and its sub-configs (a Llava's)
+    if all(any(c is s for s in saved) for c in configs):
+        return
+    roles = {"decoder" if getattr(c, "is_decoder", False) else "encoder": c for c in configs}
+    if len(roles) != len(configs):
+        raise ValueError(f"{type(model).__name__}'s {len(configs)} attention configs are not one encoder and one "
+                         "decoder: their calibrated settings cannot be saved in its top config")
+    setattr(model.config, hf_attention.STACKS_KEY, {
+        role: {k: getattr(c, k) for k in hf_attention.CONFIG_KEYS if hasattr(c, k)} for role, c in roles.items()
+    })
 
 
 def _calibrate(configs, names, records, batches, per_head, lo, hi) -> tuple[list[float], list[float], list[str]]:
