@@ -235,6 +235,8 @@ def test_bad_inputs(gpt2, tmp_path, monkeypatch):
         measure_decay(PowerLawAttentionModel(vocab_size=1, max_positions=200), distances=[30], n_prompts=1)
     with pytest.raises(ValueError, match=r"token_range \(5, 3\).*--token-range"):
         measure_decay(gpt2, token_range=(5, 3), distances=[30], n_prompts=1)
+    with pytest.raises(ValueError, match=r"token_range must be \(low, high\) integers, got \(False, True\)"):
+        measure_decay(gpt2, token_range=(False, True), distances=[30], n_prompts=1)  # booleans are no token ids
     # ids past the embedding table: an IndexError deep in GPT-2; the stand-in hashed them silently
     with pytest.raises(ValueError, match=r"token_range \(1000, 49000\) exceeds the vocabulary of 2000 tokens"):
         measure_decay(gpt2, token_range=(1000, 49000), distances=[30], n_prompts=1)

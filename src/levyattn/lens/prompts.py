@@ -108,7 +108,7 @@ def make_prompts(
     """The prompts of ``corpus`` ("random" or a text file) and what to record about them."""
     if isinstance(corpus, str) and corpus == "random":
         if token_range is not None:
-            if len(token_range) != 2 or not all(isinstance(t, int) for t in token_range):
+            if len(token_range) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_range):
                 raise ValueError(f"token_range must be (low, high) integers, got {token_range!r}")
             low, high = token_range
             vocab_from = "token_range"
