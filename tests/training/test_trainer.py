@@ -216,7 +216,7 @@ def test_shards_partition_each_epoch(n, bs, world, seed, epoch):
     for b in batches:
         shards = [b[r::world] for r in range(world)]
         assert sorted(i for s in shards for i in s) == sorted(b)
-        assert all(bool(s) != is_stand_in(b, r, world) for r, s in enumerate(shards))
+        assert all(bool(s) != is_stand_in(b, r) for r, s in enumerate(shards))
 
 
 @settings(max_examples=40, deadline=None)

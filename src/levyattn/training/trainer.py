@@ -217,9 +217,14 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: i
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def is_stand_in(batch: list[int], rank: int, world: int) -> bool:
-    """Whether process ``rank`` of ``world`` has no share of the global ``batch`` (see :class:`_Shards`)."""
+def is_stand_in(batch: list[int], rank: int) -> bool:
+    """Whether process ``rank`` has no share of the global ``batch`` (see :class:`_Shards`)."""
     return len(batch) <= rank
+
+
+def _mean_train_loss(position: dict[str, Any]) -> float:
+    """The weighted mean training loss since the epoch began (its sums made global by ``_reduce_running``)."""
+    return position["loss_sum"] / max(position["weight_sum"], 1e-12)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -504,7 +509,7 @@ class Trainer:
             if rng_to_restore is not None:
                 ckpt_mod.set_rng_state(*rng_to_restore)
                 rng_to_restore = None
-            stand_ins = [is_stand_in(b, dist.rank, dist.world_size) for b in batches]
+            stand_ins = [is_stand_in(b, dist.rank) for b in batches]
             for batch, stand_in in zip(batch_iter, stand_ins, strict=True):
                 lr = lr_at(cfg, position["global_step"], total_steps, steps_per_epoch)
                 loss = self._train_step(train_model, optimizer, batch, lr, position, stand_in)
@@ -531,7 +536,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         if final_eval is not None:
             metrics = final_eval
-            train_loss = position["loss_sum"] / max(position["weight_sum"], 1e-12) if dist.is_main else None
+            train_loss = _mean_train_loss(position) if dist.is_main else None
         else:
             metrics = {k[len("eval_") :]: v for k, v in last.items() if k.startswith("eval_")}
             train_loss = last.get("train_loss")
@@ -613,12 +618,9 @@ class Trainer:
         self._reduce_running(position)
         record = {"epoch": epoch + 1, "step": position["global_step"],
                   "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": position["loss_sum"] / max(position["weight_sum"], 1e-12)}
+                  "train_loss": _mean_train_loss(position)}
         if dist.is_main:
-            model.eval()
-            with torch.no_grad():
-                metrics = self.task.evaluate(model, _DeviceLoader(eval_loader, self.device))
-            record.update({f"eval_{k}": float(v) for k, v in metrics.items()})
+            record.update({f"eval_{k}": v for k, v in self._evaluate(model, eval_loader).items()})
         record["train_time_s"] = position["train_time_s"]
         record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
         self.history.append(record)
@@ -642,8 +644,10 @@ class Trainer:
         holds the RNG state an uninterrupted run would go on with, which evaluating may draw from."""
         self._reduce_running(position)
         self._save(model, optimizer, position)
-        if not self.dist.is_main:
-            return {}
+        return self._evaluate(model, eval_loader) if self.dist.is_main else {}
+
+    def _evaluate(self, model: nn.Module, eval_loader: Any) -> dict[str, float]:
+        """The task's metrics of ``model`` (in eval mode) on the evaluation set."""
         model.eval()
         with torch.no_grad():
             metrics = self.task.evaluate(model, _DeviceLoader(eval_loader, self.device))
