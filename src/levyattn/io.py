@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,15 @@ class DataFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hugging Face hub id ("name" or "owner/name"), which a
+    path that does not exist is then taken for; "/data/model", "./model" or "a/b/c" have not."""
+    return bool(_HUB_ID.match(text))
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -51,7 +51,7 @@ from levyattn.integrations.hf_attention import (
     substitute_attention,
 )
 from levyattn.integrations.hf_convert import to_fna
-from levyattn.io import atomic_write_bytes, atomic_write_json, read_json, read_text
+from levyattn.io import atomic_write_bytes, atomic_write_json, is_hub_id, read_json, read_text
 from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from levyattn.training.progress import EpochProgress
 
@@ -127,7 +127,7 @@ def load_causal_lm(source: str | Path) -> tuple[PreTrainedModel, Any]:
         path, kwargs = path.parent, {"gguf_file": path.name}
     elif not path.is_dir() and path.exists():
         raise ValueError(f"model must be a model folder, a .gguf file or a hub id, got the file {source}")
-    elif not path.exists() and not _could_be_hub_id(str(source)):
+    elif not path.exists() and (path.suffix == ".gguf" or not is_hub_id(str(source))):
         raise FileNotFoundError(f"model folder or file not found: {source}")
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -142,18 +142,6 @@ def load_causal_lm(source: str | Path) -> tuple[PreTrainedModel, Any]:
         ) from None
     tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     return model.eval(), tokenizer
-
-
-def _could_be_hub_id(source: str) -> bool:
-    """Whether ``source`` has the form of a hub id ("name" or "owner/name"), not of a path."""
-    parts = source.split("/")
-    return (
-        len(parts) <= 2
-        and all(parts)
-        and not source.startswith((".", "~"))
-        and "\\" not in source
-        and not source.endswith(".gguf")
-    )
 
 
 def text_windows(tokenizer: Any, paths: Sequence[str | Path], window: int) -> torch.Tensor:

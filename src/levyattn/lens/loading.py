@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -19,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from levyattn.io import is_hub_id
+
 __all__ = ["load_hf_model"]
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -115,7 +115,7 @@ def load_hf_model(
         local = True
     elif path.exists():
         raise ValueError(f"model {text!r} is a file; give a model directory, a .gguf file or a hub id")
-    elif not _HUB_ID.match(text) or text.count("/") > 1:
+    elif not is_hub_id(text):
         raise FileNotFoundError(f"model {text!r}: no such directory, and not a valid Hugging Face hub id")
     else:
         local = False
