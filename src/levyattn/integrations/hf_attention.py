@@ -105,6 +105,7 @@ __all__ = [
     "assign_layer_indices",
     "attention_modules",
     "causal_context",
+    "check_fna_settings",
     "configure_fna",
     "fna_attention_forward",
     "layer_index",
@@ -227,6 +228,14 @@ def configure_fna(config: Any, **settings: Any) -> Any:
         config = getattr(config, "config", None)
         if config is None:
             raise TypeError("configure_fna needs a transformers config or a model with a .config")
+    for key, value in check_fna_settings(config, **settings).items():  # only after every value passed
+        setattr(config, key, value)
+    return config
+
+
+def check_fna_settings(config: Any, **settings: Any) -> dict[str, Any]:
+    """``settings`` (as :func:`configure_fna` takes them) checked against ``config``'s layers and
+    heads, as ``{"fna_<name>": value}``; nothing is written."""
     n_layers, n_heads = num_layers(config), _num_heads(config)
     checked = {}
     for name, value in settings.items():
@@ -235,9 +244,7 @@ def configure_fna(config: Any, **settings: Any) -> Any:
             valid = ", ".join(k.removeprefix("fna_") for k in CONFIG_KEYS)
             raise TypeError(f"configure_fna got an unknown setting {name!r}; valid settings: {valid}")
         checked[key] = _check_key(key, value, n_layers, n_heads)
-    for key, value in checked.items():  # only after every value passed
-        setattr(config, key, value)
-    return config
+    return checked
 
 
 # ----------------------------------------------------------------------------- layers

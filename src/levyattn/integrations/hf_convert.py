@@ -346,7 +346,7 @@ def to_fna(
     # Everything is checked before anything changes: a bad argument leaves the model as it was.
     batches = None if calibration_inputs is None else _as_batches(model, calibration_inputs)
     for config in _stack_configs(modules):
-        checked = _check_settings(config, settings)
+        checked = hf_attention.check_fna_settings(config, **settings)
     density = checked["fna_density_a"]
     if any(v > 0 for v in (density if isinstance(density, list) else [density])):
         if batches is not None:
@@ -368,12 +368,6 @@ def to_fna(
         raise
     finally:
         model.train(was_training)
-
-
-def _check_settings(config: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` as ``fna_*`` values checked against ``config``'s layers and heads; nothing is written."""
-    n_layers, n_heads = hf_attention.num_layers(config), hf_attention._num_heads(config)
-    return {f"fna_{k}": hf_attention._check_key(f"fna_{k}", v, n_layers, n_heads) for k, v in settings.items()}
 
 
 def _stack_configs(modules: Sequence[torch.nn.Module]) -> list[Any]:
