@@ -164,7 +164,8 @@ def time_to_ci(
         rows.append(table)
         pv = np.concatenate(rows)
         if pv.shape[0] >= max(2, min_prompts):
-            lo, hi, _ = bootstrap_gamma(pv, d, n_boot=n_boot, paired=paired, seed=0)
+            boot = bootstrap_gamma(pv, d, n_boot=n_boot, paired=paired, seed=0)
+            lo, hi = boot.lo, boot.hi
             half = (hi - lo) / 2
         if half <= target:
             break
@@ -223,7 +224,8 @@ def ci_study(
             for r in range(repeats):
                 table, _, paired = proc(50_000 + 1000 * n + r, n)
                 gam.append(fit_power_law(d, table.mean(axis=0)).gamma)
-                lo, hi, _ = bootstrap_gamma(table, d, n_boot=n_boot, paired=paired, seed=0)
+                boot = bootstrap_gamma(table, d, n_boot=n_boot, paired=paired, seed=0)
+                lo, hi = boot.lo, boot.hi
                 half.append((hi - lo) / 2)
                 cover.append(lo <= ref_gamma <= hi)
             sd = float(np.std(gam, ddof=1))

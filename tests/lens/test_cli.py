@@ -41,6 +41,7 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     data = json.loads((out / "lens.json").read_text())
     assert data["measurement"]["distances"] == [30, 60, 120] and len(data["gamma_ci"]) == 2
     assert data["ci_level"] == 0.9  # --level reaches the interval and is recorded beside it
+    assert (data["n_boot"], data["n_boot_valid"]) == (50, 50) and "50 of 50 resamples valid" in text
     assert data["fractional"]["regime_rule"].startswith("90% CI [") and "95%" not in text.split("time")[0]
     (entry,) = json.loads(atlas.read_text())["entries"]
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"

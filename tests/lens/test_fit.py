@@ -97,11 +97,50 @@ def test_bootstrap_ci_covers_truth(paired):
     d = np.array([30, 60, 120, 240, 480, 960], dtype=float)
     true = np.exp(-2.0 - 0.8 * np.log(d))
     prompts = true[None, :] * rng.lognormal(0.0, 0.3, size=(200, d.size))
-    lo, hi, g = bootstrap_gamma(prompts, d, n_boot=400, paired=paired, seed=3)
-    assert lo < 0.8 < hi and hi - lo < 0.1 and g.shape == (400,)
+    boot = bootstrap_gamma(prompts, d, n_boot=400, paired=paired, seed=3)
+    assert boot.lo < 0.8 < boot.hi and boot.hi - boot.lo < 0.1 and boot.gammas.shape == (400,)
+    assert boot.n_valid == boot.n_boot == 400 and boot.level == 0.95
     # fewer prompts -> wider interval
-    lo2, hi2, _ = bootstrap_gamma(prompts[:20], d, n_boot=400, paired=paired, seed=3)
-    assert hi2 - lo2 > hi - lo
+    fewer = bootstrap_gamma(prompts[:20], d, n_boot=400, paired=paired, seed=3)
+    assert fewer.hi - fewer.lo > boot.hi - boot.lo
+
+
+def _far_weight_in_few_prompts(n_positive: int) -> tuple[np.ndarray, np.ndarray]:
+    """6 prompts of A(d) = d^-0.8 (lognormal noise); only the first ``n_positive`` have weight past d = 30."""
+    d = np.array([30.0, 60.0, 120.0])
+    pv = (d**-0.8)[None, :] * np.random.default_rng(0).lognormal(0.0, 0.2, size=(6, 3))
+    pv[n_positive:, 1:] = 0.0
+    return d, pv
+
+
+def test_bootstrap_refuses_when_invalid_resamples_fill_a_tail():
+    # one prompt of six carries the far weight: (5/6)^6 = 33% of the resamples have A = 0 at d = 60 and 120
+    d, pv = _far_weight_in_few_prompts(1)
+    with pytest.raises(ValueError, match=r"640 of 2000 resampled curves were zero or missing .* 2.5% tail"):
+        bootstrap_gamma(pv, d, n_boot=2000, seed=0)
+
+
+def test_bootstrap_widens_and_warns_for_a_few_invalid_resamples():
+    # three prompts of six carry the far weight: (1/2)^6 = 1.6% of the resamples are invalid, below the 2.5% tail
+    d, pv = _far_weight_in_few_prompts(3)
+    with pytest.warns(RuntimeWarning, match="30 of 2000 bootstrap resamples"):
+        boot = bootstrap_gamma(pv, d, n_boot=2000, seed=0)
+    assert (boot.n_boot, boot.n_valid, boot.n_invalid) == (2000, 1970, 30)
+    assert np.isnan(boot.gammas).sum() == 30
+    valid = boot.gammas[np.isfinite(boot.gammas)]
+    # each end counts the 30 at the side that widens it: the 2.5% / 97.5% points of all 2000, not of the 1970
+    assert boot.lo == pytest.approx(np.quantile(np.r_[np.full(30, -np.inf), valid], 0.025))
+    assert boot.hi == pytest.approx(np.quantile(np.r_[valid, np.full(30, np.inf)], 0.975))
+    assert boot.lo < np.quantile(valid, 0.025) and boot.hi > np.quantile(valid, 0.975)
+
+
+def test_bootstrap_fits_every_resample_on_the_points_of_the_whole_fit():
+    # one prompt of six has weight at d = 240: a resample without it must not be fitted on 30..120 alone
+    d = np.array([30.0, 60.0, 120.0, 240.0])
+    pv = (d**-0.8)[None, :] * np.random.default_rng(0).lognormal(0.0, 0.2, size=(6, 4))
+    pv[1:, 3] = 0.0
+    with pytest.raises(ValueError, match=r"of 2000 resampled curves were zero or missing"):
+        bootstrap_gamma(pv, d, n_boot=2000, seed=0)
 
 
 @pytest.mark.parametrize(

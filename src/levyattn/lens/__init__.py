@@ -23,6 +23,7 @@ from levyattn.lens.atlas import (
 from levyattn.lens.fit import (
     D_MIN_FIT,
     ExponentialFit,
+    GammaBootstrap,
     ModelChoice,
     PowerLawFit,
     bootstrap_gamma,
@@ -56,6 +57,7 @@ __all__ = [
     "DenseOptions",
     "ExponentialFit",
     "FractionalReading",
+    "GammaBootstrap",
     "LensResult",
     "ModelChoice",
     "PowerLawFit",

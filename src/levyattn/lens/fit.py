@@ -14,12 +14,14 @@ Conventions
   ``1 - SS_res / SS_tot`` (0 when all log values are equal, as published). Fed a published
   ``A(d)`` table these return the published gamma, log_A and R^2.
 - The bootstrap resamples **prompts** (rows of a (N, D) per-prompt table), recomputes the
-  mean curve and refits; the interval is the percentile interval.
+  mean curve and refits on the points the whole sample's fit uses; the interval is the
+  percentile interval, widened (or refused) when resamples are invalid (:func:`bootstrap_gamma`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ import numpy as np
 __all__ = [
     "D_MIN_FIT",
     "ExponentialFit",
+    "GammaBootstrap",
     "ModelChoice",
     "PowerLawFit",
     "bootstrap_gamma",
@@ -210,6 +213,26 @@ def _slopes(log_d: np.ndarray, log_v: np.ndarray) -> np.ndarray:
     return slope
 
 
+@dataclass(frozen=True)
+class GammaBootstrap:
+    """A percentile bootstrap interval ``[lo, hi]`` for gamma at ``level``.
+
+    ``gammas`` (n_boot,): the gamma of every resample, NaN for an invalid one (see
+    :func:`bootstrap_gamma`); ``n_valid`` of the ``n_boot`` resamples requested were valid.
+    """
+
+    lo: float
+    hi: float
+    level: float
+    gammas: np.ndarray
+    n_boot: int
+    n_valid: int
+
+    @property
+    def n_invalid(self) -> int:
+        return self.n_boot - self.n_valid
+
+
 def bootstrap_gamma(
     prompt_values: np.ndarray,
     distances: Sequence[float] | np.ndarray,
@@ -218,14 +241,31 @@ def bootstrap_gamma(
     level: float = 0.95,
     paired: bool = True,
     seed: int = 0,
-) -> tuple[float, float, np.ndarray]:
+) -> GammaBootstrap:
     """Percentile bootstrap interval for gamma, resampling prompts.
 
     ``prompt_values`` (N, D): ``A(d)`` of each prompt (NaN where a prompt did not measure a
     distance). ``paired=True`` when one prompt gave every distance (the one-pass shortcut,
     the dense protocol): rows are resampled together so the correlation between distances is
     kept. ``paired=False`` when each distance had its own prompts (one pass per distance with
-    independent prompts): each column is resampled on its own. Returns (lo, hi, gammas (n_boot,)).
+    independent prompts): each column is resampled on its own.
+
+    Every resample is fitted on the points the fit of the whole sample uses: the distances
+    ``>= d_min`` whose mean over all prompts is finite and positive. A resample whose mean is
+    zero or missing at one of them is **invalid**: its gamma is not the same statistic (fitted
+    on fewer points it would read another curve), and its log-space slope does not exist (a
+    mean of zero at a far distance is a decay steeper than any power law). ``gammas`` holds NaN
+    for it and ``n_valid`` counts the others.
+
+    Leaving the invalid resamples out would condition the interval on validity, and validity is
+    not independent of gamma: the resamples that miss the few prompts with weight at the far
+    distances are exactly the steepest curves, so dropping them moves the interval towards
+    shallow decay (a silent, one-sided bias). Instead each end is taken over all ``n_boot``
+    resamples with the invalid ones placed where they widen it (at -inf for ``lo``, at +inf for
+    ``hi``): the interval contains the percentile interval of any values they could stand for,
+    and equals the usual one when every resample is valid. When the invalid resamples
+    outnumber a tail (``(1 - level) / 2 * n_boot``) an end is unbounded and the bootstrap is
+    refused (ValueError with the count); below that a RuntimeWarning gives the count.
     """
     pv = np.asarray(prompt_values, dtype=np.float64)
     d = _as_1d(distances, "distances")
@@ -235,13 +275,19 @@ def bootstrap_gamma(
         raise ValueError(f"n_boot must be an integer >= 10, got {n_boot}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    cols = np.flatnonzero(d >= d_min)
-    if cols.size < 2:
-        raise ValueError(f"the bootstrap needs at least 2 distances >= d_min={d_min}, got {d.tolist()}")
-    pv = pv[:, cols]
     n = pv.shape[0]
     if n < 2:
         raise ValueError(f"the bootstrap needs at least 2 prompts, got {n}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column is left out below
+        whole = np.nanmean(pv, axis=0)
+    cols = np.flatnonzero((d >= d_min) & np.isfinite(whole) & (whole > 0))
+    if cols.size < 2:
+        raise ValueError(
+            f"the bootstrap needs at least 2 distances >= d_min={d_min} with a finite positive mean, got "
+            f"{d[cols].tolist()} of {d.tolist()}"
+        )
+    pv = pv[:, cols]
     rng = np.random.default_rng(seed)
     log_d = np.log(d[cols])
     gammas = np.empty(n_boot)
@@ -254,14 +300,31 @@ def bootstrap_gamma(
         else:
             idx = rng.integers(0, n, size=(b, n, cols.size))
             sample = np.take_along_axis(pv[None, :, :].repeat(b, 0), idx, axis=1)
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             means = np.nanmean(sample, axis=1) if np.isnan(sample).any() else sample.mean(axis=1)
+        valid = np.all(np.isfinite(means) & (means > 0), axis=1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            log_m = np.where(means > 0, np.log(np.where(means > 0, means, 1.0)), np.nan)
-        gammas[start : start + b] = -_slopes(log_d, log_m)
+            log_m = np.log(np.where(valid[:, None], means, 1.0))
+        gammas[start : start + b] = np.where(valid, -_slopes(log_d, log_m), np.nan)
     finite = gammas[np.isfinite(gammas)]
-    if finite.size < n_boot // 2:
-        raise ValueError("the bootstrap failed: most resampled curves had fewer than 2 positive points")
+    n_invalid = n_boot - finite.size
     tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(finite, [tail, 1.0 - tail])
-    return float(lo), float(hi), gammas
+    with np.errstate(invalid="ignore"):  # an end interpolated against an infinite resample is NaN: unbounded
+        lo = float(np.quantile(np.concatenate([np.full(n_invalid, -np.inf), finite]), tail))
+        hi = float(np.quantile(np.concatenate([finite, np.full(n_invalid, np.inf)]), 1.0 - tail))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(
+            f"the bootstrap is refused: {n_invalid} of {n_boot} resampled curves were zero or missing at a distance "
+            f"the fit uses ({d[cols].tolist()}), more than the {tail * 100:g}% tail of a {level * 100:g}% interval, "
+            "so an end of the interval is not bounded by the data; measure more prompts, or fit only the distances "
+            "most prompts reach (d_min, distances)"
+        )
+    if n_invalid:
+        warnings.warn(
+            f"{n_invalid} of {n_boot} bootstrap resamples of gamma were zero or missing at a distance the fit uses; "
+            f"the {level * 100:g}% interval is widened to hold any gamma they could stand for",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return GammaBootstrap(lo=lo, hi=hi, level=float(level), gammas=gammas, n_boot=n_boot, n_valid=int(finite.size))

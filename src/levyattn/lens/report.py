@@ -24,7 +24,9 @@ class LensResult:
 
     ``point_ci`` (D, 2): a normal 95% interval of each aggregate A(d) over prompts (error bars);
     ``layer_gamma`` (Ly,), ``head_gamma`` (Ly, H): power-law gamma of each layer's / head's
-    mean curve (NaN where fewer than two positive points >= d_min).
+    mean curve (NaN where fewer than two positive points >= d_min). ``n_boot_valid``: the
+    bootstrap resamples of ``n_boot`` that were valid (None without an interval; see
+    :func:`levyattn.lens.bootstrap_gamma`).
     """
 
     measurement: DecayMeasurement
@@ -35,6 +37,7 @@ class LensResult:
     gamma_ci: tuple[float, float] | None
     level: float
     n_boot: int
+    n_boot_valid: int | None
     reading: FractionalReading
     point_ci: np.ndarray
     layer_gamma: np.ndarray
@@ -52,6 +55,8 @@ class LensResult:
             "ci_level": self.level,
             "ci_method": f"percentile bootstrap over prompts ({self.n_boot} resamples, "
             f"{'paired curves' if self.measurement.paired else 'per distance'})",
+            "n_boot": self.n_boot,
+            "n_boot_valid": self.n_boot_valid,
             "d_min": self.d_min,
             "fit_power_law": asdict(self.power),
             "fit_exponential": asdict(self.expo),
@@ -102,8 +107,10 @@ def analyze_decay(
     choice = fit.choose_model(power, expo)
     flat = m.flat_prompt_values()
     gamma_ci = None
+    n_boot_valid = None
     if flat.shape[0] >= 2:
-        lo, hi, _ = fit.bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
+        boot = fit.bootstrap_gamma(flat, d, d_min=d_min, n_boot=n_boot, level=level, paired=m.paired, seed=seed)
+        lo, hi, n_boot_valid = boot.lo, boot.hi, boot.n_valid
         # a percentile interval of a skewed, few-prompt bootstrap can miss the estimate it should qualify
         if not gamma_in_interval(power.gamma, (lo, hi)):
             raise ValueError(
@@ -135,6 +142,7 @@ def analyze_decay(
         gamma_ci=gamma_ci,
         level=level,
         n_boot=n_boot,
+        n_boot_valid=n_boot_valid,
         reading=reading,
         point_ci=point_ci,
         layer_gamma=layer_gamma,
@@ -156,6 +164,7 @@ def summary_rows(result: LensResult) -> list[tuple[str, str]]:
         ("distances", ", ".join(str(int(x)) for x in m.distances) + f"  (fit d >= {f.d_min:g})"),
         ("gamma", f"{f.power.gamma:.4f}"),
         (f"gamma {int(round(f.level * 100))}% CI", ci),
+        ("bootstrap", f"{f.n_boot_valid} of {f.n_boot} resamples valid" if f.gamma_ci else "n/a"),
         ("R² power law", f"{f.power.r2:.4f}"),
         ("R² exponential", f"{f.expo.r2:.4f}"),
         ("delta R²", f"{f.choice.delta_r2:+.4f}"),
