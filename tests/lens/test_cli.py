@@ -146,7 +146,7 @@ def test_lens_cli_measures_a_saved_fna_model_as_fna(tmp_path, capfd):
         (["--level", "1.5"], r"--level must be in \(0, 1\), got 1.5"),
         (["--d-min", "-1"], "--d-min must be a positive number"),
         (["--tol", "-0.1"], "--tol must be a number >= 0"),
-        (["--token-range", "9", "3"], "--token-range 9 3 needs 0 <= LOW <= HIGH"),
+        (["--token-range", "9", "3"], r"--token-range \(9, 3\) is empty or negative; it needs 0 <= low <= high"),
         (["--distances", "30,0"], "--distances must be integers >= 1"),
         (["--distances", "10,20,30"], "leave 1 distance"),
         (["--corpus", "no-such-file.txt"], "--corpus no-such-file.txt: file not found"),
@@ -164,3 +164,42 @@ def test_lens_cli_refuses_bad_options_before_loading_the_model(options, message,
     argv = ["lens", str(tmp_path / "model"), "--distances", "30,60", "--out", str(tmp_path), "--no-plots"]
     assert main(argv + options) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "library, options",
+    [
+        ({"n_prompts": 0}, ["--prompts", "0"]),
+        ({"batch_size": 0}, ["--batch-size", "0"]),
+        ({"seeds": [42, 42]}, ["--seeds", "42", "42"]),
+        ({"token_range": (9, 3)}, ["--token-range", "9", "3"]),
+        ({"corpus": "no-such-file.txt"}, ["--corpus", "no-such-file.txt"]),
+        ({"distances": [30, 0]}, ["--distances", "30,0"]),
+        ({"protocol": "dense", "distances": [30, 60], "dense": 40}, ["--protocol", "dense", "--seq-len", "40"]),
+        ({"d_min": -1.0}, ["--d-min", "-1"]),
+        ({"n_boot": 5}, ["--bootstrap", "5"]),
+        ({"level": 1.5}, ["--level", "1.5"]),
+        ({"tol": -0.1}, ["--tol", "-0.1"]),
+    ],
+)
+def test_lens_cli_and_library_refuse_an_option_with_one_message(library, options, tmp_path, capsys):
+    """The command line and measure_decay / analyze_decay run the same check: one message, with the option's name."""
+    from test_fit import _noisy_measurement
+
+    from levyattn.cli.lens import OPTION_NAMES
+    from levyattn.lens import DenseOptions, analyze_decay, measure_decay
+
+    if library.get("dense"):
+        library = {**library, "dense": DenseOptions(seq_len=library["dense"])}
+    analysis = {k: library.pop(k) for k in ("d_min", "n_boot", "level", "tol") if k in library}
+    with pytest.raises((ValueError, FileNotFoundError)) as refused:
+        if analysis:
+            analyze_decay(_noisy_measurement(0), **analysis)
+        else:
+            measure_decay(None, **library)
+    message = str(refused.value).removesuffix(" (--token-range LOW HIGH on the command line)")  # Python users' hint
+    for param, option in OPTION_NAMES.items():
+        message = re.sub(rf"\b{param}\b", option, message)
+    argv = ["lens", str(tmp_path / "model"), "--distances", "30,60", "--out", str(tmp_path), "--no-plots"]
+    assert main(argv + options) == 2
+    assert capsys.readouterr().err.strip() == f"levyattn lens: error: {message}"

@@ -8,6 +8,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from levyattn.lens import DenseOptions
 
 HELP = "measure any transformer's attention decay A(d) ~ d^-gamma and read gamma as a fractional order"
 
@@ -111,58 +115,35 @@ def plain_progress(every_s: float = 15.0, stream=None) -> Callable[[int, int], N
     return report
 
 
-def check_options(args: argparse.Namespace) -> list[int] | None:
-    """Refuse bad options before the model loads (seconds to minutes); returns the parsed distances.
+#: The command-line names of measure_decay's and analyze_decay's parameters, for the option messages.
+OPTION_NAMES = {
+    "protocol": "--protocol",
+    "passes": "--passes",
+    "prompt_stream": "--prompt-stream",
+    "capture": "--capture",
+    "distances": "--distances",
+    "n_prompts": "--prompts",
+    "seeds": "--seeds",
+    "batch_size": "--batch-size",
+    "corpus": "--corpus",
+    "token_range": "--token-range",
+    "seq_len": "--seq-len",
+    "d_min": "--d-min",
+    "n_boot": "--bootstrap",
+    "level": "--level",
+    "tol": "--tol",
+}
+
+
+def check_options(args: argparse.Namespace) -> tuple[list[int] | None, DenseOptions]:
+    """Refuse bad options before the model loads (seconds to minutes), with the library's own checks
+    (:func:`levyattn.lens.check_lens_options`); returns the parsed distances and the dense options.
 
     What depends on the model (the context, the vocabulary) is checked by ``measure_decay`` once loaded.
     """
-    import math
+    from levyattn.lens import DenseOptions, check_lens_options
 
-    if not (math.isfinite(args.d_min) and args.d_min > 0):
-        raise ValueError(f"--d-min must be a positive number, got {args.d_min}")
     distances = parse_distances(args.distances)
-    if distances is not None:
-        if not distances or any(d < 1 for d in distances):
-            raise ValueError(f"--distances must be integers >= 1, got {args.distances!r}")
-        fitted = sorted({d for d in distances if d >= args.d_min})
-        if len(fitted) < 2:
-            raise ValueError(f"--distances {args.distances!r} leave {len(fitted)} distance(s) >= --d-min "
-                             f"{args.d_min:g}; the fit needs at least 2")  # fmt: skip
-    if args.prompts < 1:
-        raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
-    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1})
-    if repeated:
-        raise ValueError(f"--seeds must be distinct, got {args.seeds} with {repeated} repeated")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.bootstrap < 10:
-        raise ValueError(f"--bootstrap must be >= 10 resamples, got {args.bootstrap}")
-    if not 0.0 < args.level < 1.0:
-        raise ValueError(f"--level must be in (0, 1), got {args.level}")
-    if not (math.isfinite(args.tol) and args.tol >= 0):
-        raise ValueError(f"--tol must be a number >= 0, got {args.tol}")
-    if args.token_range is not None and not 0 <= args.token_range[0] <= args.token_range[1]:
-        raise ValueError(f"--token-range {args.token_range[0]} {args.token_range[1]} needs 0 <= LOW <= HIGH")
-    if args.corpus != "random" and not Path(args.corpus).is_file():
-        raise FileNotFoundError(f"--corpus {args.corpus}: file not found (use 'random' for random tokens)")
-    if args.protocol == "dense" and args.seq_len is not None and distances is not None:
-        too_long = [d for d in distances if d >= args.seq_len]
-        if too_long:
-            raise ValueError(f"--distances {too_long} do not fit a dense pass of --seq-len {args.seq_len} (need d < "
-                             "--seq-len)")  # fmt: skip
-    return distances
-
-
-def run(args: argparse.Namespace) -> int:
-    from levyattn._extras import require
-
-    distances = check_options(args)
-    require("hf", "transformers", purpose="levyattn lens")
-    if not args.no_plots:
-        require("report", purpose="levyattn lens (its plots; --no-plots skips them)")
-    from levyattn.lens import DenseOptions, analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
-    from levyattn.lens.report import summary_rows
-
     dense = DenseOptions(
         exclude_sink=0 if args.keep_sink else 1,
         exclude_special=not args.keep_special,
@@ -172,6 +153,37 @@ def run(args: argparse.Namespace) -> int:
         frame_special=args.frame_special,
         query_rows=args.query_rows,
     )
+    check_lens_options(
+        protocol=args.protocol,
+        passes=args.passes,
+        prompt_stream=args.prompt_stream,
+        capture=args.capture,
+        distances=distances,
+        n_prompts=args.prompts,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        corpus=args.corpus,
+        token_range=args.token_range,
+        seq_len=dense.seq_len if args.protocol == "dense" else None,
+        d_min=args.d_min,
+        n_boot=args.bootstrap,
+        level=args.level,
+        tol=args.tol,
+        names=OPTION_NAMES,
+    )
+    return distances, dense
+
+
+def run(args: argparse.Namespace) -> int:
+    from levyattn._extras import require
+
+    distances, dense = check_options(args)
+    require("hf", "transformers", purpose="levyattn lens")
+    if not args.no_plots:
+        require("report", purpose="levyattn lens (its plots; --no-plots skips them)")
+    from levyattn.lens import analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
+    from levyattn.lens.report import summary_rows
+
     causal = {"auto": None, "yes": True, "no": False}[args.causal]
     print(f"levyattn lens: measuring {args.model} ({args.protocol} protocol) ...", file=sys.stderr)
     on_terminal = sys.stderr.isatty()

@@ -41,6 +41,7 @@ from levyattn.lens.measure import (
     load_hf_model,
     measure_decay,
 )
+from levyattn.lens.options import check_lens_options
 from levyattn.lens.report import LensResult, analyze_decay, write_lens_outputs
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
     "analyze_decay",
     "append_to_atlas",
     "bootstrap_gamma",
+    "check_lens_options",
     "choose_model",
     "default_user_atlas_path",
     "fit_exponential",

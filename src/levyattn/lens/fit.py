@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from levyattn.lens.options import check_lens_options
+
 __all__ = [
     "D_MIN_FIT",
     "ExponentialFit",
@@ -271,10 +273,7 @@ def bootstrap_gamma(
     d = _as_1d(distances, "distances")
     if pv.ndim != 2 or pv.shape[1] != d.size:
         raise ValueError(f"prompt_values must have shape (N, {d.size}), got {pv.shape}")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 10:
-        raise ValueError(f"n_boot must be an integer >= 10, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+    check_lens_options(n_boot=n_boot, level=level)
     n = pv.shape[0]
     if n < 2:
         raise ValueError(f"the bootstrap needs at least 2 prompts, got {n}")

@@ -94,6 +94,7 @@ from levyattn.lens.loading import (
     resolve_dtype,
     uses_fna,
 )
+from levyattn.lens.options import check_lens_options
 from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
 from levyattn.lens.reductions import dense_values, published_values
 
@@ -293,28 +294,12 @@ def _nan_to_none(x: Any) -> Any:
 def _check_distances(
     distances: Sequence[int] | None, context: int | None, protocol: str, dense: DenseOptions
 ) -> tuple[list[int], list[int]]:
-    if distances is None:
-        grid = list(PUBLISHED_DISTANCES)
-        explicit = False
-    else:
-        if isinstance(distances, (str, bytes)) or not hasattr(distances, "__iter__"):
-            raise TypeError(f"distances must be a sequence of integers, got {type(distances).__name__}")
-        grid = []
-        for d in distances:
-            if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-                raise ValueError(f"distances must be integers >= 1, got {d!r}")
-            grid.append(int(d))
-        if not grid:
-            raise ValueError("distances must not be empty")
-        grid = sorted(set(grid))
-        explicit = True
+    """The sorted grid (distances checked by :func:`check_lens_options`) and the published distances
+    dropped because their sequence does not fit the model's context."""
+    explicit = distances is not None
+    grid = sorted({int(d) for d in distances}) if distances is not None else list(PUBLISHED_DISTANCES)
     limit = context
     if protocol == "dense" and dense.seq_len is not None:
-        too_long = [d for d in grid if d >= dense.seq_len]
-        if too_long:
-            raise ValueError(
-                f"distances {too_long} do not fit a dense pass of seq_len={dense.seq_len} (need d < seq_len)"
-            )
         if context is not None and dense.seq_len > context:
             raise ValueError(f"dense seq_len={dense.seq_len} exceeds the model's context of {context} positions")
         limit = None
@@ -388,28 +373,23 @@ def measure_decay(
     is called after every pass with the prompts done so far (a prompt counts once per
     distance in per-distance mode).
     """
-    if protocol not in ("published", "dense"):
-        raise ValueError(f"protocol must be 'published' or 'dense', got {protocol!r}")
-    if passes not in ("auto", "one", "per_distance"):
-        raise ValueError(f"passes must be 'auto', 'one' or 'per_distance', got {passes!r}")
-    if prompt_stream not in ("nested", "published"):
-        raise ValueError(f"prompt_stream must be 'nested' or 'published', got {prompt_stream!r}")
-    if capture not in ("auto", "eager"):
-        raise ValueError(f"capture must be 'auto' or 'eager', got {capture!r}")
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise ValueError(f"n_prompts must be a positive integer, got {n_prompts!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    seeds = tuple(seeds)
-    if not seeds or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}")
-    repeated = sorted({int(s) for s in seeds if seeds.count(s) > 1})
-    if repeated:
-        # a repeated seed draws the same prompts again: counted twice, they narrow the CI without new data
-        raise ValueError(f"seeds must be distinct, got {list(seeds)!r} with {repeated} repeated")
     dense = dense or DenseOptions()
     if not isinstance(dense, DenseOptions):
         raise TypeError(f"dense must be a DenseOptions, got {type(dense).__name__}")
+    check_lens_options(
+        protocol=protocol,
+        passes=passes,
+        prompt_stream=prompt_stream,
+        capture=capture,
+        distances=distances,
+        n_prompts=n_prompts,
+        seeds=seeds,
+        batch_size=batch_size,
+        corpus=corpus,
+        token_range=token_range,
+        seq_len=dense.seq_len if protocol == "dense" else None,
+    )
+    seeds = tuple(seeds)
 
     t_start = time.perf_counter()
     torch_dtype = resolve_dtype(dtype)

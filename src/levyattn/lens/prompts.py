@@ -107,16 +107,9 @@ def make_prompts(
 ) -> tuple[Prompts, dict]:
     """The prompts of ``corpus`` ("random" or a text file) and what to record about them."""
     if isinstance(corpus, str) and corpus == "random":
-        if token_range is not None:
-            if len(token_range) != 2 or not all(isinstance(t, int) and not isinstance(t, bool) for t in token_range):
-                raise ValueError(f"token_range must be (low, high) integers, got {token_range!r}")
-            low, high = token_range
+        if token_range is not None:  # its form and order checked by check_lens_options
+            low, high = (int(t) for t in token_range)
             vocab_from = "token_range"
-            if low < 0 or high < low:
-                raise ValueError(
-                    f"token_range ({low}, {high}) is empty or negative; it needs 0 <= low <= high "
-                    "(--token-range LOW HIGH on the command line)"
-                )
             vocab, source = _model_vocabulary(tokenizer, model)
             if vocab is not None and high >= vocab:
                 # ids past the embedding table fail deep in the model, or are hashed silently by a stand-in
@@ -127,9 +120,7 @@ def make_prompts(
         else:
             low, high, vocab_from = random_token_range(tokenizer, model)
         return Prompts(low, high, None, "random"), {"corpus": "random", "token_range": [low, high], "from": vocab_from}
-    path = Path(corpus)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus file not found: {path} (use corpus='random' for random tokens)")
+    path = Path(corpus)  # an existing file (check_lens_options)
     if tokenizer is None:
         raise ValueError(f"corpus {path} is text and needs a tokenizer; pass tokenizer= (or load the model by path)")
     text = read_text(path, "corpus")

@@ -14,6 +14,7 @@ from levyattn.lens import fit
 from levyattn.lens.atlas import PUBLISHED_SOURCE, AtlasEntry, entry_from_lens_result
 from levyattn.lens.fractional import CAVEAT, CROSSOVER_TOL, FractionalReading, fractional_order, gamma_in_interval
 from levyattn.lens.measure import DecayMeasurement, _nan_to_none
+from levyattn.lens.options import check_lens_options
 
 __all__ = ["LensResult", "analyze_decay", "write_lens_outputs"]
 
@@ -99,6 +100,7 @@ def analyze_decay(
     """
     if not isinstance(measurement, DecayMeasurement):
         raise TypeError(f"measurement must be a DecayMeasurement, got {type(measurement).__name__}")
+    check_lens_options(distances=measurement.distances.tolist(), d_min=d_min, n_boot=n_boot, level=level, tol=tol)
     m = measurement
     d = m.distances.astype(np.float64)
     agg = m.aggregate
