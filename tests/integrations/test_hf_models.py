@@ -137,6 +137,67 @@ def test_generate_with_cache_matches_full_recomputation(family):
     assert torch.equal(cached, tokens)
 
 
+def _cache(kind, config):
+    if kind == "dynamic":
+        return transformers.DynamicCache(config=config)
+    return transformers.StaticCache(config=config, max_cache_len=20)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+@pytest.mark.parametrize("family", DECODERS)
+def test_several_new_tokens_on_a_filled_cache_see_every_earlier_key(family, kind):
+    # Chunked prefill: 5 tokens, then 4 and 3 at once on the filled cache (a static cache has
+    # 20 slots, so every call has more keys than queries); the logits are the full pass's.
+    model = build(family, fna_alpha=[1.0, 1.6])
+    ids = inputs(family, batch=2, length=12)["input_ids"]
+    with torch.no_grad():
+        full = as_reference(model)(ids).logits
+        cache = _cache(kind, model.config)
+        spans = ((0, 5), (5, 9), (9, 12))
+        chunks = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in spans]
+    torch.testing.assert_close(torch.cat(chunks, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_assisted_generation_scores_are_the_full_pass(family):
+    # The assistant proposes several tokens; the model checks them in one call on its filled cache.
+    model = build(family)
+    depth = {"n_layer": 1} if family == "gpt2" else {"num_hidden_layers": 1}
+    assistant = build(family, seed=1, **depth)
+    ids = inputs(family, batch=1, length=5)["input_ids"]
+    out = model.generate(
+        ids, assistant_model=assistant, max_new_tokens=8, do_sample=False, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        full = as_reference(model)(out.sequences).logits
+    for i, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits, full[:, ids.shape[1] - 1 + i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_transformers_leaves_the_mask_out_with_extra_keys_only_for_an_empty_cache(kind):
+    # fna_attention_forward keeps the first q_len keys when there is no mask and more keys than
+    # queries; that is right only if transformers never omits the mask on a filled cache.
+    from transformers.masking_utils import create_causal_mask
+
+    model = build("llama")
+    cache = _cache(kind, model.config)
+    ids = inputs("llama", batch=1, length=9)["input_ids"]
+
+    def mask_for(new_tokens):
+        embeds = torch.zeros(1, new_tokens, model.config.hidden_size)
+        return create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=None, cache=cache)
+
+    if kind == "static":
+        assert mask_for(5) is None  # empty: the 20 slots beyond the 5 queries are unwritten
+    with torch.no_grad():
+        model(ids[:, :5], past_key_values=cache, use_cache=True)
+    mask = mask_for(4)
+    assert isinstance(mask, torch.Tensor)
+    assert mask[0, 0, :, :9].tolist() == [[j <= 5 + i for j in range(9)] for i in range(4)]  # bottom-right
+
+
 def test_vit_per_layer_values_need_layer_indices():
     model = build("vit", fna_alpha=[1.2, 1.8])
     x = inputs("vit")

@@ -58,7 +58,9 @@ Semantics of the registered function
   (True = keep) for causal, padding and sliding-window patterns; custom additive 4-D
   float masks are added to ``log Phi`` (values at or below half of ``finfo.min`` -- HF's
   stand-in for -inf -- are treated as -inf). With no mask, ``is_causal`` (the argument,
-  else ``module.is_causal``) applies as in transformers' ``sdpa`` integration.
+  else ``module.is_causal``) applies as in transformers' ``sdpa`` integration: with more keys
+  than queries the first keys are kept (transformers omits the mask there only for an empty
+  static cache, whose later slots are unwritten; new queries on a filled cache get a mask).
 - Grouped-query attention: keys and values with fewer heads are repeated (``repeat_kv``).
 - Attention weights are computed (with ``backend="reference"``) only when the caller
   asks for them (``output_attentions=True``); otherwise ``None`` is returned and the
@@ -511,7 +513,11 @@ def fna_attention_forward(
     mask = _prepare_mask(attention_mask, key.shape[2])
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers' sdpa integration: causality by flag only without a mask and with more
-    # than one query; an empty static cache's extra (future) slots are cut off.
+    # than one query, and with more keys than queries the first q_len keys are kept. Its mask
+    # functions (registered for "fna" too) leave the mask out in that case only when the cache is
+    # empty (q_offset == 0 in masking_utils._ignore_causal_mask_sdpa): the extra keys are a static
+    # cache's unwritten slots. Several new queries on a filled cache (chunked prefill, assisted
+    # decoding) always get a mask, which aligns them bottom-right.
     causal = bool(causal) and mask is None and q_len > 1
     bias = kwargs.get("position_bias")
     if causal and key.shape[2] > q_len:
