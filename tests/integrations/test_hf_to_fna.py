@@ -221,7 +221,8 @@ def test_llava_text_and_vision_configs_get_their_own_settings():
         ({"density_a": 0.5}, ValueError, "density_a=0.5: to_fna calibration supports density_a = 0 only"),
         ({"calibration_inputs": "some text"}, TypeError, "calibration_inputs must be"),
         ({"calibration_inputs": [{"input_ids": "x"}]}, TypeError, "indices"),
-        ({"alpha": [1.2, 1.2, 1.2]}, ValueError, "fna_alpha has 3 entries"),
+        ({"alpha": [1.2, 1.2, 1.2]}, ValueError, r"alpha=\[1.2, 1.2, 1.2\] has 3 entries.* \{model: 2\}"),
+        ({"alpha": {"decoder": 1.2}}, ValueError, r"alpha given by stack .* got the keys \['decoder'\]"),
         ({"calibration_inputs": None, "density_a": 0.5}, ValueError, "density_a=0.5 cannot be used in GPT2Attention"),
     ],
 )
@@ -254,3 +255,41 @@ def test_a_saved_t5_reloads_with_its_calibrated_stacks(tmp_path):
         settings = [hf_attention.layer_settings(getattr(loaded, stack).config, i)["bandwidth"]
                     for i in range(len(report.bandwidth[stack]))]
         assert settings == report.bandwidth[stack]
+
+
+def test_a_per_layer_list_must_fit_every_stack_and_a_dict_gives_each_stack_its_own(tmp_path):
+    # The list was refused as "config.fna_alpha has 2 entries but the model has num_hidden_layers=3",
+    # a key and one depth the caller never gave; per-stack values had no form in to_fna.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    with pytest.raises(ValueError, match=r"alpha=\[1.0, 1.5\] has 2 entries.*\{encoder: 2, decoder: 3\}"):
+        hf.to_fna(model, alpha=[1.0, 1.5])
+    assert model.config._attn_implementation == "sdpa"
+    alpha = {"encoder": [1.0, 1.5], "decoder": [1.1, 1.3, 1.9]}
+    report = hf.to_fna(model, alpha=alpha, bandwidth=0.5)
+    assert report.alpha == alpha
+    assert model.encoder.config.fna_alpha == alpha["encoder"] and model.decoder.config.fna_alpha == alpha["decoder"]
+    assert model.config.fna_bandwidth == 0.5 and not hasattr(model.config, "fna_alpha")  # only what the stacks share
+    # T5 saves its top config alone: the per-stack values travel in it (fna_stacks) and come back.
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, model.eval()(**t5_batch()).logits)
+        model.decoder.config.fna_alpha = [1.2] * 3  # the decoder's values matter
+        assert not torch.allclose(loaded(**t5_batch()).logits, model(**t5_batch()).logits)
+
+
+@pytest.mark.parametrize(
+    ("build", "role"),
+    [
+        (lambda: tiny_t5(), "copied"),
+        (lambda: tiny_llava()[0], "holds"),
+        (lambda: transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2")), "read"),
+        (lambda: transformers.AutoModel.from_config(tiny_config("bert")), "read"),
+    ],
+)
+def test_the_top_config_is_classified_once(build, role):
+    from levyattn.integrations import hf_attention, hf_convert
+
+    model = build()
+    configs = hf_convert._stack_configs(hf_attention.attention_modules(model))
+    assert hf_convert._top_config_role(model, configs) == role

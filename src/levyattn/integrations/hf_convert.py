@@ -302,6 +302,9 @@ def to_fna(
             ``pixel_values``), a mapping of tensors (a tokenizer's output, with
             ``attention_mask`` for padding), or a list of them; None skips calibration.
         alpha: as the ``fna_alpha`` config key (a scalar, per layer or per layer and head).
+            Every setting may also be a dict by stack name (the names of
+            ``ConversionReport.bandwidth``, e.g. ``{"encoder": ..., "decoder": ...}``), one
+            value per stack; a per-layer list must fit every stack's depth.
         manifold: as ``fna_manifold`` (a scalar or per layer).
         rescale: as ``fna_rescale`` (a scalar or per layer).
         d_intrinsic: as ``fna_d_intrinsic`` (a scalar or per layer).
@@ -345,10 +348,14 @@ def to_fna(
         raise ValueError(f"found no attention module in {type(model).__name__} (modules with config, is_causal, scale)")
     # Everything is checked before anything changes: a bad argument leaves the model as it was.
     batches = None if calibration_inputs is None else _as_batches(model, calibration_inputs)
-    for config in _stack_configs(modules):
-        checked = hf_attention.check_fna_settings(config, **settings)
-    density = checked["fna_density_a"]
-    if any(v > 0 for v in (density if isinstance(density, list) else [density])):
+    configs = _stack_configs(modules)
+    stack_settings = _settings_per_stack(model, configs, settings)
+    densities = []
+    for config, own in zip(configs, stack_settings):
+        density = hf_attention.check_fna_settings(config, **own)["fna_density_a"]
+        densities.extend(density if isinstance(density, list) else [density])
+    density = settings["density_a"]
+    if any(v > 0 for v in densities):
         if batches is not None:
             # The objective compares plain rows; density normalisation shifts them by column sums.
             raise ValueError(f"density_a={density!r}: to_fna calibration supports density_a = 0 only")
@@ -362,7 +369,7 @@ def to_fna(
     originals = _own_configs(model)
     was_training = model.training
     try:
-        return _convert(model, modules, batches, settings, per_head, objective, lo, hi)
+        return _convert(model, modules, stack_settings, batches, per_head, objective, lo, hi)
     except BaseException:
         _restore(model, originals)
         raise
@@ -385,6 +392,48 @@ def _stack_names(model: torch.nn.Module, configs: Sequence[Any]) -> list[str]:
         paths = [name for name, m in model.named_modules() if m.__dict__.get("config") is config]
         names.append(min(paths, key=len) or "model" if paths else "model")
     return names
+
+
+def _settings_per_stack(model: torch.nn.Module, configs: Sequence[Any], settings: Mapping[str, Any]) -> list[dict]:
+    """``settings`` for each stack's config: a dict value is read by stack name, other values go to every stack.
+
+    A per-layer list must fit every stack's depth; the refusal names the setting and the depths.
+    """
+    names = _stack_names(model, configs)
+    depths = ", ".join(f"{name}: {hf_attention.num_layers(c)}" for name, c in zip(names, configs))
+    for name, value in settings.items():
+        if isinstance(value, Mapping):
+            if sorted(value) != sorted(names):
+                raise ValueError(
+                    f"{name} given by stack must name each stack of {type(model).__name__} once, "
+                    f"got the keys {sorted(value)}; its stacks are {names}"
+                )
+        elif isinstance(value, (list, tuple)):
+            wrong = [c for c in configs if hf_attention.num_layers(c) not in (None, len(value))]
+            if wrong:
+                raise ValueError(
+                    f"{name}={value!r} has {len(value)} entries, but the attention layers of "
+                    f"{type(model).__name__} per stack are {{{depths}}}: give a scalar, one entry per layer "
+                    f"of every stack, or a dict by stack name, {{{', '.join(repr(n) + ': ...' for n in names)}}}"
+                )
+    return [{key: value[name] if isinstance(value, Mapping) else value for key, value in settings.items()}
+            for name in names]  # fmt: skip
+
+
+def _top_config_role(model: torch.nn.Module, configs: Sequence[Any]) -> str:
+    """How ``model.config``, the config ``save_pretrained`` writes, relates to the configs the
+    attention modules read (one per stack):
+
+    "read": a stack reads it (GPT-2, Llama, BERT); it holds that stack's ``fna_*`` keys.
+    "holds": it holds the stacks' configs as sub-configs (a Llava's ``text_config`` and
+    ``vision_config``), saved inside it with their keys.
+    "copied": the stacks read copies of it (a T5's encoder and decoder), which are not saved:
+    loading rebuilds each stack from the top config, so the stacks' values must be written there.
+    """
+    if any(model.config is c for c in configs):
+        return "read"
+    saved = list(vars(model.config).values())
+    return "holds" if all(any(c is s for s in saved) for c in configs) else "copied"
 
 
 def _own_configs(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Any]]:
@@ -413,13 +462,15 @@ def _restore(model: torch.nn.Module, originals: list[tuple[torch.nn.Module, Any]
             module.__dict__.pop(attr, None)
 
 
-def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> ConversionReport:
-    configs = _stack_configs(modules)
-    for config in configs:
-        hf_attention.configure_fna(config, **settings)
-    if all(model.config is not c for c in configs):
-        # A stack-less top config (T5's) is what save_pretrained writes and loading copies into the stacks.
-        hf_attention.configure_fna(model.config, **settings)
+def _convert(model, modules, stack_settings, batches, per_head, objective, lo, hi) -> ConversionReport:
+    configs = _stack_configs(modules)  # the model's own copies, in the order of stack_settings
+    for config, own in zip(configs, stack_settings):
+        hf_attention.configure_fna(config, **own)
+    role = _top_config_role(model, configs)
+    if role != "read":
+        # The settings every stack shares; "copied" (a T5) also gets each stack's values by _record_stacks.
+        shared = {k: v for k, v in stack_settings[0].items() if all(s[k] == v for s in stack_settings)}
+        hf_attention.configure_fna(model.config, **shared)
     hf_attention.assign_layer_indices(model)
     names = _stack_names(model, configs)
 
@@ -430,6 +481,8 @@ def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> 
 
     if batches is None:
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
+        if role == "copied":
+            _record_stacks(model, configs)
         return ConversionReport(None, None, None, values("fna_alpha"), values("fna_bandwidth"))
 
     model.eval()
@@ -451,7 +504,8 @@ def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> 
             _refine_output(model, configs, reference, batches, initial, gap_before, lo, hi)
             kl_final = _calibrate(configs, names, records, batches, None, lo, hi)[1]
         gap_after = _gap(reference, model, batches)
-    _record_stacks(model, configs)
+    if role == "copied":
+        _record_stacks(model, configs)
     n_sequences = sum(int(r[1].shape[0]) for r in reference)
     return ConversionReport(
         metric=reference[0][0],
@@ -470,11 +524,14 @@ def _convert(model, modules, batches, settings, per_head, objective, lo, hi) -> 
 
 
 def _record_stacks(model: torch.nn.Module, configs: Sequence[Any]) -> None:
-    """Write each stack's ``fna_*`` values into a top config that does not hold the stacks' configs
-    (a T5's) as ``hf_attention.STACKS_KEY``: T5 saves only its top config and rebuilds both stacks
-    from copies of it when loading, so the calibrated values would otherwise be lost on reload."""
-    saved = [model.config, *vars(model.config).values()]  # the top config and its sub-configs (a Llava's)
-    if all(any(c is s for s in saved) for c in configs):
+    """Write each stack's ``fna_*`` values into a top config the stacks copy (a T5's, see
+    :func:`_top_config_role`) as ``hf_attention.STACKS_KEY``, where they differ from the top
+    config's own: T5 saves only its top config and rebuilds both stacks from copies of it when
+    loading, so per-stack values would otherwise be lost on reload."""
+    def fna_values(config: Any) -> dict[str, Any]:
+        return {k: getattr(config, k, None) for k in hf_attention.CONFIG_KEYS}
+
+    if all(fna_values(c) == fna_values(model.config) for c in configs):
         return
     roles = {"decoder" if getattr(c, "is_decoder", False) else "encoder": c for c in configs}
     if len(roles) != len(configs):
