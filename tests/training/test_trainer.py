@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from toy import ToyTask
+from toy import AugmentedToyTask, ToyTask
 
 from levyattn.training import checkpoint as ck
 from levyattn.training.trainer import TrainConfig, Trainer, global_batches, is_stand_in, lr_at
@@ -87,6 +87,58 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every, stop):
         assert torch.equal(v, resumed_trainer.model.state_dict()[k]), k
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 3 and json.loads(rows[-1])["epoch"] == 3
+
+
+class KilledAugmentedToyTask(AugmentedToyTask):
+    """AugmentedToyTask that dies in its training step number ``kill_at + 1``."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__(dropout=0.0)
+        self.kill_at, self.steps = kill_at, 0
+
+    def loss(self, model, batch):
+        if self.steps == self.kill_at:
+            raise Killed
+        self.steps += 1
+        return super().loss(model, batch)
+
+
+def test_random_augmentation_in_data_loader_workers_resumes_exactly(tmp_path):
+    # Killed in step 14, resumed from the checkpoint of step 10 (epoch 2, step 2 of 8): the workers
+    # start mid-epoch, so what they draw must not depend on where their loader started.
+    cfg = _cfg(checkpoint_every=5, num_workers=2)
+    full_trainer = Trainer(AugmentedToyTask(dropout=0.0), cfg, tmp_path / "full")
+    full = full_trainer.fit()
+    with pytest.raises(Killed):
+        Trainer(KilledAugmentedToyTask(13), cfg, tmp_path / "run").fit()
+    assert ck.load_checkpoint(tmp_path / "run").state["position"]["step_in_epoch"] == 2
+    resumed_trainer = Trainer(AugmentedToyTask(dropout=0.0), cfg, tmp_path / "run", resume=True)
+    resumed = resumed_trainer.fit()
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in full["history"]]
+    for k, v in full_trainer.model.state_dict().items():
+        assert torch.equal(v, resumed_trainer.model.state_dict()[k]), k
+    # num_workers may change on resume: the draws are the same in the main process
+    in_main = Trainer(AugmentedToyTask(dropout=0.0), _cfg(checkpoint_every=5, num_workers=0), tmp_path / "main").fit()
+    assert [r["train_loss"] for r in in_main["history"]] == [r["train_loss"] for r in full["history"]]
+    # and the augmentation really draws (a run without it differs)
+    plain = Trainer(ToyTask(dropout=0.0), cfg, tmp_path / "plain").fit()
+    assert plain["history"][-1]["train_loss"] != full["history"][-1]["train_loss"]
+
+
+def test_loading_leaves_the_main_process_generators_as_they_were(tmp_path):
+    # With num_workers 0 the batches are loaded in the main process; the augmentation's draws must
+    # not shift the stream dropout draws from: the same run with and without augmentation draws
+    # the same dropout masks (compared through the generator state after training).
+    import random
+
+    import numpy as np
+
+    states = []
+    for task in (AugmentedToyTask(), ToyTask()):
+        Trainer(task, _cfg(epochs=1), tmp_path / task.__class__.__name__).fit()
+        states.append((torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()))
+    assert torch.equal(states[0][0], states[1][0])
+    assert states[0][1] == states[1][1] and (states[0][2] == states[1][2]).all()
 
 
 @pytest.mark.parametrize("max_steps", [11, 16, 3])  # inside epoch 2, at the end of epoch 2 (of 3), inside epoch 1

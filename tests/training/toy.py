@@ -85,3 +85,37 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n
             save_file(state, os.path.join(out_dir, "final.safetensors"))
     finally:
         cleanup()
+
+
+class Augmented:
+    """A training set with random augmentation drawn in ``__getitem__`` from the global torch,
+    ``random`` and NumPy generators: the sign of the features flipped with probability 1/2, then
+    Gaussian jitter."""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        x, y = self.data[i]
+        sign = -1.0 if random.random() < 0.5 else 1.0
+        jitter = 0.3 * torch.randn(4) + 0.1 * torch.from_numpy(np.random.standard_normal(4)).float()
+        return sign * x + jitter, y
+
+
+class AugmentedToyTask(ToyTask):
+    """ToyTask whose training set is :class:`Augmented` and whose collation adds noise as well."""
+
+    def datasets(self):
+        train, test = super().datasets()
+        return Augmented(train), test
+
+    def collate(self, samples):
+        x, y = super().collate(samples)
+        return x + 0.05 * torch.randn_like(x), y

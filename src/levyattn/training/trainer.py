@@ -10,6 +10,14 @@ What it guarantees:
   position (epoch, step within the epoch) and the running loss sums, so a run killed
   mid-epoch and resumed replays the rest of the epoch in the same order and ends with
   the same metrics as a run that was never interrupted.
+- **Random data augmentation is reproducible**: a dataset's ``__getitem__`` and the task's
+  ``collate`` may draw from the global torch (CPU), ``random`` and NumPy generators. Each sample
+  is fetched with them seeded from (seed, epoch, sample index) and each batch collated with them
+  seeded from (seed, epoch, step, rank), then the caller's states are put back
+  (:class:`_SeededBatches`). What a sample draws is therefore the same in every process and data
+  loader worker, for any ``num_workers`` and number of processes, and a resumed run draws what the
+  uninterrupted run drew, with nothing to checkpoint (the workers' own generators would be
+  reseeded when a resumed run starts its loader mid-epoch).
 - **Data parallel**: under ``torchrun`` the model is wrapped in
   DistributedDataParallel and each *global* batch of ``batch_size`` samples is
   split across the processes; each process's loss is reweighted by its share of the
@@ -52,12 +60,14 @@ Learning-rate schedules (``TrainConfig.schedule``), ``s`` = optimiser step:
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -208,7 +218,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
     """The epoch's global batches as index lists: the same for any number of processes (a last
-    batch smaller than the number of processes is kept; see :class:`_Shards`)."""
+    batch smaller than the number of processes is kept; see :func:`train_batch_keys`)."""
     if batch_size < world_size:
         raise ValueError(
             f"batch_size (the global batch) must be >= the number of processes {world_size}, got {batch_size}"
@@ -218,7 +228,7 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: i
 
 
 def is_stand_in(batch: list[int], rank: int) -> bool:
-    """Whether process ``rank`` has no share of the global ``batch`` (see :class:`_Shards`)."""
+    """Whether process ``rank`` has no share of the global ``batch`` (see :func:`train_batch_keys`)."""
     return len(batch) <= rank
 
 
@@ -239,22 +249,83 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-class _Shards(torch.utils.data.Sampler):
-    """Batch sampler: this process's share ``batch[rank::world]`` of each global batch.
+# Streams of seeds (see :func:`draw_seeds`): the training samples, the training batches, the evaluation.
+_TRAIN_SAMPLES, _TRAIN_BATCHES, _EVAL = 0, 1, 2
 
-    A process whose share of a (last, small) batch is empty gets the batch's first sample as a
-    stand-in, which the trainer weighs 0 (:func:`is_stand_in`): every process must take every
-    step, since DistributedDataParallel averages the gradients of all of them.
-    """
 
-    def __init__(self, batches: list[list[int]], rank: int, world: int) -> None:
-        self.shards = [b[rank::world] or b[:1] for b in batches]
+def draw_seeds(count: int, *key: int) -> np.ndarray:
+    """``count`` 32-bit seeds (uint32, shape (count,)) that are a function of ``key`` only (NumPy's
+    ``SeedSequence``)."""
+    return np.random.SeedSequence(list(key)).generate_state(count)
 
-    def __iter__(self):
-        return iter(self.shards)
 
-    def __len__(self) -> int:
-        return len(self.shards)
+def _seed_generators(seed: int) -> None:
+    """Seed the generators a dataset or a collate function draws from: torch's CPU one (not CUDA's,
+    which the training step uses), ``random`` and NumPy's."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+class _SeededBatches(torch.utils.data.Dataset):
+    """Whole batches of ``dataset``: item ``(batch_seed, indices, sample_seeds)`` is
+    ``collate([dataset[i] for i in indices])``, each sample fetched with the generators seeded from
+    its seed (:func:`_seed_generators`) and the collation from ``batch_seed``. The generators of the
+    process that loads the batch (the main one when ``num_workers`` is 0) are left as they were."""
+
+    def __init__(self, dataset: Any, collate: Callable[[list], Any]) -> None:
+        self.dataset, self.collate = dataset, collate
+
+    def __getitem__(self, key: tuple[int, list[int], list[int]]) -> Any:
+        batch_seed, indices, sample_seeds = key
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        try:
+            samples = []
+            for i, sample_seed in zip(indices, sample_seeds, strict=True):
+                _seed_generators(sample_seed)
+                samples.append(self.dataset[i])
+            _seed_generators(batch_seed)
+            return self.collate(samples)
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def _as_loaded(batch: Any) -> Any:
+    """The DataLoader's collate function for :class:`_SeededBatches`, whose items are collated already."""
+    return batch
+
+
+def _batch_loader(dataset: Any, collate: Callable[[list], Any], keys: list[tuple[int, list[int], list[int]]],
+                  num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader of the batches ``keys`` name (see :class:`_SeededBatches`)."""
+    return torch.utils.data.DataLoader(_SeededBatches(dataset, collate), sampler=keys, batch_size=None,
+                                       collate_fn=_as_loaded, num_workers=num_workers)
+
+
+def train_batch_keys(batches: list[list[int]], n: int, seed: int, epoch: int, rank: int, world: int,
+                     first_step: int = 0) -> list[tuple[int, list[int], list[int]]]:
+    """The :class:`_SeededBatches` keys of process ``rank``'s share ``batch[rank::world]`` of each global
+    batch of ``epoch`` from step ``first_step`` on (``batches`` are the epoch's, from
+    :func:`global_batches`). A process whose share of a (last, small) batch is empty gets the batch's
+    first sample as a stand-in, which the trainer weighs 0 (:func:`is_stand_in`): every process must
+    take every step, since DistributedDataParallel averages the gradients of all of them."""
+    sample_seeds = draw_seeds(n, seed, _TRAIN_SAMPLES, epoch)
+    batch_seeds = draw_seeds(len(batches), seed, _TRAIN_BATCHES, epoch, rank)
+    keys = []
+    for step in range(first_step, len(batches)):
+        shard = batches[step][rank::world] or batches[step][:1]
+        keys.append((int(batch_seeds[step]), shard, sample_seeds[shard].tolist()))
+    return keys
+
+
+def eval_batch_keys(n: int, batch_size: int, seed: int) -> list[tuple[int, list[int], list[int]]]:
+    """The :class:`_SeededBatches` keys of the evaluation set in order: the same at every evaluation."""
+    sample_seeds = draw_seeds(n, seed, _EVAL)
+    batch_seeds = draw_seeds(-(-n // batch_size), seed, _EVAL, 1)
+    return [(int(batch_seeds[b]), list(range(i, min(i + batch_size, n))), sample_seeds[i : i + batch_size].tolist())
+            for b, i in enumerate(range(0, n, batch_size))]
 
 
 class Trainer:
@@ -475,10 +546,8 @@ class Trainer:
             train_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        eval_loader = torch.utils.data.DataLoader(
-            eval_ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=task.collate,
-            num_workers=cfg.num_workers,
-        )
+        eval_loader = _batch_loader(eval_ds, task.collate, eval_batch_keys(len(eval_ds), cfg.eval_batch_size, cfg.seed),
+                                    cfg.num_workers)
         writer = self._tensorboard()
         if rng_to_restore is not None and position["step_in_epoch"] == 0:
             # Restored last, right before the loop, so nothing above can disturb it.
@@ -492,11 +561,10 @@ class Trainer:
                 break
             epoch = position["epoch"]
             batches = global_batches(n_train, cfg.batch_size, cfg.seed, epoch, dist.world_size)
+            keys = train_batch_keys(batches, n_train, cfg.seed, epoch, dist.rank, dist.world_size,
+                                    position["step_in_epoch"])
             batches = batches[position["step_in_epoch"] :]
-            loader = torch.utils.data.DataLoader(
-                train_ds, batch_sampler=_Shards(batches, dist.rank, dist.world_size),
-                collate_fn=task.collate, num_workers=cfg.num_workers,
-            )
+            loader = _batch_loader(train_ds, task.collate, keys, cfg.num_workers)
             bar = None
             if self.progress and dist.is_main:
                 bar = EpochProgress(epoch + 1, cfg.epochs, steps_per_epoch, done=position["step_in_epoch"],
