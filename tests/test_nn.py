@@ -268,6 +268,39 @@ def test_softmax_fused_path_equals_its_explicit_weights(monkeypatch, is_causal, 
 
 
 @pytest.mark.parametrize("attention", ["fna", "softmax"])
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+@pytest.mark.parametrize(
+    "key_shape, value_shape, match",
+    [
+        # The fused kernel read a key batch of 1 against queries of batch 2 (output off by 0.30 from
+        # reference's broadcast), and every backend but reference took the first 7 of 8 values.
+        ((1, 7, 12), (1, 7, 12), "need query's batch size 2, got 1"),
+        ((2, 7, 12), (2, 8, 12), r"same batch size and length, got \(batch, length\) \(2, 7\) and \(2, 8\)"),
+        ((2, 7, 12), (1, 7, 12), r"same batch size and length"),
+        ((7, 12), (7, 12), "key must be 3-D"),
+    ],
+)
+def test_keys_and_values_that_do_not_fit_the_query_are_refused(attention, backend, key_shape, value_shape, match):
+    kwargs = {"backend": backend} if attention == "fna" else {}
+    m = make_attention(attention, 12, 3, **kwargs)
+    query = torch.randn(2, 5, 12)
+    with pytest.raises(ValueError, match=match):
+        m(query, torch.randn(key_shape), torch.randn(value_shape))
+    with pytest.raises((AssertionError, RuntimeError)):  # torch's own module refuses them too
+        nn.MultiheadAttention(12, 3, batch_first=True)(query, torch.randn(key_shape), torch.randn(value_shape))
+
+
+def test_a_static_cache_filled_for_another_batch_is_refused():
+    # Its keys and values are used as they are: a batch of 1 was broadcast over the queries'.
+    m = FractionalMultiheadAttention(12, 3)
+    cache = KVCache(static=True)
+    m(torch.randn(1, 3, 12), torch.randn(1, 3, 12), torch.randn(1, 3, 12), kv_cache=cache)
+    x = torch.randn(2, 1, 12)
+    with pytest.raises(ValueError, match="kv_cache holds keys of batch size 1, but query has batch size 2"):
+        m(x, x, x, kv_cache=cache)
+
+
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_padding_does_not_leak(attention, norm_first):
     torch.manual_seed(0)

@@ -72,6 +72,22 @@ class KVCache:
             self.memory.reorder(index)
 
 
+def _check_key_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """query (B, L, E), key (B, S, kdim), value (B, S, vdim), batch first, as nn.MultiheadAttention
+    requires them: the backends would broadcast a key batch of 1 over the queries', or read the
+    first S of more values, instead of failing."""
+    for name, x in (("key", key), ("value", value)):
+        if x.dim() != 3:
+            raise ValueError(f"{name} must be 3-D like query, got shape {tuple(x.shape)}")
+    if key.shape[:2] != value.shape[:2]:
+        raise ValueError(
+            f"key and value need the same batch size and length, got (batch, length) {tuple(key.shape[:2])} "
+            f"and {tuple(value.shape[:2])}"
+        )
+    if key.shape[0] != query.shape[0]:
+        raise ValueError(f"key and value need query's batch size {query.shape[0]}, got {key.shape[0]}")
+
+
 def _combine_masks(
     attn_mask: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None,
@@ -198,11 +214,14 @@ class _MultiheadBase(nn.Module):
         if kv_cache is not None and kv_cache.static and len(kv_cache):
             k, v = kv_cache.key, kv_cache.value
         else:
+            _check_key_value(query, key, value)
             k = self._heads(self._project_key(key))
             v = self._heads(self.v_proj(value))
             if kv_cache is not None:
                 k, v = kv_cache.update(k, v)
         batch, nq, nk = q.shape[0], q.shape[2], k.shape[2]
+        if k.shape[0] != batch:  # a cache filled for another batch
+            raise ValueError(f"kv_cache holds keys of batch size {k.shape[0]}, but query has batch size {batch}")
         mask = _combine_masks(attn_mask, key_padding_mask, batch, self.num_heads, nq, nk, q.dtype)
         out, weights = self._attend(q, k, v, mask, is_causal, need_weights)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, nq, self.embed_dim))
