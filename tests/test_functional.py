@@ -561,6 +561,18 @@ def test_bad_parameters(kw, match):
         fractional_attention(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("name", ["is_causal", "rescale", "exclude_self", "return_weights"])
+@pytest.mark.parametrize("value", ["False", None, 0, torch.tensor(False)])
+def test_flags_must_be_bools_as_in_sdpa(name, value):
+    # Read by truth value, is_causal="False" was causal (output 1.45 off the non-causal one) and
+    # rescale="False" rescaled; scaled_dot_product_attention refuses a non-bool is_causal.
+    q, k, v = make_qkv()
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got"):
+        fractional_attention(q, k, v, **{name: value})
+    with pytest.raises(TypeError):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=value)
+
+
 def test_flex_refuses_training_on_cpu():
     q, k, v = make_qkv(dtype=torch.float32)
     with pytest.raises(ValueError, match="no backward pass on the CPU"):

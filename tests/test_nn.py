@@ -290,6 +290,13 @@ def test_keys_and_values_that_do_not_fit_the_query_are_refused(attention, backen
         nn.MultiheadAttention(12, 3, batch_first=True)(query, torch.randn(key_shape), torch.randn(value_shape))
 
 
+
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
+def test_is_causal_must_be_a_bool(attention):
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match="is_causal must be a bool, got str 'False'"):
+        make_attention(attention, 8, 2)(x, x, x, is_causal="False")
+
 def test_a_static_cache_filled_for_another_batch_is_refused():
     # Its keys and values are used as they are: a batch of 1 was broadcast over the queries'.
     m = FractionalMultiheadAttention(12, 3)

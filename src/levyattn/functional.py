@@ -52,6 +52,7 @@ from levyattn.config import (
     Scalar,
     check_alpha,
     check_bandwidth,
+    check_bool,
     check_d_intrinsic,
     check_density_a,
     check_kernel_scale,
@@ -188,15 +189,15 @@ def fractional_attention(
         alpha=per_head("alpha", alpha, q),
         bandwidth=per_head("bandwidth", bandwidth, q),
         manifold=check_manifold(manifold),
-        rescale=bool(rescale),
+        rescale=check_bool("rescale", rescale),
         d_intrinsic=check_d_intrinsic(d_intrinsic),
         sphere_radius=check_positive("sphere_radius", sphere_radius),
         density_a=check_density_a(density_a),
         attn_mask=check_mask(attn_mask, q, k),
-        is_causal=bool(is_causal),
-        exclude_self=bool(exclude_self),
+        is_causal=check_bool("is_causal", is_causal),
+        exclude_self=check_bool("exclude_self", exclude_self),
     )
-    return attend(q, k, v, call, return_weights=return_weights, backend=backend)
+    return attend(q, k, v, call, return_weights=check_bool("return_weights", return_weights), backend=backend)
 
 
 def attend(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from levyattn.backends.common import AttentionCall, additive_sum, structural_keep
-from levyattn.config import FNAConfig
+from levyattn.config import FNAConfig, check_bool
 from levyattn.functional import BACKENDS, attend, check_mask
 
 ATTENTION_KINDS = ("fna", "softmax")
@@ -210,6 +210,7 @@ class _MultiheadBase(nn.Module):
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         if query.dim() != 3:
             raise ValueError(f"query must be (B, L, E), got shape {tuple(query.shape)}")
+        check_bool("is_causal", is_causal)  # as SDPA: a string "False" would be causal
         q = self._heads(self._project_query(query))
         if kv_cache is not None and kv_cache.static and len(kv_cache):
             k, v = kv_cache.key, kv_cache.value
