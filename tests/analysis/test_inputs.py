@@ -124,3 +124,28 @@ def test_rows_accepted_within_atol_are_renormalised():
     assert mixing_time(P) == mixing_time(exact)
     assert spectral_gap(P) == pytest.approx(spectral_gap(exact), rel=1e-9)
     assert row_entropy(P) == pytest.approx(row_entropy(exact), rel=1e-12)
+
+
+def test_batch_masks_align_with_the_batch_not_the_heads():
+    """A (B, N) mask or (B,) lengths for (B, H, N, N) with B == H was aligned with the heads by
+    numpy broadcasting (matrix [0, 1] measured with batch element 1's padding): refused now."""
+    rng = np.random.default_rng(0)
+    A = rng.random((2, 2, 6, 6)) ** 4 + 1e-3
+    P = A / A.sum(-1, keepdims=True)
+    mask = np.array([[True] * 6, [True] * 3 + [False] * 3])
+    for fn in (spectral_gap, mixing_time, path_lengths, row_entropy):
+        with pytest.raises(ValueError, match=r"mask of shape \(2, 6\) is ambiguous.*\(B, 1, N\)"):
+            fn(P, mask)
+        with pytest.raises(ValueError, match=r"lengths of shape \(2,\) is ambiguous.*\(B, 1\)"):
+            fn(P, lengths=np.array([6, 3]))
+    gap = spectral_gap(P, mask[:, None, :])
+    by_lengths = spectral_gap(P, lengths=np.array([[6], [3]]))
+    for b in range(2):
+        idx = np.flatnonzero(mask[b])
+        for h in range(2):
+            sub = P[b, h][np.ix_(idx, idx)]
+            sub = sub / sub.sum(1, keepdims=True)
+            expected = 1 - np.sort(np.abs(np.linalg.eigvals(sub)))[-2]
+            assert gap[b, h] == pytest.approx(expected, abs=1e-12)
+            assert by_lengths[b, h] == pytest.approx(expected, abs=1e-12)
+    assert spectral_gap(P, mask[1]) == pytest.approx(spectral_gap(P, mask[1][None, None]))  # (N,) is shared

@@ -5,9 +5,12 @@ Conventions
 - ``P`` is a torch tensor or a numpy array of shape (..., N, N); every analysis computes in
   float64 numpy on the CPU (eigen-solvers and graph algorithms need it), whatever came in.
 - Row ``i`` is the distribution of query ``i`` over keys: ``P[..., i, :]`` sums to 1.
-- ``mask`` is boolean (..., N) with **True = valid token** (note: the opposite of
-  ``nn.MultiheadAttention``'s ``key_padding_mask``); it broadcasts against ``P.shape[:-1]``.
-  ``lengths`` (...,) says the first ``lengths`` tokens are valid. Give one or neither.
+- ``mask`` is boolean with **True = valid token** (note: the opposite of
+  ``nn.MultiheadAttention``'s ``key_padding_mask``): (N,), shared by every matrix, or
+  ``P.shape[:-1]`` with any of its leading sizes 1 (e.g. (B, 1, N) for (B, H, N, N)).
+  ``lengths`` says the first ``lengths`` tokens are valid: a scalar or ``P.shape[:-2]``,
+  sizes of 1 allowed (e.g. (B, 1)). Give one or neither. A (B, N) mask or (B,) lengths for
+  (B, H, N, N) is refused: numpy would align it with the heads, not the batch.
 - Rows that pass the check are **renormalised** to sum to 1 exactly: the rounding that
   ``atol`` lets through (~4e-3 in bfloat16) would otherwise move a mixing time by 15%.
   With a mask, ``P`` is first restricted to the valid rows and columns (the walk
@@ -91,6 +94,12 @@ def _valid_mask(mask: object, lengths: object, shape: tuple[int, ...]) -> np.nda
             raise TypeError(f"mask must be boolean (True = valid token), got dtype {arr.dtype}")
         if arr.ndim < 1 or arr.shape[-1] != n:
             raise ValueError(f"mask must have shape (..., N) with N = {n}, got {tuple(arr.shape)}")
+        if arr.ndim not in (1, len(lead) + 1):
+            raise ValueError(
+                f"mask of shape {tuple(arr.shape)} is ambiguous for P of shape {shape}: give (N,) = ({n},) or one "
+                f"entry per leading dim, {lead + (n,)} with sizes of 1 allowed (for (B, H, N, N) a per-batch "
+                "mask is (B, 1, N)); numpy would align its first dim with the last batch dim"
+            )
         try:
             return np.broadcast_to(arr, lead + (n,))
         except ValueError:
@@ -99,6 +108,12 @@ def _valid_mask(mask: object, lengths: object, shape: tuple[int, ...]) -> np.nda
         arr, _ = _as_array(lengths, "lengths")
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"lengths must be integers, got dtype {arr.dtype}")
+        if arr.ndim not in (0, len(lead)):
+            raise ValueError(
+                f"lengths of shape {tuple(arr.shape)} is ambiguous for P of shape {shape}: give a scalar or one "
+                f"entry per leading dim, {lead} with sizes of 1 allowed (for (B, H, N, N) per-batch lengths are "
+                "(B, 1)); numpy would align its first dim with the last batch dim"
+            )
         if arr.size and (arr.min() < 1 or arr.max() > n):
             raise ValueError(f"lengths must lie in [1, N = {n}], got values in [{arr.min()}, {arr.max()}]")
         try:
