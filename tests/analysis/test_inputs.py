@@ -149,3 +149,20 @@ def test_batch_masks_align_with_the_batch_not_the_heads():
             assert gap[b, h] == pytest.approx(expected, abs=1e-12)
             assert by_lengths[b, h] == pytest.approx(expected, abs=1e-12)
     assert spectral_gap(P, mask[1]) == pytest.approx(spectral_gap(P, mask[1][None, None]))  # (N,) is shared
+
+
+def test_summary_means_are_infinite_when_a_record_is():
+    """A head that never mixes was left out of the means (one periodic head of four: the layer's
+    mean mixing time read 2.0, the other three heads' value); the mean is null (infinite) now."""
+    n = 6
+    cycle = np.roll(np.eye(n), 1, 1)
+    lazy_uniform = np.full((n, n), 0.5 / n) + 0.5 * np.eye(n)
+    out = attention_summary(np.stack([cycle, lazy_uniform, lazy_uniform, lazy_uniform])[None])
+    assert [r["mixing_steps"] for r in out["records"]] == [None, 2.0, 2.0, 2.0]
+    assert out["layers"][0]["mixing_steps"] is None and out["layers"][0]["n_infinite"]["mixing_steps"] == 1
+    assert out["heads"][1]["mixing_steps"] == 2.0 and "mixing_steps" not in out["heads"][1]["n_infinite"]
+    # Off-diagonal 1/12 < 1/n: no hop edge, so every lazy head's hop distances are infinite.
+    assert out["layers"][0]["mean_hops"] is None and out["layers"][0]["n_infinite"]["mean_hops"] == 3
+    assert out["layers"][0]["spectral_gap"] == pytest.approx(np.mean([r["spectral_gap"] for r in out["records"]]))
+    skipped = attention_summary(np.stack([lazy_uniform] * 2)[None], mixing=False)
+    assert skipped["layers"][0]["mixing_steps"] is None and skipped["layers"][0]["n_infinite"] == {}

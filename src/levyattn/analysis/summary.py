@@ -98,7 +98,9 @@ def attention_summary(
     Returns a dict (JSON-serialisable; ``null`` = infinite or undefined) with
     ``"records"`` (one per layer, batch element and head: every metric of ``METRICS`` plus
     ``n_valid`` and ``mixing_exact``), ``"heads"`` (per layer and head, means over the batch)
-    and ``"layers"`` (per layer, means over batch and heads). Means skip nulls.
+    and ``"layers"`` (per layer, means over batch and heads). A metric's null in a record is
+    an infinity (a walk that never mixes, an unreachable pair), so a mean over records holding
+    one is null too; ``"n_infinite"`` counts them per metric. Metrics not computed are null.
     """
     if isinstance(weights, Mapping):
         items = list(weights.items())
@@ -108,6 +110,10 @@ def attention_summary(
         items = [("attention", weights)]
     if not items:
         raise ValueError("weights is empty: no attention tensor to summarise")
+    skipped = (() if mixing else ("mixing_steps",)) + (
+        () if paths else ("mean_path_length", "diameter", "mean_hops", "diameter_hops")
+    )
+    computed = [key for key in METRICS if key not in skipped]
     records: list[dict[str, Any]] = []
     layers_meta = []
     for name, w in items:
@@ -146,11 +152,15 @@ def attention_summary(
             "mean_path_length": "mean shortest path over reachable ordered pairs, edge length -log P_ij",
             "mean_hops": "same, unweighted, edges with P_ij >= 1/n",
             "diameter": "null = some pair unreachable",
+            "means": "per head and per layer; null when a record's value is infinite (n_infinite counts them)",
             "row_entropy": "mean over rows of -sum_j P_ij log P_ij (nats); normalised: divided by log n",
         },
-        "layers": [dict(meta, **_means([r for r in records if r["layer"] == meta["name"]])) for meta in layers_meta],
+        "layers": [
+            dict(meta, **_means([r for r in records if r["layer"] == meta["name"]], computed))
+            for meta in layers_meta
+        ],
         "heads": [
-            dict(layer=meta["name"], head=h, **_means(_select(records, meta["name"], h)))
+            dict(layer=meta["name"], head=h, **_means(_select(records, meta["name"], h), computed))
             for meta in layers_meta
             for h in range(meta["shape"][1])
         ],
@@ -158,11 +168,19 @@ def attention_summary(
     }
 
 
-def _means(records: list[dict[str, Any]]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for key in METRICS:
-        vals = [r[key] for r in records if r[key] is not None]
-        out[key] = float(np.mean(vals)) if vals else None
+def _means(records: list[dict[str, Any]], computed: list[str]) -> dict[str, Any]:
+    """Per metric the mean over ``records``: null when a record's value is (an infinity), or
+    when the metric was not computed; ``n_infinite``: {metric: records with an infinity}."""
+    out: dict[str, Any] = dict.fromkeys(METRICS)
+    infinite = {}
+    for key in computed:
+        vals = [r[key] for r in records]
+        n_inf = sum(v is None for v in vals)
+        if n_inf:
+            infinite[key] = n_inf
+        elif vals:
+            out[key] = float(np.mean(vals))
+    out["n_infinite"] = infinite
     return out
 
 

@@ -224,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             Section("Per layer and head (means over the batch)", text=source_text + [
                 "gap = 1 - |lambda_2|; mixing = steps to total variation <= 1/4 from every start; path = mean "
                 "shortest path with edge length -log P_ij; hops = unweighted over edges P_ij >= 1/n; "
-                "'inf' = unreachable pairs or no mixing; '-' = not computed."], header=header,
+                "'inf' = unreachable pairs or no mixing in at least one batch element; '-' = not computed."],
+                header=header,
                 rows=[[_fmt(c) if c is None else c for c in r] for r in rows]),
             *([Section("Model metrics on these examples", header=["metric", "value"],
                        rows=[[k, v] for k, v in metrics.items()])] if metrics else []),
