@@ -38,6 +38,8 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
         assert word in text
     for name in ("lens.json", "report.html", "decay.png", "gamma_heatmap.png", "layers.png"):
         assert (out / name).stat().st_size > 0
+    page = (out / "report.html").read_text()
+    assert "<th>90% lo</th>" in page and "95%" not in page  # the per-distance bars take --level too
     data = json.loads((out / "lens.json").read_text())
     assert data["measurement"]["distances"] == [30, 60, 120] and len(data["gamma_ci"]) == 2
     assert data["ci_level"] == 0.9  # --level reaches the interval and is recorded beside it

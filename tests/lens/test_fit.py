@@ -198,3 +198,17 @@ def test_a_gamma_outside_its_own_interval_is_refused():
     # seed 412: the interval's lower end equals gamma up to rounding (7e-16 apart): kept
     res = analyze_decay(_noisy_measurement(412), n_boot=200, level=0.5)
     assert res.gamma_ci[0] == pytest.approx(res.power.gamma, abs=1e-12) and res.gamma_ci[1] > res.power.gamma
+
+
+@pytest.mark.parametrize("level, t", [(0.9, 2.3533634348018233), (0.95, 3.1824463052837078)])  # Student t, 3 dof
+def test_per_distance_intervals_take_the_run_level(level, t, tmp_path):
+    from levyattn.lens import analyze_decay, write_lens_outputs
+
+    m = _noisy_measurement(412)
+    res = analyze_decay(m, n_boot=200, level=level)
+    pv = m.flat_prompt_values()  # 4 prompts
+    half = t * pv.std(axis=0, ddof=1) / np.sqrt(4)
+    np.testing.assert_allclose(res.point_ci, np.stack([pv.mean(0) - half, pv.mean(0) + half], axis=1), rtol=1e-12)
+    page = write_lens_outputs(res, tmp_path, plots=False)["html"].read_text()
+    pct = f"{level * 100:g}%"
+    assert f"<th>{pct} lo</th><th>{pct} hi</th>" in page and page.count("% lo") == 1

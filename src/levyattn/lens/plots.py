@@ -33,7 +33,7 @@ def _save(fig, path: str | os.PathLike) -> Path:  # noqa: ANN001
 
 
 def plot_decay(result: LensResult, path: str | os.PathLike) -> Path:
-    """log-log A(d): the aggregate with 95% error bars over prompts, both fits over d >= d_min."""
+    """log-log A(d): the aggregate with error bars over prompts at the run's level, both fits over d >= d_min."""
     m = result.measurement
     d = m.distances.astype(float)
     a = m.aggregate
@@ -42,7 +42,8 @@ def plot_decay(result: LensResult, path: str | os.PathLike) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     used = d >= result.d_min
     yerr = np.vstack([np.clip(a - lo, 0, None), np.clip(hi - a, 0, None)])
-    ax.errorbar(d[used], a[used], yerr=yerr[:, used], fmt="o", color="C0", capsize=3, label="A(d), fitted")
+    bars = f"{result.level * 100:g}% interval"
+    ax.errorbar(d[used], a[used], yerr=yerr[:, used], fmt="o", color="C0", capsize=3, label=f"A(d), fitted ({bars})")
     if (~used).any():
         ax.errorbar(d[~used], a[~used], yerr=yerr[:, ~used], fmt="o", mfc="none", color="C0", capsize=3,
                     label=f"A(d), d < d_min={result.d_min:g}")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from levyattn.io import atomic_write_json
 from levyattn.lens import fit
@@ -23,7 +24,9 @@ __all__ = ["LensResult", "analyze_decay", "write_lens_outputs"]
 class LensResult:
     """Everything the lens says about one measurement.
 
-    ``point_ci`` (D, 2): a normal 95% interval of each aggregate A(d) over prompts (error bars);
+    ``point_ci`` (D, 2): the interval of each aggregate A(d) over its prompts at the run's
+    ``level`` (the error bars): mean +- t * sd / sqrt(n), t the Student quantile with n - 1
+    degrees of freedom (a normal quantile would be 1.96 / 3.18 = 0.62 of the width at 4 prompts);
     ``layer_gamma`` (Ly,), ``head_gamma`` (Ly, H): power-law gamma of each layer's / head's
     mean curve (NaN where fewer than two positive points >= d_min). ``n_boot_valid``: the
     bootstrap resamples of ``n_boot`` that were valid (None without an interval; see
@@ -125,7 +128,8 @@ def analyze_decay(
     with np.errstate(invalid="ignore", divide="ignore"):
         n = np.isfinite(flat).sum(0)
         sd = np.nanstd(flat, axis=0, ddof=1) if flat.shape[0] > 1 else np.full(d.shape, np.nan)
-        half = 1.959963984540054 * sd / np.sqrt(n)
+        t = student_t.ppf(0.5 + level / 2.0, np.where(n > 1, n - 1, np.nan))
+        half = t * sd / np.sqrt(n)
     point_ci = np.stack([agg - half, agg + half], axis=1)
     layer_fits = [_safe_power(d, row, d_min) for row in m.layer_values]
     layer_gamma = np.array([f.gamma if f else np.nan for f in layer_fits])
@@ -210,12 +214,14 @@ def write_lens_outputs(
                 "yes" if dist >= result.d_min else "no",
             ]
         )
+    pct = f"{result.level * 100:g}%"
     layer_rows = [[i, float(g), float(r2)] for i, (g, r2) in enumerate(zip(result.layer_gamma, result.layer_r2))]
     sections = [
         Section("Summary", text=[result.reading.caveat], header=["quantity", "value"], rows=summary_rows(result)),
         Section(
             "Decay",
-            header=["d", "A(d)", "95% lo", "95% hi", "prompts", "pairs", "fitted"],
+            text=[f"lo, hi: the {pct} interval of A(d) over the prompts (Student t)."],
+            header=["d", "A(d)", f"{pct} lo", f"{pct} hi", "prompts", "pairs", "fitted"],
             rows=rows_d,
             figures=[figures["decay"]] if "decay" in figures else [],
         ),
