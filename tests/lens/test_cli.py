@@ -205,3 +205,16 @@ def test_lens_cli_and_library_refuse_an_option_with_one_message(library, options
     argv = ["lens", str(tmp_path / "model"), "--distances", "30,60", "--out", str(tmp_path), "--no-plots"]
     assert main(argv + options) == 2
     assert capsys.readouterr().err.strip() == f"levyattn lens: error: {message}"
+
+
+def test_a_token_range_past_the_saved_vocabulary_is_refused_before_the_weights_load(model_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import transformers
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the token range was checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", never)
+    assert main(["lens", str(model_dir), "--distances", "30,60", "--token-range", "3", "64", "--out", str(tmp_path),
+                 "--no-plots"]) == 2  # fmt: skip
+    assert "token_range (3, 64) exceeds the vocabulary of 64 tokens (config.vocab_size)" in capsys.readouterr().err

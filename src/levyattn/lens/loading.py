@@ -172,6 +172,28 @@ def load_hf_model(
     return model.eval(), tok
 
 
+def saved_vocabulary(source: str | os.PathLike) -> int | None:
+    """``vocab_size`` of the config saved with a model directory, or cached for a hub id, read
+    without loading weights; None when it cannot be read so (no such config on this machine, a
+    ``.gguf`` file, a config without a top-level ``vocab_size``): the check then waits for the model.
+    """
+    from levyattn._extras import require
+
+    require("hf", "transformers", purpose="loading a Hugging Face model")
+    from transformers import AutoConfig
+
+    text = os.fspath(source)
+    if not (Path(text).is_dir() or (not Path(text).exists() and is_hub_id(text))):
+        return None
+    try:
+        with _quiet_transformers():
+            config = AutoConfig.from_pretrained(text, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    vocab = getattr(config, "vocab_size", None)
+    return int(vocab) if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+
+
 def uses_fna(model: nn.Module) -> bool:
     """Whether a Hugging Face model's attention implementation is levyattn's FNA, under any registered name."""
     hf = sys.modules.get("transformers")

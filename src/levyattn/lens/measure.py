@@ -92,10 +92,11 @@ from levyattn.lens.loading import (
     model_dtype,
     resolve_device,
     resolve_dtype,
+    saved_vocabulary,
     uses_fna,
 )
 from levyattn.lens.options import check_lens_options
-from levyattn.lens.prompts import PREFIX, Prompts, make_prompts, special_frame
+from levyattn.lens.prompts import PREFIX, Prompts, check_token_range_fits, make_prompts, special_frame
 from levyattn.lens.reductions import dense_values, published_values
 
 __all__ = [
@@ -400,6 +401,9 @@ def measure_decay(
     restore_modes: Callable[[], Any] = lambda: None  # noqa: E731
     if isinstance(model, (str, os.PathLike)):
         name = os.fspath(model)
+        saved_vocab = saved_vocabulary(model) if token_range is not None and corpus == "random" else None
+        if saved_vocab is not None:  # before the weights load (seconds to minutes)
+            check_token_range_fits(tuple(token_range), saved_vocab, "config.vocab_size")
         model, loaded_tok = load_hf_model(model, device=dev, dtype=torch_dtype, allow_hub=allow_hub)
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
         load_info = {"load": model.lens_load_info}

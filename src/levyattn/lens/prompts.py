@@ -6,7 +6,9 @@ as the published tool does. A vocabulary too small for that range (V <= 1000) ge
 ``[low, V - 1]`` with ``low`` the first id after the special tokens and at least ``V // 50``
 (the published range likewise skips the low ids, where special and byte tokens live).
 An explicit ``token_range=(low, high)`` must lie inside the model's vocabulary
-(``high < config.vocab_size``, else the tokenizer's length when the model does not say).
+(``high < config.vocab_size``, else the tokenizer's length when the model does not say); for a
+model given by path or cached hub id, :func:`measure_decay` checks it against the saved
+config before the weights load.
 ``corpus=PATH``: a UTF-8 text file tokenised with the model's tokenizer (no special tokens
 added); each prompt is a window of consecutive tokens at an offset drawn with
 ``random.Random(seed)``.
@@ -72,6 +74,17 @@ def _model_vocabulary(tokenizer: Any, model: Any) -> tuple[int | None, str]:
     return None, ""
 
 
+def check_token_range_fits(token_range: tuple[int, int], vocab: int, source: str) -> None:
+    """Refuse a ``token_range`` whose ``high`` is past a vocabulary of ``vocab`` ids (read from ``source``)."""
+    low, high = token_range
+    if high >= vocab:
+        # ids past the embedding table fail deep in the model, or are hashed silently by a stand-in
+        raise ValueError(
+            f"token_range ({low}, {high}) exceeds the vocabulary of {vocab} tokens ({source}); "
+            f"it needs 0 <= low <= high <= {vocab - 1} (--token-range LOW HIGH on the command line)"
+        )
+
+
 def random_token_range(tokenizer: Any, model: Any) -> tuple[int, int, str]:
     """(low, high, where the vocabulary size came from) for random prompts (see the module docstring)."""
     vocab, source = _vocabulary(tokenizer, model)
@@ -111,12 +124,8 @@ def make_prompts(
             low, high = (int(t) for t in token_range)
             vocab_from = "token_range"
             vocab, source = _model_vocabulary(tokenizer, model)
-            if vocab is not None and high >= vocab:
-                # ids past the embedding table fail deep in the model, or are hashed silently by a stand-in
-                raise ValueError(
-                    f"token_range ({low}, {high}) exceeds the vocabulary of {vocab} tokens ({source}); "
-                    f"it needs 0 <= low <= high <= {vocab - 1} (--token-range LOW HIGH on the command line)"
-                )
+            if vocab is not None:
+                check_token_range_fits((low, high), vocab, source)
         else:
             low, high, vocab_from = random_token_range(tokenizer, model)
         return Prompts(low, high, None, "random"), {"corpus": "random", "token_range": [low, high], "from": vocab_from}
