@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -175,12 +177,15 @@ def test_bad_bootstrap_input():
         fit_power_law(d, [1, 2, 3], d_min=-1)
 
 
-def _noisy_measurement(seed: int):
-    """4 prompts whose A(d) = d^-1 times lognormal noise (sigma 1), one seed, one layer and head."""
+def _noisy_measurement(seed: int, window: int | None = None):
+    """4 prompts whose A(d) = d^-1 times lognormal noise (sigma 1), one seed, one layer and head;
+    zero past ``window`` (a sliding window)."""
     from levyattn.lens import DecayMeasurement
 
     d = np.array([30, 60, 120, 240])
     pv = (d ** -1.0)[None, :] * np.random.default_rng(seed).lognormal(0.0, 1.0, size=(4, d.size))
+    if window is not None:
+        pv[:, d > window] = 0.0
     n = np.full(d.size, 4)
     return DecayMeasurement(
         model_name="noisy", protocol="published", passes="one", causal=True, distances=d, seeds=(42,), n_prompts=4,
@@ -212,3 +217,20 @@ def test_per_distance_intervals_take_the_run_level(level, t, tmp_path):
     page = write_lens_outputs(res, tmp_path, plots=False)["html"].read_text()
     pct = f"{level * 100:g}%"
     assert f"<th>{pct} lo</th><th>{pct} hi</th>" in page and page.count("% lo") == 1
+
+
+def test_distances_left_out_of_the_fit_are_said(tmp_path):
+    """A(d) = 0 past a sliding window cannot enter the log fit: the report must not call those distances fitted."""
+    from levyattn.lens import analyze_decay, write_lens_outputs
+    from levyattn.lens.report import summary_rows
+
+    with pytest.warns(RuntimeWarning, match=r"zero or missing at the distances \[120, 240\] >= d_min=30: .* other 2"):
+        res = analyze_decay(_noisy_measurement(412, window=100), n_boot=200)
+    assert res.power.n_points == 2 and res.left_out == [120, 240] and res.fitted.tolist() == [True, True, False, False]
+    paths = write_lens_outputs(res, tmp_path, plots=False)
+    data = json.loads(paths["json"].read_text())
+    assert data["fitted_distances"] == [30, 60] and data["left_out_distances"] == [120, 240]
+    page = paths["html"].read_text()
+    fitted_column = re.findall(r"<tr><td class='num'>(\d+)</td>.*?<td>(yes|no)</td></tr>", page)
+    assert fitted_column == [("30", "yes"), ("60", "yes"), ("120", "no"), ("240", "no")]
+    assert "left out: 120, 240" in dict(summary_rows(res))["distances"]

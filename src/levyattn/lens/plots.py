@@ -40,13 +40,13 @@ def plot_decay(result: LensResult, path: str | os.PathLike) -> Path:
     lo, hi = result.point_ci[:, 0], result.point_ci[:, 1]
     fig = _figure((6.4, 4.6))
     ax = fig.add_subplot(1, 1, 1)
-    used = d >= result.d_min
+    used = result.fitted
     yerr = np.vstack([np.clip(a - lo, 0, None), np.clip(hi - a, 0, None)])
     bars = f"{result.level * 100:g}% interval"
     ax.errorbar(d[used], a[used], yerr=yerr[:, used], fmt="o", color="C0", capsize=3, label=f"A(d), fitted ({bars})")
     if (~used).any():
         ax.errorbar(d[~used], a[~used], yerr=yerr[:, ~used], fmt="o", mfc="none", color="C0", capsize=3,
-                    label=f"A(d), d < d_min={result.d_min:g}")
+                    label=f"A(d), not fitted (d < d_min={result.d_min:g} or A(d) = 0)")
     xs = np.geomspace(max(d[used].min(), 1.0), d[used].max(), 200)
     g = result.power.gamma
     ci = f" [{result.gamma_ci[0]:.3f}, {result.gamma_ci[1]:.3f}]" if result.gamma_ci else ""

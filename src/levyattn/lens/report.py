@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,17 @@ class LensResult:
     head_gamma: np.ndarray
 
     @property
+    def fitted(self) -> np.ndarray:
+        """(D,) bool: the distances the fits use, ``d >= d_min`` with a finite positive aggregate A(d)."""
+        agg = self.measurement.aggregate
+        return (self.measurement.distances >= self.d_min) & np.isfinite(agg) & (agg > 0)
+
+    @property
+    def left_out(self) -> list[int]:
+        """The distances ``>= d_min`` the fits leave out: A(d) zero (e.g. past a sliding window) or missing."""
+        return [int(d) for d in self.measurement.distances[(self.measurement.distances >= self.d_min) & ~self.fitted]]
+
+    @property
     def ci_half_width(self) -> float:
         return float("nan") if self.gamma_ci is None else (self.gamma_ci[1] - self.gamma_ci[0]) / 2.0
 
@@ -62,6 +74,8 @@ class LensResult:
             "n_boot": self.n_boot,
             "n_boot_valid": self.n_boot_valid,
             "d_min": self.d_min,
+            "fitted_distances": [int(d) for d in self.measurement.distances[self.fitted]],
+            "left_out_distances": self.left_out,
             "fit_power_law": asdict(self.power),
             "fit_exponential": asdict(self.expo),
             "delta_r2_power_minus_exp": self.choice.delta_r2,
@@ -100,6 +114,9 @@ def analyze_decay(
 
     Raises ValueError when the bootstrap interval at ``level`` does not contain the fitted
     gamma (a few very noisy prompts at a low level), rather than reporting such an interval.
+    Distances ``>= d_min`` whose aggregate A(d) is zero or missing cannot enter a log-space fit
+    and are left out, as published; a RuntimeWarning names them (``LensResult.left_out``), since
+    a fit on the rest (say, only the distances inside a sliding window) reads another curve.
     """
     if not isinstance(measurement, DecayMeasurement):
         raise TypeError(f"measurement must be a DecayMeasurement, got {type(measurement).__name__}")
@@ -139,7 +156,7 @@ def analyze_decay(
         for j in range(head_gamma.shape[1]):
             f = _safe_power(d, m.layer_head[i, j], d_min)
             head_gamma[i, j] = f.gamma if f else np.nan
-    return LensResult(
+    result = LensResult(
         measurement=m,
         d_min=d_min,
         power=power,
@@ -155,6 +172,14 @@ def analyze_decay(
         layer_r2=layer_r2,
         head_gamma=head_gamma,
     )
+    if result.left_out:
+        warnings.warn(
+            f"A(d) is zero or missing at the distances {result.left_out} >= d_min={d_min:g}: the fits use the other "
+            f"{power.n_points} distance(s) only, and their gamma and R² describe those",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return result
 
 
 def summary_rows(result: LensResult) -> list[tuple[str, str]]:
@@ -167,7 +192,8 @@ def summary_rows(result: LensResult) -> list[tuple[str, str]]:
         ("model", m.model_name),
         ("protocol", f"{m.protocol} ({m.passes}, {'causal' if m.causal else 'bidirectional'})"),
         ("prompts", f"{m.n_prompts} x {len(m.seeds)} seeds {list(m.seeds)}; {m.n_passes} passes"),
-        ("distances", ", ".join(str(int(x)) for x in m.distances) + f"  (fit d >= {f.d_min:g})"),
+        ("distances", ", ".join(str(int(x)) for x in m.distances) + f"  (fit d >= {f.d_min:g}"
+         + (f"; A(d) zero or missing, left out: {', '.join(map(str, f.left_out))})" if f.left_out else ")")),
         ("gamma", f"{f.power.gamma:.4f}"),
         (f"gamma {int(round(f.level * 100))}% CI", ci),
         ("bootstrap", f"{f.n_boot_valid} of {f.n_boot} resamples valid" if f.gamma_ci else "n/a"),
@@ -202,6 +228,7 @@ def write_lens_outputs(
         paths.update({f"{k}_png": v for k, v in figures.items()})
     m = result.measurement
     rows_d: list[list[Any]] = []
+    fitted = result.fitted
     for k, dist in enumerate(m.distances):
         rows_d.append(
             [
@@ -211,7 +238,7 @@ def write_lens_outputs(
                 float(result.point_ci[k, 1]),
                 int(m.sample_counts[k]),
                 int(m.pair_counts[k]),
-                "yes" if dist >= result.d_min else "no",
+                "yes" if fitted[k] else "no",
             ]
         )
     pct = f"{result.level * 100:g}%"
