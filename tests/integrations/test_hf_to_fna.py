@@ -293,3 +293,20 @@ def test_the_top_config_is_classified_once(build, role):
     model = build()
     configs = hf_convert._stack_configs(hf_attention.attention_modules(model))
     assert hf_convert._top_config_role(model, configs) == role
+
+
+def test_a_stack_the_inputs_never_reach_keeps_its_values_and_the_table_its_layers():
+    # A Llava calibrated on text alone: objective="output" failed with "'float' object is not
+    # iterable" (it refined the unreached vision tower), and with per-layer vision bandwidths the
+    # table printed the vision tower's 0.5 and 0.6 beside the language model's layers.
+    model, _ = tiny_llava()
+    ids = torch.randint(3, VOCAB - 1, (2, 10), generator=torch.Generator().manual_seed(3))
+    vision = [0.5, 0.6, 0.7]
+    report = hf.to_fna(model, {"input_ids": ids}, bandwidth={"model.vision_tower": vision, "model.language_model": 1.0})
+    assert report.bandwidth["model.vision_tower"] == vision == model.config.vision_config.fna_bandwidth
+    assert report.layer_names == ["model.language_model.0", "model.language_model.1"]
+    rows = report.format().splitlines()[-2:]
+    for row, bandwidth in zip(rows, report.bandwidth["model.language_model"]):
+        assert row.split()[-1] == str(bandwidth)
+    scalar, _ = tiny_llava()
+    assert hf.to_fna(scalar, {"input_ids": ids}).bandwidth["model.vision_tower"] == 1.0  # was the TypeError

@@ -109,6 +109,14 @@ class ConversionReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _layer_bandwidth(self, name: str) -> Any:
+        """The bandwidth of the layer ``name`` ("3", or with several stacks "encoder.3")."""
+        value = self.bandwidth
+        if isinstance(value, dict):
+            stack, name = name.rsplit(".", 1)
+            value = value[stack]
+        return value[int(name)] if isinstance(value, list) else value
+
     def format(self) -> str:
         """A short plain-text summary (for a CLI or a log): each number named, with its direction."""
         lines = []
@@ -122,15 +130,10 @@ class ConversionReport:
         if self.attention_kl_before:
             lines.append("attention-row KL(softmax || FNA) per layer, nats (lower is better):")
             lines.append("layer     initial  attention fit        final  bandwidth")
-            n = len(self.attention_kl_before)
-            if isinstance(self.bandwidth, dict):
-                bw = [v for value in self.bandwidth.values() for v in value]
-            else:
-                bw = self.bandwidth if isinstance(self.bandwidth, list) else [self.bandwidth] * n
-            names = self.layer_names or [str(i) for i in range(n)]
+            names = self.layer_names or [str(i) for i in range(len(self.attention_kl_before))]
             fit = self.attention_kl_fit or self.attention_kl_after
-            for i, (b, f, a) in enumerate(zip(self.attention_kl_before, fit, self.attention_kl_after)):
-                lines.append(f"{names[i]:>5}  {b:10.4g}  {f:13.4g}  {a:11.4g}  {bw[i]}")
+            for name, b, f, a in zip(names, self.attention_kl_before, fit, self.attention_kl_after):
+                lines.append(f"{name:>5}  {b:10.4g}  {f:13.4g}  {a:11.4g}  {self._layer_bandwidth(name)}")
         return "\n".join(lines)
 
 
@@ -497,11 +500,13 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
         if unknown:
             raise ValueError("an attention call came from a module to_fna did not find (no config/is_causal/scaling)")
         gap_before = _gap(reference, model, batches)
-        initial = [c.fna_bandwidth for c in configs]
+        # Stacks the inputs never reached (a Llava's vision tower on text alone) keep their values.
+        reached = [c for c in configs if any(r["config"] is c for r in records)]
+        initial = [c.fna_bandwidth for c in reached]
         kl_initial, kl_fit, layer_names = _calibrate(configs, names, records, batches, per_head, lo, hi)
         kl_final = kl_fit
         if objective == "output":
-            _refine_output(model, configs, reference, batches, initial, gap_before, lo, hi)
+            _refine_output(model, reached, reference, batches, initial, gap_before, lo, hi)
             kl_final = _calibrate(configs, names, records, batches, None, lo, hi)[1]
         gap_after = _gap(reference, model, batches)
     if role == "copied":
