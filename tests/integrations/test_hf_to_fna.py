@@ -310,3 +310,27 @@ def test_a_stack_the_inputs_never_reach_keeps_its_values_and_the_table_its_layer
         assert row.split()[-1] == str(bandwidth)
     scalar, _ = tiny_llava()
     assert hf.to_fna(scalar, {"input_ids": ids}).bandwidth["model.vision_tower"] == 1.0  # was the TypeError
+
+
+def test_an_encoder_decoders_gap_weights_decoder_positions_by_the_decoder_mask():
+    # The encoder's attention_mask weighted the decoder's positions where the lengths matched:
+    # the reported gap was 0.0504 nats, the mean over the positions it measures 0.0447.
+    model = tiny_t5(2, 2)
+    g = torch.Generator().manual_seed(1)
+    enc, dec = torch.randint(3, VOCAB, (4, 8), generator=g), torch.randint(3, VOCAB, (4, 8), generator=g)
+    enc_mask, dec_mask = torch.ones_like(enc), torch.ones_like(dec)
+    enc_mask[:2, 3:] = 0
+    dec_mask[1:, 6:] = 0
+    softmax = copy.deepcopy(model)
+    for batch, weights in (
+        ({"input_ids": enc, "attention_mask": enc_mask, "decoder_input_ids": dec}, torch.ones_like(dec)),
+        ({"input_ids": enc, "attention_mask": enc_mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask},
+         dec_mask),
+    ):  # fmt: skip
+        converted = copy.deepcopy(model)
+        report = hf.to_fna(converted, batch, objective="attention")
+        with torch.no_grad():
+            p = torch.log_softmax(softmax(**batch).logits, -1)
+            q = torch.log_softmax(converted(**batch).logits, -1)
+        kl = (p.exp() * (p - q)).sum(-1)
+        assert report.gap_after == pytest.approx(float((kl * weights).sum() / weights.sum()), rel=1e-5)

@@ -32,8 +32,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["ConversionReport", "to_fna"]
 
 
-def _softmax_recorder(records: list[dict], batch: int) -> hf_attention.AttentionSubstitute:
-    """An attention substitute: softmax attention that appends (layer, batch, q, k, mask, log P) to ``records``."""
+def _softmax_recorder(records: list[dict], batch: int, seq2seq: bool) -> hf_attention.AttentionSubstitute:
+    """An attention substitute: softmax attention that appends (layer, batch, q, k, mask, log P) to ``records``,
+    and whether the query rows are the decoder's of an encoder-decoder (``seq2seq``)."""
 
     def softmax_attention(module, query, key, value, mask, causal, scaling):
         nq, nk = query.shape[2], key.shape[2]
@@ -46,8 +47,9 @@ def _softmax_recorder(records: list[dict], batch: int) -> hf_attention.Attention
         q, k = query.float(), key.float()
         log_p = log_softmax_rows(apply_mask((q @ k.transpose(-1, -2)) * scale, full))
         out = (torch.exp(log_p).to(value.dtype) @ value).transpose(1, 2).contiguous()
+        decoder = seq2seq and (getattr(module, "is_decoder", False) or getattr(module.config, "is_decoder", False))
         records.append({"config": module.config, "layer": hf_attention.layer_index(module), "batch": batch,
-                        "q": q, "k": k, "mask": full, "log_p": log_p})  # fmt: skip
+                        "q": q, "k": k, "mask": full, "log_p": log_p, "decoder_rows": bool(decoder)})  # fmt: skip
         return out, None
 
     return softmax_attention
@@ -75,8 +77,9 @@ class ConversionReport:
     metric: the output measure. "kl" -- mean KL(softmax model || FNA model) in nats between
         the models' output distributions (next-token distributions of a causal LM, token
         distributions of a masked LM, class distributions of a classifier), over non-padding
-        positions; lower is better, 0 is equal. "cosine" -- mean cosine similarity of
-        mean-pooled last hidden states (models without logits); higher is better, 1 is equal.
+        positions (an encoder-decoder's decoder positions, by ``decoder_attention_mask``); lower
+        is better, 0 is equal. "cosine" -- mean cosine similarity of mean-pooled last hidden
+        states (models without logits); higher is better, 1 is equal.
     gap_before: the output measure with the initial bandwidth; gap_after: with the calibrated one.
     objective: what the bandwidths were chosen to minimise ("output": the output measure, from a
         start at the attention-row fit; "attention": each layer's attention-row KL).
@@ -163,34 +166,43 @@ def _as_batches(model: torch.nn.Module, inputs: Any) -> list[dict[str, torch.Ten
     return batches
 
 
-def _row_weights(batch: Mapping[str, Any], length: int) -> torch.Tensor | None:
-    """(B, L) float weights of non-padding positions, or None when the batch has no matching mask."""
-    am = batch.get("attention_mask")
+def _row_weights(batch: Mapping[str, Any], length: int, decoder_rows: bool) -> torch.Tensor | None:
+    """(B, L) float weights of non-padding positions, or None when the batch has no matching mask.
+
+    The rows of an encoder-decoder's decoder (``decoder_rows``) are weighted by ``decoder_attention_mask``:
+    ``attention_mask`` pads the encoder's input.
+    """
+    am = batch.get("decoder_attention_mask" if decoder_rows else "attention_mask")
     if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[-1] == length:
         return am.float()
     return None
 
 
-def _summary(output: Any, batch: Mapping[str, Any]) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """(metric, per-position quantity, weights) from one model output."""
+def _summary(output: Any, batch: Mapping[str, Any], seq2seq: bool) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """(metric, per-position quantity, weights) from one model output (an encoder-decoder's, ``seq2seq``:
+    its outputs are the decoder's positions)."""
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
         logp = torch.log_softmax(logits.float(), -1)
-        w = _row_weights(batch, logp.shape[1]) if logp.dim() == 3 else None
+        w = _row_weights(batch, logp.shape[1], seq2seq) if logp.dim() == 3 else None
         return "kl", logp, w
     hidden = getattr(output, "last_hidden_state", None)
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"{type(output).__name__} has neither logits nor last_hidden_state to compare")
-    w = _row_weights(batch, hidden.shape[1])
+    w = _row_weights(batch, hidden.shape[1], seq2seq)
     w3 = torch.ones(hidden.shape[:2], device=hidden.device) if w is None else w
     pooled = (hidden.float() * w3.unsqueeze(-1)).sum(1) / w3.sum(1, keepdim=True).clamp_min(1)
     return "cosine", pooled, None
 
 
+def _seq2seq(model: torch.nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
 def _gap(reference: list, model: torch.nn.Module, batches: list) -> float:
     total, count = 0.0, 0.0
     for (metric, ref, w), batch in zip(reference, batches):
-        _, new, _ = _summary(model(**batch), batch)
+        _, new, _ = _summary(model(**batch), batch, _seq2seq(model))
         if metric == "kl":
             kl = (ref.exp() * (ref - new)).sum(-1)  # KL(softmax || FNA) per position
             if w is None:
@@ -214,7 +226,7 @@ def _layer_kl(records: list[dict], batches: list, alpha: Any, log10_bw: torch.Te
         p = log_p.exp()
         row_kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)  # (B, H, Lq)
         valid = torch.isfinite(log_p).any(-1).float()  # rows with at least one allowed key
-        w = _row_weights(batches[rec["batch"]], q.shape[2])  # padding queries do not count
+        w = _row_weights(batches[rec["batch"]], q.shape[2], rec["decoder_rows"])  # padding queries do not count
         if w is not None:
             valid = valid * w[:, None, :]
         n = (row_kl * valid).sum((0, 2)).double()
@@ -490,11 +502,11 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
 
     model.eval()
     with torch.no_grad():
-        reference = [_summary(model(**b), b) for b in batches]
+        reference = [_summary(model(**b), b, _seq2seq(model)) for b in batches]
         model.set_attn_implementation(hf_attention.ATTN_IMPLEMENTATION)
         records: list[dict] = []
         for i, b in enumerate(batches):
-            with hf_attention.substitute_attention(_softmax_recorder(records, i)):
+            with hf_attention.substitute_attention(_softmax_recorder(records, i, _seq2seq(model))):
                 model(**b)
         unknown = [r for r in records if all(r["config"] is not c for c in configs)]
         if unknown:
