@@ -62,3 +62,14 @@ def test_a_last_batch_smaller_than_the_world_is_trained(tmp_path):
     weights = load_file(str(out / "final.safetensors"))
     for name, value in single.model.state_dict().items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_steps", [None, 11])  # whole epochs; a stop inside epoch 2 (8 steps an epoch)
+def test_every_process_returns_the_same_result(tmp_path, max_steps):
+    cfg = dict(epochs=2, batch_size=8, lr=3e-2, seed=0, max_steps=max_steps)
+    mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path), cfg), nprocs=2, join=True)
+    main, other = (json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1))
+    assert main["stopped"] == (max_steps is not None)
+    assert set(main["metrics"]) == {"accuracy", "loss"} and main["train_loss"] > 0
+    assert other == main

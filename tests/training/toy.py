@@ -61,7 +61,7 @@ class ToyTask:
 
 def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n_train: int = 60) -> None:
     """One process of a CPU DDP run (gloo) on ``n_train`` samples; rank 0 saves the final parameters
-    and its result (``result.json``)."""
+    and its result (``result.json``), every rank its result and history (``result-<rank>.json``)."""
     import os
 
     from safetensors.torch import save_file
@@ -76,9 +76,11 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n
     try:
         trainer = Trainer(ToyTask(n_train=n_train, dropout=0.0), TrainConfig(**cfg_dict), out_dir, dist_info=info)
         result = trainer.fit()
-        if info.is_main:
-            import json
+        import json
 
+        with open(os.path.join(out_dir, f"result-{rank}.json"), "w") as f:
+            json.dump({k: result[k] for k in ("metrics", "train_loss", "global_step", "stopped", "history")}, f)
+        if info.is_main:
             with open(os.path.join(out_dir, "result.json"), "w") as f:
                 json.dump({k: result[k] for k in ("metrics", "global_step")}, f)
             state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -84,6 +85,15 @@ def all_reduce_sum(value: float, device: torch.device | None = None) -> float:
     return float(t.item())
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Process ``src``'s ``obj`` (picklable) on every process (``obj`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -94,4 +104,5 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "cleanup", "current", "env_world_size", "init_distributed"]
+__all__ = ["DistInfo", "all_reduce_sum", "barrier", "broadcast_object", "cleanup", "current", "env_world_size",
+           "init_distributed"]

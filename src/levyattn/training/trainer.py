@@ -81,7 +81,7 @@ from levyattn.io import (
 )
 from levyattn.models import count_parameters
 from levyattn.training import checkpoint as ckpt_mod
-from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, current
+from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, current
 from levyattn.training.progress import EpochProgress
 from levyattn.training.tasks import Task, check_task
 
@@ -518,7 +518,8 @@ class Trainer:
         (the mean training loss of the last epoch, or of the part of it trained), ``history``
         (one record per finished epoch), ``params``, ``train_time_s``, ``samples_per_s``,
         ``global_step`` and ``stopped`` (True when ``max_steps`` ended the run before its last
-        epoch).
+        epoch). Under DistributedDataParallel every process returns the same result, the main
+        process's (which evaluates and holds the global loss sums); so is every process's ``history``.
 
         ``max_steps`` ends the run after that many optimiser steps in all. When that is inside
         an epoch, the model of that step is checkpointed (whatever ``checkpoint_every``) and
@@ -604,11 +605,12 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         if final_eval is not None:
             metrics = final_eval
-            train_loss = _mean_train_loss(position) if dist.is_main else None
+            train_loss = _mean_train_loss(position)
         else:
             metrics = {k[len("eval_") :]: v for k, v in last.items() if k.startswith("eval_")}
             train_loss = last.get("train_loss")
-        return {
+        # The main process holds the global sums and the evaluation; every process returns its result.
+        return broadcast_object({
             "metrics": metrics,
             "train_loss": train_loss,
             "history": list(self.history),
@@ -617,7 +619,7 @@ class Trainer:
             "samples_per_s": position["samples"] / max(position["train_time_s"], 1e-9),
             "global_step": position["global_step"],
             "stopped": stopped,
-        }
+        })
 
     def _build(self) -> tuple[Any, Any, nn.Module, torch.optim.Optimizer]:
         """The datasets, the model (on the device; also ``self.model``) and its AdamW optimiser."""
@@ -691,6 +693,7 @@ class Trainer:
             record.update({f"eval_{k}": v for k, v in self._evaluate(model, eval_loader).items()})
         record["train_time_s"] = position["train_time_s"]
         record["samples_per_s"] = position["samples"] / max(position["train_time_s"], 1e-9)
+        record = broadcast_object(record)  # the main process's: it holds the global sums and the evaluation
         self.history.append(record)
         if writer is not None:
             for k, v in record.items():
@@ -708,8 +711,9 @@ class Trainer:
     def _stop_mid_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer, eval_loader: Any,
                         position: dict[str, Any]) -> dict[str, float]:
         """``max_steps`` ended the run inside an epoch: checkpoint the model at this step, then
-        evaluate that same model (main process; ``{}`` elsewhere). The checkpoint comes first: it
-        holds the RNG state an uninterrupted run would go on with, which evaluating may draw from."""
+        evaluate that same model (on the main process; ``{}`` elsewhere, and :meth:`fit` gives every
+        process the main one's result). The checkpoint comes first: it holds the RNG state an
+        uninterrupted run would go on with, which evaluating may draw from."""
         self._reduce_running(position)
         self._save(model, optimizer, position)
         return self._evaluate(model, eval_loader) if self.dist.is_main else {}
