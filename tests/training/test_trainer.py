@@ -152,6 +152,26 @@ def test_max_steps_checkpoints_and_reports_the_model_it_stops_at(tmp_path, max_s
     assert result["train_loss"] > 0 and (max_steps % 8 or result["train_loss"] == result["history"][-1]["train_loss"])
 
 
+def test_resuming_a_run_stopped_by_max_steps_reports_the_model_it_stopped_at(tmp_path):
+    # stopped at step 11, inside epoch 2: resumed with the same max_steps there is nothing to train,
+    # and the result is still that of step 11's model, not of epoch 1's
+    cfg = _cfg(max_steps=11)
+    stopped = Trainer(ToyTask(), cfg, tmp_path).fit()
+    again = Trainer(ToyTask(), cfg, tmp_path, resume=True).fit()
+    assert again["stopped"] and again["global_step"] == 11
+    assert again["metrics"] == stopped["metrics"] == _evaluate_checkpoint(tmp_path, ToyTask())
+    assert again["train_loss"] == stopped["train_loss"]
+
+
+@pytest.mark.parametrize("change", [dict(max_steps=5), dict(epochs=1, schedule="constant")])
+def test_resuming_with_fewer_steps_than_trained_is_refused(tmp_path, change):
+    Trainer(ToyTask(), _cfg(max_steps=11, schedule="constant"), tmp_path).fit()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir())
+    with pytest.raises(ck.CheckpointError, match="has trained 11 steps, more than the [58] this run asks for"):
+        Trainer(ToyTask(), _cfg(**{"max_steps": 11, "schedule": "constant", **change}), tmp_path, resume=True).fit()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.iterdir()) == before
+
+
 def test_files_written_and_atomic(tmp_path):
     Trainer(ToyTask(), _cfg(epochs=2, checkpoint_every=3), tmp_path).fit()
     names = sorted(p.name for p in tmp_path.iterdir())

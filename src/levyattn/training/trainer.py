@@ -41,7 +41,8 @@ No run is lost or silently restarted. Before any work the trainer checks the run
   nothing. The checkpoint is checked field by field (see
   :func:`levyattn.training.checkpoint.check_training_state`) and against this run: the same
   training settings and model config (:func:`resume_changes`: only those of
-  :data:`RESUME_NEUTRAL` may change), a position that fits the steps per epoch and the history;
+  :data:`RESUME_NEUTRAL` may change), a position that fits the steps per epoch and the history,
+  and no more steps trained than ``epochs`` and ``max_steps`` now ask for;
 - the folder must be writable, so that a read-only folder fails before the training
   time is spent, not at the first checkpoint.
 
@@ -474,6 +475,14 @@ class Trainer:
                 f"{where}: position (epoch {epoch}, step_in_epoch {step}, global_step {global_step}) does not fit "
                 f"this run's {steps_per_epoch} steps per epoch (corrupt, or the training set or batch_size changed)"
             )
+        steps_asked = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps,
+                                                                                    cfg.epochs * steps_per_epoch)
+        if global_step > steps_asked:
+            raise ckpt_mod.CheckpointError(
+                f"{where}: the run has trained {global_step} steps, more than the {steps_asked} this run asks for "
+                f"(epochs {cfg.epochs}, max_steps {cfg.max_steps}, {steps_per_epoch} steps per epoch); a resumed run "
+                "cannot train fewer steps: train the new settings as a new run (another folder, or overwrite)"
+            )
         if len(ck.state["history"]) != epoch:
             raise ckpt_mod.CheckpointError(
                 f"{where}: the history holds {len(ck.state['history'])} epochs, the position says {epoch}"
@@ -559,6 +568,9 @@ class Trainer:
         while position["epoch"] < cfg.epochs:
             if self._max_steps_reached(position):
                 stopped = True
+                if position["step_in_epoch"]:
+                    # Resumed at the step a max_steps stop checkpointed: report that model, as the stop did.
+                    final_eval = self._evaluate(model, eval_loader) if dist.is_main else {}
                 break
             epoch = position["epoch"]
             batches = global_batches(n_train, cfg.batch_size, cfg.seed, epoch, dist.world_size)
