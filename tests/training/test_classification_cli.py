@@ -94,7 +94,7 @@ def test_sweep_tables_and_skip_on_rerun(tmp_path):
                       gap_samples=8)
     assert sorted(again.skipped) == sorted(r["name"] for r in res.runs)
     assert [r["accuracy"] for r in again.runs] == [r["accuracy"] for r in res.runs]
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(ValueError, match="other settings than this sweep asks for: lr: "):
         run_sweep(_digits("lr=0.5"), alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path)
     # the description is no setting: a redescribed preset finds its runs
     redescribed = {**_digits(), "description": "the same runs under another name"}

@@ -259,7 +259,8 @@ def test_sweep_restarts_only_a_run_without_a_checkpoint(tmp_path):
     # interrupted (no result.json yet): its checkpoint must hold the settings the sweep asks for
     (run / "result.json").unlink()
     before = snapshot(tmp_path)
-    with pytest.raises(ValueError, match=r"checkpoint\.json was trained with different settings"):
+    with pytest.raises(ValueError, match=r"checkpoint\.json was trained with other settings than this sweep asks for: "
+                                         r"lr: 0\.003 -> 0\.5\. "):
         sweep(preset=apply_overrides(preset, ["lr=0.5"]))
     assert snapshot(tmp_path) == before
     # weights and metrics but no checkpoint.json: an error naming it, and nothing touched
@@ -283,6 +284,45 @@ def test_sweep_with_max_steps_inside_the_first_epoch(tmp_path):
     assert 0 <= row["accuracy"] <= 1 and row["final_train_loss"] > 0
     again = run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
     assert again.skipped == ["fna-a1.2-s0"] and again.runs[0]["final_train_loss"] == row["final_train_loss"]
+
+
+def test_a_sweep_run_again_accepts_the_changes_a_resume_accepts(tmp_path):
+    from levyattn.training.presets import apply_overrides, get_preset
+    from levyattn.training.sweep import run_sweep
+
+    # 64 samples / 16 = 4 steps an epoch, constant schedule (epochs may change on resume)
+    preset = apply_overrides(get_preset("digits-vit"), ["epochs=2", "limit_train=64", "limit_test=16", "d_model=8",
+                                                         "batch_size=16", "schedule=constant", "max_steps=2"])
+
+    def sweep(*changes, out=tmp_path):
+        return run_sweep(apply_overrides(preset, list(changes)), alphas=[1.2], attentions=["fna"], seeds=[0],
+                         out_dir=out, gap_samples=4)
+
+    first = sweep()
+    run = tmp_path / "runs" / "fna-a1.2-s0"
+    # settings that leave the training alone: the finished run is kept
+    kept = sweep("eval_batch_size=8", "num_workers=1", "checkpoint_every=3")
+    assert kept.skipped == ["fna-a1.2-s0"] and kept.runs[0]["final_train_loss"] == first.runs[0]["final_train_loss"]
+    # a longer run: trained on from the checkpoint, to the result of a sweep that asked for it at once
+    longer = sweep("max_steps=6")
+    fresh = sweep("max_steps=6", out=tmp_path / "fresh")
+    assert not longer.skipped and ck.load_checkpoint(run).state["position"]["global_step"] == 6
+    for key in ("accuracy", "final_train_loss", "loss", "spectral_gap"):
+        assert longer.runs[0][key] == fresh.runs[0][key], key
+    assert json.loads((run / "result.json").read_text())["preset"]["train"]["max_steps"] == 6
+    assert sweep("max_steps=6").skipped == ["fna-a1.2-s0"]
+    # fewer steps than trained, or a setting a resume refuses: an error, and nothing changed
+    before = snapshot(tmp_path)
+    with pytest.raises(ck.CheckpointError, match="has trained 6 steps, more than the 2 this run asks for"):
+        sweep()
+    with pytest.raises(ValueError, match=r"result\.json was trained with other settings than this sweep asks for: "
+                                         r"lr: 0\.003 -> 0\.5\. "):
+        sweep("max_steps=6", "lr=0.5")
+    assert snapshot(tmp_path) == before
+    # an interrupted run (no result.json) resumes under such a change too
+    (run / "result.json").unlink()
+    resumed = sweep("max_steps=6", "eval_batch_size=8")
+    assert resumed.runs[0]["final_train_loss"] == fresh.runs[0]["final_train_loss"]
 
 
 # ----------------------------------------------------------------------------- changed settings

@@ -121,7 +121,8 @@ def split_overrides(values: Iterable[str] | None) -> list[str]:
 
 __all__ = [
     "RESUME_NEUTRAL_DATA", "TASK_MODULES", "all_presets", "apply_overrides", "check_requirements",
-    "check_resume_preset", "get_preset", "parse_value", "preset_from_run", "resume_changes", "split_overrides",
+    "check_resume_preset", "get_preset", "parse_value", "preset_from_run", "resume_changes", "run_changes",
+    "split_overrides",
     "train_preset",
 ]
 
@@ -169,6 +170,21 @@ def resume_changes(saved: dict[str, Any], preset: dict[str, Any]) -> list[str]:
                              {k: preset.get(k) for k in ("task", "model_type")})
             + changed_settings(saved.get("model", {}), preset.get("model", {}), prefix="model.")
             + changed_settings(saved.get("data", {}), preset.get("data", {}), RESUME_NEUTRAL_DATA, prefix="data."))
+
+
+def run_changes(saved: dict[str, Any], preset: dict[str, Any]) -> list[str]:
+    """Every setting ``preset`` changes from the ``saved`` preset of a run that a resumed run may not
+    change: :func:`resume_changes` and the training settings
+    (:func:`levyattn.training.trainer.resume_changes`, as ``"name: saved -> now"``)."""
+    from levyattn.training.trainer import TrainConfig, changed_settings
+    from levyattn.training.trainer import resume_changes as train_changes
+
+    saved_train, train = saved.get("train", {}), preset.get("train", {})
+    try:
+        changes = train_changes(TrainConfig.from_dict(saved_train), TrainConfig.from_dict(train))
+    except (TypeError, ValueError):  # saved settings this version does not accept: every difference counts
+        changes = changed_settings(saved_train, train)
+    return resume_changes(saved, preset) + changes
 
 
 def check_resume_preset(run_dir: Any, preset: dict[str, Any]) -> None:

@@ -7,13 +7,18 @@ Layout of a sweep folder ``OUT``::
     OUT/results.json         every run, the summary per (attention, alpha), correlations
     OUT/runs.csv  OUT/summary.csv  OUT/table.md
 
-``<run>`` is ``fna-a1.2-s0`` or ``softmax-s0`` (softmax has no alpha). A run whose
-``result.json`` exists and records the same preset (its description aside) is skipped
-when the sweep is run again; a run that was interrupted resumes from its last checkpoint
-(exactly, as ``levyattn train --resume``), and one killed before its first checkpoint,
-which has nothing to resume, starts over. A run folder whose checkpoint is missing or
-corrupt while it holds weights or metrics stops the sweep with an error naming the file:
-the sweep never trains over a run it cannot continue.
+``<run>`` is ``fna-a1.2-s0`` or ``softmax-s0`` (softmax has no alpha). When the sweep is run
+again, a run may have changed only what a resumed run may change (:func:`check_rerun`: where
+the data lies and the trainer's ``RESUME_NEUTRAL`` training settings; the description is no
+setting); any other change stops the sweep with an error naming each changed setting. A run
+whose ``result.json`` exists is skipped, its result kept, unless ``epochs`` or ``max_steps``
+changed: then it is resumed from its checkpoint and trained on to the new length (fewer steps
+than it has trained are refused, as by ``levyattn train --resume``), and its result replaced. A
+run that was interrupted resumes from its last checkpoint (exactly, as ``levyattn train
+--resume``), and one killed before its first checkpoint, which has nothing to resume, starts
+over. A run folder whose checkpoint is missing or corrupt while it holds weights or metrics
+stops the sweep with an error naming the file: the sweep never trains over a run it cannot
+continue.
 
 Restarts (``restarts=R``, as scikit-learn's ``KMeans(n_init=R)``): small models can stop
 on a plateau that is decided by their initialisation (a one-layer, one-head model may stay
@@ -53,9 +58,15 @@ import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, markdown_table, read_json, rows_to_csv
 from levyattn.training.compare import format_spread, paired_comparison, verdict_sentence
-from levyattn.training.presets import check_requirements, preset_from_run, train_preset
+from levyattn.training.presets import (
+    RESUME_NEUTRAL_DATA,
+    check_requirements,
+    preset_from_run,
+    run_changes,
+    train_preset,
+)
 from levyattn.training.tasks import check_preset, make_task
-from levyattn.training.trainer import existing_run_files
+from levyattn.training.trainer import RESUME_NEUTRAL, TrainConfig, existing_run_files
 
 ATTENTIONS = ("fna", "softmax")
 
@@ -123,10 +134,24 @@ def select_restarts(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in runs if r["selected"]]
 
 
-def _settings(preset: Any) -> Any:
-    """A run preset without its description: what decides whether a stored run is this run
-    (a preset renamed or redescribed still trains the same model)."""
-    return {k: v for k, v in preset.items() if k != "description"} if isinstance(preset, dict) else preset
+def check_rerun(saved: Any, preset: dict[str, Any], source: Path) -> None:
+    """ValueError naming every changed setting unless the run trained with the ``saved`` preset
+    (read from ``source``) may go on under ``preset``: the changes a resumed run accepts
+    (:func:`levyattn.training.presets.run_changes`)."""
+    changes = run_changes(saved, preset) if isinstance(saved, dict) else ["preset: not recorded"]
+    if changes:
+        raise ValueError(
+            f"{source} was trained with other settings than this sweep asks for: {'; '.join(changes)}. A run of a "
+            f"sweep run again may change only where its data lies ({', '.join(RESUME_NEUTRAL_DATA)}) and the "
+            f"training settings a resumed run may change ({', '.join(RESUME_NEUTRAL)}; epochs not under the cosine "
+            "schedule); use another output folder or delete that run"
+        )
+
+
+def _length(preset: dict[str, Any]) -> tuple[int, int | None]:
+    """How long a preset trains: its (epochs, max_steps)."""
+    cfg = TrainConfig.from_dict(preset["train"])
+    return cfg.epochs, cfg.max_steps
 
 
 def attention_gap(task: Any, model: torch.nn.Module, eval_ds: Any, n_samples: int = 64) -> dict[str, Any]:
@@ -307,13 +332,11 @@ def run_sweep(
         rp = run_preset(preset, run)
         run_dir = out / "runs" / run["name"] if out is not None else None
         result_file = run_dir / "result.json" if run_dir is not None else None
-        if result_file is not None and result_file.is_file():
+        finished = result_file is not None and result_file.is_file()
+        if finished:
             stored = read_json(result_file, "sweep run result")
-            if _settings(stored.get("preset")) != _settings(rp):
-                raise ValueError(
-                    f"{result_file} was trained with different settings than this sweep asks for; "
-                    "use another output folder or delete that run"
-                )
+            check_rerun(stored.get("preset"), rp, result_file)
+        if finished and _length(stored["preset"]) == _length(rp):
             # Rows stored before restarts existed lack the restart fields (the plan has them) and the
             # final training loss (their history has it: they ran whole epochs). Rows stored before the
             # metric had its own key hold it as "accuracy", whatever the task.
@@ -331,14 +354,11 @@ def run_sweep(
         # no checkpoint.json); start over only a run killed before its first checkpoint.
         files = existing_run_files(run_dir) if run_dir is not None else []
         resume = bool(files) and files != ["config.json"]
-        if resume and "checkpoint.json" in files and _settings(preset_from_run(run_dir)) != _settings(rp):
-            raise ValueError(
-                f"{run_dir / 'checkpoint.json'} was trained with different settings than this sweep asks for; "
-                "use another output folder or delete that run"
-            )
+        if resume and "checkpoint.json" in files:
+            check_rerun(preset_from_run(run_dir), rp, run_dir / "checkpoint.json")
         if log:
-            doing = ("resuming" if resume else "starting over (killed before its first checkpoint)" if files
-                     else "training")
+            doing = ("training on to the new epochs or max_steps" if finished else "resuming" if resume
+                     else "starting over (killed before its first checkpoint)" if files else "training")
             log(f"[{i + 1}/{len(plan)}] {run['name']}: {doing}")
         t0 = time.perf_counter()
         result, trainer = train_preset(rp, run_dir, resume=resume, overwrite=not resume, progress=progress)
@@ -375,5 +395,5 @@ def run_sweep(
     return res
 
 
-__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "compare_with_softmax", "correlations", "grid",
+__all__ = ["ATTENTIONS", "SweepResult", "attention_gap", "check_rerun", "compare_with_softmax", "correlations", "grid",
            "restart_seed", "run_name", "run_sweep", "select_restarts", "summarise"]
