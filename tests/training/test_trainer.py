@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -242,6 +243,18 @@ def test_bad_config_names_the_parameter(kw):
     name = next(iter(kw))
     with pytest.raises(ValueError, match=name):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 1.0), [-0.1, 0.9], (0.9, float("nan")), (0.9,), (0.9, 0.99, 0.5), 0.9])
+def test_betas_out_of_range_are_refused_by_the_config(betas):
+    with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\), got " + re.escape(repr(betas))):
+        TrainConfig(betas=betas)
+
+
+def test_betas_must_be_numbers():
+    with pytest.raises(TypeError, match=r"betas must be two numbers in \[0, 1\), got \(True, 0\.9\)"):
+        TrainConfig(betas=(True, 0.9))
+    assert TrainConfig(betas=[0, 0.5]).betas == (0, 0.5)
 
 
 @pytest.mark.parametrize("name", ["lr", "weight_decay", "step_gamma", "min_lr_ratio", "grad_clip", "max_steps"])

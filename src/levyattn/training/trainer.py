@@ -136,6 +136,13 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
+        # Checked here, not by AdamW: that would refuse them only once the data is loaded.
+        if not isinstance(self.betas, tuple | list) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if any(isinstance(b, bool) or not isinstance(b, int | float) for b in self.betas):
+            raise TypeError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)  # JSON gives lists back
         for name in ("epochs", "batch_size", "eval_batch_size", "step_epochs"):
             value = getattr(self, name)
