@@ -67,10 +67,10 @@ def test_items_collate_and_saved_tokenizers(tmp_path, tokenizer):
     assert data.test.tgt_text == DE[2:4]
     cfg = data.model_config()
     assert (cfg["pad_id"], cfg["bos_id"], cfg["eos_id"], cfg["max_len"]) == (0, 1, 2, 12)
-    # a short sentence decodes back (word tokenisation lower-cases and splits punctuation)
+    # a short sentence decodes back (word tokenisation keeps case and splits punctuation)
     short = translation.load_multi30k(tmp_path / "m", tokenizer=tokenizer, vocab_size=200, max_len=64)
     s2, t2 = short.test[0]
-    want = DE[2] if tokenizer == "sentencepiece" else "ein kleines mädchen klettert in ein spielhaus aus holz ."
+    want = DE[2] if tokenizer == "sentencepiece" else "Ein kleines Mädchen klettert in ein Spielhaus aus Holz ."
     assert tok.decode(t2.tolist()) == want
     batch_src, batch_tgt = translation.collate_translation([short.train[i] for i in range(4)], pad_id=0)
     assert batch_src.shape[0] == batch_tgt.shape[0] == 4 and batch_src.dtype == torch.long
@@ -88,7 +88,7 @@ def test_separate_vocabularies(tmp_path):
     write_multi30k(tmp_path)
     data = translation.load_multi30k(tmp_path, tokenizer="word", joint=False)
     assert not data.joint
-    assert "männer" in data.tgt_tokenizer.tokens and "männer" not in data.src_tokenizer.tokens
+    assert "Männer" in data.tgt_tokenizer.tokens and "Männer" not in data.src_tokenizer.tokens
 
 
 @pytest.mark.parametrize("special", ["<bos>", "<eos>"])

@@ -269,7 +269,8 @@ def _make_tokenizers(tokenizer: Any, train_src: list[str], train_tgt: list[str],
         pair = [load_tokenizer(t) if isinstance(t, str | Path) and Path(t).exists() else t for t in tokenizer]
         return pair[0], pair[1]
     if isinstance(tokenizer, str) and tokenizer in ("sentencepiece", "bpe", "word", "byte"):
-        kwargs: dict[str, Any] = {"specials": SEQ2SEQ_SPECIALS} if tokenizer == "word" else {}
+        # A word vocabulary keeps case: its decoded output is what BLEU compares with the references.
+        kwargs: dict[str, Any] = {"specials": SEQ2SEQ_SPECIALS, "lowercase": False} if tokenizer == "word" else {}
         if joint:
             tok = train_tokenizer(train_src + train_tgt, tokenizer, vocab_size=vocab_size, **kwargs)
             return tok, tok
@@ -324,7 +325,8 @@ def load_multi30k(
         hub: a Hugging Face hub id (e.g. "bentrevett/multi30k", splits train / validation /
         test with one column per language; needs ``datasets`` and the network; ``cache_dir``
         is its cache).
-    tokenizer: "sentencepiece" (unigram), "bpe" (SentencePiece BPE), "word" or "byte" to
+    tokenizer: "sentencepiece" (unigram), "bpe" (SentencePiece BPE), "word" (case kept, so
+        decoded translations can be scored against the references) or "byte" to
         train one (``joint``: one vocabulary for both languages, trained on both sides of
         the training split; else one per language); a path (a folder written by
         :meth:`TranslationData.save_tokenizers`, or one tokenizer file used for both
