@@ -35,3 +35,28 @@ def test_analyze_reads_the_encoder_attention_with_padding(tmp_path):
         if rec["batch"] == 0:
             w = weights[int(rec["layer"][-1])][0, rec["head"]].double()
             assert rec["spectral_gap"] == pytest.approx(float(spectral_gap(w)), abs=1e-6)
+
+
+def test_a_source_sentence_is_analysed_as_translation_reads_it(tmp_path):
+    """A sentence was encoded without the EOS that training and translation end every source
+    with, so the analysed matrices (5 tokens for "a cat") were not the encoder's attention
+    when it translates that sentence (6 tokens; head 0's gap 0.983 instead of 0.968)."""
+    from levyattn.data.tokenization import ByteTokenizer
+    from levyattn.training.tasks.tokenized import TOKENIZER_NAME
+
+    torch.manual_seed(0)
+    config = Seq2SeqConfig(src_vocab_size=260, tgt_vocab_size=260, d_model=16, num_heads=2, num_encoder_layers=1,
+                           num_decoder_layers=1, max_len=32)  # fmt: skip
+    model = Seq2SeqTransformer(config).eval()
+    save_checkpoint(tmp_path / "run", model=model, model_type="seq2seq", model_config=config.to_dict())
+    tokenizer = ByteTokenizer()
+    tokenizer.save(tmp_path / "run" / TOKENIZER_NAME)
+    out = tmp_path / "out"
+    assert main(["analyze", str(tmp_path / "run"), "--input", "a cat", "--out", str(out), "--no-paths"]) == 0
+    records = json.loads((out / "summary.json").read_text())["records"]
+    src = torch.tensor([tokenizer.encode("a cat") + [tokenizer.eos_id]])
+    with torch.no_grad():
+        weights = model(src, src[:, :1], output_attentions=True).encoder_attentions[0][0].double()
+    for rec in records:
+        assert rec["n_valid"] == 6
+        assert rec["spectral_gap"] == pytest.approx(float(spectral_gap(weights[rec["head"]])), abs=1e-9)

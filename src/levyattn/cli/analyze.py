@@ -22,8 +22,9 @@ text_classifier     token ids: .npy/.pt/.pth/.safetensors integer tensor (L,) or
                     ``pooling="cls"`` the class token is position 0 of the analysed matrices.
 lm                  token ids as above, or a text string (encoded with the tokenizer saved in
                     the run folder). Attention is causal (lower-triangular matrices).
-seq2seq             source token ids as above, or a source sentence (the run's tokenizer);
-                    the encoder's self-attention is analysed (layers ``encoder0``, ...).
+seq2seq             source token ids as above, or a source sentence (the run's tokenizer, then
+                    EOS, as the model reads it when translating); the encoder's self-attention
+                    is analysed (layers ``encoder0``, ...).
 vit                 images: .npy/.pt/.pth/.safetensors float tensor (B, C, H, W), (C, H, W), or
                     (H, W) for one-channel models, at the model's image size. With
                     ``pooling="cls"`` the class token is position 0; patches are row-major.

@@ -83,13 +83,16 @@ def load_token_ids(
     max_len: int | None,
     key: str | None = None,
     tokenizer_dir: Path | None = None,
+    text_ends_with_eos: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token ids for a sequence model: ((B, L) long ids, (B, L) bool padding mask, True = padding, or None).
 
     ``source`` is a tensor file (``key`` as for :func:`load_input_tensor`), a ``.txt`` file of
     integers (one sequence per line; ragged lines are right-padded with 0 and masked), or --
     when ``tokenizer_dir`` is given and ``source`` is not a file -- a text string encoded with
-    the tokenizer saved there. Ids must lie in [0, vocab_size) and L be at most ``max_len``.
+    the tokenizer saved there, followed by its EOS with ``text_ends_with_eos`` (a translation
+    model's source ends with EOS in training and translation). Ids must lie in [0, vocab_size)
+    and L be at most ``max_len``.
     """
     path = Path(source)
     padding = None
@@ -107,9 +110,12 @@ def load_token_ids(
     elif tokenizer_dir is not None:
         from levyattn.training.tasks.tokenized import load_tokenizer_beside
 
-        tokens = load_tokenizer_beside(tokenizer_dir).encode(str(source))
+        tokenizer = load_tokenizer_beside(tokenizer_dir)
+        tokens = tokenizer.encode(str(source))
         if not tokens:
             raise ValueError(f"text {str(source)!r} encodes to no tokens")
+        if text_ends_with_eos:
+            tokens.append(int(tokenizer.eos_id))
         ids = torch.tensor([tokens], dtype=torch.long)
     else:
         raise FileNotFoundError(
@@ -251,7 +257,8 @@ def _model_inputs(
     vocab = cfg.src_vocab_size if ckpt.model_type == "seq2seq" else cfg.vocab_size
     max_len = cfg.block_size if ckpt.model_type == "lm" else cfg.max_len
     tokenizer_dir = ckpt.path if ckpt.model_type in ("lm", "seq2seq") else None
-    ids, padding = load_token_ids(inputs, vocab, max_len, input_key, tokenizer_dir)
+    ids, padding = load_token_ids(inputs, vocab, max_len, input_key, tokenizer_dir,
+                                  text_ends_with_eos=ckpt.model_type == "seq2seq")
     if lengths is not None:
         given = ~valid_from_lengths(lengths, ids.shape[0], ids.shape[1])
         padding = given if padding is None else padding | given
