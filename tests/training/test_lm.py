@@ -161,3 +161,27 @@ def trained_files(root):
     (root / "valid.txt").write_text("".join(line + "\n" for line in LINES * 2), encoding="utf-8")
     return root
 
+
+
+def test_a_sample_runs_past_eos_unless_told_to_stop():
+    """Samples were cut at their first EOS whether or not stop_at_eos was set (4 samples of
+    40 tokens: 104 new tokens reported and the same texts either way); now only with it."""
+    from levyattn.data.tokenization import ByteTokenizer
+    from levyattn.models.lm import CausalLM, CausalLMConfig
+
+    torch.manual_seed(0)
+    tok = ByteTokenizer()
+    model = CausalLM(CausalLMConfig(vocab_size=260, d_model=16, num_heads=2, num_layers=1, block_size=64)).eval()
+
+    def likely_eos(module, inputs, logits):
+        logits[..., tok.eos_id] += 3.0
+        return logits
+
+    model.lm_head.register_forward_hook(likely_eos)
+    kwargs = dict(max_new_tokens=40, temperature=1.0, seed=3, num_samples=4)
+    running, n_running = generate_text(model, tok, "hello", **kwargs)
+    stopped, n_stopped = generate_text(model, tok, "hello", stop_at_eos=True, **kwargs)
+    assert n_running == 4 * 40 and n_stopped < n_running
+    for long, short in zip(running, stopped):
+        assert long.startswith(short)
+    assert running != stopped

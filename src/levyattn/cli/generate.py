@@ -30,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     parser.add_argument("--no-cache", action="store_true", help="do not use the key/value cache")
-    parser.add_argument("--stop-at-eos", action="store_true", help="stop a sample at the tokenizer's EOS")
+    parser.add_argument(
+        "--stop-at-eos", action="store_true",
+        help="stop a sample at the tokenizer's EOS (default: run --max-new-tokens tokens, across any EOS)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
 
 

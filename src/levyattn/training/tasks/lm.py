@@ -185,7 +185,11 @@ def generate_text(
     use_cache: bool = True,
     stop_at_eos: bool = False,
 ) -> tuple[list[str], int]:
-    """Continue ``prompt`` -> (num_samples detokenised texts, prompt included; new tokens made)."""
+    """Continue ``prompt`` -> (num_samples detokenised texts, prompt included; new tokens made).
+
+    With ``stop_at_eos`` each sample ends before its first EOS; otherwise it runs for
+    ``max_new_tokens`` tokens, across any EOS (which, a special id, decodes to nothing).
+    """
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     ids = tokenizer.encode(prompt)
@@ -200,7 +204,7 @@ def generate_text(
     texts, n_new = [], 0
     for row in out.tolist():
         new = row[prompt_ids.shape[1] :]
-        if tokenizer.eos_id in new:
+        if stop_at_eos and tokenizer.eos_id in new:
             new = new[: new.index(tokenizer.eos_id)]
         n_new += len(new)
         texts.append(tokenizer.decode(ids + new))
