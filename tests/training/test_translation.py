@@ -293,3 +293,20 @@ def test_a_perfect_translation_scores_bleu_100_with_every_trained_tokenizer(tmp_
     _, evaluation = task.datasets()
     hyps = [task.tokenizer.decode(ids) for ids in evaluation.tgt]
     assert translation_scores(hyps, evaluation.refs).bleu == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("grammar", [{}, {"min_pp": 0, "max_pp": 0}, {"min_pp": 0, "max_pp": 1, "p_adj": 0.0}])
+def test_toy_held_out_sentences_are_not_training_sentences(grammar):
+    """The held-out draw repeated training sentences: with min_pp = max_pp = 0, 146 of 200
+    (1 of 200 at the defaults); now every held-out source is unseen, and a grammar too small
+    for that is refused."""
+    from levyattn.data.translation import make_toy_translation
+    from levyattn.training.tasks.tokenized import toy_pairs
+
+    train, held_out = toy_pairs(grammar)
+    assert len(train) == 3000 and len(held_out) == 200
+    assert not {src for src, _ in held_out} & {src for src, _ in train}
+    drawn = make_toy_translation(64 * 200, 1_000_003, **grammar)
+    assert all(pair in drawn for pair in held_out)  # the same grammar and seed, in the same order
+    with pytest.raises(ValueError, match=r"n_eval=200 held-out sentences unseen in training.*min_pp"):
+        toy_pairs({"min_pp": 0, "max_pp": 0, "p_adj": 0.0})

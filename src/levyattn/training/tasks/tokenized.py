@@ -46,13 +46,29 @@ def toy_pairs(toy: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[st
 
     ``n_train`` (default 3000), ``n_eval`` (200) and ``seed`` (0) are taken out; the rest are
     ``make_toy_translation``'s grammar settings. Held-out sentences come from another seed
-    (``seed + 1_000_003``) of the same grammar.
+    (``seed + 1_000_003``) of the same grammar, skipping those whose source sentence is a
+    training one (a small grammar repeats sentences: with ``min_pp = max_pp = 0``, 146 of 200
+    held-out sentences were training sentences); a grammar too small to give ``n_eval``
+    unseen sentences is a ValueError.
     """
     from levyattn.data.translation import make_toy_translation
 
     toy = dict(toy)
     n_train, n_eval, seed = int(toy.pop("n_train", 3000)), int(toy.pop("n_eval", 200)), int(toy.pop("seed", 0))
-    return make_toy_translation(n_train, seed, **toy), make_toy_translation(n_eval, seed + 1_000_003, **toy)
+    train = make_toy_translation(n_train, seed, **toy)
+    seen = {src for src, _ in train}
+    drawn, most = max(n_eval, 1), 64 * max(n_eval, 16)
+    while True:  # the draws are prefix-stable: more of them only adds pairs at the end
+        held_out = [pair for pair in make_toy_translation(drawn, seed + 1_000_003, **toy) if pair[0] not in seen]
+        if len(held_out) >= n_eval:
+            return train, held_out[:n_eval]
+        if drawn >= most:
+            raise ValueError(
+                f"data.toy: n_eval={n_eval} held-out sentences unseen in training were asked for, but {drawn} draws "
+                f"of the grammar {toy or '(defaults)'} gave {len(held_out)} beside its n_train={n_train} training "
+                "sentences; lower n_eval or n_train, or widen the grammar (min_pp, max_pp, p_adj)"
+            )
+        drawn = min(2 * drawn, most)
 
 
 def load_tokenizer_beside(run_dir: str | Path) -> Any:

@@ -32,9 +32,10 @@ checkpoint (the trainer calls it when a run starts), where ``levyattn translate`
   vocabulary would score a perfect translation at BLEU 12), "byte", or "toy" (the toy
   grammar's fixed word vocabulary);
 - toy data: ``toy`` = {``n_train`` (default 3000), ``n_eval`` (200), ``seed`` (0; the
-  evaluation pairs come from ``seed + 1_000_003``), and ``make_toy_translation``'s grammar
-  settings ``min_pp`` (1), ``max_pp`` (4) prepositional phrases between the subject and
-  its predicate adjective, ``p_adj`` (0.5)}; the toy presets train on the defaults;
+  evaluation pairs come from ``seed + 1_000_003``, skipping sentences of the training
+  set), and ``make_toy_translation``'s grammar settings ``min_pp`` (1), ``max_pp`` (4)
+  prepositional phrases between the subject and its predicate adjective, ``p_adj``
+  (0.5)}; the toy presets train on the defaults;
 - ``vocab_size`` (sentencepiece pieces), ``max_len`` (longest source/target in tokens,
   longer pairs are dropped from training and truncated at evaluation);
 - ``limit_train`` / ``limit_eval`` (first N pairs), ``beam_size``, ``length_penalty``,
