@@ -165,4 +165,4 @@ def test_summary_means_are_infinite_when_a_record_is():
     assert out["layers"][0]["mean_hops"] is None and out["layers"][0]["n_infinite"]["mean_hops"] == 3
     assert out["layers"][0]["spectral_gap"] == pytest.approx(np.mean([r["spectral_gap"] for r in out["records"]]))
     skipped = attention_summary(np.stack([lazy_uniform] * 2)[None], mixing=False)
-    assert skipped["layers"][0]["mixing_steps"] is None and skipped["layers"][0]["n_infinite"] == {}
+    assert skipped["layers"][0]["mixing_steps"] is None and "mixing_steps" not in skipped["layers"][0]["n_infinite"]
