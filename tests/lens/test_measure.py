@@ -308,3 +308,21 @@ def test_dense_encoder_special_token_frame(bert, tmp_path):
                       dense=DenseOptions(frame_special=True))
     with pytest.raises(ValueError, match="query_rows"):
         DenseOptions(query_rows=1)
+
+
+def test_repeated_text_windows_are_refused_or_said(tmp_path):
+    """Windows of a short text are drawn with replacement: a repeated window is one prompt counted twice."""
+    words = [f"w{i}" for i in range(500)]
+    tok = make_tokenizer([" ".join(words)])
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(" ".join(np.random.default_rng(0).choice(words, size=200)), encoding="utf-8")
+    model = PowerLawAttentionModel(gamma=0.8, noise=0.5, max_positions=400)
+    kw = dict(corpus=corpus, tokenizer=tok)
+    # 90 prompts of 170 tokens from 31 windows: 27 distinct, the CI ~45% too narrow
+    with pytest.raises(ValueError, match=r"63 of the 90 prompts of 170 tokens repeat a window .* 27 distinct drawn\)"
+                                         r": .* narrow the CI by about 45%"):  # fmt: skip
+        measure_decay(model, distances=[30, 60, 120], n_prompts=30, seeds=(42, 123, 7), **kw)
+    # 20 prompts of 80 tokens from 121 windows: one repeat, said
+    with pytest.warns(RuntimeWarning, match=r"1 of the 20 prompts of 80 tokens repeat a window"):
+        m = measure_decay(model, distances=[30], n_prompts=10, seeds=(42, 7), **kw)
+    assert m.info["corpus_windows"] == [{"length": 80, "prompts": 20, "distinct_windows": 19}]

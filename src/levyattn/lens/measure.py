@@ -433,6 +433,12 @@ def measure_decay(
         context = model_context(model, max_positions)
         grid, dropped = _check_distances(distances, context, protocol, dense)
         prompts, corpus_info = make_prompts(corpus, tokenizer, model, token_range)
+        if prompts.stream is not None:  # the window lengths the passes will draw
+            if protocol == "dense":
+                lengths = [dense.seq_len or max(grid) + PREFIX]
+            else:
+                lengths = [d + PREFIX for d in grid] if prompt_stream == "published" else [max(grid) + PREFIX]
+            corpus_info["corpus_windows"] = [prompts.check_distinct(seeds, n_prompts, n) for n in lengths]
         probe = torch.as_tensor(prompts.draw(0, 1, 16), device=run_device)
         prefix_exact = not (model is not None and fna_density(model))  # read before the path switches the attention
         with torch.inference_mode():

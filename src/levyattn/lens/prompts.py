@@ -11,13 +11,16 @@ model given by path or cached hub id, :func:`measure_decay` checks it against th
 config before the weights load.
 ``corpus=PATH``: a UTF-8 text file tokenised with the model's tokenizer (no special tokens
 added); each prompt is a window of consecutive tokens at an offset drawn with
-``random.Random(seed)``.
+``random.Random(seed)``, with replacement: a text too short for the prompts asked repeats
+windows, which :meth:`Prompts.check_distinct` refuses (or, for a few, says).
 """
 
 from __future__ import annotations
 
 import os
 import random
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,18 +43,48 @@ class Prompts:
 
     def draw(self, seed: int, n: int, length: int) -> np.ndarray:
         """(n, length) int64 token ids for ``seed``."""
-        rng = random.Random(seed)
         if self.stream is None:
+            rng = random.Random(seed)
             # Exactly the published generator: randint per token, prompt after prompt.
             toks = [[rng.randint(self.low, self.high) for _ in range(length)] for _ in range(n)]
             return np.asarray(toks, dtype=np.int64).reshape(n, length)
+        starts = self.window_starts(seed, n, length)
+        return np.stack([self.stream[s : s + length] for s in starts]).astype(np.int64)
+
+    def window_starts(self, seed: int, n: int, length: int) -> list[int]:
+        """The offsets in the text of the ``n`` windows of ``length`` tokens that ``draw`` returns (text only)."""
+        if self.stream is None:
+            raise ValueError("random-token prompts are not windows of a text")
         avail = self.stream.size - length + 1
         if avail < 1:
             raise ValueError(
                 f"corpus {self.source} has {self.stream.size} tokens; a prompt needs {length} (distance + {PREFIX})"
             )
-        starts = [rng.randrange(avail) for _ in range(n)]
-        return np.stack([self.stream[s : s + length] for s in starts]).astype(np.int64)
+        rng = random.Random(seed)
+        return [rng.randrange(avail) for _ in range(n)]
+
+    def check_distinct(self, seeds: Sequence[int], n: int, length: int) -> dict:
+        """Refuse text windows that repeat enough to narrow the CI; returns the counts to record.
+
+        Windows are drawn with replacement, so a short text repeats them; a repeated window is
+        the same prompt counted again. With ``k`` distinct windows among ``m`` prompts the CI's
+        half-width is about ``sqrt(k / m)`` of what the text supports: more than 5% narrower
+        (``k / m < 0.9025``) is refused (ValueError); fewer repeats give a RuntimeWarning.
+        """
+        starts = [s for seed in seeds for s in self.window_starts(int(seed), n, length)]
+        distinct, total = len(set(starts)), len(starts)
+        if distinct < total:
+            said = (
+                f"{total - distinct} of the {total} prompts of {length} tokens repeat a window of corpus {self.source} "
+                f"({self.stream.size} tokens, {self.stream.size - length + 1} windows; {distinct} distinct drawn)"
+            )
+            if distinct / total < 0.9025:
+                raise ValueError(
+                    f"{said}: counted as new prompts they would narrow the CI by about "
+                    f"{1 - (distinct / total) ** 0.5:.0%}; give a longer text, or fewer prompts or seeds"
+                )
+            warnings.warn(f"{said}; each counts as a prompt", RuntimeWarning, stacklevel=3)
+        return {"length": length, "prompts": total, "distinct_windows": distinct}
 
 
 def _vocabulary(tokenizer: Any, model: Any) -> tuple[int | None, str]:
