@@ -129,7 +129,8 @@ def test_atlas_add_lens_json(tmp_path, capsys, monkeypatch):
     assert main(["atlas", "--model", "PowerLaw"]) == 0
     table = capsys.readouterr().out
     row = next(line for line in table.splitlines() if "PowerLaw" in line)
-    assert row.rstrip().endswith("local") and "published" in row  # the protocol column, then the origin
+    assert row.rstrip().endswith("local") and "published d30-240" in row  # the protocol and fit range, the origin
+    assert "d LO-HI: the distances a local entry's fit used" in table  # 30-240 is not the published 30-2000
     assert "pythia" not in table.split("Source")[0] and "karlesmarin/tafagent" in table
     bad = tmp_path / "bad.json"
     bad.write_text('{"gamma": 1.0}')

@@ -89,8 +89,10 @@ def run(args: argparse.Namespace) -> int:
               "authors' phase", "origin")
     table = []
     for e, r in rows:
+        fit = e.fit_range()
+        protocol = (e.protocol or "-") + (f" d{fit[0]}-{fit[1]}" if fit else "")
         table.append((
-            e.model, e.corpus, e.protocol or "-", f"{e.gamma:.4f}",
+            e.model, e.corpus, protocol, f"{e.gamma:.4f}",
             _ci_text(e.ci, e.ci_level),
             f"{e.r2:.4f}" if e.r2 is not None else "-", f"{r.alpha:+.4f}", f"{r.s:+.4f}", r.regime,
             "yes" if r.levy_valid else "no", e.phase or "-", "published" if e.origin == "published" else "local",
@@ -103,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     counts = {k: sum(1 for _, r in rows if r.regime == k) for k in ("smoothing", "crossover", "differentiating")}
     print(f"\n{len(rows)} entries: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     print(f"regime: CI contains 1 -> crossover; without CI |gamma - 1| <= {args.tol:g} -> crossover.")
+    if any(e.fit_range() not in (None, (30, 2000)) for e, _ in rows):
+        print("d LO-HI: the distances a local entry's fit used; the published gammas fit d >= 30 up to 2000 (or the "
+              "model's context), and gamma depends on the range.")
     print("alpha = gamma - 1, s = (gamma - 1)/2 are interpretations; position decay is not FNA's feature-space kernel.")
     if not args.no_published:
         print(f"Source: {PUBLISHED_SOURCE}")

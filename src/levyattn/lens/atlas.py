@@ -98,6 +98,19 @@ class AtlasEntry:
         """The fractional reading of this gamma (with its CI when the entry has one)."""
         return fractional_order(self.gamma, self.ci, tol=tol, ci_level=self.ci_level)
 
+    def fit_range(self) -> tuple[int, int] | None:
+        """(first, last) distance of a lens entry's fit, from its ``extra`` (None when not recorded).
+
+        gamma depends on the range (the published A(d) of pythia-160m gives 1.017 on d = 30 .. 2000
+        and 0.864 on 30 .. 500), so entries fitted on other ranges than the published d >= 30 up
+        to 2000 (or the model's context) do not compare.
+        """
+        fitted = self.extra.get("fitted_distances")
+        if fitted is None and self.extra.get("distances"):
+            d_min = self.extra.get("d_min") or 30
+            fitted = [d for d in self.extra["distances"] if d >= d_min]
+        return (int(min(fitted)), int(max(fitted))) if fitted else None
+
     def to_json(self) -> dict:
         """The entry in the user-atlas schema (``origin`` is not stored)."""
         out: dict[str, Any] = {"model": self.model, "corpus": self.corpus, "gamma": self.gamma}
@@ -266,6 +279,7 @@ def entry_from_lens_result(
                 "distances": m["distances"],
                 "aggregate": m["aggregate"],
                 "d_min": result.get("d_min"),
+                "fitted_distances": result.get("fitted_distances"),
                 "attention_path": info.get("attention_path"),
                 "token_range": info.get("token_range"),
                 "dtype": info.get("dtype"),
