@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
-from toy import ToyTask, ddp_worker
+from toy import AugmentedToyTask, ToyTask, ddp_worker
 
 from levyattn.training.trainer import TrainConfig, Trainer
 
@@ -73,3 +73,18 @@ def test_every_process_returns_the_same_result(tmp_path, max_steps):
     assert main["stopped"] == (max_steps is not None)
     assert set(main["metrics"]) == {"accuracy", "loss"} and main["train_loss"] > 0
     assert other == main
+
+
+@pytest.mark.slow
+def test_random_augmentation_is_the_same_in_two_processes(tmp_path):
+    # each sample draws its augmentation from its own seed, whichever process loads it (what a
+    # collate function draws depends on the share of the batch it collates: none here)
+    cfg = dict(epochs=2, batch_size=7, lr=5e-2, seed=3, grad_clip=None, schedule="constant")
+    single = Trainer(AugmentedToyTask(dropout=0.0, collate_noise=0.0), TrainConfig(**cfg), tmp_path / "one")
+    single.fit()
+    out = tmp_path / "two"
+    out.mkdir()
+    mp.spawn(ddp_worker, args=(2, _free_port(), str(out), cfg, 60, True), nprocs=2, join=True)
+    weights = load_file(str(out / "final.safetensors"))
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)

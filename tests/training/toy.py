@@ -59,36 +59,6 @@ class ToyTask:
         return {"accuracy": correct / total, "loss": loss / total}
 
 
-def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n_train: int = 60) -> None:
-    """One process of a CPU DDP run (gloo) on ``n_train`` samples; rank 0 saves the final parameters
-    and its result (``result.json``), every rank its result and history (``result-<rank>.json``)."""
-    import os
-
-    from safetensors.torch import save_file
-
-    from levyattn.training.distributed import cleanup, init_distributed
-    from levyattn.training.trainer import TrainConfig, Trainer
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    info = init_distributed(device="cpu")
-    try:
-        trainer = Trainer(ToyTask(n_train=n_train, dropout=0.0), TrainConfig(**cfg_dict), out_dir, dist_info=info)
-        result = trainer.fit()
-        import json
-
-        with open(os.path.join(out_dir, f"result-{rank}.json"), "w") as f:
-            json.dump({k: result[k] for k in ("metrics", "train_loss", "global_step", "stopped", "history")}, f)
-        if info.is_main:
-            with open(os.path.join(out_dir, "result.json"), "w") as f:
-                json.dump({k: result[k] for k in ("metrics", "global_step")}, f)
-            state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
-            save_file(state, os.path.join(out_dir, "final.safetensors"))
-    finally:
-        cleanup()
-
-
 class Augmented:
     """A training set with random augmentation drawn in ``__getitem__`` from the global torch,
     ``random`` and NumPy generators: the sign of the features flipped with probability 1/2, then
@@ -112,7 +82,12 @@ class Augmented:
 
 
 class AugmentedToyTask(ToyTask):
-    """ToyTask whose training set is :class:`Augmented` and whose collation adds noise as well."""
+    """ToyTask whose training set is :class:`Augmented` and whose collation adds noise of standard
+    deviation ``collate_noise`` (a draw that depends on the batch a process collates)."""
+
+    def __init__(self, *args, collate_noise: float = 0.05, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.collate_noise = collate_noise
 
     def datasets(self):
         train, test = super().datasets()
@@ -120,4 +95,38 @@ class AugmentedToyTask(ToyTask):
 
     def collate(self, samples):
         x, y = super().collate(samples)
-        return x + 0.05 * torch.randn_like(x), y
+        return (x + self.collate_noise * torch.randn_like(x) if self.collate_noise else x), y
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str, cfg_dict: dict, n_train: int = 60,
+               augmented: bool = False) -> None:
+    """One process of a CPU DDP run (gloo) on ``n_train`` samples (of :class:`AugmentedToyTask` when
+    ``augmented``, without collation noise); rank 0 saves the final parameters
+    and its result (``result.json``), every rank its result and history (``result-<rank>.json``)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from levyattn.training.distributed import cleanup, init_distributed
+    from levyattn.training.trainer import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = init_distributed(device="cpu")
+    try:
+        task = (AugmentedToyTask(n_train=n_train, dropout=0.0, collate_noise=0.0) if augmented
+                else ToyTask(n_train=n_train, dropout=0.0))
+        trainer = Trainer(task, TrainConfig(**cfg_dict), out_dir, dist_info=info)
+        result = trainer.fit()
+        import json
+
+        with open(os.path.join(out_dir, f"result-{rank}.json"), "w") as f:
+            json.dump({k: result[k] for k in ("metrics", "train_loss", "global_step", "stopped", "history")}, f)
+        if info.is_main:
+            with open(os.path.join(out_dir, "result.json"), "w") as f:
+                json.dump({k: result[k] for k in ("metrics", "global_step")}, f)
+            state = {k: v.contiguous() for k, v in trainer.model.state_dict().items()}
+            save_file(state, os.path.join(out_dir, "final.safetensors"))
+    finally:
+        cleanup()
