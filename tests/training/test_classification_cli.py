@@ -102,6 +102,17 @@ def test_sweep_tables_and_skip_on_rerun(tmp_path):
     assert found.skipped == ["fna-a1.2-s0"]
 
 
+@pytest.mark.parametrize(("alphas", "attentions", "seeds", "message"), [
+    ([1.2], ["fna"], [0, 1, 0], r"seeds must be distinct, got \[0\] more than once in \[0, 1, 0\]"),
+    ([1.2], ["fna", "softmax", "fna"], [0], r"attentions must be distinct, got \['fna'\]"),
+    ([1.2, 1.2], ["fna"], [0], r"alphas must differ in their first 6 significant digits .* got 1\.2 and 1\.2"),
+    ([1.2, 1.20000001], ["fna"], [0], r"got 1\.2 and 1\.20000001"),
+])
+def test_a_grid_naming_one_run_twice_is_refused(alphas, attentions, seeds, message):
+    with pytest.raises(ValueError, match=message):
+        grid(alphas, attentions, seeds)
+
+
 def test_restart_seeds_and_grid():
     assert restart_seed(3, 0) == 3  # restart 0 is the plain run
     seeds = {restart_seed(s, r) for s in range(4) for r in range(4)}

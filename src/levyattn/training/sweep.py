@@ -101,6 +101,18 @@ def grid(
     if not seeds:
         raise ValueError("seeds must list at least one seed")
     check_int("restarts", restarts, 1)
+    # A repeated value would name one run twice: trained once, listed twice in runs.csv and results.json.
+    for name, values in (("attentions", list(attentions)), ("seeds", seeds)):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+        if repeated:
+            raise ValueError(f"{name} must be distinct, got {repeated!r} more than once in {values!r}")
+    first_by_name: dict[str, int] = {}
+    for i, a in enumerate(alphas):
+        first = first_by_name.setdefault(run_name("fna", a, 0), i)
+        if first != i:
+            other = alphas[first]
+            raise ValueError(f"alphas must differ in their first 6 significant digits (the run names show those), "
+                             f"got {other!r} and {a!r} in {alphas!r}")
     runs = []
     for attention in attentions:
         for alpha in alphas if attention == "fna" else [None]:
