@@ -404,3 +404,69 @@ def test_log_softmax_rows_is_log_softmax_and_keeps_fully_masked_rows_at_minus_in
     torch.testing.assert_close(softmax_rows(logits), torch.exp(out))
     torch.exp(out).sum().backward()
     assert torch.isfinite(logits.grad).all() and torch.all(logits.grad[0] == 0)
+
+
+@pytest.mark.parametrize("path", ALL_PATHS)
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    alpha=st.sampled_from([0.7, 1.2, 2.0]),
+    is_causal=st.booleans(),
+    offset=st.sampled_from([-1e4, -1e9, "lowest", 1e4, 1e9]),
+    rows=st.lists(st.booleans(), min_size=5, max_size=5),
+    batched=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_constant_added_to_rows_of_a_float_mask_changes_nothing(
+    path, dtype, alpha, is_causal, offset, rows, batched, seed
+):
+    """Row normalisation does not see a constant added to a row of the mask: a row masked at -1e9
+    or the dtype's lowest value (a padding query under a float padding mask) had weights summing to
+    its number of keys in reference, and gradients as many times too large on every path."""
+    if path == "sdpa":
+        alpha = 2.0
+    q, k, v = qkv(dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    base = torch.randn((2, 1, 5, 6) if batched else (5, 6), generator=g, dtype=dtype)
+    base = base.masked_fill(torch.rand(base.shape, generator=g) < 0.2, -INF)
+    chosen = torch.tensor(rows)
+    base[..., chosen, :] = base[..., chosen, :].clamp_min(0.0).clamp_max(0.0)  # 0, and -inf where removed
+    constant = torch.finfo(dtype).min if offset == "lowest" else offset
+    shifted = base.clone()
+    shifted[..., chosen, :] += constant
+    grad_out = torch.randn(2, 2, 5, 3, generator=g, dtype=dtype)
+    results = []
+    for mask in (base, shifted):
+        leaves = [x.clone().requires_grad_(path != "flex") for x in (q, k, v)]
+        with on_path(path) as backend:
+            out = fractional_attention(*leaves, alpha=alpha, attn_mask=mask, is_causal=is_causal, backend=backend)
+        grads = [] if path == "flex" else torch.autograd.grad(out, leaves, grad_out)
+        results.append([out, *grads])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.detach().abs().max()))
+    if path == "reference":
+        kw = dict(alpha=alpha, attn_mask=shifted, is_causal=is_causal)
+        sums = fractional_attention(q, k, v, return_weights=True, **kw)[1].sum(-1)
+        torch.testing.assert_close(sums, torch.where(sums > 0, 1.0, 0.0).to(dtype), rtol=0, atol=10 * tol)
+
+
+@pytest.mark.parametrize("path", ["reference", "tile loop", "auto"])
+@pytest.mark.parametrize("density_a", [0.0, 0.5])
+def test_a_row_masked_at_the_lowest_value_is_normalised_to_one(path, density_a):
+    """The density term's column sums do see a row's constant, so its mask is not shifted:
+    reference and the tile loop normalise each row by its sum, not by its log-sum-exp (max +
+    log(sum) rounded to the max, and the weights of such a row summed to 6, its number of keys,
+    in the output and in the gradients)."""
+    q, k, v = qkv(dtype=torch.float32)
+    mask = torch.zeros(5, 6)
+    mask[2] = torch.finfo(torch.float32).min
+    ones = torch.ones_like(v, requires_grad=True)
+    with on_path(path) as backend:
+        out = fractional_attention(q, k, ones, attn_mask=mask, density_a=density_a, backend=backend)
+    (grad_v,) = torch.autograd.grad(out[..., 2, :].sum(), ones)
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_v.sum(-2), torch.ones(2, 2, 3), rtol=0, atol=1e-6)  # row 2's weights, summed
+    if path == "reference":
+        _, weights = fractional_attention(q, k, v, attn_mask=mask, density_a=density_a, return_weights=True)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 5), rtol=0, atol=1e-6)

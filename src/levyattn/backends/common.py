@@ -321,6 +321,28 @@ def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there."""
-    lse = finite_or_zero(safe_logsumexp(logits, -1)).unsqueeze(-1)
-    return torch.exp(logits - lse)
+    """Row softmax whose fully masked rows are 0 (not NaN), with zero gradient there.
+
+    Divided by the row's sum rather than shifted by its log-sum-exp: where the row's maximum is
+    far from 0 (a float mask of -1e9 on a whole row), ``max + log(sum)`` rounds to the maximum
+    and the weights would sum to the number of keys."""
+    peak = finite_or_zero(logits.amax(-1, keepdim=True)).detach()
+    weights = torch.exp(logits - peak)
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def mask_rows_from_zero(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An additive mask less its largest finite entry in each row (a bool mask, or none, as it is).
+
+    Row normalisation does not see a constant added to a row, but the backends' row log-sum-exp,
+    ``max + log(sum)``, loses ``log(sum)`` to rounding once the row's maximum is large: a row
+    masked at -1e9 or the dtype's lowest value (padding queries of a float padding mask) had
+    weights summing to its number of keys in ``reference``, and every backend's gradients were as
+    many times too large. A row whose largest entry is 0, or that is all -inf, is left exactly as
+    it is; dimensions the mask is expanded along (stride 0) stay of size 1, not materialised. Not
+    for the density term, whose column sums do see a row's constant."""
+    if mask is None or mask.dtype == torch.bool or mask.numel() == 0:
+        return mask
+    mask = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
+    return mask - finite_or_zero(mask.detach().amax(-1, keepdim=True))

@@ -90,35 +90,40 @@ class _TiledFNA(torch.autograd.Function):
             log_col = _column_log_sums(q, k, call, block)
             col_bias = (-call.density_a * log_col).unsqueeze(-2)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        lse = q.new_empty(q.shape[:-1])
+        # Each row's log-sum-exp in two parts, its maximum and the log of its sum after the maximum:
+        # where the maximum is large (a row masked at -1e9 with the density term, whose mask keeps
+        # its rows' constants), their sum rounds to the maximum and the weights to the wrong sum.
+        row_peak, log_total = q.new_empty(q.shape[:-1]), q.new_empty(q.shape[:-1])
         for start in range(0, nq, block):
             stop = min(nq, start + block)
             kv = call.key_stop(stop, nq, nk)
             logits = call.logits(q[..., start:stop, :], k[..., :kv, :], start, nq, nk)
             if col_bias is not None:
                 logits = logits + col_bias
-            row_lse = safe_logsumexp(logits, -1)
-            lse[..., start:stop] = row_lse
-            weights = torch.exp(logits - finite_or_zero(row_lse).unsqueeze(-1))
-            out[..., start:stop, :] = weights @ v[..., :kv, :]
-        ctx.save_for_backward(q, k, v, out, lse, log_col, alpha, bandwidth, mask)
+            peak = finite_or_zero(logits.amax(-1, keepdim=True))  # 0 for a fully masked row
+            weights = torch.exp(logits - peak)
+            total = weights.sum(-1, keepdim=True)
+            row_peak[..., start:stop], log_total[..., start:stop] = peak.squeeze(-1), total.log().squeeze(-1)
+            out[..., start:stop, :] = (weights @ v[..., :kv, :]) / torch.where(total > 0, total, 1.0)
+        ctx.save_for_backward(q, k, v, out, row_peak, log_total, log_col, alpha, bandwidth, mask)
         ctx.call = call
         ctx.block = block
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, log_col, alpha, bandwidth, mask = ctx.saved_tensors
+        q, k, v, out, row_peak, log_total, log_col, alpha, bandwidth, mask = ctx.saved_tensors
         call, block = ctx.call, ctx.block
         nq, nk = q.shape[-2], k.shape[-2]
-        lse = finite_or_zero(lse)
+        log_total = finite_or_zero(log_total)  # -inf for a fully masked row, whose logits are all -inf
         delta = (grad_out * out).sum(-1)  # D_i = sum_j P_ij dP_ij
         col_bias = None if log_col is None else (-call.density_a * log_col).unsqueeze(-2)
 
         def block_weights(logits, start, stop):
             if col_bias is not None:
                 logits = logits + col_bias
-            return torch.exp(logits - lse[..., start:stop].unsqueeze(-1))
+            rows = slice(start, stop)
+            return torch.exp((logits - row_peak[..., rows].unsqueeze(-1)) - log_total[..., rows].unsqueeze(-1))
 
         def block_grad_scores(weights, start, stop):  # weights: (B, H, rows, kv) for the first kv keys
             grad_weights = grad_out[..., start:stop, :] @ v[..., : weights.shape[-1], :].transpose(-1, -2)
