@@ -234,3 +234,11 @@ def test_distances_left_out_of_the_fit_are_said(tmp_path):
     fitted_column = re.findall(r"<tr><td class='num'>(\d+)</td>.*?<td>(yes|no)</td></tr>", page)
     assert fitted_column == [("30", "yes"), ("60", "yes"), ("120", "no"), ("240", "no")]
     assert "left out: 120, 240" in dict(summary_rows(res))["distances"]
+
+
+def test_the_summary_names_the_level_as_given():
+    from levyattn.lens import analyze_decay
+    from levyattn.lens.report import summary_rows
+
+    rows = dict(summary_rows(analyze_decay(_noisy_measurement(412), n_boot=200, level=0.975)))
+    assert "gamma 97.5% CI" in rows  # rounded to a whole percent it read "98%" (and 0.999 read "100%")

@@ -195,7 +195,7 @@ def summary_rows(result: LensResult) -> list[tuple[str, str]]:
         ("distances", ", ".join(str(int(x)) for x in m.distances) + f"  (fit d >= {f.d_min:g}"
          + (f"; A(d) zero or missing, left out: {', '.join(map(str, f.left_out))})" if f.left_out else ")")),
         ("gamma", f"{f.power.gamma:.4f}"),
-        (f"gamma {int(round(f.level * 100))}% CI", ci),
+        (f"gamma {f.level * 100:g}% CI", ci),
         ("bootstrap", f"{f.n_boot_valid} of {f.n_boot} resamples valid" if f.gamma_ci else "n/a"),
         ("R² power law", f"{f.power.r2:.4f}"),
         ("R² exponential", f"{f.expo.r2:.4f}"),
