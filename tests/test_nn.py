@@ -443,6 +443,30 @@ def test_softmax_twin_equals_torch_multihead_attention(batch_first, mask, averag
     torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("attention", ["fna", "softmax"])
+def test_weights_under_dropout_are_the_ones_the_output_used(attention):
+    """As nn.MultiheadAttention returns them while training (the softmax twin returned the weights
+    before dropout: 0.51 off torch's, whose output it matched exactly)."""
+    torch.manual_seed(0)
+    m = make_attention(attention, 8, 2, dropout=0.5).double().train()
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    out, weights = m(x, x, x, need_weights=True, average_attn_weights=False)
+    assert (weights == 0).any() and weights.sum(-1).max() > 1.5  # dropped, and the rest scaled up
+    v = m._heads(m.v_proj(x))
+    expected = m.out_proj((weights @ v).transpose(1, 2).reshape(2, 4, 8))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    if attention == "softmax":
+        ref, ours = _torch_twin(8, 2, batch_first=True)
+        ref.dropout = ours.dropout = 0.5
+        ref.train(), ours.train()
+        results = []
+        for module in (ref, ours):
+            torch.manual_seed(1)
+            results.append(module(x, x, x, need_weights=True, average_attn_weights=False))
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-12, atol=1e-12)
+
 def test_defaults_that_differ_from_torch_multihead_attention_are_documented():
     """Same call, other defaults: batch_first=True, bias=False, need_weights=False."""
     m = FractionalMultiheadAttention(8, 2)

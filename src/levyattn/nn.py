@@ -10,7 +10,8 @@ defaults (``batch_first=True``, ``bias=False``, ``need_weights=False``: pass
   ``nn.MultiheadAttention`` convention, the opposite of ``scaled_dot_product_attention``),
   or float added to the log-kernel;
 - returns ``(output, weights)``; weights are (B, L, S) averaged over heads, or
-  (B, H, L, S) with ``average_attn_weights=False``, and None unless ``need_weights``.
+  (B, H, L, S) with ``average_attn_weights=False``, and None unless ``need_weights``;
+  while training with dropout, the weights after dropout, which the output used.
 
 Attention dropout acts on the weights, so while training with ``dropout > 0`` the
 weights are materialised (the ``reference`` backend); set ``dropout=0`` to keep the
@@ -341,7 +342,8 @@ class FractionalMultiheadAttention(_MultiheadBase):
             return attend(q, k, v, call, backend=self.backend), None
         out, weights = attend(q, k, v, call, return_weights=True)
         if self.training and self.dropout > 0:
-            out = F.dropout(weights, self.dropout) @ v
+            weights = F.dropout(weights, self.dropout)  # returned as used, as nn.MultiheadAttention does
+            out = weights @ v
         return out, (weights if need_weights else None)
 
     def extra_repr(self) -> str:
@@ -374,8 +376,8 @@ class SoftmaxMultiheadAttention(_MultiheadBase):
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
-        weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)
-        return F.dropout(weights, dropout) @ v, weights
+        weights = F.dropout(torch.softmax(logits, dim=-1).nan_to_num(0.0), dropout)  # returned as used, as torch's
+        return weights @ v, weights
 
 
 def make_attention(kind: str, embed_dim: int, num_heads: int, **kwargs) -> _MultiheadBase:
