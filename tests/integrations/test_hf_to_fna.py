@@ -348,3 +348,13 @@ def test_a_t5_saves_the_values_its_stacks_hold_when_saved(tmp_path, calibrate):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**t5_batch()).logits, model.eval()(**t5_batch()).logits)
     assert copy.deepcopy(model.config).fna_stacks["decoder"]["fna_alpha"] == 1.7
+
+
+def test_density_normalisation_in_a_t5_encoder_alone_is_accepted():
+    # It was refused for the decoder's attention although the decoder's density_a was 0.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(model, density_a={"encoder": 0.5, "decoder": 0.0})
+    with torch.no_grad():
+        model(**t5_batch())
+    with pytest.raises(ValueError, match="cannot be used in T5Attention"):
+        hf.to_fna(tiny_t5(2, 3), density_a={"encoder": 0.0, "decoder": [0.0, 0.5, 0.0]})

@@ -365,16 +365,18 @@ def to_fna(
     batches = None if calibration_inputs is None else _as_batches(model, calibration_inputs)
     configs = _stack_configs(modules)
     stack_settings = _settings_per_stack(model, configs, settings)
-    densities = []
+    dense = []  # the configs of the stacks with density normalisation in some layer
     for config, own in zip(configs, stack_settings):
         density = hf_attention.check_fna_settings(config, **own)["fna_density_a"]
-        densities.extend(density if isinstance(density, list) else [density])
+        if any(v > 0 for v in (density if isinstance(density, list) else [density])):
+            dense.append(config)
     density = settings["density_a"]
-    if any(v > 0 for v in densities):
+    if dense:
         if batches is not None:
             # The objective compares plain rows; density normalisation shifts them by column sums.
             raise ValueError(f"density_a={density!r}: to_fna calibration supports density_a = 0 only")
-        causal = next((m for m in modules if hf_attention.causal_context(m)), None)
+        in_dense = [m for m in modules if any(m.config is c for c in dense)]
+        causal = next((m for m in in_dense if hf_attention.causal_context(m)), None)
         if causal is not None:
             raise ValueError(
                 f"density_a={density!r} cannot be used in {type(causal).__name__}, a decoder's attention: "
