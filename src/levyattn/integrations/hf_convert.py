@@ -485,7 +485,8 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
         hf_attention.configure_fna(config, **own)
     role = _top_config_role(model, configs)
     if role != "read":
-        # The settings every stack shares; "copied" (a T5) also gets each stack's values by _record_stacks.
+        # The settings every stack shares (kept where a Llava's saved config.json has had them, though
+        # nothing reads them there); "copied" (a T5) also gets each stack's values by _record_stacks.
         shared = {k: v for k, v in stack_settings[0].items() if all(s[k] == v for s in stack_settings)}
         hf_attention.configure_fna(model.config, **shared)
     hf_attention.assign_layer_indices(model)
