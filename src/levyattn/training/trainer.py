@@ -15,9 +15,10 @@ What it guarantees:
   is fetched with them seeded from (seed, epoch, sample index) and each batch collated with them
   seeded from (seed, epoch, step, rank), then the caller's states are put back
   (:class:`_SeededBatches`). What a sample draws is therefore the same in every process and data
-  loader worker, for any ``num_workers`` and number of processes, and a resumed run draws what the
-  uninterrupted run drew, with nothing to checkpoint (the workers' own generators would be
-  reseeded when a resumed run starts its loader mid-epoch).
+  loader worker, for any ``num_workers`` and number of processes (what ``collate`` draws, for any
+  ``num_workers``), and a resumed run draws what the uninterrupted run drew, with nothing to
+  checkpoint (the workers' own generators would be reseeded when a resumed run starts its loader
+  mid-epoch).
 - **Data parallel**: under ``torchrun`` the model is wrapped in
   DistributedDataParallel and each *global* batch of ``batch_size`` samples is
   split across the processes; each process's loss is reweighted by its share of the
