@@ -44,7 +44,7 @@ from levyattn.backends.common import (
     AttentionCall,
     finite_or_zero,
     largest_magnitudes,
-    mask_rows_from_zero,
+    mask_from_zero,
     mask_without_nonfinite,
     nonfinite_rows,
     scan_inputs,
@@ -255,8 +255,7 @@ def attend(
             call = dataclasses.replace(call, attn_mask=mask.double())
         call = _parameters_as(call, q)
         fused = chosen == "tiled" and tiled.runs_fused_kernel(call, q.device, q.dtype)
-    if not call.density_a:
-        call = dataclasses.replace(call, attn_mask=mask_rows_from_zero(call.attn_mask))
+    call = dataclasses.replace(call, attn_mask=mask_from_zero(call.attn_mask, bool(call.density_a)))
     q, k, call = _in_length_unit(q, k, call, qk_peak)
     value_unit = _value_unit(v, v_peak)
     if value_unit != 1.0:

@@ -3,11 +3,11 @@
 Hypothesis draws calls of ``fractional_attention``: shapes with empty and size-1 dimensions,
 non-contiguous and broadcast (stride 0) q, k, v, float64 / float32 / bfloat16 / float16, alpha
 and bandwidth as floats or per-head tensors (learnable or not), bool and float masks of every
-broadcast shape (with -inf entries; float ones learnable), causal, exclude_self, the density
-term, the sphere, grad mode on or off, and non-finite (NaN, +-Inf) entries in q, k, v and the
-mask. Each call goes to ``reference`` and to every other path (``backend_paths.py``): the tile
-loop and the fused CPU kernel of ``tiled`` (in tiles of 3 rows), ``sdpa``, ``flex`` (uncompiled)
-and ``auto``. A path either
+broadcast shape (with -inf entries and rows offset by -1e9 or float32's lowest value; float ones
+learnable), causal, exclude_self, the density term, the sphere, grad mode on or off, and
+non-finite (NaN, +-Inf) entries in q, k, v and the mask. Each call goes to ``reference`` and to
+every other path (``backend_paths.py``): the tile loop and the fused CPU kernel of ``tiled`` (in
+tiles of 3 rows), ``sdpa``, ``flex`` (uncompiled) and ``auto``. A path either
 
 - refuses with ``ValueError`` / ``TypeError`` and a reason (counted as refused), or
 - returns ``reference``'s output and the gradients of every differentiable input: in float64
@@ -85,6 +85,9 @@ def calls(draw):
     bandwidth_value = draw(st.one_of(st.floats(0.2, 3.0), st.just(1e-12)) if tiny_bandwidth else st.floats(0.2, 3.0))
     mask_kind = draw(st.sampled_from([None, None, "bool", "float", "learnable"]))
     mask_shape = draw(st.sampled_from(["k", "qk", "b11k", "1hqk", "bhqk", "b1q1"]))
+    # A constant added to some rows of a float mask, which the row normalisation removes: -1e9 and
+    # float32's lowest value are how padding queries get masked in float masks.
+    row_offset = draw(st.sampled_from([0.0] * 4 + [-1e9, torch.finfo(torch.float32).min]))
     layout = draw(st.sampled_from(["contiguous", "contiguous", "transposed", "broadcast"]))
     nonfinite = draw(st.sampled_from([None] * 5 + ["q", "k", "v", "mask"]))
     nonfinite_value = draw(st.sampled_from([float("nan"), float("inf"), float("-inf")]))
@@ -128,6 +131,8 @@ def calls(draw):
             leaves["mask"] = torch.rand(shape, generator=gen) > 0.3
         else:
             values = 2.0 * randn(*shape)
+            offset_rows = torch.rand(shape[:-1] + (1,), generator=gen) < 0.5
+            values = values + torch.where(offset_rows, row_offset, 0.0)
             leaves["mask"] = values.masked_fill(torch.rand(shape, generator=gen) < 0.2, float("-inf"))
             learnable |= {"mask"} if mask_kind == "learnable" and grad_mode else set()
     if nonfinite is not None and nonfinite in leaves and leaves[nonfinite].is_floating_point():

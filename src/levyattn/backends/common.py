@@ -332,17 +332,19 @@ def softmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return weights / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def mask_rows_from_zero(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """An additive mask less its largest finite entry in each row (a bool mask, or none, as it is).
+def mask_from_zero(mask: torch.Tensor | None, density: bool) -> torch.Tensor | None:
+    """An additive mask less its largest finite entry in each row, or with the density term in
+    each (batch, head) (a bool mask, or none, as it is).
 
     Row normalisation does not see a constant added to a row, but the backends' row log-sum-exp,
     ``max + log(sum)``, loses ``log(sum)`` to rounding once the row's maximum is large: a row
     masked at -1e9 or the dtype's lowest value (padding queries of a float padding mask) had
     weights summing to its number of keys in ``reference``, and every backend's gradients were as
-    many times too large. A row whose largest entry is 0, or that is all -inf, is left exactly as
-    it is; dimensions the mask is expanded along (stride 0) stay of size 1, not materialised. Not
-    for the density term, whose column sums do see a row's constant."""
+    many times too large. The density term's column sums see a row's constant, but not one shared
+    by all of a head's entries, which its column log-sum-exps lose the same way. A row (a head)
+    whose largest entry is 0, or that is all -inf, is left exactly as it is; dimensions the mask
+    is expanded along (stride 0) stay of size 1, not materialised."""
     if mask is None or mask.dtype == torch.bool or mask.numel() == 0:
         return mask
     mask = mask[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in mask.stride())]
-    return mask - finite_or_zero(mask.detach().amax(-1, keepdim=True))
+    return mask - finite_or_zero(mask.detach().amax((-2, -1) if density else -1, keepdim=True))
