@@ -4,7 +4,7 @@ Two variants trained on the same seeds (same data, initialisation stream and bat
 give one paired difference per seed. The verdict claims a difference only when the 95%
 percentile-bootstrap interval of the mean difference excludes 0 **and** the two-sided exact
 sign test over the seeds gives p < ``SIGN_TEST_LEVEL`` (with 6 or 7 seeds: every seed on one
-side; 5 seeds or fewer can never reach it). Otherwise it says "no clear difference".
+side; 5 seeds or fewer can never reach it), the two on the same side. Otherwise it says "no clear difference".
 """
 
 from __future__ import annotations
@@ -42,9 +42,10 @@ def paired_comparison(
     Returns ``n``, ``mean_a``, ``mean_b``, ``mean_diff`` (mean of a - b), ``ci`` (95% percentile-bootstrap interval of
     the mean difference, resampling seeds; None below 2 seeds), ``wins``, ``losses``, ``ties`` (seeds where
     ``a`` is better, worse, level), ``sign_p`` (two-sided exact sign test over the non-tied seeds; None without
-    any) and ``verdict``: "ahead" or "behind" (``a`` better or worse than ``b``) when the interval excludes 0 and
-    ``sign_p < 0.05``, else "no clear difference" ("one seed" for n = 1). ``higher_is_better=False`` for a
-    metric such as perplexity: ``a`` is then ahead where it is lower.
+    any) and ``verdict``: "ahead" or "behind" (``a`` better or worse than ``b``) when the interval excludes 0,
+    ``sign_p < 0.05`` and both point the same way (more seeds ahead than behind for "ahead"), else
+    "no clear difference" ("one seed" for n = 1). ``higher_is_better=False`` for a metric such as
+    perplexity: ``a`` is then ahead where it is lower.
     """
     from scipy.stats import binomtest
 
@@ -75,10 +76,13 @@ def paired_comparison(
     lo, hi = np.percentile(means, [2.5, 97.5])
     out["ci"] = (float(lo), float(hi))
     significant = out["sign_p"] is not None and out["sign_p"] < SIGN_TEST_LEVEL
-    above, below = lo > 0, hi < 0
-    if significant and (above if higher_is_better else below):
+    # The two must point the same way: a few large wins can lift the interval above 0 while
+    # most seeds, and the sign test, say the opposite.
+    better_interval = lo > 0 if higher_is_better else hi < 0
+    worse_interval = hi < 0 if higher_is_better else lo > 0
+    if significant and better_interval and wins > losses:
         out["verdict"] = "ahead"
-    elif significant and (below if higher_is_better else above):
+    elif significant and worse_interval and losses > wins:
         out["verdict"] = "behind"
     else:
         out["verdict"] = "no clear difference"
