@@ -3,6 +3,8 @@ bootstrap interval; and the sweep's tables built on it."""
 
 from __future__ import annotations
 
+import pytest
+
 from levyattn.training.compare import paired_comparison, verdict_sentence
 
 
@@ -17,3 +19,12 @@ def test_the_sign_test_and_the_interval_must_point_the_same_way():
     assert paired_comparison(b, a)["verdict"] == "no clear difference"
     negated = paired_comparison([-x for x in a], [-x for x in b], higher_is_better=False)
     assert negated["verdict"] == "no clear difference"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_not_counted_as_ties(bad):
+    # A NaN difference counted as a seed "level"; an infinite one gave the interval "+1.0000 to +nan".
+    with pytest.raises(ValueError, match=r"a must hold finite values, got (nan|inf|-inf) at position 0"):
+        paired_comparison([bad, 1, 1, 1, 1, 1, 1], [0] * 7)
+    with pytest.raises(ValueError, match="b must hold finite values"):
+        paired_comparison([1, 1], [0, bad])

@@ -45,12 +45,18 @@ def paired_comparison(
     any) and ``verdict``: "ahead" or "behind" (``a`` better or worse than ``b``) when the interval excludes 0,
     ``sign_p < 0.05`` and both point the same way (more seeds ahead than behind for "ahead"), else
     "no clear difference" ("one seed" for n = 1). ``higher_is_better=False`` for a metric such as
-    perplexity: ``a`` is then ahead where it is lower.
+    perplexity: ``a`` is then ahead where it is lower. Non-finite values are refused (ValueError).
     """
     from scipy.stats import binomtest
 
     if len(a) != len(b) or not a:
         raise ValueError(f"a and b must hold one value per seed, the same seeds, got {len(a)} and {len(b)}")
+    for name, values in (("a", a), ("b", b)):
+        bad = [(i, v) for i, v in enumerate(values) if not np.isfinite(v)]
+        if bad:
+            # A NaN difference would count as a tie, and one infinite value makes the interval NaN.
+            position, value = bad[0]
+            raise ValueError(f"{name} must hold finite values, got {value} at position {position} of {list(values)}")
     diffs = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     n = diffs.size
     better = diffs if higher_is_better else -diffs
