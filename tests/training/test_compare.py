@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from levyattn.training.compare import paired_comparison, verdict_sentence
+from levyattn.training.sweep import SweepResult, compare_with_softmax, correlations, summarise
 
 
 def test_the_sign_test_and_the_interval_must_point_the_same_way():
@@ -28,3 +29,40 @@ def test_non_finite_values_are_refused_not_counted_as_ties(bad):
         paired_comparison([bad, 1, 1, 1, 1, 1, 1], [0] * 7)
     with pytest.raises(ValueError, match="b must hold finite values"):
         paired_comparison([1, 1], [0, bad])
+
+
+def _row(attention, alpha, seed, ppl):
+    return {"attention": attention, "alpha": alpha, "seed": seed, "ppl": ppl, "spectral_gap": 0.1, "params": 10,
+            "train_time_s": 1.0}
+
+
+@pytest.mark.parametrize("failed", [None, float("nan"), float("inf")])
+def test_a_sweep_seed_without_a_finite_metric_is_said_not_averaged_away(failed):
+    fna = [_row("fna", 1.2, s, v) for s, v in enumerate([10.0, 11.0, 12.0, failed, 10.5, 11.5])]
+    softmax = [_row("softmax", None, s, v) for s, v in enumerate([12.0, 13.0, 14.0, 12.5, 13.5, 14.5])]
+    summary = summarise(fna + softmax, "ppl")
+    # The mean over the five seeds with a value was shown with "6" seeds (None, NaN) or as "inf ± nan".
+    assert summary[0]["n"] == 5 and summary[0]["seeds"] == [0, 1, 2, 4, 5]
+    assert summary[0]["ppl_mean"] == pytest.approx(11.0) and summary[0]["left_out"][0]["seed"] == 3
+    assert summary[1]["n"] == 6 and summary[1]["left_out"] == []
+    comparisons = compare_with_softmax(fna + softmax, "ppl", higher_is_better=False)
+    (c,) = comparisons
+    assert c["seeds"] == [0, 1, 2, 4, 5] and c["left_out"] == [3] and c["n"] == 5
+    assert c["mean_b"] == pytest.approx(13.4) and c["verdict"] == "no clear difference"  # 5 of 5: p = 0.0625
+    table = SweepResult(None, fna + softmax, summary, correlations([0.9], [0.1]), metric="ppl",
+                        higher_is_better=False, comparisons=comparisons).table()
+    assert "| fna | 1.2 | 5 of 6 | 11.0000 ± 0.7906 |" in table and "| softmax | - | 6 | 13.2500 ± 0.9354 |" in table
+    assert "FNA alpha 1.2: ppl over 5 of 6 seeds; left out, without a finite ppl: seed 3 (" in table
+    said = "level on 0 of 5 seeds (sign test p = 0.0625). Seeds left out, without a finite ppl on both sides: 3."
+    assert said in table
+
+
+def test_sweep_comparison_pairs_seeds_by_value_and_says_the_unpaired():
+    fna = [_row("fna", 1.2, s, 10.0 + s) for s in (5, 1, 3, 0)]
+    softmax = [_row("softmax", None, s, 20.0 + s) for s in (0, 1, 2, 3)]
+    (c,) = compare_with_softmax(fna + softmax, "ppl", higher_is_better=False)
+    assert c["seeds"] == [0, 1, 3] and c["left_out"] == [2, 5] and c["mean_diff"] == pytest.approx(-10.0)
+    nothing = compare_with_softmax([_row("fna", 1.2, 0, 10.0), _row("softmax", None, 0, float("inf"))], "ppl")
+    assert nothing == [{"a": "FNA alpha 1.2", "b": "softmax", "alpha": 1.2, "seeds": [], "left_out": [0], "n": 0}]
+    table = SweepResult(None, [], [], correlations([0.9], [0.1]), metric="ppl", comparisons=nothing).table()
+    assert "no seed has a finite ppl on both sides, so no comparison. Seeds left out" in table

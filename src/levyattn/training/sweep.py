@@ -204,8 +204,13 @@ def attention_gap(task: Any, model: torch.nn.Module, eval_ds: Any, n_samples: in
             "per_layer": per_layer}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for one value) of the finite values (NaN for none)."""
+    arr = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
@@ -253,18 +258,42 @@ class SweepResult:
         m = self.metric
         direction = "" if self.higher_is_better else " (lower is better)"
         header = ["attention", "alpha", "seeds", m + direction, "spectral gap", "parameters", "time (s)"]
+
+        def seeds(row: dict[str, Any]) -> str:
+            runs = row["n"] + len(row.get("left_out", []))
+            return str(runs) if runs == row["n"] else f"{row['n']} of {runs}"
+
+        def gap(row: dict[str, Any]) -> str:
+            runs, gap_n = row["n"] + len(row.get("left_out", [])), row.get("gap_n", row["n"])
+            text = format_spread(row["gap_mean"], row["gap_std"], gap_n, ".2g")
+            return text if gap_n == runs else f"{text} ({gap_n} of {runs} runs)"
+
         lines = [markdown_table(header, (
-            [row["attention"], "-" if row["alpha"] is None else f"{row['alpha']:g}", row["n"],
-             format_spread(row[f"{m}_mean"], row[f"{m}_std"], row["n"]),
-             format_spread(row["gap_mean"], row["gap_std"], row["n"], ".2g"), row["params"], f"{row['time_mean']:.1f}"]
+            [row["attention"], "-" if row["alpha"] is None else f"{row['alpha']:g}", seeds(row),
+             format_spread(row[f"{m}_mean"], row[f"{m}_std"], row["n"]), gap(row), row["params"],
+             f"{row['time_mean']:.1f}"]
             for row in self.summary
         ))]  # fmt: skip
         c = self.correlation
         lines.append("")
+        for row in self.summary:
+            if row.get("left_out"):
+                name = "softmax" if row["alpha"] is None else f"FNA alpha {row['alpha']:g}"
+                values = ", ".join(f"seed {r['seed']} ({'no value' if r[m] is None else r[m]})"
+                                   for r in row["left_out"])
+                lines.append(f"{name}: {m} over {seeds(row)} seeds; left out, without a finite {m}: {values}")
         if self.restarts > 1:
             lines.append(f"each seed's run: the lowest final training loss of {self.restarts} restarts")
         for comparison in self.comparisons:
-            lines.append(f"{m}, paired by seed: " + verdict_sentence(comparison["a"], comparison["b"], comparison))
+            left_out = comparison.get("left_out")
+            unpaired = (f" Seeds left out, without a finite {m} on both sides: {', '.join(map(str, left_out))}."
+                        if left_out else "")
+            if comparison["n"] == 0:
+                lines.append(f"{m}, paired by seed: {comparison['a']} - {comparison['b']}: no seed has a finite {m} "
+                             f"on both sides, so no comparison.{unpaired}")
+            else:
+                lines.append(f"{m}, paired by seed: "
+                             + verdict_sentence(comparison["a"], comparison["b"], comparison) + unpaired)
         if math.isnan(c["pearson_r"]):
             lines.append(f"{m} vs spectral gap over {c['n']} runs: undefined (needs 3 or more runs, "
                          f"and neither {m} nor gap the same in all)")
@@ -277,38 +306,54 @@ class SweepResult:
 
 
 def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` over seeds, the gap's, the time's."""
+    """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` (sample std, ddof=1) over the
+    seeds with a finite metric, ``n`` and ``seeds`` naming those; ``left_out``: ``{"seed", metric}``
+    of each run without one (None, NaN or infinite), said in the table rather than averaged away;
+    the gap's mean and std over the ``gap_n`` runs with a finite gap, the time's over all."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["attention"], r["alpha"]), []).append(r)
     rows = []
     for (attention, alpha), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "fna", kv[0][1] or 0)):
-        metric_m, metric_s = _mean_std([r[metric] for r in rs])
-        gap_m, gap_s = _mean_std([r.get("spectral_gap") for r in rs])
+        valued = [r for r in rs if _finite(r.get(metric))]
+        unvalued = [r for r in rs if not _finite(r.get(metric))]
+        metric_m, metric_s = _mean_std([r[metric] for r in valued])
+        gaps = [r.get("spectral_gap") for r in rs]
+        gap_m, gap_s = _mean_std(gaps)
         t_m, t_s = _mean_std([r["train_time_s"] for r in rs])
-        rows.append({"attention": attention, "alpha": alpha, "n": len(rs), f"{metric}_mean": metric_m,
-                     f"{metric}_std": metric_s, "gap_mean": gap_m, "gap_std": gap_s, "params": rs[0]["params"],
-                     "time_mean": t_m, "time_std": t_s, "seeds": [r["seed"] for r in rs]})
+        rows.append({"attention": attention, "alpha": alpha, "n": len(valued), f"{metric}_mean": metric_m,
+                     f"{metric}_std": metric_s, "gap_mean": gap_m, "gap_std": gap_s,
+                     "gap_n": sum(_finite(g) for g in gaps), "params": rs[0]["params"], "time_mean": t_m,
+                     "time_std": t_s, "seeds": [r["seed"] for r in valued],
+                     "left_out": [{"seed": r["seed"], metric: r.get(metric)} for r in unvalued]})
     return rows
 
 
 def compare_with_softmax(
     runs: list[dict[str, Any]], metric: str = "accuracy", higher_is_better: bool = True
 ) -> list[dict[str, Any]]:
-    """FNA at every alpha against softmax on the seeds both have, one pair per seed: for each
-    alpha, :func:`~levyattn.training.compare.paired_comparison` of the metric (``a`` = FNA) with
-    ``a`` and ``b`` naming the two and ``alpha``, ``seeds`` added. Empty without softmax runs."""
-    softmax = {r["seed"]: r[metric] for r in runs if r["attention"] == "softmax"}
+    """FNA at every alpha against softmax, one pair per seed (matched by its value): for each
+    alpha, :func:`~levyattn.training.compare.paired_comparison` of the metric (``a`` = FNA) over
+    the seeds where both have a finite metric, with ``a`` and ``b`` naming the two and ``alpha``,
+    ``seeds`` (those paired) and ``left_out`` (seeds of either side not paired) added; only ``a``,
+    ``b``, ``alpha``, ``seeds``, ``left_out`` and ``n = 0`` where no seed pairs. Empty without
+    softmax runs."""
+    softmax = {r["seed"]: r.get(metric) for r in runs if r["attention"] == "softmax"}
+    if not softmax:
+        return []
     alphas = sorted({r["alpha"] for r in runs if r["attention"] == "fna"})
     out = []
     for alpha in alphas:
-        fna = {r["seed"]: r[metric] for r in runs if r["attention"] == "fna" and r["alpha"] == alpha}
-        seeds = sorted(set(fna) & set(softmax))
+        fna = {r["seed"]: r.get(metric) for r in runs if r["attention"] == "fna" and r["alpha"] == alpha}
+        seeds = sorted(s for s in set(fna) & set(softmax) if _finite(fna[s]) and _finite(softmax[s]))
+        left_out = sorted((set(fna) | set(softmax)) - set(seeds))
+        names = {"a": f"FNA alpha {alpha:g}", "b": "softmax", "alpha": alpha, "seeds": seeds, "left_out": left_out}
         if not seeds:
+            out.append({**names, "n": 0})
             continue
         comparison = paired_comparison([fna[s] for s in seeds], [softmax[s] for s in seeds],
                                        higher_is_better=higher_is_better)
-        out.append({"a": f"FNA alpha {alpha:g}", "b": "softmax", "alpha": alpha, "seeds": seeds, **comparison})
+        out.append({**names, **comparison})
     return out
 
 
