@@ -28,6 +28,14 @@ def format_spread(mean: float, std: float, n: int, spec: str = ".4f") -> str:
     return f"{mean:{spec}} ± {std:{spec}}"
 
 
+def format_difference(value: float) -> str:
+    """A signed difference to 4 decimals, or to 2 significant digits where 4 decimals would show a
+    nonzero difference as ``+0.0000`` (an interval above 0 must not read as touching it)."""
+    if value != 0 and round(value, 4) == 0:
+        return f"{value:+.2g}"
+    return f"{value:+.4f}"
+
+
 def spread(values: Sequence[float], spec: str = ".4f") -> str:
     """``mean ± std`` over seeds in the format ``spec``; the value alone for one seed (no spread)."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -100,7 +108,8 @@ def verdict_sentence(name_a: str, name_b: str, comparison: dict[str, Any]) -> st
     c = comparison
     if c["n"] == 1:
         return (
-            f"{name_a} - {name_b}: {c['mean_diff']:+.4f} on one seed (n = 1): no spread, so no verdict; run more seeds."
+            f"{name_a} - {name_b}: {format_difference(c['mean_diff'])} on one seed (n = 1): no spread, so no verdict; "
+            "run more seeds."
         )
     lo, hi = c["ci"]
     sign = "no seed differs" if c["sign_p"] is None else f"sign test p = {c['sign_p']:.3g}"
@@ -110,10 +119,12 @@ def verdict_sentence(name_a: str, name_b: str, comparison: dict[str, Any]) -> st
         "no clear difference": f"no clear difference between {name_a} and {name_b}",
     }[c["verdict"]]
     return (
-        f"{head}: mean {c['mean_a']:.4f} against {c['mean_b']:.4f}, paired difference {c['mean_diff']:+.4f} "
-        f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}), ahead on {c['wins']}, behind on {c['losses']}, "
+        f"{head}: mean {c['mean_a']:.4f} against {c['mean_b']:.4f}, paired difference "
+        f"{format_difference(c['mean_diff'])} (95% bootstrap interval {format_difference(lo)} to "
+        f"{format_difference(hi)}), ahead on {c['wins']}, behind on {c['losses']}, "
         f"level on {c['ties']} of {c['n']} seeds ({sign})."
     )
 
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "SIGN_TEST_LEVEL", "format_spread", "paired_comparison", "spread", "verdict_sentence"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "SIGN_TEST_LEVEL", "format_difference", "format_spread", "paired_comparison",
+           "spread", "verdict_sentence"]

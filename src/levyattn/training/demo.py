@@ -41,7 +41,13 @@ import torch
 
 from levyattn.backends.fused_cpu import ensure_built
 from levyattn.io import atomic_write_json, atomic_write_text
-from levyattn.training.compare import SIGN_TEST_LEVEL, paired_comparison, spread, verdict_sentence
+from levyattn.training.compare import (
+    SIGN_TEST_LEVEL,
+    format_difference,
+    paired_comparison,
+    spread,
+    verdict_sentence,
+)
 from levyattn.training.presets import apply_overrides, get_preset, train_preset
 from levyattn.training.sweep import attention_gap
 
@@ -366,8 +372,8 @@ def _run_demo(
     md += "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in table_rows)
     comp_header = ["task", "comparison", "seeds", "mean difference (first - second)", "95% bootstrap interval",
                    "ahead / behind / level", "sign test p", "verdict"]
-    comp_rows = [[c["task"], f"{c['a']} vs {c['b']}", c["n"], f"{c['mean_diff']:+.4f}",
-                  "-" if c["ci"] is None else f"{c['ci'][0]:+.4f} to {c['ci'][1]:+.4f}",
+    comp_rows = [[c["task"], f"{c['a']} vs {c['b']}", c["n"], format_difference(c["mean_diff"]),
+                  "-" if c["ci"] is None else f"{format_difference(c['ci'][0])} to {format_difference(c['ci'][1])}",
                   f"{c['wins']} / {c['losses']} / {c['ties']}", "-" if c["sign_p"] is None else f"{c['sign_p']:.3g}",
                   c["verdict"]] for c in comparisons]
     total, cpu = time.perf_counter() - t_start, _cpu_seconds() - cpu_start
