@@ -111,6 +111,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     html = report.read_text()
     assert "data:image/png;base64" in html and "softmax" in html and "alpha=1.2" in html
     assert html.count("<table>") == 2 and "What was compared" in html and "bootstrap interval" in html
+    assert "(mean ± std (sample std, ddof = 1) over 2 seeds; band: ± one std)" in html and "mean over 2 seeds" in html
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["variant"] for r in data["rows"]} == {"FNA alpha=1.2", "FNA alpha=2", "softmax"}
     assert len(data["comparisons"]) == 4 and all(c["n"] == 2 for c in data["comparisons"])
@@ -126,6 +127,9 @@ def test_demo_with_one_seed_shows_values_without_aspread(tmp_path, capsys):
     html = (tmp_path / "report.html").read_text()
     assert "±" not in (tmp_path / "table.md").read_text() and "± 0.0000" not in html
     assert "n = 1" in out and "n = 1" in html
+    # one seed draws no band, and the caption says none
+    assert "(one seed (n = 1): values, no spread)." in html and "band: ± one std" not in html
+    assert "mean over 1 seed)" in html
 
 
 def test_report_tables_right_align_numbers_only():

@@ -365,7 +365,9 @@ def _run_demo(
     curves_png = _plot_curves(curves, out / "learning_curves.png")
     profile_png = _plot_profiles(profiles, out / "attention_by_distance.png")
     maps_png = _plot_attention(maps, out / "attention_maps.png")
-    spread_note = "mean ± std over seeds" if len(seeds) > 1 else "one seed (n = 1): values, no spread"
+    spread_note = (f"mean ± std (sample std, ddof = 1) over {len(seeds)} seeds" if len(seeds) > 1
+                   else "one seed (n = 1): values, no spread")
+    band_note = "; band: ± one std" if len(seeds) > 1 else ""
     header = ["task", "attention", "seeds", "params", "test accuracy", "spectral gap", "keys per query",
               "train time (s)", "samples/s"]
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
@@ -409,11 +411,12 @@ def _run_demo(
         Section("Verdict", text=[compared, *(c["sentence"] for c in comparisons)]),
         Section("Paired comparisons (test accuracy)", header=comp_header, rows=comp_rows),
         Section("Test accuracy and attention", text=[task_text, gap_text], header=header, rows=table_rows),
-        Section("Learning curves", text=[f"Test accuracy after each epoch ({spread_note}; band: ± one std)."],
+        Section("Learning curves", text=[f"Test accuracy after each epoch ({spread_note}{band_note})."],
                 figures=[curves_png]),
         Section("Attention by token distance", text=[
             f"Mean weight a query gives a key d tokens away (log-log; both directions; {n_attention} test inputs, "
-            "mean over seeds). A power law is a straight line here, an exponential bends down."],
+            f"mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}). A power law is a straight line here, an "
+            "exponential bends down."],
             figures=[profile_png]),
         Section("Attention maps", text=[
             f"Layer 1, head 1, on the first test input (seed {seeds[0]}; rows: queries; a log colour scale where "
