@@ -3,6 +3,9 @@ bootstrap interval; and the sweep's tables built on it."""
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,3 +91,61 @@ def test_a_claimed_interval_never_reads_as_touching_zero():
 def test_a_shown_difference_keeps_its_sign(value):
     shown = format_difference(value)
     assert float(shown) == 0 if value == 0 else (float(shown) > 0) == (value > 0)
+
+
+def _sign_p(wins: int, losses: int) -> float:
+    """The two-sided exact sign test written out: twice the smaller binomial tail, at most 1."""
+    n = wins + losses
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+# Dyadic values (multiples of 1/64 below 64): sums and differences are exact in float64.
+_dyadic = st.integers(0, 64 * 63).map(lambda k: k / 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(_dyadic, _dyadic), min_size=1, max_size=12), st.integers(-100, 100), st.booleans())
+def test_shifting_both_arms_changes_no_comparison(pairs, shift, higher_is_better):
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    plain = paired_comparison(a, b, higher_is_better=higher_is_better)
+    moved = paired_comparison([x + shift for x in a], [x + shift for x in b], higher_is_better=higher_is_better)
+    assert moved["mean_a"] == pytest.approx(plain["mean_a"] + shift) and moved["mean_b"] == pytest.approx(
+        plain["mean_b"] + shift)
+    for key in ("n", "mean_diff", "ci", "wins", "losses", "ties", "sign_p", "verdict"):
+        assert moved[key] == plain[key], key
+    swapped = paired_comparison(b, a, higher_is_better=higher_is_better)
+    mirrored = {"ahead": "behind", "behind": "ahead"}
+    assert swapped["verdict"] == mirrored.get(plain["verdict"], plain["verdict"])
+    flipped = paired_comparison(a, b, higher_is_better=not higher_is_better)
+    assert (flipped["wins"], flipped["losses"]) == (plain["losses"], plain["wins"])
+    assert flipped["verdict"] == mirrored.get(plain["verdict"], plain["verdict"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=20))
+def test_the_sign_test_is_exact_two_sided_over_the_untied_seeds(diffs):
+    c = paired_comparison([float(d) for d in diffs], [0.0] * len(diffs))
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    assert (c["wins"], c["losses"], c["ties"]) == (wins, losses, len(diffs) - wins - losses)
+    if wins + losses == 0:
+        assert c["sign_p"] is None
+    else:
+        assert c["sign_p"] == pytest.approx(_sign_p(wins, losses), rel=1e-12)
+    if c["verdict"] in ("ahead", "behind"):
+        assert wins + losses >= 6 and c["sign_p"] < 0.05 and (wins > losses) == (c["verdict"] == "ahead")
+
+
+@pytest.mark.parametrize("n", [2, 3, 6, 10])
+def test_the_interval_is_a_95_percent_percentile_bootstrap_of_the_mean(n):
+    from scipy.stats import bootstrap
+
+    diffs = np.random.default_rng(n).normal(0.02, 0.03, n)
+    c = paired_comparison(list(diffs), [0.0] * n)
+    reference = bootstrap((diffs,), np.mean, n_resamples=10000, confidence_level=0.95, method="percentile",
+                          random_state=0).confidence_interval
+    # Two independent 10000-resample bootstraps: the ends agree to a few percent of the spread.
+    width = diffs.max() - diffs.min()
+    assert c["ci"][0] == pytest.approx(reference.low, abs=0.03 * width)
+    assert c["ci"][1] == pytest.approx(reference.high, abs=0.03 * width)
+    assert paired_comparison(list(diffs), [0.0] * n)["ci"] == c["ci"]  # a fixed seed: the same interval again
