@@ -28,3 +28,21 @@ def test_paired_tests_on_known_differences():
 def test_paired_tests_need_three_seeds():
     assert all(math.isnan(v) for v in bench.paired_tests([0.1, 0.2]).values())
     assert all(math.isnan(v) for v in bench.paired_tests([0.0, 0.0, 0.0]).values())
+
+
+def test_the_target_is_never_met_on_one_seed():
+    from levyattn.training.sweep import summarise
+
+    def run(alpha, seed, accuracy):
+        return {"attention": "fna", "alpha": alpha, "seed": seed, "accuracy": accuracy, "spectral_gap": 0.1,
+                "params": 10, "train_time_s": 1.0}
+
+    # One seed: the sweep gave std 0.0, so any lead at all "met" the rule.
+    best, other = summarise([run(1.2, 0, 0.91), run(2.0, 0, 0.90)])
+    assert best["accuracy_std"] is None and bench.target_rule(best, other) == {
+        "margin": pytest.approx(0.01), "spread": None, "met": False}
+    best, other = summarise([run(1.2, s, a) for s, a in ((0, 0.91), (1, 0.93))]
+                            + [run(2.0, s, a) for s, a in ((0, 0.90), (1, 0.90))])
+    rule = bench.target_rule(best, other)
+    # two seeds: +0.02 over the larger sample std, 0.0141 (ddof = 1)
+    assert rule["spread"] == pytest.approx(0.02 / 2**0.5) and rule["met"] is True

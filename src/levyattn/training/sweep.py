@@ -208,12 +208,13 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _mean_std(values: list[float | None]) -> tuple[float, float]:
-    """Mean and sample std (ddof=1; 0 for one value) of the finite values (NaN for none)."""
+def _mean_std(values: list[float | None]) -> tuple[float, float | None]:
+    """Mean and sample std (ddof=1) of the finite values: NaN for none, std None for one (one
+    seed has no spread; a 0 would read as seeds that agree exactly)."""
     arr = np.asarray([v for v in values if _finite(v)], dtype=np.float64)
     if arr.size == 0:
         return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else None
 
 
 def correlations(x: list[float], y: list[float]) -> dict[str, Any]:
@@ -306,8 +307,8 @@ class SweepResult:
 
 
 def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
-    """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` (sample std, ddof=1) over the
-    seeds with a finite metric, ``n`` and ``seeds`` naming those; ``left_out``: ``{"seed", metric}``
+    """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` (sample std, ddof=1; None for
+    one seed) over the seeds with a finite metric, ``n`` and ``seeds`` naming those; ``left_out``: ``{"seed", metric}``
     of each run without one (None, NaN or infinite), said in the table rather than averaged away;
     the gap's mean and std over the ``gap_n`` runs with a finite gap, the time's over all."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
