@@ -92,6 +92,24 @@ def test_levyattn_commands_parse(shell, capsys):
             assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
 
 
+@pytest.mark.parametrize("shell", [s for _, s in SHELL], ids=[i for i, _ in SHELL])
+def test_train_commands_of_a_block_run_in_turn(shell):
+    """Run one after the other, a block's ``levyattn train`` commands do not start a second run in a
+    folder that already holds one (refused unless ``--overwrite``)."""
+    parser = build_parser()
+    folders = set()
+    for words in _commands(shell):
+        args = _levyattn_args(words)
+        if not args or args[0] != "train":
+            continue
+        parsed = parser.parse_args(args)
+        if parsed.preset is None or parsed.resume:
+            continue
+        folder = Path(parsed.out or f"runs/{parsed.preset}")
+        assert parsed.overwrite or folder not in folders, f"`{shlex.join(words)}`: {folder} already holds a run"
+        folders.add(folder)
+
+
 INLINE_COMMAND = re.compile(r"`((?:levyattn|python -m levyattn) [^`]+)`")
 
 
