@@ -17,7 +17,7 @@ on the first ``--examples`` test inputs (``task.attention``: padding masked), an
 same code as ``levyattn analyze RUN --preset-data N``: spectral gap ``1 - |lambda_2|``,
 mixing steps (TV <= 1/4), mean shortest path with edge length ``-log P_ij`` and in hops
 (edges ``P_ij >= 1/n``), normalised row entropy. Reported: means over matrices per run,
-then mean ± std over seeds; test accuracy on the whole test split.
+then mean ± std (sample std, ddof = 1) over seeds; test accuracy on the whole test split.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python experiments/analysis_trained.py [--seeds 0,1,2] [--examples 128]
 
@@ -74,14 +74,18 @@ def measure(run_dir: Path, task, n_examples: int) -> dict:
 
 
 def mean_std(values: list) -> tuple[float | None, float | None]:
+    """Mean and sample std (ddof = 1, as the sweep and the demo report it) of the values that
+    are not None; std None for one value (no spread), both None for none."""
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    return float(np.mean(vals)), float(np.std(vals))
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else None
 
 
 def fmt(m: float | None, s: float | None, digits: int = 3) -> str:
-    return "n/a" if m is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+    if m is None:
+        return "n/a"
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def plot(runs: list[dict], path: Path) -> Path:
