@@ -149,3 +149,10 @@ def test_the_interval_is_a_95_percent_percentile_bootstrap_of_the_mean(n):
     assert c["ci"][0] == pytest.approx(reference.low, abs=0.03 * width)
     assert c["ci"][1] == pytest.approx(reference.high, abs=0.03 * width)
     assert paired_comparison(list(diffs), [0.0] * n)["ci"] == c["ci"]  # a fixed seed: the same interval again
+
+
+def test_tied_seeds_are_left_out_of_the_sign_test():
+    # 7 seeds, 6 ahead and 1 level: the sign test is over the 6 that differ, p = 2 / 64.
+    c = paired_comparison([0.9, 0.8, 0.7, 0.95, 0.85, 0.75, 0.6], [0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6])
+    assert (c["wins"], c["losses"], c["ties"]) == (6, 0, 1) and c["sign_p"] == pytest.approx(2 / 64)
+    assert c["verdict"] == "ahead" and "ahead on 6, behind on 0, level on 1 of 7 seeds" in verdict_sentence("A", "B", c)

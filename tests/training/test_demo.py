@@ -112,6 +112,7 @@ def test_demo_quick_writes_the_report(tmp_path, capsys):
     assert "data:image/png;base64" in html and "softmax" in html and "alpha=1.2" in html
     assert html.count("<table>") == 2 and "What was compared" in html and "bootstrap interval" in html
     assert "(mean ± std (sample std, ddof = 1) over 2 seeds; band: ± one std)" in html and "mean over 2 seeds" in html
+    assert "(over the seeds that differ, tied seeds left out: with 6 or 7 of them, every one on one side)" in html
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["variant"] for r in data["rows"]} == {"FNA alpha=1.2", "FNA alpha=2", "softmax"}
     assert len(data["comparisons"]) == 4 and all(c["n"] == 2 for c in data["comparisons"])

@@ -3,8 +3,9 @@
 Two variants trained on the same seeds (same data, initialisation stream and batch order)
 give one paired difference per seed. The verdict claims a difference only when the 95%
 percentile-bootstrap interval of the mean difference excludes 0 **and** the two-sided exact
-sign test over the seeds gives p < ``SIGN_TEST_LEVEL`` (with 6 or 7 seeds: every seed on one
-side; 5 seeds or fewer can never reach it), the two on the same side. Otherwise it says "no clear difference".
+sign test over the seeds that differ (tied seeds left out) gives p < ``SIGN_TEST_LEVEL`` (with 6
+or 7 such seeds: every one on one side; 5 or fewer can never reach it), the two on the same
+side. Otherwise it says "no clear difference".
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Each comparison of FNA alpha 1.2 with another variant is paired by seed (same da
 initialisation stream and batch order) and stated in words: the mean paired difference in
 test accuracy, its 95% percentile-bootstrap interval over seeds, and how many seeds it won
 with the two-sided sign test. It is called a difference only when the interval excludes 0
-and the sign test gives p < 0.05 (with 6 or 7 seeds: every seed on one side); otherwise the demo
-says "no clear difference".
+and the sign test gives p < 0.05 (over the seeds that differ: with 6 or 7 of them, every one on
+one side); otherwise the demo says "no clear difference".
 
 Writes into ``out_dir``: ``report.html`` (verdicts, tables, learning curves, the attention-
 distance profile and attention maps; self-contained), ``results.json``, ``table.md``, the
@@ -390,7 +390,8 @@ def _run_demo(
         "Brownian); and softmax exp(q.k). Same data, initialisation stream and batch order for every variant "
         "of a seed, so each seed gives a paired comparison. A difference is claimed only when the 95% bootstrap "
         f"interval of the mean paired difference excludes 0 and the two-sided sign test gives p < {SIGN_TEST_LEVEL} "
-        "(with 6 or 7 seeds: every seed on one side); otherwise the verdict is 'no clear difference'."
+        "(over the seeds that differ, tied seeds left out: with 6 or 7 of them, every one on one side); otherwise "
+        "the verdict is 'no clear difference'."
     )
     task_text = (
         "Tasks: the nearest-marker task (64 tokens: two markers at log-uniform gaps 1-40 from a query; label: is "
