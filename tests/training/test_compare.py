@@ -156,3 +156,11 @@ def test_tied_seeds_are_left_out_of_the_sign_test():
     c = paired_comparison([0.9, 0.8, 0.7, 0.95, 0.85, 0.75, 0.6], [0.8, 0.7, 0.6, 0.9, 0.8, 0.7, 0.6])
     assert (c["wins"], c["losses"], c["ties"]) == (6, 0, 1) and c["sign_p"] == pytest.approx(2 / 64)
     assert c["verdict"] == "ahead" and "ahead on 6, behind on 0, level on 1 of 7 seeds" in verdict_sentence("A", "B", c)
+
+
+def test_numpy_arrays_compare_as_lists_do():
+    # an array's truth value is ambiguous: the emptiness check raised on any two-seed array
+    a, b = [0.9, 0.8, 0.7], [0.7, 0.6, 0.7]
+    assert paired_comparison(np.array(a), np.array(b)) == paired_comparison(a, b)
+    with pytest.raises(ValueError, match="one value per seed"):
+        paired_comparison(np.array([]), np.array([]))

@@ -58,7 +58,7 @@ def paired_comparison(
     """
     from scipy.stats import binomtest
 
-    if len(a) != len(b) or not a:
+    if len(a) != len(b) or len(a) == 0:
         raise ValueError(f"a and b must hold one value per seed, the same seeds, got {len(a)} and {len(b)}")
     for name, values in (("a", a), ("b", b)):
         bad = [(i, v) for i, v in enumerate(values) if not np.isfinite(v)]
