@@ -128,7 +128,8 @@ def accuracy_by_bucket(preset: dict, runs_dir: str, runs: list[dict]) -> list[di
 
 
 def summarize_by_bucket(rows: list[dict]) -> list[dict]:
-    """Mean and std over seeds of every bucket, per (attention, alpha)."""
+    """Mean and sample std (ddof = 1; None for one seed, which has no spread) over seeds of every
+    bucket, per (attention, alpha)."""
     keys = [k for k in rows[0] if k not in ("name", "attention", "alpha", "seed")] if rows else []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -139,7 +140,7 @@ def summarize_by_bucket(rows: list[dict]) -> list[dict]:
         for k in keys:
             vals = torch.tensor([r[k] for r in rs], dtype=torch.float64)
             entry[k + "_mean"] = float(vals.mean())
-            entry[k + "_std"] = float(vals.std()) if len(rs) > 1 else 0.0
+            entry[k + "_std"] = float(vals.std()) if len(rs) > 1 else None
         out.append(entry)
     return out
 
@@ -250,7 +251,8 @@ def main() -> None:
         print(markdown_table(
             ["attention", "alpha", *cols],
             ([e["attention"], "-" if e["alpha"] is None else f"{e['alpha']:g}",
-              *(f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}" for c in cols)] for e in by_gap),
+              *(f"{e[c + '_mean']:.3f}" if e[c + "_std"] is None else f"{e[c + '_mean']:.3f} ± {e[c + '_std']:.3f}"
+                for c in cols)] for e in by_gap),
         ))  # fmt: skip
     atomic_write_json(
         args.out,

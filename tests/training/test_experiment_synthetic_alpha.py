@@ -46,3 +46,11 @@ def test_the_target_is_never_met_on_one_seed():
     rule = bench.target_rule(best, other)
     # two seeds: +0.02 over the larger sample std, 0.0141 (ddof = 1)
     assert rule["spread"] == pytest.approx(0.02 / 2**0.5) and rule["met"] is True
+
+
+def test_buckets_over_one_seed_have_no_spread():
+    rows = [{"name": "fna-a1.2-s0", "attention": "fna", "alpha": 1.2, "seed": 0, "accuracy": 0.9, "near_1_2": 0.95}]
+    (one,) = bench.summarize_by_bucket(rows)
+    assert one["accuracy_mean"] == pytest.approx(0.9) and one["accuracy_std"] is None  # was 0.0: "0.900 ± 0.000"
+    two = bench.summarize_by_bucket(rows + [dict(rows[0], seed=1, accuracy=0.8, near_1_2=0.85)])[0]
+    assert two["accuracy_std"] == pytest.approx(0.1 / 2**0.5)  # the sample std, ddof = 1
