@@ -110,6 +110,49 @@ def test_train_commands_of_a_block_run_in_turn(shell):
         folders.add(folder)
 
 
+def _shell_blocks_with_prose() -> list[tuple[str, str, str]]:
+    """(id, code, the prose since the previous block) of every bash block on the pages."""
+    found = []
+    for page in PAGES:
+        text, start, count = page.read_text(encoding="utf-8"), 0, 0
+        for match in FENCE.finditer(text):
+            if match.group(1) == "bash":
+                count += 1
+                found.append((f"{page.relative_to(ROOT)}:{count}", match.group(2), text[start : match.start()]))
+            start = match.end()
+    return found
+
+
+SHELL_WITH_PROSE = _shell_blocks_with_prose()
+EMBEDDED_DATA = {"digits", "multiscale", "toy"}  # generated or shipped with scikit-learn: no files, no network
+
+
+@pytest.mark.parametrize(
+    "shell,prose", [(s, p) for _, s, p in SHELL_WITH_PROSE], ids=[i for i, _, _ in SHELL_WITH_PROSE]
+)
+def test_commands_that_need_data_or_a_model_give_the_offline_alternative(shell, prose):
+    """A command that trains on a dataset read from disk names, in its block or the prose before it, a
+    preset on embedded data; one that reads a pretrained model (``lens``, ``convert``) says what to run
+    offline instead."""
+    from levyattn.training.presets import all_presets
+
+    presets = all_presets()
+    offline = {name for name, preset in presets.items() if preset["data"].get("dataset") in EMBEDDED_DATA}
+    context = prose + shell
+    parser = build_parser()
+    for words in _commands(shell):
+        args = _levyattn_args(words)
+        if not args or args[0] not in ("train", "sweep", "lens", "convert"):
+            continue
+        parsed = parser.parse_args(args)
+        if args[0] in ("lens", "convert"):
+            assert "offline" in context, f"`{shlex.join(words)}` needs a pretrained model: say what runs offline"
+        elif parsed.preset is not None and parsed.preset not in offline:
+            assert any(re.search(rf"(?<![\w-]){name}(?![\w-])", context) for name in offline), (
+                f"`{shlex.join(words)}` needs its dataset on disk: name a preset on embedded data beside it"
+            )
+
+
 INLINE_COMMAND = re.compile(r"`((?:levyattn|python -m levyattn) [^`]+)`")
 
 
