@@ -153,6 +153,18 @@ def test_commands_that_need_data_or_a_model_give_the_offline_alternative(shell, 
             )
 
 
+@pytest.mark.parametrize("shell", [s for _, s in SHELL], ids=[i for i, _ in SHELL])
+def test_a_resumed_convert_repeats_its_run(shell):
+    """``levyattn convert ... --resume`` continues a run only with the same model, text and options (the
+    held-out windows and the training windows depend on ``--eval-text``)."""
+    converts = [_levyattn_args(w) for w in _commands(shell)]
+    converts = [a for a in converts if a and a[0] == "convert"]
+    for args in converts:
+        if "--resume" in args:
+            first = [a for a in converts if "--resume" not in a]
+            assert [a for a in args if a != "--resume"] in first, f"{shlex.join(args)} does not repeat its run"
+
+
 INLINE_COMMAND = re.compile(r"`((?:levyattn|python -m levyattn) [^`]+)`")
 
 
