@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return_tensors="pt", padding=True, truncation=True, max_length=args.max_length,
     )
     report = fna_hf.to_fna(model.base_model, calib, alpha=args.alpha, per_head=args.per_head)
-    assert model.config._attn_implementation == "fna"  # the head and the encoder share the config
+    # to_fna gave the encoder its own copy of the config; the head and save_pretrained read the
+    # model's, so the model shares the converted one again (as it shared the original).
+    model.config = model.base_model.config
     print(report.format())
 
     accuracy_before = evaluate(model, tokenizer, test, label_ids, args.batch_size, args.max_length)
