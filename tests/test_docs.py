@@ -165,6 +165,23 @@ def test_a_resumed_convert_repeats_its_run(shell):
             assert [a for a in args if a != "--resume"] in first, f"{shlex.join(args)} does not repeat its run"
 
 
+def test_pages_quote_the_kernel_build_as_the_code_announces_it():
+    """The one-time build of the CPU kernel: the pages give the time its log message gives, and quote
+    that message as it is."""
+    source = (ROOT / "src" / "levyattn" / "backends" / "fused_cpu.py").read_text(encoding="utf-8")
+    message = re.search(r'"(building the CPU kernel once) \(about (\d+) s', source)
+    assert message, "the build message of fused_cpu.py is no longer where this test looks"
+    quoted = 0
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for seconds in re.findall(r"(?:kernel once|compiled on first use)[^()]*?\(about (\d+) s", text, re.S):
+            assert seconds == message.group(2), f"{page.name}: a build of about {seconds} s, the code says"
+            quoted += 1
+        for line in re.findall(r"`levyattn: ([^`]*?) \.\.\.`", text):
+            assert line == message.group(1), f"{page.name} quotes `levyattn: {line} ...`"
+    assert quoted >= 2
+
+
 INLINE_COMMAND = re.compile(r"`((?:levyattn|python -m levyattn) [^`]+)`")
 
 
