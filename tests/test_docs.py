@@ -92,22 +92,28 @@ def test_levyattn_commands_parse(shell, capsys):
             assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
 
 
-@pytest.mark.parametrize("shell", [s for _, s in SHELL], ids=[i for i, _ in SHELL])
-def test_train_commands_of_a_block_run_in_turn(shell):
-    """Run one after the other, a block's ``levyattn train`` commands do not start a second run in a
-    folder that already holds one (refused unless ``--overwrite``)."""
+TRAIN_PRESET_CALL = re.compile(r"train_preset\([^,]+,\s*[\"']([^\"']+)[\"']")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_a_pages_training_runs_in_turn(page):
+    """Run in the order of the page, its ``levyattn train`` commands and ``train_preset`` calls do not
+    start a run in a folder that an earlier one filled (refused unless ``--overwrite``)."""
     parser = build_parser()
     folders = set()
-    for words in _commands(shell):
-        args = _levyattn_args(words)
-        if not args or args[0] != "train":
-            continue
-        parsed = parser.parse_args(args)
-        if parsed.preset is None or parsed.resume:
-            continue
-        folder = Path(parsed.out or f"runs/{parsed.preset}")
-        assert parsed.overwrite or folder not in folders, f"`{shlex.join(words)}`: {folder} already holds a run"
-        folders.add(folder)
+    for language, code in FENCE.findall(page.read_text(encoding="utf-8")):
+        starts = []  # (what, folder, overwrite) of every run the block starts
+        if language == "python":
+            starts = [(f"train_preset(..., {f!r})", Path(f), False) for f in TRAIN_PRESET_CALL.findall(code)]
+        for words in _commands(code) if language == "bash" else []:
+            args = _levyattn_args(words)
+            if args and args[0] == "train":
+                parsed = parser.parse_args(args)
+                if parsed.preset is not None and not parsed.resume:
+                    starts.append((shlex.join(words), Path(parsed.out or f"runs/{parsed.preset}"), parsed.overwrite))
+        for what, folder, overwrite in starts:
+            assert overwrite or folder not in folders, f"{page.name}: `{what}`: {folder} already holds a run"
+            folders.add(folder)
 
 
 def _shell_blocks_with_prose() -> list[tuple[str, str, str]]:
