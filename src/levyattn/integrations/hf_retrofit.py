@@ -375,7 +375,12 @@ def _learning_rate(step: int, options: RetrofitOptions) -> float:
 
 
 class _Checkpoints:
-    """``OUT/retrofit/``: state.json (options, stage, results so far) and safetensors files."""
+    """``OUT/retrofit/``: state.json (options, stage, results so far) and safetensors files.
+
+    A stage's tensors go to a new file named by its progress (``stage2-00000040.safetensors``)
+    which state.json then names, so a run killed between the two writes resumes from the state
+    and the tensors saved with it; older files of the stage are deleted once state.json names
+    the new one."""
 
     def __init__(self, out: Path) -> None:
         self.dir = out / STATE_DIR
@@ -390,18 +395,30 @@ class _Checkpoints:
     def save_state(self, state: dict[str, Any]) -> None:
         atomic_write_json(self.state_path, state)
 
-    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def commit(self, stage: str, progress: int, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Save ``stage``'s tensors at ``progress`` (layers or steps done), then ``state`` naming them."""
         from safetensors.torch import save
 
+        name = f"{stage}-{progress:08d}.safetensors"
         atomic_write_bytes(self.dir / name, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+        state[f"{stage}_file"] = name
+        self.save_state(state)
+        for old in self.dir.glob(f"{stage}*.safetensors"):
+            if old.name != name:
+                old.unlink()
 
-    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+    def load_tensors(self, stage: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        path = self.dir / name
+        # state.json files written before the tensors files were named by progress name none.
+        path = self.dir / state.get(f"{stage}_file", f"{stage}.safetensors")
         if not path.is_file():
-            raise FileNotFoundError(f"retrofit checkpoint file missing: {path} (state.json refers to it)")
-        return load_file(str(path))
+            raise FileNotFoundError(f"retrofit checkpoint file missing: {path} ({self.state_path} refers to it)")
+        try:
+            return load_file(str(path))
+        except Exception as err:  # a truncated or corrupt file raises safetensors' own error types
+            raise ValueError(f"retrofit checkpoint file {path} cannot be read ({type(err).__name__}: {err}); "
+                             f"delete {self.dir} to convert from the start") from err
 
 
 def _qk_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -518,7 +535,7 @@ def retrofit(
     if options.stage1_steps:
         done = state["layers_done"]
         if done:
-            tensors = ckpt.load_tensors("stage1.safetensors")
+            tensors = ckpt.load_tensors("stage1", state)
             for layer in range(done):
                 _restore_layer(modules[layer], tensors, layer)
             set_rng_state(tensors, state["stage1_rng"])
@@ -551,11 +568,12 @@ def retrofit(
             state.setdefault("stage1_values", []).append(values)
             state["layers_done"] = layer + 1
             rng_tensors, state["stage1_rng"] = rng_state()
-            ckpt.save_tensors(
-                "stage1.safetensors",
+            ckpt.commit(
+                "stage1",
+                layer + 1,
                 {f"{i}.{n}": t for i in range(layer + 1) for n, t in _qk_state(modules[i]).items()} | rng_tensors,
+                state,
             )
-            ckpt.save_state(state)
         recordings = None
         measure("stage1")
 
@@ -613,7 +631,7 @@ def _fine_tune(
     step = state["stage2_step"]
     generator = torch.Generator().manual_seed(options.seed)
     if step:
-        tensors = ckpt.load_tensors("stage2.safetensors")
+        tensors = ckpt.load_tensors("stage2", state)
         set_peft_model_state_dict(
             peft_model, {k.removeprefix("lora."): v for k, v in tensors.items() if k.startswith("lora.")}
         )
@@ -643,11 +661,8 @@ def _fine_tune(
                 flat, flat_json = optimizer_to_flat(optimizer)
                 lora = {f"lora.{k}": v for k, v in get_peft_model_state_dict(peft_model).items()}
                 rng_tensors, state["stage2_rng"] = rng_state()
-                ckpt.save_tensors(
-                    "stage2.safetensors", {**lora, **flat, **rng_tensors, "generator": generator.get_state()}
-                )
                 state["stage2_step"], state["stage2_optimizer"] = step, flat_json
-                ckpt.save_state(state)
+                ckpt.commit("stage2", step, {**lora, **flat, **rng_tensors, "generator": generator.get_state()}, state)
     finally:
         progress.close()
     peft_model.eval()
