@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +145,25 @@ def test_markdown_table_lays_out_cells_and_refuses_ragged_rows():
     assert markdown_table(["only"], []) == "| only |\n|---|"
     with pytest.raises(ValueError, match=r"a table row has 1 cells, the header 2: \[3\]"):
         markdown_table(["a", "b"], [[3]])
+
+
+def test_atomic_write_files_keeps_the_folder_when_the_writer_fails(tmp_path):
+    from levyattn.io import atomic_write_files
+
+    (tmp_path / "a.bin").write_bytes(b"old a")
+
+    def write(folder):
+        Path(folder, "a.bin").write_bytes(b"new")
+        Path(folder, "sub").mkdir()
+        Path(folder, "sub", "b.txt").write_text("b")
+
+    def fail(folder):
+        Path(folder, "a.bin").write_bytes(b"ha")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_files(tmp_path, fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"] and (tmp_path / "a.bin").read_bytes() == b"old a"
+    assert atomic_write_files(tmp_path, write) == [tmp_path / "a.bin", tmp_path / "sub" / "b.txt"]
+    assert (tmp_path / "a.bin").read_bytes() == b"new" and (tmp_path / "sub" / "b.txt").read_text() == "b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "sub"]

@@ -95,6 +95,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def atomic_write_files(directory: str | os.PathLike, write: Callable[[str], None]) -> list[Path]:
+    """Call ``write(tmp_dir)``, which writes files into an empty temporary folder, then move each
+    file onto the same relative path in ``directory`` (fsynced, ``os.replace``, folders fsynced).
+
+    For writers that fill a folder themselves (``save_pretrained``): a process killed while
+    ``write`` runs leaves every file in ``directory`` as it was; killed while the files are
+    moved, each file is the old one or the new one, never half of either. The temporary folder
+    ``.save.<random>.tmp`` inside ``directory`` is removed, also when ``write`` fails. Returns
+    the paths written.
+    """
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".save.", suffix=TMP_SUFFIX, dir=directory))
+    try:
+        write(str(tmp_dir))
+        files = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
+        for p in files:
+            with open(p, "rb+") as fh:
+                os.fsync(fh.fileno())
+        written = []
+        for p in files:
+            target = directory / p.relative_to(tmp_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, target)
+            fsync_dir(target.parent)
+            written.append(target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return written
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:

@@ -308,3 +308,28 @@ def test_a_corrupt_checkpoint_file_is_named(converted, tmp_path):
     (folder / state["stage1_file"]).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")
     with pytest.raises(ValueError, match=f"retrofit checkpoint file {folder / state['stage1_file']} cannot be read"):
         hf_retrofit.retrofit(tiny_llama(), windows(16, 0), windows(6, 1), tmp_path, OPTIONS, resume=True)
+
+
+def test_a_save_killed_halfway_leaves_the_saved_model_whole(converted, tmp_path, monkeypatch):
+    # A finished conversion run again (--resume) and killed inside save_pretrained left OUT's
+    # model.safetensors cut to half its bytes (unloadable) in place of the good one.
+    import shutil
+
+    import transformers.modeling_utils
+
+    _, _, out = converted
+    shutil.copytree(out, tmp_path / "out")
+    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+
+    def half_then_killed(tensors, filename, metadata=None):
+        transformers.modeling_utils.safe_save_file.__wrapped__(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as fh:
+            fh.truncate(len(before) // 2)
+        raise Interrupt
+
+    half_then_killed.__wrapped__ = transformers.modeling_utils.safe_save_file
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", half_then_killed)
+    with pytest.raises(Interrupt):
+        hf_retrofit.retrofit(tiny_llama(), windows(16, 0), windows(6, 1), tmp_path / "out", OPTIONS, resume=True)
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]

@@ -51,7 +51,7 @@ from levyattn.integrations.hf_attention import (
     substitute_attention,
 )
 from levyattn.integrations.hf_convert import to_fna
-from levyattn.io import atomic_write_bytes, atomic_write_json, is_hub_id, read_json, read_text
+from levyattn.io import atomic_write_bytes, atomic_write_files, atomic_write_json, is_hub_id, read_json, read_text
 from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from levyattn.training.progress import EpochProgress
 
@@ -582,9 +582,10 @@ def retrofit(
         measure("stage2")
 
     _plain_weights(model)
-    model.save_pretrained(out)
+    # A run again of a finished conversion, killed while saving, must leave the saved model whole.
+    atomic_write_files(out, model.save_pretrained)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        atomic_write_files(out, tokenizer.save_pretrained)
     result = RetrofitResult(
         perplexity={k: state["perplexity"].get(k) for k in ("softmax", "to_fna", "stage1", "stage2")},
         cpu_seconds=dict(state["cpu_seconds"]),
