@@ -167,3 +167,19 @@ def test_atomic_write_files_keeps_the_folder_when_the_writer_fails(tmp_path):
     assert atomic_write_files(tmp_path, write) == [tmp_path / "a.bin", tmp_path / "sub" / "b.txt"]
     assert (tmp_path / "a.bin").read_bytes() == b"new" and (tmp_path / "sub" / "b.txt").read_text() == "b"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "sub"]
+
+
+def test_atomic_write_puts_the_data_on_disk_before_the_rename(tmp_path, monkeypatch):
+    # A writer that does not fsync (matplotlib's savefig) had its file renamed unsynced: after a
+    # crash the plot's name could hold an empty file.
+    from levyattn import io as lio
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b)))
+    lio.atomic_write(tmp_path / "plot.png", lambda tmp: Path(tmp).write_bytes(b"png"))
+    replaced = next(name for kind, name in events if kind == "replace")
+    assert events.index(("fsync", replaced)) < events.index(("replace", replaced))
+    assert (tmp_path / "plot.png").read_bytes() == b"png"

@@ -70,7 +70,7 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then move the temporary file onto ``path`` and fsync the folder.
+    """Call ``write(tmp_path)``, fsync the temporary file, move it onto ``path`` and fsync the folder.
 
     The temporary file is ``.<name>.<random>.tmp`` beside ``path``; it is removed when
     ``write`` fails, and only a killed process can leave one behind
@@ -82,6 +82,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        # The data must be on disk before the rename: otherwise a crash can leave the new name
+        # pointing at an empty file. Writers such as savefig do not fsync themselves.
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -132,8 +139,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
 
     return atomic_write(path, write)
 
