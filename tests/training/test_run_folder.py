@@ -379,3 +379,32 @@ def test_train_preset_resume_refuses_changed_data_and_model_settings(tmp_path):
     # where the data lies may change (digits are embedded: data_dir is not read), and max_steps
     result, _ = train_preset(apply_overrides(preset, ["data_dir=/elsewhere", "max_steps=2"]), tmp_path, resume=True)
     assert result["global_step"] == 2
+
+
+def test_a_sweep_killed_inside_a_runs_first_checkpoint_says_what_to_delete(tmp_path, monkeypatch):
+    # The tensors of the first checkpoint written, its checkpoint.json not: the sweep run again
+    # stopped with the trainer's advice (overwrite=True, levyattn train --overwrite), which a sweep
+    # has no way to follow.
+    import levyattn.io
+    from levyattn.training.presets import apply_overrides, get_preset
+    from levyattn.training.sweep import run_sweep
+
+    preset = apply_overrides(get_preset("digits-vit"),
+                             ["epochs=1", "limit_train=32", "limit_test=16", "d_model=8", "batch_size=16"])
+    real = levyattn.io.atomic_write
+
+    def killed_at_checkpoint_json(path, write):
+        if Path(path).name == "checkpoint.json":
+            raise KeyboardInterrupt
+        return real(path, write)
+
+    monkeypatch.setattr(levyattn.io, "atomic_write", killed_at_checkpoint_json)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
+    monkeypatch.undo()
+    run = tmp_path / "runs" / "fna-a1.2-s0"
+    before = snapshot(tmp_path)
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint\.json not found .* delete {re.escape(str(run))} to "
+                                                r"train the run again"):
+        run_sweep(preset, alphas=[1.2], attentions=["fna"], seeds=[0], out_dir=tmp_path, gap_samples=4)
+    assert snapshot(tmp_path) == before

@@ -17,8 +17,9 @@ than it has trained are refused, as by ``levyattn train --resume``), and its res
 run that was interrupted resumes from its last checkpoint (exactly, as ``levyattn train
 --resume``), and one killed before its first checkpoint, which has nothing to resume, starts
 over. A run folder whose checkpoint is missing or corrupt while it holds weights or metrics
-stops the sweep with an error naming the file: the sweep never trains over a run it cannot
-continue.
+(a run killed while it wrote its first checkpoint, or one whose checkpoint.json was removed)
+stops the sweep with an error naming the file and the folder to delete to train the run
+again: the sweep never trains over a run it cannot continue.
 
 Restarts (``restarts=R``, as scikit-learn's ``KMeans(n_init=R)``): small models can stop
 on a plateau that is decided by their initialisation (a one-layer, one-head model may stay
@@ -412,7 +413,13 @@ def run_sweep(
         # no checkpoint.json); start over only a run killed before its first checkpoint.
         files = existing_run_files(run_dir) if run_dir is not None else []
         resume = bool(files) and files != ["config.json"]
-        if resume and "checkpoint.json" in files:
+        if resume and "checkpoint.json" not in files:
+            raise FileNotFoundError(
+                f"cannot go on with sweep run {run_dir}: {run_dir / 'checkpoint.json'} not found (it holds "
+                f"{', '.join(files)}); nothing was changed. A run killed while it wrote its first checkpoint leaves "
+                f"this, and one whose checkpoint.json was removed: delete {run_dir} to train the run again"
+            )
+        if resume:
             check_rerun(preset_from_run(run_dir), rp, run_dir / "checkpoint.json")
         if log:
             doing = ("training on to the new epochs or max_steps" if finished else "resuming" if resume
