@@ -47,6 +47,13 @@ def test_user_atlas_round_trip(tmp_path):
     assert [e.model for e in entries] == ["me/m1", "me/m2"]
     assert entries[0].ci == (0.85, 0.95) and entries[0].reading().regime == "smoothing"
     assert json.loads(path.read_text())["schema"] == ATLAS_SCHEMA
+    # the same entry again (another day) is refused and the file kept; another gamma is a new entry
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=rf"atlas file {path} already holds this measurement \(entry 1: me/m2"):
+        append_to_atlas(path, {"model": "me/m2", "corpus": "wiki.txt", "gamma": 1.2, "date": "2030-01-01"})
+    assert path.read_bytes() == before
+    append_to_atlas(path, {"model": "me/m2", "corpus": "wiki.txt", "gamma": 1.21})
+    assert len(load_user_atlas(path)) == 3
 
 
 @pytest.mark.parametrize(

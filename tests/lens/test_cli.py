@@ -48,6 +48,12 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     (entry,) = json.loads(atlas.read_text())["entries"]
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
     assert entry["ci"] == pytest.approx(data["gamma_ci"]) and entry["ci_level"] == 0.9
+    # the same command run again measures the same and does not list it twice (it was appended again)
+    assert main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "--distances", "30,60,120",
+                 "--token-range", "3", "60", "--bootstrap", "50", "--level", "0.9", "--device", "cpu",
+                 "--out", str(out), "--atlas", str(atlas), "--no-plots"]) == 0
+    assert "already holds this measurement (entry 0" in capsys.readouterr().out
+    assert json.loads(atlas.read_text())["entries"] == [entry]
 
 
 def test_lens_cli_piped_output(model_dir, tmp_path, capfd):

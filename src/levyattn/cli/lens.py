@@ -182,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plots:
         require("report", purpose="levyattn lens (its plots; --no-plots skips them)")
     from levyattn.lens import analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
+    from levyattn.lens.atlas import DuplicateAtlasEntry
     from levyattn.lens.report import summary_rows
 
     causal = {"auto": None, "yes": True, "no": False}[args.causal]
@@ -233,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n  {result.reading.caveat}")
     print(f"\nreport: {paths['html']}\ndata:   {paths['json']}")
     if args.atlas:
-        append_to_atlas(args.atlas, result.atlas_entry(args.corpus_name))
-        print(f"atlas:  appended to {args.atlas}")
+        try:
+            append_to_atlas(args.atlas, result.atlas_entry(args.corpus_name))
+            print(f"atlas:  appended to {args.atlas}")
+        except DuplicateAtlasEntry as err:  # the same command run again: its measurement is there
+            print(f"atlas:  {err}")
     return 0

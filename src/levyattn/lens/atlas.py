@@ -50,6 +50,7 @@ __all__ = [
     "ATLAS_SCHEMA",
     "PUBLISHED_SOURCE",
     "AtlasEntry",
+    "DuplicateAtlasEntry",
     "append_to_atlas",
     "default_user_atlas_path",
     "entry_from_lens_result",
@@ -316,13 +317,30 @@ def load_user_atlas(path: str | os.PathLike) -> list[AtlasEntry]:
     return [_entry_from_user(e, f"atlas file {path}, entry {i}", str(path)) for i, e in enumerate(entries)]
 
 
+class DuplicateAtlasEntry(ValueError):
+    """The atlas file already holds the entry being appended."""
+
+
 def append_to_atlas(path: str | os.PathLike, entry: AtlasEntry | Mapping) -> Path:
-    """Append one measurement to a user atlas file (created if missing), validated, atomically."""
+    """Append one measurement to a user atlas file (created if missing), validated, atomically.
+
+    An entry equal to one the file holds in every field but ``date`` (the same command run
+    again) raises :class:`DuplicateAtlasEntry` naming the file and the entry, and the file is
+    left as it is: one measurement listed twice would count twice wherever the atlas is read.
+    """
     path = Path(path)
     existing = load_user_atlas(path) if path.exists() else []
     if isinstance(entry, AtlasEntry):
         entry = entry.to_json()
     new = _entry_from_user(dict(entry), f"new atlas entry for {path}", str(path))
+
+    def undated(e: AtlasEntry) -> str:
+        return json.dumps({k: v for k, v in e.to_json().items() if k != "date"}, sort_keys=True)
+
+    for i, old in enumerate(existing):
+        if undated(old) == undated(new):
+            raise DuplicateAtlasEntry(f"atlas file {path} already holds this measurement (entry {i}: {new.model}, "
+                                      f"{new.corpus}, gamma {new.gamma:.4f}); not appended again")
     payload = {"schema": ATLAS_SCHEMA, "entries": [e.to_json() for e in existing] + [new.to_json()]}
     return atomic_write_json(path, payload)
 
