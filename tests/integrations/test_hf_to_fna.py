@@ -358,3 +358,44 @@ def test_density_normalisation_in_a_t5_encoder_alone_is_accepted():
         model(**t5_batch())
     with pytest.raises(ValueError, match="cannot be used in T5Attention"):
         hf.to_fna(tiny_t5(2, 3), density_a={"encoder": 0.0, "decoder": [0.0, 0.5, 0.0]})
+
+
+def test_a_reloaded_t5_takes_and_saves_an_edit_of_a_stack(tmp_path):
+    # Each stack of a reloaded T5 read its fna_stacks entry from its own copy of the saved config:
+    # configure_fna(loaded.decoder.config, alpha=1.7) changed the logits by 0.0 (0.074 on the model
+    # to_fna returned), and saving again wrote the old values.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(model, t5_batch(), objective="attention")
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    with pytest.raises(ValueError, match=r"fna_stacks as loaded .* configure_fna\(model\) links"):
+        hf.configure_fna(loaded.decoder.config, alpha=1.7)
+    with pytest.raises(ValueError, match="fna_stacks as loaded"):
+        hf.configure_fna(loaded.config, alpha=1.7)
+    hf.configure_fna(loaded)  # links: each stack's values become its config's own keys
+    assert not hasattr(loaded.decoder.config, "fna_stacks")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, model(**t5_batch()).logits)
+        hf.configure_fna(model.decoder.config, alpha=1.7)
+        hf.configure_fna(loaded.decoder.config, alpha=1.7)
+        edited = loaded(**t5_batch()).logits
+        torch.testing.assert_close(edited, model(**t5_batch()).logits)
+    loaded.save_pretrained(tmp_path / "again")
+    again = type(model).from_pretrained(tmp_path / "again", attn_implementation="fna").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**t5_batch()).logits, edited)
+    assert again.decoder.config.fna_stacks["decoder"]["fna_alpha"] == 1.7
+
+
+def test_to_fna_on_a_t5_loaded_from_an_fna_save_sets_its_stacks(tmp_path):
+    # Each stack's fna_stacks entry took precedence over the keys to_fna wrote: alpha=1.9 ran at 1.2.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(model)
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="sdpa").eval()
+    hf.to_fna(loaded, alpha=1.9)
+    fresh = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(fresh, alpha=1.9)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, fresh(**t5_batch()).logits)
+    assert copy.deepcopy(loaded.config).fna_stacks["encoder"]["fna_alpha"] == 1.9

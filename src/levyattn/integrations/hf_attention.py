@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterator, Mapping
@@ -112,6 +113,7 @@ __all__ = [
     "fna_attention_forward",
     "layer_index",
     "layer_settings",
+    "link_stacks",
     "register",
     "repeat_kv",
     "substitute_attention",
@@ -227,9 +229,21 @@ def configure_fna(config: Any, **settings: Any) -> Any:
             per layer, and for alpha/bandwidth a list of per-head lists.
     """
     if isinstance(config, torch.nn.Module):
-        config = getattr(config, "config", None)
+        model, config = config, getattr(config, "config", None)
         if config is None:
             raise TypeError("configure_fna needs a transformers config or a model with a .config")
+        link_stacks(model)
+    if _unlinked(config):
+        # A stack reads its fna_stacks entry, not its own keys, and save_pretrained writes the top
+        # config, which a stack's copy no longer reaches: a key set here would be lost in silence.
+        raise ValueError(
+            f"this config carries {STACKS_KEY} as loaded from a saved T5-style model "
+            f"(roles {sorted(getattr(config, STACKS_KEY))}): each stack reads its entry there from its own copy of "
+            "the saved config, so an fna_* key set on this config would be ignored or lost on save_pretrained. "
+            "Configure the model: configure_fna(model) links its stacks to the config it saves (each stack's "
+            "values become its config's own keys), after which configure_fna(model.decoder.config, ...) "
+            "(or model.encoder.config) takes effect and is saved"
+        )
     for key, value in check_fna_settings(config, **settings).items():  # only after every value passed
         setattr(config, key, value)
     return config
@@ -308,14 +322,14 @@ class _StackConfig:
         return self._values[name] if name in self._values else getattr(self._config, name)
 
 
-def _own_stack(config: Any) -> Any:
-    """``config``, or where it carries ``STACKS_KEY`` (a stack's copy of a saved T5's top config)
-    the view with the values of its stack: "decoder" where ``config.is_decoder``, else "encoder"."""
+def _stack_entry(config: Any) -> dict[str, Any] | None:
+    """The ``fna_*`` values ``config`` reads from its ``STACKS_KEY`` (a stack's copy of a saved T5's
+    top config): the entry "decoder" where ``config.is_decoder``, else "encoder"; None without one."""
     stacks = getattr(config, STACKS_KEY, None)
     if not stacks:
-        return config
+        return None
     role = "decoder" if getattr(config, "is_decoder", False) else "encoder"
-    if not isinstance(stacks, dict) or not isinstance(stacks.get(role), dict):
+    if not isinstance(stacks, Mapping) or not isinstance(stacks.get(role), dict):
         raise ValueError(f"config.{STACKS_KEY} must map 'encoder' and 'decoder' to their fna_* settings, "
                          f"got {stacks!r}")
     unknown = set(stacks[role]) - set(CONFIG_KEYS)
@@ -323,7 +337,83 @@ def _own_stack(config: Any) -> Any:
         raise ValueError(
             f"config.{STACKS_KEY}[{role!r}] holds unknown keys {sorted(unknown)}; valid: {list(CONFIG_KEYS)}"
         )
-    return _StackConfig(config, stacks[role])
+    return stacks[role]
+
+
+def _own_stack(config: Any) -> Any:
+    """``config``, or where it carries ``STACKS_KEY`` the view with the values of its stack
+    (:func:`_stack_entry`), which take precedence over its own ``fna_*`` keys."""
+    values = _stack_entry(config)
+    return config if values is None else _StackConfig(config, values)
+
+
+class _StackValues(Mapping):
+    """``{"encoder": {...}, "decoder": {...}}``: each stack config's ``fna_*`` values, read when asked.
+
+    The value of ``STACKS_KEY`` on a top config the stacks copy (a T5's). transformers
+    serialises a config from a deep copy of its attributes, and a deep copy of this is the plain
+    dict of the values at that moment, so ``save_pretrained`` writes the stacks' values as they are
+    then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``).
+    """
+
+    def __init__(self, configs: Mapping[str, Any]) -> None:
+        self._configs = dict(configs)
+
+    def __getitem__(self, role: str) -> dict[str, Any]:
+        config = self._configs[role]
+        return {k: getattr(config, k) for k in CONFIG_KEYS if hasattr(config, k)}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._configs)
+
+    def __len__(self) -> int:
+        return len(self._configs)
+
+    def __deepcopy__(self, memo: dict) -> dict[str, dict[str, Any]]:
+        return copy.deepcopy(dict(self.items()), memo)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+
+
+def _unlinked(config: Any) -> bool:
+    """Whether ``config`` carries ``STACKS_KEY`` as loaded (plain data no stack's config follows):
+    a saved T5's top config, or a stack's copy of it."""
+    stacks = getattr(config, STACKS_KEY, None)
+    return bool(stacks) and not isinstance(stacks, _StackValues)
+
+
+def stack_values(model: torch.nn.Module, configs: list[Any]) -> _StackValues:
+    """The ``STACKS_KEY`` value of a top config whose stacks read ``configs`` (copies of it, one
+    encoder and one decoder), following their ``fna_*`` keys."""
+    roles = {"decoder" if getattr(c, "is_decoder", False) else "encoder": c for c in configs}
+    if len(roles) != len(configs) or len(configs) != 2:
+        raise ValueError(f"{type(model).__name__}'s {len(configs)} attention configs are not one encoder and one "
+                         "decoder: their settings cannot be saved in its top config")
+    return _StackValues(roles)
+
+
+def link_stacks(model: torch.nn.Module) -> None:
+    """Link a model loaded from a save whose top config carries ``STACKS_KEY`` (a converted T5) as
+    ``to_fna`` leaves a converted one: each stack's config, a copy of the top config made when the
+    model loaded, takes its entry as its own ``fna_*`` keys and drops ``STACKS_KEY``, and the top
+    config's ``STACKS_KEY`` follows the stacks' configs, so that an edit of a stack's config takes
+    effect and ``save_pretrained`` writes it. Does nothing to other models, or a second time."""
+    top = getattr(model, "config", None)
+    configs = list({id(m.config): m.config for m in attention_modules(model)}.values())
+    if top is None or not configs or any(c is top for c in configs):
+        return  # no stack reads a copy of the top config
+    loaded = [c for c in configs if _unlinked(c)]
+    if not loaded and not _unlinked(top):
+        return
+    linked = stack_values(model, configs)  # may refuse: checked before anything changes
+    entries = [(c, _stack_entry(c)) for c in loaded]
+    for config, values in entries:
+        delattr(config, STACKS_KEY)
+        for key, value in values.items():
+            setattr(config, key, value)
+    setattr(top, STACKS_KEY, linked)
 
 
 def layer_settings(config: Any, layer_idx: int | None, num_heads: int | None = None) -> dict[str, Any]:

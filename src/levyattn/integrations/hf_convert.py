@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -481,6 +481,7 @@ def _restore(model: torch.nn.Module, originals: list[tuple[torch.nn.Module, Any]
 
 def _convert(model, modules, stack_settings, batches, per_head, objective, lo, hi) -> ConversionReport:
     configs = _stack_configs(modules)  # the model's own copies, in the order of stack_settings
+    hf_attention.link_stacks(model)  # a T5 loaded from an FNA save: its stacks' keys become their own
     for config, own in zip(configs, stack_settings):
         hf_attention.configure_fna(config, **own)
     role = _top_config_role(model, configs)
@@ -543,44 +544,11 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
     )
 
 
-class _StackValues(Mapping):
-    """``{"encoder": {...}, "decoder": {...}}``: each stack config's ``fna_*`` values, read when asked.
-
-    The value of ``hf_attention.STACKS_KEY`` on a top config the stacks copy (a T5's). transformers
-    serialises a config from a deep copy of its attributes, and a deep copy of this is the plain
-    dict of the values at that moment, so ``save_pretrained`` writes the stacks' values as they are
-    then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``).
-    """
-
-    def __init__(self, configs: Mapping[str, Any]) -> None:
-        self._configs = dict(configs)
-
-    def __getitem__(self, role: str) -> dict[str, Any]:
-        config = self._configs[role]
-        return {k: getattr(config, k) for k in hf_attention.CONFIG_KEYS if hasattr(config, k)}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._configs)
-
-    def __len__(self) -> int:
-        return len(self._configs)
-
-    def __deepcopy__(self, memo: dict) -> dict[str, dict[str, Any]]:
-        return copy.deepcopy(dict(self.items()), memo)
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-
 def _record_stacks(model: torch.nn.Module, configs: Sequence[Any]) -> None:
     """Give a top config the stacks copy (a T5's, see :func:`_top_config_role`) the stacks' values
     as ``hf_attention.STACKS_KEY``: T5 saves only its top config and rebuilds both stacks from
     copies of it when loading, so per-stack values would otherwise be lost on reload."""
-    roles = {"decoder" if getattr(c, "is_decoder", False) else "encoder": c for c in configs}
-    if len(roles) != len(configs):
-        raise ValueError(f"{type(model).__name__}'s {len(configs)} attention configs are not one encoder and one "
-                         "decoder: their settings cannot be saved in its top config")
-    setattr(model.config, hf_attention.STACKS_KEY, _StackValues(roles))
+    setattr(model.config, hf_attention.STACKS_KEY, hf_attention.stack_values(model, configs))
 
 
 def _calibrate(configs, names, records, batches, per_head, lo, hi) -> tuple[list[float], list[float], list[str]]:
