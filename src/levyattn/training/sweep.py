@@ -281,8 +281,8 @@ class SweepResult:
         for row in self.summary:
             if row.get("left_out"):
                 name = "softmax" if row["alpha"] is None else f"FNA alpha {row['alpha']:g}"
-                values = ", ".join(f"seed {r['seed']} ({'no value' if r[m] is None else r[m]})"
-                                   for r in row["left_out"])
+                values = ", ".join(f"seed {seed} ({'no value' if value is None else value})"
+                                   for seed, value in zip(row["left_out"], row["left_out_values"]))
                 lines.append(f"{name}: {m} over {seeds(row)} seeds; left out, without a finite {m}: {values}")
         if self.restarts > 1:
             lines.append(f"each seed's run: the lowest final training loss of {self.restarts} restarts")
@@ -309,9 +309,10 @@ class SweepResult:
 
 def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
     """One row per (attention, alpha): ``<metric>_mean`` and ``_std`` (sample std, ddof=1; None for
-    one seed) over the seeds with a finite metric, ``n`` and ``seeds`` naming those; ``left_out``: ``{"seed", metric}``
-    of each run without one (None, NaN or infinite), said in the table rather than averaged away;
-    the gap's mean and std over the ``gap_n`` runs with a finite gap, the time's over all."""
+    one seed) over the seeds with a finite metric, ``n`` and ``seeds`` naming those;
+    ``left_out`` and ``left_out_values``: the seeds and values of the runs without one (None, NaN
+    or infinite), said in the table rather than averaged away; the gap's mean and std over the
+    ``gap_n`` runs with a finite gap, the time's over all."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["attention"], r["alpha"]), []).append(r)
@@ -327,7 +328,8 @@ def summarise(runs: list[dict[str, Any]], metric: str = "accuracy") -> list[dict
                      f"{metric}_std": metric_s, "gap_mean": gap_m, "gap_std": gap_s,
                      "gap_n": sum(_finite(g) for g in gaps), "params": rs[0]["params"], "time_mean": t_m,
                      "time_std": t_s, "seeds": [r["seed"] for r in valued],
-                     "left_out": [{"seed": r["seed"], metric: r.get(metric)} for r in unvalued]})
+                     "left_out": [r["seed"] for r in unvalued],
+                     "left_out_values": [r.get(metric) for r in unvalued]})
     return rows
 
 
