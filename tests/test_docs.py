@@ -116,6 +116,25 @@ def test_a_pages_training_runs_in_turn(page):
             folders.add(folder)
 
 
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_a_pages_commands_read_runs_it_trained(page):
+    """A command that reads a run folder (``analyze``, ``translate``, ``generate``, ``train --resume``)
+    reads one that a ``levyattn train`` command before it on the same page writes."""
+    parser = build_parser()
+    shell = "\n".join(code for language, code in FENCE.findall(page.read_text(encoding="utf-8")) if language == "bash")
+    trained = set()
+    for words in _commands(shell):
+        args = _levyattn_args(words)
+        if not args:
+            continue
+        parsed = parser.parse_args(args)
+        read = parsed.resume if args[0] == "train" else getattr(parsed, "checkpoint", getattr(parsed, "input", None))
+        if read is not None and str(read).startswith("runs/"):
+            assert Path(read) in trained, f"{page.name}: `{shlex.join(words)}`: nothing trains {read} before"
+        if args[0] == "train" and parsed.preset is not None:
+            trained.add(Path(parsed.out or f"runs/{parsed.preset}"))
+
+
 def _shell_blocks_with_prose() -> list[tuple[str, str, str]]:
     """(id, code, the prose since the previous block) of every bash block on the pages."""
     found = []
