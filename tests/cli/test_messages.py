@@ -98,3 +98,18 @@ def test_the_toy_translation_task_scores_its_text_as_tokenised(monkeypatch):
     with torch.no_grad():
         task.evaluate(task.build_model().eval(), loader)
     assert seen == [{"tokenized": True}]
+
+
+def test_help_texts_name_real_options():
+    """Every ``--option`` a subcommand's description or epilog names is an option of levyattn (its own,
+    or another subcommand's that it quotes) or of torchrun, whose command line the train help shows."""
+    import argparse
+    import re
+
+    from levyattn.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    known = {"--nproc_per_node"}.union(*(sub._option_string_actions for sub in subcommands.values()))
+    for name, sub in subcommands.items():
+        named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", f"{sub.description or ''} {sub.epilog or ''}"))
+        assert named <= known, f"levyattn {name} --help names {sorted(named - known)}, which no command takes"

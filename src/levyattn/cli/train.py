@@ -13,7 +13,7 @@ Real datasets are never downloaded: point data_dir at them, e.g.
   levyattn train --preset imdb-1layer-h32 --set data_dir=/data/aclImdb
   levyattn train --preset cifar10-vit --set data_dir=/data/cifar-10-batches-py
 Data parallel: torchrun --nproc_per_node 2 -m levyattn train --preset digits-vit
-(gloo on CPU, NCCL on GPU; --batch_size is the global batch).
+(gloo on CPU, NCCL on GPU; the batch_size setting is the global batch).
 """
 
 
