@@ -399,3 +399,27 @@ def test_to_fna_on_a_t5_loaded_from_an_fna_save_sets_its_stacks(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**t5_batch()).logits, fresh(**t5_batch()).logits)
     assert copy.deepcopy(loaded.config).fna_stacks["encoder"]["fna_alpha"] == 1.9
+
+
+def test_an_edit_of_a_t5s_top_config_reaches_both_stacks_and_is_saved(tmp_path):
+    # No attention module reads a T5's top config: configure_fna(model.config, alpha=1.7) changed the
+    # converted model's logits by 0.0, and its fna_stacks saved the old alpha.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(model, t5_batch(), objective="attention")
+    expected = copy.deepcopy(model)
+    for stack in (expected.encoder, expected.decoder):
+        hf.configure_fna(stack.config, alpha=1.7)
+    with pytest.raises(ValueError, match="has 2 entries but the model has num_hidden_layers=3"):
+        hf.configure_fna(model.config, alpha=[1.5, 1.7])  # one stack's depth: refused before any write
+    assert model.config.fna_alpha == model.encoder.config.fna_alpha == 1.2
+    hf.configure_fna(model.config, alpha=1.7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**t5_batch()).logits, expected(**t5_batch()).logits)
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    assert loaded.config.fna_stacks["decoder"]["fna_alpha"] == 1.7
+    hf.configure_fna(loaded, alpha=1.2)  # the model: linked, then both stacks
+    hf.configure_fna(model, alpha=1.2)
+    assert loaded.encoder.config.fna_alpha == loaded.decoder.config.fna_alpha == 1.2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, model.eval()(**t5_batch()).logits)

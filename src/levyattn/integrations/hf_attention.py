@@ -222,6 +222,10 @@ def validate_fna_config(config: Any) -> dict[str, Any]:
 def configure_fna(config: Any, **settings: Any) -> Any:
     """Validate FNA hyperparameters and write them as ``fna_*`` keys of ``config`` (returned).
 
+    On the top config of a converted T5 (its ``STACKS_KEY`` follows the stacks' configs) they
+    are written to every stack's config too, the configs its attention modules read. A config
+    carrying ``STACKS_KEY`` as loaded is refused: pass the model, which links it (:func:`link_stacks`).
+
     Args:
         config: a ``transformers.PretrainedConfig`` (or a model, whose ``config`` is used).
         settings: ``alpha``, ``bandwidth``, ``manifold``, ``rescale``, ``d_intrinsic``,
@@ -244,8 +248,13 @@ def configure_fna(config: Any, **settings: Any) -> Any:
             "values become its config's own keys), after which configure_fna(model.decoder.config, ...) "
             "(or model.encoder.config) takes effect and is saved"
         )
-    for key, value in check_fna_settings(config, **settings).items():  # only after every value passed
-        setattr(config, key, value)
+    stacks = getattr(config, STACKS_KEY, None)
+    # The top config of a converted T5 is read by no attention module: its stacks' configs take the values.
+    targets = [config, *stacks.configs()] if isinstance(stacks, _StackValues) else [config]
+    checked = [check_fna_settings(target, **settings) for target in targets]  # all before any write
+    for target, values in zip(targets, checked):
+        for key, value in values.items():
+            setattr(target, key, value)
     return config
 
 
@@ -365,6 +374,10 @@ class _StackValues(Mapping):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._configs)
+
+    def configs(self) -> list[Any]:
+        """The stacks' configs, in the order of the roles."""
+        return list(self._configs.values())
 
     def __len__(self) -> int:
         return len(self._configs)
