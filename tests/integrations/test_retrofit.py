@@ -155,6 +155,15 @@ def test_resume_with_other_options_is_refused(converted):
         )
 
 
+
+@pytest.mark.parametrize("train, held_out, named", [(17, 1, "train_windows"), (0, 2, "eval_windows")])
+def test_resume_on_other_text_is_refused(converted, train, held_out, named):
+    # Resumed without --eval-text, levyattn convert held out the last tenth of --text instead and
+    # printed the first run's perplexities as if measured on those windows.
+    _, _, out = converted
+    with pytest.raises(ValueError, match=f"other {named}.*--eval-text"):
+        hf_retrofit.retrofit(tiny_llama(), windows(16, train), windows(6, held_out), out, OPTIONS, resume=True)
+
 @pytest.mark.parametrize(
     "field, value, match",
     [("alpha", 2.5, r"alpha.*\(0\.0, 2\.0\], got 2\.5"), ("window", 1, "window"), ("stage1_lr", -1.0, "stage1_lr"),

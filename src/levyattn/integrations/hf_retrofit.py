@@ -374,6 +374,14 @@ def _learning_rate(step: int, options: RetrofitOptions) -> float:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def _digest(windows: torch.Tensor) -> dict[str, Any]:
+    """The shape and a SHA-256 of a (N, T) tensor of token ids, to recognise it on resume."""
+    import hashlib
+
+    ids = windows.detach().to("cpu", torch.int64).contiguous()
+    return {"shape": list(ids.shape), "sha256": hashlib.sha256(ids.numpy().tobytes()).hexdigest()}
+
+
 class _Checkpoints:
     """``OUT/retrofit/``: state.json (options, stage, results so far) and safetensors files.
 
@@ -502,6 +510,15 @@ def retrofit(
                  "layers_done": 0, "layer_error_before": [], "layer_error_after": [], "stage2_step": 0}  # fmt: skip
     torch.manual_seed(options.seed)
     calibration = train_windows[: options.calibration_windows]
+    # A resumed run that read other windows would report perplexities measured on two held-out sets
+    # as one table (a checkpoint written before the digests were kept has none to compare).
+    data = {"train_windows": _digest(calibration), "eval_windows": _digest(eval_windows)}
+    changed = [k for k, v in data.items() if state.setdefault("data", data).get(k, v) != v]
+    if changed:
+        raise ValueError(
+            f"the checkpoint in {ckpt.dir} was made on other {' and '.join(changed)} than given (a resumed run "
+            "needs the same text: the same --text and --eval-text)"
+        )
     batches = list(calibration.split(options.batch_size))
     model.eval()
 
