@@ -109,6 +109,18 @@ def test_cli_refuses_to_overwrite_and_to_restart(tmp_path, capsys):
     assert snapshot(out) == before
     assert main([*args, "--overwrite"]) == 0
     assert (out / "checkpoint.json").is_file()
+    # a checkpoint that cannot be used is named, with what can be done (the message said only what was wrong)
+    capsys.readouterr()
+    tensors = next(out.glob("ckpt-*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:100])
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tensors} is corrupt" in err and f"--out {out} --overwrite" in err and "restore" in err
+    state = (out / "checkpoint.json").read_text()
+    (out / "checkpoint.json").write_text(state[: len(state) // 2])
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint.json'} is not valid JSON" in err and f"--out {out} --overwrite" in err
 
 
 # ----------------------------------------------------------------------------- checkpoint fields

@@ -34,9 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _unreadable(err: Exception, run_dir: str) -> str:
+    """``err`` (a checkpoint that cannot be used) with what the user can do: a run folder keeps
+    one checkpoint, so there is no older one to fall back on."""
+    return (f"{err}. {run_dir} keeps one checkpoint: restore its checkpoint.json and ckpt-*.safetensors from a "
+            f"copy to continue the run, or start it over with levyattn train --preset NAME --out {run_dir} --overwrite")
+
+
 def run(args: argparse.Namespace) -> int:
     import json
 
+    from levyattn.io import DataFormatError
+    from levyattn.training.checkpoint import CheckpointError
     from levyattn.training.distributed import cleanup, init_distributed
     from levyattn.training.presets import all_presets, apply_overrides, get_preset, preset_from_run, train_preset
 
@@ -49,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues a run and --overwrite replaces one: give one of them")
     if args.resume:
-        preset = apply_overrides(preset_from_run(args.resume), args.overrides)
+        try:
+            preset = apply_overrides(preset_from_run(args.resume), args.overrides)
+        except DataFormatError as err:
+            raise DataFormatError(_unreadable(err, args.resume)) from err
         out = args.resume
     elif args.preset:
         preset = apply_overrides(get_preset(args.preset), args.overrides)
@@ -64,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}),
                   flush=True)
 
-        result, _ = train_preset(preset, out, resume=bool(args.resume), overwrite=args.overwrite,
-                                 progress=not args.no_progress, dist_info=info, on_epoch_end=show)
+        try:
+            result, _ = train_preset(preset, out, resume=bool(args.resume), overwrite=args.overwrite,
+                                     progress=not args.no_progress, dist_info=info, on_epoch_end=show)
+        except CheckpointError as err:
+            raise CheckpointError(_unreadable(err, out) if args.resume else str(err)) from err
     finally:
         cleanup()
     if info.is_main:
