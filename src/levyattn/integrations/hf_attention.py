@@ -362,7 +362,8 @@ class _StackValues(Mapping):
     The value of ``STACKS_KEY`` on a top config the stacks copy (a T5's). transformers
     serialises a config from a deep copy of its attributes, and a deep copy of this is the plain
     dict of the values at that moment, so ``save_pretrained`` writes the stacks' values as they are
-    then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``).
+    then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``);
+    a deep copy of the model follows the copies of the stacks' configs.
     """
 
     def __init__(self, configs: Mapping[str, Any]) -> None:
@@ -382,7 +383,12 @@ class _StackValues(Mapping):
     def __len__(self) -> int:
         return len(self._configs)
 
-    def __deepcopy__(self, memo: dict) -> dict[str, dict[str, Any]]:
+    def __deepcopy__(self, memo: dict) -> Mapping[str, Any]:
+        # In a deep copy of the whole model (a module's config comes after its submodules) the stacks'
+        # configs are copied already: the copy follows theirs. Otherwise (to_dict) it is plain data.
+        copies = [memo.get(id(config)) for config in self._configs.values()]
+        if all(c is not None for c in copies):
+            return _StackValues(dict(zip(self._configs, copies)))
         return copy.deepcopy(dict(self.items()), memo)
 
     def __repr__(self) -> str:
