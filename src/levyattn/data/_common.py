@@ -107,6 +107,8 @@ class SequenceClassificationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._seqs)
 
+    draws_random_numbers = False  # read by the trainer
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self._seqs[i], self._labels[i]
 

@@ -119,6 +119,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def draws_random_numbers(self) -> bool:
+        """Whether an item draws from torch's generator (read by the trainer)."""
+        return self.augment
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = (self.images[i].float() / self.scale - self._mean) / self._std
         if self.augment:

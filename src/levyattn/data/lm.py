@@ -52,6 +52,8 @@ class LMBlockDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._n
 
+    draws_random_numbers = False  # read by the trainer
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not -self._n <= i < self._n:
             raise IndexError(f"block {i} out of range for {self._n} blocks")

@@ -160,6 +160,8 @@ class TranslationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._src)
 
+    draws_random_numbers = False  # read by the trainer
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._src[i], self._tgt[i]
 

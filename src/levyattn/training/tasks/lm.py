@@ -55,6 +55,8 @@ class BlockDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
+    draws_random_numbers = False  # read by the trainer
+
     def __getitem__(self, i: int) -> torch.Tensor:
         if not 0 <= i < self.n:
             raise IndexError(f"block index {i} out of range [0, {self.n})")

@@ -73,6 +73,8 @@ class PairDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.src)
 
+    draws_random_numbers = False  # read by the trainer
+
     def __getitem__(self, i: int) -> tuple[list[int], list[int], int]:
         return self.src[i], self.tgt[i], i
 
