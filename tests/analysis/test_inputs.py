@@ -109,6 +109,8 @@ def test_loaders_and_cli(tmp_path):
     assert [r["n_valid"] for r in summary["records"][:4]] == [7, 7, 5, 5]
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64") == 3 and "Per layer and head" in html
+    # the first analysis's per-layer figures are gone: they stayed beside this report (6 of 9 PNGs)
+    assert sorted(p.name for p in out.glob("*.png")) == ["attention.png", "diffusion_map.png", "spectrum.png"]
     assert main(["analyze", str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "o2")]) == 0
     assert main(["analyze", str(tmp_path / "a.npy"), "--out", str(tmp_path / "o3"), "--layer", "zz"]) == 2
 

@@ -40,13 +40,19 @@ metrics on them.
 
 Writes ``summary.json``, PNG figures per analysed layer (eigenvalues in the complex plane, the
 attention heatmap, the diffusion-map scatter) and ``report.html`` to ``--out``; prints a table.
+Figures an earlier analysis left in ``--out`` that this one does not draw are removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
+
+# The figures this command draws: spectrum.png, attention.png, diffusion_map.png, with _<layer>
+# before .png when it draws several layers.
+FIGURE_NAME = re.compile(r"(spectrum|attention|diffusion_map)(_.+)?\.png")
 
 HELP = "spectral gap, mixing, path lengths and diffusion maps of saved attention weights or a trained model"
 
@@ -234,6 +240,11 @@ def run(args: argparse.Namespace) -> int:
         ],
         note=f"{sum(t.shape[0] * t.shape[1] for t in tensors.values())} matrices from {args.input}",
     )
+    # Figures of an earlier analysis in this folder that this one did not draw would pass for its own.
+    drawn = {Path(f).name for f in figures}
+    for p in out.glob("*.png"):
+        if FIGURE_NAME.fullmatch(p.name) and p.name not in drawn:
+            p.unlink()
     if source_text:
         print(source_text[0] + "".join(f"; {k} {_fmt(v)}" for k, v in metrics.items()))
     widths = [max(len(header[i]), *(len(_fmt(r[i])) for r in rows)) for i in range(len(header))]
