@@ -438,3 +438,25 @@ def test_a_deep_copy_of_a_converted_t5_saves_its_own_stacks(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**t5_batch()).logits, twin(**t5_batch()).logits)
     assert isinstance(copy.deepcopy(twin.config).fna_stacks, dict)  # what to_dict serialises
+
+
+def test_a_key_set_directly_on_a_reloaded_t5s_stack_is_refused_until_linked_then_kept(tmp_path):
+    # loaded.decoder.config.fna_alpha = 1.7 changed the logits by 0.0: the stack read its fna_stacks entry.
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(model, t5_batch(), objective="attention")
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    with torch.no_grad():
+        loaded(**t5_batch())  # as loaded, nothing counts as set
+        loaded.decoder.config.fna_alpha = 1.7
+        with pytest.raises(ValueError, match=r"config.fna_alpha = 1.7 was set on the decoder's copy"):
+            loaded(**t5_batch())
+        hf.configure_fna(loaded)
+        model.decoder.config.fna_alpha = 1.7
+        edited = loaded(**t5_batch()).logits
+        torch.testing.assert_close(edited, model.eval()(**t5_batch()).logits)
+    assert loaded.encoder.config.fna_bandwidth == model.encoder.config.fna_bandwidth  # the rest from fna_stacks
+    loaded.save_pretrained(tmp_path / "again")
+    again = type(model).from_pretrained(tmp_path / "again", attn_implementation="fna").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**t5_batch()).logits, edited)

@@ -135,6 +135,8 @@ _LAYER_ATTR = "fna_layer_idx"
 #: On a config that the stacks of a model copy when it loads (a T5's top config): each stack's
 #: ``fna_*`` values, ``{"encoder": {...}, "decoder": {...}}``, picked by the copy's ``is_decoder``.
 STACKS_KEY = "fna_stacks"
+#: The entry of a saved ``STACKS_KEY`` with the top config's own ``fna_*`` values as saved.
+SAVED_TOP = "top"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -331,9 +333,20 @@ class _StackConfig:
         return self._values[name] if name in self._values else getattr(self._config, name)
 
 
-def _stack_entry(config: Any) -> dict[str, Any] | None:
+def _edited_keys(config: Any) -> list[str]:
+    """The ``fna_*`` keys set on a copy of a saved top config since it loaded: those that differ
+    from the saved top config's (``SAVED_TOP``; none in a save that lacks it)."""
+    saved = getattr(config, STACKS_KEY, None)
+    saved = saved.get(SAVED_TOP) if isinstance(saved, Mapping) else None
+    if not isinstance(saved, dict):
+        return []
+    return [key for key in CONFIG_KEYS if repr(getattr(config, key, None)) != repr(saved.get(key))]
+
+
+def _stack_entry(config: Any, edited_ok: bool = False) -> dict[str, Any] | None:
     """The ``fna_*`` values ``config`` reads from its ``STACKS_KEY`` (a stack's copy of a saved T5's
-    top config): the entry "decoder" where ``config.is_decoder``, else "encoder"; None without one."""
+    top config): the entry "decoder" where ``config.is_decoder``, else "encoder"; None without one.
+    A key set on the copy since it loaded is refused (it would be ignored) unless ``edited_ok``."""
     stacks = getattr(config, STACKS_KEY, None)
     if not stacks:
         return None
@@ -345,6 +358,14 @@ def _stack_entry(config: Any) -> dict[str, Any] | None:
     if unknown:
         raise ValueError(
             f"config.{STACKS_KEY}[{role!r}] holds unknown keys {sorted(unknown)}; valid: {list(CONFIG_KEYS)}"
+        )
+    edited = [] if edited_ok else _edited_keys(config)
+    if edited:
+        key = edited[0]
+        raise ValueError(
+            f"config.{key} = {getattr(config, key, None)!r} was set on the {role}'s copy of a saved T5-style "
+            f"model's config, which reads its values from {STACKS_KEY}[{role!r}] (and is not the config "
+            "save_pretrained writes): call configure_fna(model) once after loading (the value set is kept)"
         )
     return stacks[role]
 
@@ -363,11 +384,13 @@ class _StackValues(Mapping):
     serialises a config from a deep copy of its attributes, and a deep copy of this is the plain
     dict of the values at that moment, so ``save_pretrained`` writes the stacks' values as they are
     then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``);
-    a deep copy of the model follows the copies of the stacks' configs.
+    a deep copy of the model follows the copies of the stacks' configs. The plain dict also holds
+    ``SAVED_TOP``: the top config's own ``fna_*`` values, which each stack's copy holds as its own
+    keys when the model loads, so that one changed there afterwards is told apart (:func:`_stack_entry`).
     """
 
-    def __init__(self, configs: Mapping[str, Any]) -> None:
-        self._configs = dict(configs)
+    def __init__(self, configs: Mapping[str, Any], top: Any) -> None:
+        self._configs, self._top = dict(configs), top
 
     def __getitem__(self, role: str) -> dict[str, Any]:
         config = self._configs[role]
@@ -387,13 +410,13 @@ class _StackValues(Mapping):
         # In a deep copy of the whole model (a module's config comes after its submodules) the stacks'
         # configs are copied already: the copy follows theirs. Otherwise (to_dict) it is plain data.
         copies = [memo.get(id(config)) for config in self._configs.values()]
-        if all(c is not None for c in copies):
-            return _StackValues(dict(zip(self._configs, copies)))
-        return copy.deepcopy(dict(self.items()), memo)
+        if all(c is not None for c in copies) and id(self._top) in memo:
+            return _StackValues(dict(zip(self._configs, copies)), memo[id(self._top)])
+        top = {k: getattr(self._top, k) for k in CONFIG_KEYS if hasattr(self._top, k)}
+        return copy.deepcopy({**dict(self.items()), SAVED_TOP: top}, memo)
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))
-
 
 
 def _unlinked(config: Any) -> bool:
@@ -410,7 +433,7 @@ def stack_values(model: torch.nn.Module, configs: list[Any]) -> _StackValues:
     if len(roles) != len(configs) or len(configs) != 2:
         raise ValueError(f"{type(model).__name__}'s {len(configs)} attention configs are not one encoder and one "
                          "decoder: their settings cannot be saved in its top config")
-    return _StackValues(roles)
+    return _StackValues(roles, model.config)
 
 
 def link_stacks(model: torch.nn.Module) -> None:
@@ -418,7 +441,8 @@ def link_stacks(model: torch.nn.Module) -> None:
     ``to_fna`` leaves a converted one: each stack's config, a copy of the top config made when the
     model loaded, takes its entry as its own ``fna_*`` keys and drops ``STACKS_KEY``, and the top
     config's ``STACKS_KEY`` follows the stacks' configs, so that an edit of a stack's config takes
-    effect and ``save_pretrained`` writes it. Does nothing to other models, or a second time."""
+    effect and ``save_pretrained`` writes it; a key set on a stack's copy since loading is kept.
+    Does nothing to other models, or a second time."""
     top = getattr(model, "config", None)
     configs = list({id(m.config): m.config for m in attention_modules(model)}.values())
     if top is None or not configs or any(c is top for c in configs):
@@ -427,11 +451,13 @@ def link_stacks(model: torch.nn.Module) -> None:
     if not loaded and not _unlinked(top):
         return
     linked = stack_values(model, configs)  # may refuse: checked before anything changes
-    entries = [(c, _stack_entry(c)) for c in loaded]
-    for config, values in entries:
+    # A key set on a stack's copy since it loaded is kept: it is what its stack was given last.
+    entries = [(c, _stack_entry(c, edited_ok=True), _edited_keys(c)) for c in loaded]
+    for config, values, edited in entries:
         delattr(config, STACKS_KEY)
         for key, value in values.items():
-            setattr(config, key, value)
+            if key not in edited:
+                setattr(config, key, value)
     setattr(top, STACKS_KEY, linked)
 
 
