@@ -460,3 +460,20 @@ def test_a_key_set_directly_on_a_reloaded_t5s_stack_is_refused_until_linked_then
     again = type(model).from_pretrained(tmp_path / "again", attn_implementation="fna").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**t5_batch()).logits, edited)
+
+
+def test_configure_fna_on_a_t5_before_switching_to_fna_reaches_its_stacks(tmp_path):
+    # configure_fna(model, alpha=1.7) wrote the top config alone, which the stacks' copies do not read:
+    # switched to "fna", the model ran alpha 1.2 (logits 0.0090 off to_fna(alpha=1.7)'s).
+    model = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.configure_fna(model, alpha=1.7)
+    model.set_attn_implementation("fna")
+    converted = tiny_t5(num_layers=2, num_decoder_layers=3)
+    hf.to_fna(converted, alpha=1.7)
+    with torch.no_grad():
+        expected = converted(**t5_batch()).logits
+        torch.testing.assert_close(model(**t5_batch()).logits, expected)
+    model.save_pretrained(tmp_path / "t5")
+    loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**t5_batch()).logits, expected)

@@ -442,14 +442,19 @@ def link_stacks(model: torch.nn.Module) -> None:
     model loaded, takes its entry as its own ``fna_*`` keys and drops ``STACKS_KEY``, and the top
     config's ``STACKS_KEY`` follows the stacks' configs, so that an edit of a stack's config takes
     effect and ``save_pretrained`` writes it; a key set on a stack's copy since loading is kept.
-    Does nothing to other models, or a second time."""
+    A T5 never converted gets the same ``STACKS_KEY``. Does nothing to other models, or a second time."""
     top = getattr(model, "config", None)
     configs = list({id(m.config): m.config for m in attention_modules(model)}.values())
     if top is None or not configs or any(c is top for c in configs):
         return  # no stack reads a copy of the top config
     loaded = [c for c in configs if _unlinked(c)]
     if not loaded and not _unlinked(top):
-        return
+        # Linked already, sub-configs saved inside the top config (a Llava's), or not one encoder and
+        # one decoder; else a T5 never converted, whose stacks' copies would not see the top's keys either.
+        held = any(c is v for c in configs for v in vars(top).values())
+        roles = {bool(getattr(c, "is_decoder", False)) for c in configs}
+        if isinstance(getattr(top, STACKS_KEY, None), _StackValues) or held or len(configs) != 2 or len(roles) != 2:
+            return
     linked = stack_values(model, configs)  # may refuse: checked before anything changes
     # A key set on a stack's copy since it loaded is kept: it is what its stack was given last.
     entries = [(c, _stack_entry(c, edited_ok=True), _edited_keys(c)) for c in loaded]
