@@ -80,6 +80,19 @@ def test_lens_cli_small_vocabulary_without_tokenizer(tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "lens.json").read_text())
     assert data["measurement"]["info"]["token_range"] == [10, 499]
     assert data["measurement"]["info"]["from"] == "config.vocab_size (small vocabulary: range scaled)"
+    # a text corpus needs the tokenizer: the command line says what to do there, Python callers get tokenizer=
+    (tmp_path / "corpus.txt").write_text("the cat sat on the mat\n" * 50)
+    rc = main(["lens", str(tmp_path / "gpt2"), "--corpus", str(tmp_path / "corpus.txt"), "--prompts", "2",
+               "--seeds", "42", "--distances", "30,60", "--device", "cpu", "--out", str(tmp_path / "o2"), "--no-plots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tokenizer=" not in err and "load the model by path" not in err
+    assert f"--corpus {tmp_path / 'corpus.txt'} is text" in err and "tokenizer.save_pretrained(FOLDER)" in err
+    assert "--corpus random" in err and not (tmp_path / "o2").exists()
+    from levyattn.lens import measure_decay
+
+    with pytest.raises(ValueError, match=r"pass tokenizer= \(or load the model by path\)"):
+        measure_decay(str(tmp_path / "gpt2"), corpus=str(tmp_path / "corpus.txt"), n_prompts=2, seeds=[42],
+                      distances=[30, 60], device="cpu")
 
 
 def test_lens_help_cites_the_docs(capsys):

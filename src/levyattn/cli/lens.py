@@ -183,31 +183,39 @@ def run(args: argparse.Namespace) -> int:
         require("report", purpose="levyattn lens (its plots; --no-plots skips them)")
     from levyattn.lens import analyze_decay, append_to_atlas, measure_decay, write_lens_outputs
     from levyattn.lens.atlas import DuplicateAtlasEntry
+    from levyattn.lens.prompts import CorpusNeedsTokenizer
     from levyattn.lens.report import summary_rows
 
     causal = {"auto": None, "yes": True, "no": False}[args.causal]
     print(f"levyattn lens: measuring {args.model} ({args.protocol} protocol) ...", file=sys.stderr)
     on_terminal = sys.stderr.isatty()
-    m = measure_decay(
-        args.model,
-        protocol=args.protocol,
-        distances=distances,
-        n_prompts=args.prompts,
-        seeds=args.seeds,
-        corpus=args.corpus,
-        token_range=tuple(args.token_range) if args.token_range else None,
-        passes=args.passes,
-        prompt_stream=args.prompt_stream,
-        causal=causal,
-        dense=dense,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        allow_hub=not args.no_hub,
-        capture=args.capture,
-        progress=on_terminal,
-        on_progress=None if on_terminal else plain_progress(),
-    )
+    try:
+        m = measure_decay(
+            args.model,
+            protocol=args.protocol,
+            distances=distances,
+            n_prompts=args.prompts,
+            seeds=args.seeds,
+            corpus=args.corpus,
+            token_range=tuple(args.token_range) if args.token_range else None,
+            passes=args.passes,
+            prompt_stream=args.prompt_stream,
+            causal=causal,
+            dense=dense,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            allow_hub=not args.no_hub,
+            capture=args.capture,
+            progress=on_terminal,
+            on_progress=None if on_terminal else plain_progress(),
+        )
+    except CorpusNeedsTokenizer as err:  # the library's advice (tokenizer=) is for Python callers
+        raise ValueError(
+            f"--corpus {err.path} is text and needs the model's tokenizer, but none is saved with {args.model}: "
+            "save it into the model folder (tokenizer.save_pretrained(FOLDER) writes tokenizer.json and "
+            "tokenizer_config.json) and pass that folder, or measure on --corpus random"
+        ) from None
     path, note = m.info.get("attention_path"), m.info.get("attention_path_note")
     if path == "rows":
         print("attention: only the rows read, inside the model's fused attention", file=sys.stderr)

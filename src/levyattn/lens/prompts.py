@@ -35,6 +35,14 @@ TOKEN_HIGH_CAP = 49_000
 _RANGE_HINT = "give one with --token-range LOW HIGH (token_range=(low, high) in Python)"
 
 
+class CorpusNeedsTokenizer(ValueError):
+    """A text corpus was given for a model without a tokenizer; ``path`` is the corpus file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"corpus {path} is text and needs a tokenizer; pass tokenizer= (or load the model by path)")
+
+
 class Prompts:
     """Token-id prompts for a seed: random ids (published) or windows of a tokenised text."""
 
@@ -164,7 +172,7 @@ def make_prompts(
         return Prompts(low, high, None, "random"), {"corpus": "random", "token_range": [low, high], "from": vocab_from}
     path = Path(corpus)  # an existing file (check_lens_options)
     if tokenizer is None:
-        raise ValueError(f"corpus {path} is text and needs a tokenizer; pass tokenizer= (or load the model by path)")
+        raise CorpusNeedsTokenizer(path)
     text = read_text(path, "corpus")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     stream = np.asarray(ids, dtype=np.int64).reshape(-1)
