@@ -4,7 +4,9 @@ experiment command names a script and options that exist, and the site builds in
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 import importlib.util
 import re
 import shlex
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from levyattn.cli import build_parser
+from levyattn.cli import COMMANDS, build_parser
 from levyattn.models import CONFIG_TYPES
 from levyattn.training import TrainConfig
 from levyattn.training.presets import apply_overrides, get_preset, split_overrides
@@ -90,6 +92,40 @@ def test_levyattn_commands_parse(shell, capsys):
             TrainConfig.from_dict(preset["train"])
             model_fields = {f.name for f in dataclasses.fields(CONFIG_TYPES[preset["model_type"]])}
             assert set(preset["model"]) <= model_fields, f"`{shlex.join(words)}`: unknown model settings"
+
+
+#: Where a command writes without --out (what its help says), for the commands whose default is computed.
+COMPUTED_OUT = {"train": "runs/PRESET", "sweep": "runs/sweep-PRESET", "lens": "lens_results/MODEL"}
+
+
+def _output_folders() -> set[str]:
+    """The folders the pages' ``levyattn`` commands write into, and every command's default --out."""
+    folders = set(COMPUTED_OUT.values())
+    for name in COMMANDS:
+        command = argparse.ArgumentParser()
+        importlib.import_module(f"levyattn.cli.{name}").add_arguments(command)
+        folders.add(command.get_default("out"))
+    parser = build_parser()
+    for _, shell in SHELL:
+        for words in _commands(shell):
+            args = _levyattn_args(words)
+            if args is not None and getattr(parser.parse_args(args), "out", None):
+                folders.add(parser.parse_args(args).out)
+    return {str(Path(f)) for f in folders if f}
+
+
+def test_output_folders_of_the_documented_commands_are_ignored_by_git():
+    """A newcomer who runs the pages' commands in a checkout keeps a clean ``git status``."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    folders = sorted(_output_folders())
+    assert {"analysis", "lens_out", "report", "runs/digits-vit-ddp"} <= set(folders)
+    for folder in folders:
+        assert not Path(folder).is_absolute(), folder
+        found = subprocess.run(["git", "check-ignore", "-q", "--no-index", f"{folder}/summary.json"], cwd=ROOT)
+        assert found.returncode == 0, f"{folder}/ (written by a documented command) is not in .gitignore"
+    tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True)
+    assert tracked.stdout == "", f"tracked files that .gitignore matches: {tracked.stdout}"
 
 
 TRAIN_PRESET_CALL = re.compile(r"train_preset\([^,]+,\s*[\"']([^\"']+)[\"']")
