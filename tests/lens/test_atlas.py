@@ -99,8 +99,9 @@ def test_atlas_cli(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "pythia-31m" in out and "karlesmarin/tafagent" in out and "random" not in out.split("Source")[0]
     assert main(["atlas", "--add", "me/tiny", "--gamma", "1.5", "--add-corpus", "random", "--ci", "1.4", "1.6"]) == 0
+    assert capsys.readouterr().out == f"added me/tiny (random, gamma 1.5000) to {tmp_path / 'mine.json'} (local)\n"
     assert main(["atlas", "--no-published", "--json"]) == 0
-    data = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    data = json.loads(capsys.readouterr().out)
     (entry,) = data["entries"]
     assert entry["model"] == "me/tiny" and entry["regime"] == "differentiating" and entry["levy_valid"]
     assert entry["ci_level"] == 0.95  # --ci without --ci-level: the usual 95%, written down

@@ -47,6 +47,8 @@ def test_lens_cli_end_to_end(model_dir, tmp_path, capsys):
     assert data["fractional"]["regime_rule"].startswith("90% CI [") and "95%" not in text.split("time")[0]
     (entry,) = json.loads(atlas.read_text())["entries"]
     assert entry["gamma"] == pytest.approx(data["gamma"]) and entry["protocol"] == "published"
+    # where the entry went and which one it is, as `levyattn atlas --add` says it
+    assert f"atlas:  added {entry['model']} (random, gamma {entry['gamma']:.4f}) to {atlas}\n" in text
     assert entry["ci"] == pytest.approx(data["gamma_ci"]) and entry["ci_level"] == 0.9
     # the same command run again measures the same and does not list it twice (it was appended again)
     assert main(["lens", str(model_dir), "--prompts", "3", "--seeds", "42", "--distances", "30,60,120",

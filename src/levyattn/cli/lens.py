@@ -243,8 +243,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nreport: {paths['html']}\ndata:   {paths['json']}")
     if args.atlas:
         try:
-            append_to_atlas(args.atlas, result.atlas_entry(args.corpus_name))
-            print(f"atlas:  appended to {args.atlas}")
+            entry = result.atlas_entry(args.corpus_name)
+            path = append_to_atlas(args.atlas, entry)
+            print(f"atlas:  added {entry.model} ({entry.corpus}, gamma {entry.gamma:.4f}) to {path}")
         except DuplicateAtlasEntry as err:  # the same command run again: its measurement is there
             print(f"atlas:  {err}")
     return 0
