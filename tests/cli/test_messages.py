@@ -113,3 +113,27 @@ def test_help_texts_name_real_options():
     for name, sub in subcommands.items():
         named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", f"{sub.description or ''} {sub.epilog or ''}"))
         assert named <= known, f"levyattn {name} --help names {sorted(named - known)}, which no command takes"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--preset", "digits-vit", "--out", "{out}"], "no checkpoint was written in {out} yet"),
+    (["train", "--resume", "{out}"], "continue it with: levyattn train --resume {out}"),
+    (["sweep", "--preset", "digits-vit", "--out", "{out}"], "run the same command again to continue"),
+])
+def test_ctrl_c_says_how_to_continue(tmp_path, monkeypatch, capsys, argv, expected):
+    # Ctrl-C in the middle of training: exit code 130 and one line on how to continue, not a traceback
+    from levyattn import cli
+    from levyattn.training import presets, sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(presets, "train_preset", interrupted)
+    monkeypatch.setattr(sweep, "train_preset", interrupted)
+    monkeypatch.setattr(presets, "preset_from_run", lambda run: presets.get_preset("digits-vit"))
+    if "--resume" in argv:
+        (tmp_path / "checkpoint.json").write_text("{}")
+    argv = [a.replace("{out}", str(tmp_path)) for a in argv]
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"levyattn {argv[0]}: interrupted; ") and expected.replace("{out}", str(tmp_path)) in err

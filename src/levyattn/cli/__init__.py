@@ -1,8 +1,9 @@
 """The ``levyattn`` command line. Thin: it parses, calls the library, prints.
 
 Each subcommand lives in ``levyattn/cli/<name>.py`` and provides ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``. Heavy imports happen inside ``run``
-so that ``levyattn --help`` stays fast.
+``add_arguments(parser)`` and ``run(args) -> int``, and, when an interrupted run can be continued,
+``after_interrupt(args) -> str`` (how to continue it, printed after Ctrl-C). Heavy imports happen
+inside ``run`` so that ``levyattn --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         module = importlib.import_module(f"levyattn.cli.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+        command.set_defaults(handler=module.run, after_interrupt=getattr(module, "after_interrupt", None))
     return parser
 
 
@@ -84,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, PermissionError, MissingExtraError) as err:
         print(f"levyattn {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        how = args.after_interrupt(args) if args.after_interrupt else None
+        print(f"levyattn {args.command}: interrupted" + (f"; {how}" if how else ""), file=sys.stderr)
+        return 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 if __name__ == "__main__":

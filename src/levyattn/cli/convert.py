@@ -8,6 +8,10 @@ import sys
 HELP = "retrofit a pretrained softmax causal LM to FNA: attention transfer, then a LoRA fine-tune"
 
 
+def after_interrupt(args: argparse.Namespace) -> str:
+    return "continue it with the same command and --resume (the run's arguments and text files again)"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from levyattn.config import RetrofitOptions
 

@@ -7,6 +7,11 @@ import argparse
 HELP = "sweep a preset over alphas, attention kinds and seeds (finished runs are skipped on re-run)"
 
 
+def after_interrupt(args: argparse.Namespace) -> str:
+    return ("run the same command again to continue: finished runs are kept and the interrupted one "
+            "resumes from its last checkpoint")
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]

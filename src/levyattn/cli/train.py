@@ -17,6 +17,18 @@ Data parallel: torchrun --nproc_per_node 2 -m levyattn train --preset digits-vit
 """
 
 
+def after_interrupt(args: argparse.Namespace) -> str:
+    """How to continue a run stopped by Ctrl-C: from its last checkpoint, or from the start."""
+    from pathlib import Path
+
+    out = args.resume or args.out or (f"runs/{args.preset}" if args.preset else None)
+    if out is None:
+        return ""
+    if (Path(out) / "checkpoint.json").is_file():
+        return f"its last checkpoint is in {out}; continue it with: levyattn train --resume {out}"
+    return f"no checkpoint was written in {out} yet; start it again with --overwrite"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
