@@ -133,7 +133,8 @@ _MODEL_WIDE = ("fna_backend",)
 _CACHE_ATTR = "_levyattn_fna_cache"
 _LAYER_ATTR = "fna_layer_idx"
 #: On a config that the stacks of a model copy when it loads (a T5's top config): each stack's
-#: ``fna_*`` values, ``{"encoder": {...}, "decoder": {...}}``, picked by the copy's ``is_decoder``.
+#: ``fna_*`` values, ``{"encoder": {...}, "decoder": {...}}``, picked by the copy's ``is_decoder``
+#: (saved with ``SAVED_TOP`` too); on a converted model it follows the stacks' configs (``_StackValues``).
 STACKS_KEY = "fna_stacks"
 #: The entry of a saved ``STACKS_KEY`` with the top config's own ``fna_*`` values as saved.
 SAVED_TOP = "top"
