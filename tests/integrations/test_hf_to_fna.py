@@ -477,3 +477,27 @@ def test_configure_fna_on_a_t5_before_switching_to_fna_reaches_its_stacks(tmp_pa
     loaded = type(model).from_pretrained(tmp_path / "t5", attn_implementation="fna").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**t5_batch()).logits, expected)
+
+
+@pytest.mark.parametrize("target", ["model", "model.config"])
+def test_configure_fna_on_a_llava_reaches_its_text_and_vision_configs(target, tmp_path):
+    # configure_fna(llava, alpha=1.7) (or on llava.config) wrote the top config alone, which no attention
+    # module reads: the logits changed by 0.0 (to_fna(alpha=1.7)'s differ from the defaults' by 0.00035).
+    model, batch = tiny_llava()
+    converted, _ = tiny_llava()
+    hf.to_fna(converted, alpha=1.7)
+    model.set_attn_implementation("fna")
+    with pytest.raises(ValueError, match=r"^(model\.)?config\.vision_config\.fna_alpha has 2 entries .*=3"):
+        hf.configure_fna(model if target == "model" else model.config, alpha=[1.5, 1.7])  # the text model's depth
+    assert not any(hasattr(c, "fna_alpha") for c in (model.config, model.config.text_config))  # nothing written
+    with torch.no_grad():
+        before = model(**batch).logits
+        hf.configure_fna(model if target == "model" else model.config, alpha=1.7)
+        after = model(**batch).logits
+        torch.testing.assert_close(after, converted(**batch).logits)
+    assert not torch.allclose(after, before)
+    assert model.config.text_config.fna_alpha == model.config.vision_config.fna_alpha == 1.7
+    model.save_pretrained(tmp_path / "llava")
+    loaded = type(model).from_pretrained(tmp_path / "llava", attn_implementation="fna").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, after)

@@ -89,6 +89,7 @@ from levyattn.config import FNAConfig, check_choice
 from levyattn.functional import BACKENDS, fractional_attention
 
 try:
+    from transformers import PretrainedConfig
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -225,21 +226,33 @@ def validate_fna_config(config: Any) -> dict[str, Any]:
 def configure_fna(config: Any, **settings: Any) -> Any:
     """Validate FNA hyperparameters and write them as ``fna_*`` keys of ``config`` (returned).
 
-    On the top config of a converted T5 (its ``STACKS_KEY`` follows the stacks' configs) they
-    are written to every stack's config too, the configs its attention modules read. A config
-    carrying ``STACKS_KEY`` as loaded is refused: pass the model, which links it (:func:`link_stacks`).
+    They are written to every config that takes them on: on a config holding sub-configs (a
+    Llava's ``text_config`` and ``vision_config``, which its attention modules read) to those too,
+    and on the top config of a converted T5 (its ``STACKS_KEY`` follows the stacks' configs) to
+    every stack's config; passed a model, to the top config and every config its attention modules
+    read. Every value is checked against every such config (its depth and heads) before any is
+    written. A config carrying ``STACKS_KEY`` as loaded is refused: pass the model, which links it
+    (:func:`link_stacks`).
 
     Args:
-        config: a ``transformers.PretrainedConfig`` (or a model, whose ``config`` is used).
+        config: a ``transformers.PretrainedConfig``, or a model (its ``config`` and its attention
+            modules' configs are written).
         settings: ``alpha``, ``bandwidth``, ``manifold``, ``rescale``, ``d_intrinsic``,
             ``sphere_radius``, ``density_a``, ``backend``. Each a scalar, a list with one entry
             per layer, and for alpha/bandwidth a list of per-head lists.
     """
+    read: dict[int, tuple[str, Any]] = {}  # the configs the model's attention modules read, by id
     if isinstance(config, torch.nn.Module):
         model, config = config, getattr(config, "config", None)
         if config is None:
             raise TypeError("configure_fna needs a transformers config or a model with a .config")
         link_stacks(model)
+        holders: dict[int, str] = {}  # each config's first holder in module order (the outermost)
+        for path, module in model.named_modules():
+            holders.setdefault(id(module.__dict__.get("config")), path)
+        for module in attention_modules(model):
+            path = holders[id(module.config)]
+            read.setdefault(id(module.config), (f"model.{path}.config" if path else "model.config", module.config))
     if _unlinked(config):
         # A stack reads its fna_stacks entry, not its own keys, and save_pretrained writes the top
         # config, which a stack's copy no longer reaches: a key set here would be lost in silence.
@@ -251,14 +264,40 @@ def configure_fna(config: Any, **settings: Any) -> Any:
             "values become its config's own keys), after which configure_fna(model.decoder.config, ...) "
             "(or model.encoder.config) takes effect and is saved"
         )
+    top = "model.config" if read else "config"
+    # No attention module reads the top config of a converted T5 or of a Llava: its stacks' configs
+    # (a T5's copies, a Llava's sub-configs) take the values.
     stacks = getattr(config, STACKS_KEY, None)
-    # The top config of a converted T5 is read by no attention module: its stacks' configs take the values.
-    targets = [config, *stacks.configs()] if isinstance(stacks, _StackValues) else [config]
-    checked = [check_fna_settings(target, **settings) for target in targets]  # all before any write
-    for target, values in zip(targets, checked):
+    stacks = dict(zip(stacks, stacks.configs())) if isinstance(stacks, _StackValues) else {}
+    targets = {id(config): (top, config)}
+    targets.update({id(c): (f"{top}.{name}", c) for name, c in _sub_configs(config)})
+    targets.update({id(c): (f"the {role}'s config", c) for role, c in stacks.items() if id(c) not in targets})
+    targets.update({key: named for key, named in read.items() if key not in targets})
+    checked = []  # all before any write
+    for name, target in targets.values():
+        try:
+            checked.append(check_fna_settings(target, **settings))
+        except (TypeError, ValueError) as err:
+            if len(targets) == 1:
+                raise
+            message = str(err)  # "config.fna_alpha ..." becomes "model.config.vision_config.fna_alpha ..."
+            message = f"{name}.{message[7:]}" if message.startswith("config.") else f"{name}: {message}"
+            raise type(err)(message) from None
+    for (_, target), values in zip(targets.values(), checked):
         for key, value in values.items():
             setattr(target, key, value)
     return config
+
+
+def _sub_configs(config: Any) -> list[tuple[str, Any]]:
+    """The configs ``config`` holds as attributes (a Llava's ``text_config``, ``vision_config``),
+    theirs in turn included, as ``(dotted attribute path, config)``."""
+    found = []
+    for name, value in getattr(config, "__dict__", {}).items():
+        if isinstance(value, PretrainedConfig) and value is not config:
+            found.append((name, value))
+            found.extend((f"{name}.{path}", sub) for path, sub in _sub_configs(value))
+    return found
 
 
 def check_fna_settings(config: Any, **settings: Any) -> dict[str, Any]:

@@ -489,7 +489,9 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
         # The settings every stack shares (kept where a Llava's saved config.json has had them, though
         # nothing reads them there); "copied" (a T5) also gets each stack's values by _record_stacks.
         shared = {k: v for k, v in stack_settings[0].items() if all(s[k] == v for s in stack_settings)}
-        hf_attention.configure_fna(model.config, **shared)
+        # Written to the top config alone: configure_fna would pass them on to a Llava's sub-configs.
+        for key, value in hf_attention.check_fna_settings(model.config, **shared).items():
+            setattr(model.config, key, value)
     hf_attention.assign_layer_indices(model)
     names = _stack_names(model, configs)
 
