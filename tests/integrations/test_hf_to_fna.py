@@ -501,3 +501,15 @@ def test_configure_fna_on_a_llava_reaches_its_text_and_vision_configs(target, tm
     loaded = type(model).from_pretrained(tmp_path / "llava", attn_implementation="fna").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, after)
+
+
+def test_configure_fna_on_a_model_leaves_a_sub_config_no_attention_module_reads():
+    # Given the model, the configs its attention modules read are known: a sub-config of another
+    # depth that none reads neither takes the values nor refuses a per-layer list that fits the model.
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("gpt2"))
+    model.config.unread_config = transformers.BertConfig(num_hidden_layers=5)
+    hf.configure_fna(model, alpha=[1.5, 1.7])
+    assert model.config.fna_alpha == [1.5, 1.7] and not hasattr(model.config.unread_config, "fna_alpha")
+    with pytest.raises(ValueError, match=r"^config\.unread_config\.fna_alpha has 2 entries .*=5"):
+        hf.configure_fna(model.config, alpha=[1.5, 1.5])  # the config alone: every sub-config is written
+    assert model.config.fna_alpha == [1.5, 1.7]

@@ -230,9 +230,9 @@ def configure_fna(config: Any, **settings: Any) -> Any:
     Llava's ``text_config`` and ``vision_config``, which its attention modules read) to those too,
     and on the top config of a converted T5 (its ``STACKS_KEY`` follows the stacks' configs) to
     every stack's config; passed a model, to the top config and every config its attention modules
-    read. Every value is checked against every such config (its depth and heads) before any is
-    written. A config carrying ``STACKS_KEY`` as loaded is refused: pass the model, which links it
-    (:func:`link_stacks`).
+    read (a sub-config none reads is left alone). Every value is checked against every such config
+    (its depth and heads) before any is written. A config carrying ``STACKS_KEY`` as loaded is
+    refused: pass the model, which links it (:func:`link_stacks`).
 
     Args:
         config: a ``transformers.PretrainedConfig``, or a model (its ``config`` and its attention
@@ -269,10 +269,12 @@ def configure_fna(config: Any, **settings: Any) -> Any:
     # (a T5's copies, a Llava's sub-configs) take the values.
     stacks = getattr(config, STACKS_KEY, None)
     stacks = dict(zip(stacks, stacks.configs())) if isinstance(stacks, _StackValues) else {}
+    subs = {id(c): (f"{top}.{name}", c) for name, c in _sub_configs(config)}
     targets = {id(config): (top, config)}
-    targets.update({id(c): (f"{top}.{name}", c) for name, c in _sub_configs(config)})
-    targets.update({id(c): (f"the {role}'s config", c) for role, c in stacks.items() if id(c) not in targets})
+    # Passed a model, the configs its modules read are known: a sub-config none reads is left alone.
+    targets.update({key: named for key, named in subs.items() if key in read or not read})
     targets.update({key: named for key, named in read.items() if key not in targets})
+    targets.update({id(c): (f"the {role}'s config", c) for role, c in stacks.items() if id(c) not in targets})
     checked = []  # all before any write
     for name, target in targets.values():
         try:
