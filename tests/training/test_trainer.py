@@ -37,11 +37,11 @@ class Killed(Exception):
     """Stands for the process being killed."""
 
 
-class KilledToyTask(ToyTask):
-    """Dies in its training step number ``kill_at + 1``, before that step changes anything."""
+class DiesAtStep:
+    """A task that dies in its training step number ``kill_at + 1``, before that step changes anything."""
 
-    def __init__(self, kill_at: int) -> None:
-        super().__init__()
+    def __init__(self, kill_at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
         self.kill_at, self.steps = kill_at, 0
 
     def loss(self, model, batch):
@@ -49,6 +49,14 @@ class KilledToyTask(ToyTask):
             raise Killed
         self.steps += 1
         return super().loss(model, batch)
+
+
+class KilledToyTask(DiesAtStep, ToyTask):
+    pass
+
+
+class KilledAugmentedToyTask(DiesAtStep, AugmentedToyTask):
+    pass
 
 
 def _evaluate_checkpoint(run_dir, task: ToyTask, seed: int = 0) -> dict:
@@ -90,20 +98,6 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, stop_at, every, stop):
     assert len(rows) == 3 and json.loads(rows[-1])["epoch"] == 3
 
 
-class KilledAugmentedToyTask(AugmentedToyTask):
-    """AugmentedToyTask that dies in its training step number ``kill_at + 1``."""
-
-    def __init__(self, kill_at: int) -> None:
-        super().__init__(dropout=0.0)
-        self.kill_at, self.steps = kill_at, 0
-
-    def loss(self, model, batch):
-        if self.steps == self.kill_at:
-            raise Killed
-        self.steps += 1
-        return super().loss(model, batch)
-
-
 def test_random_augmentation_in_data_loader_workers_resumes_exactly(tmp_path):
     # Killed in step 14, resumed from the checkpoint of step 10 (epoch 2, step 2 of 8): the workers
     # start mid-epoch, so what they draw must not depend on where their loader started.
@@ -111,7 +105,7 @@ def test_random_augmentation_in_data_loader_workers_resumes_exactly(tmp_path):
     full_trainer = Trainer(AugmentedToyTask(dropout=0.0), cfg, tmp_path / "full")
     full = full_trainer.fit()
     with pytest.raises(Killed):
-        Trainer(KilledAugmentedToyTask(13), cfg, tmp_path / "run").fit()
+        Trainer(KilledAugmentedToyTask(13, dropout=0.0), cfg, tmp_path / "run").fit()
     assert ck.load_checkpoint(tmp_path / "run").state["position"]["step_in_epoch"] == 2
     resumed_trainer = Trainer(AugmentedToyTask(dropout=0.0), cfg, tmp_path / "run", resume=True)
     resumed = resumed_trainer.fit()
