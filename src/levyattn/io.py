@@ -69,6 +69,16 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush the file ``path``'s data to disk (before it is renamed into place: otherwise a
+    crash can leave the new name pointing at an empty file)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)``, fsync the temporary file, move it onto ``path`` and fsync the folder.
 
@@ -82,13 +92,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        # The data must be on disk before the rename: otherwise a crash can leave the new name
-        # pointing at an empty file. Writers such as savefig do not fsync themselves.
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)  # writers such as savefig do not fsync themselves
         # mkstemp makes the file private (0600); give it the mode a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
@@ -121,8 +125,7 @@ def atomic_write_files(directory: str | os.PathLike, write: Callable[[str], None
         write(str(tmp_dir))
         files = sorted(p for p in tmp_dir.rglob("*") if p.is_file())
         for p in files:
-            with open(p, "rb+") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(p)
         written = []
         for p in files:
             target = directory / p.relative_to(tmp_dir)
