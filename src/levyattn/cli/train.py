@@ -17,14 +17,21 @@ Data parallel: torchrun --nproc_per_node 2 -m levyattn train --preset digits-vit
 """
 
 
+def _run_folder(args: argparse.Namespace) -> str | None:
+    """The folder the run writes: --resume's, else --out, else runs/<preset>; None without either."""
+    return args.resume or args.out or (f"runs/{args.preset}" if args.preset else None)
+
+
 def after_interrupt(args: argparse.Namespace) -> str:
     """How to continue a run stopped by Ctrl-C: from its last checkpoint, or from the start."""
     from pathlib import Path
 
-    out = args.resume or args.out or (f"runs/{args.preset}" if args.preset else None)
+    from levyattn.training.checkpoint import JSON_NAME
+
+    out = _run_folder(args)
     if out is None:
         return ""
-    if (Path(out) / "checkpoint.json").is_file():
+    if (Path(out) / JSON_NAME).is_file():
         return f"its last checkpoint is in {out}; continue it with: levyattn train --resume {out}"
     return f"no checkpoint was written in {out} yet; start it again with --overwrite"
 
@@ -74,12 +81,11 @@ def run(args: argparse.Namespace) -> int:
             preset = apply_overrides(preset_from_run(args.resume), args.overrides)
         except DataFormatError as err:
             raise DataFormatError(_unreadable(err, args.resume)) from err
-        out = args.resume
     elif args.preset:
         preset = apply_overrides(get_preset(args.preset), args.overrides)
-        out = args.out or f"runs/{args.preset}"
     else:
         raise ValueError("give --preset NAME (see --list) or --resume DIR")
+    out = _run_folder(args)
     if args.device:
         preset["train"]["device"] = args.device
     info = init_distributed(None if preset["train"].get("device", "auto") == "auto" else preset["train"]["device"])
