@@ -58,6 +58,7 @@ import numpy as np
 import torch
 
 from levyattn.io import atomic_write_json, atomic_write_text, markdown_table, read_json, rows_to_csv
+from levyattn.training.checkpoint import JSON_NAME
 from levyattn.training.compare import format_spread, paired_comparison, verdict_sentence
 from levyattn.training.presets import (
     RESUME_NEUTRAL_DATA,
@@ -415,14 +416,14 @@ def run_sweep(
         # no checkpoint.json); start over only a run killed before its first checkpoint.
         files = existing_run_files(run_dir) if run_dir is not None else []
         resume = bool(files) and files != ["config.json"]
-        if resume and "checkpoint.json" not in files:
+        if resume and JSON_NAME not in files:
             raise FileNotFoundError(
-                f"cannot go on with sweep run {run_dir}: {run_dir / 'checkpoint.json'} not found (it holds "
+                f"cannot go on with sweep run {run_dir}: {run_dir / JSON_NAME} not found (it holds "
                 f"{', '.join(files)}); nothing was changed. A run killed while it wrote its first checkpoint leaves "
-                f"this, and one whose checkpoint.json was removed: delete {run_dir} to train the run again"
+                f"this, and one whose {JSON_NAME} was removed: delete {run_dir} to train the run again"
             )
         if resume:
-            check_rerun(preset_from_run(run_dir), rp, run_dir / "checkpoint.json")
+            check_rerun(preset_from_run(run_dir), rp, run_dir / JSON_NAME)
         if log:
             doing = ("training on to the new epochs or max_steps" if finished else "resuming" if resume
                      else "starting over (killed before its first checkpoint)" if files else "training")
