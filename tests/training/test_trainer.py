@@ -11,7 +11,8 @@ import torch
 from toy import AugmentedToyTask, ToyTask
 
 from levyattn.training import checkpoint as ck
-from levyattn.training.trainer import TrainConfig, Trainer, global_batches, is_stand_in, lr_at
+from levyattn.training.batches import global_batches, is_stand_in
+from levyattn.training.trainer import TrainConfig, Trainer, lr_at
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -135,7 +136,7 @@ def test_a_dataset_that_draws_nothing_is_fetched_without_per_sample_seeding(monk
     # The per-sample seeding costs about 13 us a sample; a dataset says it draws nothing beside its
     # own __getitem__, and a subclass with a __getitem__ of its own is seeded until it says so too.
     from levyattn.data.images import ImageDataset
-    from levyattn.training import trainer as trainer_module
+    from levyattn.training import batches as batches_module
 
     class Plain(torch.utils.data.Dataset):
         draws_random_numbers = False
@@ -152,17 +153,17 @@ def test_a_dataset_that_draws_nothing_is_fetched_without_per_sample_seeding(monk
 
     images = torch.zeros(4, 1, 2, 2, dtype=torch.uint8)
     kw = dict(num_classes=2, scale=255.0, mean=[0.0], std=[1.0])
-    assert not trainer_module.draws_random_numbers(Plain())
-    assert trainer_module.draws_random_numbers(Drawing())
-    assert trainer_module.draws_random_numbers(torch.utils.data.TensorDataset(torch.zeros(4)))
-    assert not trainer_module.draws_random_numbers(ImageDataset(images, [0, 1, 0, 1], **kw))
-    assert trainer_module.draws_random_numbers(ImageDataset(images, [0, 1, 0, 1], augment=True, **kw))
+    assert not batches_module.draws_random_numbers(Plain())
+    assert batches_module.draws_random_numbers(Drawing())
+    assert batches_module.draws_random_numbers(torch.utils.data.TensorDataset(torch.zeros(4)))
+    assert not batches_module.draws_random_numbers(ImageDataset(images, [0, 1, 0, 1], **kw))
+    assert batches_module.draws_random_numbers(ImageDataset(images, [0, 1, 0, 1], augment=True, **kw))
     seeds = []
-    monkeypatch.setattr(trainer_module, "_seed_generators", seeds.append)
-    trainer_module._SeededBatches(Plain(), torch.stack)[(7, [0, 1, 2], [1, 2, 3])]
+    monkeypatch.setattr(batches_module, "_seed_generators", seeds.append)
+    batches_module._SeededBatches(Plain(), torch.stack)[(7, [0, 1, 2], [1, 2, 3])]
     assert seeds == [7]  # the collation only
     seeds.clear()
-    trainer_module._SeededBatches(Drawing(), torch.stack)[(7, [0, 1, 2], [1, 2, 3])]
+    batches_module._SeededBatches(Drawing(), torch.stack)[(7, [0, 1, 2], [1, 2, 3])]
     assert seeds == [1, 2, 3, 7]
 
 

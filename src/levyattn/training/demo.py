@@ -98,7 +98,7 @@ def demo_preset(task_key: str, attention: str, alpha: float | None, seed: int, q
 def _attention(task: Any, model: torch.nn.Module, eval_ds: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first layer's attention on the first ``n`` test inputs, (B, H, L, L) float64, and
     the valid tokens (B, L) bool."""
-    from levyattn.training.trainer import to_device
+    from levyattn.training.batches import to_device
 
     batch = task.collate([eval_ds[i] for i in range(min(n, len(eval_ds)))])
     batch = to_device(batch, next(model.parameters()).device)

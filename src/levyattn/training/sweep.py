@@ -182,7 +182,7 @@ def attention_gap(task: Any, model: torch.nn.Module, eval_ds: Any, n_samples: in
     n = min(n_samples, len(eval_ds))
     batch = task.collate([eval_ds[i] for i in range(n)])
     device = next(model.parameters()).device
-    from levyattn.training.trainer import to_device
+    from levyattn.training.batches import to_device
 
     batch = to_device(batch, device)
     was_training = model.training

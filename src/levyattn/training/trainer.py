@@ -4,30 +4,16 @@ One loop for every task (see :mod:`levyattn.training.tasks` for the Task protoco
 What it guarantees:
 
 - **Reproducible**: the same seed gives the same metrics on CPU. The model is built
-  right after ``torch.manual_seed(seed)``; epoch ``e`` visits the training set in the
-  order ``randperm(n, generator=seed(seed, e))``, independent of anything else.
+  right after ``torch.manual_seed(seed)``; the batch order, stand-in samples and per-sample
+  seeding of data augmentation are :mod:`levyattn.training.batches`'s.
 - **Exact resume**: the checkpoint stores the model, the optimiser, every RNG, the
   position (epoch, step within the epoch) and the running loss sums, so a run killed
   mid-epoch and resumed replays the rest of the epoch in the same order and ends with
   the same metrics as a run that was never interrupted.
-- **Random data augmentation is reproducible**: a dataset's ``__getitem__`` and the task's
-  ``collate`` may draw from the global torch (CPU), ``random`` and NumPy generators. Each sample
-  is fetched with them seeded from (seed, epoch, sample index) and each batch collated with them
-  seeded from (seed, epoch, step, rank), then torch's state is put back (dropout draws from it)
-  (:class:`_SeededBatches`). What a sample draws is therefore the same in every process and data
-  loader worker, for any ``num_workers`` and number of processes (what ``collate`` draws, for any
-  ``num_workers``), and a resumed run draws what the uninterrupted run drew, with nothing to
-  checkpoint (the workers' own generators would be reseeded when a resumed run starts its loader
-  mid-epoch). A dataset whose items draw nothing says so with ``draws_random_numbers = False``
-  beside its ``__getitem__`` (levyattn's datasets do, images with augmentation excepted) and its
-  samples are fetched without the per-sample seeding, which costs about 13 us a sample
-  (:func:`draws_random_numbers`).
 - **Data parallel**: under ``torchrun`` the model is wrapped in
   DistributedDataParallel and each *global* batch of ``batch_size`` samples is
   split across the processes; each process's loss is reweighted by its share of the
-  batch so the averaged gradient equals the one-process gradient. The batches are the
-  same for any number of processes: where a last batch has fewer samples than there are
-  processes, those without one step on a stand-in sample of weight 0.
+  batch so the averaged gradient equals the one-process gradient.
 
 Files written to ``out_dir`` (by the main process, atomically): ``config.json``,
 ``metrics.jsonl`` and ``metrics.csv`` (one row per epoch), ``checkpoint.json`` +
@@ -65,14 +51,12 @@ Learning-rate schedules (``TrainConfig.schedule``), ``s`` = optimiser step:
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,6 +70,15 @@ from levyattn.io import (
 )
 from levyattn.models import count_parameters
 from levyattn.training import checkpoint as ckpt_mod
+from levyattn.training.batches import (
+    _batch_loader,
+    _DeviceLoader,
+    eval_batch_keys,
+    global_batches,
+    is_stand_in,
+    to_device,
+    train_batch_keys,
+)
 from levyattn.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, current
 from levyattn.training.progress import EpochProgress
 from levyattn.training.tasks import Task, check_task
@@ -222,135 +215,9 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the training set in ``epoch``: a function of (seed, epoch) only."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + 17)
-    return torch.randperm(n, generator=g)
-
-
-def global_batches(n: int, batch_size: int, seed: int, epoch: int, world_size: int = 1) -> list[list[int]]:
-    """The epoch's global batches as index lists: the same for any number of processes (a last
-    batch smaller than the number of processes is kept; see :func:`train_batch_keys`)."""
-    if batch_size < world_size:
-        raise ValueError(
-            f"batch_size (the global batch) must be >= the number of processes {world_size}, got {batch_size}"
-        )
-    order = epoch_order(n, seed, epoch).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def is_stand_in(batch: list[int], rank: int) -> bool:
-    """Whether process ``rank`` has no share of the global ``batch`` (see :func:`train_batch_keys`)."""
-    return len(batch) <= rank
-
-
 def _mean_train_loss(position: dict[str, Any]) -> float:
     """The weighted mean training loss since the epoch began (its sums made global by ``_reduce_running``)."""
     return position["loss_sum"] / max(position["weight_sum"], 1e-12)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(to_device(v, device) for v in batch))
-    if isinstance(batch, list | tuple):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-# Streams of seeds (see :func:`draw_seeds`): the training samples, the training batches, the evaluation.
-_TRAIN_SAMPLES, _TRAIN_BATCHES, _EVAL = 0, 1, 2
-
-
-def draw_seeds(count: int, *key: int) -> np.ndarray:
-    """``count`` 32-bit seeds (uint32, shape (count,)) that are a function of ``key`` only (NumPy's
-    ``SeedSequence``)."""
-    return np.random.SeedSequence(list(key)).generate_state(count)
-
-
-def _seed_generators(seed: int) -> None:
-    """Seed the generators a dataset or a collate function draws from: torch's CPU one (not CUDA's,
-    which the training step uses), ``random`` and NumPy's."""
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def draws_random_numbers(dataset: Any) -> bool:
-    """Whether fetching an item of ``dataset`` may draw random numbers: True unless the class that
-    defines its ``__getitem__`` also defines ``draws_random_numbers`` and it reads False. Read from
-    that class so that a subclass with a ``__getitem__`` of its own is seeded until it says otherwise."""
-    owner = next((c for c in type(dataset).__mro__ if "__getitem__" in c.__dict__), None)
-    if owner is None or "draws_random_numbers" not in owner.__dict__:
-        return True
-    return bool(dataset.draws_random_numbers)
-
-
-class _SeededBatches(torch.utils.data.Dataset):
-    """Whole batches of ``dataset``: item ``(batch_seed, indices, sample_seeds)`` is
-    ``collate([dataset[i] for i in indices])``, each sample fetched with the generators seeded from
-    its seed (:func:`_seed_generators`; not when the dataset draws nothing, :func:`draws_random_numbers`)
-    and the collation from ``batch_seed``. Torch's generator in the process that loads the batch (the
-    main one when ``num_workers`` is 0) is left as it was: the training step's dropout draws from it.
-    ``random`` and NumPy are left as the batch's seeding set them, as reproducible as any state and
-    cheaper: saving and restoring NumPy's state costs about 0.1-0.3 ms, several times the seeding."""
-
-    def __init__(self, dataset: Any, collate: Callable[[list], Any]) -> None:
-        self.dataset, self.collate = dataset, collate
-        self.seed_samples = draws_random_numbers(dataset)
-
-    def __getitem__(self, key: tuple[int, list[int], list[int]]) -> Any:
-        batch_seed, indices, sample_seeds = key
-        torch_state = torch.get_rng_state()
-        try:
-            samples = []
-            for i, sample_seed in zip(indices, sample_seeds, strict=True):
-                if self.seed_samples:
-                    _seed_generators(sample_seed)
-                samples.append(self.dataset[i])
-            _seed_generators(batch_seed)
-            return self.collate(samples)
-        finally:
-            torch.set_rng_state(torch_state)
-
-
-def _as_loaded(batch: Any) -> Any:
-    """The DataLoader's collate function for :class:`_SeededBatches`, whose items are collated already."""
-    return batch
-
-
-def _batch_loader(dataset: Any, collate: Callable[[list], Any], keys: list[tuple[int, list[int], list[int]]],
-                  num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader of the batches ``keys`` name (see :class:`_SeededBatches`)."""
-    return torch.utils.data.DataLoader(_SeededBatches(dataset, collate), sampler=keys, batch_size=None,
-                                       collate_fn=_as_loaded, num_workers=num_workers)
-
-
-def train_batch_keys(batches: list[list[int]], n: int, seed: int, epoch: int, rank: int, world: int,
-                     first_step: int = 0) -> list[tuple[int, list[int], list[int]]]:
-    """The :class:`_SeededBatches` keys of process ``rank``'s share ``batch[rank::world]`` of each global
-    batch of ``epoch`` from step ``first_step`` on (``batches`` are the epoch's, from
-    :func:`global_batches`). A process whose share of a (last, small) batch is empty gets the batch's
-    first sample as a stand-in, which the trainer weighs 0 (:func:`is_stand_in`): every process must
-    take every step, since DistributedDataParallel averages the gradients of all of them."""
-    sample_seeds = draw_seeds(n, seed, _TRAIN_SAMPLES, epoch)
-    batch_seeds = draw_seeds(len(batches), seed, _TRAIN_BATCHES, epoch, rank)
-    keys = []
-    for step in range(first_step, len(batches)):
-        shard = batches[step][rank::world] or batches[step][:1]
-        keys.append((int(batch_seeds[step]), shard, sample_seeds[shard].tolist()))
-    return keys
-
-
-def eval_batch_keys(n: int, batch_size: int, seed: int) -> list[tuple[int, list[int], list[int]]]:
-    """The :class:`_SeededBatches` keys of the evaluation set in order: the same at every evaluation."""
-    sample_seeds = draw_seeds(n, seed, _EVAL)
-    batch_seeds = draw_seeds(-(-n // batch_size), seed, _EVAL, 1)
-    return [(int(batch_seeds[b]), list(range(i, min(i + batch_size, n))), sample_seeds[i : i + batch_size].tolist())
-            for b, i in enumerate(range(0, n, batch_size))]
 
 
 class Trainer:
@@ -792,19 +659,5 @@ def _batch_len(batch: Any) -> int:
     return 0
 
 
-class _DeviceLoader:
-    """Wraps a loader so that its batches arrive on the trainer's device."""
-
-    def __init__(self, loader, device: torch.device) -> None:
-        self.loader, self.device = loader, device
-
-    def __iter__(self):
-        for batch in self.loader:
-            yield to_device(batch, self.device)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 __all__ = ["RESUME_NEUTRAL", "RUN_FILES", "SCHEDULES", "RunFolderError", "TrainConfig", "Trainer", "changed_settings",
-           "epoch_order", "existing_run_files", "global_batches", "lr_at", "resume_changes"]
+           "existing_run_files", "lr_at", "resume_changes"]
