@@ -9,7 +9,7 @@ import pytest
 import torch
 from hf_tiny import DECODERS, FAMILIES, VOCAB, as_reference, tiny_config, transformers
 
-from levyattn.integrations import hf_attention
+from levyattn.integrations import hf_settings
 from levyattn.integrations import huggingface as hf
 
 AUTO = {
@@ -56,7 +56,7 @@ def test_outputs_weights_and_gradients_are_the_references(family):
     for got, want in zip(got_weights, want_weights):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert got_grads.keys() == want_grads.keys()
-    attention = [m for m in model.modules() if hf_attention._is_attention_module(m)]
+    attention = [m for m in model.modules() if hf_settings._is_attention_module(m)]
     assert len(attention) == 2 and all(p.grad is not None for m in attention for p in m.parameters())
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, rtol=1e-9, atol=1e-12, msg=name)

@@ -288,10 +288,10 @@ def test_a_per_layer_list_must_fit_every_stack_and_a_dict_gives_each_stack_its_o
     ],
 )
 def test_the_top_config_is_classified_once(build, role):
-    from levyattn.integrations import hf_attention, hf_convert
+    from levyattn.integrations import hf_convert, hf_settings
 
     model = build()
-    configs = hf_convert._stack_configs(hf_attention.attention_modules(model))
+    configs = hf_convert._stack_configs(hf_settings.attention_modules(model))
     assert hf_convert._top_config_role(model, configs) == role
 
 

@@ -1,7 +1,11 @@
 """The attention implementation ``attn_implementation="fna"`` of Hugging Face ``transformers``.
 
-The attention function transformers calls, its ``fna_*`` config keys and their validation, and
-its registration. ``levyattn.integrations.huggingface`` re-exports the public names (with
+The attention function transformers calls, the writing of its ``fna_*`` config keys
+(:func:`configure_fna`) and the reading of one layer's values (:func:`layer_settings`), and its
+registration. The keys themselves, their validation and the attention modules that read them are in
+:mod:`levyattn.integrations.hf_settings`; the values of a T5-style model's stacks, kept through
+``save_pretrained``, in :mod:`levyattn.integrations.hf_stacks`. This module re-exports their public
+names; ``levyattn.integrations.huggingface`` re-exports the public names here (with
 :func:`~levyattn.integrations.hf_convert.to_fna`); import either.
 
 Registration
@@ -76,17 +80,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
-import dataclasses
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from levyattn._extras import MissingExtraError
-from levyattn.config import FNAConfig, check_choice
-from levyattn.functional import BACKENDS, fractional_attention
+from levyattn.functional import fractional_attention
+from levyattn.integrations.hf_settings import (
+    CONFIG_KEYS,
+    assign_layer_indices,
+    attention_modules,
+    check_fna_settings,
+    layer_index,
+    validate_fna_config,
+)
+from levyattn.integrations.hf_stacks import STACKS_KEY, _own_stack, _StackValues, _unlinked, link_stacks
 
 try:
     from transformers import PretrainedConfig
@@ -123,104 +132,10 @@ __all__ = [
 
 ATTN_IMPLEMENTATION = "fna"
 
-# Config key -> default: FNAConfig's kernel settings (its exclude_self has no key: causal and
-# padding masks come from the model) and fractional_attention's backend.
-CONFIG_KEYS: dict[str, Any] = {
-    **{f"fna_{f.name}": f.default for f in dataclasses.fields(FNAConfig) if f.name != "exclude_self"},
-    "fna_backend": inspect.signature(fractional_attention).parameters["backend"].default,
-}
-_PER_HEAD = ("fna_alpha", "fna_bandwidth")
-_MODEL_WIDE = ("fna_backend",)
 _CACHE_ATTR = "_levyattn_fna_cache"
-_LAYER_ATTR = "fna_layer_idx"
-#: On a config that the stacks of a model copy when it loads (a T5's top config): each stack's
-#: ``fna_*`` values, ``{"encoder": {...}, "decoder": {...}}``, picked by the copy's ``is_decoder``
-#: (saved with ``SAVED_TOP`` too); on a converted model it follows the stacks' configs (``_StackValues``).
-STACKS_KEY = "fna_stacks"
-#: The entry of a saved ``STACKS_KEY`` with the top config's own ``fna_*`` values as saved.
-SAVED_TOP = "top"
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _check_kernel_field(name: str) -> Callable[[Any], Any]:
-    """The check of ``fna_<name>``: FNAConfig's own check of its field ``name``."""
-
-    def check(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            # Config values are JSON: a tensor would not survive save_pretrained.
-            raise TypeError(f"FNA config values must be plain numbers or lists, got a tensor {tuple(value.shape)}")
-        return getattr(FNAConfig(**{name: value}), name)
-
-    return check
-
-
-_CHECKERS: dict[str, Callable[[Any], Any]] = {
-    **{key: _check_kernel_field(key.removeprefix("fna_")) for key in CONFIG_KEYS if key != "fna_backend"},
-    "fna_backend": lambda v: check_choice("fna_backend", v, BACKENDS),
-}
-
-
-def num_layers(config: Any) -> int | None:
-    """``config.num_hidden_layers`` where it is an int, else None."""
-    n = getattr(config, "num_hidden_layers", None)
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
-
-
-def _num_heads(config: Any) -> int | None:
-    n = getattr(config, "num_attention_heads", None)
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
-
-
-def _check_key(key: str, value: Any, n_layers: int | None, n_heads: int | None) -> Any:
-    """Validate one config value: scalar, per-layer list, or (alpha/bandwidth) per-layer per-head lists.
-
-    Returns the value normalised to plain Python (floats, lists).
-    """
-    check = _CHECKERS[key]
-
-    def scalar(v: Any, where: str) -> Any:
-        try:
-            return check(v)
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"config.{key}{where}: {err}") from None
-
-    if not isinstance(value, (list, tuple)):
-        return scalar(value, "")
-    if key in _MODEL_WIDE:
-        raise TypeError(f"config.{key} takes one value for the whole model, got a list {value!r}")
-    if n_layers is not None and len(value) != n_layers:
-        raise ValueError(
-            f"config.{key} has {len(value)} entries but the model has num_hidden_layers={n_layers}: "
-            "give a scalar or one entry per layer"
-        )
-    out = []
-    for i, entry in enumerate(value):
-        if isinstance(entry, (list, tuple)):
-            if key not in _PER_HEAD:
-                raise TypeError(f"config.{key}[{i}] must be a scalar (only {_PER_HEAD} take per-head lists)")
-            if n_heads is not None and len(entry) != n_heads:
-                raise ValueError(
-                    f"config.{key}[{i}] has {len(entry)} entries but the model has "
-                    f"num_attention_heads={n_heads}: give a scalar or one value per head"
-                )
-            out.append([scalar(v, f"[{i}][{h}]") for h, v in enumerate(entry)])
-        else:
-            out.append(scalar(entry, f"[{i}]"))
-    return out
-
-
-def validate_fna_config(config: Any) -> dict[str, Any]:
-    """Check every ``fna_*`` key of ``config`` and return them all, defaults filled in.
-
-    Raises ``ValueError``/``TypeError`` naming the key, the offending value and the valid range.
-    """
-    n_layers, n_heads = num_layers(config), _num_heads(config)
-    return {
-        key: _check_key(key, getattr(config, key, default), n_layers, n_heads)
-        for key, default in CONFIG_KEYS.items()
-    }
+# ----------------------------------------------------------------------------- configuration
 
 
 def configure_fna(config: Any, **settings: Any) -> Any:
@@ -300,212 +215,6 @@ def _sub_configs(config: Any) -> list[tuple[str, Any]]:
             found.append((name, value))
             found.extend((f"{name}.{path}", sub) for path, sub in _sub_configs(value))
     return found
-
-
-def check_fna_settings(config: Any, **settings: Any) -> dict[str, Any]:
-    """``settings`` (as :func:`configure_fna` takes them) checked against ``config``'s layers and
-    heads, as ``{"fna_<name>": value}``; nothing is written."""
-    n_layers, n_heads = num_layers(config), _num_heads(config)
-    checked = {}
-    for name, value in settings.items():
-        key = f"fna_{name}"
-        if key not in CONFIG_KEYS:
-            valid = ", ".join(k.removeprefix("fna_") for k in CONFIG_KEYS)
-            raise TypeError(f"configure_fna got an unknown setting {name!r}; valid settings: {valid}")
-        checked[key] = _check_key(key, value, n_layers, n_heads)
-    return checked
-
-
-# ----------------------------------------------------------------------------- layers
-
-
-def _is_attention_module(module: torch.nn.Module) -> bool:
-    # The modules that call ``attention_interface(self, ...)`` in transformers v5 carry
-    # ``config``, ``is_causal`` and ``scaling`` (BertSelfAttention, GPT2Attention, LlamaAttention,
-    # ViTAttention, ...) or ``scale`` (CLIPAttention and the vision towers built on it); their
-    # wrappers and the layers do not.
-    return (
-        hasattr(module, "config")
-        and hasattr(module, "is_causal")
-        and (hasattr(module, "scaling") or hasattr(module, "scale"))
-    )
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules of ``model`` that call the registered attention function, in module order
-    (one per attention layer for the decoder-only and encoder-only models)."""
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return [module for module in model.modules() if _is_attention_module(module)]
-
-
-def assign_layer_indices(model: torch.nn.Module) -> int:
-    """Number the attention modules that carry no ``layer_idx`` (ViT-style), in module order,
-    from 0 within each config they read (a vision tower and a text model are numbered apart).
-
-    Sets ``module.fna_layer_idx`` so per-layer ``fna_*`` values reach them. Modules with a
-    ``layer_idx`` keep it. Returns how many modules were numbered.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    counts: dict[int, int] = {}
-    for module in model.modules():
-        if _is_attention_module(module) and getattr(module, "layer_idx", None) is None:
-            key = id(module.config)
-            setattr(module, _LAYER_ATTR, counts.get(key, 0))
-            counts[key] = counts.get(key, 0) + 1
-    return sum(counts.values())
-
-
-def layer_index(module: torch.nn.Module) -> int | None:
-    """The layer index an attention module's per-layer ``fna_*`` values are read at (None: none)."""
-    idx = getattr(module, _LAYER_ATTR, None)
-    if idx is None:
-        idx = getattr(module, "layer_idx", None)
-    return idx if isinstance(idx, int) else None
-
-
-class _StackConfig:
-    """A config read with its stack's ``fna_*`` values (from ``STACKS_KEY``) in place of its own."""
-
-    def __init__(self, config: Any, values: dict[str, Any]) -> None:
-        self._config, self._values = config, values
-
-    def __getattr__(self, name: str) -> Any:
-        return self._values[name] if name in self._values else getattr(self._config, name)
-
-
-def _edited_keys(config: Any) -> list[str]:
-    """The ``fna_*`` keys set on a copy of a saved top config since it loaded: those that differ
-    from the saved top config's (``SAVED_TOP``; none in a save that lacks it)."""
-    saved = getattr(config, STACKS_KEY, None)
-    saved = saved.get(SAVED_TOP) if isinstance(saved, Mapping) else None
-    if not isinstance(saved, dict):
-        return []
-    return [key for key in CONFIG_KEYS if repr(getattr(config, key, None)) != repr(saved.get(key))]
-
-
-def _stack_entry(config: Any, edited_ok: bool = False) -> dict[str, Any] | None:
-    """The ``fna_*`` values ``config`` reads from its ``STACKS_KEY`` (a stack's copy of a saved T5's
-    top config): the entry "decoder" where ``config.is_decoder``, else "encoder"; None without one.
-    A key set on the copy since it loaded is refused (it would be ignored) unless ``edited_ok``."""
-    stacks = getattr(config, STACKS_KEY, None)
-    if not stacks:
-        return None
-    role = "decoder" if getattr(config, "is_decoder", False) else "encoder"
-    if not isinstance(stacks, Mapping) or not isinstance(stacks.get(role), dict):
-        raise ValueError(f"config.{STACKS_KEY} must map 'encoder' and 'decoder' to their fna_* settings, "
-                         f"got {stacks!r}")
-    unknown = set(stacks[role]) - set(CONFIG_KEYS)
-    if unknown:
-        raise ValueError(
-            f"config.{STACKS_KEY}[{role!r}] holds unknown keys {sorted(unknown)}; valid: {list(CONFIG_KEYS)}"
-        )
-    edited = [] if edited_ok else _edited_keys(config)
-    if edited:
-        key = edited[0]
-        raise ValueError(
-            f"config.{key} = {getattr(config, key, None)!r} was set on the {role}'s copy of a saved T5-style "
-            f"model's config, which reads its values from {STACKS_KEY}[{role!r}] (and is not the config "
-            "save_pretrained writes): call configure_fna(model) once after loading (the value set is kept)"
-        )
-    return stacks[role]
-
-
-def _own_stack(config: Any) -> Any:
-    """``config``, or where it carries ``STACKS_KEY`` the view with the values of its stack
-    (:func:`_stack_entry`), which take precedence over its own ``fna_*`` keys."""
-    values = _stack_entry(config)
-    return config if values is None else _StackConfig(config, values)
-
-
-class _StackValues(Mapping):
-    """``{"encoder": {...}, "decoder": {...}}``: each stack config's ``fna_*`` values, read when asked.
-
-    The value of ``STACKS_KEY`` on a top config the stacks copy (a T5's). transformers
-    serialises a config from a deep copy of its attributes, and a deep copy of this is the plain
-    dict of the values at that moment, so ``save_pretrained`` writes the stacks' values as they are
-    then, including those set after ``to_fna`` (``configure_fna`` on ``model.decoder.config``);
-    a deep copy of the model follows the copies of the stacks' configs. The plain dict also holds
-    ``SAVED_TOP``: the top config's own ``fna_*`` values, which each stack's copy holds as its own
-    keys when the model loads, so that one changed there afterwards is told apart (:func:`_stack_entry`).
-    """
-
-    def __init__(self, configs: Mapping[str, Any], top: Any) -> None:
-        self._configs, self._top = dict(configs), top
-
-    def __getitem__(self, role: str) -> dict[str, Any]:
-        config = self._configs[role]
-        return {k: getattr(config, k) for k in CONFIG_KEYS if hasattr(config, k)}
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._configs)
-
-    def configs(self) -> list[Any]:
-        """The stacks' configs, in the order of the roles."""
-        return list(self._configs.values())
-
-    def __len__(self) -> int:
-        return len(self._configs)
-
-    def __deepcopy__(self, memo: dict) -> Mapping[str, Any]:
-        # In a deep copy of the whole model (a module's config comes after its submodules) the stacks'
-        # configs are copied already: the copy follows theirs. Otherwise (to_dict) it is plain data.
-        copies = [memo.get(id(config)) for config in self._configs.values()]
-        if all(c is not None for c in copies) and id(self._top) in memo:
-            return _StackValues(dict(zip(self._configs, copies)), memo[id(self._top)])
-        top = {k: getattr(self._top, k) for k in CONFIG_KEYS if hasattr(self._top, k)}
-        return copy.deepcopy({**dict(self.items()), SAVED_TOP: top}, memo)
-
-    def __repr__(self) -> str:
-        return repr(dict(self.items()))
-
-
-def _unlinked(config: Any) -> bool:
-    """Whether ``config`` carries ``STACKS_KEY`` as loaded (plain data no stack's config follows):
-    a saved T5's top config, or a stack's copy of it."""
-    stacks = getattr(config, STACKS_KEY, None)
-    return bool(stacks) and not isinstance(stacks, _StackValues)
-
-
-def stack_values(model: torch.nn.Module, configs: list[Any]) -> _StackValues:
-    """The ``STACKS_KEY`` value of a top config whose stacks read ``configs`` (copies of it, one
-    encoder and one decoder), following their ``fna_*`` keys."""
-    roles = {"decoder" if getattr(c, "is_decoder", False) else "encoder": c for c in configs}
-    if len(roles) != len(configs) or len(configs) != 2:
-        raise ValueError(f"{type(model).__name__}'s {len(configs)} attention configs are not one encoder and one "
-                         "decoder: their settings cannot be saved in its top config")
-    return _StackValues(roles, model.config)
-
-
-def link_stacks(model: torch.nn.Module) -> None:
-    """Link a model loaded from a save whose top config carries ``STACKS_KEY`` (a converted T5) as
-    ``to_fna`` leaves a converted one: each stack's config, a copy of the top config made when the
-    model loaded, takes its entry as its own ``fna_*`` keys and drops ``STACKS_KEY``, and the top
-    config's ``STACKS_KEY`` follows the stacks' configs, so that an edit of a stack's config takes
-    effect and ``save_pretrained`` writes it; a key set on a stack's copy since loading is kept.
-    A T5 never converted gets the same ``STACKS_KEY``. Does nothing to other models, or a second time."""
-    top = getattr(model, "config", None)
-    configs = list({id(m.config): m.config for m in attention_modules(model)}.values())
-    if top is None or not configs or any(c is top for c in configs):
-        return  # no stack reads a copy of the top config
-    loaded = [c for c in configs if _unlinked(c)]
-    if not loaded and not _unlinked(top):
-        # Linked already, sub-configs saved inside the top config (a Llava's), or not one encoder and
-        # one decoder; else a T5 never converted, whose stacks' copies would not see the top's keys either.
-        held = any(c is v for c in configs for v in vars(top).values())
-        roles = {bool(getattr(c, "is_decoder", False)) for c in configs}
-        if isinstance(getattr(top, STACKS_KEY, None), _StackValues) or held or len(configs) != 2 or len(roles) != 2:
-            return
-    linked = stack_values(model, configs)  # may refuse: checked before anything changes
-    # A key set on a stack's copy since it loaded is kept: it is what its stack was given last.
-    entries = [(c, _stack_entry(c, edited_ok=True), _edited_keys(c)) for c in loaded]
-    for config, values, edited in entries:
-        delattr(config, STACKS_KEY)
-        for key, value in values.items():
-            if key not in edited:
-                setattr(config, key, value)
-    setattr(top, STACKS_KEY, linked)
 
 
 def layer_settings(config: Any, layer_idx: int | None, num_heads: int | None = None) -> dict[str, Any]:

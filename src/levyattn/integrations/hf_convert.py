@@ -21,7 +21,7 @@ import torch
 from levyattn._extras import MissingExtraError
 from levyattn.backends.common import apply_mask, combine_keep, log_softmax_rows, structural_keep
 from levyattn.config import FNAConfig
-from levyattn.integrations import hf_attention
+from levyattn.integrations import hf_attention, hf_settings, hf_stacks
 from levyattn.kernels import log_kernel
 
 try:
@@ -48,7 +48,7 @@ def _softmax_recorder(records: list[dict], batch: int, seq2seq: bool) -> hf_atte
         log_p = log_softmax_rows(apply_mask((q @ k.transpose(-1, -2)) * scale, full))
         out = (torch.exp(log_p).to(value.dtype) @ value).transpose(1, 2).contiguous()
         decoder = seq2seq and (getattr(module, "is_decoder", False) or getattr(module.config, "is_decoder", False))
-        records.append({"config": module.config, "layer": hf_attention.layer_index(module), "batch": batch,
+        records.append({"config": module.config, "layer": hf_settings.layer_index(module), "batch": batch,
                         "q": q, "k": k, "mask": full, "log_p": log_p, "decoder_rows": bool(decoder)})  # fmt: skip
         return out, None
 
@@ -290,7 +290,7 @@ def to_fna(
     d_intrinsic: Any = FNAConfig.d_intrinsic,
     sphere_radius: Any = FNAConfig.sphere_radius,
     density_a: Any = FNAConfig.density_a,
-    backend: str = hf_attention.CONFIG_KEYS["fna_backend"],
+    backend: str = hf_settings.CONFIG_KEYS["fna_backend"],
     per_head: bool = False,
     objective: str = "output",
     search_range: tuple[float, float] = (-6.0, 3.0),
@@ -358,7 +358,7 @@ def to_fna(
         )
     settings = dict(alpha=alpha, bandwidth=bandwidth, manifold=manifold, rescale=rescale, d_intrinsic=d_intrinsic,
                     sphere_radius=sphere_radius, density_a=density_a, backend=backend)  # fmt: skip
-    modules = hf_attention.attention_modules(model)
+    modules = hf_settings.attention_modules(model)
     if not modules:
         raise ValueError(f"found no attention module in {type(model).__name__} (modules with config, is_causal, scale)")
     # Everything is checked before anything changes: a bad argument leaves the model as it was.
@@ -367,7 +367,7 @@ def to_fna(
     stack_settings = _settings_per_stack(model, configs, settings)
     dense = []  # the configs of the stacks with density normalisation in some layer
     for config, own in zip(configs, stack_settings):
-        density = hf_attention.check_fna_settings(config, **own)["fna_density_a"]
+        density = hf_settings.check_fna_settings(config, **own)["fna_density_a"]
         if any(v > 0 for v in (density if isinstance(density, list) else [density])):
             dense.append(config)
     density = settings["density_a"]
@@ -417,7 +417,7 @@ def _settings_per_stack(model: torch.nn.Module, configs: Sequence[Any], settings
     A per-layer list must fit every stack's depth; the refusal names the setting and the depths.
     """
     names = _stack_names(model, configs)
-    depths = ", ".join(f"{name}: {hf_attention.num_layers(c)}" for name, c in zip(names, configs))
+    depths = ", ".join(f"{name}: {hf_settings.num_layers(c)}" for name, c in zip(names, configs))
     for name, value in settings.items():
         if isinstance(value, Mapping):
             if sorted(value) != sorted(names):
@@ -426,7 +426,7 @@ def _settings_per_stack(model: torch.nn.Module, configs: Sequence[Any], settings
                     f"got the keys {sorted(value)}; its stacks are {names}"
                 )
         elif isinstance(value, (list, tuple)):
-            wrong = [c for c in configs if hf_attention.num_layers(c) not in (None, len(value))]
+            wrong = [c for c in configs if hf_settings.num_layers(c) not in (None, len(value))]
             if wrong:
                 raise ValueError(
                     f"{name}={value!r} has {len(value)} entries, but the attention layers of "
@@ -475,13 +475,13 @@ def _restore(model: torch.nn.Module, originals: list[tuple[torch.nn.Module, Any]
     for module, config in originals:
         module.config = config
     for module in model.modules():
-        for attr in (hf_attention._LAYER_ATTR, hf_attention._CACHE_ATTR):
+        for attr in (hf_settings._LAYER_ATTR, hf_attention._CACHE_ATTR):
             module.__dict__.pop(attr, None)
 
 
 def _convert(model, modules, stack_settings, batches, per_head, objective, lo, hi) -> ConversionReport:
     configs = _stack_configs(modules)  # the model's own copies, in the order of stack_settings
-    hf_attention.link_stacks(model)  # a T5 loaded from an FNA save: its stacks' keys become their own
+    hf_stacks.link_stacks(model)  # a T5 loaded from an FNA save: its stacks' keys become their own
     for config, own in zip(configs, stack_settings):
         hf_attention.configure_fna(config, **own)
     role = _top_config_role(model, configs)
@@ -490,9 +490,9 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
         # nothing reads them there); "copied" (a T5) also gets each stack's values by _record_stacks.
         shared = {k: v for k, v in stack_settings[0].items() if all(s[k] == v for s in stack_settings)}
         # Written to the top config alone: configure_fna would pass them on to a Llava's sub-configs.
-        for key, value in hf_attention.check_fna_settings(model.config, **shared).items():
+        for key, value in hf_settings.check_fna_settings(model.config, **shared).items():
             setattr(model.config, key, value)
-    hf_attention.assign_layer_indices(model)
+    hf_settings.assign_layer_indices(model)
     names = _stack_names(model, configs)
 
     def values(key: str) -> Any:
@@ -548,9 +548,9 @@ def _convert(model, modules, stack_settings, batches, per_head, objective, lo, h
 
 def _record_stacks(model: torch.nn.Module, configs: Sequence[Any]) -> None:
     """Give a top config the stacks copy (a T5's, see :func:`_top_config_role`) the stacks' values
-    as ``hf_attention.STACKS_KEY``: T5 saves only its top config and rebuilds both stacks from
+    as ``hf_stacks.STACKS_KEY``: T5 saves only its top config and rebuilds both stacks from
     copies of it when loading, so per-stack values would otherwise be lost on reload."""
-    setattr(model.config, hf_attention.STACKS_KEY, hf_attention.stack_values(model, configs))
+    setattr(model.config, hf_stacks.STACKS_KEY, hf_stacks.stack_values(model, configs))
 
 
 def _calibrate(configs, names, records, batches, per_head, lo, hi) -> tuple[list[float], list[float], list[str]]:
@@ -571,8 +571,8 @@ def _calibrate(configs, names, records, batches, per_head, lo, hi) -> tuple[list
             by_layer.setdefault(rec["layer"], []).append(rec)
         if not by_layer:
             continue
-        n_layers = hf_attention.num_layers(config) or (max(by_layer) + 1)
-        current = hf_attention.validate_fna_config(config)["fna_bandwidth"]
+        n_layers = hf_settings.num_layers(config) or (max(by_layer) + 1)
+        current = hf_settings.validate_fna_config(config)["fna_bandwidth"]
         new_bw: list[Any] = []
         for layer in range(n_layers):
             recs = by_layer.get(layer)

@@ -43,14 +43,9 @@ from torch import nn
 from levyattn._extras import require
 from levyattn.config import RetrofitOptions, check_int
 from levyattn.functional import fractional_attention
-from levyattn.integrations.hf_attention import (
-    ATTN_IMPLEMENTATION,
-    attention_modules,
-    layer_index,
-    layer_settings,
-    substitute_attention,
-)
+from levyattn.integrations.hf_attention import ATTN_IMPLEMENTATION, layer_settings, substitute_attention
 from levyattn.integrations.hf_convert import to_fna
+from levyattn.integrations.hf_settings import attention_modules, layer_index
 from levyattn.io import atomic_write_bytes, atomic_write_files, atomic_write_json, is_hub_id, read_json, read_text
 from levyattn.training.checkpoint import optimizer_from_flat, optimizer_to_flat, rng_state, set_rng_state
 from levyattn.training.progress import EpochProgress

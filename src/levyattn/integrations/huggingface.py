@@ -1,9 +1,13 @@
 """FNA inside Hugging Face ``transformers`` models: ``attn_implementation="fna"`` and ``to_fna``.
 
-The public import path; the code lives in two modules, one job each:
+The public import path; the code lives in four modules, one job each:
 
-- :mod:`levyattn.integrations.hf_attention`: the registered attention function, the ``fna_*``
-  config keys (defaults, validation, per-layer and per-head values) and :func:`register`;
+- :mod:`levyattn.integrations.hf_attention`: the registered attention function, the writing of the
+  ``fna_*`` config keys and the reading of one layer's values, and :func:`register`;
+- :mod:`levyattn.integrations.hf_settings`: the ``fna_*`` keys (defaults, validation, per-layer and
+  per-head values) and the attention modules that read them;
+- :mod:`levyattn.integrations.hf_stacks`: the values of a T5-style model's stacks, kept through
+  ``save_pretrained``;
 - :mod:`levyattn.integrations.hf_convert`: :func:`to_fna`, which converts a pretrained softmax
   model and calibrates its bandwidth, and its :class:`ConversionReport`.
 

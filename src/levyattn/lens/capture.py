@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from levyattn.backends.common import apply_mask, log_softmax_rows
-from levyattn.integrations.hf_attention import fna_attention_forward, validate_fna_config
+from levyattn.integrations.hf_attention import fna_attention_forward
+from levyattn.integrations.hf_settings import validate_fna_config
 
 try:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

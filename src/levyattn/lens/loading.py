@@ -129,7 +129,8 @@ def load_hf_model(
             )
         # the model's default attention (sdpa where it has it); the lens switches it for the measurement
         kwargs: dict[str, Any] = {"local_files_only": local_only, **file_kwargs}
-        from levyattn.integrations.hf_attention import ATTN_IMPLEMENTATION, CONFIG_KEYS
+        from levyattn.integrations.hf_attention import ATTN_IMPLEMENTATION
+        from levyattn.integrations.hf_settings import CONFIG_KEYS
 
         if any(hasattr(config, key) for key in CONFIG_KEYS):
             # saved as an FNA model: transformers does not save attn_implementation, and its
@@ -215,7 +216,7 @@ def fna_density(model: nn.Module) -> bool:
     """
     if not uses_fna(model):
         return False
-    from levyattn.integrations.hf_attention import validate_fna_config
+    from levyattn.integrations.hf_settings import validate_fna_config
 
     density = validate_fna_config(model.config)["fna_density_a"]
     return any(v != 0 for v in (density if isinstance(density, list) else [density]))
