@@ -92,6 +92,7 @@ from levyattn.integrations.hf_settings import (
     assign_layer_indices,
     attention_modules,
     check_fna_settings,
+    forget_layer_indices,
     layer_index,
     validate_fna_config,
 )
@@ -263,6 +264,14 @@ def _call_kwargs(module: torch.nn.Module, config: Any, heads: int, device: torch
             kwargs[name] = torch.tensor(kwargs[name], dtype=torch.float32, device=device)
     module.__dict__[_CACHE_ATTR] = (key, kwargs)
     return kwargs
+
+
+def forget_module_state(model: torch.nn.Module) -> None:
+    """Remove what levyattn keeps on ``model``'s modules: the layer numbers of
+    :func:`assign_layer_indices` and each attention module's cached call settings."""
+    forget_layer_indices(model)
+    for module in model.modules():
+        module.__dict__.pop(_CACHE_ATTR, None)
 
 
 # ----------------------------------------------------------------------------- the function

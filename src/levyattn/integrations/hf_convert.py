@@ -474,9 +474,7 @@ def _restore(model: torch.nn.Module, originals: list[tuple[torch.nn.Module, Any]
     """Undo a conversion that failed: the original configs, no layer numbers or cached settings."""
     for module, config in originals:
         module.config = config
-    for module in model.modules():
-        for attr in (hf_settings._LAYER_ATTR, hf_attention._CACHE_ATTR):
-            module.__dict__.pop(attr, None)
+    hf_attention.forget_module_state(model)
 
 
 def _convert(model, modules, stack_settings, batches, per_head, objective, lo, hi) -> ConversionReport:

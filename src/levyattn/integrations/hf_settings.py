@@ -179,6 +179,12 @@ def assign_layer_indices(model: torch.nn.Module) -> int:
     return sum(counts.values())
 
 
+def forget_layer_indices(model: torch.nn.Module) -> None:
+    """Undo :func:`assign_layer_indices` on every module of ``model``."""
+    for module in model.modules():
+        module.__dict__.pop(_LAYER_ATTR, None)
+
+
 def layer_index(module: torch.nn.Module) -> int | None:
     """The layer index an attention module's per-layer ``fna_*`` values are read at (None: none)."""
     idx = getattr(module, _LAYER_ATTR, None)
